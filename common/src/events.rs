@@ -1,0 +1,83 @@
+//! The run history: `events.jsonl`, one JSON object per line, each with `"event"` and `"step"`.
+//! Appended and flushed as things happen, so a crash loses at most the line being written.
+
+use serde::{Deserialize, Serialize};
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum RunEvent {
+    Started { step: u64, world_size: u32, resumed_from: Option<String>, config: String },
+    WorkerJoined { step: u64, rank: u32, worker_id: u64, addr: String, hostname: String },
+    WorkerLeft { step: u64, rank: Option<u32>, worker_id: u64, reason: String },
+    Step {
+        step: u64,
+        loss: f64,
+        lr: f64,
+        tokens_per_sec: f64,
+        grad_norm: f64,
+        step_seconds: f64,
+        /// Slowest rank's time in the all-reduce this step.
+        comm_seconds: f64,
+    },
+    Eval { step: u64, val_loss: f64, sequences: u64 },
+    Checkpoint { step: u64, path: String, seconds: f64 },
+    CheckpointFailed { step: u64, error: String },
+    Warning { step: u64, message: String },
+    Failed { step: u64, error: String },
+    Finished { step: u64, final_loss: Option<f64>, final_val_loss: Option<f64>, seconds: f64 },
+}
+
+impl RunEvent {
+    pub fn step(&self) -> u64 {
+        match self {
+            RunEvent::Started { step, .. }
+            | RunEvent::WorkerJoined { step, .. }
+            | RunEvent::WorkerLeft { step, .. }
+            | RunEvent::Step { step, .. }
+            | RunEvent::Eval { step, .. }
+            | RunEvent::Checkpoint { step, .. }
+            | RunEvent::CheckpointFailed { step, .. }
+            | RunEvent::Warning { step, .. }
+            | RunEvent::Failed { step, .. }
+            | RunEvent::Finished { step, .. } => *step,
+        }
+    }
+}
+
+/// Appends events to `<run_dir>/events.jsonl`.
+pub struct EventLog {
+    path: PathBuf,
+    file: File,
+}
+
+impl EventLog {
+    pub fn open(run_dir: &Path) -> std::io::Result<EventLog> {
+        std::fs::create_dir_all(run_dir)?;
+        let path = run_dir.join("events.jsonl");
+        let file = OpenOptions::new().create(true).append(true).open(&path)?;
+        Ok(EventLog { path, file })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn append(&mut self, event: &RunEvent) -> std::io::Result<()> {
+        let mut line = serde_json::to_vec(event).map_err(std::io::Error::other)?;
+        line.push(b'\n');
+        self.file.write_all(&line)?;
+        self.file.flush()
+    }
+}
+
+/// Reads every event of a run (for tests and tools); lines that do not parse are errors.
+pub fn read_events(run_dir: &Path) -> std::io::Result<Vec<RunEvent>> {
+    let text = std::fs::read_to_string(run_dir.join("events.jsonl"))?;
+    text.lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).map_err(std::io::Error::other))
+        .collect()
+}

@@ -1,0 +1,21 @@
+//! troupe-common: what the coordinator and the workers both speak and compute.
+//!
+//! - [`config`]: the TOML run configuration, validated.
+//! - [`proto`]: every wire message and the versioned handshake.
+//! - [`net`]: QUIC endpoints, TLS, length-prefixed frames.
+//! - [`collective`]: the `Collective` trait and the ring all-reduce over QUIC.
+//! - [`model`]: the GPT (tch), AdamW, the learning-rate schedule, safetensors I/O.
+//! - [`data`]: corpus preparation, tokenizer, token files, the global-cursor sampler.
+//! - [`checkpoint`]: the on-disk checkpoint layout and its atomic commit.
+//! - [`metrics`]: Prometheus registry and the `/metrics` server.
+//! - [`events`]: the run history file `events.jsonl`.
+
+pub mod checkpoint;
+pub mod collective;
+pub mod config;
+pub mod data;
+pub mod events;
+pub mod metrics;
+pub mod model;
+pub mod net;
+pub mod proto;

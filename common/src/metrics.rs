@@ -1,0 +1,164 @@
+//! Prometheus metrics (prefix `troupe_`) and the `/metrics` HTTP endpoint.
+//!
+//! Each process has its own registry; the coordinator's and every worker's are served on
+//! their own address so Prometheus scrapes them all.
+
+use prometheus::{
+    Encoder, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
+};
+use std::net::SocketAddr;
+
+fn register<T: prometheus::core::Collector + Clone + 'static>(registry: &Registry, metric: T) -> T {
+    registry
+        .register(Box::new(metric.clone()))
+        .expect("metric names are unique constants within one registry");
+    metric
+}
+
+/// Buckets from 1 ms to ~100 s for durations.
+fn seconds_buckets() -> Vec<f64> {
+    prometheus::exponential_buckets(0.001, 2.0, 18).expect("constant bucket layout is valid")
+}
+
+#[derive(Clone)]
+pub struct CoordinatorMetrics {
+    pub registry: Registry,
+    pub step: IntGauge,
+    pub train_loss: Gauge,
+    pub learning_rate: Gauge,
+    pub tokens_per_second: Gauge,
+    pub workers: IntGaugeVec,
+    pub step_seconds: Histogram,
+    pub allreduce_seconds: Histogram,
+    pub checkpoint_seconds: Histogram,
+    pub eval_loss: Gauge,
+    pub actor_restarts_total: IntCounterVec,
+    pub refused_connections_total: IntCounterVec,
+}
+
+impl CoordinatorMetrics {
+    pub fn new() -> CoordinatorMetrics {
+        let r = Registry::new();
+        CoordinatorMetrics {
+            step: register(&r, IntGauge::new("troupe_step", "Completed optimizer steps").unwrap()),
+            train_loss: register(&r, Gauge::new("troupe_train_loss", "Training loss of the last step").unwrap()),
+            learning_rate: register(&r, Gauge::new("troupe_learning_rate", "Learning rate of the last step").unwrap()),
+            tokens_per_second: register(
+                &r,
+                Gauge::new("troupe_tokens_per_second", "Training throughput over the last step, all workers").unwrap(),
+            ),
+            workers: register(
+                &r,
+                IntGaugeVec::new(Opts::new("troupe_workers", "Workers by state"), &["state"]).unwrap(),
+            ),
+            step_seconds: register(
+                &r,
+                Histogram::with_opts(
+                    HistogramOpts::new("troupe_step_seconds", "Wall time of one optimizer step").buckets(seconds_buckets()),
+                )
+                .unwrap(),
+            ),
+            allreduce_seconds: register(
+                &r,
+                Histogram::with_opts(
+                    HistogramOpts::new("troupe_allreduce_seconds", "Gradient all-reduce time per step (slowest rank)")
+                        .buckets(seconds_buckets()),
+                )
+                .unwrap(),
+            ),
+            checkpoint_seconds: register(
+                &r,
+                Histogram::with_opts(
+                    HistogramOpts::new("troupe_checkpoint_seconds", "From checkpoint request to commit")
+                        .buckets(seconds_buckets()),
+                )
+                .unwrap(),
+            ),
+            eval_loss: register(&r, Gauge::new("troupe_eval_loss", "Validation loss of the last evaluation").unwrap()),
+            actor_restarts_total: register(
+                &r,
+                IntCounterVec::new(Opts::new("troupe_actor_restarts_total", "Supervised actor restarts"), &["actor"])
+                    .unwrap(),
+            ),
+            refused_connections_total: register(
+                &r,
+                IntCounterVec::new(
+                    Opts::new("troupe_refused_connections_total", "Connections refused by the coordinator"),
+                    &["reason"],
+                )
+                .unwrap(),
+            ),
+            registry: r,
+        }
+    }
+}
+
+impl Default for CoordinatorMetrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+#[derive(Clone)]
+pub struct WorkerMetrics {
+    pub registry: Registry,
+    pub step: IntGauge,
+    /// `phase` = compute | communication | data.
+    pub step_seconds: HistogramVec,
+    pub bytes_sent_total: IntCounter,
+}
+
+impl WorkerMetrics {
+    pub fn new(rank_label: &str) -> WorkerMetrics {
+        let r = Registry::new_custom(None, Some([("worker".to_string(), rank_label.to_string())].into()))
+            .expect("constant registry labels are valid");
+        WorkerMetrics {
+            step: register(&r, IntGauge::new("troupe_worker_step", "Completed optimizer steps on this worker").unwrap()),
+            step_seconds: register(
+                &r,
+                HistogramVec::new(
+                    HistogramOpts::new("troupe_worker_step_seconds", "Time per step by phase").buckets(seconds_buckets()),
+                    &["phase"],
+                )
+                .unwrap(),
+            ),
+            bytes_sent_total: register(
+                &r,
+                IntCounter::new("troupe_bytes_sent_total", "Gradient bytes sent to the ring successor").unwrap(),
+            ),
+            registry: r,
+        }
+    }
+}
+
+/// Text exposition of a registry.
+pub fn render(registry: &Registry) -> String {
+    let mut buf = Vec::new();
+    let encoder = TextEncoder::new();
+    if encoder.encode(&registry.gather(), &mut buf).is_err() {
+        return String::new();
+    }
+    String::from_utf8(buf).unwrap_or_default()
+}
+
+/// Serves `GET /metrics` for `registry` on `addr` (port 0 picks one). Returns the bound address;
+/// the server runs until the process ends.
+pub async fn serve(registry: Registry, addr: SocketAddr) -> std::io::Result<SocketAddr> {
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    let bound = listener.local_addr()?;
+    let app = axum::Router::new()
+        .route(
+            "/metrics",
+            axum::routing::get(|axum::extract::State(reg): axum::extract::State<Registry>| async move {
+                ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], render(&reg))
+            }),
+        )
+        .with_state(registry);
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            tracing::warn!("metrics server on {bound} stopped: {e}");
+        }
+    });
+    Ok(bound)
+}

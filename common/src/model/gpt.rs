@@ -1,0 +1,492 @@
+//! A GPT-2 style language model (decoder-only transformer) in tch.
+//!
+//! Structure and parameter names follow Hugging Face's `GPT2LMHeadModel`, so files written by
+//! [`Gpt::save_safetensors`] load there unchanged:
+//!
+//! ```text
+//! transformer.wte.weight [vocab, C]            token embedding, also the lm_head (tied)
+//! transformer.wpe.weight [block, C]            position embedding
+//! transformer.h.{i}.ln_1.{weight,bias}         pre-attention LayerNorm
+//! transformer.h.{i}.attn.c_attn.{weight,bias}  q, k, v projections in one matrix
+//! transformer.h.{i}.attn.c_proj.{weight,bias}  attention output projection
+//! transformer.h.{i}.ln_2.{weight,bias}         pre-MLP LayerNorm
+//! transformer.h.{i}.mlp.c_fc.{weight,bias}     C -> 4C
+//! transformer.h.{i}.mlp.c_proj.{weight,bias}   4C -> C
+//! transformer.ln_f.{weight,bias}               final LayerNorm
+//! ```
+
+use super::rng::Rng;
+use super::{ModelError, Result};
+use crate::config::ModelConfig;
+use serde::{Deserialize, Serialize};
+use tch::nn::{self, Module};
+use tch::{Device, Kind, Reduction, Tensor};
+
+/// GPT-2 and nanoGPT both use this LayerNorm epsilon.
+const LN_EPS: f64 = 1e-5;
+/// Standard deviation of every initial weight (GPT-2's `initializer_range`).
+const INIT_STD: f64 = 0.02;
+
+/// Shape of the network. Serialized next to saved weights so they can be rebuilt.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GptConfig {
+    pub vocab_size: usize,
+    /// Context length in tokens (number of learned positions).
+    pub block_size: usize,
+    pub n_layer: usize,
+    pub n_head: usize,
+    pub n_embd: usize,
+    pub dropout: f64,
+    /// Biases in linear layers and LayerNorms (GPT-2 has them; Hugging Face needs them).
+    pub bias: bool,
+}
+
+impl GptConfig {
+    pub fn from_model_config(model: &ModelConfig, vocab_size: usize) -> GptConfig {
+        GptConfig {
+            vocab_size,
+            block_size: model.block_size,
+            n_layer: model.n_layer,
+            n_head: model.n_head,
+            n_embd: model.n_embd,
+            dropout: model.dropout,
+            bias: model.bias,
+        }
+    }
+
+    /// Checks the sizes; a config read from a file must pass this before it builds a model.
+    pub fn validate(&self) -> Result<()> {
+        let fail = |m: String| Err(ModelError::Config(m));
+        // Cap sizes so that every product below fits comfortably in i64 and memory.
+        let limit = 1usize << 24;
+        for (field, v) in [
+            ("vocab_size", self.vocab_size),
+            ("block_size", self.block_size),
+            ("n_layer", self.n_layer),
+            ("n_head", self.n_head),
+            ("n_embd", self.n_embd),
+        ] {
+            if v == 0 || v > limit {
+                return fail(format!("{field} = {v} must be between 1 and {limit}"));
+            }
+        }
+        if self.n_embd % self.n_head != 0 {
+            return fail(format!(
+                "n_embd = {} must be a multiple of n_head = {}",
+                self.n_embd, self.n_head
+            ));
+        }
+        if !(0.0..1.0).contains(&self.dropout) {
+            return fail(format!("dropout = {} must be in [0, 1)", self.dropout));
+        }
+        Ok(())
+    }
+
+    pub fn head_dim(&self) -> usize {
+        self.n_embd / self.n_head
+    }
+
+    /// The matching Hugging Face `config.json` (`GPT2Config`). With it next to a saved
+    /// `model.safetensors`, `GPT2LMHeadModel.from_pretrained(dir)` reproduces this model's logits
+    /// (same GELU approximation, LayerNorm epsilon and tied head). Needs `bias = true`.
+    pub fn to_hf_config(&self) -> serde_json::Value {
+        serde_json::json!({
+            "architectures": ["GPT2LMHeadModel"],
+            "model_type": "gpt2",
+            "vocab_size": self.vocab_size,
+            "n_positions": self.block_size,
+            "n_ctx": self.block_size,
+            "n_embd": self.n_embd,
+            "n_layer": self.n_layer,
+            "n_head": self.n_head,
+            "n_inner": null,
+            "activation_function": "gelu_new",
+            "layer_norm_epsilon": LN_EPS,
+            "initializer_range": INIT_STD,
+            "resid_pdrop": self.dropout,
+            "embd_pdrop": self.dropout,
+            "attn_pdrop": self.dropout,
+            "tie_word_embeddings": true,
+            "torch_dtype": "float32",
+        })
+    }
+}
+
+/// One trainable tensor with its Hugging Face name.
+pub(crate) struct Param {
+    pub(crate) name: String,
+    pub(crate) tensor: Tensor,
+    /// A weight of what Hugging Face implements as `Conv1D`: stored transposed in files.
+    pub(crate) conv1d: bool,
+}
+
+struct LayerNorm {
+    weight: Tensor,
+    bias: Option<Tensor>,
+    n: i64,
+}
+
+impl LayerNorm {
+    fn forward(&self, x: &Tensor) -> Tensor {
+        x.layer_norm([self.n], Some(&self.weight), self.bias.as_ref(), LN_EPS, true)
+    }
+}
+
+struct CausalSelfAttention {
+    /// Queries, keys and values for all heads in one matmul: [3C, C].
+    c_attn: nn::Linear,
+    c_proj: nn::Linear,
+    n_head: i64,
+    dropout: f64,
+}
+
+impl CausalSelfAttention {
+    fn forward(&self, x: &Tensor, train: bool) -> Tensor {
+        let (b, t, c) = dims3(x);
+        let qkv = self.c_attn.forward(x).split(c, 2);
+        // [B, T, C] -> [B, n_head, T, head_dim]: attention runs per head.
+        let heads = |z: &Tensor| z.view([b, t, self.n_head, c / self.n_head]).transpose(1, 2);
+        let (q, k, v) = (heads(&qkv[0]), heads(&qkv[1]), heads(&qkv[2]));
+        let attn_dropout = if train { self.dropout } else { 0.0 };
+        // libtorch picks a fused kernel (flash attention on CPU); is_causal masks the future.
+        let y = Tensor::scaled_dot_product_attention(
+            &q,
+            &k,
+            &v,
+            None::<Tensor>,
+            attn_dropout,
+            true,
+            None,
+            false,
+        );
+        let y = y.transpose(1, 2).contiguous().view([b, t, c]);
+        dropout(self.c_proj.forward(&y), self.dropout, train)
+    }
+}
+
+struct Mlp {
+    c_fc: nn::Linear,
+    c_proj: nn::Linear,
+    dropout: f64,
+}
+
+impl Mlp {
+    fn forward(&self, x: &Tensor, train: bool) -> Tensor {
+        // The tanh approximation is GPT-2's "gelu_new": Hugging Face computes the same function.
+        let h = self.c_fc.forward(x).gelu("tanh");
+        dropout(self.c_proj.forward(&h), self.dropout, train)
+    }
+}
+
+struct Block {
+    ln_1: LayerNorm,
+    attn: CausalSelfAttention,
+    ln_2: LayerNorm,
+    mlp: Mlp,
+}
+
+impl Block {
+    fn forward(&self, x: &Tensor, train: bool) -> Tensor {
+        let x = x + self.attn.forward(&self.ln_1.forward(x), train);
+        &x + self.mlp.forward(&self.ln_2.forward(&x), train)
+    }
+}
+
+/// The GPT language model. Parameters live in a `VarStore` under their Hugging Face names.
+pub struct Gpt {
+    cfg: GptConfig,
+    device: Device,
+    vs: nn::VarStore,
+    wte: Tensor,
+    wpe: Tensor,
+    h: Vec<Block>,
+    ln_f: LayerNorm,
+    /// Every parameter once, in the canonical order (see [`Gpt::parameters`]).
+    pub(crate) params: Vec<Param>,
+}
+
+enum Init {
+    Normal(f64),
+    Zeros,
+    Ones,
+}
+
+/// Creates parameters in canonical order, drawing initial values from one seeded stream.
+struct Builder {
+    rng: Rng,
+    device: Device,
+    bias: bool,
+    params: Vec<Param>,
+}
+
+impl Builder {
+    fn var(
+        &mut self,
+        path: &nn::Path,
+        name: &str,
+        shape: &[i64],
+        init: Init,
+        conv1d: bool,
+    ) -> Tensor {
+        let n: i64 = shape.iter().product();
+        // Values are made on the host in plain Rust (see rng.rs), then moved to the device,
+        // so the same seed gives the same bits on CPU and GPU workers alike.
+        let values: Vec<f32> = match init {
+            Init::Normal(std) => (0..n).map(|_| (self.rng.normal() * std) as f32).collect(),
+            Init::Zeros => vec![0.0; n as usize],
+            Init::Ones => vec![1.0; n as usize],
+        };
+        let t = Tensor::from_slice(&values).view(shape).to_device(self.device);
+        let t = path.add(name, t, true);
+        self.params.push(Param { name: path.path(name), tensor: t.shallow_clone(), conv1d });
+        t
+    }
+
+    fn linear(&mut self, path: &nn::Path, n_in: usize, n_out: usize, std: f64) -> nn::Linear {
+        // tch's layout: weight [out, in], so the forward pass is x @ W^T + b.
+        let ws = self.var(path, "weight", &[n_out as i64, n_in as i64], Init::Normal(std), true);
+        let bs = if self.bias {
+            Some(self.var(path, "bias", &[n_out as i64], Init::Zeros, false))
+        } else {
+            None
+        };
+        nn::Linear { ws, bs }
+    }
+
+    fn embedding(&mut self, path: &nn::Path, rows: usize, dim: usize) -> Tensor {
+        self.var(path, "weight", &[rows as i64, dim as i64], Init::Normal(INIT_STD), false)
+    }
+
+    fn layer_norm(&mut self, path: &nn::Path, n: usize) -> LayerNorm {
+        let weight = self.var(path, "weight", &[n as i64], Init::Ones, false);
+        let bias = if self.bias {
+            Some(self.var(path, "bias", &[n as i64], Init::Zeros, false))
+        } else {
+            None
+        };
+        LayerNorm { weight, bias, n: n as i64 }
+    }
+}
+
+impl Gpt {
+    /// Builds a model with GPT-2's initialisation: weights ~ N(0, 0.02), the two residual
+    /// projections of each block ~ N(0, 0.02 / sqrt(2 n_layer)) (so the residual stream's variance
+    /// does not grow with depth), zero biases, LayerNorm weights 1. The same seed gives
+    /// bit-identical parameters in every process, on any device.
+    pub fn new(cfg: &GptConfig, device: Device, seed: i64) -> Result<Gpt> {
+        cfg.validate()?;
+        let c = cfg.n_embd;
+        let vs = nn::VarStore::new(device);
+        let root = vs.root() / "transformer";
+        let mut b =
+            Builder { rng: Rng::new(seed as u64), device, bias: cfg.bias, params: Vec::new() };
+        let resid_std = INIT_STD / ((2 * cfg.n_layer) as f64).sqrt();
+
+        let wte = b.embedding(&(&root / "wte"), cfg.vocab_size, c);
+        let wpe = b.embedding(&(&root / "wpe"), cfg.block_size, c);
+        let mut h = Vec::with_capacity(cfg.n_layer);
+        for i in 0..cfg.n_layer {
+            let p = &root / "h" / i;
+            let ln_1 = b.layer_norm(&(&p / "ln_1"), c);
+            let attn = CausalSelfAttention {
+                c_attn: b.linear(&(&p / "attn" / "c_attn"), c, 3 * c, INIT_STD),
+                c_proj: b.linear(&(&p / "attn" / "c_proj"), c, c, resid_std),
+                n_head: cfg.n_head as i64,
+                dropout: cfg.dropout,
+            };
+            let ln_2 = b.layer_norm(&(&p / "ln_2"), c);
+            let mlp = Mlp {
+                c_fc: b.linear(&(&p / "mlp" / "c_fc"), c, 4 * c, INIT_STD),
+                c_proj: b.linear(&(&p / "mlp" / "c_proj"), 4 * c, c, resid_std),
+                dropout: cfg.dropout,
+            };
+            h.push(Block { ln_1, attn, ln_2, mlp });
+        }
+        let ln_f = b.layer_norm(&(&root / "ln_f"), c);
+        Ok(Gpt { cfg: cfg.clone(), device, vs, wte, wpe, h, ln_f, params: b.params })
+    }
+
+    pub fn config(&self) -> &GptConfig {
+        &self.cfg
+    }
+
+    pub fn device(&self) -> Device {
+        self.device
+    }
+
+    /// The variables under their Hugging Face names (tch layout: linear weights are [out, in]).
+    pub fn var_store(&self) -> &nn::VarStore {
+        &self.vs
+    }
+
+    /// Logits [B, T, vocab] for token ids `idx` [B, T] (T <= block_size). `train` turns dropout on.
+    ///
+    /// Panics if `idx` is not [B, T] with T <= block_size or holds ids outside the vocabulary:
+    /// callers validate their data first ([`Gpt::generate`] does for user prompts).
+    pub fn forward(&self, idx: &Tensor, train: bool) -> Tensor {
+        let size = idx.size();
+        assert!(size.len() == 2, "Gpt::forward expects token ids of shape [B, T], got {size:?}");
+        let t = size[1];
+        assert!(
+            t >= 1 && t as usize <= self.cfg.block_size,
+            "sequence length {t} must be between 1 and block_size {}",
+            self.cfg.block_size
+        );
+        let idx = idx.to_device(self.device);
+        let pos = Tensor::arange(t, (Kind::Int64, self.device));
+        // padding_idx -1: no padding token.
+        let tok_emb = Tensor::embedding(&self.wte, &idx, -1, false, false); // [B, T, C]
+        let pos_emb = Tensor::embedding(&self.wpe, &pos, -1, false, false); // [T, C]
+        let mut x = dropout(tok_emb + pos_emb, self.cfg.dropout, train);
+        for block in &self.h {
+            x = block.forward(&x, train);
+        }
+        let x = self.ln_f.forward(&x);
+        // The output head reuses the token embedding (weight tying, as in GPT-2).
+        x.linear(&self.wte, None::<Tensor>)
+    }
+
+    /// Mean cross-entropy of predicting `targets` [B, T] from `idx` [B, T]. Targets equal to -1
+    /// are ignored (as in nanoGPT).
+    pub fn loss(&self, idx: &Tensor, targets: &Tensor, train: bool) -> Tensor {
+        let logits = self.forward(idx, train);
+        let targets = targets.to_device(self.device).reshape([-1]);
+        logits.view([-1, self.cfg.vocab_size as i64]).cross_entropy_loss::<Tensor>(
+            &targets,
+            None,
+            Reduction::Mean,
+            -1,
+            0.0,
+        )
+    }
+
+    /// `(name, tensor)` for every parameter, in the canonical order every rank flattens gradients
+    /// in: wte, wpe, then per block ln_1, attn.c_attn, attn.c_proj, ln_2, mlp.c_fc, mlp.c_proj
+    /// (weight before bias), then ln_f. The tensors share storage with the model.
+    pub fn parameters(&self) -> Vec<(String, Tensor)> {
+        self.params.iter().map(|p| (p.name.clone(), p.tensor.shallow_clone())).collect()
+    }
+
+    /// The parameter tensors alone, in canonical order (what the gradient helpers and AdamW take).
+    pub fn parameter_tensors(&self) -> Vec<Tensor> {
+        self.params.iter().map(|p| p.tensor.shallow_clone()).collect()
+    }
+
+    pub fn parameter_names(&self) -> Vec<String> {
+        self.params.iter().map(|p| p.name.clone()).collect()
+    }
+
+    /// Number of scalars in all parameters (the tied head counted once, positions included).
+    pub fn num_params(&self) -> usize {
+        self.params.iter().map(|p| p.tensor.numel()).sum()
+    }
+
+    /// Continues `prompt` by `max_new_tokens` tokens and returns only the new ones.
+    ///
+    /// The context is cropped to the last `block_size` tokens. `temperature` 0 picks the most
+    /// likely token (greedy); otherwise tokens are sampled from softmax(logits / temperature),
+    /// restricted to the `top_k` most likely when given (`Some(0)` means no restriction).
+    /// Sampling uses its own generator seeded by `seed`: the same inputs give the same tokens.
+    /// Prompts come from users, so bad ones are errors, not panics.
+    pub fn generate(
+        &self,
+        prompt: &[i64],
+        max_new_tokens: usize,
+        temperature: f64,
+        top_k: Option<usize>,
+        seed: u64,
+    ) -> Result<Vec<i64>> {
+        let vocab = self.cfg.vocab_size;
+        if prompt.is_empty() {
+            return Err(ModelError::InvalidArgument(
+                "the prompt must hold at least one token".into(),
+            ));
+        }
+        if let Some(bad) = prompt.iter().find(|&&t| t < 0 || t as usize >= vocab) {
+            return Err(ModelError::InvalidArgument(format!(
+                "prompt token {bad} is outside the vocabulary [0, {vocab})"
+            )));
+        }
+        if !(temperature.is_finite() && temperature >= 0.0) {
+            return Err(ModelError::InvalidArgument(format!(
+                "temperature {temperature} must be a finite number >= 0"
+            )));
+        }
+        let _no_grad = tch::no_grad_guard();
+        let mut rng = Rng::new(seed);
+        let mut tokens = prompt.to_vec();
+        let mut out = Vec::with_capacity(max_new_tokens);
+        let mut row = vec![0f32; vocab];
+        for _ in 0..max_new_tokens {
+            let start = tokens.len().saturating_sub(self.cfg.block_size);
+            let ctx = Tensor::f_from_slice(&tokens[start..])?.f_view([1, -1])?;
+            let last = self.forward(&ctx, false).f_select(1, -1)?.f_select(0, 0)?;
+            let last = last.f_to_kind(Kind::Float)?.f_to_device(Device::Cpu)?.f_contiguous()?;
+            last.f_copy_data(&mut row, vocab)?;
+            let next = sample(&row, temperature, top_k, &mut rng) as i64;
+            tokens.push(next);
+            out.push(next);
+        }
+        Ok(out)
+    }
+}
+
+fn dropout(x: Tensor, p: f64, train: bool) -> Tensor {
+    if train && p > 0.0 {
+        x.dropout(p, true)
+    } else {
+        x
+    }
+}
+
+fn dims3(x: &Tensor) -> (i64, i64, i64) {
+    let s = x.size();
+    (s[0], s[1], s[2])
+}
+
+/// Index of the largest logit (the first one on ties; NaNs never win).
+fn argmax(logits: &[f32]) -> usize {
+    let mut best = 0;
+    for (i, &l) in logits.iter().enumerate() {
+        if l > logits[best] || logits[best].is_nan() {
+            best = i;
+        }
+    }
+    best
+}
+
+/// Picks the next token from one row of logits (see [`Gpt::generate`]).
+fn sample(logits: &[f32], temperature: f64, top_k: Option<usize>, rng: &mut Rng) -> usize {
+    if temperature == 0.0 {
+        return argmax(logits);
+    }
+    let scaled: Vec<f64> = logits.iter().map(|&l| l as f64 / temperature).collect();
+    let threshold = match top_k {
+        Some(k) if k > 0 && k < scaled.len() => {
+            let mut sorted = scaled.clone();
+            sorted.sort_by(|a, b| b.total_cmp(a));
+            sorted[k - 1]
+        }
+        _ => f64::NEG_INFINITY,
+    };
+    let max = scaled.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    // Unnormalised softmax over the kept tokens; subtracting the max avoids overflow.
+    let weights: Vec<f64> =
+        scaled.iter().map(|&s| if s >= threshold { (s - max).exp() } else { 0.0 }).collect();
+    let total: f64 = weights.iter().sum();
+    if !(total.is_finite() && total > 0.0) {
+        return argmax(logits); // degenerate logits (NaN/inf): fall back to greedy
+    }
+    let mut u = rng.next_f64() * total;
+    let mut last_kept = 0;
+    for (i, &w) in weights.iter().enumerate() {
+        if w > 0.0 {
+            if u < w {
+                return i;
+            }
+            u -= w;
+            last_kept = i;
+        }
+    }
+    last_kept // only reached through rounding at the very top of the range
+}

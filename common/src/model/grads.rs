@@ -1,0 +1,130 @@
+//! Gradient helpers for the data-parallel trainer.
+//!
+//! Every rank flattens its gradients in the same canonical parameter order
+//! ([`super::Gpt::parameters`]), all-reduces the flat vector, and writes it back. After that the
+//! ranks must stay bit-identical, so the norm here is summed on the host in a fixed order: its
+//! value does not depend on libtorch's thread count or on the device.
+
+use super::{ModelError, Result};
+use tch::{Device, Kind, Tensor};
+
+/// Total number of scalars in `params` (the length of [`flat_grads`]).
+pub fn total_numel(params: &[Tensor]) -> usize {
+    params.iter().map(|p| p.numel()).sum()
+}
+
+/// A parameter's gradient as a contiguous float32 host tensor, if it has one.
+fn host_grad(p: &Tensor) -> Option<Tensor> {
+    let g = p.grad();
+    if !g.defined() {
+        return None;
+    }
+    Some(g.detach().to_device(Device::Cpu).to_kind(Kind::Float).contiguous())
+}
+
+/// All gradients concatenated in the order of `params`; a parameter without a gradient
+/// contributes zeros, so the length is always [`total_numel`].
+pub fn flat_grads(params: &[Tensor]) -> Vec<f32> {
+    let mut out = vec![0f32; total_numel(params)];
+    let mut offset = 0;
+    for p in params {
+        let n = p.numel();
+        if let Some(g) = host_grad(p) {
+            g.copy_data(&mut out[offset..offset + n], n);
+        }
+        offset += n;
+    }
+    out
+}
+
+/// Makes sure every parameter has a gradient tensor to write into: libtorch allocates them
+/// lazily in backward, and tch has no setter, so a zero-valued backward creates the missing ones.
+fn ensure_grads(params: &[Tensor]) -> Result<()> {
+    let missing: Vec<&Tensor> = params.iter().filter(|p| !p.grad().defined()).collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    tch::with_grad(|| {
+        let mut zeros = Vec::with_capacity(missing.len());
+        for p in missing {
+            if !p.requires_grad() {
+                return Err(ModelError::InvalidArgument(
+                    "cannot set the gradient of a tensor that does not require grad".into(),
+                ));
+            }
+            zeros.push(p.f_sum(Kind::Float)?.f_mul_scalar(0.0)?.f_to_device(Device::Cpu)?);
+        }
+        Tensor::f_stack(&zeros, 0)?.f_sum(Kind::Float)?.f_backward()?;
+        Ok(())
+    })
+}
+
+/// Writes `flat` (as made by [`flat_grads`]) back into the gradients of `params`.
+pub fn set_flat_grads(params: &[Tensor], flat: &[f32]) -> Result<()> {
+    let expected = total_numel(params);
+    if flat.len() != expected {
+        return Err(ModelError::LengthMismatch {
+            what: "flat gradient",
+            expected,
+            found: flat.len(),
+        });
+    }
+    ensure_grads(params)?;
+    let _no_grad = tch::no_grad_guard();
+    let mut offset = 0;
+    for p in params {
+        let n = p.numel();
+        let src = Tensor::f_from_slice(&flat[offset..offset + n])?
+            .f_view(p.size().as_slice())?
+            .f_to_device(p.device())?
+            .f_to_kind(p.kind())?;
+        p.grad().f_copy_(&src)?;
+        offset += n;
+    }
+    Ok(())
+}
+
+/// Global L2 norm of all gradients (missing ones count as zero), accumulated in f64 on the host
+/// in parameter order so that every rank gets the same bits.
+pub fn grad_norm(params: &[Tensor]) -> f64 {
+    let mut sum_sq = 0f64;
+    let mut buf = Vec::new();
+    for p in params {
+        if let Some(g) = host_grad(p) {
+            let n = g.numel();
+            buf.resize(n, 0f32);
+            g.copy_data(&mut buf, n);
+            sum_sq += buf.iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>();
+        }
+    }
+    sum_sq.sqrt()
+}
+
+/// Scales all gradients so their global norm is at most `max_norm` (as PyTorch's
+/// `clip_grad_norm_`, with its 1e-6 guard) and returns the norm before clipping.
+/// `max_norm` <= 0 disables clipping. A non-finite norm leaves the gradients untouched: the
+/// caller sees it and decides (skip the step, stop the run).
+pub fn clip_grad_norm(params: &[Tensor], max_norm: f64) -> f64 {
+    let norm = grad_norm(params);
+    if max_norm > 0.0 && norm.is_finite() && norm > max_norm {
+        let scale = max_norm / (norm + 1e-6);
+        let _no_grad = tch::no_grad_guard();
+        for p in params {
+            let mut g = p.grad();
+            if g.defined() {
+                let _ = g.g_mul_scalar_(scale);
+            }
+        }
+    }
+    norm
+}
+
+/// Sets every existing gradient to zero (keeps the tensors, so later writes reuse them).
+pub fn zero_grads(params: &[Tensor]) {
+    for p in params {
+        let mut g = p.grad();
+        if g.defined() {
+            let _ = g.zero_();
+        }
+    }
+}

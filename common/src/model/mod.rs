@@ -1,0 +1,64 @@
+//! The model and the optimizer math, in the spirit of nanoGPT's `model.py`.
+//!
+//! - [`Gpt`]: a GPT-2 style decoder in tch, parameters named as Hugging Face GPT-2 names them.
+//! - [`io`]: safetensors files in Hugging Face's layout (Conv1D weights stored transposed), so a
+//!   saved model loads in `transformers.GPT2LMHeadModel`.
+//! - [`grads`]: gradient flattening (the unit of the data-parallel all-reduce), clipping.
+//! - [`AdamW`]: written by hand so its state can be checkpointed exactly; [`lr_at`]: the schedule.
+//!
+//! Nothing here depends on the rest of the crate except the config structs.
+
+pub mod gpt;
+pub mod grads;
+pub mod io;
+pub mod optim;
+mod rng;
+
+pub use gpt::{Gpt, GptConfig};
+pub use grads::{clip_grad_norm, flat_grads, grad_norm, set_flat_grads, total_numel, zero_grads};
+pub use optim::{lr_at, AdamW, AdamWConfig};
+
+use std::path::PathBuf;
+
+/// Everything that can go wrong building, loading or saving a model or optimizer state.
+/// File problems always come back as one of these, never as a panic.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error("invalid model configuration: {0}")]
+    Config(String),
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
+    #[error("cannot {op} {path}: {source}")]
+    Io { op: &'static str, path: PathBuf, source: std::io::Error },
+    #[error("{origin} is not a valid safetensors file: {message}")]
+    Format { origin: String, message: String },
+    #[error(
+        "{origin}: missing tensor `{name}` (expected shape {expected:?}){hint}; \
+             the file was written for a different model or optimizer configuration"
+    )]
+    MissingTensor { origin: String, name: String, expected: Vec<usize>, hint: String },
+    #[error(
+        "{origin}: unexpected tensor `{name}`; the file was written for a different model \
+             or optimizer configuration"
+    )]
+    UnexpectedTensor { origin: String, name: String },
+    #[error(
+        "{origin}: tensor `{name}` has shape {found:?}, expected {expected:?}; the file was \
+             written for a different model configuration"
+    )]
+    WrongShape { origin: String, name: String, expected: Vec<usize>, found: Vec<usize> },
+    #[error(
+        "{origin}: tensor `{name}` has dtype {found}, expected {expected}; convert the file \
+             (e.g. to float32) before loading it"
+    )]
+    WrongDtype { origin: String, name: String, expected: String, found: String },
+    #[error("{what}: expected {expected} values, got {found}")]
+    LengthMismatch { what: &'static str, expected: usize, found: usize },
+    #[error("libtorch: {0}")]
+    Torch(#[from] tch::TchError),
+}
+
+pub type Result<T, E = ModelError> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,260 @@
+//! AdamW and the learning-rate schedule.
+//!
+//! AdamW is written out here rather than taken from tch because tch's optimizer hides its moment
+//! estimates, and a resumed run must continue exactly where it stopped. The update is PyTorch's
+//! `torch.optim.AdamW` (decoupled weight decay, bias correction). It uses only elementwise
+//! multiply, add, divide and square root, whose results do not depend on how libtorch splits or
+//! vectorises the loop, and the scalar factors are computed without libm: after the gradient
+//! all-reduce every rank applies the very same update, and the replicas stay bit-identical.
+
+use super::io::{self, Expected, RawTensor};
+use super::{ModelError, Result};
+use crate::config::TrainConfig;
+use safetensors::tensor::Dtype;
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+use tch::Tensor;
+
+/// Hyper-parameters of [`AdamW`] that stay fixed for a run (the learning rate changes per step).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct AdamWConfig {
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    pub weight_decay: f64,
+}
+
+impl AdamWConfig {
+    pub fn from_train_config(train: &TrainConfig) -> AdamWConfig {
+        AdamWConfig {
+            beta1: train.beta1,
+            beta2: train.beta2,
+            eps: train.eps,
+            weight_decay: train.weight_decay,
+        }
+    }
+}
+
+pub struct AdamW {
+    cfg: AdamWConfig,
+    /// Number of updates applied so far (PyTorch's `step`; drives bias correction).
+    step: u64,
+    /// First moment (running mean of gradients), one per parameter.
+    exp_avg: Vec<Tensor>,
+    /// Second moment (running mean of squared gradients), one per parameter.
+    exp_avg_sq: Vec<Tensor>,
+    /// Whether each parameter gets weight decay.
+    decay: Vec<bool>,
+}
+
+impl AdamW {
+    /// State for `params`, with weight decay on parameters of dimension >= 2 (weight matrices and
+    /// embeddings) and none on biases and LayerNorm parameters, as in nanoGPT and GPT-2.
+    pub fn new(params: &[Tensor], train: &TrainConfig) -> AdamW {
+        let decay = params.iter().map(|p| p.dim() >= 2).collect();
+        AdamW::with_decay(params, AdamWConfig::from_train_config(train), decay)
+    }
+
+    /// State for `params` with an explicit weight-decay choice per tensor (e.g. for flat shards,
+    /// whose dimension no longer tells a matrix from a bias).
+    pub fn with_decay(params: &[Tensor], cfg: AdamWConfig, decay: Vec<bool>) -> AdamW {
+        assert_eq!(decay.len(), params.len(), "one weight-decay flag per parameter");
+        let _no_grad = tch::no_grad_guard();
+        AdamW {
+            cfg,
+            step: 0,
+            exp_avg: params.iter().map(|p| p.zeros_like()).collect(),
+            exp_avg_sq: params.iter().map(|p| p.zeros_like()).collect(),
+            decay,
+        }
+    }
+
+    pub fn config(&self) -> &AdamWConfig {
+        &self.cfg
+    }
+
+    /// Number of updates applied so far.
+    pub fn step_count(&self) -> u64 {
+        self.step
+    }
+
+    /// Which parameters get weight decay, in parameter order.
+    pub fn decays(&self) -> &[bool] {
+        &self.decay
+    }
+
+    /// One AdamW update of `params` (the same tensors, in the same order, as at construction)
+    /// from their current gradients at learning rate `lr`. A parameter without a gradient is left
+    /// alone, as in PyTorch.
+    pub fn step(&mut self, params: &[Tensor], lr: f64) {
+        assert_eq!(params.len(), self.exp_avg.len(), "AdamW::step: parameter count changed");
+        let _no_grad = tch::no_grad_guard();
+        self.step += 1;
+        let AdamWConfig { beta1, beta2, eps, weight_decay } = self.cfg;
+        let bias_correction1 = 1.0 - powu(beta1, self.step);
+        let bias_correction2_sqrt = (1.0 - powu(beta2, self.step)).sqrt();
+        let step_size = lr / bias_correction1;
+        for (i, p) in params.iter().enumerate() {
+            let g = p.grad();
+            if !g.defined() {
+                continue;
+            }
+            let mut p = p.shallow_clone();
+            if self.decay[i] && weight_decay != 0.0 {
+                // Decoupled decay: shrink the weights directly, not through the gradient.
+                let _ = p.g_mul_scalar_(1.0 - lr * weight_decay);
+            }
+            let m = &mut self.exp_avg[i];
+            let _ = m.g_mul_scalar_(beta1);
+            let _ = m.g_add_(&(&g * (1.0 - beta1)));
+            let v = &mut self.exp_avg_sq[i];
+            let _ = v.g_mul_scalar_(beta2);
+            let _ = v.g_add_(&(g.square() * (1.0 - beta2)));
+            let denom = v.sqrt() / bias_correction2_sqrt + eps;
+            let _ = p.g_sub_(&(&self.exp_avg[i] / denom * step_size));
+        }
+    }
+
+    /// The state as named tensors: `exp_avg.<param>`, `exp_avg_sq.<param>` for each of `names`
+    /// (the parameter names, in parameter order) and `step`, an int64 scalar.
+    pub fn state_tensors<S: AsRef<str>>(&self, names: &[S]) -> Vec<(String, Tensor)> {
+        assert_eq!(names.len(), self.exp_avg.len(), "one name per parameter");
+        let mut out = Vec::with_capacity(2 * names.len() + 1);
+        for (name, t) in names.iter().zip(&self.exp_avg) {
+            out.push((format!("exp_avg.{}", name.as_ref()), t.shallow_clone()));
+        }
+        for (name, t) in names.iter().zip(&self.exp_avg_sq) {
+            out.push((format!("exp_avg_sq.{}", name.as_ref()), t.shallow_clone()));
+        }
+        out.push(("step".to_string(), Tensor::from(self.step as i64)));
+        out
+    }
+
+    /// The state as a safetensors file in memory (see [`AdamW::state_tensors`]).
+    pub fn to_safetensors_bytes<S: AsRef<str>>(&self, names: &[S]) -> Result<Vec<u8>> {
+        self.check_names(names)?;
+        let mut raw = Vec::new();
+        for (name, t) in self.state_tensors(names) {
+            raw.push((name, RawTensor::from_tensor(&t)?));
+        }
+        io::serialize(raw)
+    }
+
+    pub fn save_safetensors<S: AsRef<str>>(
+        &self,
+        path: impl AsRef<Path>,
+        names: &[S],
+    ) -> Result<()> {
+        io::write_file(path.as_ref(), &self.to_safetensors_bytes(names)?)
+    }
+
+    /// Restores the state saved by [`AdamW::save_safetensors`] for the same parameters.
+    pub fn load_safetensors<S: AsRef<str>>(
+        &mut self,
+        path: impl AsRef<Path>,
+        names: &[S],
+    ) -> Result<()> {
+        let path = path.as_ref();
+        let bytes = io::read_file(path)?;
+        self.load_safetensors_bytes(&bytes, &path.display().to_string(), names)
+    }
+
+    /// Like [`AdamW::load_safetensors`] from bytes in memory; `origin` names them in errors.
+    /// Checks every name, dtype and shape first: a bad file leaves the state unchanged.
+    pub fn load_safetensors_bytes<S: AsRef<str>>(
+        &mut self,
+        bytes: &[u8],
+        origin: &str,
+        names: &[S],
+    ) -> Result<()> {
+        self.check_names(names)?;
+        let expected: Vec<Expected> = self
+            .state_tensors(names)
+            .iter()
+            .map(|(name, t)| Expected {
+                name: name.clone(),
+                dtype: if name == "step" { Dtype::I64 } else { Dtype::F32 },
+                shape: t.size().iter().map(|&d| d as usize).collect(),
+            })
+            .collect();
+        let views = io::parse_checked(bytes, origin, &expected)?;
+        let n = names.len();
+        let mut moments = Vec::with_capacity(2 * n);
+        for (view, current) in
+            views[..2 * n].iter().zip(self.exp_avg.iter().chain(&self.exp_avg_sq))
+        {
+            moments.push(
+                io::f32_tensor(view)?.f_to_device(current.device())?.f_to_kind(current.kind())?,
+            );
+        }
+        let step = io::i64_scalar(&views[2 * n])?;
+        if step < 0 {
+            return Err(ModelError::Format {
+                origin: origin.into(),
+                message: format!("negative step {step}"),
+            });
+        }
+        let _no_grad = tch::no_grad_guard();
+        for (dst, src) in self.exp_avg.iter_mut().chain(self.exp_avg_sq.iter_mut()).zip(&moments) {
+            dst.f_copy_(src)?;
+        }
+        self.step = step as u64;
+        Ok(())
+    }
+
+    fn check_names<S: AsRef<str>>(&self, names: &[S]) -> Result<()> {
+        if names.len() != self.exp_avg.len() {
+            return Err(ModelError::LengthMismatch {
+                what: "AdamW parameter names",
+                expected: self.exp_avg.len(),
+                found: names.len(),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// base^n by repeated squaring: exact-rounded multiplies only, so the same on every platform.
+fn powu(base: f64, mut n: u64) -> f64 {
+    let (mut result, mut b) = (1.0, base);
+    while n > 0 {
+        if n & 1 == 1 {
+            result *= b;
+        }
+        b *= b;
+        n >>= 1;
+    }
+    result
+}
+
+/// cos(x) for x in [0, pi] from its Taylor series (no libm, so every rank computes the same
+/// learning rate bit for bit). 18 terms put the truncation error below 1e-20 on that range.
+fn portable_cos(x: f64) -> f64 {
+    let x2 = x * x;
+    let mut sum = 0.0;
+    // Horner on sum_k (-1)^k x^(2k) / (2k)!, innermost term first.
+    for k in (0..18u32).rev() {
+        let (a, b) = (f64::from(2 * k + 1), f64::from(2 * k + 2));
+        sum = 1.0 - x2 / (a * b) * sum;
+    }
+    sum
+}
+
+/// Learning rate for optimizer step `step` (0-based), as nanoGPT's `get_lr`: linear warmup from 0
+/// over `warmup_steps`, then a cosine decay from `learning_rate` to `min_learning_rate` reached at
+/// step `train.steps` (and held after it).
+pub fn lr_at(step: u64, train: &TrainConfig) -> f64 {
+    let (max_lr, min_lr) = (train.learning_rate, train.min_learning_rate);
+    if step < train.warmup_steps {
+        // (step + 1): the first step already learns (nanoGPT's schedule).
+        return max_lr * (step + 1) as f64 / (train.warmup_steps + 1) as f64;
+    }
+    if step >= train.steps {
+        return min_lr;
+    }
+    // Here warmup_steps <= step < steps, so the denominator is positive.
+    let ratio = (step - train.warmup_steps) as f64 / (train.steps - train.warmup_steps) as f64;
+    let coeff = 0.5 * (1.0 + portable_cos(std::f64::consts::PI * ratio));
+    // Written from the top so the peak is exactly `learning_rate` (coeff = 1 at ratio 0).
+    max_lr - (1.0 - coeff) * (max_lr - min_lr)
+}

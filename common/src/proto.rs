@@ -1,0 +1,193 @@
+//! Every message on the control channel, worker ⇄ coordinator.
+//!
+//! Frames are `postcard`-encoded and length-prefixed (see [`crate::net`]). The first frame a
+//! worker sends is [`Hello`]; the coordinator answers [`ToWorker::Welcome`] or
+//! [`ToWorker::Refused`]. Tensors never ride here: gradients move on the ring's own streams.
+//! Ordering is FIFO per connection; nothing assumes an order across workers.
+
+use serde::{Deserialize, Serialize};
+use std::net::SocketAddr;
+
+/// Bumped on any incompatible change of a message below or of the bulk-data format.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// The first frame on a worker's control stream.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Hello {
+    pub protocol_version: u32,
+    /// `net::join_proof` of the cluster token over this connection's TLS keying material; all
+    /// zeros when the worker has no token.
+    pub join_proof: [u8; 32],
+    pub capabilities: Capabilities,
+}
+
+/// What a worker tells the coordinator about itself.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Capabilities {
+    pub hostname: String,
+    pub pid: u32,
+    /// Intra-op threads the worker will use.
+    pub threads: u32,
+    /// "cpu" or "cuda:N".
+    pub device: String,
+    /// Where ring peers reach this worker (QUIC).
+    pub peer_addr: SocketAddr,
+    /// Where this worker serves Prometheus `/metrics`, if it does.
+    pub metrics_addr: Option<SocketAddr>,
+}
+
+/// Why the coordinator refused a worker. Each has its own close code too.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RefusalKind {
+    VersionMismatch,
+    BadToken,
+    ClusterFull,
+    Protocol,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum ToCoordinator {
+    Hello(Hello),
+    /// Liveness, sent every `cluster.heartbeat_ms` whatever the trainer is doing.
+    Heartbeat,
+    /// The model is built (and loaded, when resuming) and the ring is formed.
+    Ready { generation: u64 },
+    StepDone(StepReport),
+    EvalDone(EvalReport),
+    /// This rank's files for the checkpoint are written and fsynced in the temporary folder.
+    CheckpointWritten { step: u64, files: Vec<FileDigest> },
+    /// This rank could not write its part of the checkpoint.
+    CheckpointFailed { step: u64, error: String },
+    /// The worker hit an error it cannot recover from and is about to exit.
+    Failed { error: String },
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum ToWorker {
+    /// Joined. Heartbeats are expected every `heartbeat_ms` from now on.
+    Welcome { worker_id: u64, heartbeat_ms: u64 },
+    Refused { kind: RefusalKind, reason: String },
+    /// Join the run: build the model, form the ring, answer `Ready`.
+    Assign(Assignment),
+    /// Run optimizer step `step` (0-based: the step after `step` completed steps).
+    Step { step: u64 },
+    /// Compute this rank's share of the validation loss with the current parameters.
+    Evaluate { step: u64 },
+    /// Write this rank's part of the checkpoint after `step` completed steps into `dir`.
+    Checkpoint { step: u64, dir: String },
+    /// Leave the run and exit.
+    Stop { reason: String },
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Assignment {
+    pub rank: u32,
+    pub world_size: u32,
+    /// Changes whenever membership changes; ring peers must agree on it.
+    pub generation: u64,
+    /// The ring successor's peer address (this worker's own when world_size is 1).
+    pub successor: SocketAddr,
+    /// The whole run configuration, as TOML (validated again by the worker).
+    pub config_toml: String,
+    /// The run folder; checkpoint folders below are given as paths too.
+    pub run_dir: String,
+    /// Checkpoint folder to load parameters, optimizer state and cursor from.
+    pub resume_from: Option<String>,
+    /// Completed steps at the start (0 for a fresh run).
+    pub start_step: u64,
+}
+
+/// One rank's result for one optimizer step.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StepReport {
+    pub step: u64,
+    /// This rank's share of the global mean loss: Σ over its sequences of the per-sequence
+    /// mean loss, divided by the global batch. Summed over ranks it is the step's loss.
+    pub loss_share: f64,
+    pub tokens: u64,
+    /// Global gradient norm before clipping (identical on every rank).
+    pub grad_norm: f64,
+    pub lr: f64,
+    pub data_seconds: f64,
+    pub compute_seconds: f64,
+    pub comm_seconds: f64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EvalReport {
+    pub step: u64,
+    /// Σ over this rank's validation sequences of their mean token loss.
+    pub loss_sum: f64,
+    pub sequences: u64,
+}
+
+/// A file of a checkpoint, as its writer saw it after fsync.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileDigest {
+    pub name: String,
+    pub size: u64,
+    /// Lowercase hex sha256.
+    pub sha256: String,
+}
+
+/// The protocol version of a frame that claims to be a [`ToCoordinator::Hello`], read without
+/// decoding the rest (whose layout may differ between versions). `None` if it is not a Hello.
+pub fn peek_hello_version(frame: &[u8]) -> Option<u32> {
+    // postcard: the enum variant index, then Hello's first field, both as varints.
+    let (variant, rest) = postcard::take_from_bytes::<u32>(frame).ok()?;
+    if variant != 0 {
+        return None;
+    }
+    postcard::take_from_bytes::<u32>(rest).ok().map(|(v, _)| v)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hello(version: u32) -> ToCoordinator {
+        ToCoordinator::Hello(Hello {
+            protocol_version: version,
+            join_proof: [7; 32],
+            capabilities: Capabilities {
+                hostname: "h".into(),
+                pid: 1,
+                threads: 1,
+                device: "cpu".into(),
+                peer_addr: "127.0.0.1:9".parse().unwrap(),
+                metrics_addr: None,
+            },
+        })
+    }
+
+    #[test]
+    fn hello_version_is_readable_without_decoding_the_rest() {
+        for v in [0, 1, 2, 300, u32::MAX] {
+            let bytes = postcard::to_allocvec(&hello(v)).unwrap();
+            assert_eq!(peek_hello_version(&bytes), Some(v));
+        }
+        let not_hello = postcard::to_allocvec(&ToCoordinator::Heartbeat).unwrap();
+        assert_eq!(peek_hello_version(&not_hello), None);
+        assert_eq!(peek_hello_version(&[]), None);
+    }
+
+    #[test]
+    fn every_message_round_trips() {
+        let msgs = vec![
+            hello(PROTOCOL_VERSION),
+            ToCoordinator::Heartbeat,
+            ToCoordinator::StepDone(StepReport {
+                step: 3, loss_share: 1.5, tokens: 10, grad_norm: 0.5, lr: 1e-3,
+                data_seconds: 0.1, compute_seconds: 0.2, comm_seconds: 0.3,
+            }),
+            ToCoordinator::CheckpointWritten {
+                step: 4,
+                files: vec![FileDigest { name: "a".into(), size: 1, sha256: "ab".into() }],
+            },
+        ];
+        for m in msgs {
+            let bytes = postcard::to_allocvec(&m).unwrap();
+            assert_eq!(postcard::from_bytes::<ToCoordinator>(&bytes).unwrap(), m);
+        }
+    }
+}

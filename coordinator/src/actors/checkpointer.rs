@@ -1,0 +1,65 @@
+//! Checkpointer: makes a checkpoint count once every rank has written its part.
+//!
+//! It re-hashes the files, renames the temporary folder into place, writes the MANIFEST last
+//! and applies retention — all on a blocking thread, so the coordinator's mailbox never waits
+//! on the disk. A failure here is reported to the core as `CheckpointCommitFailed`: the
+//! previous checkpoint stays the newest and training goes on.
+
+use super::coordinator::CoordinatorMsg;
+use crate::core::Event;
+use ractor::{Actor, ActorProcessingErr, ActorRef};
+use std::path::PathBuf;
+use troupe_common::checkpoint;
+use troupe_common::proto::FileDigest;
+
+pub struct Checkpointer;
+
+pub struct CheckpointerArgs {
+    pub run_dir: PathBuf,
+    pub keep_last: usize,
+    pub strategy: String,
+    pub coordinator: ActorRef<CoordinatorMsg>,
+}
+
+pub enum CheckpointerMsg {
+    Commit { step: u64, world_size: u32, files: Vec<FileDigest> },
+}
+
+impl Actor for Checkpointer {
+    type Msg = CheckpointerMsg;
+    type State = CheckpointerArgs;
+    type Arguments = CheckpointerArgs;
+
+    async fn pre_start(&self, _me: ActorRef<Self::Msg>, args: CheckpointerArgs) -> Result<Self::State, ActorProcessingErr> {
+        Ok(args)
+    }
+
+    async fn handle(&self, _me: ActorRef<Self::Msg>, msg: Self::Msg, state: &mut Self::State) -> Result<(), ActorProcessingErr> {
+        let CheckpointerMsg::Commit { step, world_size, files } = msg;
+        if fault_injected("TROUPE_FAULT_CHECKPOINTER_PANIC_AT_STEP", step) {
+            panic!("fault injection: Checkpointer panics while committing step {step}");
+        }
+        let run_dir = state.run_dir.clone();
+        let strategy = state.strategy.clone();
+        let keep_last = state.keep_last;
+        let result = tokio::task::spawn_blocking(move || {
+            let dest = checkpoint::commit(&run_dir, step, world_size, &strategy, &files)?;
+            if let Err(e) = checkpoint::apply_retention(&run_dir, keep_last) {
+                tracing::warn!("checkpoint retention failed (the new checkpoint is committed): {e}");
+            }
+            Ok::<_, checkpoint::CheckpointError>(dest)
+        })
+        .await?;
+        let event = match result {
+            Ok(path) => Event::CheckpointCommitted { step, path: path.display().to_string() },
+            Err(e) => Event::CheckpointCommitFailed { step, error: e.to_string() },
+        };
+        state.coordinator.cast(CoordinatorMsg::Core(event))?;
+        Ok(())
+    }
+}
+
+/// Test-only fault hooks: an environment variable naming the step at which to fail.
+pub(crate) fn fault_injected(var: &str, step: u64) -> bool {
+    std::env::var(var).ok().and_then(|v| v.parse::<u64>().ok()) == Some(step)
+}

@@ -1,0 +1,371 @@
+//! Coordinator: the root actor. It owns the sans-IO [`Core`], feeds it events (from sessions,
+//! the Checkpointer and a timer) and carries out its commands: messages to workers, checkpoint
+//! commits, events.jsonl lines, metrics and the progress display.
+//!
+//! Supervision: a WorkerSession that ends becomes `WorkerLost`; a Checkpointer that fails is
+//! restarted with backoff (counted in `troupe_actor_restarts_total`) and its commit in flight
+//! is reported failed, so training goes on. ractor's default — stop the parent when a child
+//! exits — is overridden on purpose.
+
+use super::checkpointer::{Checkpointer, CheckpointerArgs, CheckpointerMsg};
+use super::gateway::{Gateway, GatewayArgs};
+use super::session::SessionMsg;
+use crate::core::{Command, Core, Event, Phase, ResumeFrom, Snapshot, WorkerId};
+use ractor::{Actor, ActorCell, ActorId, ActorProcessingErr, ActorRef, SupervisionEvent};
+use std::collections::{BTreeSet, HashMap};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+use tokio::sync::oneshot;
+use troupe_common::config::Config;
+use troupe_common::events::{EventLog, RunEvent};
+use troupe_common::metrics::CoordinatorMetrics;
+use troupe_common::proto::Capabilities;
+
+/// How often the core's leases are checked.
+const TICK: Duration = Duration::from_millis(250);
+/// After the run finishes, how long to wait for workers to hang up before closing anyway.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+
+pub struct CoordinatorOptions {
+    pub config: Config,
+    /// Bound and ready to accept.
+    pub endpoint: quinn::Endpoint,
+    pub resume: Option<ResumeFrom>,
+    pub metrics: CoordinatorMetrics,
+    /// Print progress lines to stdout.
+    pub show_progress: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct RunOutcome {
+    pub ok: bool,
+    pub error: Option<String>,
+    pub run_dir: PathBuf,
+    pub snapshot: Snapshot,
+}
+
+pub enum CoordinatorMsg {
+    Core(Event),
+    /// A session passed the handshake.
+    Joined { id: WorkerId, info: Capabilities, session: ActorRef<SessionMsg> },
+    /// Drain time is up: stop even if some worker has not hung up.
+    ForceStop,
+}
+
+pub struct Coordinator;
+
+pub struct CoordinatorArgs {
+    options: CoordinatorOptions,
+    done: oneshot::Sender<RunOutcome>,
+}
+
+pub struct CoordinatorState {
+    core: Core,
+    config: Config,
+    sessions: HashMap<WorkerId, ActorRef<SessionMsg>>,
+    session_ids: HashMap<ActorId, WorkerId>,
+    checkpointer: ActorRef<CheckpointerMsg>,
+    checkpointer_restarts: u32,
+    commits_in_flight: BTreeSet<u64>,
+    events: EventLog,
+    metrics: CoordinatorMetrics,
+    progress: Option<Progress>,
+    outcome: Option<RunOutcome>,
+    done: Option<oneshot::Sender<RunOutcome>>,
+}
+
+/// Runs a whole training run; returns when it is finished (or failed).
+pub async fn run_coordinator(options: CoordinatorOptions) -> anyhow::Result<RunOutcome> {
+    let endpoint = options.endpoint.clone();
+    let (done_tx, done_rx) = oneshot::channel();
+    let (coordinator, handle) =
+        Actor::spawn(Some("coordinator".into()), Coordinator, CoordinatorArgs { options, done: done_tx }).await?;
+    let shutdown = coordinator.clone();
+    let signals = tokio::spawn(async move {
+        wait_for_shutdown_signal().await;
+        eprintln!("shutdown requested: finishing the current step, writing a checkpoint, stopping the workers");
+        let _ = shutdown.cast(CoordinatorMsg::Core(Event::ShutdownRequested));
+    });
+    let outcome = done_rx.await;
+    signals.abort();
+    let _ = handle.await;
+    endpoint.close(troupe_common::net::close::SHUTDOWN, b"run finished");
+    let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
+    Ok(outcome.map_err(|_| anyhow::anyhow!("the coordinator stopped without an outcome"))?)
+}
+
+async fn wait_for_shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let (Ok(mut int), Ok(mut term)) = (signal(SignalKind::interrupt()), signal(SignalKind::terminate())) else {
+            return std::future::pending().await;
+        };
+        tokio::select! {
+            _ = int.recv() => {},
+            _ = term.recv() => {},
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+async fn spawn_checkpointer(me: &ActorRef<CoordinatorMsg>, config: &Config) -> Result<ActorRef<CheckpointerMsg>, ActorProcessingErr> {
+    let args = CheckpointerArgs {
+        run_dir: config.run_dir(),
+        keep_last: config.checkpoint.keep_last,
+        strategy: "ddp".into(),
+        coordinator: me.clone(),
+    };
+    let (actor, _) = Actor::spawn_linked(Some("checkpointer".into()), Checkpointer, args, me.get_cell()).await?;
+    Ok(actor)
+}
+
+impl Actor for Coordinator {
+    type Msg = CoordinatorMsg;
+    type State = CoordinatorState;
+    type Arguments = CoordinatorArgs;
+
+    async fn pre_start(&self, me: ActorRef<CoordinatorMsg>, args: CoordinatorArgs) -> Result<CoordinatorState, ActorProcessingErr> {
+        let CoordinatorOptions { config, endpoint, resume, metrics, show_progress } = args.options;
+        let events = EventLog::open(&config.run_dir())?;
+        let checkpointer = spawn_checkpointer(&me, &config).await?;
+        Actor::spawn_linked(
+            Some("gateway".into()),
+            Gateway,
+            GatewayArgs { endpoint, coordinator: me.clone(), token: config.cluster.token.clone(), metrics: metrics.clone() },
+            me.get_cell(),
+        )
+        .await?;
+        me.send_interval(TICK, || CoordinatorMsg::Core(Event::Tick));
+        let progress = show_progress.then(|| Progress::new(config.train.steps));
+        Ok(CoordinatorState {
+            core: Core::new(config.clone(), resume),
+            config,
+            sessions: HashMap::new(),
+            session_ids: HashMap::new(),
+            checkpointer,
+            checkpointer_restarts: 0,
+            commits_in_flight: BTreeSet::new(),
+            events,
+            metrics,
+            progress,
+            outcome: None,
+            done: Some(args.done),
+        })
+    }
+
+    async fn handle(&self, me: ActorRef<CoordinatorMsg>, msg: CoordinatorMsg, state: &mut CoordinatorState) -> Result<(), ActorProcessingErr> {
+        match msg {
+            CoordinatorMsg::Core(event) => {
+                if let Event::CheckpointCommitted { step, .. } | Event::CheckpointCommitFailed { step, .. } = &event {
+                    state.commits_in_flight.remove(step);
+                }
+                state.apply(&me, event);
+            }
+            CoordinatorMsg::Joined { id, info, session } => {
+                if let Some(p) = &state.progress {
+                    p.line(&format!("worker {id} connected from {} ({}, pid {})", info.peer_addr, info.hostname, info.pid));
+                }
+                state.session_ids.insert(session.get_id(), id);
+                state.sessions.insert(id, session);
+                state.apply(&me, Event::WorkerJoined { id, info });
+            }
+            CoordinatorMsg::ForceStop => me.stop(Some("drain timeout".into())),
+        }
+        Ok(())
+    }
+
+    async fn handle_supervisor_evt(&self, me: ActorRef<CoordinatorMsg>, event: SupervisionEvent, state: &mut CoordinatorState) -> Result<(), ActorProcessingErr> {
+        let (cell, reason): (ActorCell, String) = match event {
+            SupervisionEvent::ActorTerminated(cell, _, reason) => (cell, reason.unwrap_or_else(|| "stopped".into())),
+            SupervisionEvent::ActorFailed(cell, err) => (cell, format!("failed: {err}")),
+            _ => return Ok(()),
+        };
+        if let Some(id) = state.session_ids.remove(&cell.get_id()) {
+            state.sessions.remove(&id);
+            state.apply(&me, Event::WorkerLost { id, reason });
+            if state.outcome.is_some() && state.sessions.is_empty() {
+                me.stop(None);
+            }
+        } else if cell.get_id() == state.checkpointer.get_id() && state.outcome.is_none() {
+            state.restart_checkpointer(&me, reason).await?;
+        }
+        Ok(())
+    }
+
+    async fn post_stop(&self, me: ActorRef<CoordinatorMsg>, state: &mut CoordinatorState) -> Result<(), ActorProcessingErr> {
+        me.stop_children(None);
+        let outcome = state.outcome.take().unwrap_or_else(|| RunOutcome {
+            ok: false,
+            error: Some("the coordinator stopped before the run finished".into()),
+            run_dir: state.config.run_dir(),
+            snapshot: state.core.snapshot(),
+        });
+        if let Some(done) = state.done.take() {
+            let _ = done.send(outcome);
+        }
+        Ok(())
+    }
+}
+
+impl CoordinatorState {
+    fn apply(&mut self, me: &ActorRef<CoordinatorMsg>, event: Event) {
+        let commands = self.core.on(Instant::now(), event);
+        for command in commands {
+            self.execute(me, command);
+        }
+        self.update_worker_gauges();
+    }
+
+    fn execute(&mut self, me: &ActorRef<CoordinatorMsg>, command: Command) {
+        match command {
+            Command::Send { to, msg } => {
+                if let Some(session) = self.sessions.get(&to) {
+                    let _ = session.cast(SessionMsg::Send(msg));
+                }
+            }
+            Command::Disconnect { id, reason } => {
+                if let Some(session) = self.sessions.get(&id) {
+                    let _ = session.cast(SessionMsg::Disconnect(reason));
+                }
+            }
+            Command::CommitCheckpoint { step, world_size, files } => {
+                self.commits_in_flight.insert(step);
+                if self.checkpointer.cast(CheckpointerMsg::Commit { step, world_size, files }).is_err() {
+                    self.commits_in_flight.remove(&step);
+                    let error = "the Checkpointer is not running".to_string();
+                    let _ = me.cast(CoordinatorMsg::Core(Event::CheckpointCommitFailed { step, error }));
+                }
+            }
+            Command::Record(event) => self.record(event),
+            Command::Finish { ok, error } => {
+                self.outcome = Some(RunOutcome { ok, error, run_dir: self.config.run_dir(), snapshot: self.core.snapshot() });
+                if self.sessions.is_empty() {
+                    me.stop(None);
+                } else {
+                    // Workers hang up when they get Stop; wait for that, but not forever.
+                    me.send_after(DRAIN_TIMEOUT, || CoordinatorMsg::ForceStop);
+                }
+            }
+        }
+    }
+
+    fn record(&mut self, event: RunEvent) {
+        if let Err(e) = self.events.append(&event) {
+            tracing::warn!("cannot append to {}: {e}", self.events.path().display());
+        }
+        let m = &self.metrics;
+        match &event {
+            RunEvent::Step { step, loss, lr, tokens_per_sec, step_seconds, comm_seconds, .. } => {
+                m.step.set(*step as i64 + 1);
+                m.train_loss.set(*loss);
+                m.learning_rate.set(*lr);
+                m.tokens_per_second.set(*tokens_per_sec);
+                m.step_seconds.observe(*step_seconds);
+                m.allreduce_seconds.observe(*comm_seconds);
+            }
+            RunEvent::Eval { val_loss, .. } => m.eval_loss.set(*val_loss),
+            RunEvent::Checkpoint { seconds, .. } => m.checkpoint_seconds.observe(*seconds),
+            _ => {}
+        }
+        if let Some(p) = self.progress.as_mut() {
+            p.show(&event);
+        }
+    }
+
+    fn update_worker_gauges(&self) {
+        let phase = self.core.phase();
+        let (mut training, mut starting) = (0, 0);
+        for w in self.core.workers().values() {
+            if w.ready && phase == Phase::Training {
+                training += 1;
+            } else {
+                starting += 1;
+            }
+        }
+        self.metrics.workers.with_label_values(&["training"]).set(training);
+        self.metrics.workers.with_label_values(&["joining"]).set(starting);
+    }
+
+    async fn restart_checkpointer(&mut self, me: &ActorRef<CoordinatorMsg>, reason: String) -> Result<(), ActorProcessingErr> {
+        self.metrics.actor_restarts_total.with_label_values(&["checkpointer"]).inc();
+        self.checkpointer_restarts += 1;
+        let backoff = Duration::from_millis(100 * 2u64.pow(self.checkpointer_restarts.min(6)));
+        tracing::warn!("Checkpointer {reason}; restarting it in {backoff:?}");
+        self.record(RunEvent::Warning { step: self.core.snapshot().completed_steps, message: format!("Checkpointer {reason}; restarted") });
+        tokio::time::sleep(backoff).await;
+        self.checkpointer = spawn_checkpointer(me, &self.config).await?;
+        for step in std::mem::take(&mut self.commits_in_flight) {
+            let error = format!("the Checkpointer {reason} while committing it");
+            self.apply(me, Event::CheckpointCommitFailed { step, error });
+        }
+        Ok(())
+    }
+}
+
+/// The terminal display: a line every few steps with loss, throughput and ETA.
+struct Progress {
+    total_steps: u64,
+    every: u64,
+    started: Instant,
+    first_step: Option<u64>,
+}
+
+impl Progress {
+    fn new(total_steps: u64) -> Progress {
+        Progress { total_steps, every: (total_steps / 30).max(1), started: Instant::now(), first_step: None }
+    }
+
+    fn line(&self, text: &str) {
+        println!("[{:>7.1}s] {text}", self.started.elapsed().as_secs_f64());
+    }
+
+    fn show(&mut self, event: &RunEvent) {
+        match event {
+            RunEvent::Step { step, loss, lr, tokens_per_sec, step_seconds, .. } => {
+                let first = *self.first_step.get_or_insert(*step);
+                let done = step + 1;
+                if done % self.every != 0 && done != self.total_steps && *step != first {
+                    return;
+                }
+                let per_step = self.started.elapsed().as_secs_f64() / (done - first).max(1) as f64;
+                let eta = per_step * self.total_steps.saturating_sub(done) as f64;
+                self.line(&format!(
+                    "step {done:>5}/{} | loss {loss:.4} | lr {lr:.2e} | {tokens_per_sec:>8.0} tok/s | {step_seconds:.3} s/step | ETA {}",
+                    self.total_steps,
+                    format_duration(eta)
+                ));
+            }
+            RunEvent::Eval { step, val_loss, sequences } => {
+                self.line(&format!("eval  after step {step}: val loss {val_loss:.4} over {sequences} sequences"))
+            }
+            RunEvent::Checkpoint { path, seconds, .. } => self.line(&format!("checkpoint {path} ({seconds:.2} s)")),
+            RunEvent::CheckpointFailed { step, error } => self.line(&format!("checkpoint at step {step} FAILED: {error}")),
+            RunEvent::WorkerJoined { rank, addr, .. } => self.line(&format!("rank {rank} assigned to worker at {addr}")),
+            RunEvent::WorkerLeft { rank, reason, .. } => self.line(&format!("worker (rank {rank:?}) left: {reason}")),
+            RunEvent::Started { world_size, resumed_from, step, .. } => match resumed_from {
+                Some(dir) => self.line(&format!("training resumed at step {step} from {dir} on {world_size} workers")),
+                None => self.line(&format!("training started on {world_size} workers")),
+            },
+            RunEvent::Warning { message, .. } => self.line(&format!("warning: {message}")),
+            RunEvent::Failed { error, .. } => self.line(&format!("run FAILED: {error}")),
+            RunEvent::Finished { step, seconds, .. } => {
+                self.line(&format!("finished at step {step} after {} of training", format_duration(*seconds)))
+            }
+        }
+    }
+}
+
+fn format_duration(seconds: f64) -> String {
+    let s = seconds.max(0.0).round() as u64;
+    if s >= 3600 {
+        format!("{}h{:02}m", s / 3600, (s % 3600) / 60)
+    } else if s >= 60 {
+        format!("{}m{:02}s", s / 60, s % 60)
+    } else {
+        format!("{s}s")
+    }
+}

@@ -1,0 +1,222 @@
+//! WorkerSession: one per worker connection.
+//!
+//! A task owned by the session does the handshake (Hello: protocol version, join-token proof)
+//! and then turns every incoming frame into a core event. The session itself owns the send
+//! side and writes what the core sends. When the connection ends, or anything malformed
+//! arrives, the session stops with the reason; its supervisor (the Coordinator) turns that into
+//! `WorkerLost`. Nothing a peer sends can panic the process.
+
+use super::coordinator::CoordinatorMsg;
+use crate::core::{Event, WorkerId};
+use ractor::{Actor, ActorProcessingErr, ActorRef};
+use std::net::SocketAddr;
+use std::time::Duration;
+use troupe_common::metrics::CoordinatorMetrics;
+use troupe_common::net::{self, close as close_code};
+use troupe_common::proto::{self, Hello, RefusalKind, ToCoordinator, ToWorker, PROTOCOL_VERSION};
+
+/// A peer has this long to complete the QUIC handshake and send its Hello.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+pub struct WorkerSession;
+
+pub struct SessionArgs {
+    pub id: WorkerId,
+    pub incoming: quinn::Incoming,
+    pub coordinator: ActorRef<CoordinatorMsg>,
+    pub token: String,
+    pub metrics: CoordinatorMetrics,
+}
+
+pub enum SessionMsg {
+    /// Handshake done: keep the send side.
+    Established { conn: quinn::Connection, send: quinn::SendStream },
+    Send(ToWorker),
+    Disconnect(String),
+}
+
+pub struct SessionState {
+    id: WorkerId,
+    remote: SocketAddr,
+    conn: Option<quinn::Connection>,
+    send: Option<quinn::SendStream>,
+    reader: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Actor for WorkerSession {
+    type Msg = SessionMsg;
+    type State = SessionState;
+    type Arguments = SessionArgs;
+
+    async fn pre_start(&self, me: ActorRef<SessionMsg>, args: SessionArgs) -> Result<SessionState, ActorProcessingErr> {
+        let remote = args.incoming.remote_address();
+        let id = args.id;
+        // The handshake runs in its own task so that a slow or hostile peer never holds up
+        // the Gateway or the Coordinator.
+        let reader = tokio::spawn(async move {
+            let reason = match serve_connection(&me, args).await {
+                Ok(()) => "connection closed by the worker".to_string(),
+                Err(e) => e,
+            };
+            me.stop(Some(reason));
+        });
+        Ok(SessionState { id, remote, conn: None, send: None, reader: Some(reader) })
+    }
+
+    async fn handle(&self, me: ActorRef<SessionMsg>, msg: SessionMsg, state: &mut SessionState) -> Result<(), ActorProcessingErr> {
+        match msg {
+            SessionMsg::Established { conn, send } => {
+                state.conn = Some(conn);
+                state.send = Some(send);
+            }
+            SessionMsg::Send(msg) => {
+                let Some(send) = state.send.as_mut() else { return Ok(()) };
+                if let Err(e) = net::write_frame(send, &msg).await {
+                    me.stop(Some(format!("cannot send to worker {} at {}: {e}", state.id, state.remote)));
+                }
+            }
+            SessionMsg::Disconnect(reason) => {
+                if let Some(conn) = &state.conn {
+                    conn.close(close_code::SHUTDOWN, &close_code::reason_bytes(&reason));
+                }
+                me.stop(Some(reason));
+            }
+        }
+        Ok(())
+    }
+
+    async fn post_stop(&self, _me: ActorRef<SessionMsg>, state: &mut SessionState) -> Result<(), ActorProcessingErr> {
+        if let Some(send) = state.send.as_mut() {
+            // Let frames already written (a final Stop) reach the worker before we go.
+            let _ = send.finish();
+        }
+        if let Some(reader) = state.reader.take() {
+            reader.abort();
+        }
+        Ok(())
+    }
+}
+
+fn refusal_code(kind: RefusalKind) -> quinn::VarInt {
+    match kind {
+        RefusalKind::VersionMismatch => close_code::VERSION_MISMATCH,
+        RefusalKind::BadToken => close_code::AUTH_FAILED,
+        RefusalKind::ClusterFull => close_code::SHUTDOWN,
+        RefusalKind::Protocol => close_code::PROTOCOL_ERROR,
+    }
+}
+
+async fn serve_connection(me: &ActorRef<SessionMsg>, args: SessionArgs) -> Result<(), String> {
+    let SessionArgs { id, incoming, coordinator, token, metrics } = args;
+    let remote = incoming.remote_address();
+    let refuse = |reason: &str| {
+        metrics.refused_connections_total.with_label_values(&[reason]).inc();
+    };
+    let handshake = async {
+        let conn = incoming.await.map_err(|e| format!("QUIC handshake with {remote} failed: {e}"))?;
+        let (send, mut recv) = conn
+            .accept_bi()
+            .await
+            .map_err(|e| format!("{remote} opened no control stream: {}", net::describe_connection_error(&e)))?;
+        let frame = net::read_frame_bytes(&mut recv, net::MAX_CONTROL_FRAME)
+            .await
+            .map_err(|e| {
+                let code = match e {
+                    net::NetError::FrameTooLarge { .. } => close_code::FRAME_TOO_LARGE,
+                    _ => close_code::PROTOCOL_ERROR,
+                };
+                conn.close(code, &close_code::reason_bytes(&format!("malformed handshake: {e}")));
+                format!("malformed handshake from {remote}: {e}")
+            })?
+            .ok_or_else(|| format!("{remote} closed the control stream before saying Hello"))?;
+        Ok::<_, String>((conn, send, recv, frame))
+    };
+    let (conn, mut send, mut recv, frame) = match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
+        Ok(Ok(parts)) => parts,
+        Ok(Err(e)) => {
+            refuse("handshake");
+            tracing::warn!("refused a connection: {e}");
+            return Err(e);
+        }
+        Err(_) => {
+            refuse("handshake_timeout");
+            let e = format!("{remote} did not complete the handshake within {HANDSHAKE_TIMEOUT:?}");
+            tracing::warn!("refused a connection: {e}");
+            return Err(e);
+        }
+    };
+
+    // Check the version before decoding the rest: a peer of another version may lay out the
+    // remaining fields differently.
+    let hello = match check_hello(frame.as_slice(), &conn, &token) {
+        Ok(hello) => hello,
+        Err((kind, reason)) => {
+            refuse(match kind {
+                RefusalKind::VersionMismatch => "version",
+                RefusalKind::BadToken => "token",
+                _ => "protocol",
+            });
+            tracing::warn!("refused worker at {remote}: {reason}");
+            let _ = net::write_frame(&mut send, &ToWorker::Refused { kind, reason: reason.clone() }).await;
+            let _ = send.finish();
+            // Give the refusal a moment to arrive before the close overtakes it.
+            let _ = tokio::time::timeout(Duration::from_secs(2), conn.closed()).await;
+            conn.close(refusal_code(kind), &close_code::reason_bytes(&reason));
+            return Err(reason);
+        }
+    };
+
+    me.cast(SessionMsg::Established { conn: conn.clone(), send })
+        .map_err(|_| "session stopped during the handshake".to_string())?;
+    coordinator
+        .cast(CoordinatorMsg::Joined { id, info: hello.capabilities, session: me.clone() })
+        .map_err(|_| "the coordinator is gone".to_string())?;
+
+    loop {
+        match net::read_frame::<ToCoordinator>(&mut recv, net::MAX_CONTROL_FRAME).await {
+            Ok(Some(msg)) => {
+                if coordinator.cast(CoordinatorMsg::Core(Event::FromWorker { id, msg })).is_err() {
+                    return Err("the coordinator is gone".into());
+                }
+            }
+            Ok(None) => return Ok(()),
+            Err(e) => {
+                let reason = format!("bad frame from worker {id} at {remote}: {e}");
+                tracing::warn!("{reason}; closing its connection");
+                conn.close(close_code::PROTOCOL_ERROR, &close_code::reason_bytes(&reason));
+                return Err(reason);
+            }
+        }
+    }
+}
+
+fn check_hello(frame: &[u8], conn: &quinn::Connection, token: &str) -> Result<Hello, (RefusalKind, String)> {
+    match proto::peek_hello_version(frame) {
+        Some(v) if v == PROTOCOL_VERSION => {}
+        Some(v) => {
+            return Err((
+                RefusalKind::VersionMismatch,
+                format!(
+                    "protocol version mismatch: the coordinator speaks version {PROTOCOL_VERSION}, this worker speaks \
+                     version {v}; run the same troupe release on every node"
+                ),
+            ))
+        }
+        None => return Err((RefusalKind::Protocol, "the first frame is not a Hello".into())),
+    }
+    let hello = match net::decode_frame::<ToCoordinator>(frame) {
+        Ok(ToCoordinator::Hello(hello)) => hello,
+        _ => return Err((RefusalKind::Protocol, "the Hello frame is malformed".into())),
+    };
+    if !token.is_empty() {
+        let valid = net::verify_peer_join_proof(conn, token, &hello.join_proof)
+            .map_err(|e| (RefusalKind::Protocol, format!("cannot check the join token: {e}")))?;
+        if !valid {
+            return Err((
+                RefusalKind::BadToken,
+                "wrong join token: pass the cluster's token with --token or TROUPE_TOKEN".into(),
+            ));
+        }
+    }
+    Ok(hello)
+}

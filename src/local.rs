@@ -1,0 +1,208 @@
+//! `troupe local` and `troupe coordinator`: start a coordinator (and, for `local`, worker
+//! processes on loopback), run to the end, and report.
+
+use crate::LocalArgs;
+use anyhow::Context;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{ExitCode, Stdio};
+use std::time::Duration;
+use troupe_common::config::Config;
+use troupe_common::metrics::{self, CoordinatorMetrics};
+use troupe_coordinator::{launch, run_coordinator, CoordinatorOptions, RunOutcome};
+
+/// Runs a coordinator to the end of the run. `on_listening` gets the bound address (workers
+/// can be started from there).
+pub async fn coordinate(
+    config: Config,
+    resume: bool,
+    insecure: bool,
+    on_listening: impl FnOnce(SocketAddr),
+) -> anyhow::Result<RunOutcome> {
+    launch::ensure_data(&config)?;
+    let resume_from = if resume {
+        launch::find_resume_point(&config)?
+    } else {
+        archive_previous_run(&config.run_dir())?;
+        None
+    };
+    let endpoint = launch::bind_endpoint(&config, insecure)?;
+    let addr = endpoint.local_addr()?;
+    let coordinator_metrics = CoordinatorMetrics::new();
+    if !config.metrics.listen.is_empty() {
+        let listen: SocketAddr = config.metrics.listen.parse().context("metrics.listen")?;
+        let bound = metrics::serve(coordinator_metrics.registry.clone(), listen)
+            .await
+            .with_context(|| format!("cannot serve metrics on {listen} (metrics.listen)"))?;
+        println!("coordinator metrics on http://{bound}/metrics");
+    }
+    on_listening(addr);
+    run_coordinator(CoordinatorOptions {
+        config,
+        endpoint,
+        resume: resume_from,
+        metrics: coordinator_metrics,
+        show_progress: true,
+    })
+    .await
+}
+
+/// A fresh run never mixes its files with an earlier run of the same name: the earlier one
+/// is moved aside (nothing is deleted).
+fn archive_previous_run(run_dir: &Path) -> anyhow::Result<()> {
+    if !run_dir.exists() {
+        return Ok(());
+    }
+    let stamp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let mut aside = run_dir.as_os_str().to_owned();
+    aside.push(format!(".{stamp}"));
+    let aside = PathBuf::from(aside);
+    std::fs::rename(run_dir, &aside)
+        .with_context(|| format!("cannot move the previous run {} aside", run_dir.display()))?;
+    println!(
+        "an earlier run was in {}; moved it to {} (use --resume to continue a run instead)",
+        run_dir.display(),
+        aside.display()
+    );
+    Ok(())
+}
+
+pub fn report_outcome(outcome: &RunOutcome) -> ExitCode {
+    let s = &outcome.snapshot;
+    if let Some(loss) = s.last_loss {
+        println!("final train loss {loss:.4}");
+    }
+    if let Some(val) = s.last_val_loss {
+        println!("final validation loss {val:.4}");
+    }
+    if let Some(ckpt) = &s.last_checkpoint {
+        println!("last checkpoint: {ckpt}");
+    }
+    println!("run files: {} (events.jsonl, checkpoints/, logs/)", outcome.run_dir.display());
+    match &outcome.error {
+        Some(e) if !outcome.ok => {
+            eprintln!("error: the run failed: {e}");
+            ExitCode::FAILURE
+        }
+        _ => ExitCode::SUCCESS,
+    }
+}
+
+pub async fn run_local(args: LocalArgs) -> anyhow::Result<ExitCode> {
+    let mut config = args.run.load()?;
+    if config.cluster.token.is_empty() {
+        // Even on loopback, only the processes we start may join.
+        config.cluster.token = random_token()?;
+    }
+    config.cluster.listen = "127.0.0.1:0".into();
+    let workers = config.cluster.workers;
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let threads = if config.train.threads_per_worker > 0 { config.train.threads_per_worker } else { (cores / workers).max(1) };
+    let logs = config.run_dir().join("logs");
+    let token = config.cluster.token.clone();
+    let exe = std::env::current_exe().context("cannot find the troupe executable to start workers")?;
+
+    let (addr_tx, addr_rx) = tokio::sync::oneshot::channel();
+    let run = coordinate(config.clone(), args.run.resume, false, move |addr| {
+        let _ = addr_tx.send(addr);
+    });
+    tokio::pin!(run);
+    // Start the workers once the coordinator listens; watch them while it runs.
+    let addr = tokio::select! {
+        addr = addr_rx => addr.ok(),
+        outcome = &mut run => {
+            let outcome = outcome?;
+            return Ok(report_outcome(&outcome));
+        }
+    };
+    let Some(addr) = addr else { anyhow::bail!("the coordinator did not start") };
+    std::fs::create_dir_all(&logs).with_context(|| format!("cannot create {}", logs.display()))?;
+    println!("starting {workers} worker processes ({threads} threads each), logs in {}", logs.display());
+    let mut children = Vec::new();
+    for i in 0..workers {
+        let log_path = logs.join(format!("worker-{i}.log"));
+        let log = std::fs::File::create(&log_path).with_context(|| format!("cannot create {}", log_path.display()))?;
+        let child = tokio::process::Command::new(&exe)
+            .args(["worker", "--join", &addr.to_string(), "--threads", &threads.to_string()])
+            .env("TROUPE_TOKEN", &token)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .kill_on_drop(true)
+            // Its own process group: a Ctrl-C in the terminal reaches only `troupe local`,
+            // which then checkpoints and stops the workers in order.
+            .process_group(0)
+            .spawn()
+            .with_context(|| format!("cannot start worker {i}"))?;
+        children.push((i, log_path, child));
+    }
+    let outcome = {
+        let watch = watch_children(&mut children);
+        tokio::pin!(watch);
+        tokio::select! {
+            outcome = &mut run => outcome?,
+            failure = &mut watch => anyhow::bail!("{failure}"),
+        }
+    };
+    // Workers exit on Stop; give them a moment, then make sure none is left behind.
+    for (_, _, child) in children.iter_mut() {
+        if tokio::time::timeout(Duration::from_secs(10), child.wait()).await.is_err() {
+            let _ = child.kill().await;
+        }
+    }
+    let code = report_outcome(&outcome);
+    if outcome.ok && args.sample_tokens > 0 {
+        if let Some(ckpt) = &outcome.snapshot.last_checkpoint {
+            match generate(Path::new(ckpt), &args.prompt, args.sample_tokens, 0.8, 40, config.run.seed) {
+                Ok(text) => println!("\nsample from the final model:\n----\n{text}\n----"),
+                Err(e) => eprintln!("warning: cannot generate a sample: {e:#}"),
+            }
+        }
+    }
+    Ok(code)
+}
+
+/// Resolves when a worker process exits before the run is over, with its log's tail.
+async fn watch_children(children: &mut [(usize, PathBuf, tokio::process::Child)]) -> String {
+    let waits = children.iter_mut().map(|(i, log, child)| {
+        let i = *i;
+        let log = log.clone();
+        Box::pin(async move {
+            let status = child.wait().await;
+            let tail = std::fs::read_to_string(&log)
+                .map(|t| t.lines().rev().take(15).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n"))
+                .unwrap_or_default();
+            format!(
+                "worker {i} exited early ({}); the last lines of {}:\n{tail}",
+                status.map(|s| s.to_string()).unwrap_or_else(|e| e.to_string()),
+                log.display()
+            )
+        })
+    });
+    let (first, _, _) = futures::future::select_all(waits).await;
+    first
+}
+
+fn random_token() -> anyhow::Result<String> {
+    let mut bytes = [0u8; 16];
+    use std::io::Read;
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut bytes))
+        .context("cannot read /dev/urandom for a join token")?;
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// Generates text from a checkpoint folder.
+pub fn generate(checkpoint: &Path, prompt: &str, max_tokens: usize, temperature: f64, top_k: usize, seed: u64) -> anyhow::Result<String> {
+    let (model, tokenizer) = troupe_worker::trainer::load_for_inference(checkpoint, tch::Device::Cpu)?;
+    let ids: Vec<i64> = tokenizer.encode(prompt)?.into_iter().map(i64::from).collect();
+    if ids.is_empty() {
+        anyhow::bail!("the prompt is empty");
+    }
+    let out = model.generate(&ids, max_tokens, temperature, (top_k > 0).then_some(top_k), seed)?;
+    let out: Vec<u32> = out.into_iter().filter_map(|t| u32::try_from(t).ok()).collect();
+    Ok(format!("{prompt}{}", tokenizer.decode(&out)?))
+}

@@ -1,0 +1,281 @@
+//! The `troupe` command line: parses arguments and hands over to the crates. Nothing else.
+
+mod local;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+use troupe_common::config::Config;
+
+#[derive(Parser)]
+#[command(name = "troupe", version, about = "Train a GPT over a cluster of worker processes, and serve it.",
+    long_about = "troupe trains GPT-style language models with data parallelism over worker processes that \
+    talk QUIC: a coordinator forms the cluster and drives the steps, workers average gradients with a ring \
+    all-reduce. `troupe local` runs the whole loop on this machine.")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a whole training job on this machine: prepare data, start a coordinator and worker
+    /// processes on loopback, train, checkpoint, evaluate, and print a sample.
+    #[command(after_help = "Examples:\n  troupe local                       # the embedded default: Shakespeare, 2 workers\n  troupe local --workers 1 --steps 50\n  troupe local --config my.toml --out /tmp/runs\n  troupe local --resume              # continue from the newest complete checkpoint")]
+    Local(LocalArgs),
+    /// Run the coordinator of a multi-node job; workers join it with `troupe worker --join`.
+    #[command(after_help = "Examples:\n  troupe coordinator --config run.toml --listen 0.0.0.0:7070 --token $SECRET\n  troupe coordinator --config run.toml --resume")]
+    Coordinator(CoordinatorArgs),
+    /// Run a worker that joins a coordinator and trains.
+    #[command(after_help = "Examples:\n  troupe worker --join 10.0.0.1:7070 --token $SECRET\n  TROUPE_TOKEN=$SECRET troupe worker --join node1:7070 --threads 8")]
+    Worker(WorkerArgs),
+    /// Prepare a UTF-8 corpus: clean, train a byte-level BPE tokenizer, write token files.
+    #[command(after_help = "Examples:\n  troupe prepare --input books/ --out data/books\n  troupe prepare --input a.txt b.txt --out data/ab --vocab-size 4096 --val-fraction 0.05")]
+    Prepare(PrepareArgs),
+    /// Generate text from a checkpoint.
+    #[command(after_help = "Examples:\n  troupe generate --checkpoint runs/shakespeare/checkpoints/step-000300 --prompt 'ROMEO.'\n  troupe generate --checkpoint DIR --prompt 'To be' --max-tokens 50 --temperature 0")]
+    Generate(GenerateArgs),
+}
+
+/// Settings shared by `local` and `coordinator` that override the config file.
+#[derive(Args, Clone)]
+pub struct RunOverrides {
+    /// Run configuration (TOML); the embedded default when omitted.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Number of workers (cluster.workers).
+    #[arg(long)]
+    pub workers: Option<usize>,
+    /// Optimizer steps (train.steps).
+    #[arg(long)]
+    pub steps: Option<u64>,
+    /// Folder that holds runs (run.out_dir).
+    #[arg(long, value_name = "DIR")]
+    pub out: Option<PathBuf>,
+    /// Continue from the newest complete checkpoint of the run.
+    #[arg(long)]
+    pub resume: bool,
+}
+
+impl RunOverrides {
+    pub fn load(&self) -> anyhow::Result<Config> {
+        let mut config = match &self.config {
+            Some(path) => Config::from_file(path)?,
+            None => Config::default_config(),
+        };
+        if let Some(n) = self.workers {
+            config.cluster.workers = n;
+        }
+        if let Some(n) = self.steps {
+            config.train.steps = n;
+            config.train.warmup_steps = config.train.warmup_steps.min(n);
+        }
+        if let Some(dir) = &self.out {
+            config.run.out_dir = dir.clone();
+        }
+        config.validate().context("after applying the command-line flags")?;
+        Ok(config)
+    }
+}
+
+#[derive(Args)]
+pub struct LocalArgs {
+    #[command(flatten)]
+    pub run: RunOverrides,
+    /// Tokens of the sample printed at the end (0: none).
+    #[arg(long, default_value_t = 120)]
+    pub sample_tokens: usize,
+    /// Prompt of the sample printed at the end.
+    #[arg(long, default_value = "ROMEO.")]
+    pub prompt: String,
+}
+
+#[derive(Args)]
+struct CoordinatorArgs {
+    #[command(flatten)]
+    run: RunOverrides,
+    /// Address to listen on (cluster.listen), e.g. 0.0.0.0:7070.
+    #[arg(long)]
+    listen: Option<SocketAddr>,
+    /// Join token workers must prove (cluster.token).
+    #[arg(long, env = "TROUPE_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// Allow a non-loopback address without a join token.
+    #[arg(long)]
+    insecure: bool,
+}
+
+#[derive(Args)]
+struct WorkerArgs {
+    /// The coordinator's address.
+    #[arg(long, value_name = "ADDR")]
+    join: String,
+    /// The cluster's join token.
+    #[arg(long, env = "TROUPE_TOKEN", hide_env_values = true, default_value = "")]
+    token: String,
+    /// Address ring peers connect to; default: port 0 on loopback when the coordinator is on
+    /// loopback, else on all interfaces.
+    #[arg(long)]
+    listen: Option<SocketAddr>,
+    /// Address to advertise to peers when --listen is a wildcard address.
+    #[arg(long)]
+    advertise: Option<SocketAddr>,
+    /// Where to serve Prometheus /metrics (port 0 picks one; "off" disables).
+    #[arg(long, default_value = "auto")]
+    metrics_listen: String,
+    /// Intra-op threads (0: all cores).
+    #[arg(long, default_value_t = 0)]
+    threads: usize,
+    /// cpu, or auto (CUDA builds come with the `cuda` feature).
+    #[arg(long, default_value = "auto")]
+    device: String,
+    /// Keep trying to reach the coordinator for this many seconds.
+    #[arg(long, default_value_t = 60)]
+    connect_timeout: u64,
+}
+
+#[derive(Args)]
+struct PrepareArgs {
+    /// Files or folders of UTF-8 text (folders are read recursively; each file is a document).
+    #[arg(long, required = true, num_args = 1..)]
+    input: Vec<PathBuf>,
+    /// Output folder (train.bin, val.bin, tokenizer.json, meta.json).
+    #[arg(long)]
+    out: PathBuf,
+    #[arg(long, default_value_t = 2048)]
+    vocab_size: usize,
+    /// Fraction of documents held out for validation.
+    #[arg(long, default_value_t = 0.1)]
+    val_fraction: f64,
+    /// Only read files whose names end with this (e.g. _gut.txt).
+    #[arg(long)]
+    filter: Option<String>,
+    #[arg(long, default_value_t = 1337)]
+    seed: u64,
+}
+
+#[derive(Args)]
+struct GenerateArgs {
+    /// A checkpoint folder (runs/<name>/checkpoints/step-NNNNNN).
+    #[arg(long)]
+    checkpoint: PathBuf,
+    #[arg(long)]
+    prompt: String,
+    #[arg(long, default_value_t = 200)]
+    max_tokens: usize,
+    /// 0 = greedy.
+    #[arg(long, default_value_t = 0.8)]
+    temperature: f64,
+    /// Sample only among the K most likely tokens (0 = all).
+    #[arg(long, default_value_t = 40)]
+    top_k: usize,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("TROUPE_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,troupe=info,troupe_worker=info,troupe_coordinator=info,troupe_common=info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(run(cli));
+    // Background tasks (metrics servers, endpoints) must not keep the process alive.
+    runtime.shutdown_timeout(Duration::from_secs(1));
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Local(args) => local::run_local(args).await,
+        Command::Coordinator(args) => run_coordinator(args).await,
+        Command::Worker(args) => run_worker(args).await,
+        Command::Prepare(args) => {
+            let meta = troupe_common::data::prepare(&troupe_common::data::PrepareOptions {
+                inputs: args.input,
+                file_filter: args.filter,
+                out: args.out.clone(),
+                vocab_size: args.vocab_size,
+                val_fraction: args.val_fraction,
+                seed: args.seed,
+            })?;
+            println!("{}", serde_json::to_string_pretty(&meta)?);
+            println!("prepared {}", args.out.display());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Generate(args) => {
+            let text = local::generate(&args.checkpoint, &args.prompt, args.max_tokens, args.temperature, args.top_k, args.seed)?;
+            println!("{text}");
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+async fn run_coordinator(args: CoordinatorArgs) -> anyhow::Result<ExitCode> {
+    let mut config = args.run.load()?;
+    if let Some(listen) = args.listen {
+        config.cluster.listen = listen.to_string();
+    }
+    if let Some(token) = args.token {
+        config.cluster.token = token;
+    }
+    config.validate()?;
+    let outcome = local::coordinate(config, args.run.resume, args.insecure, |addr| {
+        println!("coordinator listening on {addr}; start workers with: troupe worker --join {addr} --token …");
+    })
+    .await?;
+    Ok(local::report_outcome(&outcome))
+}
+
+async fn run_worker(args: WorkerArgs) -> anyhow::Result<ExitCode> {
+    use tokio::net::lookup_host;
+    let coordinator = lookup_host(&args.join)
+        .await
+        .with_context(|| format!("cannot resolve the coordinator address {:?}", args.join))?
+        .next()
+        .with_context(|| format!("{:?} resolves to no address", args.join))?;
+    let loopback = coordinator.ip().is_loopback();
+    let default_ip = if loopback { "127.0.0.1" } else { "0.0.0.0" };
+    let listen = args.listen.unwrap_or_else(|| format!("{default_ip}:0").parse().expect("constant address"));
+    let metrics_listen = match args.metrics_listen.as_str() {
+        "off" => None,
+        "auto" => Some(format!("{default_ip}:0").parse().expect("constant address")),
+        other => Some(other.parse().with_context(|| format!("--metrics-listen {other:?} is not an IP:port address"))?),
+    };
+    let device = match args.device.as_str() {
+        "cpu" | "auto" => tch::Device::Cpu,
+        other => anyhow::bail!("--device {other}: this build supports cpu only (CUDA comes with the `cuda` feature)"),
+    };
+    let exit = troupe_worker::run_worker(troupe_worker::WorkerOptions {
+        coordinator,
+        token: args.token,
+        listen,
+        advertise: args.advertise,
+        metrics_listen,
+        threads: args.threads,
+        device,
+        connect_timeout: Duration::from_secs(args.connect_timeout),
+    })
+    .await?;
+    tracing::info!("worker done: {exit:?}");
+    Ok(ExitCode::SUCCESS)
+}

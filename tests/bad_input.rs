@@ -1,0 +1,205 @@
+//! Bad input gets a clear error and the coordinator keeps serving everyone else: wrong join
+//! tokens, other protocol versions, garbage and oversized frames, bad configs, missing corpora.
+
+mod common;
+
+use common::*;
+use std::io::BufRead;
+use std::net::SocketAddr;
+use std::process::Stdio;
+use std::sync::mpsc;
+use std::time::Duration;
+use troupe_common::net::{self, NetOptions};
+use troupe_common::proto::{Capabilities, Hello, RefusalKind, ToCoordinator, ToWorker, PROTOCOL_VERSION};
+
+const TOKEN: &str = "s3cret-token";
+
+fn hello(version: u32, proof: [u8; 32]) -> ToCoordinator {
+    ToCoordinator::Hello(Hello {
+        protocol_version: version,
+        join_proof: proof,
+        capabilities: Capabilities {
+            hostname: "intruder".into(),
+            pid: 1,
+            threads: 1,
+            device: "cpu".into(),
+            peer_addr: "127.0.0.1:9".parse().unwrap(),
+            metrics_addr: None,
+        },
+    })
+}
+
+async fn connect(addr: SocketAddr) -> (quinn::Endpoint, quinn::Connection) {
+    let endpoint = net::make_endpoint("127.0.0.1:0".parse().unwrap(), &NetOptions::default()).unwrap();
+    let conn = endpoint.connect(addr, net::TLS_SERVER_NAME).unwrap().await.unwrap();
+    (endpoint, conn)
+}
+
+/// Says Hello with the given version and token; returns the coordinator's answer.
+async fn say_hello(addr: SocketAddr, version: u32, token: &str) -> ToWorker {
+    let (_endpoint, conn) = connect(addr).await;
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    let proof = net::join_proof(&conn, token).unwrap();
+    net::write_frame(&mut send, &hello(version, proof)).await.unwrap();
+    net::read_frame::<ToWorker>(&mut recv, net::MAX_CONTROL_FRAME).await.unwrap().expect("an answer")
+}
+
+/// Sends raw bytes as the first thing on the control stream; returns how the connection ended.
+async fn send_raw(addr: SocketAddr, bytes: Vec<u8>) -> String {
+    let (_endpoint, conn) = connect(addr).await;
+    let (mut send, _recv) = conn.open_bi().await.unwrap();
+    send.write_all(&bytes).await.unwrap();
+    let closed = tokio::time::timeout(Duration::from_secs(20), conn.closed()).await.expect("the coordinator closes it");
+    net::describe_connection_error(&closed)
+}
+
+#[test]
+fn hostile_peers_are_refused_and_the_run_goes_on() {
+    let dir = scratch("hostile");
+    let data = prepare_small_corpus(&dir);
+    let config = tiny_config(&dir, &data, 2, 4);
+    let text = std::fs::read_to_string(&config).unwrap().replace("token = \"\"", &format!("token = \"{TOKEN}\""));
+    std::fs::write(&config, text).unwrap();
+
+    let mut coordinator = troupe()
+        .arg("coordinator")
+        .arg("--config")
+        .arg(&config)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (lines_tx, lines_rx) = mpsc::channel::<String>();
+    let stdout = coordinator.stdout.take().unwrap();
+    let out_tx = lines_tx.clone();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = out_tx.send(line);
+        }
+    });
+    let stderr = coordinator.stderr.take().unwrap();
+    let stderr_lines = std::thread::spawn(move || {
+        std::io::BufReader::new(stderr).lines().map_while(Result::ok).collect::<Vec<_>>()
+    });
+    let addr: SocketAddr = loop {
+        let line = lines_rx.recv_timeout(Duration::from_secs(60)).expect("the coordinator starts listening");
+        if let Some(rest) = line.strip_prefix("coordinator listening on ") {
+            break rest.split(';').next().unwrap().trim().parse().unwrap();
+        }
+    };
+
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        match say_hello(addr, PROTOCOL_VERSION, "not-the-token").await {
+            ToWorker::Refused { kind: RefusalKind::BadToken, reason } => assert!(reason.contains("wrong join token"), "{reason}"),
+            other => panic!("a wrong token must be refused, got {other:?}"),
+        }
+        match say_hello(addr, PROTOCOL_VERSION + 98, TOKEN).await {
+            ToWorker::Refused { kind: RefusalKind::VersionMismatch, reason } => {
+                assert!(reason.contains(&format!("version {}", PROTOCOL_VERSION + 98)), "{reason}")
+            }
+            other => panic!("another protocol version must be refused, got {other:?}"),
+        }
+        // Garbage: a frame whose body is not a Hello.
+        let mut garbage = 64u32.to_le_bytes().to_vec();
+        garbage.extend((0..64u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8 | 0x80));
+        let why = send_raw(addr, garbage).await;
+        assert!(why.contains("PROTOCOL_ERROR"), "{why}");
+        // An oversized frame: refused from its length alone, nothing allocated.
+        let why = send_raw(addr, u32::MAX.to_le_bytes().to_vec()).await;
+        assert!(why.contains("FRAME_TOO_LARGE"), "{why}");
+        // Garbage after a successful join, on the open connection: that worker is dropped,
+        // and its slot is free again for a real worker.
+        let (_endpoint, conn) = connect(addr).await;
+        let (mut send, mut recv) = conn.open_bi().await.unwrap();
+        let proof = net::join_proof(&conn, TOKEN).unwrap();
+        net::write_frame(&mut send, &hello(PROTOCOL_VERSION, proof)).await.unwrap();
+        let welcome = net::read_frame::<ToWorker>(&mut recv, net::MAX_CONTROL_FRAME).await.unwrap();
+        assert!(matches!(welcome, Some(ToWorker::Welcome { .. })), "{welcome:?}");
+        send.write_all(&[0xde, 0xad, 0xbe, 0xef, 1, 2, 3]).await.unwrap();
+        let closed = tokio::time::timeout(Duration::from_secs(20), conn.closed()).await.expect("closed");
+        assert!(net::describe_connection_error(&closed).contains("PROTOCOL_ERROR"));
+    });
+
+    // A worker process with the wrong token is told why and exits with an error.
+    let mut wrong = troupe();
+    wrong.args(["worker", "--join", &addr.to_string(), "--token", "nope", "--threads", "1"]);
+    let refused = run(wrong, Duration::from_secs(60));
+    assert!(!refused.status.success());
+    assert!(stderr(&refused).contains("wrong join token"), "{}", stderr(&refused));
+
+    // The coordinator still serves real workers: the run completes.
+    let workers: Vec<_> = (0..2)
+        .map(|_| {
+            let mut w = troupe();
+            w.args(["worker", "--join", &addr.to_string(), "--threads", "1"]).env("TROUPE_TOKEN", TOKEN);
+            std::thread::spawn(move || run(w, Duration::from_secs(240)))
+        })
+        .collect();
+    for w in workers {
+        assert_success(&w.join().unwrap());
+    }
+    let status = coordinator.wait().unwrap();
+    let log = stderr_lines.join().unwrap().join("\n");
+    assert!(status.success(), "coordinator: {status}\n{log}");
+    assert!(log.contains("refused worker at 127.0.0.1:") && log.contains("wrong join token"), "{log}");
+    assert!(log.contains("protocol version mismatch"), "{log}");
+    let steps = step_losses(&dir.join("runs/tiny"));
+    assert_eq!(steps.len(), 4);
+}
+
+#[test]
+fn a_config_with_an_unknown_field_is_rejected_with_its_name() {
+    let dir = scratch("badconfig");
+    let config = tiny_config(&dir, &dir, 1, 4);
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(&config, text.replace("[train]", "[train]\nlearning_rat = 0.1")).unwrap();
+    let mut cmd = troupe();
+    cmd.arg("local").arg("--config").arg(&config);
+    let out = run(cmd, Duration::from_secs(60));
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(err.contains("unknown field `learning_rat`") && err.contains(&config.display().to_string()), "{err}");
+}
+
+#[test]
+fn an_out_of_range_value_is_rejected_with_its_name_and_the_fix() {
+    let dir = scratch("rangeconfig");
+    let config = tiny_config(&dir, &dir, 1, 4);
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(&config, text.replace("micro_batch = 2", "micro_batch = 64")).unwrap();
+    let mut cmd = troupe();
+    cmd.arg("local").arg("--config").arg(&config);
+    let out = run(cmd, Duration::from_secs(60));
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(err.contains("train.micro_batch") && err.contains("between 1 and train.global_batch"), "{err}");
+    // A flag out of range is caught the same way.
+    let mut cmd = troupe();
+    cmd.args(["local", "--workers", "0"]);
+    let err = stderr(&run(cmd, Duration::from_secs(60)));
+    assert!(err.contains("cluster.workers"), "{err}");
+}
+
+#[test]
+fn a_corpus_path_that_does_not_exist_is_named() {
+    let dir = scratch("nocorpus");
+    let mut cmd = troupe();
+    cmd.args(["prepare", "--input", "/does/not/exist/plays", "--out"]).arg(dir.join("out"));
+    let out = run(cmd, Duration::from_secs(60));
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("/does/not/exist/plays"), "{}", stderr(&out));
+    assert!(!dir.join("out").exists(), "nothing half-prepared is left behind");
+}
+
+#[test]
+fn every_command_has_help_with_examples() {
+    for sub in ["local", "coordinator", "worker", "prepare", "generate"] {
+        let mut cmd = troupe();
+        cmd.args([sub, "--help"]);
+        let out = run(cmd, Duration::from_secs(30));
+        assert_success(&out);
+        assert!(stdout(&out).contains("Examples:"), "{sub} --help has examples");
+    }
+}

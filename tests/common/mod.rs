@@ -1,0 +1,170 @@
+//! Shared fixtures of the end-to-end tests: real `troupe` processes, real files, real QUIC.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
+use troupe_common::events::RunEvent;
+
+pub fn troupe() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_troupe"));
+    cmd.env("TROUPE_LOG", "warn,troupe=info,troupe_worker=info,troupe_coordinator=info");
+    cmd
+}
+
+/// A fresh folder for one test.
+pub fn scratch(name: &str) -> PathBuf {
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("create a scratch folder");
+    dir
+}
+
+/// The Shakespeare texts, downloaded once into the cache (as `troupe local` does).
+pub fn shakespeare_texts() -> PathBuf {
+    let cache = std::env::var_os("TROUPE_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(std::env::var("HOME").expect("HOME")).join(".cache/troupe"));
+    troupe_common::data::fetch_shakespeare(&cache).expect("fetch the Shakespeare corpus")
+}
+
+/// A small corpus prepared with `troupe prepare`: eight plays, vocabulary 512.
+pub fn prepare_small_corpus(dir: &Path) -> PathBuf {
+    let texts = shakespeare_texts();
+    let mut plays: Vec<PathBuf> = std::fs::read_dir(&texts)
+        .expect("read the texts folder")
+        .map(|e| e.expect("entry").path())
+        .filter(|p| p.to_string_lossy().ends_with("_gut.txt"))
+        .collect();
+    plays.sort();
+    plays.truncate(8);
+    let out = dir.join("data");
+    let mut cmd = troupe();
+    cmd.arg("prepare").arg("--out").arg(&out).args(["--vocab-size", "512", "--input"]).args(&plays);
+    let output = run(cmd, Duration::from_secs(120));
+    assert!(output.status.success(), "prepare failed: {}", String::from_utf8_lossy(&output.stderr));
+    out
+}
+
+/// A tiny model and run: fast enough for the suite, big enough to be a real GPT.
+pub fn tiny_config(dir: &Path, data: &Path, workers: usize, steps: u64) -> PathBuf {
+    let text = format!(
+        r#"
+[run]
+name = "tiny"
+out_dir = "{out}"
+seed = 7
+
+[data]
+dir = "{data}"
+source = "none"
+vocab_size = 512
+val_fraction = 0.1
+
+[model]
+n_layer = 2
+n_head = 2
+n_embd = 64
+block_size = 32
+dropout = 0.0
+bias = true
+
+[train]
+steps = {steps}
+global_batch = 8
+micro_batch = 2
+learning_rate = 3e-3
+min_learning_rate = 3e-4
+warmup_steps = 5
+weight_decay = 0.1
+beta1 = 0.9
+beta2 = 0.99
+eps = 1e-8
+grad_clip = 1.0
+threads_per_worker = 1
+
+[eval]
+interval = 10
+sequences = 16
+
+[checkpoint]
+interval = 5
+keep_last = 10
+
+[cluster]
+workers = {workers}
+listen = "127.0.0.1:0"
+token = ""
+heartbeat_ms = 200
+lease_ms = 5000
+collective_timeout_ms = 30000
+
+[metrics]
+listen = "127.0.0.1:0"
+"#,
+        out = dir.join("runs").display(),
+        data = data.display(),
+    );
+    let path = dir.join(format!("tiny-{workers}w-{steps}s.toml"));
+    std::fs::write(&path, text).expect("write the config");
+    path
+}
+
+/// Runs a command to its end; kills it and fails the test after `limit`.
+pub fn run(mut cmd: Command, limit: Duration) -> Output {
+    let child = cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("spawn");
+    let pid = child.id();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    match rx.recv_timeout(limit) {
+        Ok(output) => output.expect("wait for the command"),
+        Err(_) => {
+            let _ = Command::new("kill").args(["-KILL", &pid.to_string()]).status();
+            panic!("command did not finish within {limit:?}");
+        }
+    }
+}
+
+pub fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+pub fn assert_success(o: &Output) {
+    assert!(o.status.success(), "troupe failed ({}):\n--- stdout\n{}\n--- stderr\n{}", o.status, stdout(o), stderr(o));
+}
+
+pub fn events(run_dir: &Path) -> Vec<RunEvent> {
+    troupe_common::events::read_events(run_dir).expect("read events.jsonl")
+}
+
+pub fn step_losses(run_dir: &Path) -> Vec<(u64, f64)> {
+    events(run_dir)
+        .into_iter()
+        .filter_map(|e| match e {
+            RunEvent::Step { step, loss, .. } => Some((step, loss)),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Parameters of a safetensors file, by name, as f32.
+pub fn load_params(path: &Path) -> Vec<(String, Vec<f32>)> {
+    let bytes = std::fs::read(path).expect("read safetensors");
+    let st = safetensors::SafeTensors::deserialize(&bytes).expect("parse safetensors");
+    let mut out: Vec<(String, Vec<f32>)> = st
+        .tensors()
+        .into_iter()
+        .map(|(name, view)| {
+            let data = view.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+            (name, data)
+        })
+        .collect();
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    out
+}

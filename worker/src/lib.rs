@@ -1,0 +1,9 @@
+//! troupe-worker: a process that holds a model replica and trains it.
+//!
+//! - [`trainer`]: the training loop on its own OS thread (libtorch calls block).
+//! - [`actors`]: the Worker (root; the coordinator link) and the Collective (owns the ring).
+
+pub mod actors;
+pub mod trainer;
+
+pub use actors::{run_worker, WorkerOptions};
