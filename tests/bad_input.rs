@@ -61,7 +61,7 @@ fn hostile_peers_are_refused_and_the_run_goes_on() {
     let text = std::fs::read_to_string(&config).unwrap().replace("token = \"\"", &format!("token = \"{TOKEN}\""));
     std::fs::write(&config, text).unwrap();
 
-    let mut coordinator = troupe()
+    let coordinator = troupe()
         .arg("coordinator")
         .arg("--config")
         .arg(&config)
@@ -70,17 +70,18 @@ fn hostile_peers_are_refused_and_the_run_goes_on() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
+    let mut coordinator = KillOnDrop(coordinator);
     let (lines_tx, lines_rx) = mpsc::channel::<String>();
-    let stdout = coordinator.stdout.take().unwrap();
+    let stdout = coordinator.0.stdout.take().unwrap();
     let out_tx = lines_tx.clone();
     std::thread::spawn(move || {
         for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
             let _ = out_tx.send(line);
         }
     });
-    let stderr = coordinator.stderr.take().unwrap();
+    let coordinator_stderr = coordinator.0.stderr.take().unwrap();
     let stderr_lines = std::thread::spawn(move || {
-        std::io::BufReader::new(stderr).lines().map_while(Result::ok).collect::<Vec<_>>()
+        std::io::BufReader::new(coordinator_stderr).lines().map_while(Result::ok).collect::<Vec<_>>()
     });
     let addr: SocketAddr = loop {
         let line = lines_rx.recv_timeout(Duration::from_secs(60)).expect("the coordinator starts listening");
@@ -105,10 +106,12 @@ fn hostile_peers_are_refused_and_the_run_goes_on() {
         let mut garbage = 64u32.to_le_bytes().to_vec();
         garbage.extend((0..64u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8 | 0x80));
         let why = send_raw(addr, garbage).await;
-        assert!(why.contains("PROTOCOL_ERROR"), "{why}");
+        assert!(why.contains("PROTOCOL_ERROR") || why.contains("reset by peer"), "{why}");
         // An oversized frame: refused from its length alone, nothing allocated.
+        // (Under load the close frame can lose the race with a stateless reset; the
+        // coordinator's log below says why it closed either way.)
         let why = send_raw(addr, u32::MAX.to_le_bytes().to_vec()).await;
-        assert!(why.contains("FRAME_TOO_LARGE"), "{why}");
+        assert!(why.contains("FRAME_TOO_LARGE") || why.contains("reset by peer"), "{why}");
         // Garbage after a successful join, on the open connection: that worker is dropped,
         // and its slot is free again for a real worker.
         let (_endpoint, conn) = connect(addr).await;
@@ -119,7 +122,8 @@ fn hostile_peers_are_refused_and_the_run_goes_on() {
         assert!(matches!(welcome, Some(ToWorker::Welcome { .. })), "{welcome:?}");
         send.write_all(&[0xde, 0xad, 0xbe, 0xef, 1, 2, 3]).await.unwrap();
         let closed = tokio::time::timeout(Duration::from_secs(20), conn.closed()).await.expect("closed");
-        assert!(net::describe_connection_error(&closed).contains("PROTOCOL_ERROR"));
+        let why = net::describe_connection_error(&closed);
+        assert!(why.contains("PROTOCOL_ERROR") || why.contains("reset by peer"), "{why}");
     });
 
     // A worker process with the wrong token is told why and exits with an error.
@@ -140,11 +144,14 @@ fn hostile_peers_are_refused_and_the_run_goes_on() {
     for w in workers {
         assert_success(&w.join().unwrap());
     }
-    let status = coordinator.wait().unwrap();
+    let status = coordinator.0.wait().unwrap();
     let log = stderr_lines.join().unwrap().join("\n");
     assert!(status.success(), "coordinator: {status}\n{log}");
     assert!(log.contains("refused worker at 127.0.0.1:") && log.contains("wrong join token"), "{log}");
     assert!(log.contains("protocol version mismatch"), "{log}");
+    assert!(log.contains("frame of 4294967295 bytes exceeds the limit"), "{log}");
+    assert!(log.contains("the first frame is not a Hello"), "{log}");
+    assert!(log.contains("bad frame from worker"), "{log}");
     let steps = step_losses(&dir.join("runs/tiny"));
     assert_eq!(steps.len(), 4);
 }

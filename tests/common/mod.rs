@@ -75,7 +75,7 @@ global_batch = 8
 micro_batch = 2
 learning_rate = 3e-3
 min_learning_rate = 3e-4
-warmup_steps = 5
+warmup_steps = {warmup}
 weight_decay = 0.1
 beta1 = 0.9
 beta2 = 0.99
@@ -104,6 +104,7 @@ listen = "127.0.0.1:0"
 "#,
         out = dir.join("runs").display(),
         data = data.display(),
+        warmup = steps.min(5),
     );
     let path = dir.join(format!("tiny-{workers}w-{steps}s.toml"));
     std::fs::write(&path, text).expect("write the config");
@@ -167,4 +168,14 @@ pub fn load_params(path: &Path) -> Vec<(String, Vec<f32>)> {
         .collect();
     out.sort_by(|a, b| a.0.cmp(&b.0));
     out
+}
+
+/// Kills the process when dropped, so a failing test leaves no process behind.
+pub struct KillOnDrop(pub std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }

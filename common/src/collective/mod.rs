@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 use crate::net::NetError;
 
 pub use ring::{form_ring, RingCollective, DEFAULT_PIECE_BYTES};
-pub use wire::PeerHello;
+pub use wire::{HelloReply, PeerHello};
 
 /// Identifies one collective call. Every rank must call collectives in the same order with
 /// the same tags; the ring checks this on every call, so a rank that skipped or repeated a

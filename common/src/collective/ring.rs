@@ -28,7 +28,7 @@ use tokio::time::Instant;
 use tracing::Instrument;
 
 use super::schedule::{encode_f32s, phase_name, Incoming, Schedule};
-use super::wire::{Op, PeerHello, StreamHeader, HEADER_LEN, MAX_HELLO_FRAME};
+use super::wire::{HelloReply, Op, PeerHello, StreamHeader, HEADER_LEN, MAX_HELLO_FRAME};
 use super::{Collective, CollectiveError, CollectiveTag};
 use crate::net::close::{self, describe_close_code, describe_connection_error, describe_read_error, reason_bytes};
 use crate::net::{join_proof, read_frame, verify_peer_join_proof, write_frame, NetError, TLS_SERVER_NAME};
@@ -43,6 +43,9 @@ const SEND_QUEUE_PIECES: usize = 8;
 
 /// Segments taken from quinn per wakeup of the receiving loop.
 const READ_BATCH: usize = 32;
+
+/// How long a refusing rank waits for the refused peer to read the refusal and close.
+const REFUSAL_LINGER: Duration = Duration::from_secs(2);
 
 /// Pause between connection attempts to a successor that is not up yet.
 const CONNECT_RETRY: Duration = Duration::from_millis(100);
@@ -291,12 +294,10 @@ async fn connect_successor(
             Err(e) => return Err(conn_err(&peer, &e)),
         }
     };
-    eprintln!("rank {} connected to {peer}", me.rank);
     let (mut send, mut recv) = conn.open_bi().await.map_err(|e| conn_err(&peer, &e))?;
-    write_frame(&mut send, &me.hello(&conn, &peer)?).await.map_err(|e| {eprintln!("rank {} write hello failed {e}", me.rank); io_err(&peer, e)})?;
-    eprintln!("rank {} sent hello", me.rank);
-    let reply: PeerHello = match read_frame(&mut recv, MAX_HELLO_FRAME).await {
-        Ok(Some(h)) => h,
+    write_frame(&mut send, &me.hello(&conn, &peer)?).await.map_err(|e| io_err(&peer, e))?;
+    let reply: HelloReply = match read_frame(&mut recv, MAX_HELLO_FRAME).await {
+        Ok(Some(r)) => r,
         Ok(None) => {
             refuse(&conn, close::PROTOCOL_ERROR, "hello stream closed without a reply");
             return Err(CollectiveError::Protocol(format!("{peer} closed the hello stream without replying")));
@@ -308,10 +309,22 @@ async fn connect_successor(
             return Err(io_err(&peer, e));
         }
     };
-    if let Err((code, reason)) = me.check(&conn, &reply, succ_rank) {
+    let welcome = match reply {
+        HelloReply::Welcome(h) => h,
+        HelloReply::Refused { code, reason } => {
+            let code = VarInt::from_u64(code).unwrap_or(close::PROTOCOL_ERROR);
+            // Closing is our job: the refusing side only lingers until we do.
+            refuse(&conn, code, &reason);
+            return Err(CollectiveError::Refused {
+                peer,
+                reason: format!("{}: {reason}", describe_close_code(code)),
+            });
+        }
+    };
+    if let Err((code, reason)) = me.check(&conn, &welcome, succ_rank) {
         tracing::warn!(%peer, code = %describe_close_code(code), %reason, "refusing successor");
         refuse(&conn, code, &reason);
-        return Err(CollectiveError::Refused { peer, reason });
+        return Err(CollectiveError::Refused { peer, reason: format!("{}: {reason}", describe_close_code(code)) });
     }
     // The hello stream has done its job; finishing it is best effort.
     let _ = send.finish();
@@ -326,8 +339,8 @@ async fn accept_predecessor(
     timeout: Duration,
 ) -> Result<quinn::Connection, CollectiveError> {
     // Each incoming connection is checked in its own task: a slow or silent peer cannot hold
-    // up the right one, and a check in progress still ends with a clear refusal (or a
-    // SHUTDOWN close) even if this formation gives up meanwhile.
+    // up the right one, and a check in progress still ends with a clear refusal even if this
+    // formation gives up meanwhile.
     let (tx, mut rx) = mpsc::channel::<Result<quinn::Connection, String>>(4);
     loop {
         tokio::select! {
@@ -372,7 +385,6 @@ async fn check_incoming_task(
         }
     };
     let peer = peer_desc("predecessor", pred_rank, remote);
-    eprintln!("rank {} checking {remote}", me.rank);
     let checked = match tokio::time::timeout(timeout, check_incoming(&conn, &me, pred_rank, &peer)).await {
         Ok(r) => r,
         Err(_) => Err((close::PROTOCOL_ERROR, format!("no hello within {timeout:?}"))),
@@ -385,14 +397,19 @@ async fn check_incoming_task(
         }
         Err((code, reason)) => {
             tracing::warn!(%remote, code = %describe_close_code(code), %reason, "refusing ring connection");
-            eprintln!("rank {} refusing {remote}: {reason}", me.rank);
-            refuse(&conn, code, &reason);
             let _ = tx.send(Err(format!("{remote}: {} {reason}", close::close_code_name(code)))).await;
+            drop(tx);
+            // The refusal went out as a reply frame; give the peer time to read it and close.
+            // Closing first could lose it: quinn 0.11 does not send CONNECTION_CLOSE while the
+            // congestion window is full (quinn#2785), which it is right after the handshake
+            // because of the large MTU probes, and the peer would only see a stateless reset.
+            let _ = tokio::time::timeout(REFUSAL_LINGER.min(timeout), conn.closed()).await;
+            refuse(&conn, code, &reason);
         }
     }
 }
 
-/// Read and check the predecessor's hello, then answer with ours.
+/// Read and check the predecessor's hello, then answer with ours or with a refusal.
 async fn check_incoming(
     conn: &quinn::Connection,
     me: &Me,
@@ -403,21 +420,23 @@ async fn check_incoming(
         .accept_bi()
         .await
         .map_err(|e| (close::PROTOCOL_ERROR, format!("no hello stream: {}", describe_connection_error(&e))))?;
-    let hello: PeerHello = match read_frame(&mut recv, MAX_HELLO_FRAME).await {
-        Ok(Some(h)) => h,
-        Ok(None) => return Err((close::PROTOCOL_ERROR, "hello stream closed before a hello".into())),
+    let verdict = match read_frame::<PeerHello>(&mut recv, MAX_HELLO_FRAME).await {
+        Ok(Some(h)) => me.check(conn, &h, pred_rank),
+        Ok(None) => Err((close::PROTOCOL_ERROR, "hello stream closed before a hello".into())),
         Err(NetError::FrameTooLarge { len, max }) => {
-            return Err((close::FRAME_TOO_LARGE, format!("hello of {len} bytes exceeds {max}")))
+            Err((close::FRAME_TOO_LARGE, format!("hello of {len} bytes exceeds {max}")))
         }
-        Err(e) => return Err((close::PROTOCOL_ERROR, format!("bad hello: {e}"))),
+        Err(e) => Err((close::PROTOCOL_ERROR, format!("bad hello: {e}"))),
     };
-    me.check(conn, &hello, pred_rank)?;
-    let reply = me.hello(conn, peer).map_err(|e| (close::PROTOCOL_ERROR, e.to_string()))?;
-    write_frame(&mut send, &reply)
-        .await
-        .map_err(|e| (close::PROTOCOL_ERROR, format!("cannot send hello reply: {e}")))?;
+    let reply = match &verdict {
+        Ok(()) => HelloReply::Welcome(me.hello(conn, peer).map_err(|e| (close::PROTOCOL_ERROR, e.to_string()))?),
+        Err((code, reason)) => HelloReply::Refused { code: code.into_inner(), reason: reason.clone() },
+    };
+    // Best effort for refusals (the peer may be gone); required for a welcome.
+    let sent = write_frame(&mut send, &reply).await;
     let _ = send.finish();
-    Ok(())
+    verdict?;
+    sent.map_err(|e| (close::PROTOCOL_ERROR, format!("cannot send hello reply: {e}")))
 }
 
 impl RingCollective {
@@ -434,6 +453,12 @@ impl RingCollective {
     /// need not agree: piece boundaries are local to each side.
     pub fn set_piece_bytes(&mut self, bytes: usize) {
         self.piece_elems = (bytes / 4).max(1);
+    }
+
+    /// QUIC statistics of the link to the successor (what we send: bytes, losses, congestion,
+    /// MTU) and of the link from the predecessor, if W > 1. For metrics and benchmarks.
+    pub fn link_stats(&self) -> Option<(quinn::ConnectionStats, quinn::ConnectionStats)> {
+        self.links.as_ref().map(|l| (l.succ.stats(), l.pred.stats()))
     }
 
     /// Address of the successor, if W > 1.
@@ -1039,25 +1064,41 @@ mod tests {
         assert!(m.contains("reduce-scatter step 1/1") && m.contains("100 of") && m.contains("predecessor rank 1"), "{m}");
     }
 
+    /// Every rank fails; a rank whose hello was checked gets a clear refusal. A rank whose
+    /// successor gave up before even accepting its connection can only time out: that is
+    /// inherent (nobody serves the successor's endpoint any more), so it is allowed here.
+    fn assert_refused(res: &[Result<RingCollective, CollectiveError>], code: &str) {
+        let mut refused = 0;
+        for (rank, r) in res.iter().enumerate() {
+            match r {
+                Err(e @ CollectiveError::Refused { .. }) => {
+                    assert!(e.to_string().contains(code), "rank {rank}: {e}");
+                    refused += 1;
+                }
+                Err(e @ CollectiveError::FormationTimeout { .. }) => {
+                    assert!(e.to_string().contains("successor"), "rank {rank}: {e}")
+                }
+                Err(e) => panic!("rank {rank}: unexpected error {e}"),
+                Ok(_) => panic!("rank {rank} formed a ring despite the mismatch"),
+            }
+        }
+        assert!(refused >= 1);
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
     async fn wrong_token_is_refused() {
         let res = form(2, &["right", "wrong"], &[1, 1], Duration::from_secs(2)).await;
-        for r in &res {
-            let e = r.as_ref().expect_err("a wrong token must not form a ring");
-            assert!(matches!(e, CollectiveError::Refused { .. }), "{e}");
-            assert!(e.to_string().contains("AUTH_FAILED"), "{e}");
-        }
+        assert_refused(&res, "AUTH_FAILED");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
     async fn wrong_generation_is_refused() {
         let res = form(3, &["t", "t", "t"], &[5, 5, 4], Duration::from_secs(2)).await;
-        let msgs: Vec<_> = res.iter().map(|r| r.as_ref().map(|_| ()).map_err(|e| e.to_string())).collect();
-        // Rank 1's and rank 2's outgoing links are refused at once (GENERATION_MISMATCH from
-        // the peer); rank 0 refuses rank 2 and waits in vain, then reports what it refused.
-        for (rank, m) in msgs.iter().enumerate() {
-            let m = m.as_ref().expect_err("mismatched generation must not form a ring");
-            assert!(m.contains("GENERATION_MISMATCH"), "rank {rank}: {m}");
+        assert_refused(&res, "GENERATION_MISMATCH");
+        // Rank 2 (stale) is refused by rank 0, which keeps waiting and then says what it refused.
+        for rank in [0, 2] {
+            let e = res[rank].as_ref().err().map(|e| e.to_string()).unwrap_or_default();
+            assert!(e.contains("GENERATION_MISMATCH"), "rank {rank}: {e}");
         }
     }
 }

@@ -17,6 +17,15 @@ pub struct PeerHello {
     pub proof: [u8; 32],
 }
 
+/// The accepting rank's answer to a [`PeerHello`]. A refusal travels as a frame (and the
+/// refused side closes the connection) so the reason reliably reaches the peer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum HelloReply {
+    Welcome(PeerHello),
+    /// `code` is one of `net::close`'s codes; `reason` says what did not match.
+    Refused { code: u64, reason: String },
+}
+
 /// A hello is ~60 bytes; anything much larger is not a hello.
 pub(crate) const MAX_HELLO_FRAME: usize = 1024;
 
@@ -148,7 +157,9 @@ mod tests {
     #[test]
     fn hello_fits_its_limit() {
         let h = PeerHello { protocol_version: u32::MAX, generation: u64::MAX, from_rank: u32::MAX, world_size: u32::MAX, proof: [0xff; 32] };
-        let f = crate::net::encode_frame(&h).unwrap();
+        let f = crate::net::encode_frame(&HelloReply::Welcome(h)).unwrap();
         assert!(f.len() < MAX_HELLO_FRAME);
+        let r = HelloReply::Refused { code: 2, reason: "x".repeat(300) };
+        assert!(crate::net::encode_frame(&r).unwrap().len() < MAX_HELLO_FRAME);
     }
 }

@@ -75,7 +75,9 @@ pub fn describe_connection_error(err: &ConnectionError) -> String {
         }
         ConnectionError::TransportError(e) => format!("QUIC transport error: {e}"),
         ConnectionError::VersionMismatch => "peer does not support our QUIC version".into(),
-        ConnectionError::Reset => "reset by peer (did it restart?)".into(),
+        ConnectionError::Reset => {
+            "reset by peer: it no longer knows this connection (it restarted, or closed the connection and the close was lost)".into()
+        }
         ConnectionError::TimedOut => {
             "timed out: no packets from the peer within the idle timeout (peer down or unreachable)"
                 .into()

@@ -47,6 +47,18 @@ pub enum TlsSetup {
     SelfSignedUnverified,
 }
 
+/// Congestion controller of the endpoint's connections.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum CongestionControl {
+    /// quinn's default.
+    #[default]
+    Cubic,
+    NewReno,
+    /// Not loss-based: random loss (e.g. a receive buffer overflowing on a CPU-starved host)
+    /// does not shrink the window. quinn marks it experimental.
+    Bbr,
+}
+
 /// Options of a troupe QUIC endpoint. `Default` holds the measured tuning.
 #[derive(Debug, Clone)]
 pub struct NetOptions {
@@ -64,6 +76,7 @@ pub struct NetOptions {
     pub send_window: u64,
     /// Requested SO_SNDBUF / SO_RCVBUF of the UDP socket (best effort: the kernel may cap it).
     pub socket_buffer_bytes: usize,
+    pub congestion: CongestionControl,
 }
 
 impl Default for NetOptions {
@@ -79,6 +92,7 @@ impl Default for NetOptions {
             send_window: 16 * MIB,
             // 4 MiB helped a little; 32 MiB was slower.
             socket_buffer_bytes: 4 << 20,
+            congestion: CongestionControl::default(),
         }
     }
 }
@@ -100,9 +114,24 @@ impl NetOptions {
             }
         }
         let mut mtu = MtuDiscoveryConfig::default();
-        mtu.upper_bound(MAX_UDP_PAYLOAD);
+        mtu.upper_bound(MAX_UDP_PAYLOAD)
+            // quinn takes a burst of lost large packets for an MTU black hole and falls back
+            // to the base MTU. On a busy host, receive-buffer overflow looks exactly like that,
+            // and with the default 60 s cooldown a ring then runs at 1452-byte packets (~1/3
+            // of the throughput) for a minute. Re-probing soon costs a few probe packets on a
+            // path that really has a black hole.
+            .black_hole_cooldown(Duration::from_secs(2));
 
         let mut t = TransportConfig::default();
+        match self.congestion {
+            CongestionControl::Cubic => {}
+            CongestionControl::NewReno => {
+                t.congestion_controller_factory(Arc::new(quinn::congestion::NewRenoConfig::default()));
+            }
+            CongestionControl::Bbr => {
+                t.congestion_controller_factory(Arc::new(quinn::congestion::BbrConfig::default()));
+            }
+        }
         t.max_idle_timeout(Some(idle))
             .keep_alive_interval(self.keep_alive)
             .receive_window(varint("receive_window", self.receive_window)?)

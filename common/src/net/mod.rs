@@ -21,7 +21,7 @@ mod frame;
 mod proof;
 
 pub use close::{describe_close_code, describe_connection_error};
-pub use endpoint::{make_endpoint, NetOptions, TlsSetup, ALPN, TLS_SERVER_NAME};
+pub use endpoint::{make_endpoint, CongestionControl, NetOptions, TlsSetup, ALPN, TLS_SERVER_NAME};
 pub use frame::{
     decode_frame, encode_frame, read_frame, read_frame_bytes, write_frame, FrameDecoder, FRAME_HEADER_LEN,
     MAX_CONTROL_FRAME,
