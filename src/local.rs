@@ -34,7 +34,7 @@ pub async fn coordinate(
         let bound = metrics::serve(coordinator_metrics.registry.clone(), listen)
             .await
             .with_context(|| format!("cannot serve metrics on {listen} (metrics.listen)"))?;
-        println!("coordinator metrics on http://{bound}/metrics");
+        troupe_common::say!("coordinator metrics on http://{bound}/metrics");
     }
     on_listening(addr);
     run_coordinator(CoordinatorOptions {
@@ -62,7 +62,7 @@ fn archive_previous_run(run_dir: &Path) -> anyhow::Result<()> {
     let aside = PathBuf::from(aside);
     std::fs::rename(run_dir, &aside)
         .with_context(|| format!("cannot move the previous run {} aside", run_dir.display()))?;
-    println!(
+    troupe_common::say!(
         "an earlier run was in {}; moved it to {} (use --resume to continue a run instead)",
         run_dir.display(),
         aside.display()
@@ -73,18 +73,18 @@ fn archive_previous_run(run_dir: &Path) -> anyhow::Result<()> {
 pub fn report_outcome(outcome: &RunOutcome) -> ExitCode {
     let s = &outcome.snapshot;
     if let Some(loss) = s.last_loss {
-        println!("final train loss {loss:.4}");
+        troupe_common::say!("final train loss {loss:.4}");
     }
     if let Some(val) = s.last_val_loss {
-        println!("final validation loss {val:.4}");
+        troupe_common::say!("final validation loss {val:.4}");
     }
     if let Some(ckpt) = &s.last_checkpoint {
-        println!("last checkpoint: {ckpt}");
+        troupe_common::say!("last checkpoint: {ckpt}");
     }
-    println!("run files: {} (events.jsonl, checkpoints/, logs/)", outcome.run_dir.display());
+    troupe_common::say!("run files: {} (events.jsonl, checkpoints/, logs/)", outcome.run_dir.display());
     match &outcome.error {
         Some(e) if !outcome.ok => {
-            eprintln!("error: the run failed: {e}");
+            troupe_common::say_err!("error: the run failed: {e}");
             ExitCode::FAILURE
         }
         _ => ExitCode::SUCCESS,
@@ -120,7 +120,7 @@ pub async fn run_local(args: LocalArgs) -> anyhow::Result<ExitCode> {
     };
     let Some(addr) = addr else { anyhow::bail!("the coordinator did not start") };
     std::fs::create_dir_all(&logs).with_context(|| format!("cannot create {}", logs.display()))?;
-    println!("starting {workers} worker processes ({threads} threads each), logs in {}", logs.display());
+    troupe_common::say!("starting {workers} worker processes ({threads} threads each), logs in {}", logs.display());
     let mut children = Vec::new();
     for i in 0..workers {
         let log_path = logs.join(format!("worker-{i}.log"));
@@ -157,8 +157,8 @@ pub async fn run_local(args: LocalArgs) -> anyhow::Result<ExitCode> {
     if outcome.ok && args.sample_tokens > 0 {
         if let Some(ckpt) = &outcome.snapshot.last_checkpoint {
             match generate(Path::new(ckpt), &args.prompt, args.sample_tokens, 0.8, 40, config.run.seed) {
-                Ok(text) => println!("\nsample from the final model:\n----\n{text}\n----"),
-                Err(e) => eprintln!("warning: cannot generate a sample: {e:#}"),
+                Ok(text) => troupe_common::say!("\nsample from the final model:\n----\n{text}\n----"),
+                Err(e) => troupe_common::say_err!("warning: cannot generate a sample: {e:#}"),
             }
         }
     }

@@ -188,7 +188,7 @@ fn main() -> ExitCode {
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("error: cannot start the async runtime: {e}");
+            troupe_common::say_err!("error: cannot start the async runtime: {e}");
             return ExitCode::FAILURE;
         }
     };
@@ -198,7 +198,7 @@ fn main() -> ExitCode {
     match result {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            troupe_common::say_err!("error: {e:#}");
             ExitCode::FAILURE
         }
     }
@@ -218,13 +218,13 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 val_fraction: args.val_fraction,
                 seed: args.seed,
             })?;
-            println!("{}", serde_json::to_string_pretty(&meta)?);
-            println!("prepared {}", args.out.display());
+            troupe_common::say!("{}", serde_json::to_string_pretty(&meta)?);
+            troupe_common::say!("prepared {}", args.out.display());
             Ok(ExitCode::SUCCESS)
         }
         Command::Generate(args) => {
             let text = local::generate(&args.checkpoint, &args.prompt, args.max_tokens, args.temperature, args.top_k, args.seed)?;
-            println!("{text}");
+            troupe_common::say!("{text}");
             Ok(ExitCode::SUCCESS)
         }
     }
@@ -240,7 +240,7 @@ async fn run_coordinator(args: CoordinatorArgs) -> anyhow::Result<ExitCode> {
     }
     config.validate()?;
     let outcome = local::coordinate(config, args.run.resume, args.insecure, |addr| {
-        println!("coordinator listening on {addr}; start workers with: troupe worker --join {addr} --token …");
+        troupe_common::say!("coordinator listening on {addr}; start workers with: troupe worker --join {addr} --token …");
     })
     .await?;
     Ok(local::report_outcome(&outcome))

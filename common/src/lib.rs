@@ -13,6 +13,7 @@
 pub mod checkpoint;
 pub mod collective;
 pub mod config;
+pub mod console;
 pub mod data;
 pub mod events;
 pub mod metrics;

@@ -27,7 +27,7 @@ pub fn ensure_data(config: &Config) -> anyhow::Result<data::Meta> {
     }
     match config.data.source.as_str() {
         "shakespeare" => {
-            println!("preparing the Shakespeare corpus into {} (once)…", dir.display());
+            troupe_common::say!("preparing the Shakespeare corpus into {} (once)…", dir.display());
             let texts = data::fetch_shakespeare(&cache_dir())?;
             let meta = data::prepare(&data::PrepareOptions {
                 inputs: vec![texts],
@@ -37,7 +37,7 @@ pub fn ensure_data(config: &Config) -> anyhow::Result<data::Meta> {
                 val_fraction: config.data.val_fraction,
                 seed: config.run.seed,
             })?;
-            println!(
+            troupe_common::say!(
                 "prepared {} documents: {} train / {} val tokens, vocabulary {}, unigram entropy {:.3} nats",
                 meta.documents, meta.train_tokens, meta.val_tokens, meta.vocab_size, meta.unigram_entropy_nats
             );
@@ -57,14 +57,14 @@ pub fn find_resume_point(config: &Config) -> anyhow::Result<Option<ResumeFrom>> 
     let point = checkpoint::find_resumable(&run_dir)
         .with_context(|| format!("cannot resume run {}", run_dir.display()))?;
     let Some(point) = point else {
-        println!("no checkpoint under {}: starting from scratch", run_dir.display());
+        troupe_common::say!("no checkpoint under {}: starting from scratch", run_dir.display());
         return Ok(None);
     };
     for skipped in &point.skipped {
-        eprintln!("warning: skipping a checkpoint: {skipped}");
+        troupe_common::say_err!("warning: skipping a checkpoint: {skipped}");
     }
     if !point.skipped.is_empty() {
-        println!("falling back to the newest complete checkpoint: {}", point.dir.display());
+        troupe_common::say!("falling back to the newest complete checkpoint: {}", point.dir.display());
     }
     if point.manifest.step >= config.train.steps {
         bail!(

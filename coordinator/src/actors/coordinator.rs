@@ -83,7 +83,7 @@ pub async fn run_coordinator(options: CoordinatorOptions) -> anyhow::Result<RunO
     let shutdown = coordinator.clone();
     let signals = tokio::spawn(async move {
         wait_for_shutdown_signal().await;
-        eprintln!("shutdown requested: finishing the current step, writing a checkpoint, stopping the workers");
+        troupe_common::say_err!("shutdown requested: finishing the current step, writing a checkpoint, stopping the workers");
         let _ = shutdown.cast(CoordinatorMsg::Core(Event::ShutdownRequested));
     });
     let outcome = done_rx.await;
@@ -320,7 +320,7 @@ impl Progress {
     }
 
     fn line(&self, text: &str) {
-        println!("[{:>7.1}s] {text}", self.started.elapsed().as_secs_f64());
+        troupe_common::say!("[{:>7.1}s] {text}", self.started.elapsed().as_secs_f64());
     }
 
     fn show(&mut self, event: &RunEvent) {
