@@ -92,7 +92,8 @@ fn peer_desc(role: &str, rank: u32, addr: SocketAddr) -> String {
 /// Form this rank's part of the ring: connect to the successor and, concurrently, accept the
 /// predecessor's connection (the endpoint must receive no other connections). Both links are
 /// authenticated with the join-token proof and checked for protocol version, generation and
-/// rank; a mismatching peer is refused with a close code saying why.
+/// rank; a mismatching peer gets a refusal naming the close code (`net::close`) and what did
+/// not match, and the connection is closed with that code.
 ///
 /// Connections that fail the checks are refused and the wait for the right predecessor goes
 /// on, so a stale process of an older generation cannot break the formation of a new ring;

@@ -271,11 +271,10 @@ mod tests {
         fn in_memory_ring_sums(n in 0usize..200, w in 1u32..6, piece in 1usize..20,
                                splits in proptest::collection::vec(1usize..13, 1..8)) {
             let data = simulate(n, w, piece, &splits);
-            for i in 0..n {
-                let expect: f32 = (0..w).map(|r| ((i * 7 + r as usize * 3) % 11) as f32).sum();
-                for r in 0..w as usize {
-                    prop_assert_eq!(data[r][i], expect);
-                }
+            let expect: Vec<f32> =
+                (0..n).map(|i| (0..w).map(|r| ((i * 7 + r as usize * 3) % 11) as f32).sum()).collect();
+            for rank_data in &data {
+                prop_assert_eq!(rank_data, &expect);
             }
         }
     }

@@ -345,7 +345,10 @@ impl Progress {
             RunEvent::Checkpoint { path, seconds, .. } => self.line(&format!("checkpoint {path} ({seconds:.2} s)")),
             RunEvent::CheckpointFailed { step, error } => self.line(&format!("checkpoint at step {step} FAILED: {error}")),
             RunEvent::WorkerJoined { rank, addr, .. } => self.line(&format!("rank {rank} assigned to worker at {addr}")),
-            RunEvent::WorkerLeft { rank, reason, .. } => self.line(&format!("worker (rank {rank:?}) left: {reason}")),
+            RunEvent::WorkerLeft { rank, reason, .. } => {
+                let rank = rank.map_or("-".to_string(), |r| r.to_string());
+                self.line(&format!("worker (rank {rank}) left: {reason}"))
+            }
             RunEvent::Started { world_size, resumed_from, step, .. } => match resumed_from {
                 Some(dir) => self.line(&format!("training resumed at step {step} from {dir} on {world_size} workers")),
                 None => self.line(&format!("training started on {world_size} workers")),

@@ -180,6 +180,7 @@ async fn serve_connection(me: &ActorRef<SessionMsg>, args: SessionArgs) -> Resul
                 }
             }
             Ok(None) => return Ok(()),
+            Err(e) if is_orderly_close(&e) => return Err(format!("worker {id} at {remote} left: {e}")),
             Err(e) => {
                 let reason = format!("bad frame from worker {id} at {remote}: {e}");
                 tracing::warn!("{reason}; closing its connection");
@@ -219,4 +220,14 @@ fn check_hello(frame: &[u8], conn: &quinn::Connection, token: &str) -> Result<He
         }
     }
     Ok(hello)
+}
+
+/// The worker closed its connection on purpose (it was told to stop, or it is leaving).
+fn is_orderly_close(e: &net::NetError) -> bool {
+    match e {
+        net::NetError::Read(quinn::ReadError::ConnectionLost(quinn::ConnectionError::ApplicationClosed(close))) => {
+            close.error_code == close_code::SHUTDOWN
+        }
+        _ => false,
+    }
 }

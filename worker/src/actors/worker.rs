@@ -189,6 +189,7 @@ pub struct WorkerState {
     trainer: Option<(mpsc::Sender<TrainerCmd>, std::thread::JoinHandle<()>)>,
     collective: Option<ActorRef<CollectiveMsg>>,
     generation: u64,
+    world_size: u32,
     trainer_built: bool,
     done: Option<oneshot::Sender<Result<String, String>>>,
     result: Option<Result<String, String>>,
@@ -249,6 +250,7 @@ impl Actor for Worker {
             trainer: None,
             collective: None,
             generation: 0,
+            world_size: 0,
             trainer_built: false,
             done: Some(a.done),
             result: None,
@@ -348,6 +350,7 @@ impl WorkerState {
         }
         let config = Config::from_toml_str(&a.config_toml, "the coordinator's assignment").map_err(|e| e.to_string())?;
         self.generation = a.generation;
+        self.world_size = a.world_size;
         tracing::info!(rank = a.rank, world = a.world_size, "assigned");
 
         // The trainer thread builds the model while the ring forms.
@@ -396,8 +399,9 @@ impl WorkerState {
         Ok(())
     }
 
+    /// Ready once the model is built and, with more than one rank, the ring is formed.
     fn maybe_ready(&mut self) {
-        let ring_ok = self.collective.is_some() || self.trainer.is_some() && self.collective.is_none();
+        let ring_ok = self.world_size == 1 || self.collective.is_some();
         if self.trainer_built && ring_ok {
             self.send(ToCoordinator::Ready { generation: self.generation });
         }
@@ -454,20 +458,53 @@ fn trainer_thread(
         Ok(())
     };
     while let Ok(cmd) = cmds.recv() {
+        // libtorch reports some errors by panicking through tch; one must not take the
+        // process down silently, so it becomes a reported failure.
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run_command(&mut trainer, cmd, &mut reduce, &report)));
+        match outcome {
+            Ok(true) => {}
+            Ok(false) => return,
+            Err(panic) => {
+                let what = panic
+                    .downcast_ref::<String>()
+                    .cloned()
+                    .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                    .unwrap_or_else(|| "unknown panic".into());
+                return report(TrainerReport::Failed(format!("the training loop failed: {what}")));
+            }
+        }
+    }
+}
+
+/// Runs one command; false when the thread should end.
+fn run_command(
+    trainer: &mut Trainer,
+    cmd: TrainerCmd,
+    reduce: &mut dyn FnMut(&mut Vec<f32>, CollectiveTag) -> Result<(), String>,
+    report: &dyn Fn(TrainerReport),
+) -> bool {
+    {
         match cmd {
-            TrainerCmd::Step(step) => match trainer.step(step, &mut reduce) {
+            TrainerCmd::Step(step) => match trainer.step(step, reduce) {
                 Ok(r) => report(TrainerReport::StepDone(r)),
-                Err(e) => return report(TrainerReport::Failed(e.to_string())),
+                Err(e) => {
+                    report(TrainerReport::Failed(e.to_string()));
+                    return false;
+                }
             },
             TrainerCmd::Evaluate(step) => match trainer.evaluate(step) {
                 Ok(r) => report(TrainerReport::EvalDone(r)),
-                Err(e) => return report(TrainerReport::Failed(e.to_string())),
+                Err(e) => {
+                    report(TrainerReport::Failed(e.to_string()));
+                    return false;
+                }
             },
             TrainerCmd::Checkpoint { step, dir } => match trainer.save_checkpoint(step, &dir) {
                 Ok(files) => report(TrainerReport::CheckpointWritten { step, files }),
                 Err(e) => report(TrainerReport::CheckpointFailed { step, error: e.to_string() }),
             },
-            TrainerCmd::Stop => return,
+            TrainerCmd::Stop => return false,
         }
     }
+    true
 }
