@@ -64,8 +64,11 @@ pub enum ToCoordinator {
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum ToWorker {
-    /// Joined. Heartbeats are expected every `heartbeat_ms` from now on.
-    Welcome { worker_id: u64, heartbeat_ms: u64 },
+    /// Joined. Both sides send heartbeats every `heartbeat_ms` from now on; a side that hears
+    /// nothing for `lease_ms` considers the other gone.
+    Welcome { worker_id: u64, heartbeat_ms: u64, lease_ms: u64 },
+    /// Liveness of the coordinator, so a worker can tell a long step from a dead coordinator.
+    Heartbeat,
     Refused { kind: RefusalKind, reason: String },
     /// Join the run: build the model, form the ring, answer `Ready`.
     Assign(Assignment),

@@ -218,7 +218,12 @@ impl Core {
             return;
         }
         self.workers.insert(id, WorkerEntry { info, rank: None, ready: false, last_seen: now });
-        out.push(Command::Send { to: id, msg: ToWorker::Welcome { worker_id: id, heartbeat_ms: self.config.cluster.heartbeat_ms } });
+        out.push(Command::Send { to: id, msg: ToWorker::Welcome {
+                worker_id: id,
+                heartbeat_ms: self.config.cluster.heartbeat_ms,
+                lease_ms: self.config.cluster.lease_ms,
+            },
+        });
         if self.workers.len() == self.config.cluster.workers {
             self.assign_ranks(out);
         }

@@ -44,6 +44,9 @@ const SEND_QUEUE_PIECES: usize = 8;
 /// Segments taken from quinn per wakeup of the receiving loop.
 const READ_BATCH: usize = 32;
 
+/// Longest refusal reason sent in a hello reply (the frame limit is `MAX_HELLO_FRAME`).
+const MAX_REFUSAL_REASON: usize = 768;
+
 /// How long a refusing rank waits for the refused peer to read the refusal and close.
 const REFUSAL_LINGER: Duration = Duration::from_secs(2);
 
@@ -125,7 +128,7 @@ pub async fn form_ring(
     if world == 1 {
         return Ok(ring);
     }
-    let me = Arc::new(Me { rank, world, generation, token: token.to_string() });
+    let me = Arc::new(Me { rank, world, generation, token: token.to_string(), abandoned: Mutex::new(None) });
     let succ_rank = (rank + 1) % world;
     let pred_rank = (rank + world - 1) % world;
     let refusals = Mutex::new(Vec::<String>::new());
@@ -148,33 +151,37 @@ pub async fn form_ring(
     }
     .instrument(tracing::debug_span!("form_ring", rank, world, generation));
 
-    let (succ, pred) = match tokio::time::timeout(timeout, both).await {
-        Ok(r) => r?,
+    let formed = match tokio::time::timeout(timeout, both).await {
+        Ok(r) => r,
         Err(_) => {
             let refused = refusals.lock().map(|v| v.join("; ")).unwrap_or_default();
             let pred_name = format!("predecessor rank {pred_rank}");
             if !pred_done.load(Ordering::Relaxed) && !refused.is_empty() {
-                return Err(CollectiveError::Refused {
+                Err(CollectiveError::Refused {
                     peer: pred_name,
-                    reason: format!(
-                        "no acceptable connection within {timeout:?}; refused: {refused}"
-                    ),
-                });
+                    reason: format!("no acceptable connection within {timeout:?}; refused: {refused}"),
+                })
+            } else {
+                let mut waiting = Vec::new();
+                if !succ_done.load(Ordering::Relaxed) {
+                    waiting.push(format!("no authenticated link to successor rank {succ_rank} at {successor_addr}"));
+                }
+                if !pred_done.load(Ordering::Relaxed) {
+                    waiting.push(format!("no connection from {pred_name}"));
+                }
+                Err(CollectiveError::FormationTimeout { rank, waiting_for: waiting.join(" and "), after: timeout })
             }
-            let mut waiting = Vec::new();
-            if !succ_done.load(Ordering::Relaxed) {
-                waiting.push(format!(
-                    "no authenticated link to successor rank {succ_rank} at {successor_addr}"
-                ));
+        }
+    };
+    let (succ, pred) = match formed {
+        Ok(links) => links,
+        Err(e) => {
+            // Checks still running in their tasks now refuse with this reason, so a peer whose
+            // hello arrives late learns at once why the ring did not form here.
+            if let Ok(mut a) = me.abandoned.lock() {
+                *a = Some(e.to_string());
             }
-            if !pred_done.load(Ordering::Relaxed) {
-                waiting.push(format!("no connection from {pred_name}"));
-            }
-            return Err(CollectiveError::FormationTimeout {
-                rank,
-                waiting_for: waiting.join(" and "),
-                after: timeout,
-            });
+            return Err(e);
         }
     };
     let succ_desc = peer_desc("successor", succ_rank, succ.remote_address());
@@ -190,6 +197,8 @@ struct Me {
     world: u32,
     generation: u64,
     token: String,
+    /// Set when this rank's formation failed: why.
+    abandoned: Mutex<Option<String>>,
 }
 
 impl Me {
@@ -422,7 +431,14 @@ async fn check_incoming(
         .await
         .map_err(|e| (close::PROTOCOL_ERROR, format!("no hello stream: {}", describe_connection_error(&e))))?;
     let verdict = match read_frame::<PeerHello>(&mut recv, MAX_HELLO_FRAME).await {
-        Ok(Some(h)) => me.check(conn, &h, pred_rank),
+        Ok(Some(h)) => me.check(conn, &h, pred_rank).and_then(|()| {
+            // A valid peer, but this rank has given up: say so rather than welcome it into a
+            // ring that will not exist.
+            match me.abandoned.lock().ok().and_then(|a| a.clone()) {
+                Some(why) => Err((close::ABORTED, format!("rank {} gave up forming the ring: {why}", me.rank))),
+                None => Ok(()),
+            }
+        }),
         Ok(None) => Err((close::PROTOCOL_ERROR, "hello stream closed before a hello".into())),
         Err(NetError::FrameTooLarge { len, max }) => {
             Err((close::FRAME_TOO_LARGE, format!("hello of {len} bytes exceeds {max}")))
@@ -431,7 +447,14 @@ async fn check_incoming(
     };
     let reply = match &verdict {
         Ok(()) => HelloReply::Welcome(me.hello(conn, peer).map_err(|e| (close::PROTOCOL_ERROR, e.to_string()))?),
-        Err((code, reason)) => HelloReply::Refused { code: code.into_inner(), reason: reason.clone() },
+        Err((code, reason)) => {
+            // Bounded so the reply always fits the peer's hello frame limit.
+            let mut end = reason.len().min(MAX_REFUSAL_REASON);
+            while !reason.is_char_boundary(end) {
+                end -= 1;
+            }
+            HelloReply::Refused { code: code.into_inner(), reason: reason[..end].to_string() }
+        }
     };
     // Best effort for refusals (the peer may be gone); required for a welcome.
     let sent = write_frame(&mut send, &reply).await;

@@ -159,7 +159,7 @@ mod tests {
         let h = PeerHello { protocol_version: u32::MAX, generation: u64::MAX, from_rank: u32::MAX, world_size: u32::MAX, proof: [0xff; 32] };
         let f = crate::net::encode_frame(&HelloReply::Welcome(h)).unwrap();
         assert!(f.len() < MAX_HELLO_FRAME);
-        let r = HelloReply::Refused { code: 2, reason: "x".repeat(300) };
+        let r = HelloReply::Refused { code: 2, reason: "x".repeat(768) }; // ring::MAX_REFUSAL_REASON
         assert!(crate::net::encode_frame(&r).unwrap().len() < MAX_HELLO_FRAME);
     }
 }

@@ -21,7 +21,8 @@ pub const FRAME_TOO_LARGE: VarInt = VarInt::from_u32(4);
 pub const GENERATION_MISMATCH: VarInt = VarInt::from_u32(5);
 /// The peer is not the rank we expected at this position of the ring.
 pub const WRONG_RANK: VarInt = VarInt::from_u32(6);
-/// A collective was abandoned (timeout or error on this side); used as a stream reset code.
+/// A collective or a ring formation was abandoned (timeout or error on this side); also the
+/// stream reset code of an abandoned collective stream.
 pub const ABORTED: VarInt = VarInt::from_u32(7);
 
 /// Name of a close code, or "UNKNOWN" for codes this version does not define.

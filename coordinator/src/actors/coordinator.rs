@@ -135,7 +135,13 @@ impl Actor for Coordinator {
         Actor::spawn_linked(
             Some("gateway".into()),
             Gateway,
-            GatewayArgs { endpoint, coordinator: me.clone(), token: config.cluster.token.clone(), metrics: metrics.clone() },
+            GatewayArgs {
+                endpoint,
+                coordinator: me.clone(),
+                token: config.cluster.token.clone(),
+                heartbeat: Duration::from_millis(config.cluster.heartbeat_ms),
+                metrics: metrics.clone(),
+            },
             me.get_cell(),
         )
         .await?;

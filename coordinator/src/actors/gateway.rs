@@ -13,6 +13,8 @@ pub struct GatewayArgs {
     pub endpoint: quinn::Endpoint,
     pub coordinator: ActorRef<CoordinatorMsg>,
     pub token: String,
+    /// How often sessions send the coordinator's heartbeat to their worker.
+    pub heartbeat: std::time::Duration,
     pub metrics: CoordinatorMetrics,
 }
 
@@ -52,6 +54,7 @@ impl Actor for Gateway {
             incoming,
             coordinator: state.args.coordinator.clone(),
             token: state.args.token.clone(),
+            heartbeat: state.args.heartbeat,
             metrics: state.args.metrics.clone(),
         };
         // Spawning only starts the session's handshake task; it never waits on the peer.

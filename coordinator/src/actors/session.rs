@@ -25,6 +25,7 @@ pub struct SessionArgs {
     pub incoming: quinn::Incoming,
     pub coordinator: ActorRef<CoordinatorMsg>,
     pub token: String,
+    pub heartbeat: Duration,
     pub metrics: CoordinatorMetrics,
 }
 
@@ -41,6 +42,8 @@ pub struct SessionState {
     conn: Option<quinn::Connection>,
     send: Option<quinn::SendStream>,
     reader: Option<tokio::task::JoinHandle<()>>,
+    heartbeat: Duration,
+    heartbeats: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl Actor for WorkerSession {
@@ -51,6 +54,7 @@ impl Actor for WorkerSession {
     async fn pre_start(&self, me: ActorRef<SessionMsg>, args: SessionArgs) -> Result<SessionState, ActorProcessingErr> {
         let remote = args.incoming.remote_address();
         let id = args.id;
+        let heartbeat = args.heartbeat;
         // The handshake runs in its own task so that a slow or hostile peer never holds up
         // the Gateway or the Coordinator.
         let reader = tokio::spawn(async move {
@@ -60,7 +64,7 @@ impl Actor for WorkerSession {
             };
             me.stop(Some(reason));
         });
-        Ok(SessionState { id, remote, conn: None, send: None, reader: Some(reader) })
+        Ok(SessionState { id, remote, conn: None, send: None, reader: Some(reader), heartbeat, heartbeats: None })
     }
 
     async fn handle(&self, me: ActorRef<SessionMsg>, msg: SessionMsg, state: &mut SessionState) -> Result<(), ActorProcessingErr> {
@@ -68,6 +72,8 @@ impl Actor for WorkerSession {
             SessionMsg::Established { conn, send } => {
                 state.conn = Some(conn);
                 state.send = Some(send);
+                let period = state.heartbeat;
+                state.heartbeats = Some(me.send_interval(period, || SessionMsg::Send(ToWorker::Heartbeat)));
             }
             SessionMsg::Send(msg) => {
                 let Some(send) = state.send.as_mut() else { return Ok(()) };
@@ -93,6 +99,9 @@ impl Actor for WorkerSession {
         if let Some(reader) = state.reader.take() {
             reader.abort();
         }
+        if let Some(heartbeats) = state.heartbeats.take() {
+            heartbeats.abort();
+        }
         Ok(())
     }
 }
@@ -107,7 +116,7 @@ fn refusal_code(kind: RefusalKind) -> quinn::VarInt {
 }
 
 async fn serve_connection(me: &ActorRef<SessionMsg>, args: SessionArgs) -> Result<(), String> {
-    let SessionArgs { id, incoming, coordinator, token, metrics } = args;
+    let SessionArgs { id, incoming, coordinator, token, metrics, .. } = args;
     let remote = incoming.remote_address();
     let refuse = |reason: &str| {
         metrics.refused_connections_total.with_label_values(&[reason]).inc();

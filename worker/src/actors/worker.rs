@@ -81,8 +81,8 @@ pub async fn run_worker(opts: WorkerOptions) -> anyhow::Result<WorkerExit> {
         },
     };
     net::write_frame(&mut send, &ToCoordinator::Hello(hello)).await?;
-    let (worker_id, heartbeat_ms) = match net::read_frame::<ToWorker>(&mut recv, net::MAX_CONTROL_FRAME).await {
-        Ok(Some(ToWorker::Welcome { worker_id, heartbeat_ms })) => (worker_id, heartbeat_ms),
+    let (worker_id, heartbeat_ms, lease_ms) = match net::read_frame::<ToWorker>(&mut recv, net::MAX_CONTROL_FRAME).await {
+        Ok(Some(ToWorker::Welcome { worker_id, heartbeat_ms, lease_ms })) => (worker_id, heartbeat_ms, lease_ms),
         Ok(Some(ToWorker::Refused { kind, reason })) => anyhow::bail!("the coordinator refused this worker ({kind:?}): {reason}"),
         Ok(Some(other)) => anyhow::bail!("protocol error: expected Welcome, got {other:?}"),
         Ok(None) => anyhow::bail!("the coordinator closed the connection during the handshake"),
@@ -101,6 +101,7 @@ pub async fn run_worker(opts: WorkerOptions) -> anyhow::Result<WorkerExit> {
         token: opts.token.clone(),
         device: opts.device,
         heartbeat: Duration::from_millis(heartbeat_ms.clamp(10, 600_000)),
+        lease: Duration::from_millis(lease_ms.clamp(20, 3_600_000)),
         metrics: worker_metrics,
         done: done_tx,
     };
@@ -152,6 +153,7 @@ pub struct WorkerArgs {
     token: String,
     device: Device,
     heartbeat: Duration,
+    lease: Duration,
     metrics: WorkerMetrics,
     done: oneshot::Sender<Result<String, String>>,
 }
@@ -226,16 +228,21 @@ impl Actor for Worker {
         };
         let mut recv = a.recv;
         let reader_me = me.clone();
+        let lease = a.lease;
         let reader = tokio::spawn(async move {
+            // Anything from the coordinator renews its lease; silence past the lease means it
+            // is gone (killed, partitioned) and this worker must not linger holding a model.
             let reason = loop {
-                match net::read_frame::<ToWorker>(&mut recv, net::MAX_CONTROL_FRAME).await {
-                    Ok(Some(msg)) => {
+                match tokio::time::timeout(lease, net::read_frame::<ToWorker>(&mut recv, net::MAX_CONTROL_FRAME)).await {
+                    Ok(Ok(Some(ToWorker::Heartbeat))) => {}
+                    Ok(Ok(Some(msg))) => {
                         if reader_me.cast(WorkerMsg::FromCoordinator(msg)).is_err() {
                             return;
                         }
                     }
-                    Ok(None) => break "the coordinator closed the control stream".to_string(),
-                    Err(e) => break format!("lost the coordinator: {e}"),
+                    Ok(Ok(None)) => break "the coordinator closed the control stream".to_string(),
+                    Ok(Err(e)) => break format!("lost the coordinator: {e}"),
+                    Err(_) => break format!("the coordinator has been silent for longer than its lease ({lease:?})"),
                 }
             };
             let _ = reader_me.cast(WorkerMsg::LinkClosed(reason));
@@ -278,7 +285,9 @@ impl Actor for Worker {
         Ok(())
     }
 
-    async fn post_stop(&self, _me: ActorRef<WorkerMsg>, state: &mut WorkerState) -> Result<(), ActorProcessingErr> {
+    async fn post_stop(&self, me: ActorRef<WorkerMsg>, state: &mut WorkerState) -> Result<(), ActorProcessingErr> {
+        // Stopping the collective also releases a trainer blocked in an all-reduce.
+        me.stop_children(None);
         if let Some((cmds, thread)) = state.trainer.take() {
             let _ = cmds.send(TrainerCmd::Stop);
             // The trainer finishes its current command (at most one step) and exits.
@@ -338,6 +347,7 @@ impl WorkerState {
                 tracing::info!("stopping: {reason}");
                 self.stop(me, Ok(reason));
             }
+            ToWorker::Heartbeat => {}
             ToWorker::Welcome { .. } | ToWorker::Refused { .. } => {
                 self.fail(me, "protocol error: a second Welcome/Refused".into());
             }

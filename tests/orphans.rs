@@ -1,0 +1,73 @@
+//! No orphans: a worker whose coordinator dies (SIGKILL: no goodbye, no QUIC close) stops on
+//! its own once the coordinator's lease runs out, and says why.
+
+mod common;
+
+use common::*;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+use troupe_common::events::RunEvent;
+
+#[test]
+fn a_worker_exits_when_its_coordinator_is_killed() {
+    let dir = scratch("orphans");
+    let data = prepare_small_corpus(&dir);
+    let config = tiny_config(&dir, &data, 1, 100_000);
+    let text = std::fs::read_to_string(&config).unwrap().replace("lease_ms = 5000", "lease_ms = 1500");
+    std::fs::write(&config, text).unwrap();
+
+    let coordinator = troupe()
+        .arg("coordinator")
+        .arg("--config")
+        .arg(&config)
+        .args(["--listen", "127.0.0.1:0"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut coordinator = KillOnDrop(coordinator);
+    let stdout = coordinator.0.stdout.take().unwrap();
+    let addr = std::io::BufRead::lines(std::io::BufReader::new(stdout))
+        .map_while(Result::ok)
+        .find_map(|l| l.strip_prefix("coordinator listening on ").map(|r| r.split(';').next().unwrap().to_string()))
+        .expect("the coordinator listens");
+    let worker = troupe()
+        .args(["worker", "--join", &addr, "--threads", "1"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut worker = KillOnDrop(worker);
+
+    let run_dir = dir.join("runs/tiny");
+    let started = Instant::now();
+    while troupe_common::events::read_events(&run_dir)
+        .map(|e| e.iter().filter(|e| matches!(e, RunEvent::Step { .. })).count())
+        .unwrap_or(0)
+        < 3
+    {
+        assert!(started.elapsed() < Duration::from_secs(120), "training never started");
+        std::thread::park_timeout(Duration::from_millis(20));
+    }
+    coordinator.0.kill().unwrap();
+    let killed_at = Instant::now();
+    let mut stderr = worker.0.stderr.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut text = String::new();
+        let _ = std::io::Read::read_to_string(&mut stderr, &mut text);
+        text
+    });
+    let status = loop {
+        if let Some(status) = worker.0.try_wait().unwrap() {
+            break status;
+        }
+        assert!(killed_at.elapsed() < Duration::from_secs(20), "the worker outlived its coordinator by 20 s");
+        std::thread::park_timeout(Duration::from_millis(20));
+    };
+    let gone_after = killed_at.elapsed();
+    let log = reader.join().unwrap();
+    println!("worker exited {gone_after:?} after the coordinator was killed");
+    assert!(!status.success(), "losing the coordinator is an error exit");
+    assert!(log.contains("silent for longer than its lease") || log.contains("lost the coordinator"), "{log}");
+    assert!(gone_after < Duration::from_secs(10), "{gone_after:?}");
+}
