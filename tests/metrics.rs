@@ -5,8 +5,7 @@ mod common;
 use common::*;
 use std::io::{BufRead, Read, Write};
 use std::process::Stdio;
-use std::time::{Duration, Instant};
-use troupe_common::events::RunEvent;
+use std::time::Duration;
 
 /// GET a URL's body with a plain HTTP/1.1 request.
 fn http_get(addr: &str, path: &str) -> String {
@@ -53,15 +52,7 @@ fn coordinator_and_workers_export_metrics_during_a_run() {
     }
     let coordinator_addr = coordinator_addr.expect("the coordinator prints its metrics address");
     let run_dir = dir.join("runs/tiny");
-    let started = Instant::now();
-    while troupe_common::events::read_events(&run_dir)
-        .map(|e| e.iter().filter(|e| matches!(e, RunEvent::Step { .. })).count())
-        .unwrap_or(0)
-        < 5
-    {
-        assert!(started.elapsed() < Duration::from_secs(120), "no steps");
-        std::thread::park_timeout(Duration::from_millis(20));
-    }
+    wait_for_steps(&run_dir, 5, Duration::from_secs(120));
 
     let body = http_get(&coordinator_addr, "/metrics");
     assert!(sample(&body, "troupe_step ") >= 5.0);

@@ -6,7 +6,6 @@ mod common;
 use common::*;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
-use troupe_common::events::RunEvent;
 
 #[test]
 fn a_worker_exits_when_its_coordinator_is_killed() {
@@ -40,15 +39,7 @@ fn a_worker_exits_when_its_coordinator_is_killed() {
     let mut worker = KillOnDrop(worker);
 
     let run_dir = dir.join("runs/tiny");
-    let started = Instant::now();
-    while troupe_common::events::read_events(&run_dir)
-        .map(|e| e.iter().filter(|e| matches!(e, RunEvent::Step { .. })).count())
-        .unwrap_or(0)
-        < 3
-    {
-        assert!(started.elapsed() < Duration::from_secs(120), "training never started");
-        std::thread::park_timeout(Duration::from_millis(20));
-    }
+    wait_for_steps(&run_dir, 3, Duration::from_secs(120));
     coordinator.0.kill().unwrap();
     let killed_at = Instant::now();
     let mut stderr = worker.0.stderr.take().unwrap();

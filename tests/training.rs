@@ -92,19 +92,9 @@ fn resume_after_stop_continues_exactly() {
         .spawn()
         .unwrap();
     let mut child = KillOnDrop(child);
-    let started = std::time::Instant::now();
-    loop {
-        let steps = troupe_common::events::read_events(&run_dir)
-            .map(|ev| ev.iter().filter(|e| matches!(e, RunEvent::Step { .. })).count())
-            .unwrap_or(0);
-        if steps >= 3 {
-            break;
-        }
-        assert!(started.elapsed() < LIMIT, "the run never reached step 3");
-        if let Some(status) = child.0.try_wait().unwrap() {
-            panic!("the run ended before it could be interrupted: {status}");
-        }
-        std::thread::park_timeout(Duration::from_millis(20));
+    wait_for_steps(&run_dir, 3, LIMIT);
+    if let Some(status) = child.0.try_wait().unwrap() {
+        panic!("the run ended before it could be interrupted: {status}");
     }
     std::process::Command::new("kill").args(["-INT", &child.0.id().to_string()]).status().unwrap();
     let status = child.0.wait().unwrap();

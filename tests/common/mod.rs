@@ -179,3 +179,19 @@ impl Drop for KillOnDrop {
         let _ = self.0.wait();
     }
 }
+
+/// Waits until the run has recorded at least `n` steps in its events.jsonl (the file is the
+/// observable condition); fails if `limit` passes first.
+pub fn wait_for_steps(run_dir: &Path, n: usize, limit: Duration) {
+    let started = std::time::Instant::now();
+    loop {
+        let steps = troupe_common::events::read_events(run_dir)
+            .map(|e| e.iter().filter(|e| matches!(e, RunEvent::Step { .. })).count())
+            .unwrap_or(0);
+        if steps >= n {
+            return;
+        }
+        assert!(started.elapsed() < limit, "the run did not reach {n} steps within {limit:?}");
+        std::thread::park_timeout(Duration::from_millis(20));
+    }
+}

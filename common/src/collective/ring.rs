@@ -17,7 +17,7 @@
 //! successor's full window in a cycle; and eager queueing would copy up to the whole buffer.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -132,22 +132,22 @@ pub async fn form_ring(
     let succ_rank = (rank + 1) % world;
     let pred_rank = (rank + world - 1) % world;
     let refusals = Mutex::new(Vec::<String>::new());
-    let succ_done = AtomicBool::new(false);
-    let pred_done = AtomicBool::new(false);
+    // Each side's connection, kept outside the timed future so that on failure a link that
+    // was already established can be closed with a reason instead of just dropped.
+    let mut succ: Option<quinn::Connection> = None;
+    let mut pred: Option<quinn::Connection> = None;
 
     let both = async {
-        tokio::try_join!(
-            async {
-                let c = connect_successor(endpoint, &me, succ_rank, successor_addr).await?;
-                succ_done.store(true, Ordering::Relaxed);
-                Ok::<_, CollectiveError>(c)
-            },
-            async {
-                let c = accept_predecessor(endpoint, &me, pred_rank, &refusals, timeout).await?;
-                pred_done.store(true, Ordering::Relaxed);
-                Ok::<_, CollectiveError>(c)
+        let connect = connect_successor(endpoint, &me, succ_rank, successor_addr);
+        let accept = accept_predecessor(endpoint, &me, pred_rank, &refusals, timeout);
+        tokio::pin!(connect, accept);
+        while succ.is_none() || pred.is_none() {
+            tokio::select! {
+                r = &mut connect, if succ.is_none() => succ = Some(r?),
+                r = &mut accept, if pred.is_none() => pred = Some(r?),
             }
-        )
+        }
+        Ok::<(), CollectiveError>(())
     }
     .instrument(tracing::debug_span!("form_ring", rank, world, generation));
 
@@ -156,30 +156,42 @@ pub async fn form_ring(
         Err(_) => {
             let refused = refusals.lock().map(|v| v.join("; ")).unwrap_or_default();
             let pred_name = format!("predecessor rank {pred_rank}");
-            if !pred_done.load(Ordering::Relaxed) && !refused.is_empty() {
+            if pred.is_none() && !refused.is_empty() {
                 Err(CollectiveError::Refused {
                     peer: pred_name,
                     reason: format!("no acceptable connection within {timeout:?}; refused: {refused}"),
                 })
             } else {
                 let mut waiting = Vec::new();
-                if !succ_done.load(Ordering::Relaxed) {
+                if succ.is_none() {
                     waiting.push(format!("no authenticated link to successor rank {succ_rank} at {successor_addr}"));
                 }
-                if !pred_done.load(Ordering::Relaxed) {
+                if pred.is_none() {
                     waiting.push(format!("no connection from {pred_name}"));
                 }
                 Err(CollectiveError::FormationTimeout { rank, waiting_for: waiting.join(" and "), after: timeout })
             }
         }
     };
-    let (succ, pred) = match formed {
-        Ok(links) => links,
-        Err(e) => {
+    let (succ, pred) = match (formed, succ, pred) {
+        (Ok(()), Some(succ), Some(pred)) => (succ, pred),
+        (formed, succ, pred) => {
+            let e = formed.err().unwrap_or_else(|| CollectiveError::Protocol("ring formation ended without both links".into()));
             // Checks still running in their tasks now refuse with this reason, so a peer whose
             // hello arrives late learns at once why the ring did not form here.
             if let Ok(mut a) = me.abandoned.lock() {
                 *a = Some(e.to_string());
+            }
+            // A link already welcomed on either side is closed with the reason, after the
+            // exchange settles: dropping it at once would discard the welcome still in flight
+            // (and, quinn#2785, maybe the close), leaving the peer only a bare reset.
+            let why = format!("rank {rank} gave up forming the ring: {e}");
+            for conn in [succ, pred].into_iter().flatten() {
+                let why = why.clone();
+                tokio::spawn(async move {
+                    let _ = tokio::time::timeout(REFUSAL_LINGER, conn.closed()).await;
+                    refuse(&conn, close::ABORTED, &why);
+                });
             }
             return Err(e);
         }
@@ -402,7 +414,12 @@ async fn check_incoming_task(
     match checked {
         Ok(()) => {
             if tx.send(Ok(conn.clone())).await.is_err() {
-                conn.close(close::SHUTDOWN, b"ring formation was abandoned by this rank");
+                // This rank gave up after the peer was welcomed. Closing at once would discard
+                // the welcome still in flight (and, quinn#2785, maybe the close too); the peer
+                // would see a bare reset. Let the exchange settle, then close saying why.
+                let why = me.abandoned.lock().ok().and_then(|a| a.clone()).unwrap_or_default();
+                let _ = tokio::time::timeout(REFUSAL_LINGER.min(timeout), conn.closed()).await;
+                refuse(&conn, close::ABORTED, &format!("rank {} gave up forming the ring: {why}", me.rank));
             }
         }
         Err((code, reason)) => {
@@ -884,6 +901,10 @@ impl<T> Drop for AbortOnDrop<T> {
     }
 }
 
+/// Dropping closes both links at once: data of the last call the successor has not yet
+/// received is lost (use [`RingCollective::shutdown`] to wait for it), and the close itself
+/// may not reach a peer whose congestion window is full (quinn#2785), which then sees a
+/// reset instead of SHUTDOWN.
 impl Drop for RingCollective {
     fn drop(&mut self) {
         if let Some(l) = &self.links {
