@@ -628,7 +628,7 @@ impl RingCollective {
             tokio::select! {
                 r = recv.stream.read_chunks(&mut bufs), if receiving => match r {
                     Ok(Some(k)) => {
-                        for b in &mut bufs[..k] {
+                        for b in bufs.iter_mut().take(k) {
                             if let Err(excess) = cursor.feed(&sched, data, b) {
                                 protocol_failure(&mut recv, &abort_code);
                                 return Err(CollectiveError::Protocol(format!(
