@@ -23,9 +23,9 @@ if [ ! -f "$dest/torch/lib/libtorch_cpu.so" ]; then
     partial="$dest.partial.$$"
     rm -rf "$partial"
     if [ "$flavour" = cuda ]; then
-        python3 -m pip install --disable-pip-version-check --quiet --target "$partial" torch==2.11.0
+        python3 -m pip install --disable-pip-version-check --root-user-action=ignore --quiet --target "$partial" torch==2.11.0
     else
-        python3 -m pip install --disable-pip-version-check --quiet --no-deps --target "$partial" \
+        python3 -m pip install --disable-pip-version-check --root-user-action=ignore --quiet --no-deps --target "$partial" \
             torch==2.11.0 'nvidia-cuda-runtime==13.0.96.*' 'nvidia-cuda-cupti==13.0.85.*'
     fi
     rm -rf "$dest"

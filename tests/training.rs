@@ -140,3 +140,26 @@ fn resume_falls_back_from_a_corrupted_checkpoint() {
     assert!(stdout(&out).contains("falling back to the newest complete checkpoint"), "{}", stdout(&out));
     assert!(stdout(&out).contains("training resumed at step 5"), "{}", stdout(&out));
 }
+
+/// A failure in a supervised actor restarts it and training goes on: the Checkpointer panics
+/// while committing step 5; that checkpoint is reported failed, the actor is restarted, and
+/// the checkpoints at steps 10 and 15 commit as usual.
+#[test]
+fn a_crashed_checkpointer_is_restarted_and_training_goes_on() {
+    let dir = scratch("supervision");
+    let data = prepare_small_corpus(&dir);
+    let config = tiny_config(&dir, &data, 1, 15);
+    let mut cmd = troupe();
+    cmd.arg("local").arg("--config").arg(&config).args(["--sample-tokens", "0"]);
+    cmd.env("TROUPE_FAULT_CHECKPOINTER_PANIC_AT_STEP", "5");
+    let out = run(cmd, LIMIT);
+    assert_success(&out);
+    let run_dir = dir.join("runs/tiny");
+    let events = events(&run_dir);
+    assert!(events.iter().any(|e| matches!(e, RunEvent::Warning { message, .. } if message.contains("Checkpointer") && message.contains("restarted"))), "{events:?}");
+    assert!(events.iter().any(|e| matches!(e, RunEvent::CheckpointFailed { step: 5, .. })), "{events:?}");
+    let committed: Vec<u64> = events.iter().filter_map(|e| match e { RunEvent::Checkpoint { step, .. } => Some(*step), _ => None }).collect();
+    assert_eq!(committed, vec![10, 15]);
+    assert_eq!(step_losses(&run_dir).len(), 15);
+    assert!(!run_dir.join("checkpoints/step-000005/MANIFEST").exists());
+}

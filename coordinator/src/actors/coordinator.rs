@@ -12,14 +12,14 @@ use super::gateway::{Gateway, GatewayArgs};
 use super::session::SessionMsg;
 use crate::core::{Command, Core, Event, Phase, ResumeFrom, Snapshot, WorkerId};
 use ractor::{Actor, ActorCell, ActorId, ActorProcessingErr, ActorRef, SupervisionEvent};
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 use troupe_common::config::Config;
 use troupe_common::events::{EventLog, RunEvent};
 use troupe_common::metrics::CoordinatorMetrics;
-use troupe_common::proto::Capabilities;
+use troupe_common::proto::{Capabilities, FileDigest};
 
 /// How often the core's leases are checked.
 const TICK: Duration = Duration::from_millis(250);
@@ -66,7 +66,8 @@ pub struct CoordinatorState {
     session_ids: HashMap<ActorId, WorkerId>,
     checkpointer: ActorRef<CheckpointerMsg>,
     checkpointer_restarts: u32,
-    commits_in_flight: BTreeSet<u64>,
+    /// Commits sent to the Checkpointer and not answered yet, kept to resend after a crash.
+    commits_in_flight: BTreeMap<u64, (u32, Vec<FileDigest>)>,
     events: EventLog,
     metrics: CoordinatorMetrics,
     progress: Option<Progress>,
@@ -154,7 +155,7 @@ impl Actor for Coordinator {
             session_ids: HashMap::new(),
             checkpointer,
             checkpointer_restarts: 0,
-            commits_in_flight: BTreeSet::new(),
+            commits_in_flight: BTreeMap::new(),
             events,
             metrics,
             progress,
@@ -239,7 +240,7 @@ impl CoordinatorState {
                 }
             }
             Command::CommitCheckpoint { step, world_size, files } => {
-                self.commits_in_flight.insert(step);
+                self.commits_in_flight.insert(step, (world_size, files.clone()));
                 if self.checkpointer.cast(CheckpointerMsg::Commit { step, world_size, files }).is_err() {
                     self.commits_in_flight.remove(&step);
                     let error = "the Checkpointer is not running".to_string();
@@ -304,9 +305,17 @@ impl CoordinatorState {
         self.record(RunEvent::Warning { step: self.core.snapshot().completed_steps, message: format!("Checkpointer {reason}; restarted") });
         tokio::time::sleep(backoff).await;
         self.checkpointer = spawn_checkpointer(me, &self.config).await?;
-        for step in std::mem::take(&mut self.commits_in_flight) {
-            let error = format!("the Checkpointer {reason} while committing it");
+        // Commits run in order, so the oldest one in flight is the one it crashed on: that
+        // checkpoint is given up (the previous one stays the newest). The others were still
+        // queued in the dead actor's mailbox; their files are intact, so they are sent again.
+        let mut in_flight = std::mem::take(&mut self.commits_in_flight).into_iter();
+        if let Some((step, _)) = in_flight.next() {
+            let error = format!("the Checkpointer crashed while committing this checkpoint ({reason})");
             self.apply(me, Event::CheckpointCommitFailed { step, error });
+        }
+        for (step, (world_size, files)) in in_flight {
+            self.commits_in_flight.insert(step, (world_size, files.clone()));
+            let _ = self.checkpointer.cast(CheckpointerMsg::Commit { step, world_size, files });
         }
         Ok(())
     }

@@ -211,7 +211,11 @@ impl Actor for Worker {
                     break;
                 }
             }
-            let _ = send.finish();
+            // Closing the connection discards unsent data: wait (briefly) until the
+            // coordinator has read the last report before `run_worker` closes it.
+            if send.finish().is_ok() {
+                let _ = tokio::time::timeout(Duration::from_secs(2), send.stopped()).await;
+            }
         });
         let heartbeats = {
             let outbox = outbox.clone();
