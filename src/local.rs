@@ -9,6 +9,7 @@ use std::process::{ExitCode, Stdio};
 use std::time::Duration;
 use troupe_common::config::Config;
 use troupe_common::metrics::{self, CoordinatorMetrics};
+use troupe_common::status::SharedStatus;
 use troupe_coordinator::{launch, run_coordinator, CoordinatorOptions, RunOutcome};
 
 /// Runs a coordinator to the end of the run. `on_listening` gets the bound address (workers
@@ -29,12 +30,14 @@ pub async fn coordinate(
     let endpoint = launch::bind_endpoint(&config, insecure)?;
     let addr = endpoint.local_addr()?;
     let coordinator_metrics = CoordinatorMetrics::new();
+    let status = SharedStatus::default();
     if !config.metrics.listen.is_empty() {
         let listen: SocketAddr = config.metrics.listen.parse().context("metrics.listen")?;
-        let bound = metrics::serve(coordinator_metrics.registry.clone(), listen)
+        let bound = metrics::serve(coordinator_metrics.registry.clone(), listen, Some(status.clone()))
             .await
             .with_context(|| format!("cannot serve metrics on {listen} (metrics.listen)"))?;
         troupe_common::say!("coordinator metrics on http://{bound}/metrics");
+        troupe_common::say!("run status: troupe status --coordinator {bound}");
     }
     on_listening(addr);
     run_coordinator(CoordinatorOptions {
@@ -43,6 +46,7 @@ pub async fn coordinate(
         resume: resume_from,
         metrics: coordinator_metrics,
         show_progress: true,
+        status,
     })
     .await
 }
@@ -98,6 +102,11 @@ pub async fn run_local(args: LocalArgs) -> anyhow::Result<ExitCode> {
         config.cluster.token = random_token()?;
     }
     config.cluster.listen = "127.0.0.1:0".into();
+    if config.tls.take().is_some() {
+        // Every process of `troupe local` runs here on loopback and proves the random token
+        // above; the spawned workers would need certificates of their own for [tls].
+        troupe_common::say!("troupe local: ignoring [tls] (loopback only; the processes authenticate with a fresh join token)");
+    }
     let workers = config.cluster.workers;
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let threads = if config.train.threads_per_worker > 0 { config.train.threads_per_worker } else { (cores / workers).max(1) };

@@ -1,6 +1,7 @@
 //! The `troupe` command line: parses arguments and hands over to the crates. Nothing else.
 
 mod local;
+mod status;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
@@ -35,9 +36,26 @@ enum Command {
     /// Prepare a UTF-8 corpus: clean, train a byte-level BPE tokenizer, write token files.
     #[command(after_help = "Examples:\n  troupe prepare --input books/ --out data/books\n  troupe prepare --input a.txt b.txt --out data/ab --vocab-size 4096 --val-fraction 0.05")]
     Prepare(PrepareArgs),
+    /// Create a cluster CA and certificates for mutual TLS (coordinator and workers).
+    #[command(after_help = "Examples:\n  troupe init-certs --out certs --workers 4 --hosts node1,node2,10.0.0.5\n  troupe coordinator --config run.toml --listen 0.0.0.0:7070 --tls-dir certs\n  troupe worker --join node1:7070 --tls-dir certs --tls-worker 0")]
+    InitCerts(InitCertsArgs),
     /// Generate text from a checkpoint.
     #[command(after_help = "Examples:\n  troupe generate --checkpoint runs/shakespeare/checkpoints/step-000300 --prompt 'ROMEO.'\n  troupe generate --checkpoint DIR --prompt 'To be' --max-tokens 50 --temperature 0")]
     Generate(GenerateArgs),
+    /// Show a running job: every worker (rank, address, state, last heartbeat, step time) and
+    /// the run (step, loss, tokens/s, last checkpoint).
+    #[command(after_help = "Examples:\n  troupe status --coordinator 127.0.0.1:9090\n  troupe status --coordinator node1:9090 --json | jq .workers")]
+    Status(StatusArgs),
+}
+
+#[derive(Args)]
+struct StatusArgs {
+    /// The coordinator's HTTP address (metrics.listen; printed at start as "coordinator metrics on …").
+    #[arg(long, value_name = "ADDR")]
+    coordinator: String,
+    /// Print the status as JSON.
+    #[arg(long)]
+    json: bool,
 }
 
 /// Settings shared by `local` and `coordinator` that override the config file.
@@ -106,6 +124,29 @@ struct CoordinatorArgs {
     /// Allow a non-loopback address without a join token.
     #[arg(long)]
     insecure: bool,
+    /// Mutual TLS: a folder from `troupe init-certs`; uses ca.pem, coordinator.pem and
+    /// coordinator-key.pem (overrides [tls]). Workers must then present a certificate from
+    /// the same CA.
+    #[arg(long, value_name = "DIR")]
+    tls_dir: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct InitCertsArgs {
+    /// Folder to write ca.pem, ca-key.pem, coordinator.pem, coordinator-key.pem and
+    /// worker-<i>.pem / worker-<i>-key.pem into (created if missing).
+    #[arg(long, value_name = "DIR")]
+    out: PathBuf,
+    /// Number of worker certificates.
+    #[arg(long, default_value_t = 1)]
+    workers: usize,
+    /// Host names and IP addresses put in every certificate (comma-separated); default:
+    /// localhost, 127.0.0.1 and this machine's host name.
+    #[arg(long, value_delimiter = ',', value_name = "H1,H2,...")]
+    hosts: Vec<String>,
+    /// Replace existing files (every certificate of the old CA stops working).
+    #[arg(long)]
+    force: bool,
 }
 
 #[derive(Args)]
@@ -135,6 +176,19 @@ struct WorkerArgs {
     /// Keep trying to reach the coordinator for this many seconds.
     #[arg(long, default_value_t = 60)]
     connect_timeout: u64,
+    /// Mutual TLS: a folder from `troupe init-certs`; uses ca.pem and the certificate of
+    /// --tls-worker (worker-<N>.pem, worker-<N>-key.pem) unless --tls-cert/--tls-key are given.
+    #[arg(long, value_name = "DIR")]
+    tls_dir: Option<PathBuf>,
+    /// Which worker certificate of --tls-dir to use.
+    #[arg(long, value_name = "N", default_value_t = 0, requires = "tls_dir")]
+    tls_worker: usize,
+    /// This worker's certificate (PEM) instead of the one in --tls-dir.
+    #[arg(long, value_name = "FILE", requires = "tls_dir", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// Its private key (PEM).
+    #[arg(long, value_name = "FILE", requires = "tls_dir", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -239,6 +293,16 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             troupe_common::say!("prepared {}", args.out.display());
             Ok(ExitCode::SUCCESS)
         }
+        Command::Status(args) => {
+            let status = status::fetch(&args.coordinator)?;
+            if args.json {
+                troupe_common::say!("{}", serde_json::to_string_pretty(&status)?);
+            } else {
+                status::print(&status);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::InitCerts(args) => init_certs(args),
         Command::Generate(args) => {
             let text = local::generate(&args.checkpoint, &args.prompt, args.max_tokens, args.temperature, args.top_k, args.seed)?;
             troupe_common::say!("{text}");
@@ -255,9 +319,17 @@ async fn run_coordinator(args: CoordinatorArgs) -> anyhow::Result<ExitCode> {
     if let Some(token) = args.token {
         config.cluster.token = token;
     }
-    config.validate()?;
+    if let Some(dir) = &args.tls_dir {
+        config.tls = Some(troupe_common::config::TlsConfig::coordinator_in(dir));
+    }
+    config.validate().context("check --tls-dir / [tls]")?;
+    let join_hint = match &args.tls_dir {
+        Some(dir) => format!("--tls-dir {} --tls-worker <i>", dir.display()),
+        None if config.tls.is_some() => "--tls-dir <certs> --tls-worker <i>".to_string(),
+        None => "--token …".to_string(),
+    };
     let outcome = local::coordinate(config, args.run.resume, args.insecure, |addr| {
-        troupe_common::say!("coordinator listening on {addr}; start workers with: troupe worker --join {addr} --token …");
+        troupe_common::say!("coordinator listening on {addr}; start workers with: troupe worker --join {addr} {join_hint}");
     })
     .await?;
     Ok(local::report_outcome(&outcome))
@@ -282,6 +354,18 @@ async fn run_worker(args: WorkerArgs) -> anyhow::Result<ExitCode> {
         "cpu" | "auto" => tch::Device::Cpu,
         other => anyhow::bail!("--device {other}: this build supports cpu only (CUDA comes with the `cuda` feature)"),
     };
+    let tls = match &args.tls_dir {
+        None => troupe_common::net::TlsSetup::default(),
+        Some(dir) => {
+            let mut files = troupe_common::config::TlsConfig::worker_in(dir, args.tls_worker);
+            if let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) {
+                files.cert = cert.clone();
+                files.key = key.clone();
+            }
+            files.validate().context("--tls-dir / --tls-worker / --tls-cert / --tls-key")?;
+            files.setup()
+        }
+    };
     let exit = troupe_worker::run_worker(troupe_worker::WorkerOptions {
         coordinator,
         token: args.token,
@@ -291,8 +375,28 @@ async fn run_worker(args: WorkerArgs) -> anyhow::Result<ExitCode> {
         threads: args.threads,
         device,
         connect_timeout: Duration::from_secs(args.connect_timeout),
+        tls,
     })
     .await?;
     tracing::info!("worker done: {exit:?}");
+    Ok(ExitCode::SUCCESS)
+}
+
+fn init_certs(args: InitCertsArgs) -> anyhow::Result<ExitCode> {
+    use troupe_common::net::certs;
+    let hosts = if args.hosts.is_empty() { certs::default_hosts() } else { args.hosts };
+    let written = certs::write_cert_dir(&certs::CertDirOptions { out: args.out.clone(), workers: args.workers, hosts: hosts.clone(), force: args.force })?;
+    troupe_common::say!("cluster certificates for {} (subject alternative names of every certificate):", hosts.join(", "));
+    for f in &written {
+        troupe_common::say!("  wrote {}{}", f.path.display(), if f.private { "  (private key, mode 0600)" } else { "" });
+    }
+    let dir = args.out.display();
+    troupe_common::say!(
+        "\nuse them with mutual TLS (every connection then needs a certificate from this CA):\n  \
+         troupe coordinator --config run.toml --listen 0.0.0.0:7070 --tls-dir {dir}\n  \
+         troupe worker --join <coordinator>:7070 --tls-dir {dir} --tls-worker <i>\n\
+         copy ca.pem and worker-<i>.pem / worker-<i>-key.pem to the machine of worker <i>; \
+         keep ca-key.pem off the cluster (it mints new members)."
+    );
     Ok(ExitCode::SUCCESS)
 }

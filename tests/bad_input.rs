@@ -4,10 +4,7 @@
 mod common;
 
 use common::*;
-use std::io::BufRead;
 use std::net::SocketAddr;
-use std::process::Stdio;
-use std::sync::mpsc;
 use std::time::Duration;
 use troupe_common::net::{self, NetOptions};
 use troupe_common::proto::{Capabilities, Hello, RefusalKind, ToCoordinator, ToWorker, PROTOCOL_VERSION};
@@ -61,34 +58,8 @@ fn hostile_peers_are_refused_and_the_run_goes_on() {
     let text = std::fs::read_to_string(&config).unwrap().replace("token = \"\"", &format!("token = \"{TOKEN}\""));
     std::fs::write(&config, text).unwrap();
 
-    let coordinator = troupe()
-        .arg("coordinator")
-        .arg("--config")
-        .arg(&config)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut coordinator = KillOnDrop(coordinator);
-    let (lines_tx, lines_rx) = mpsc::channel::<String>();
-    let stdout = coordinator.0.stdout.take().unwrap();
-    let out_tx = lines_tx.clone();
-    std::thread::spawn(move || {
-        for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
-            let _ = out_tx.send(line);
-        }
-    });
-    let coordinator_stderr = coordinator.0.stderr.take().unwrap();
-    let stderr_lines = std::thread::spawn(move || {
-        std::io::BufReader::new(coordinator_stderr).lines().map_while(Result::ok).collect::<Vec<_>>()
-    });
-    let addr: SocketAddr = loop {
-        let line = lines_rx.recv_timeout(Duration::from_secs(60)).expect("the coordinator starts listening");
-        if let Some(rest) = line.strip_prefix("coordinator listening on ") {
-            break rest.split(';').next().unwrap().trim().parse().unwrap();
-        }
-    };
+    let coordinator = CoordinatorProcess::start(&config, &[]);
+    let addr = coordinator.addr;
 
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
@@ -144,8 +115,7 @@ fn hostile_peers_are_refused_and_the_run_goes_on() {
     for w in workers {
         assert_success(&w.join().unwrap());
     }
-    let status = coordinator.0.wait().unwrap();
-    let log = stderr_lines.join().unwrap().join("\n");
+    let (status, log) = coordinator.wait();
     assert!(status.success(), "coordinator: {status}\n{log}");
     assert!(log.contains("refused worker at 127.0.0.1:") && log.contains("wrong join token"), "{log}");
     assert!(log.contains("protocol version mismatch"), "{log}");
@@ -202,7 +172,7 @@ fn a_corpus_path_that_does_not_exist_is_named() {
 
 #[test]
 fn every_command_has_help_with_examples() {
-    for sub in ["local", "coordinator", "worker", "prepare", "generate"] {
+    for sub in ["local", "coordinator", "worker", "prepare", "generate", "status"] {
         let mut cmd = troupe();
         cmd.args([sub, "--help"]);
         let out = run(cmd, Duration::from_secs(30));

@@ -40,9 +40,9 @@ fn coordinator_and_workers_export_metrics_during_a_run() {
         .spawn()
         .unwrap();
     let mut child = KillOnDrop(child);
-    let stdout = std::io::BufReader::new(child.0.stdout.take().unwrap());
+    let local_stdout = std::io::BufReader::new(child.0.stdout.take().unwrap());
     let mut coordinator_addr = None;
-    for line in stdout.lines().map_while(Result::ok) {
+    for line in local_stdout.lines().map_while(Result::ok) {
         if let Some(rest) = line.strip_prefix("coordinator metrics on http://") {
             coordinator_addr = Some(rest.trim_end_matches("/metrics").to_string());
         }
@@ -77,6 +77,28 @@ fn coordinator_and_workers_export_metrics_during_a_run() {
         assert!(body.contains("troupe_worker_step_seconds_count{phase=\"communication\""), "{body}");
         assert!(body.lines().any(|l| l.starts_with("troupe_bytes_sent_total") && !l.ends_with(" 0")), "{body}");
     }
+    // `troupe status` shows the run and every worker.
+    let mut cmd = troupe();
+    cmd.args(["status", "--coordinator", &coordinator_addr, "--json"]);
+    let out = run(cmd, Duration::from_secs(30));
+    assert_success(&out);
+    let status: troupe_common::status::RunStatus = serde_json::from_str(&stdout(&out)).expect("status JSON");
+    assert_eq!(status.phase, "training");
+    assert_eq!(status.run, "tiny");
+    assert!(status.step >= 5 && status.loss.is_some() && status.tokens_per_second.is_some(), "{status:?}");
+    let mut ranks: Vec<u32> = status.workers.iter().filter_map(|w| w.rank).collect();
+    ranks.sort();
+    assert_eq!(ranks, vec![0, 1]);
+    for w in &status.workers {
+        assert_eq!(w.state, "ready");
+        assert!(w.last_heartbeat_ms < 5000, "{w:?}");
+        assert!(w.step_seconds.is_some() && w.metrics.is_some(), "{w:?}");
+    }
+    let mut cmd = troupe();
+    cmd.args(["status", "--coordinator", &coordinator_addr]);
+    let table = stdout(&run(cmd, Duration::from_secs(30)));
+    assert!(table.contains("run tiny | training") && table.contains("heartbeat"), "{table}");
+
     // Stop the run the way a user does: Ctrl-C checkpoints and stops the workers.
     std::process::Command::new("kill").args(["-INT", &child.0.id().to_string()]).status().unwrap();
     assert!(child.0.wait().unwrap().success());

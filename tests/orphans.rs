@@ -15,21 +15,8 @@ fn a_worker_exits_when_its_coordinator_is_killed() {
     let text = std::fs::read_to_string(&config).unwrap().replace("lease_ms = 5000", "lease_ms = 1500");
     std::fs::write(&config, text).unwrap();
 
-    let coordinator = troupe()
-        .arg("coordinator")
-        .arg("--config")
-        .arg(&config)
-        .args(["--listen", "127.0.0.1:0"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut coordinator = KillOnDrop(coordinator);
-    let stdout = coordinator.0.stdout.take().unwrap();
-    let addr = std::io::BufRead::lines(std::io::BufReader::new(stdout))
-        .map_while(Result::ok)
-        .find_map(|l| l.strip_prefix("coordinator listening on ").map(|r| r.split(';').next().unwrap().to_string()))
-        .expect("the coordinator listens");
+    let mut coordinator = CoordinatorProcess::start(&config, &["--listen", "127.0.0.1:0"]);
+    let addr = coordinator.addr.to_string();
     let worker = troupe()
         .args(["worker", "--join", &addr, "--threads", "1"])
         .stdout(Stdio::null())
@@ -40,7 +27,7 @@ fn a_worker_exits_when_its_coordinator_is_killed() {
 
     let run_dir = dir.join("runs/tiny");
     wait_for_steps(&run_dir, 3, Duration::from_secs(120));
-    coordinator.0.kill().unwrap();
+    coordinator.process.0.kill().unwrap();
     let killed_at = Instant::now();
     let mut stderr = worker.0.stderr.take().unwrap();
     let reader = std::thread::spawn(move || {

@@ -32,6 +32,61 @@ pub struct Config {
     pub cluster: ClusterConfig,
     #[serde(default)]
     pub metrics: MetricsConfig,
+    /// Mutual TLS with a cluster CA (`troupe init-certs`); absent = self-signed TLS, with
+    /// the join token as the only authentication.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<TlsConfig>,
+}
+
+/// `[tls]`: this process' certificate and key and the cluster CA that every peer's
+/// certificate must chain to. Relative paths are relative to the working directory.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// The cluster CA certificate (PEM), e.g. `certs/ca.pem`.
+    pub ca: PathBuf,
+    /// This process' certificate (PEM), e.g. `certs/coordinator.pem`.
+    pub cert: PathBuf,
+    /// Its private key (PEM), e.g. `certs/coordinator-key.pem`.
+    pub key: PathBuf,
+}
+
+impl TlsConfig {
+    /// The files of a folder written by `troupe init-certs` for the coordinator.
+    pub fn coordinator_in(dir: &Path) -> TlsConfig {
+        TlsConfig {
+            ca: dir.join(crate::net::certs::CA_CERT_FILE),
+            cert: dir.join(crate::net::certs::COORDINATOR_CERT_FILE),
+            key: dir.join(crate::net::certs::COORDINATOR_KEY_FILE),
+        }
+    }
+
+    /// The files of a folder written by `troupe init-certs` for worker `i`.
+    pub fn worker_in(dir: &Path, i: usize) -> TlsConfig {
+        let (cert, key) = crate::net::certs::worker_cert_files(i);
+        TlsConfig { ca: dir.join(crate::net::certs::CA_CERT_FILE), cert: dir.join(cert), key: dir.join(key) }
+    }
+
+    /// The endpoint setup these files describe.
+    pub fn setup(&self) -> crate::net::TlsSetup {
+        crate::net::TlsSetup::ClusterCa { ca: self.ca.clone(), cert: self.cert.clone(), key: self.key.clone() }
+    }
+
+    /// Every file must exist (the contents are checked when the endpoint is built).
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        for (field, path) in [("tls.ca", &self.ca), ("tls.cert", &self.cert), ("tls.key", &self.key)] {
+            if !path.is_file() {
+                return Err(ConfigError::Range {
+                    field,
+                    value: path.display().to_string(),
+                    expected: "no such file: create the cluster certificates with `troupe init-certs --out DIR` \
+                               and point tls.ca / tls.cert / tls.key (or --tls-dir) at them"
+                        .into(),
+                });
+            }
+        }
+        Ok(())
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -244,6 +299,9 @@ impl Config {
         range("metrics.listen", &mt.listen,
             mt.listen.is_empty() || mt.listen.parse::<std::net::SocketAddr>().is_ok(),
             "must be empty or an IP:port socket address")?;
+        if let Some(tls) = &self.tls {
+            tls.validate()?;
+        }
         Ok(())
     }
 }
@@ -286,5 +344,27 @@ mod tests {
         c.model.n_embd = 130;
         c.model.n_head = 4;
         assert!(c.validate().unwrap_err().to_string().contains("model.n_embd"));
+    }
+
+    #[test]
+    fn tls_section_is_optional_and_its_files_must_exist() {
+        assert!(Config::default_config().tls.is_none());
+        let dir = std::env::temp_dir().join(format!("troupe-config-tls-{}", std::process::id()));
+        let text = format!(
+            "{DEFAULT_CONFIG_TOML}\n[tls]\nca = \"{d}/ca.pem\"\ncert = \"{d}/c.pem\"\nkey = \"{d}/k.pem\"\n",
+            d = dir.display()
+        );
+        let err = Config::from_toml_str(&text, "tls.toml").unwrap_err().to_string();
+        assert!(err.contains("tls.ca") && err.contains("init-certs"), "{err}");
+        std::fs::create_dir_all(&dir).unwrap();
+        for f in ["ca.pem", "c.pem", "k.pem"] {
+            std::fs::write(dir.join(f), "x").unwrap();
+        }
+        let c = Config::from_toml_str(&text, "tls.toml").unwrap();
+        assert_eq!(c.tls.as_ref().map(|t| t.cert.clone()), Some(dir.join("c.pem")));
+        assert_eq!(Config::from_toml_str(&c.to_toml(), "round trip").unwrap(), c);
+        let typo = text.replace("key =", "kye =");
+        assert!(Config::from_toml_str(&typo, "t").unwrap_err().to_string().contains("kye"));
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -17,6 +17,7 @@ pub mod console;
 pub mod data;
 pub mod events;
 pub mod metrics;
+pub mod status;
 pub mod model;
 pub mod net;
 pub mod proto;

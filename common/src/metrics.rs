@@ -7,6 +7,7 @@ use prometheus::{
     Encoder, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
+use crate::status::SharedStatus;
 use std::net::SocketAddr;
 
 fn register<T: prometheus::core::Collector + Clone + 'static>(registry: &Registry, metric: T) -> T {
@@ -142,19 +143,26 @@ pub fn render(registry: &Registry) -> String {
     String::from_utf8(buf).unwrap_or_default()
 }
 
-/// Serves `GET /metrics` for `registry` on `addr` (port 0 picks one). Returns the bound address;
-/// the server runs until the process ends.
-pub async fn serve(registry: Registry, addr: SocketAddr) -> std::io::Result<SocketAddr> {
+/// Serves `GET /metrics` for `registry` on `addr` (port 0 picks one), and `GET /status` (JSON)
+/// when a status is given. Returns the bound address; the server runs until the process ends.
+pub async fn serve(registry: Registry, addr: SocketAddr, status: Option<SharedStatus>) -> std::io::Result<SocketAddr> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
     let bound = listener.local_addr()?;
-    let app = axum::Router::new()
-        .route(
-            "/metrics",
-            axum::routing::get(|axum::extract::State(reg): axum::extract::State<Registry>| async move {
-                ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], render(&reg))
+    let mut app = axum::Router::new().route(
+        "/metrics",
+        axum::routing::get(move || async move {
+            ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], render(&registry))
+        }),
+    );
+    if let Some(status) = status {
+        app = app.route(
+            "/status",
+            axum::routing::get(move || async move {
+                let snapshot = status.read().map(|s| s.clone()).unwrap_or_default();
+                axum::Json(snapshot)
             }),
-        )
-        .with_state(registry);
+        );
+    }
     tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, app).await {
             tracing::warn!("metrics server on {bound} stopped: {e}");

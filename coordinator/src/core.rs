@@ -77,6 +77,8 @@ pub struct WorkerEntry {
     pub rank: Option<u32>,
     pub ready: bool,
     pub last_seen: Instant,
+    /// Its last step's data + compute + communication time.
+    pub last_step_seconds: Option<f64>,
 }
 
 /// A checkpoint whose files the ranks are writing.
@@ -98,6 +100,7 @@ pub struct Snapshot {
     pub last_loss: Option<f64>,
     pub last_val_loss: Option<f64>,
     pub last_checkpoint: Option<String>,
+    pub last_tokens_per_second: Option<f64>,
 }
 
 pub struct Core {
@@ -120,6 +123,7 @@ pub struct Core {
     last_loss: Option<f64>,
     last_val_loss: Option<f64>,
     last_checkpoint: Option<String>,
+    last_tokens_per_second: Option<f64>,
 }
 
 impl Core {
@@ -143,6 +147,7 @@ impl Core {
             last_loss: None,
             last_val_loss: None,
             last_checkpoint: None,
+            last_tokens_per_second: None,
         }
     }
 
@@ -163,7 +168,12 @@ impl Core {
             last_loss: self.last_loss,
             last_val_loss: self.last_val_loss,
             last_checkpoint: self.last_checkpoint.clone(),
+            last_tokens_per_second: self.last_tokens_per_second,
         }
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.config
     }
 
     pub fn on(&mut self, now: Instant, event: Event) -> Vec<Command> {
@@ -217,7 +227,7 @@ impl Core {
             out.push(Command::Disconnect { id, reason });
             return;
         }
-        self.workers.insert(id, WorkerEntry { info, rank: None, ready: false, last_seen: now });
+        self.workers.insert(id, WorkerEntry { info, rank: None, ready: false, last_seen: now, last_step_seconds: None });
         out.push(Command::Send { to: id, msg: ToWorker::Welcome {
                 worker_id: id,
                 heartbeat_ms: self.config.cluster.heartbeat_ms,
@@ -331,6 +341,9 @@ impl Core {
                 if self.phase != Phase::Training || report.step != self.completed {
                     return;
                 }
+                if let Some(w) = self.workers.get_mut(&id) {
+                    w.last_step_seconds = Some(report.data_seconds + report.compute_seconds + report.comm_seconds);
+                }
                 self.step_reports.insert(rank, report);
                 if self.step_reports.len() == self.ranks.len() {
                     self.complete_step(now, out);
@@ -393,11 +406,13 @@ impl Core {
             .step_started_at
             .map_or(0.0, |t| now.saturating_duration_since(t).as_secs_f64());
         let comm_seconds = reports.values().map(|r| r.comm_seconds).fold(0.0, f64::max);
+        let tokens_per_sec = if seconds > 0.0 { tokens as f64 / seconds } else { 0.0 };
+        self.last_tokens_per_second = Some(tokens_per_sec);
         out.push(Command::Record(RunEvent::Step {
             step: self.completed,
             loss,
             lr: first.lr,
-            tokens_per_sec: if seconds > 0.0 { tokens as f64 / seconds } else { 0.0 },
+            tokens_per_sec,
             grad_norm: first.grad_norm,
             step_seconds: seconds,
             comm_seconds,

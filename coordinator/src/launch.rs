@@ -77,18 +77,47 @@ pub fn find_resume_point(config: &Config) -> anyhow::Result<Option<ResumeFrom>> 
     Ok(Some(ResumeFrom { dir: point.dir.display().to_string(), step: point.manifest.step }))
 }
 
-/// Binds the coordinator's QUIC endpoint. Without a join token, only a loopback address is
-/// allowed unless `insecure` says otherwise: an open port without authentication would let
-/// anyone join the run.
+/// Binds the coordinator's QUIC endpoint. Without a join token and without mutual TLS
+/// (`[tls]`), only a loopback address is allowed unless `insecure` says otherwise: an open
+/// port without authentication would let anyone join the run. With `[tls]`, only holders of
+/// a certificate from the cluster CA get past the handshake, which is authentication enough.
 pub fn bind_endpoint(config: &Config, insecure: bool) -> anyhow::Result<quinn::Endpoint> {
     let addr: SocketAddr = config.cluster.listen.parse().context("cluster.listen")?;
-    if config.cluster.token.is_empty() && !addr.ip().is_loopback() && !insecure {
+    if config.cluster.token.is_empty() && config.tls.is_none() && !addr.ip().is_loopback() && !insecure {
         bail!(
             "refusing to listen on {addr} without authentication: set cluster.token (or --token / TROUPE_TOKEN), \
+             or enable mutual TLS ([tls] or --tls-dir, see `troupe init-certs`), \
              or pass --insecure if this network is trusted"
         );
     }
-    let endpoint = net::make_endpoint(addr, &NetOptions::default())
-        .with_context(|| format!("cannot listen on {addr} (cluster.listen)"))?;
+    let mut opts = NetOptions::default();
+    if let Some(tls) = &config.tls {
+        opts.tls = tls.setup();
+    }
+    let endpoint = net::make_endpoint(addr, &opts).with_context(|| format!("cannot listen on {addr} (cluster.listen)"))?;
     Ok(endpoint)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use troupe_common::config::TlsConfig;
+    use troupe_common::net::certs;
+
+    #[tokio::test]
+    async fn mutual_tls_allows_a_public_address_without_a_token() {
+        let dir = std::env::temp_dir().join(format!("troupe-launch-tls-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        certs::write_cert_dir(&certs::CertDirOptions { out: dir.clone(), workers: 0, hosts: vec!["127.0.0.1".into()], force: false })
+            .unwrap();
+        let mut config = Config::default_config();
+        config.cluster.listen = "0.0.0.0:0".into();
+        config.cluster.token.clear();
+        let err = bind_endpoint(&config, false).unwrap_err().to_string();
+        assert!(err.contains("refusing to listen") && err.contains("--tls-dir"), "{err}");
+        config.tls = Some(TlsConfig::coordinator_in(&dir));
+        config.validate().unwrap();
+        bind_endpoint(&config, false).expect("mutual TLS is authentication enough");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

@@ -195,3 +195,54 @@ pub fn wait_for_steps(run_dir: &Path, n: usize, limit: Duration) {
         std::thread::park_timeout(Duration::from_millis(20));
     }
 }
+
+/// A `troupe coordinator` process: its QUIC address (read from its "listening on" line), and
+/// its stderr, collected until it exits.
+pub struct CoordinatorProcess {
+    pub process: KillOnDrop,
+    pub addr: std::net::SocketAddr,
+    stderr: Option<std::thread::JoinHandle<Vec<String>>>,
+}
+
+impl CoordinatorProcess {
+    /// Starts `troupe coordinator --config CONFIG EXTRA…` and waits until it listens.
+    pub fn start(config: &Path, extra: &[&str]) -> CoordinatorProcess {
+        use std::io::BufRead;
+        let child = troupe()
+            .arg("coordinator")
+            .arg("--config")
+            .arg(config)
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start troupe coordinator");
+        let mut process = KillOnDrop(child);
+        let stdout = process.0.stdout.take().expect("piped stdout");
+        let stderr = process.0.stderr.take().expect("piped stderr");
+        let stderr = std::thread::spawn(move || std::io::BufReader::new(stderr).lines().map_while(Result::ok).collect());
+        let (tx, rx) = std::sync::mpsc::channel::<String>();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let addr = loop {
+            let line = rx.recv_timeout(Duration::from_secs(60)).expect("the coordinator starts listening");
+            if let Some(rest) = line.strip_prefix("coordinator listening on ") {
+                break rest.split(';').next().unwrap_or_default().trim().parse().expect("a socket address");
+            }
+        };
+        CoordinatorProcess { process, addr, stderr: Some(stderr) }
+    }
+
+    /// Waits for the coordinator to exit; its exit status and everything it wrote to stderr.
+    pub fn wait(mut self) -> (std::process::ExitStatus, String) {
+        let status = self.process.0.wait().expect("wait for the coordinator");
+        let log = self.stderr.take().map(|h| h.join().unwrap_or_default().join("\n")).unwrap_or_default();
+        (status, log)
+    }
+}

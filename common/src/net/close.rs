@@ -70,9 +70,17 @@ pub fn describe_connection_error(err: &ConnectionError) -> String {
                 )
             }
         }
+        ConnectionError::ConnectionClosed(close) if is_tls_code(close.error_code) => {
+            let reason = String::from_utf8_lossy(&close.reason);
+            let reason = if reason.is_empty() { String::new() } else { format!(": {reason}") };
+            format!("the peer refused the TLS handshake ({}{}){reason}{TLS_HINT}", close.error_code, tls_alert_name(close.error_code))
+        }
         ConnectionError::ConnectionClosed(close) => {
             let reason = String::from_utf8_lossy(&close.reason);
             format!("aborted by the peer's QUIC stack: {:?} {}", close.error_code, reason)
+        }
+        ConnectionError::TransportError(e) if is_tls_code(e.code) => {
+            format!("TLS handshake failed: {e}{TLS_HINT}")
         }
         ConnectionError::TransportError(e) => format!("QUIC transport error: {e}"),
         ConnectionError::VersionMismatch => "peer does not support our QUIC version".into(),
@@ -85,6 +93,40 @@ pub fn describe_connection_error(err: &ConnectionError) -> String {
         }
         ConnectionError::LocallyClosed => "closed by this process".into(),
         ConnectionError::CidsExhausted => "connection IDs exhausted".into(),
+    }
+}
+
+/// Appended to TLS handshake failures: the usual cause and the fix.
+const TLS_HINT: &str = " [with mutual TLS both sides need certificates from the same cluster CA \
+    (`troupe init-certs`, then --tls-dir); without it, both sides must run without TLS flags]";
+
+/// QUIC carries TLS alerts as transport error codes 0x100 + alert.
+fn is_tls_code(code: quinn::TransportErrorCode) -> bool {
+    (0x100..0x200).contains(&u64::from(code))
+}
+
+/// The TLS alerts a certificate problem produces, by name.
+fn tls_alert_name(code: quinn::TransportErrorCode) -> &'static str {
+    match u64::from(code) & 0xff {
+        42 => ", bad_certificate",
+        43 => ", unsupported_certificate",
+        44 => ", certificate_revoked",
+        45 => ", certificate_expired",
+        46 => ", certificate_unknown",
+        48 => ", unknown_ca: the peer does not trust the CA that issued our certificate",
+        116 => ", certificate_required: the peer requires a client certificate",
+        120 => ", no_application_protocol",
+        _ => "",
+    }
+}
+
+/// Whether the connection failed in the TLS handshake (a certificate refused by either side,
+/// no common protocol) rather than on the network: retrying the same connection will not help.
+pub fn is_tls_handshake_failure(err: &ConnectionError) -> bool {
+    match err {
+        ConnectionError::TransportError(e) => is_tls_code(e.code),
+        ConnectionError::ConnectionClosed(close) => is_tls_code(close.error_code),
+        _ => false,
     }
 }
 

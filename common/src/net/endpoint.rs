@@ -6,6 +6,7 @@
 //! (loopback); on real networks discovery settles at the path MTU.
 
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -13,8 +14,10 @@ use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 use quinn::{EndpointConfig, IdleTimeout, MtuDiscoveryConfig, TransportConfig, VarInt};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::CryptoProvider;
+use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime};
-use rustls::{CipherSuite, DigitallySignedStruct, SignatureScheme};
+use rustls::server::{ParsedCertificate, WebPkiClientVerifier};
+use rustls::{CipherSuite, DigitallySignedStruct, RootCertStore, SignatureScheme};
 
 use super::NetError;
 
@@ -33,10 +36,8 @@ const BASE_MTU: u16 = 1452;
 
 /// How this process proves who it is and checks who the peer is at the TLS layer.
 ///
-/// `#[non_exhaustive]` because mutual TLS with a cluster CA comes next: a variant such as
-/// `ClusterCa { ca: CertificateDer, cert_chain, key }` will build a `WebPkiServerVerifier`
-/// (and a client-cert verifier for the server side) where [`UnverifiedServerCert`] is used
-/// today. Callers outside this module only pick a variant.
+/// `#[non_exhaustive]` so further schemes can be added; callers outside this module only
+/// pick a variant.
 #[derive(Debug, Clone, Default)]
 #[non_exhaustive]
 pub enum TlsSetup {
@@ -45,6 +46,11 @@ pub enum TlsSetup {
     /// proof (`net::join_proof`), which is bound to this TLS session.
     #[default]
     SelfSignedUnverified,
+    /// Mutual TLS with a cluster CA (`troupe init-certs`): this process presents `cert`
+    /// (PEM chain) signed with `key` (PEM, PKCS#8/PKCS#1/SEC1), requires every connecting
+    /// peer to present a certificate issued by `ca`, and checks that the peers it connects
+    /// to present one too. See [`ClusterCaServerCert`] for why names are not checked.
+    ClusterCa { ca: PathBuf, cert: PathBuf, key: PathBuf },
 }
 
 /// Congestion controller of the endpoint's connections.
@@ -157,6 +163,7 @@ pub fn make_endpoint(bind: SocketAddr, opts: &NetOptions) -> Result<quinn::Endpo
     let transport = Arc::new(opts.transport_config()?);
     let (server_crypto, client_crypto) = match &opts.tls {
         TlsSetup::SelfSignedUnverified => self_signed_unverified()?,
+        TlsSetup::ClusterCa { ca, cert, key } => cluster_ca(ca, cert, key)?,
     };
 
     let mut server_config = quinn::ServerConfig::with_crypto(Arc::new(server_crypto));
@@ -254,6 +261,146 @@ fn self_signed_unverified() -> Result<(QuicServerConfig, QuicClientConfig), NetE
     Ok((server, client))
 }
 
+/// Reads a PEM file, saying which file and what to do when it is missing or unreadable.
+fn pem_err(what: &str, path: &Path, e: rustls::pki_types::pem::Error) -> NetError {
+    NetError::Tls(format!(
+        "cannot load the {what} from {}: {e} (create the cluster certificates with `troupe init-certs --out DIR`)",
+        path.display()
+    ))
+}
+
+/// Loads the CA, this process' certificate chain and its key.
+fn load_cluster_pems(
+    ca: &Path,
+    cert: &Path,
+    key: &Path,
+) -> Result<(RootCertStore, Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), NetError> {
+    let mut roots = RootCertStore::empty();
+    let mut n = 0;
+    for c in CertificateDer::pem_file_iter(ca).map_err(|e| pem_err("cluster CA certificate", ca, e))? {
+        let c = c.map_err(|e| pem_err("cluster CA certificate", ca, e))?;
+        roots
+            .add(c)
+            .map_err(|e| NetError::Tls(format!("{} is not a usable CA certificate: {e}", ca.display())))?;
+        n += 1;
+    }
+    if n == 0 {
+        return Err(NetError::Tls(format!("{} holds no PEM certificate (expected the cluster CA, ca.pem)", ca.display())));
+    }
+    let chain = CertificateDer::pem_file_iter(cert)
+        .map_err(|e| pem_err("certificate", cert, e))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| pem_err("certificate", cert, e))?;
+    if chain.is_empty() {
+        return Err(NetError::Tls(format!("{} holds no PEM certificate", cert.display())));
+    }
+    let key_der = PrivateKeyDer::from_pem_file(key).map_err(|e| pem_err("private key", key, e))?;
+    Ok((roots, chain, key_der))
+}
+
+fn cluster_ca(ca: &Path, cert: &Path, key: &Path) -> Result<(QuicServerConfig, QuicClientConfig), NetError> {
+    let provider = crypto_provider();
+    let (roots, chain, key_der) = load_cluster_pems(ca, cert, key)?;
+    let roots = Arc::new(roots);
+
+    // The server side requires a client certificate (no `allow_unauthenticated`): a peer
+    // without one from the cluster CA fails the handshake before any troupe message.
+    let client_verifier = WebPkiClientVerifier::builder_with_provider(roots.clone(), provider.clone())
+        .build()
+        .map_err(|e| NetError::Tls(format!("client certificate verifier over {}: {e}", ca.display())))?;
+    let mismatch = |e: rustls::Error| {
+        NetError::Tls(format!(
+            "{} and {} do not form a usable certificate and key (do they belong together?): {e}",
+            cert.display(),
+            key.display()
+        ))
+    };
+    let mut server = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(tls_err("server TLS 1.3"))?
+        .with_client_cert_verifier(client_verifier)
+        .with_single_cert(chain.clone(), key_der.clone_key())
+        .map_err(mismatch)?;
+    server.alpn_protocols = vec![ALPN.to_vec()];
+    server.max_early_data_size = 0;
+
+    let mut client = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(tls_err("client TLS 1.3"))?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(ClusterCaServerCert { roots, provider }))
+        .with_client_auth_cert(chain, key_der)
+        .map_err(mismatch)?;
+    client.alpn_protocols = vec![ALPN.to_vec()];
+
+    let server = QuicServerConfig::try_from(server)
+        .map_err(|e| NetError::Tls(format!("server config not usable for QUIC: {e}")))?;
+    let client = QuicClientConfig::try_from(client)
+        .map_err(|e| NetError::Tls(format!("client config not usable for QUIC: {e}")))?;
+    Ok((server, client))
+}
+
+/// Verifies the server's certificate chain against the cluster CA, but not its name.
+///
+/// Why not the name: in a troupe cluster, membership in the cluster CA *is* the identity.
+/// Every process (coordinator and workers) holds a certificate from that CA, and ring peers
+/// are addressed by whatever IP the coordinator relays (`peer_addr`, possibly an address
+/// behind NAT or a wildcard-resolved one), so no fixed name or IP in a certificate could
+/// match reliably; connections use the fixed label [`TLS_SERVER_NAME`] as SNI. What matters
+/// is that the peer holds a key certified by the cluster CA — which the chain check plus the
+/// TLS 1.3 handshake signature establish — and that is exactly what is checked. The client
+/// certificate is checked the same way on the other side (rustls' `WebPkiClientVerifier`,
+/// which never checks names either), so both directions authenticate the same property.
+#[derive(Debug)]
+pub struct ClusterCaServerCert {
+    roots: Arc<RootCertStore>,
+    provider: Arc<CryptoProvider>,
+}
+
+impl ServerCertVerifier for ClusterCaServerCert {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let parsed = ParsedCertificate::try_from(end_entity)?;
+        // Chain, validity period, key usage (serverAuth) and signatures, against the CA only.
+        rustls::client::verify_server_cert_signed_by_trust_anchor(
+            &parsed,
+            &self.roots,
+            intermediates,
+            now,
+            self.provider.signature_verification_algorithms.all,
+        )?;
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider.signature_verification_algorithms.supported_schemes()
+    }
+}
+
 /// Accepts ANY server certificate: the single place where this version trusts the peer's
 /// identity without checking it.
 ///
@@ -264,8 +411,8 @@ fn self_signed_unverified() -> Result<(QuicServerConfig, QuicClientConfig), NetE
 /// The handshake signature is still verified, so the peer holds the key of the certificate
 /// it presented.
 ///
-/// Next step: `TlsSetup::ClusterCa` replaces this with rustls' `WebPkiServerVerifier` over
-/// the cluster CA (and the server requires client certificates from the same CA).
+/// `TlsSetup::ClusterCa` replaces this with [`ClusterCaServerCert`] (and the server then
+/// requires client certificates from the same CA).
 #[derive(Debug)]
 pub struct UnverifiedServerCert {
     provider: Arc<CryptoProvider>,
@@ -365,5 +512,108 @@ mod tests {
         ca.export_keying_material(&mut x, b"l", b"").unwrap();
         cb.export_keying_material(&mut y, b"l", b"").unwrap();
         assert_eq!(x, y);
+    }
+
+    /// Writes a CA's leaf (and the CA cert) into a fresh folder; returns the TLS setup.
+    fn setup_from(ca: &crate::net::certs::ClusterCa, trust: &crate::net::certs::ClusterCa, name: &str) -> TlsSetup {
+        let dir = std::env::temp_dir().join(format!("troupe-mtls-{}-{name}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let leaf = ca.issue(name, &["127.0.0.1".into()]).unwrap();
+        let (ca_path, cert, key) = (dir.join("ca.pem"), dir.join("cert.pem"), dir.join("key.pem"));
+        std::fs::write(&ca_path, &trust.pem().cert_pem).unwrap();
+        std::fs::write(&cert, &leaf.cert_pem).unwrap();
+        std::fs::write(&key, &leaf.key_pem).unwrap();
+        TlsSetup::ClusterCa { ca: ca_path, cert, key }
+    }
+
+    fn ep(tls: TlsSetup) -> quinn::Endpoint {
+        make_endpoint("127.0.0.1:0".parse().unwrap(), &NetOptions { tls, ..NetOptions::default() }).unwrap()
+    }
+
+    /// Connects `client` to `server`: (client result, server result). A client whose own
+    /// certificate is refused may finish its side of the TLS 1.3 handshake before the server
+    /// rejects it, so a client "success" counts only if the connection then stays up.
+    async fn try_connect(
+        client: &quinn::Endpoint,
+        server: &quinn::Endpoint,
+    ) -> (Result<quinn::Connection, quinn::ConnectionError>, Result<quinn::Connection, quinn::ConnectionError>) {
+        let addr = server.local_addr().unwrap();
+        let c = async {
+            let conn = client.connect(addr, TLS_SERVER_NAME).unwrap().await?;
+            match tokio::time::timeout(Duration::from_millis(500), conn.closed()).await {
+                Ok(e) => Err(e),
+                Err(_) => Ok(conn),
+            }
+        };
+        let s = async { server.accept().await.expect("incoming").await };
+        tokio::time::timeout(Duration::from_secs(10), async { tokio::join!(c, s) }).await.expect("no hang")
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn cluster_ca_mutual_tls_accepts_members() {
+        let ca = crate::net::certs::ClusterCa::generate("test CA").unwrap();
+        let server = ep(setup_from(&ca, &ca, "member-server"));
+        let client = ep(setup_from(&ca, &ca, "member-client"));
+        let (c, s) = try_connect(&client, &server).await;
+        let (c, s) = (c.expect("client side"), s.expect("server side"));
+        // Both sides saw the other's certificate: this is mutual TLS.
+        for conn in [&c, &s] {
+            let chain = conn.peer_identity().expect("peer identity");
+            let chain = chain.downcast::<Vec<CertificateDer<'static>>>().unwrap();
+            assert_eq!(chain.len(), 1);
+        }
+        let mut x = [0u8; 32];
+        let mut y = [0u8; 32];
+        c.export_keying_material(&mut x, b"l", b"").unwrap();
+        s.export_keying_material(&mut y, b"l", b"").unwrap();
+        assert_eq!(x, y);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn cluster_ca_refuses_foreign_and_missing_client_certs() {
+        let ca = crate::net::certs::ClusterCa::generate("test CA").unwrap();
+        let other = crate::net::certs::ClusterCa::generate("foreign CA").unwrap();
+        let server = ep(setup_from(&ca, &ca, "refuse-server"));
+
+        // Client certificate from another CA (the client trusts our CA, so only the server
+        // can refuse).
+        let foreign = ep(setup_from(&other, &ca, "refuse-foreign"));
+        let (c, s) = try_connect(&foreign, &server).await;
+        let s = s.expect_err("server must refuse a foreign client certificate");
+        assert!(crate::net::is_tls_handshake_failure(&s), "{s:?}");
+        let c = c.expect_err("client must see the refusal");
+        assert!(crate::net::describe_connection_error(&c).contains("TLS"), "{c:?}");
+
+        // No client certificate at all.
+        let anonymous = ep(TlsSetup::SelfSignedUnverified);
+        let (c, s) = try_connect(&anonymous, &server).await;
+        let s = s.expect_err("server must refuse a client without a certificate");
+        assert!(crate::net::is_tls_handshake_failure(&s), "{s:?}");
+        assert!(c.is_err(), "client must see the refusal");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn cluster_ca_client_refuses_foreign_server() {
+        let ca = crate::net::certs::ClusterCa::generate("test CA").unwrap();
+        let other = crate::net::certs::ClusterCa::generate("foreign CA").unwrap();
+        // The server trusts our CA but presents a certificate from another one.
+        let server = ep(setup_from(&other, &ca, "impostor-server"));
+        let client = ep(setup_from(&ca, &ca, "honest-client"));
+        let (c, s) = try_connect(&client, &server).await;
+        let c = c.expect_err("client must refuse a foreign server certificate");
+        assert!(crate::net::is_tls_handshake_failure(&c), "{c:?}");
+        let text = crate::net::describe_connection_error(&c);
+        assert!(text.contains("TLS handshake failed") && text.contains("UnknownIssuer"), "{text}");
+        assert!(s.is_err(), "server side must fail too");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn cluster_ca_missing_files_are_clear_errors() {
+        let missing = std::env::temp_dir().join("troupe-no-such-dir/ca.pem");
+        let tls = TlsSetup::ClusterCa { ca: missing.clone(), cert: missing.clone(), key: missing.clone() };
+        let err = make_endpoint("127.0.0.1:0".parse().unwrap(), &NetOptions { tls, ..NetOptions::default() })
+            .expect_err("missing files");
+        let text = err.to_string();
+        assert!(text.contains(&missing.display().to_string()) && text.contains("init-certs"), "{text}");
     }
 }

@@ -9,18 +9,21 @@
 //!   never crosses the wire and a proof cannot be replayed on another connection.
 //! - [`close`]: application close codes and readable descriptions of connection errors.
 //!
-//! Authentication model of this version: TLS gives confidentiality and integrity, but the
-//! client does not verify the server certificate (see [`endpoint::UnverifiedServerCert`]);
-//! who may talk to whom is decided by the join-token proof exchanged right after the
-//! handshake. Mutual TLS with a cluster CA is the planned next step and slots into
-//! [`TlsSetup`].
+//! Authentication model: with [`TlsSetup::SelfSignedUnverified`] (the default) TLS gives
+//! confidentiality and integrity, but the client does not verify the server certificate
+//! (see [`endpoint::UnverifiedServerCert`]); who may talk to whom is decided by the
+//! join-token proof exchanged right after the handshake. With [`TlsSetup::ClusterCa`] every
+//! connection is mutual TLS 1.3 against a cluster CA ([`certs`], `troupe init-certs`): a
+//! peer without a certificate from that CA fails the handshake. The join token, when set,
+//! is still checked on top.
 
+pub mod certs;
 pub mod close;
 pub mod endpoint;
 mod frame;
 mod proof;
 
-pub use close::{describe_close_code, describe_connection_error};
+pub use close::{describe_close_code, describe_connection_error, is_tls_handshake_failure};
 pub use endpoint::{make_endpoint, CongestionControl, NetOptions, TlsSetup, ALPN, TLS_SERVER_NAME};
 pub use frame::{
     decode_frame, encode_frame, read_frame, read_frame_bytes, write_frame, FrameDecoder, FRAME_HEADER_LEN,

@@ -20,6 +20,7 @@ use troupe_common::config::Config;
 use troupe_common::events::{EventLog, RunEvent};
 use troupe_common::metrics::CoordinatorMetrics;
 use troupe_common::proto::{Capabilities, FileDigest};
+use troupe_common::status::{RunStatus, SharedStatus, WorkerStatus};
 
 /// How often the core's leases are checked.
 const TICK: Duration = Duration::from_millis(250);
@@ -34,6 +35,8 @@ pub struct CoordinatorOptions {
     pub metrics: CoordinatorMetrics,
     /// Print progress lines to stdout.
     pub show_progress: bool,
+    /// Kept up to date for `GET /status`.
+    pub status: SharedStatus,
 }
 
 #[derive(Debug, Clone)]
@@ -73,6 +76,7 @@ pub struct CoordinatorState {
     progress: Option<Progress>,
     outcome: Option<RunOutcome>,
     done: Option<oneshot::Sender<RunOutcome>>,
+    status: SharedStatus,
 }
 
 /// Runs a whole training run; returns when it is finished (or failed).
@@ -130,7 +134,7 @@ impl Actor for Coordinator {
     type Arguments = CoordinatorArgs;
 
     async fn pre_start(&self, me: ActorRef<CoordinatorMsg>, args: CoordinatorArgs) -> Result<CoordinatorState, ActorProcessingErr> {
-        let CoordinatorOptions { config, endpoint, resume, metrics, show_progress } = args.options;
+        let CoordinatorOptions { config, endpoint, resume, metrics, show_progress, status } = args.options;
         let events = EventLog::open(&config.run_dir())?;
         let checkpointer = spawn_checkpointer(&me, &config).await?;
         Actor::spawn_linked(
@@ -161,6 +165,7 @@ impl Actor for Coordinator {
             progress,
             outcome: None,
             done: Some(args.done),
+            status,
         })
     }
 
@@ -225,6 +230,42 @@ impl CoordinatorState {
             self.execute(me, command);
         }
         self.update_worker_gauges();
+        self.publish_status();
+    }
+
+    fn publish_status(&self) {
+        let now = Instant::now();
+        let snap = self.core.snapshot();
+        let phase = format!("{:?}", snap.phase).to_lowercase();
+        let workers = self
+            .core
+            .workers()
+            .iter()
+            .map(|(id, w)| WorkerStatus {
+                worker_id: *id,
+                rank: w.rank,
+                addr: w.info.peer_addr.to_string(),
+                hostname: w.info.hostname.clone(),
+                state: if w.ready { "ready" } else { "joining" }.into(),
+                last_heartbeat_ms: now.saturating_duration_since(w.last_seen).as_millis() as u64,
+                step_seconds: w.last_step_seconds,
+                metrics: w.info.metrics_addr.map(|a| format!("http://{a}/metrics")),
+            })
+            .collect();
+        let status = RunStatus {
+            run: self.config.run.name.clone(),
+            phase,
+            step: snap.completed_steps,
+            total_steps: snap.total_steps,
+            loss: snap.last_loss,
+            val_loss: snap.last_val_loss,
+            tokens_per_second: snap.last_tokens_per_second,
+            last_checkpoint: snap.last_checkpoint,
+            workers,
+        };
+        if let Ok(mut shared) = self.status.write() {
+            *shared = status;
+        }
     }
 
     fn execute(&mut self, me: &ActorRef<CoordinatorMsg>, command: Command) {

@@ -122,7 +122,15 @@ async fn serve_connection(me: &ActorRef<SessionMsg>, args: SessionArgs) -> Resul
         metrics.refused_connections_total.with_label_values(&[reason]).inc();
     };
     let handshake = async {
-        let conn = incoming.await.map_err(|e| format!("QUIC handshake with {remote} failed: {e}"))?;
+        let conn = incoming.await.map_err(|e| {
+            // A peer without a certificate from the cluster CA ends here, before any troupe
+            // message: say so with its address, not just a TLS alert number.
+            if net::is_tls_handshake_failure(&e) {
+                format!("TLS handshake with {remote} failed, peer not admitted: {}", net::describe_connection_error(&e))
+            } else {
+                format!("QUIC handshake with {remote} failed: {}", net::describe_connection_error(&e))
+            }
+        })?;
         let (send, mut recv) = conn
             .accept_bi()
             .await

@@ -38,6 +38,9 @@ pub struct WorkerOptions {
     pub device: Device,
     /// Keep retrying to reach the coordinator this long.
     pub connect_timeout: Duration,
+    /// TLS of this worker's endpoint (towards the coordinator and the ring peers); must match
+    /// the coordinator's: `ClusterCa` with a certificate from the same CA, or the default.
+    pub tls: net::TlsSetup,
 }
 
 /// How a worker's participation ended.
@@ -52,7 +55,7 @@ pub async fn run_worker(opts: WorkerOptions) -> anyhow::Result<WorkerExit> {
     tch::set_num_threads(threads as i32);
     tch::set_num_interop_threads(1);
 
-    let endpoint = net::make_endpoint(opts.listen, &NetOptions::default())?;
+    let endpoint = net::make_endpoint(opts.listen, &NetOptions { tls: opts.tls.clone(), ..NetOptions::default() })?;
     let bound = endpoint.local_addr()?;
     let peer_addr = match opts.advertise {
         Some(a) => a,
@@ -61,12 +64,14 @@ pub async fn run_worker(opts: WorkerOptions) -> anyhow::Result<WorkerExit> {
     };
     let worker_metrics = WorkerMetrics::new(&format!("{}", std::process::id()));
     let metrics_addr = match opts.metrics_listen {
-        Some(addr) => Some(metrics::serve(worker_metrics.registry.clone(), addr).await?),
+        Some(addr) => Some(metrics::serve(worker_metrics.registry.clone(), addr, None).await?),
         None => None,
     };
 
     let conn = connect_with_retry(&endpoint, opts.coordinator, opts.connect_timeout).await?;
-    let (mut send, mut recv) = conn.open_bi().await?;
+    let (mut send, mut recv) = conn.open_bi().await.map_err(|e| {
+        anyhow::anyhow!("the coordinator at {} dropped the connection: {}", opts.coordinator, net::describe_connection_error(&e))
+    })?;
     let join_proof = if opts.token.is_empty() { [0u8; 32] } else { net::join_proof(&conn, &opts.token)? };
     let hello = Hello {
         protocol_version: PROTOCOL_VERSION,
@@ -120,6 +125,11 @@ async fn connect_with_retry(endpoint: &quinn::Endpoint, addr: SocketAddr, timeou
         let attempt = async { endpoint.connect(addr, net::TLS_SERVER_NAME)?.await.map_err(anyhow::Error::from) };
         match attempt.await {
             Ok(conn) => return Ok(conn),
+            // A refused certificate stays refused: fail now instead of retrying until the timeout.
+            Err(e) if e.downcast_ref::<quinn::ConnectionError>().is_some_and(net::is_tls_handshake_failure) => {
+                let detail = e.downcast_ref::<quinn::ConnectionError>().map(net::describe_connection_error).unwrap_or_default();
+                anyhow::bail!("TLS handshake with the coordinator at {addr} failed: {detail}")
+            }
             Err(e) if Instant::now() + backoff < deadline => {
                 tracing::debug!("coordinator at {addr} not reachable yet ({e}); retrying in {backoff:?}");
                 tokio::time::sleep(backoff).await;

@@ -1,0 +1,38 @@
+//! What `troupe status` shows: the coordinator publishes it as JSON on `GET /status`, beside
+//! `/metrics`, and refreshes it on every event and timer tick.
+
+use serde::{Deserialize, Serialize};
+use std::sync::{Arc, RwLock};
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct RunStatus {
+    pub run: String,
+    /// gathering | starting | training | finishing | done
+    pub phase: String,
+    pub step: u64,
+    pub total_steps: u64,
+    pub loss: Option<f64>,
+    pub val_loss: Option<f64>,
+    pub tokens_per_second: Option<f64>,
+    pub last_checkpoint: Option<String>,
+    pub workers: Vec<WorkerStatus>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WorkerStatus {
+    pub worker_id: u64,
+    pub rank: Option<u32>,
+    /// Where ring peers reach it.
+    pub addr: String,
+    pub hostname: String,
+    /// joining | ready
+    pub state: String,
+    /// Milliseconds since anything arrived from it.
+    pub last_heartbeat_ms: u64,
+    /// Its last step's data + compute + communication time.
+    pub step_seconds: Option<f64>,
+    pub metrics: Option<String>,
+}
+
+/// Written by the coordinator, read by the HTTP handler.
+pub type SharedStatus = Arc<RwLock<RunStatus>>;

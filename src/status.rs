@@ -1,0 +1,56 @@
+//! `troupe status`: reads the coordinator's `GET /status` and prints it.
+
+use anyhow::{bail, Context};
+use std::io::{Read, Write};
+use std::time::Duration;
+use troupe_common::status::RunStatus;
+
+/// Fetches `/status` from the coordinator's HTTP address (the one it prints as
+/// "coordinator metrics on http://ADDR/metrics").
+pub fn fetch(addr: &str) -> anyhow::Result<RunStatus> {
+    let addr = addr.trim_start_matches("http://").trim_end_matches('/');
+    let target = std::net::ToSocketAddrs::to_socket_addrs(addr)
+        .with_context(|| format!("{addr:?} is not a host:port address"))?
+        .next()
+        .with_context(|| format!("{addr:?} resolves to no address"))?;
+    let mut stream = std::net::TcpStream::connect_timeout(&target, Duration::from_secs(5))
+        .with_context(|| format!("cannot reach the coordinator's status endpoint at {addr} (its metrics.listen address)"))?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(stream, "GET /status HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n")?;
+    let mut response = Vec::new();
+    stream.take(16 << 20).read_to_end(&mut response)?;
+    let text = String::from_utf8_lossy(&response);
+    let Some((head, body)) = text.split_once("\r\n\r\n") else { bail!("{addr} sent a malformed HTTP response") };
+    if !head.starts_with("HTTP/1.1 200") {
+        bail!("{addr} answered {:?}: is this the coordinator's metrics address?", head.lines().next().unwrap_or(""));
+    }
+    serde_json::from_str(body).with_context(|| format!("{addr} did not answer with a troupe status"))
+}
+
+pub fn print(status: &RunStatus) {
+    let opt = |v: Option<f64>, digits: usize| v.map_or("-".to_string(), |v| format!("{v:.digits$}"));
+    troupe_common::say!(
+        "run {} | {} | step {}/{} | loss {} | val loss {} | {} tok/s",
+        status.run,
+        status.phase,
+        status.step,
+        status.total_steps,
+        opt(status.loss, 4),
+        opt(status.val_loss, 4),
+        opt(status.tokens_per_second, 0)
+    );
+    troupe_common::say!("last checkpoint: {}", status.last_checkpoint.as_deref().unwrap_or("-"));
+    troupe_common::say!("{:>6} {:>4} {:<22} {:<16} {:<8} {:>12} {:>10}", "worker", "rank", "address", "host", "state", "heartbeat", "step (s)");
+    for w in &status.workers {
+        troupe_common::say!(
+            "{:>6} {:>4} {:<22} {:<16} {:<8} {:>10}ms {:>10}",
+            w.worker_id,
+            w.rank.map_or("-".into(), |r| r.to_string()),
+            w.addr,
+            w.hostname,
+            w.state,
+            w.last_heartbeat_ms,
+            opt(w.step_seconds, 3)
+        );
+    }
+}
