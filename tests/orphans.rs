@@ -1,11 +1,13 @@
-//! No orphans: a worker whose coordinator dies (SIGKILL: no goodbye, no QUIC close) stops on
-//! its own once the coordinator's lease runs out, and says why.
+//! Workers end cleanly: one whose coordinator dies (SIGKILL: no goodbye, no QUIC close) stops
+//! on its own once the coordinator's lease runs out, and says why (no orphans); one asked to
+//! stop (SIGTERM) leaves at a step boundary.
 
 mod common;
 
 use common::*;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
+use troupe_common::events::RunEvent;
 
 #[test]
 fn a_worker_exits_when_its_coordinator_is_killed() {
@@ -48,4 +50,39 @@ fn a_worker_exits_when_its_coordinator_is_killed() {
     assert!(!status.success(), "losing the coordinator is an error exit");
     assert!(log.contains("silent for longer than its lease") || log.contains("lost the coordinator"), "{log}");
     assert!(gone_after < Duration::from_secs(10), "{gone_after:?}");
+}
+
+/// SIGTERM to a worker: it leaves at a step boundary; without elastic membership the run
+/// checkpoints there and stops cleanly — every process exits 0 and nothing is lost.
+#[test]
+fn a_worker_asked_to_stop_leaves_at_a_step_boundary() {
+    let dir = scratch("leave");
+    let data = prepare_small_corpus(&dir);
+    let config = tiny_config(&dir, &data, 2, 100_000);
+    let coordinator = CoordinatorProcess::start(&config, &[]);
+    let addr = coordinator.addr.to_string();
+    let workers: Vec<KillOnDrop> = (0..2)
+        .map(|_| {
+            KillOnDrop(
+                troupe()
+                    .args(["worker", "--join", &addr, "--threads", "1"])
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .spawn()
+                    .unwrap(),
+            )
+        })
+        .collect();
+    let run_dir = dir.join("runs/tiny");
+    wait_for_steps(&run_dir, 3, Duration::from_secs(120));
+    std::process::Command::new("kill").args(["-TERM", &workers[1].0.id().to_string()]).status().unwrap();
+    for mut w in workers {
+        assert!(w.0.wait().unwrap().success(), "a worker asked to stop exits 0");
+    }
+    let (status, log) = coordinator.wait();
+    assert!(status.success(), "{log}");
+    let events = events(&run_dir);
+    assert!(events.iter().any(|e| matches!(e, RunEvent::Warning { message, .. } if message.contains("is leaving (SIGTERM"))), "{events:?}");
+    let stopped_at = step_losses(&run_dir).len() as u64;
+    assert!(run_dir.join(format!("checkpoints/step-{stopped_at:06}/MANIFEST")).is_file(), "a checkpoint at step {stopped_at}");
 }

@@ -21,3 +21,4 @@ pub mod status;
 pub mod model;
 pub mod net;
 pub mod proto;
+pub mod signals;

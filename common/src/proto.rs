@@ -60,6 +60,8 @@ pub enum ToCoordinator {
     CheckpointFailed { step: u64, error: String },
     /// The worker hit an error it cannot recover from and is about to exit.
     Failed { error: String },
+    /// The worker was asked to stop (SIGINT/SIGTERM) and will leave at the next step boundary.
+    Leaving { reason: String },
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

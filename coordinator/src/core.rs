@@ -203,18 +203,21 @@ impl Core {
                 self.maybe_done(now, &mut out);
             }
             Event::Tick => self.check_leases(now, &mut out),
-            Event::ShutdownRequested => {
-                self.stop_requested = true;
-                match self.phase {
-                    Phase::Gathering | Phase::Starting => {
-                        self.finish(now, false, Some("stopped before training started".into()), &mut out)
-                    }
-                    // Training: the next step boundary checkpoints and stops.
-                    _ => {}
-                }
-            }
+            Event::ShutdownRequested => self.request_stop(now, &mut out),
         }
         out
+    }
+
+    /// Stop at the next step boundary, after a last checkpoint.
+    fn request_stop(&mut self, now: Instant, out: &mut Vec<Command>) {
+        self.stop_requested = true;
+        match self.phase {
+            Phase::Gathering | Phase::Starting => {
+                self.finish(now, false, Some("stopped before training started".into()), out)
+            }
+            // Training: the next step boundary checkpoints and stops.
+            _ => {}
+        }
     }
 
     fn on_joined(&mut self, now: Instant, id: WorkerId, info: Capabilities, out: &mut Vec<Command>) {
@@ -389,6 +392,18 @@ impl Core {
                     }));
                     self.maybe_done(now, out);
                 }
+            }
+            ToCoordinator::Leaving { reason } => {
+                // Without elastic membership the run cannot go on short of a rank: it
+                // checkpoints at the next step boundary and stops, to be resumed later.
+                let rank = self.rank_of(id).map_or("-".to_string(), |r| r.to_string());
+                out.push(Command::Record(RunEvent::Warning {
+                    step: self.completed,
+                    message: format!(
+                        "worker {id} (rank {rank}) is leaving ({reason}): checkpointing and stopping the run at the next step boundary"
+                    ),
+                }));
+                self.request_stop(now, out);
             }
             ToCoordinator::Failed { error } => {
                 let rank = self.rank_of(id);
@@ -719,6 +734,19 @@ mod tests {
         sim.from(1, ToCoordinator::CheckpointWritten { step: 1, files: vec![] });
         let cmds = sim.on(Event::CheckpointCommitted { step: 1, path: "p".into() });
         assert!(cmds.iter().any(|c| matches!(c, Command::Finish { ok: true, .. })));
+    }
+
+    #[test]
+    fn a_leaving_worker_stops_the_run_at_the_next_step_boundary() {
+        let mut sim = Sim::new(config(2, 100));
+        start(&mut sim, 2);
+        sim.step_done(1, 0, 1.0);
+        let cmds = sim.from(2, ToCoordinator::Leaving { reason: "SIGTERM".into() });
+        assert!(records(&cmds).iter().any(|e| matches!(e, RunEvent::Warning { message, .. } if message.contains("rank 1") && message.contains("SIGTERM"))));
+        let cmds = sim.step_done(2, 0, 1.0);
+        let s = sends(&cmds);
+        assert_eq!(s.iter().filter(|(_, m)| matches!(m, ToWorker::Checkpoint { step: 1, .. })).count(), 2);
+        assert!(!s.iter().any(|(_, m)| matches!(m, ToWorker::Step { .. })));
     }
 
     #[test]

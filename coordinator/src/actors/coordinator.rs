@@ -87,7 +87,7 @@ pub async fn run_coordinator(options: CoordinatorOptions) -> anyhow::Result<RunO
         Actor::spawn(Some("coordinator".into()), Coordinator, CoordinatorArgs { options, done: done_tx }).await?;
     let shutdown = coordinator.clone();
     let signals = tokio::spawn(async move {
-        wait_for_shutdown_signal().await;
+        troupe_common::signals::shutdown_signal().await;
         troupe_common::say_err!("shutdown requested: finishing the current step, writing a checkpoint, stopping the workers");
         let _ = shutdown.cast(CoordinatorMsg::Core(Event::ShutdownRequested));
     });
@@ -97,24 +97,6 @@ pub async fn run_coordinator(options: CoordinatorOptions) -> anyhow::Result<RunO
     endpoint.close(troupe_common::net::close::SHUTDOWN, b"run finished");
     let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
     Ok(outcome.map_err(|_| anyhow::anyhow!("the coordinator stopped without an outcome"))?)
-}
-
-async fn wait_for_shutdown_signal() {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{signal, SignalKind};
-        let (Ok(mut int), Ok(mut term)) = (signal(SignalKind::interrupt()), signal(SignalKind::terminate())) else {
-            return std::future::pending().await;
-        };
-        tokio::select! {
-            _ = int.recv() => {},
-            _ = term.recv() => {},
-        }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = tokio::signal::ctrl_c().await;
-    }
 }
 
 async fn spawn_checkpointer(me: &ActorRef<CoordinatorMsg>, config: &Config) -> Result<ActorRef<CheckpointerMsg>, ActorProcessingErr> {

@@ -110,9 +110,17 @@ pub async fn run_worker(opts: WorkerOptions) -> anyhow::Result<WorkerExit> {
         metrics: worker_metrics,
         done: done_tx,
     };
-    let (_actor, handle) = Actor::spawn(Some("worker".into()), Worker, args).await?;
+    let (actor, handle) = Actor::spawn(Some("worker".into()), Worker, args).await?;
+    // The first SIGINT/SIGTERM leaves at a step boundary; a second one leaves now.
+    let signals = tokio::spawn(async move {
+        let first = troupe_common::signals::shutdown_signal().await;
+        let _ = actor.cast(WorkerMsg::LeaveRequested(first.to_string()));
+        troupe_common::signals::shutdown_signal().await;
+        actor.stop(Some("asked twice to stop".into()));
+    });
     let result = done_rx.await.unwrap_or_else(|_| Err("the worker actor stopped unexpectedly".into()));
     let _ = handle.await;
+    signals.abort();
     conn.close(close_code::SHUTDOWN, b"worker leaving");
     let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
     result.map(WorkerExit::Stopped).map_err(|e| anyhow::anyhow!(e))
@@ -172,6 +180,8 @@ pub enum WorkerMsg {
     FromCoordinator(ToWorker),
     LinkClosed(String),
     Trainer(TrainerReport),
+    /// SIGINT/SIGTERM: leave at the next step boundary.
+    LeaveRequested(String),
 }
 
 /// What the trainer thread reports back.
@@ -283,6 +293,14 @@ impl Actor for Worker {
             WorkerMsg::FromCoordinator(msg) => state.on_coordinator(&me, msg).await,
             WorkerMsg::LinkClosed(reason) => state.stop(&me, Err(reason)),
             WorkerMsg::Trainer(report) => state.on_trainer(&me, report),
+            WorkerMsg::LeaveRequested(signal) => {
+                if state.trainer.is_none() {
+                    state.stop(&me, Ok(format!("{signal} before the run started")));
+                } else {
+                    tracing::info!("{signal}: leaving at the next step boundary (again to leave now)");
+                    state.send(ToCoordinator::Leaving { reason: format!("{signal} on {}", hostname()) });
+                }
+            }
         }
         Ok(())
     }
