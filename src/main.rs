@@ -40,7 +40,7 @@ enum Command {
     #[command(after_help = "Examples:\n  troupe init-certs --out certs --workers 4 --hosts node1,node2,10.0.0.5\n  troupe coordinator --config run.toml --listen 0.0.0.0:7070 --tls-dir certs\n  troupe worker --join node1:7070 --tls-dir certs --tls-worker 0")]
     InitCerts(InitCertsArgs),
     /// Generate text from a checkpoint.
-    #[command(after_help = "Examples:\n  troupe generate --checkpoint runs/shakespeare/checkpoints/step-000300 --prompt 'ROMEO.'\n  troupe generate --checkpoint DIR --prompt 'To be' --max-tokens 50 --temperature 0")]
+    #[command(after_help = "Examples:\n  troupe generate --checkpoint runs/shakespeare/checkpoints/step-000600 --prompt 'ROMEO.'\n  troupe generate --checkpoint DIR --prompt 'To be' --max-tokens 50 --temperature 0")]
     Generate(GenerateArgs),
     /// Show a running job: every worker (rank, address, state, last heartbeat, step time) and
     /// the run (step, loss, tokens/s, last checkpoint).

@@ -180,3 +180,14 @@ fn every_command_has_help_with_examples() {
         assert!(stdout(&out).contains("Examples:"), "{sub} --help has examples");
     }
 }
+
+#[test]
+fn generate_from_a_folder_that_is_not_a_checkpoint_says_so() {
+    let dir = scratch("nogen");
+    let mut cmd = troupe();
+    cmd.args(["generate", "--prompt", "ROMEO.", "--checkpoint"]).arg(&dir);
+    let out = run(cmd, Duration::from_secs(60));
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(err.contains("model.json") && err.contains("is") && err.contains("a troupe checkpoint?"), "{err}");
+}
