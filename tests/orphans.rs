@@ -86,3 +86,53 @@ fn a_worker_asked_to_stop_leaves_at_a_step_boundary() {
     let stopped_at = step_losses(&run_dir).len() as u64;
     assert!(run_dir.join(format!("checkpoints/step-{stopped_at:06}/MANIFEST")).is_file(), "a checkpoint at step {stopped_at}");
 }
+
+/// A worker that stops answering without closing its connection (SIGSTOP) is detected by its
+/// missing heartbeats within the lease; the coordinator names its rank, stops the others and
+/// fails the run cleanly (re-forming without it is elastic membership, a later step).
+#[test]
+fn a_frozen_worker_is_detected_by_its_lease_and_named() {
+    let dir = scratch("frozen");
+    let data = prepare_small_corpus(&dir);
+    let config = tiny_config(&dir, &data, 2, 100_000);
+    let text = std::fs::read_to_string(&config).unwrap().replace("lease_ms = 5000", "lease_ms = 1500");
+    std::fs::write(&config, text).unwrap();
+    let coordinator = CoordinatorProcess::start(&config, &[]);
+    let addr = coordinator.addr.to_string();
+    let mut workers: Vec<KillOnDrop> = (0..2)
+        .map(|_| {
+            KillOnDrop(
+                troupe()
+                    .args(["worker", "--join", &addr, "--threads", "1"])
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .spawn()
+                    .unwrap(),
+            )
+        })
+        .collect();
+    let run_dir = dir.join("runs/tiny");
+    wait_for_steps(&run_dir, 3, Duration::from_secs(120));
+    let frozen = workers.pop().unwrap();
+    std::process::Command::new("kill").args(["-STOP", &frozen.0.id().to_string()]).status().unwrap();
+    let frozen_at = Instant::now();
+    let (status, log) = coordinator.wait();
+    let detected_after = frozen_at.elapsed();
+    println!("the coordinator gave up {detected_after:?} after the worker froze");
+    assert!(!status.success());
+    assert!(log.contains("was lost: no heartbeat for longer than the lease (1500 ms)"), "{log}");
+    // The lease (1.5 s), then the healthy worker's exit: its all-reduce with the frozen peer is
+    // aborted when it stops, not waited out (30 s collective timeout).
+    assert!(detected_after < Duration::from_secs(6), "{detected_after:?}");
+    let events = events(&run_dir);
+    let lost_rank = events.iter().find_map(|e| match e {
+        RunEvent::WorkerLeft { rank, reason, .. } if reason.contains("lease") => Some(*rank),
+        _ => None,
+    });
+    assert!(matches!(lost_rank, Some(Some(_))), "the lost worker's rank is recorded: {events:?}");
+    // The healthy worker was told to stop and exits.
+    let mut healthy = workers.pop().unwrap();
+    let status = healthy.0.wait().unwrap();
+    assert!(status.success() || status.code() == Some(1), "{status}");
+    let _ = std::process::Command::new("kill").args(["-CONT", &frozen.0.id().to_string()]).status();
+}

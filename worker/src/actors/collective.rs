@@ -5,7 +5,9 @@
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use std::net::SocketAddr;
 use std::sync::mpsc::SyncSender;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
+use tokio::sync::Notify;
 use troupe_common::collective::{form_ring, Collective, CollectiveTag, RingCollective};
 use troupe_common::metrics::WorkerMetrics;
 
@@ -20,6 +22,9 @@ pub struct CollectiveArgs {
     pub token: String,
     pub timeout: Duration,
     pub metrics: WorkerMetrics,
+    /// Fired by the Worker when it stops: a collective in flight gives up at once instead of
+    /// waiting out its timeout (a stop cannot reach the mailbox while a handler runs).
+    pub abort: Arc<Notify>,
 }
 
 pub enum CollectiveMsg {
@@ -29,6 +34,7 @@ pub enum CollectiveMsg {
 pub struct CollectiveState {
     ring: RingCollective,
     metrics: WorkerMetrics,
+    abort: Arc<Notify>,
 }
 
 impl Actor for CollectiveActor {
@@ -40,13 +46,16 @@ impl Actor for CollectiveActor {
         let started = Instant::now();
         let ring = form_ring(&a.endpoint, a.rank, a.world_size, a.generation, a.successor, &a.token, a.timeout).await?;
         tracing::info!(rank = a.rank, world = a.world_size, "ring formed in {:?}", started.elapsed());
-        Ok(CollectiveState { ring, metrics: a.metrics })
+        Ok(CollectiveState { ring, metrics: a.metrics, abort: a.abort })
     }
 
     async fn handle(&self, _me: ActorRef<CollectiveMsg>, msg: CollectiveMsg, state: &mut CollectiveState) -> Result<(), ActorProcessingErr> {
         let CollectiveMsg::AllReduce { mut data, tag, reply } = msg;
         let world = state.ring.world_size() as u64;
-        let result = state.ring.all_reduce_sum(&mut data, tag).await;
+        let result = tokio::select! {
+            result = state.ring.all_reduce_sum(&mut data, tag) => result.map_err(|e| e.to_string()),
+            _ = state.abort.notified() => Err(format!("collective {tag} aborted: the worker is stopping")),
+        };
         let outcome = match result {
             Ok(()) => {
                 // What a ring all-reduce sends per rank: 2(W-1)/W of the buffer.
@@ -54,7 +63,7 @@ impl Actor for CollectiveActor {
                 state.metrics.bytes_sent_total.inc_by(bytes);
                 Ok(data)
             }
-            Err(e) => Err(e.to_string()),
+            Err(e) => Err(e),
         };
         let failed = outcome.is_err();
         let _ = reply.send(outcome);

@@ -12,7 +12,7 @@ use crate::trainer::{Trainer, TrainerSetup};
 use ractor::{Actor, ActorProcessingErr, ActorRef, SupervisionEvent};
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::mpsc;
+use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 use tch::Device;
 use tokio::sync::{mpsc as tmpsc, oneshot};
@@ -122,7 +122,11 @@ pub async fn run_worker(opts: WorkerOptions) -> anyhow::Result<WorkerExit> {
     let _ = handle.await;
     signals.abort();
     conn.close(close_code::SHUTDOWN, b"worker leaving");
-    let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
+    if result.is_ok() {
+        // Let the close reach a coordinator that is still there (not worth waiting for
+        // one that is gone).
+        let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
+    }
     result.map(WorkerExit::Stopped).map_err(|e| anyhow::anyhow!(e))
 }
 
@@ -210,6 +214,9 @@ pub struct WorkerState {
     tasks: Vec<tokio::task::JoinHandle<()>>,
     trainer: Option<(mpsc::Sender<TrainerCmd>, std::thread::JoinHandle<()>)>,
     collective: Option<ActorRef<CollectiveMsg>>,
+    abort_collective: Arc<tokio::sync::Notify>,
+    /// The coordinator is gone: nothing queued for it can be delivered.
+    link_lost: bool,
     generation: u64,
     world_size: u32,
     trainer_built: bool,
@@ -280,6 +287,8 @@ impl Actor for Worker {
             tasks: vec![writer, heartbeats, reader],
             trainer: None,
             collective: None,
+            abort_collective: Arc::new(tokio::sync::Notify::new()),
+            link_lost: false,
             generation: 0,
             world_size: 0,
             trainer_built: false,
@@ -291,7 +300,10 @@ impl Actor for Worker {
     async fn handle(&self, me: ActorRef<WorkerMsg>, msg: WorkerMsg, state: &mut WorkerState) -> Result<(), ActorProcessingErr> {
         match msg {
             WorkerMsg::FromCoordinator(msg) => state.on_coordinator(&me, msg).await,
-            WorkerMsg::LinkClosed(reason) => state.stop(&me, Err(reason)),
+            WorkerMsg::LinkClosed(reason) => {
+                state.link_lost = true;
+                state.stop(&me, Err(reason))
+            }
             WorkerMsg::Trainer(report) => state.on_trainer(&me, report),
             WorkerMsg::LeaveRequested(signal) => {
                 if state.trainer.is_none() {
@@ -318,7 +330,9 @@ impl Actor for Worker {
     }
 
     async fn post_stop(&self, me: ActorRef<WorkerMsg>, state: &mut WorkerState) -> Result<(), ActorProcessingErr> {
-        // Stopping the collective also releases a trainer blocked in an all-reduce.
+        // Abort a collective in flight and stop the actor: that releases a trainer blocked in
+        // an all-reduce, so the thread can be joined at once.
+        state.abort_collective.notify_one();
         me.stop_children(None);
         if let Some((cmds, thread)) = state.trainer.take() {
             let _ = cmds.send(TrainerCmd::Stop);
@@ -331,7 +345,11 @@ impl Actor for Worker {
             task.abort();
         }
         drop(std::mem::replace(&mut state.outbox, tmpsc::unbounded_channel().0));
-        let _ = tokio::time::timeout(Duration::from_secs(2), writer).await;
+        if state.link_lost {
+            writer.abort();
+        } else {
+            let _ = tokio::time::timeout(Duration::from_secs(2), writer).await;
+        }
         let result = state.result.take().unwrap_or_else(|| Err("stopped".into()));
         if let Some(done) = state.done.take() {
             let _ = done.send(result);
@@ -406,6 +424,7 @@ impl WorkerState {
                 token: self.token.clone(),
                 timeout: Duration::from_millis(config.cluster.collective_timeout_ms),
                 metrics: self.metrics.clone(),
+                abort: self.abort_collective.clone(),
             };
             Some(args)
         } else {
