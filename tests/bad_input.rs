@@ -105,15 +105,15 @@ fn hostile_peers_are_refused_and_the_run_goes_on() {
     assert!(stderr(&refused).contains("wrong join token"), "{}", stderr(&refused));
 
     // The coordinator still serves real workers: the run completes.
-    let workers: Vec<_> = (0..2)
+    let workers = (0..2)
         .map(|_| {
-            let mut w = troupe();
-            w.args(["worker", "--join", &addr.to_string(), "--threads", "1"]).env("TROUPE_TOKEN", TOKEN);
-            std::thread::spawn(move || run(w, Duration::from_secs(240)))
+            let mut w = worker_command(&addr.to_string());
+            w.env("TROUPE_TOKEN", TOKEN);
+            w
         })
         .collect();
-    for w in workers {
-        assert_success(&w.join().unwrap());
+    for out in run_all(workers, Duration::from_secs(240)) {
+        assert_success(&out);
     }
     let (status, log) = coordinator.wait();
     assert!(status.success(), "coordinator: {status}\n{log}");

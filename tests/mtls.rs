@@ -73,17 +73,15 @@ fn mutual_tls_cluster_trains_without_a_token_and_refuses_strangers() {
 
     // The members, without a token: the run completes over mutual TLS (coordinator links
     // and the worker ring alike).
-    let workers: Vec<_> = (0..2)
+    let workers = (0..2)
         .map(|i| {
-            let mut w = troupe();
-            w.args(["worker", "--join", &addr.to_string(), "--threads", "1", "--tls-worker", &i.to_string()])
-                .arg("--tls-dir")
-                .arg(&certs);
-            std::thread::spawn(move || run(w, Duration::from_secs(240)))
+            let mut w = worker_command(&addr.to_string());
+            w.args(["--tls-worker", &i.to_string()]).arg("--tls-dir").arg(&certs);
+            w
         })
         .collect();
-    for w in workers {
-        assert_success(&w.join().unwrap());
+    for out in run_all(workers, Duration::from_secs(240)) {
+        assert_success(&out);
     }
     let (status, log) = coordinator.wait();
     assert!(status.success(), "coordinator: {status}\n{log}");

@@ -82,18 +82,16 @@ fn workers_on_two_hosts_train_together() {
         .replace("token = \"\"", "token = \"two-hosts\"");
     std::fs::write(&config, text).unwrap();
 
-    let coordinator = hosts.troupe_in(&hosts.a, &["coordinator", "--config", config.to_str().unwrap()]);
-    let coordinator = std::thread::spawn(move || run(coordinator, Duration::from_secs(240)));
-    let mut workers = Vec::new();
+    // The coordinator and both workers run together; each must end successfully.
+    let mut processes = vec![hosts.troupe_in(&hosts.a, &["coordinator", "--config", config.to_str().unwrap()])];
     for ns in [&hosts.a, &hosts.b] {
         let mut w = hosts.troupe_in(ns, &["worker", "--join", &listen, "--threads", "1"]);
         w.env("TROUPE_TOKEN", "two-hosts");
-        workers.push(std::thread::spawn(move || run(w, Duration::from_secs(240))));
+        processes.push(w);
     }
-    for w in workers {
-        assert_success(&w.join().unwrap());
+    for out in run_all(processes, Duration::from_secs(240)) {
+        assert_success(&out);
     }
-    assert_success(&coordinator.join().unwrap());
 
     let events = events(&dir.join("runs/tiny"));
     let addrs: Vec<String> = events

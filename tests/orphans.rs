@@ -61,18 +61,7 @@ fn a_worker_asked_to_stop_leaves_at_a_step_boundary() {
     let config = tiny_config(&dir, &data, 2, 100_000);
     let coordinator = CoordinatorProcess::start(&config, &[]);
     let addr = coordinator.addr.to_string();
-    let workers: Vec<KillOnDrop> = (0..2)
-        .map(|_| {
-            KillOnDrop(
-                troupe()
-                    .args(["worker", "--join", &addr, "--threads", "1"])
-                    .stdout(Stdio::null())
-                    .stderr(Stdio::null())
-                    .spawn()
-                    .unwrap(),
-            )
-        })
-        .collect();
+    let workers = spawn_workers(&addr, 2);
     let run_dir = dir.join("runs/tiny");
     wait_for_steps(&run_dir, 3, Duration::from_secs(120));
     std::process::Command::new("kill").args(["-TERM", &workers[1].0.id().to_string()]).status().unwrap();
@@ -99,18 +88,7 @@ fn a_frozen_worker_is_detected_by_its_lease_and_named() {
     std::fs::write(&config, text).unwrap();
     let coordinator = CoordinatorProcess::start(&config, &[]);
     let addr = coordinator.addr.to_string();
-    let mut workers: Vec<KillOnDrop> = (0..2)
-        .map(|_| {
-            KillOnDrop(
-                troupe()
-                    .args(["worker", "--join", &addr, "--threads", "1"])
-                    .stdout(Stdio::null())
-                    .stderr(Stdio::null())
-                    .spawn()
-                    .unwrap(),
-            )
-        })
-        .collect();
+    let mut workers = spawn_workers(&addr, 2);
     let run_dir = dir.join("runs/tiny");
     wait_for_steps(&run_dir, 3, Duration::from_secs(120));
     let frozen = workers.pop().unwrap();

@@ -246,3 +246,26 @@ impl CoordinatorProcess {
         (status, log)
     }
 }
+
+/// `troupe worker --join ADDR --threads 1`, to add flags or environment to.
+pub fn worker_command(addr: &str) -> Command {
+    let mut cmd = troupe();
+    cmd.args(["worker", "--join", addr, "--threads", "1"]);
+    cmd
+}
+
+/// Starts `n` workers that join `addr`, output discarded; killed when dropped.
+pub fn spawn_workers(addr: &str, n: usize) -> Vec<KillOnDrop> {
+    (0..n)
+        .map(|_| {
+            let child = worker_command(addr).stdout(Stdio::null()).stderr(Stdio::null()).spawn().expect("start a worker");
+            KillOnDrop(child)
+        })
+        .collect()
+}
+
+/// Runs the commands concurrently, each to its end (or killed after `limit`).
+pub fn run_all(cmds: Vec<Command>, limit: Duration) -> Vec<Output> {
+    let handles: Vec<_> = cmds.into_iter().map(|cmd| std::thread::spawn(move || run(cmd, limit))).collect();
+    handles.into_iter().map(|h| h.join().expect("a command runner panicked")).collect()
+}
