@@ -39,7 +39,12 @@ pub fn print(status: &RunStatus) {
         opt(status.val_loss, 4),
         opt(status.tokens_per_second, 0)
     );
-    troupe_common::say!("last checkpoint: {}", status.last_checkpoint.as_deref().unwrap_or("-"));
+    troupe_common::say!(
+        "{} ranks (membership generation {}) | last checkpoint: {}",
+        status.world_size,
+        status.generation,
+        status.last_checkpoint.as_deref().unwrap_or("-")
+    );
     troupe_common::say!("{:>6} {:>4} {:<22} {:<16} {:<8} {:>12} {:>10}", "worker", "rank", "address", "host", "state", "heartbeat", "step (s)");
     for w in &status.workers {
         troupe_common::say!(

@@ -90,7 +90,7 @@ fn coordinator_and_workers_export_metrics_during_a_run() {
     ranks.sort();
     assert_eq!(ranks, vec![0, 1]);
     for w in &status.workers {
-        assert_eq!(w.state, "ready");
+        assert_eq!(w.state, "training");
         assert!(w.last_heartbeat_ms < 5000, "{w:?}");
         assert!(w.step_seconds.is_some() && w.metrics.is_some(), "{w:?}");
     }

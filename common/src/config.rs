@@ -173,6 +173,13 @@ pub struct CheckpointConfig {
 pub struct ClusterConfig {
     /// Number of workers the run waits for before it starts.
     pub workers: usize,
+    /// Elastic membership: the run goes on while at least this many workers remain, and
+    /// pauses (waiting for workers to join) below it. Default 1.
+    #[serde(default = "default_min_workers")]
+    pub min_workers: usize,
+    /// Workers that may join a running run, up to this many in all (0 = `workers`).
+    #[serde(default)]
+    pub max_workers: usize,
     /// Address the coordinator listens on (QUIC, UDP).
     pub listen: String,
     /// Shared secret a worker must prove to join; empty = no token (loopback only).
@@ -184,6 +191,25 @@ pub struct ClusterConfig {
     pub lease_ms: u64,
     /// A collective that does not finish in this time is aborted.
     pub collective_timeout_ms: u64,
+    /// A worker that lost its coordinator keeps trying to rejoin (a restarted coordinator)
+    /// for this long, then exits.
+    #[serde(default = "default_rejoin_ms")]
+    pub rejoin_ms: u64,
+}
+
+fn default_min_workers() -> usize {
+    1
+}
+
+fn default_rejoin_ms() -> u64 {
+    60_000
+}
+
+impl ClusterConfig {
+    /// `max_workers`, with 0 meaning `workers`.
+    pub fn max_workers(&self) -> usize {
+        if self.max_workers == 0 { self.workers } else { self.max_workers }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -287,6 +313,11 @@ impl Config {
         range("cluster.workers", cl.workers, (1..=4096).contains(&cl.workers), "must be 1..=4096")?;
         range("cluster.workers", cl.workers, cl.workers <= t.global_batch,
             "must not exceed train.global_batch (every worker needs at least one sequence per step)")?;
+        range("cluster.min_workers", cl.min_workers, cl.min_workers >= 1 && cl.min_workers <= cl.workers,
+            "must be 1..=cluster.workers")?;
+        range("cluster.max_workers", cl.max_workers, cl.max_workers == 0 || (cl.max_workers >= cl.workers && cl.max_workers <= t.global_batch),
+            "must be 0 (= cluster.workers) or cluster.workers..=train.global_batch")?;
+        range("cluster.rejoin_ms", cl.rejoin_ms, cl.rejoin_ms <= 86_400_000, "must be 0..=86400000")?;
         range("cluster.listen", &cl.listen, cl.listen.parse::<std::net::SocketAddr>().is_ok(),
             "must be an IP:port socket address, e.g. 0.0.0.0:7070")?;
         range("cluster.heartbeat_ms", cl.heartbeat_ms, (10..=600_000).contains(&cl.heartbeat_ms),

@@ -14,6 +14,11 @@ pub enum RunEvent {
     WorkerLeft { step: u64, rank: Option<u32>, worker_id: u64, reason: String },
     Step {
         step: u64,
+        /// The membership generation whose ranks computed this step, and their number.
+        #[serde(default)]
+        generation: u64,
+        #[serde(default)]
+        world_size: u32,
         loss: f64,
         lr: f64,
         tokens_per_sec: f64,
@@ -23,6 +28,11 @@ pub enum RunEvent {
         comm_seconds: f64,
     },
     Eval { step: u64, val_loss: f64, sequences: u64 },
+    /// Membership changed (a worker lost, left or joined): the ranks of `generation` re-formed
+    /// the ring and continue from `step`. `seconds`: from the change to training again.
+    Regrouped { step: u64, generation: u64, world_size: u32, seconds: f64, synced: bool },
+    /// Fewer than `cluster.min_workers` remain: training waits for workers to join.
+    Paused { step: u64, workers: u32, min_workers: u32, reason: String },
     Checkpoint { step: u64, path: String, seconds: f64 },
     CheckpointFailed { step: u64, error: String },
     Warning { step: u64, message: String },
@@ -38,6 +48,8 @@ impl RunEvent {
             | RunEvent::WorkerLeft { step, .. }
             | RunEvent::Step { step, .. }
             | RunEvent::Eval { step, .. }
+            | RunEvent::Regrouped { step, .. }
+            | RunEvent::Paused { step, .. }
             | RunEvent::Checkpoint { step, .. }
             | RunEvent::CheckpointFailed { step, .. }
             | RunEvent::Warning { step, .. }

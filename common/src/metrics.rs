@@ -36,6 +36,13 @@ pub struct CoordinatorMetrics {
     pub eval_loss: Gauge,
     pub actor_restarts_total: IntCounterVec,
     pub refused_connections_total: IntCounterVec,
+    /// Ranks of the current membership generation.
+    pub world_size: IntGauge,
+    pub generation: IntGauge,
+    /// 1 while fewer than `cluster.min_workers` are present.
+    pub paused: IntGauge,
+    pub regroups_total: IntCounter,
+    pub regroup_seconds: Histogram,
 }
 
 impl CoordinatorMetrics {
@@ -87,6 +94,18 @@ impl CoordinatorMetrics {
                 IntCounterVec::new(
                     Opts::new("troupe_refused_connections_total", "Connections refused by the coordinator"),
                     &["reason"],
+                )
+                .unwrap(),
+            ),
+            world_size: register(&r, IntGauge::new("troupe_world_size", "Ranks training in the current membership generation").unwrap()),
+            generation: register(&r, IntGauge::new("troupe_membership_generation", "Membership generation (bumped on every regroup)").unwrap()),
+            paused: register(&r, IntGauge::new("troupe_paused", "1 while the run waits for cluster.min_workers workers").unwrap()),
+            regroups_total: register(&r, IntCounter::new("troupe_regroups_total", "Membership changes after which training resumed").unwrap()),
+            regroup_seconds: register(
+                &r,
+                Histogram::with_opts(
+                    HistogramOpts::new("troupe_regroup_seconds", "From a membership change to training again")
+                        .buckets(seconds_buckets()),
                 )
                 .unwrap(),
             ),

@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use std::net::SocketAddr;
 
 /// Bumped on any incompatible change of a message below or of the bulk-data format.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// The first frame on a worker's control stream.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -50,14 +50,20 @@ pub enum ToCoordinator {
     Hello(Hello),
     /// Liveness, sent every `cluster.heartbeat_ms` whatever the trainer is doing.
     Heartbeat,
-    /// The model is built (and loaded, when resuming) and the ring is formed.
-    Ready { generation: u64 },
+    /// The model is built (and loaded, when resuming), the ring of `generation` is formed,
+    /// and this worker's parameters are those after `completed_steps` optimizer steps.
+    Ready { generation: u64, completed_steps: u64 },
+    /// The state from the sync source is in place: this rank is at `step` completed steps.
+    Synced { generation: u64, step: u64 },
     StepDone(StepReport),
+    /// A collective of `generation` failed or timed out (or the ring could not be formed). The
+    /// step it belonged to was not applied: parameters are as before it.
+    CollectiveFailed { generation: u64, step: Option<u64>, error: String },
     EvalDone(EvalReport),
     /// This rank's files for the checkpoint are written and fsynced in the temporary folder.
-    CheckpointWritten { step: u64, files: Vec<FileDigest> },
+    CheckpointWritten { generation: u64, step: u64, files: Vec<FileDigest> },
     /// This rank could not write its part of the checkpoint.
-    CheckpointFailed { step: u64, error: String },
+    CheckpointFailed { generation: u64, step: u64, error: String },
     /// The worker hit an error it cannot recover from and is about to exit.
     Failed { error: String },
     /// The worker was asked to stop (SIGINT/SIGTERM) and will leave at the next step boundary.
@@ -68,12 +74,20 @@ pub enum ToCoordinator {
 pub enum ToWorker {
     /// Joined. Both sides send heartbeats every `heartbeat_ms` from now on; a side that hears
     /// nothing for `lease_ms` considers the other gone.
-    Welcome { worker_id: u64, heartbeat_ms: u64, lease_ms: u64 },
+    /// A worker that loses its coordinator tries to rejoin (a restarted one) for `rejoin_ms`.
+    Welcome { worker_id: u64, heartbeat_ms: u64, lease_ms: u64, rejoin_ms: u64 },
     /// Liveness of the coordinator, so a worker can tell a long step from a dead coordinator.
     Heartbeat,
     Refused { kind: RefusalKind, reason: String },
-    /// Join the run: build the model, form the ring, answer `Ready`.
+    /// Take part in membership generation `assignment.generation`: build the model (the first
+    /// time), give up whatever the previous generation was doing, form the new ring, answer
+    /// `Ready`. Sent again to every member whenever membership changes.
     Assign(Assignment),
+    /// Too few workers remain: give up the current step and wait for the next `Assign`.
+    Pause { generation: u64, reason: String },
+    /// Make every rank's parameters and optimizer state equal to `source_rank`'s, which is at
+    /// `step` completed steps (a broadcast over the ring), then answer `Synced`.
+    Sync { generation: u64, source_rank: u32, step: u64 },
     /// Run optimizer step `step` (0-based: the step after `step` completed steps).
     Step { step: u64 },
     /// Compute this rank's share of the validation loss with the current parameters.
@@ -96,19 +110,22 @@ pub struct Assignment {
     pub config_toml: String,
     /// The run folder; checkpoint folders below are given as paths too.
     pub run_dir: String,
-    /// Checkpoint folder to load parameters, optimizer state and cursor from.
+    /// Checkpoint folder to load parameters, optimizer state and cursor from; only used by a
+    /// worker that does not hold a model yet, and only when no member holds the state.
     pub resume_from: Option<String>,
-    /// Completed steps at the start (0 for a fresh run).
+    /// Completed steps in `resume_from` (0 for a fresh run).
     pub start_step: u64,
 }
 
 /// One rank's result for one optimizer step.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StepReport {
+    pub generation: u64,
     pub step: u64,
-    /// This rank's share of the global mean loss: Σ over its sequences of the per-sequence
-    /// mean loss, divided by the global batch. Summed over ranks it is the step's loss.
-    pub loss_share: f64,
+    /// The step's mean loss over the whole global batch (summed over ranks with the
+    /// gradients, so every rank reports the same value).
+    pub loss: f64,
+    /// Tokens this rank trained on.
     pub tokens: u64,
     /// Global gradient norm before clipping (identical on every rank).
     pub grad_norm: f64,
@@ -120,6 +137,7 @@ pub struct StepReport {
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct EvalReport {
+    pub generation: u64,
     pub step: u64,
     /// Σ over this rank's validation sequences of their mean token loss.
     pub loss_sum: f64,
@@ -182,10 +200,11 @@ mod tests {
             hello(PROTOCOL_VERSION),
             ToCoordinator::Heartbeat,
             ToCoordinator::StepDone(StepReport {
-                step: 3, loss_share: 1.5, tokens: 10, grad_norm: 0.5, lr: 1e-3,
+                generation: 2, step: 3, loss: 1.5, tokens: 10, grad_norm: 0.5, lr: 1e-3,
                 data_seconds: 0.1, compute_seconds: 0.2, comm_seconds: 0.3,
             }),
             ToCoordinator::CheckpointWritten {
+                generation: 1,
                 step: 4,
                 files: vec![FileDigest { name: "a".into(), size: 1, sha256: "ab".into() }],
             },

@@ -7,7 +7,7 @@ use std::sync::{Arc, RwLock};
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct RunStatus {
     pub run: String,
-    /// gathering | starting | training | finishing | done
+    /// gathering | forming | syncing | training | paused | finishing | done
     pub phase: String,
     pub step: u64,
     pub total_steps: u64,
@@ -15,6 +15,11 @@ pub struct RunStatus {
     pub val_loss: Option<f64>,
     pub tokens_per_second: Option<f64>,
     pub last_checkpoint: Option<String>,
+    /// Ranks of the current membership generation, and that generation.
+    #[serde(default)]
+    pub world_size: u32,
+    #[serde(default)]
+    pub generation: u64,
     pub workers: Vec<WorkerStatus>,
 }
 
@@ -25,7 +30,7 @@ pub struct WorkerStatus {
     /// Where ring peers reach it.
     pub addr: String,
     pub hostname: String,
-    /// joining | ready
+    /// forming | ready | syncing | training | waiting (to be taken in) | leaving | idle
     pub state: String,
     /// Milliseconds since anything arrived from it.
     pub last_heartbeat_ms: u64,

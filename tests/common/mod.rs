@@ -201,6 +201,7 @@ pub fn wait_for_steps(run_dir: &Path, n: usize, limit: Duration) {
 pub struct CoordinatorProcess {
     pub process: KillOnDrop,
     pub addr: std::net::SocketAddr,
+    stdout: Option<std::thread::JoinHandle<Vec<String>>>,
     stderr: Option<std::thread::JoinHandle<Vec<String>>>,
 }
 
@@ -223,12 +224,13 @@ impl CoordinatorProcess {
         let stderr = process.0.stderr.take().expect("piped stderr");
         let stderr = std::thread::spawn(move || std::io::BufReader::new(stderr).lines().map_while(Result::ok).collect());
         let (tx, rx) = std::sync::mpsc::channel::<String>();
-        std::thread::spawn(move || {
+        let stdout = std::thread::spawn(move || {
+            let mut all = Vec::new();
             for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
+                let _ = tx.send(line.clone());
+                all.push(line);
             }
+            all
         });
         let addr = loop {
             let line = rx.recv_timeout(Duration::from_secs(60)).expect("the coordinator starts listening");
@@ -236,14 +238,16 @@ impl CoordinatorProcess {
                 break rest.split(';').next().unwrap_or_default().trim().parse().expect("a socket address");
             }
         };
-        CoordinatorProcess { process, addr, stderr: Some(stderr) }
+        CoordinatorProcess { process, addr, stdout: Some(stdout), stderr: Some(stderr) }
     }
 
-    /// Waits for the coordinator to exit; its exit status and everything it wrote to stderr.
+    /// Waits for the coordinator to exit; its exit status and everything it wrote (its
+    /// progress lines on stdout, then its log on stderr).
     pub fn wait(mut self) -> (std::process::ExitStatus, String) {
         let status = self.process.0.wait().expect("wait for the coordinator");
-        let log = self.stderr.take().map(|h| h.join().unwrap_or_default().join("\n")).unwrap_or_default();
-        (status, log)
+        let out = self.stdout.take().map(|h| h.join().unwrap_or_default().join("\n")).unwrap_or_default();
+        let err = self.stderr.take().map(|h| h.join().unwrap_or_default().join("\n")).unwrap_or_default();
+        (status, format!("{out}\n{err}"))
     }
 }
 

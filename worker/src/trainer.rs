@@ -51,6 +51,9 @@ pub struct TrainerSetup {
 /// Sums a flat gradient over all ranks, in place (blocking).
 pub type Reduce<'a> = dyn FnMut(&mut Vec<f32>, CollectiveTag) -> Result<(), String> + 'a;
 
+/// Makes every rank's buffer equal to rank `root`'s, in place (blocking).
+pub type Broadcast<'a> = dyn FnMut(&mut Vec<f32>, u32, CollectiveTag) -> Result<(), String> + 'a;
+
 pub struct Trainer {
     config: Config,
     rank: usize,
@@ -68,7 +71,11 @@ pub struct Trainer {
     /// Completed optimizer steps.
     step: u64,
     tokens_seen: u64,
+    /// Membership generation this rank trains in; collective tags restart with each one.
+    generation: u64,
     collective_seq: u64,
+    /// `TROUPE_TRACE_SAMPLES`: a file where each step's sample indices are logged (tests).
+    sample_trace: Option<std::fs::File>,
 }
 
 impl Trainer {
@@ -127,12 +134,56 @@ impl Trainer {
             sampler,
             step,
             tokens_seen,
+            generation: 0,
             collective_seq: 0,
+            sample_trace: open_sample_trace()?,
         })
     }
 
     pub fn completed_steps(&self) -> u64 {
         self.step
+    }
+
+    /// Takes this rank's place in a new membership generation. The global batch stays fixed:
+    /// the sampler splits it over the new world size, so micro-batch counts adjust.
+    pub fn set_membership(&mut self, generation: u64, rank: usize, world_size: usize) {
+        self.generation = generation;
+        self.rank = rank;
+        self.world_size = world_size;
+        self.collective_seq = 0;
+    }
+
+    fn next_tag(&mut self, step: u64) -> CollectiveTag {
+        self.collective_seq += 1;
+        CollectiveTag { step, seq: self.collective_seq }
+    }
+
+    /// Makes this rank's parameters and optimizer state those of rank `source_rank`, which has
+    /// completed `step` steps: one broadcast of parameters and both AdamW moments.
+    pub fn sync_state(&mut self, source_rank: u32, step: u64, broadcast: &mut Broadcast<'_>) -> Result<(), TrainerError> {
+        let is_source = self.rank as u32 == source_rank;
+        if is_source && step != self.step {
+            return Err(TrainerError::Other(format!("asked to be the sync source at step {step}, but {} steps are completed", self.step)));
+        }
+        let tag = self.next_tag(step);
+        let moments = self.optimizer.moments();
+        let groups: [&[Tensor]; 3] = [&self.params, &moments.0, &moments.1];
+        let mut flat = if is_source {
+            groups.iter().flat_map(|g| model::flatten(g)).collect()
+        } else {
+            vec![0f32; groups.iter().map(|g| model::total_numel(g)).sum()]
+        };
+        broadcast(&mut flat, source_rank, tag).map_err(|error| TrainerError::Collective { step, error })?;
+        let mut offset = 0;
+        for group in groups {
+            let n = model::total_numel(group);
+            model::unflatten_into(group, &flat[offset..offset + n])?;
+            offset += n;
+        }
+        self.optimizer.set_step_count(step);
+        self.step = step;
+        self.tokens_seen = step * (self.config.train.global_batch * self.config.model.block_size) as u64;
+        Ok(())
     }
 
     pub fn model(&self) -> &Gpt {
@@ -144,7 +195,7 @@ impl Trainer {
         if step != self.step {
             return Err(TrainerError::Other(format!("asked for step {step}, but {} steps are completed", self.step)));
         }
-        let cfg = &self.config;
+        let cfg = self.config.clone();
         let global_batch = cfg.train.global_batch;
         // Dropout masks depend on (seed, step, rank) only, so a resumed run draws the same ones.
         tch::manual_seed((cfg.run.seed as i64).wrapping_add((step as i64).wrapping_mul(1_000_003)).wrapping_add(self.rank as i64));
@@ -167,12 +218,22 @@ impl Trainer {
             compute_s += t.elapsed().as_secs_f64();
         }
 
+        self.trace_samples(step, &ids);
+        let mut loss = loss_share;
         if self.world_size > 1 {
             let t = Instant::now();
+            // The loss shares ride at the end of the gradient: one collective, and every rank
+            // learns the step's loss.
             let mut flat = model::flat_grads(&self.params);
-            self.collective_seq += 1;
-            let tag = CollectiveTag { step, seq: self.collective_seq };
-            reduce(&mut flat, tag).map_err(|error| TrainerError::Collective { step, error })?;
+            flat.push(loss_share as f32);
+            let tag = self.next_tag(step);
+            if let Err(error) = reduce(&mut flat, tag) {
+                // Nothing was applied: the parameters stay those after `step` steps, ready to
+                // redo this step in the next membership generation.
+                model::zero_grads(&self.params);
+                return Err(TrainerError::Collective { step, error });
+            }
+            loss = flat.pop().map_or(f64::NAN, f64::from);
             model::set_flat_grads(&self.params, &flat)?;
             comm_s += t.elapsed().as_secs_f64();
         }
@@ -189,11 +250,12 @@ impl Trainer {
         compute_s += t.elapsed().as_secs_f64();
 
         let tokens = (ids.len() * cfg.model.block_size) as u64;
-        self.tokens_seen += tokens * self.world_size as u64;
+        self.tokens_seen += (global_batch * cfg.model.block_size) as u64;
         self.step += 1;
         Ok(StepReport {
+            generation: self.generation,
             step,
-            loss_share,
+            loss,
             tokens,
             grad_norm,
             lr,
@@ -224,7 +286,7 @@ impl Trainer {
             let loss = self.model.loss(&x, &y, false);
             loss_sum += loss.to_kind(Kind::Double).f_double_value(&[])? * chunk.len() as f64;
         }
-        Ok(EvalReport { step, loss_sum, sequences: ids.len() as u64 })
+        Ok(EvalReport { generation: self.generation, step, loss_sum, sequences: ids.len() as u64 })
     }
 
     /// Writes this rank's part of the checkpoint into `dir` (a temporary folder the
@@ -264,6 +326,33 @@ impl Trainer {
         }
         checkpoint::fsync_path(dir)?;
         Ok(files)
+    }
+}
+
+/// `TROUPE_TRACE_SAMPLES=DIR`: each rank appends `generation step rank world_size indices…`
+/// to `DIR/samples-<pid>.txt` for every step it contributes to, so tests can check that no
+/// sample is lost or repeated across membership changes.
+fn open_sample_trace() -> Result<Option<std::fs::File>, TrainerError> {
+    let Some(dir) = std::env::var_os("TROUPE_TRACE_SAMPLES") else { return Ok(None) };
+    let path = PathBuf::from(dir).join(format!("samples-{}.txt", std::process::id()));
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)
+        .map(Some)
+        .map_err(|e| TrainerError::Other(format!("cannot open the sample trace {}: {e}", path.display())))
+}
+
+impl Trainer {
+    fn trace_samples(&mut self, step: u64, ids: &[u64]) {
+        use std::io::Write;
+        let Some(file) = self.sample_trace.as_mut() else { return };
+        let mut line = format!("{} {step} {} {}", self.generation, self.rank, self.world_size);
+        for id in ids {
+            line.push_str(&format!(" {id}"));
+        }
+        line.push('\n');
+        let _ = file.write_all(line.as_bytes());
     }
 }
 

@@ -128,7 +128,7 @@ pub async fn form_ring(
     if world == 1 {
         return Ok(ring);
     }
-    let me = Arc::new(Me { rank, world, generation, token: token.to_string(), abandoned: Mutex::new(None) });
+    let me = Arc::new(Me { rank, world, generation, token: token.to_string(), abandoned: Mutex::new(None), successor_refusal: Mutex::new(None) });
     let succ_rank = (rank + 1) % world;
     let pred_rank = (rank + world - 1) % world;
     let refusals = Mutex::new(Vec::<String>::new());
@@ -156,10 +156,16 @@ pub async fn form_ring(
         Err(_) => {
             let refused = refusals.lock().map(|v| v.join("; ")).unwrap_or_default();
             let pred_name = format!("predecessor rank {pred_rank}");
+            let succ_refusal = me.successor_refusal.lock().ok().and_then(|r| r.clone());
             if pred.is_none() && !refused.is_empty() {
                 Err(CollectiveError::Refused {
                     peer: pred_name,
                     reason: format!("no acceptable connection within {timeout:?}; refused: {refused}"),
+                })
+            } else if let (None, Some(reason)) = (&succ, succ_refusal) {
+                Err(CollectiveError::Refused {
+                    peer: peer_desc("successor", succ_rank, successor_addr),
+                    reason: format!("still refusing after {timeout:?}: {reason}"),
                 })
             } else {
                 let mut waiting = Vec::new();
@@ -211,6 +217,8 @@ struct Me {
     token: String,
     /// Set when this rank's formation failed: why.
     abandoned: Mutex<Option<String>>,
+    /// The successor's last refusal worth retrying (it was in another generation).
+    successor_refusal: Mutex<Option<String>>,
 }
 
 impl Me {
@@ -294,12 +302,39 @@ fn refuse(conn: &quinn::Connection, code: VarInt, reason: &str) {
     conn.close(code, &reason_bytes(reason));
 }
 
+/// Connects to the successor, retrying while it refuses because it is still in another
+/// generation or world size: after a membership change ranks start forming the new ring at
+/// slightly different times, and the successor will come around (or the coordinator gives up
+/// on this generation, which cancels this formation).
 async fn connect_successor(
     endpoint: &quinn::Endpoint,
     me: &Me,
     succ_rank: u32,
     addr: SocketAddr,
 ) -> Result<quinn::Connection, CollectiveError> {
+    loop {
+        match connect_successor_once(endpoint, me, succ_rank, addr).await? {
+            Attempt::Linked(conn) => return Ok(conn),
+            Attempt::NotYet(reason) => {
+                tracing::debug!(succ_rank, %addr, %reason, "successor is not in this generation yet; retrying");
+                tokio::time::sleep(CONNECT_RETRY).await;
+            }
+        }
+    }
+}
+
+enum Attempt {
+    Linked(quinn::Connection),
+    /// Refused for a generation or rank mismatch: worth another try.
+    NotYet(String),
+}
+
+async fn connect_successor_once(
+    endpoint: &quinn::Endpoint,
+    me: &Me,
+    succ_rank: u32,
+    addr: SocketAddr,
+) -> Result<Attempt, CollectiveError> {
     let peer = peer_desc("successor", succ_rank, addr);
     let conn = loop {
         let connecting = endpoint.connect(addr, TLS_SERVER_NAME).map_err(|e| CollectiveError::PeerClosed {
@@ -337,6 +372,13 @@ async fn connect_successor(
             let code = VarInt::from_u64(code).unwrap_or(close::PROTOCOL_ERROR);
             // Closing is our job: the refusing side only lingers until we do.
             refuse(&conn, code, &reason);
+            if code == close::GENERATION_MISMATCH || code == close::WRONG_RANK {
+                let reason = format!("{}: {reason}", describe_close_code(code));
+                if let Ok(mut last) = me.successor_refusal.lock() {
+                    *last = Some(reason.clone());
+                }
+                return Ok(Attempt::NotYet(reason));
+            }
             return Err(CollectiveError::Refused {
                 peer,
                 reason: format!("{}: {reason}", describe_close_code(code)),
@@ -350,7 +392,7 @@ async fn connect_successor(
     }
     // The hello stream has done its job; finishing it is best effort.
     let _ = send.finish();
-    Ok(conn)
+    Ok(Attempt::Linked(conn))
 }
 
 async fn accept_predecessor(
@@ -1144,6 +1186,27 @@ mod tests {
         for rank in [0, 2] {
             let e = res[rank].as_ref().err().map(|e| e.to_string()).unwrap_or_default();
             assert!(e.contains("GENERATION_MISMATCH"), "rank {rank}: {e}");
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn broadcast_gives_every_rank_the_roots_bits() {
+        let rings = ring(3).await;
+        let n = 5000;
+        let root_data: Vec<f32> = (0..n).map(|i| ((i as f32) * 0.37).sin() * 1e-3 + if i % 7 == 0 { 1e-40 } else { 0.0 }).collect();
+        let mut hs = Vec::new();
+        for (r, mut ring) in rings.into_iter().enumerate() {
+            let mut d = if r == 1 { root_data.clone() } else { vec![99.0 + r as f32; n] };
+            hs.push(tokio::spawn(async move {
+                ring.broadcast(&mut d, 1, CollectiveTag { step: 3, seq: 1 }).await.unwrap();
+                (ring, d) // the ring stays open until every rank is done
+            }));
+        }
+        let mut kept = Vec::new();
+        for h in hs {
+            let (ring, got) = h.await.unwrap();
+            kept.push(ring);
+            assert!(got.iter().zip(&root_data).all(|(a, b)| a.to_bits() == b.to_bits()), "every rank holds the root's exact values");
         }
     }
 }

@@ -59,6 +59,41 @@ fn ensure_grads(params: &[Tensor]) -> Result<()> {
     })
 }
 
+/// The values of `tensors` (parameters, optimizer moments) concatenated as f32 on the host,
+/// in order: what a broadcast of the training state sends.
+pub fn flatten(tensors: &[Tensor]) -> Vec<f32> {
+    let _no_grad = tch::no_grad_guard();
+    let mut out = vec![0f32; total_numel(tensors)];
+    let mut offset = 0;
+    for t in tensors {
+        let n = t.numel();
+        let host = t.detach().to_device(Device::Cpu).to_kind(Kind::Float).contiguous();
+        host.copy_data(&mut out[offset..offset + n], n);
+        offset += n;
+    }
+    out
+}
+
+/// Writes `flat` (as made by [`flatten`]) back into `tensors`, in place.
+pub fn unflatten_into(tensors: &[Tensor], flat: &[f32]) -> Result<()> {
+    let expected = total_numel(tensors);
+    if flat.len() != expected {
+        return Err(ModelError::LengthMismatch { what: "flat state", expected, found: flat.len() });
+    }
+    let _no_grad = tch::no_grad_guard();
+    let mut offset = 0;
+    for t in tensors {
+        let n = t.numel();
+        let src = Tensor::f_from_slice(&flat[offset..offset + n])?
+            .f_view(t.size().as_slice())?
+            .f_to_device(t.device())?
+            .f_to_kind(t.kind())?;
+        t.shallow_clone().f_copy_(&src)?;
+        offset += n;
+    }
+    Ok(())
+}
+
 /// Writes `flat` (as made by [`flat_grads`]) back into the gradients of `params`.
 pub fn set_flat_grads(params: &[Tensor], flat: &[f32]) -> Result<()> {
     let expected = total_numel(params);

@@ -15,7 +15,7 @@ pub mod optim;
 mod rng;
 
 pub use gpt::{Gpt, GptConfig};
-pub use grads::{clip_grad_norm, flat_grads, grad_norm, set_flat_grads, total_numel, zero_grads};
+pub use grads::{clip_grad_norm, flat_grads, flatten, grad_norm, set_flat_grads, total_numel, unflatten_into, zero_grads};
 pub use optim::{lr_at, AdamW, AdamWConfig};
 
 use std::path::PathBuf;

@@ -78,6 +78,20 @@ impl AdamW {
         self.step
     }
 
+    /// Both moments, one tensor per parameter each (sharing storage with the state: writing
+    /// into them changes the optimizer).
+    pub fn moments(&self) -> (Vec<Tensor>, Vec<Tensor>) {
+        (
+            self.exp_avg.iter().map(|t| t.shallow_clone()).collect(),
+            self.exp_avg_sq.iter().map(|t| t.shallow_clone()).collect(),
+        )
+    }
+
+    /// Sets the number of updates applied (with moments set from another replica).
+    pub fn set_step_count(&mut self, step: u64) {
+        self.step = step;
+    }
+
     /// Which parameters get weight decay, in parameter order.
     pub fn decays(&self) -> &[bool] {
         &self.decay

@@ -228,7 +228,7 @@ impl CoordinatorState {
                 rank: w.rank,
                 addr: w.info.peer_addr.to_string(),
                 hostname: w.info.hostname.clone(),
-                state: if w.ready { "ready" } else { "joining" }.into(),
+                state: w.state_name(snap.phase).into(),
                 last_heartbeat_ms: now.saturating_duration_since(w.last_seen).as_millis() as u64,
                 step_seconds: w.last_step_seconds,
                 metrics: w.info.metrics_addr.map(|a| format!("http://{a}/metrics")),
@@ -243,6 +243,8 @@ impl CoordinatorState {
             val_loss: snap.last_val_loss,
             tokens_per_second: snap.last_tokens_per_second,
             last_checkpoint: snap.last_checkpoint,
+            world_size: snap.world_size as u32,
+            generation: snap.generation,
             workers,
         };
         if let Ok(mut shared) = self.status.write() {
@@ -298,6 +300,10 @@ impl CoordinatorState {
                 m.allreduce_seconds.observe(*comm_seconds);
             }
             RunEvent::Eval { val_loss, .. } => m.eval_loss.set(*val_loss),
+            RunEvent::Regrouped { seconds, .. } => {
+                m.regroups_total.inc();
+                m.regroup_seconds.observe(*seconds);
+            }
             RunEvent::Checkpoint { seconds, .. } => m.checkpoint_seconds.observe(*seconds),
             _ => {}
         }
@@ -308,16 +314,18 @@ impl CoordinatorState {
 
     fn update_worker_gauges(&self) {
         let phase = self.core.phase();
-        let (mut training, mut starting) = (0, 0);
+        let mut by_state: BTreeMap<&'static str, i64> =
+            ["forming", "ready", "syncing", "training", "waiting", "leaving", "idle"].into_iter().map(|s| (s, 0)).collect();
         for w in self.core.workers().values() {
-            if w.ready && phase == Phase::Training {
-                training += 1;
-            } else {
-                starting += 1;
-            }
+            *by_state.entry(w.state_name(phase)).or_default() += 1;
         }
-        self.metrics.workers.with_label_values(&["training"]).set(training);
-        self.metrics.workers.with_label_values(&["joining"]).set(starting);
+        for (state, n) in by_state {
+            self.metrics.workers.with_label_values(&[state]).set(n);
+        }
+        let snap = self.core.snapshot();
+        self.metrics.world_size.set(snap.world_size as i64);
+        self.metrics.generation.set(snap.generation as i64);
+        self.metrics.paused.set(i64::from(phase == Phase::Paused));
     }
 
     async fn restart_checkpointer(&mut self, me: &ActorRef<CoordinatorMsg>, reason: String) -> Result<(), ActorProcessingErr> {
@@ -392,6 +400,11 @@ impl Progress {
                 None => self.line(&format!("training started on {world_size} workers")),
             },
             RunEvent::Warning { message, .. } => self.line(&format!("warning: {message}")),
+            RunEvent::Regrouped { step, generation, world_size, seconds, synced } => self.line(&format!(
+                "regrouped: {world_size} workers (generation {generation}) continue at step {step} after {seconds:.2} s{}",
+                if *synced { ", state synced from a peer" } else { "" }
+            )),
+            RunEvent::Paused { reason, .. } => self.line(&format!("PAUSED: {reason}")),
             RunEvent::Failed { error, .. } => self.line(&format!("run FAILED: {error}")),
             RunEvent::Finished { step, seconds, .. } => {
                 self.line(&format!("finished at step {step} after {} of training", format_duration(*seconds)))

@@ -1,40 +1,42 @@
-//! Collective: owns this rank's ring connections and runs collectives one at a time, in
-//! mailbox order, so every rank runs them in the same order. The trainer thread asks for an
-//! all-reduce and blocks on a reply channel.
+//! Collective: owns this rank's ring of one membership generation and runs collectives one
+//! at a time, in mailbox order, so every rank runs them in the same order. The trainer thread
+//! asks for an all-reduce (or a broadcast) and blocks on a reply channel.
+//!
+//! A collective in flight is abandoned as soon as the Worker announces a newer generation (or
+//! stops): the ring of a membership that no longer exists will never finish, and the trainer
+//! must be free to join the new one. After a failure the ring is in an unknown state, so every
+//! later call fails at once with the same error until the Worker replaces the actor.
 
 use ractor::{Actor, ActorProcessingErr, ActorRef};
-use std::net::SocketAddr;
 use std::sync::mpsc::SyncSender;
-use std::sync::Arc;
-use std::time::{Duration, Instant};
-use tokio::sync::Notify;
-use troupe_common::collective::{form_ring, Collective, CollectiveTag, RingCollective};
+use troupe_common::collective::{Collective, CollectiveTag, RingCollective};
 use troupe_common::metrics::WorkerMetrics;
 
 pub struct CollectiveActor;
 
 pub struct CollectiveArgs {
-    pub endpoint: quinn::Endpoint,
-    pub rank: u32,
-    pub world_size: u32,
+    /// Formed by the Worker for `generation`.
+    pub ring: RingCollective,
     pub generation: u64,
-    pub successor: SocketAddr,
-    pub token: String,
-    pub timeout: Duration,
     pub metrics: WorkerMetrics,
-    /// Fired by the Worker when it stops: a collective in flight gives up at once instead of
-    /// waiting out its timeout (a stop cannot reach the mailbox while a handler runs).
-    pub abort: Arc<Notify>,
+    /// The Worker's current generation (`u64::MAX` once it stops).
+    pub current_generation: tokio::sync::watch::Receiver<u64>,
 }
 
+pub type Reply = SyncSender<Result<Vec<f32>, String>>;
+
 pub enum CollectiveMsg {
-    AllReduce { data: Vec<f32>, tag: CollectiveTag, reply: SyncSender<Result<Vec<f32>, String>> },
+    AllReduce { data: Vec<f32>, tag: CollectiveTag, reply: Reply },
+    /// Every rank ends with rank `root`'s data.
+    Broadcast { data: Vec<f32>, root: u32, tag: CollectiveTag, reply: Reply },
 }
 
 pub struct CollectiveState {
     ring: RingCollective,
+    generation: u64,
     metrics: WorkerMetrics,
-    abort: Arc<Notify>,
+    current_generation: tokio::sync::watch::Receiver<u64>,
+    broken: Option<String>,
 }
 
 impl Actor for CollectiveActor {
@@ -43,33 +45,50 @@ impl Actor for CollectiveActor {
     type Arguments = CollectiveArgs;
 
     async fn pre_start(&self, _me: ActorRef<CollectiveMsg>, a: CollectiveArgs) -> Result<CollectiveState, ActorProcessingErr> {
-        let started = Instant::now();
-        let ring = form_ring(&a.endpoint, a.rank, a.world_size, a.generation, a.successor, &a.token, a.timeout).await?;
-        tracing::info!(rank = a.rank, world = a.world_size, "ring formed in {:?}", started.elapsed());
-        Ok(CollectiveState { ring, metrics: a.metrics, abort: a.abort })
+        Ok(CollectiveState {
+            ring: a.ring,
+            generation: a.generation,
+            metrics: a.metrics,
+            current_generation: a.current_generation,
+            broken: None,
+        })
     }
 
     async fn handle(&self, _me: ActorRef<CollectiveMsg>, msg: CollectiveMsg, state: &mut CollectiveState) -> Result<(), ActorProcessingErr> {
-        let CollectiveMsg::AllReduce { mut data, tag, reply } = msg;
-        let world = state.ring.world_size() as u64;
-        let result = tokio::select! {
-            result = state.ring.all_reduce_sum(&mut data, tag) => result.map_err(|e| e.to_string()),
-            _ = state.abort.notified() => Err(format!("collective {tag} aborted: the worker is stopping")),
+        let (mut data, tag, root, reply) = match msg {
+            CollectiveMsg::AllReduce { data, tag, reply } => (data, tag, None, reply),
+            CollectiveMsg::Broadcast { data, root, tag, reply } => (data, tag, Some(root), reply),
         };
-        let outcome = match result {
+        if let Some(error) = &state.broken {
+            let _ = reply.send(Err(format!("the ring of generation {} failed earlier: {error}", state.generation)));
+            return Ok(());
+        }
+        let generation = state.generation;
+        let mut watch = state.current_generation.clone();
+        let superseded = async move {
+            let _ = watch.wait_for(|g| *g != generation).await;
+        };
+        let result = tokio::select! {
+            result = async {
+                match root {
+                    None => state.ring.all_reduce_sum(&mut data, tag).await,
+                    Some(root) => state.ring.broadcast(&mut data, root, tag).await,
+                }
+            } => result.map_err(|e| e.to_string()),
+            _ = superseded => Err(format!("collective {tag} abandoned: membership generation {generation} is over")),
+        };
+        match result {
             Ok(()) => {
                 // What a ring all-reduce sends per rank: 2(W-1)/W of the buffer.
+                let world = state.ring.world_size() as u64;
                 let bytes = (data.len() as u64 * 4) * 2 * (world - 1) / world.max(1);
                 state.metrics.bytes_sent_total.inc_by(bytes);
-                Ok(data)
+                let _ = reply.send(Ok(data));
             }
-            Err(e) => Err(e),
-        };
-        let failed = outcome.is_err();
-        let _ = reply.send(outcome);
-        if failed {
-            // A failed collective leaves the ring in an unknown state: the worker reports and exits.
-            return Err("collective failed".into());
+            Err(e) => {
+                state.broken = Some(e.clone());
+                let _ = reply.send(Err(e));
+            }
         }
         Ok(())
     }

@@ -2,21 +2,29 @@
 //!
 //! `run_worker` connects to the coordinator (retrying while it is not up yet), says Hello
 //! (protocol version, join-token proof, capabilities) and, once welcomed, hands the connection
-//! to the Worker actor. The actor forwards the coordinator's orders to the trainer thread and
+//! to a Worker actor. The actor forwards the coordinator's orders to the trainer thread and
 //! the trainer's reports back; a writer task owns the control stream's send side so that
-//! heartbeats never wait behind anything else. If the coordinator goes away the worker stops:
-//! no orphans holding a model.
+//! heartbeats never wait behind anything else.
+//!
+//! Membership generations: every `Assign` starts a new one. The worker abandons whatever the
+//! previous generation was doing (a collective in flight fails at once, queued orders are
+//! skipped), forms the new ring off the mailbox, moves the trainer to its new rank, and
+//! answers `Ready` with the number of steps its state has completed.
+//!
+//! If the coordinator goes away the worker stops training (no orphan keeps a model busy) and
+//! tries to join a restarted coordinator for `cluster.rejoin_ms`, then exits.
 
 use super::collective::{CollectiveActor, CollectiveArgs, CollectiveMsg};
-use crate::trainer::{Trainer, TrainerSetup};
+use crate::trainer::{Trainer, TrainerError, TrainerSetup};
 use ractor::{Actor, ActorProcessingErr, ActorRef, SupervisionEvent};
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 use tch::Device;
-use tokio::sync::{mpsc as tmpsc, oneshot};
-use troupe_common::collective::CollectiveTag;
+use tokio::sync::{mpsc as tmpsc, oneshot, watch};
+use troupe_common::collective::{form_ring, CollectiveTag, RingCollective};
 use troupe_common::config::Config;
 use troupe_common::metrics::{self, WorkerMetrics};
 use troupe_common::net::{self, close as close_code, NetOptions};
@@ -67,67 +75,183 @@ pub async fn run_worker(opts: WorkerOptions) -> anyhow::Result<WorkerExit> {
         Some(addr) => Some(metrics::serve(worker_metrics.registry.clone(), addr, None).await?),
         None => None,
     };
+    if let Some(addr) = metrics_addr {
+        tracing::info!("worker metrics on http://{addr}/metrics");
+    }
+    let capabilities = Capabilities {
+        hostname: hostname(),
+        pid: std::process::id(),
+        threads: threads as u32,
+        device: format!("{:?}", opts.device).to_lowercase(),
+        peer_addr,
+        metrics_addr,
+    };
 
-    let conn = connect_with_retry(&endpoint, opts.coordinator, opts.connect_timeout).await?;
+    // A SIGINT/SIGTERM leaves at a step boundary; a second one leaves now. The flag also
+    // covers a signal that arrives while (re)connecting.
+    let signals = Arc::new(SignalState::default());
+    let signal_task = {
+        let signals = signals.clone();
+        tokio::spawn(async move {
+            let first = troupe_common::signals::shutdown_signal().await;
+            signals.note(first.to_string());
+            troupe_common::signals::shutdown_signal().await;
+            signals.note_twice();
+        })
+    };
+
+    // Joins the coordinator; when it goes away (killed, restarted, partitioned), keeps
+    // trying to join it again for its `rejoin_ms`, starting afresh: the restarted coordinator
+    // hands out the state from the newest checkpoint.
+    let mut rejoin: Option<(Instant, String)> = None;
+    let outcome = loop {
+        let timeout = match &rejoin {
+            None => opts.connect_timeout,
+            Some((deadline, _)) => deadline.saturating_duration_since(Instant::now()),
+        };
+        let joined = tokio::select! {
+            joined = join(&endpoint, &opts, capabilities.clone(), timeout) => joined,
+            _ = signals.requested() => break Ok(WorkerExit::Stopped("asked to stop before joining".into())),
+        };
+        let (conn, send, recv, welcome) = match (joined, &rejoin) {
+            (Ok(j), _) => j,
+            (Err(e), Some((_, lost))) => break Err(anyhow::anyhow!("{lost}; it did not come back: {e}")),
+            (Err(e), None) => break Err(e),
+        };
+        if rejoin.is_some() {
+            tracing::info!("rejoined the coordinator at {} as worker {}", opts.coordinator, welcome.worker_id);
+        } else {
+            tracing::info!("joined the coordinator at {} as worker {}", opts.coordinator, welcome.worker_id);
+        }
+        let (done_tx, done_rx) = oneshot::channel();
+        let args = WorkerArgs {
+            endpoint: endpoint.clone(),
+            send,
+            recv,
+            token: opts.token.clone(),
+            device: opts.device,
+            heartbeat: Duration::from_millis(welcome.heartbeat_ms.clamp(10, 600_000)),
+            lease: Duration::from_millis(welcome.lease_ms.clamp(20, 3_600_000)),
+            metrics: worker_metrics.clone(),
+            done: done_tx,
+        };
+        let (actor, handle) = Actor::spawn(None, Worker, args).await?;
+        let forward = {
+            let signals = signals.clone();
+            let actor = actor.clone();
+            tokio::spawn(async move {
+                signals.requested().await;
+                let reason = signals.reason();
+                let _ = actor.cast(WorkerMsg::LeaveRequested(reason));
+                signals.requested_twice().await;
+                actor.stop(Some("asked twice to stop".into()));
+            })
+        };
+        let result = done_rx.await.unwrap_or_else(|_| Outcome::Failed("the worker actor stopped unexpectedly".into()));
+        let _ = handle.await;
+        forward.abort();
+        match result {
+            Outcome::Stopped(reason) => {
+                conn.close(close_code::SHUTDOWN, b"worker leaving");
+                // Let the close reach a coordinator that is still there.
+                let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
+                break Ok(WorkerExit::Stopped(reason));
+            }
+            Outcome::Failed(error) => {
+                conn.close(close_code::SHUTDOWN, b"worker failed");
+                break Err(anyhow::anyhow!(error));
+            }
+            Outcome::CoordinatorLost(reason) => {
+                conn.close(close_code::SHUTDOWN, b"coordinator lost");
+                let window = Duration::from_millis(welcome.rejoin_ms);
+                if window.is_zero() || signals.was_requested() {
+                    break Err(anyhow::anyhow!("{reason}"));
+                }
+                troupe_common::say_err!(
+                    "lost the coordinator ({reason}); training stopped; trying to rejoin for {}s",
+                    window.as_secs()
+                );
+                rejoin = Some((Instant::now() + window, format!("lost the coordinator at {} ({reason})", opts.coordinator)));
+            }
+        }
+    };
+    signal_task.abort();
+    outcome
+}
+
+/// SIGINT/SIGTERM seen by this process, shared between the signal task and each session.
+#[derive(Default)]
+struct SignalState {
+    reason: std::sync::Mutex<Option<String>>,
+    once: tokio::sync::Notify,
+    twice: tokio::sync::Notify,
+    twice_seen: std::sync::atomic::AtomicBool,
+}
+
+impl SignalState {
+    fn note(&self, reason: String) {
+        if let Ok(mut r) = self.reason.lock() {
+            *r = Some(reason);
+        }
+        self.once.notify_waiters();
+    }
+    fn note_twice(&self) {
+        self.twice_seen.store(true, Ordering::SeqCst);
+        self.twice.notify_waiters();
+    }
+    fn was_requested(&self) -> bool {
+        self.reason.lock().map(|r| r.is_some()).unwrap_or(false)
+    }
+    fn reason(&self) -> String {
+        self.reason.lock().ok().and_then(|r| r.clone()).unwrap_or_else(|| "signal".into())
+    }
+    async fn requested(&self) {
+        let notified = self.once.notified();
+        if self.was_requested() {
+            return;
+        }
+        notified.await
+    }
+    async fn requested_twice(&self) {
+        let notified = self.twice.notified();
+        if self.twice_seen.load(Ordering::SeqCst) {
+            return;
+        }
+        notified.await
+    }
+}
+
+struct Welcomed {
+    worker_id: u64,
+    heartbeat_ms: u64,
+    lease_ms: u64,
+    rejoin_ms: u64,
+}
+
+/// Connects (retrying while the coordinator is not up, within `timeout`) and says Hello.
+async fn join(
+    endpoint: &quinn::Endpoint,
+    opts: &WorkerOptions,
+    capabilities: Capabilities,
+    timeout: Duration,
+) -> anyhow::Result<(quinn::Connection, quinn::SendStream, quinn::RecvStream, Welcomed)> {
+    let conn = connect_with_retry(endpoint, opts.coordinator, timeout).await?;
     let (mut send, mut recv) = conn.open_bi().await.map_err(|e| {
         anyhow::anyhow!("the coordinator at {} dropped the connection: {}", opts.coordinator, net::describe_connection_error(&e))
     })?;
     let join_proof = if opts.token.is_empty() { [0u8; 32] } else { net::join_proof(&conn, &opts.token)? };
-    let hello = Hello {
-        protocol_version: PROTOCOL_VERSION,
-        join_proof,
-        capabilities: Capabilities {
-            hostname: hostname(),
-            pid: std::process::id(),
-            threads: threads as u32,
-            device: format!("{:?}", opts.device).to_lowercase(),
-            peer_addr,
-            metrics_addr,
-        },
-    };
+    let hello = Hello { protocol_version: PROTOCOL_VERSION, join_proof, capabilities };
     net::write_frame(&mut send, &ToCoordinator::Hello(hello)).await?;
-    let (worker_id, heartbeat_ms, lease_ms) = match net::read_frame::<ToWorker>(&mut recv, net::MAX_CONTROL_FRAME).await {
-        Ok(Some(ToWorker::Welcome { worker_id, heartbeat_ms, lease_ms })) => (worker_id, heartbeat_ms, lease_ms),
+    let welcome = match net::read_frame::<ToWorker>(&mut recv, net::MAX_CONTROL_FRAME).await {
+        Ok(Some(ToWorker::Welcome { worker_id, heartbeat_ms, lease_ms, rejoin_ms })) => {
+            Welcomed { worker_id, heartbeat_ms, lease_ms, rejoin_ms }
+        }
         Ok(Some(ToWorker::Refused { kind, reason })) => anyhow::bail!("the coordinator refused this worker ({kind:?}): {reason}"),
         Ok(Some(other)) => anyhow::bail!("protocol error: expected Welcome, got {other:?}"),
         Ok(None) => anyhow::bail!("the coordinator closed the connection during the handshake"),
         Err(e) => anyhow::bail!("the coordinator closed the connection during the handshake: {e}"),
     };
-    tracing::info!("joined the coordinator at {} as worker {worker_id}", opts.coordinator);
-    if let Some(addr) = metrics_addr {
-        tracing::info!("worker metrics on http://{addr}/metrics");
-    }
-
-    let (done_tx, done_rx) = oneshot::channel();
-    let args = WorkerArgs {
-        endpoint: endpoint.clone(),
-        send,
-        recv,
-        token: opts.token.clone(),
-        device: opts.device,
-        heartbeat: Duration::from_millis(heartbeat_ms.clamp(10, 600_000)),
-        lease: Duration::from_millis(lease_ms.clamp(20, 3_600_000)),
-        metrics: worker_metrics,
-        done: done_tx,
-    };
-    let (actor, handle) = Actor::spawn(Some("worker".into()), Worker, args).await?;
-    // The first SIGINT/SIGTERM leaves at a step boundary; a second one leaves now.
-    let signals = tokio::spawn(async move {
-        let first = troupe_common::signals::shutdown_signal().await;
-        let _ = actor.cast(WorkerMsg::LeaveRequested(first.to_string()));
-        troupe_common::signals::shutdown_signal().await;
-        actor.stop(Some("asked twice to stop".into()));
-    });
-    let result = done_rx.await.unwrap_or_else(|_| Err("the worker actor stopped unexpectedly".into()));
-    let _ = handle.await;
-    signals.abort();
-    conn.close(close_code::SHUTDOWN, b"worker leaving");
-    if result.is_ok() {
-        // Let the close reach a coordinator that is still there (not worth waiting for
-        // one that is gone).
-        let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
-    }
-    result.map(WorkerExit::Stopped).map_err(|e| anyhow::anyhow!(e))
+    Ok((conn, send, recv, welcome))
 }
 
 async fn connect_with_retry(endpoint: &quinn::Endpoint, addr: SocketAddr, timeout: Duration) -> anyhow::Result<quinn::Connection> {
@@ -135,6 +259,14 @@ async fn connect_with_retry(endpoint: &quinn::Endpoint, addr: SocketAddr, timeou
     let mut backoff = Duration::from_millis(100);
     loop {
         let attempt = async { endpoint.connect(addr, net::TLS_SERVER_NAME)?.await.map_err(anyhow::Error::from) };
+        // One attempt at a silent address lasts until QUIC's idle timeout: bound it by what is
+        // left of ours.
+        let left = deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(100));
+        let attempt = async {
+            tokio::time::timeout(left, attempt)
+                .await
+                .unwrap_or_else(|_| Err(anyhow::anyhow!("no answer within {left:?}")))
+        };
         match attempt.await {
             Ok(conn) => return Ok(conn),
             // A refused certificate stays refused: fail now instead of retrying until the timeout.
@@ -177,32 +309,64 @@ pub struct WorkerArgs {
     heartbeat: Duration,
     lease: Duration,
     metrics: WorkerMetrics,
-    done: oneshot::Sender<Result<String, String>>,
+    done: oneshot::Sender<Outcome>,
+}
+
+/// How one session with a coordinator ended.
+#[derive(Debug)]
+pub enum Outcome {
+    /// The coordinator said Stop (or the worker was asked to stop and left).
+    Stopped(String),
+    /// This worker cannot go on.
+    Failed(String),
+    /// The coordinator went away; a restarted one may be joined again.
+    CoordinatorLost(String),
 }
 
 pub enum WorkerMsg {
     FromCoordinator(ToWorker),
     LinkClosed(String),
     Trainer(TrainerReport),
+    /// The ring of a generation is formed (or could not be).
+    RingFormed { generation: u64, ring: Result<RingCollective, String> },
     /// SIGINT/SIGTERM: leave at the next step boundary.
     LeaveRequested(String),
 }
 
 /// What the trainer thread reports back.
 pub enum TrainerReport {
+    /// The model is built (and loaded); the thread now waits for its first `Regroup`.
     Built,
+    /// Took its place in `generation`, holding the state after `completed_steps` steps.
+    Regrouped { generation: u64, completed_steps: u64 },
+    Synced { generation: u64, step: u64 },
+    SyncFailed { generation: u64, error: String },
     StepDone(StepReport),
+    /// The step's collective failed: nothing was applied.
+    StepAborted { generation: u64, step: u64, error: String },
     EvalDone(EvalReport),
-    CheckpointWritten { step: u64, files: Vec<FileDigest> },
-    CheckpointFailed { step: u64, error: String },
+    CheckpointWritten { generation: u64, step: u64, files: Vec<FileDigest> },
+    CheckpointFailed { generation: u64, step: u64, error: String },
     Failed(String),
 }
 
+/// Orders for the trainer thread, each tagged with the membership generation it belongs to:
+/// orders of a generation that is over are skipped.
 enum TrainerCmd {
-    Step(u64),
-    Evaluate(u64),
-    Checkpoint { step: u64, dir: PathBuf },
+    Regroup { generation: u64, rank: u32, world_size: u32, ring: Option<ActorRef<CollectiveMsg>> },
+    Sync { generation: u64, source_rank: u32, step: u64 },
+    Step { generation: u64, step: u64 },
+    Evaluate { generation: u64, step: u64 },
+    Checkpoint { generation: u64, step: u64, dir: PathBuf },
     Stop,
+}
+
+/// This worker's place in the current generation.
+#[derive(Clone, Copy)]
+struct Membership {
+    rank: u32,
+    world_size: u32,
+    successor: SocketAddr,
 }
 
 pub struct WorkerState {
@@ -213,15 +377,20 @@ pub struct WorkerState {
     outbox: tmpsc::UnboundedSender<ToCoordinator>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
     trainer: Option<(mpsc::Sender<TrainerCmd>, std::thread::JoinHandle<()>)>,
-    collective: Option<ActorRef<CollectiveMsg>>,
-    abort_collective: Arc<tokio::sync::Notify>,
+    /// The newest generation this worker was told about; the trainer thread reads it to skip
+    /// orders of older ones.
+    latest_generation: Arc<AtomicU64>,
+    /// The same, for the collective actor and ring formation: a collective of an older
+    /// generation is abandoned at once. `u64::MAX` when this worker stops.
+    generation_watch: watch::Sender<u64>,
+    generation: u64,
+    membership: Option<Membership>,
+    collective_timeout: Duration,
+    collective: Option<(u64, ActorRef<CollectiveMsg>)>,
     /// The coordinator is gone: nothing queued for it can be delivered.
     link_lost: bool,
-    generation: u64,
-    world_size: u32,
-    trainer_built: bool,
-    done: Option<oneshot::Sender<Result<String, String>>>,
-    result: Option<Result<String, String>>,
+    done: Option<oneshot::Sender<Outcome>>,
+    outcome: Option<Outcome>,
 }
 
 impl Actor for Worker {
@@ -262,7 +431,7 @@ impl Actor for Worker {
         let lease = a.lease;
         let reader = tokio::spawn(async move {
             // Anything from the coordinator renews its lease; silence past the lease means it
-            // is gone (killed, partitioned) and this worker must not linger holding a model.
+            // is gone (killed, partitioned) and this worker must not go on training for it.
             let reason = loop {
                 match tokio::time::timeout(lease, net::read_frame::<ToWorker>(&mut recv, net::MAX_CONTROL_FRAME)).await {
                     Ok(Ok(Some(ToWorker::Heartbeat))) => {}
@@ -286,14 +455,15 @@ impl Actor for Worker {
             outbox,
             tasks: vec![writer, heartbeats, reader],
             trainer: None,
-            collective: None,
-            abort_collective: Arc::new(tokio::sync::Notify::new()),
-            link_lost: false,
+            latest_generation: Arc::new(AtomicU64::new(0)),
+            generation_watch: watch::channel(0).0,
             generation: 0,
-            world_size: 0,
-            trainer_built: false,
+            membership: None,
+            collective_timeout: Duration::from_secs(60),
+            collective: None,
+            link_lost: false,
             done: Some(a.done),
-            result: None,
+            outcome: None,
         })
     }
 
@@ -302,12 +472,13 @@ impl Actor for Worker {
             WorkerMsg::FromCoordinator(msg) => state.on_coordinator(&me, msg).await,
             WorkerMsg::LinkClosed(reason) => {
                 state.link_lost = true;
-                state.stop(&me, Err(reason))
+                state.stop(&me, Outcome::CoordinatorLost(reason))
             }
             WorkerMsg::Trainer(report) => state.on_trainer(&me, report),
+            WorkerMsg::RingFormed { generation, ring } => state.on_ring_formed(&me, generation, ring).await,
             WorkerMsg::LeaveRequested(signal) => {
                 if state.trainer.is_none() {
-                    state.stop(&me, Ok(format!("{signal} before the run started")));
+                    state.stop(&me, Outcome::Stopped(format!("{signal} before the run started")));
                 } else {
                     tracing::info!("{signal}: leaving at the next step boundary (again to leave now)");
                     state.send(ToCoordinator::Leaving { reason: format!("{signal} on {}", hostname()) });
@@ -317,23 +488,35 @@ impl Actor for Worker {
         Ok(())
     }
 
-    async fn handle_supervisor_evt(&self, me: ActorRef<WorkerMsg>, event: SupervisionEvent, state: &mut WorkerState) -> Result<(), ActorProcessingErr> {
-        let reason = match event {
-            SupervisionEvent::ActorFailed(_, e) => format!("the collective failed: {e}"),
-            SupervisionEvent::ActorTerminated(_, _, reason) if state.result.is_none() => {
-                format!("the collective stopped: {}", reason.unwrap_or_default())
-            }
+    async fn handle_supervisor_evt(&self, _me: ActorRef<WorkerMsg>, event: SupervisionEvent, state: &mut WorkerState) -> Result<(), ActorProcessingErr> {
+        // A collective actor that dies (a panic) takes its generation's ring with it: the
+        // coordinator hears of it and forms a new one.
+        let (cell, reason) = match event {
+            SupervisionEvent::ActorFailed(cell, e) => (cell, format!("the collective failed: {e}")),
+            SupervisionEvent::ActorTerminated(cell, _, reason) => (cell, format!("the collective stopped: {}", reason.unwrap_or_default())),
             _ => return Ok(()),
         };
-        state.fail(&me, reason);
+        if let Some((generation, actor)) = &state.collective {
+            if actor.get_id() == cell.get_id() && state.outcome.is_none() {
+                let generation = *generation;
+                state.collective = None;
+                if generation == state.generation {
+                    state.send(ToCoordinator::CollectiveFailed { generation, step: None, error: reason });
+                }
+            }
+        }
         Ok(())
     }
 
-    async fn post_stop(&self, me: ActorRef<WorkerMsg>, state: &mut WorkerState) -> Result<(), ActorProcessingErr> {
-        // Abort a collective in flight and stop the actor: that releases a trainer blocked in
-        // an all-reduce, so the thread can be joined at once.
-        state.abort_collective.notify_one();
-        me.stop_children(None);
+    async fn post_stop(&self, _me: ActorRef<WorkerMsg>, state: &mut WorkerState) -> Result<(), ActorProcessingErr> {
+        // End every generation: a collective in flight is abandoned and the ring formation
+        // cancelled, which releases a trainer blocked in an all-reduce so the thread can be
+        // joined at once.
+        state.latest_generation.store(u64::MAX, Ordering::SeqCst);
+        let _ = state.generation_watch.send_replace(u64::MAX);
+        if let Some((_, actor)) = state.collective.take() {
+            actor.stop(None);
+        }
         if let Some((cmds, thread)) = state.trainer.take() {
             let _ = cmds.send(TrainerCmd::Stop);
             // The trainer finishes its current command (at most one step) and exits.
@@ -350,9 +533,9 @@ impl Actor for Worker {
         } else {
             let _ = tokio::time::timeout(Duration::from_secs(2), writer).await;
         }
-        let result = state.result.take().unwrap_or_else(|| Err("stopped".into()));
+        let outcome = state.outcome.take().unwrap_or_else(|| Outcome::Failed("stopped".into()));
         if let Some(done) = state.done.take() {
-            let _ = done.send(result);
+            let _ = done.send(outcome);
         }
         Ok(())
     }
@@ -363,9 +546,9 @@ impl WorkerState {
         let _ = self.outbox.send(msg);
     }
 
-    fn stop(&mut self, me: &ActorRef<WorkerMsg>, result: Result<String, String>) {
-        if self.result.is_none() {
-            self.result = Some(result);
+    fn stop(&mut self, me: &ActorRef<WorkerMsg>, outcome: Outcome) {
+        if self.outcome.is_none() {
+            self.outcome = Some(outcome);
         }
         me.stop(None);
     }
@@ -373,7 +556,7 @@ impl WorkerState {
     fn fail(&mut self, me: &ActorRef<WorkerMsg>, error: String) {
         tracing::error!("{error}");
         self.send(ToCoordinator::Failed { error: error.clone() });
-        self.stop(me, Err(error));
+        self.stop(me, Outcome::Failed(error));
     }
 
     fn trainer_cmd(&mut self, me: &ActorRef<WorkerMsg>, cmd: TrainerCmd) {
@@ -384,18 +567,29 @@ impl WorkerState {
     }
 
     async fn on_coordinator(&mut self, me: &ActorRef<WorkerMsg>, msg: ToWorker) {
+        let generation = self.generation;
         match msg {
             ToWorker::Assign(assignment) => {
-                if let Err(e) = self.assign(me, assignment).await {
+                if let Err(e) = self.assign(me, assignment) {
                     self.fail(me, e);
                 }
             }
-            ToWorker::Step { step } => self.trainer_cmd(me, TrainerCmd::Step(step)),
-            ToWorker::Evaluate { step } => self.trainer_cmd(me, TrainerCmd::Evaluate(step)),
-            ToWorker::Checkpoint { step, dir } => self.trainer_cmd(me, TrainerCmd::Checkpoint { step, dir: dir.into() }),
+            ToWorker::Pause { generation, reason } => {
+                tracing::warn!("paused: {reason}");
+                self.enter_generation(generation);
+                self.membership = None;
+            }
+            ToWorker::Sync { generation, source_rank, step } => {
+                if generation == self.generation {
+                    self.trainer_cmd(me, TrainerCmd::Sync { generation, source_rank, step });
+                }
+            }
+            ToWorker::Step { step } => self.trainer_cmd(me, TrainerCmd::Step { generation, step }),
+            ToWorker::Evaluate { step } => self.trainer_cmd(me, TrainerCmd::Evaluate { generation, step }),
+            ToWorker::Checkpoint { step, dir } => self.trainer_cmd(me, TrainerCmd::Checkpoint { generation, step, dir: dir.into() }),
             ToWorker::Stop { reason } => {
                 tracing::info!("stopping: {reason}");
-                self.stop(me, Ok(reason));
+                self.stop(me, Outcome::Stopped(reason));
             }
             ToWorker::Heartbeat => {}
             ToWorker::Welcome { .. } | ToWorker::Refused { .. } => {
@@ -404,75 +598,109 @@ impl WorkerState {
         }
     }
 
-    async fn assign(&mut self, me: &ActorRef<WorkerMsg>, a: Assignment) -> Result<(), String> {
-        if self.trainer.is_some() {
-            return Err("re-assignment is not supported by this worker version".into());
+    /// Ends the previous generation: its orders are skipped, its collective in flight is
+    /// abandoned, its ring closed.
+    fn enter_generation(&mut self, generation: u64) {
+        self.generation = generation;
+        self.latest_generation.store(generation, Ordering::SeqCst);
+        let _ = self.generation_watch.send_replace(generation);
+        if let Some((_, actor)) = self.collective.take() {
+            actor.stop(Some(format!("generation {generation} began")));
+        }
+    }
+
+    fn assign(&mut self, me: &ActorRef<WorkerMsg>, a: Assignment) -> Result<(), String> {
+        if a.generation <= self.generation {
+            return Err(format!("protocol error: assignment for generation {} after generation {}", a.generation, self.generation));
         }
         let config = Config::from_toml_str(&a.config_toml, "the coordinator's assignment").map_err(|e| e.to_string())?;
-        self.generation = a.generation;
-        self.world_size = a.world_size;
-        tracing::info!(rank = a.rank, world = a.world_size, "assigned");
+        self.enter_generation(a.generation);
+        self.collective_timeout = Duration::from_millis(config.cluster.collective_timeout_ms);
+        self.membership = Some(Membership { rank: a.rank, world_size: a.world_size, successor: a.successor });
+        tracing::info!(rank = a.rank, world = a.world_size, generation = a.generation, "assigned");
 
-        // The trainer thread builds the model while the ring forms.
-        let collective = if a.world_size > 1 {
-            let args = CollectiveArgs {
-                endpoint: self.endpoint.clone(),
-                rank: a.rank,
-                world_size: a.world_size,
-                generation: a.generation,
-                successor: a.successor,
-                token: self.token.clone(),
-                timeout: Duration::from_millis(config.cluster.collective_timeout_ms),
-                metrics: self.metrics.clone(),
-                abort: self.abort_collective.clone(),
+        if self.trainer.is_none() {
+            // The trainer thread builds the model (and loads the checkpoint) while the ring forms.
+            let setup = TrainerSetup {
+                config,
+                rank: a.rank as usize,
+                world_size: a.world_size as usize,
+                device: self.device,
+                resume_from: a.resume_from.map(PathBuf::from),
+                start_step: a.start_step,
             };
-            Some(args)
-        } else {
-            None
-        };
-        let setup = TrainerSetup {
-            config,
-            rank: a.rank as usize,
-            world_size: a.world_size as usize,
-            device: self.device,
-            resume_from: a.resume_from.map(PathBuf::from),
-            start_step: a.start_step,
-        };
-        let (cmd_tx, cmd_rx) = mpsc::channel();
-        let reporter = me.clone();
-        let (ring_tx, ring_rx) = std::sync::mpsc::channel::<ActorRef<CollectiveMsg>>();
-        let metrics = self.metrics.clone();
-        let thread = std::thread::Builder::new()
-            .name(format!("trainer-rank{}", a.rank))
-            .spawn(move || trainer_thread(setup, cmd_rx, ring_rx, reporter, metrics))
-            .map_err(|e| format!("cannot start the trainer thread: {e}"))?;
-        self.trainer = Some((cmd_tx, thread));
-
-        if let Some(args) = collective {
-            let (actor, _) = Actor::spawn_linked(Some("collective".into()), CollectiveActor, args, me.get_cell())
-                .await
-                .map_err(|e| format!("cannot form the ring: {e}"))?;
-            let _ = ring_tx.send(actor.clone());
-            self.collective = Some(actor);
+            let (cmd_tx, cmd_rx) = mpsc::channel();
+            let reporter = me.clone();
+            let latest = self.latest_generation.clone();
+            let thread = std::thread::Builder::new()
+                .name("trainer".into())
+                .spawn(move || trainer_thread(setup, cmd_rx, latest, reporter))
+                .map_err(|e| format!("cannot start the trainer thread: {e}"))?;
+            self.trainer = Some((cmd_tx, thread));
         }
-        drop(ring_tx);
-        self.maybe_ready();
+
+        if a.world_size == 1 {
+            self.trainer_cmd(me, TrainerCmd::Regroup { generation: a.generation, rank: a.rank, world_size: 1, ring: None });
+            return Ok(());
+        }
+        // Formed off the mailbox, so that a newer generation (which cancels it) or a Stop is
+        // not held up behind it.
+        let endpoint = self.endpoint.clone();
+        let token = self.token.clone();
+        let timeout = self.collective_timeout;
+        let generation = a.generation;
+        let mut watch = self.generation_watch.subscribe();
+        let me = me.clone();
+        tokio::spawn(async move {
+            let formed = tokio::select! {
+                r = form_ring(&endpoint, a.rank, a.world_size, generation, a.successor, &token, timeout) => r.map_err(|e| e.to_string()),
+                _ = watch.wait_for(|g| *g != generation) => return,
+            };
+            let _ = me.cast(WorkerMsg::RingFormed { generation, ring: formed });
+        });
         Ok(())
     }
 
-    /// Ready once the model is built and, with more than one rank, the ring is formed.
-    fn maybe_ready(&mut self) {
-        let ring_ok = self.world_size == 1 || self.collective.is_some();
-        if self.trainer_built && ring_ok {
-            self.send(ToCoordinator::Ready { generation: self.generation });
+    async fn on_ring_formed(&mut self, me: &ActorRef<WorkerMsg>, generation: u64, ring: Result<RingCollective, String>) {
+        if generation != self.generation {
+            return; // superseded: dropping the ring closes it
+        }
+        let Some(m) = self.membership else { return };
+        let ring = match ring {
+            Ok(r) => r,
+            Err(error) => {
+                tracing::warn!("cannot form the ring of generation {generation}: {error}");
+                self.send(ToCoordinator::CollectiveFailed { generation, step: None, error });
+                return;
+            }
+        };
+        tracing::info!(rank = m.rank, world = m.world_size, generation, successor = %m.successor, "ring formed");
+        let args = CollectiveArgs {
+            ring,
+            generation,
+            metrics: self.metrics.clone(),
+            current_generation: self.generation_watch.subscribe(),
+        };
+        match Actor::spawn_linked(None, CollectiveActor, args, me.get_cell()).await {
+            Ok((actor, _)) => {
+                self.collective = Some((generation, actor.clone()));
+                self.trainer_cmd(me, TrainerCmd::Regroup { generation, rank: m.rank, world_size: m.world_size, ring: Some(actor) });
+            }
+            Err(e) => self.fail(me, format!("cannot start the collective actor: {e}")),
         }
     }
 
     fn on_trainer(&mut self, me: &ActorRef<WorkerMsg>, report: TrainerReport) {
         match report {
-            TrainerReport::Built => {
-                self.trainer_built = true;
-                self.maybe_ready();
+            TrainerReport::Built => {}
+            TrainerReport::Regrouped { generation, completed_steps } => {
+                if generation == self.generation {
+                    self.send(ToCoordinator::Ready { generation, completed_steps });
+                }
+            }
+            TrainerReport::Synced { generation, step } => self.send(ToCoordinator::Synced { generation, step }),
+            TrainerReport::SyncFailed { generation, error } => {
+                self.send(ToCoordinator::CollectiveFailed { generation, step: None, error })
             }
             TrainerReport::StepDone(r) => {
                 self.metrics.step.set(r.step as i64 + 1);
@@ -482,46 +710,53 @@ impl WorkerState {
                 }
                 self.send(ToCoordinator::StepDone(r));
             }
+            TrainerReport::StepAborted { generation, step, error } => {
+                if generation == self.generation {
+                    tracing::warn!("step {step} abandoned: {error}");
+                }
+                self.send(ToCoordinator::CollectiveFailed { generation, step: Some(step), error });
+            }
             TrainerReport::EvalDone(r) => self.send(ToCoordinator::EvalDone(r)),
-            TrainerReport::CheckpointWritten { step, files } => self.send(ToCoordinator::CheckpointWritten { step, files }),
-            TrainerReport::CheckpointFailed { step, error } => self.send(ToCoordinator::CheckpointFailed { step, error }),
+            TrainerReport::CheckpointWritten { generation, step, files } => {
+                self.send(ToCoordinator::CheckpointWritten { generation, step, files })
+            }
+            TrainerReport::CheckpointFailed { generation, step, error } => {
+                self.send(ToCoordinator::CheckpointFailed { generation, step, error })
+            }
             TrainerReport::Failed(error) => self.fail(me, error),
         }
     }
 }
 
-/// The trainer thread: builds the model, then runs commands until Stop.
-fn trainer_thread(
-    setup: TrainerSetup,
-    cmds: mpsc::Receiver<TrainerCmd>,
-    ring: mpsc::Receiver<ActorRef<CollectiveMsg>>,
-    reporter: ActorRef<WorkerMsg>,
-    _metrics: WorkerMetrics,
-) {
+/// Blocking calls from the trainer thread into the collective actor of its generation.
+struct RingHandle {
+    actor: Option<ActorRef<CollectiveMsg>>,
+}
+
+impl RingHandle {
+    fn call(&self, make: impl FnOnce(std::sync::mpsc::SyncSender<Result<Vec<f32>, String>>) -> CollectiveMsg) -> Result<Vec<f32>, String> {
+        let Some(actor) = &self.actor else { return Err("no ring in this generation".into()) };
+        let (tx, rx) = mpsc::sync_channel(1);
+        actor.cast(make(tx)).map_err(|_| "the ring of this generation is closed".to_string())?;
+        rx.recv().map_err(|_| "the ring of this generation closed during the collective".to_string())?
+    }
+}
+
+/// The trainer thread: builds the model, then runs orders until Stop.
+fn trainer_thread(setup: TrainerSetup, cmds: mpsc::Receiver<TrainerCmd>, latest: Arc<AtomicU64>, reporter: ActorRef<WorkerMsg>) {
     let report = |r: TrainerReport| {
         let _ = reporter.cast(WorkerMsg::Trainer(r));
     };
-    let world = setup.world_size;
     let mut trainer = match Trainer::new(setup) {
         Ok(t) => t,
         Err(e) => return report(TrainerReport::Failed(format!("cannot start training: {e}"))),
     };
     report(TrainerReport::Built);
-    // Blocks until the ring is formed (or will never be: world size 1 or a failure).
-    let collective = if world > 1 { ring.recv().ok() } else { None };
-    let mut reduce = |data: &mut Vec<f32>, tag: CollectiveTag| -> Result<(), String> {
-        let Some(actor) = &collective else { return Err("no ring".into()) };
-        let (tx, rx) = mpsc::sync_channel(1);
-        actor
-            .cast(CollectiveMsg::AllReduce { data: std::mem::take(data), tag, reply: tx })
-            .map_err(|_| "the collective actor is gone".to_string())?;
-        *data = rx.recv().map_err(|_| "the collective actor stopped during the all-reduce".to_string())??;
-        Ok(())
-    };
+    let mut ring = RingHandle { actor: None };
     while let Ok(cmd) = cmds.recv() {
         // libtorch reports some errors by panicking through tch; one must not take the
         // process down silently, so it becomes a reported failure.
-        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run_command(&mut trainer, cmd, &mut reduce, &report)));
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run_command(&mut trainer, &mut ring, cmd, &latest, &report)));
         match outcome {
             Ok(true) => {}
             Ok(false) => return,
@@ -537,35 +772,70 @@ fn trainer_thread(
     }
 }
 
-/// Runs one command; false when the thread should end.
-fn run_command(
-    trainer: &mut Trainer,
-    cmd: TrainerCmd,
-    reduce: &mut dyn FnMut(&mut Vec<f32>, CollectiveTag) -> Result<(), String>,
-    report: &dyn Fn(TrainerReport),
-) -> bool {
-    {
-        match cmd {
-            TrainerCmd::Step(step) => match trainer.step(step, reduce) {
+/// Runs one order; false when the thread should end.
+fn run_command(trainer: &mut Trainer, ring: &mut RingHandle, cmd: TrainerCmd, latest: &AtomicU64, report: &dyn Fn(TrainerReport)) -> bool {
+    let stale = |generation: u64| generation < latest.load(Ordering::SeqCst);
+    match cmd {
+        TrainerCmd::Regroup { generation, rank, world_size, ring: actor } => {
+            if stale(generation) {
+                return true;
+            }
+            trainer.set_membership(generation, rank as usize, world_size as usize);
+            ring.actor = actor;
+            report(TrainerReport::Regrouped { generation, completed_steps: trainer.completed_steps() });
+        }
+        TrainerCmd::Sync { generation, source_rank, step } => {
+            if stale(generation) {
+                return true;
+            }
+            let mut broadcast = |data: &mut Vec<f32>, root: u32, tag: CollectiveTag| -> Result<(), String> {
+                *data = ring.call(|reply| CollectiveMsg::Broadcast { data: std::mem::take(data), root, tag, reply })?;
+                Ok(())
+            };
+            match trainer.sync_state(source_rank, step, &mut broadcast) {
+                Ok(()) => report(TrainerReport::Synced { generation, step }),
+                Err(e) => report(TrainerReport::SyncFailed { generation, error: e.to_string() }),
+            }
+        }
+        TrainerCmd::Step { generation, step } => {
+            if stale(generation) {
+                return true;
+            }
+            let mut reduce = |data: &mut Vec<f32>, tag: CollectiveTag| -> Result<(), String> {
+                *data = ring.call(|reply| CollectiveMsg::AllReduce { data: std::mem::take(data), tag, reply })?;
+                Ok(())
+            };
+            match trainer.step(step, &mut reduce) {
                 Ok(r) => report(TrainerReport::StepDone(r)),
+                Err(TrainerError::Collective { step, error }) => report(TrainerReport::StepAborted { generation, step, error }),
                 Err(e) => {
                     report(TrainerReport::Failed(e.to_string()));
                     return false;
                 }
-            },
-            TrainerCmd::Evaluate(step) => match trainer.evaluate(step) {
+            }
+        }
+        TrainerCmd::Evaluate { generation, step } => {
+            if stale(generation) {
+                return true;
+            }
+            match trainer.evaluate(step) {
                 Ok(r) => report(TrainerReport::EvalDone(r)),
                 Err(e) => {
                     report(TrainerReport::Failed(e.to_string()));
                     return false;
                 }
-            },
-            TrainerCmd::Checkpoint { step, dir } => match trainer.save_checkpoint(step, &dir) {
-                Ok(files) => report(TrainerReport::CheckpointWritten { step, files }),
-                Err(e) => report(TrainerReport::CheckpointFailed { step, error: e.to_string() }),
-            },
-            TrainerCmd::Stop => return false,
+            }
         }
+        TrainerCmd::Checkpoint { generation, step, dir } => {
+            if stale(generation) {
+                return true;
+            }
+            match trainer.save_checkpoint(step, &dir) {
+                Ok(files) => report(TrainerReport::CheckpointWritten { generation, step, files }),
+                Err(e) => report(TrainerReport::CheckpointFailed { generation, step, error: e.to_string() }),
+            }
+        }
+        TrainerCmd::Stop => return false,
     }
     true
 }

@@ -1,0 +1,243 @@
+//! Elastic membership with real processes: a worker killed with SIGKILL or frozen with SIGSTOP
+//! is dropped and the survivors carry on; a restarted worker rejoins; a coordinator killed
+//! with SIGKILL and started again with `--resume` gets its workers back. Every test checks
+//! that each step ran exactly once and, from the workers' sample traces, that no training
+//! sample was lost or repeated.
+
+mod common;
+
+use common::*;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+use troupe_common::events::RunEvent;
+
+const STEPS: u64 = 60;
+
+/// The tiny config with a short lease and elastic membership settings.
+fn elastic_config(dir: &Path, data: &Path, workers: usize, min_workers: usize, extra: &str) -> PathBuf {
+    let config = tiny_config(dir, data, workers, STEPS);
+    let text = std::fs::read_to_string(&config).unwrap().replace("lease_ms = 5000", "lease_ms = 1500").replace(
+        &format!("workers = {workers}\n"),
+        &format!("workers = {workers}\nmin_workers = {min_workers}\nmax_workers = {workers}\n{extra}"),
+    );
+    std::fs::write(&config, text).unwrap();
+    config
+}
+
+/// A worker whose sample trace goes to `trace` and whose log goes to `log`.
+fn start_worker(addr: &str, trace: &Path, log: &Path) -> KillOnDrop {
+    let log = std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap();
+    let child = worker_command(addr)
+        .env("TROUPE_TRACE_SAMPLES", trace)
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("start a worker");
+    KillOnDrop(child)
+}
+
+/// Polls events.jsonl until `pred` holds for some event after the first `skip` events; the
+/// time it was seen.
+fn wait_for_event(run_dir: &Path, skip: usize, limit: Duration, what: &str, pred: impl Fn(&RunEvent) -> bool) -> Instant {
+    let started = Instant::now();
+    loop {
+        let found = troupe_common::events::read_events(run_dir).map(|e| e.iter().skip(skip).any(&pred)).unwrap_or(false);
+        if found {
+            return Instant::now();
+        }
+        assert!(started.elapsed() < limit, "no {what} within {limit:?}: {:#?}", events(run_dir));
+        std::thread::park_timeout(Duration::from_millis(10));
+    }
+}
+
+fn event_count(run_dir: &Path) -> usize {
+    events(run_dir).len()
+}
+
+/// Every step of the run was recorded exactly once; returns each step's generation.
+fn steps_once(run_dir: &Path, total: u64) -> BTreeMap<u64, (u64, u32)> {
+    let mut seen: BTreeMap<u64, (u64, u32)> = BTreeMap::new();
+    for e in events(run_dir) {
+        if let RunEvent::Step { step, generation, world_size, .. } = e {
+            assert!(seen.insert(step, (generation, world_size)).is_none(), "step {step} was recorded twice");
+        }
+    }
+    assert_eq!(seen.keys().copied().collect::<Vec<_>>(), (0..total).collect::<Vec<_>>(), "every step once");
+    seen
+}
+
+/// From the workers' traces: the samples of each step, taken from the generation that
+/// completed it, are exactly the global batch an undisturbed run trains on in that step.
+fn assert_no_sample_lost_or_repeated(trace_dir: &Path, data: &Path, steps: &BTreeMap<u64, (u64, u32)>) {
+    let mut lines: BTreeMap<(u64, u64), BTreeMap<u64, Vec<u64>>> = BTreeMap::new();
+    for entry in std::fs::read_dir(trace_dir).unwrap() {
+        let text = std::fs::read_to_string(entry.unwrap().path()).unwrap();
+        for line in text.lines() {
+            let f: Vec<u64> = line.split_whitespace().map(|x| x.parse().unwrap()).collect();
+            if f.len() < 4 {
+                continue; // a line cut short by SIGKILL
+            }
+            let (generation, step, rank) = (f[0], f[1], f[2]);
+            lines.entry((generation, step)).or_default().insert(rank, f[4..].to_vec());
+        }
+    }
+    let train = troupe_common::data::TokenFile::open(&data.join("train.bin")).unwrap();
+    let sampler = troupe_common::data::Sampler::new(train.len(), 32, 7).unwrap();
+    let (mut consumed, mut undisturbed) = (Vec::new(), Vec::new());
+    for (&step, &(generation, world)) in steps {
+        let ranks = lines.get(&(generation, step)).unwrap_or_else(|| panic!("no trace of step {step} in generation {generation}"));
+        assert_eq!(ranks.len() as u32, world, "step {step}: every rank of generation {generation} traced its part");
+        consumed.extend(ranks.values().flatten().copied());
+        undisturbed.extend(sampler.indices(step * 8, 8, 0, 1));
+    }
+    consumed.sort_unstable();
+    undisturbed.sort_unstable();
+    assert_eq!(consumed.len(), undisturbed.len());
+    assert!(consumed == undisturbed, "the consumed samples differ from an undisturbed run's");
+}
+
+/// Must-show 1 and 2: SIGKILL one of three workers mid-training; the other two go on within
+/// 10 s; the killed one, started again with the same command, rejoins; the run finishes with
+/// every sample consumed exactly once.
+#[test]
+fn a_killed_worker_is_dropped_and_a_restarted_one_rejoins() {
+    let dir = scratch("elastic-kill");
+    let data = prepare_small_corpus(&dir);
+    let config = elastic_config(&dir, &data, 3, 2, "");
+    let trace = dir.join("trace");
+    std::fs::create_dir_all(&trace).unwrap();
+    let coordinator = CoordinatorProcess::start(&config, &[]);
+    let addr = coordinator.addr.to_string();
+    let mut workers: Vec<KillOnDrop> = (0..3).map(|i| start_worker(&addr, &trace, &dir.join(format!("worker-{i}.log")))).collect();
+    let run_dir = dir.join("runs/tiny");
+    wait_for_steps(&run_dir, 8, Duration::from_secs(120));
+
+    let skip = event_count(&run_dir);
+    workers[2].0.kill().unwrap(); // SIGKILL: no goodbye
+    let killed_at = Instant::now();
+    let regrouped = wait_for_event(&run_dir, skip, Duration::from_secs(30), "regroup to 2 workers", |e| {
+        matches!(e, RunEvent::Regrouped { world_size: 2, .. })
+    });
+    let stepped = wait_for_event(&run_dir, skip, Duration::from_secs(30), "a step by 2 workers", |e| {
+        matches!(e, RunEvent::Step { world_size: 2, .. })
+    });
+    let recovery = stepped.duration_since(killed_at);
+    println!("kill -> regrouped {:?}, -> first step with 2 workers {recovery:?}", regrouped.duration_since(killed_at));
+    assert!(recovery < Duration::from_secs(10), "the run went on with 2 workers only after {recovery:?}");
+
+    // The same command again: it joins at a step boundary and gets the state from a peer.
+    let skip = event_count(&run_dir);
+    let _ = workers.pop();
+    workers.push(start_worker(&addr, &trace, &dir.join("worker-2-again.log")));
+    wait_for_event(&run_dir, skip, Duration::from_secs(60), "regroup to 3 workers", |e| {
+        matches!(e, RunEvent::Regrouped { world_size: 3, synced: true, .. })
+    });
+    wait_for_event(&run_dir, skip, Duration::from_secs(60), "a step by 3 workers", |e| matches!(e, RunEvent::Step { world_size: 3, .. }));
+
+    let (status, log) = coordinator.wait();
+    assert!(status.success(), "{log}");
+    for mut w in workers {
+        assert!(w.0.wait().unwrap().success());
+    }
+    let steps = steps_once(&run_dir, STEPS);
+    let worlds: Vec<u32> = steps.values().map(|(_, w)| *w).collect();
+    assert!(worlds.contains(&2) && worlds.last() == Some(&3), "{worlds:?}");
+    assert_no_sample_lost_or_repeated(&trace, &data, &steps);
+    assert!(log.contains("was lost: no heartbeat for longer than the lease"), "{log}");
+}
+
+/// Must-show 4: a worker that stops answering without closing its connection (SIGSTOP) is
+/// detected by its missing heartbeats, named with its rank, and dropped; the others go on.
+#[test]
+fn a_frozen_worker_is_detected_by_its_lease_named_and_dropped() {
+    let dir = scratch("elastic-frozen");
+    let data = prepare_small_corpus(&dir);
+    let config = elastic_config(&dir, &data, 3, 2, "");
+    let trace = dir.join("trace");
+    std::fs::create_dir_all(&trace).unwrap();
+    let coordinator = CoordinatorProcess::start(&config, &[]);
+    let addr = coordinator.addr.to_string();
+    let mut workers: Vec<KillOnDrop> = (0..3).map(|i| start_worker(&addr, &trace, &dir.join(format!("worker-{i}.log")))).collect();
+    let run_dir = dir.join("runs/tiny");
+    wait_for_steps(&run_dir, 8, Duration::from_secs(120));
+    let skip = event_count(&run_dir);
+    let frozen = workers.pop().unwrap();
+    std::process::Command::new("kill").args(["-STOP", &frozen.0.id().to_string()]).status().unwrap();
+    let frozen_at = Instant::now();
+    let stepped = wait_for_event(&run_dir, skip, Duration::from_secs(30), "a step by 2 workers", |e| {
+        matches!(e, RunEvent::Step { world_size: 2, .. })
+    });
+    println!("frozen -> first step with 2 workers {:?}", stepped.duration_since(frozen_at));
+    assert!(stepped.duration_since(frozen_at) < Duration::from_secs(10));
+    let left = events(&run_dir).into_iter().skip(skip).find_map(|e| match e {
+        RunEvent::WorkerLeft { rank, reason, .. } => Some((rank, reason)),
+        _ => None,
+    });
+    let (rank, reason) = left.expect("the frozen worker's departure is recorded");
+    assert!(rank.is_some() && reason.contains("lease (1500 ms)"), "{rank:?} {reason}");
+
+    let (status, log) = coordinator.wait();
+    assert!(status.success(), "{log}");
+    assert!(log.contains(&format!("rank {}", rank.unwrap())) && log.contains("no heartbeat for longer than the lease"), "{log}");
+    for mut w in workers {
+        assert!(w.0.wait().unwrap().success());
+    }
+    let steps = steps_once(&run_dir, STEPS);
+    assert_no_sample_lost_or_repeated(&trace, &data, &steps);
+    let _ = std::process::Command::new("kill").args(["-CONT", &frozen.0.id().to_string()]).status();
+}
+
+/// Must-show 3: SIGKILL the coordinator; start it again with `--resume` on the same address.
+/// The workers notice (lease), stop training, rejoin on their own, and the run finishes from
+/// the newest checkpoint; every committed checkpoint verifies.
+#[test]
+fn a_killed_coordinator_restarted_with_resume_gets_its_workers_back() {
+    let dir = scratch("elastic-coordinator");
+    let data = prepare_small_corpus(&dir);
+    let config = elastic_config(&dir, &data, 2, 1, "rejoin_ms = 60000\n");
+    let port = std::net::UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let listen = format!("127.0.0.1:{port}");
+    let mut coordinator = CoordinatorProcess::start(&config, &["--listen", &listen]);
+    let addr = coordinator.addr.to_string();
+    let trace = dir.join("trace");
+    std::fs::create_dir_all(&trace).unwrap();
+    let workers: Vec<KillOnDrop> = (0..2).map(|i| start_worker(&addr, &trace, &dir.join(format!("worker-{i}.log")))).collect();
+    let run_dir = dir.join("runs/tiny");
+    wait_for_steps(&run_dir, 12, Duration::from_secs(120));
+    coordinator.process.0.kill().unwrap();
+    let _ = coordinator.process.0.wait();
+    let killed_at = Instant::now();
+    let skip = event_count(&run_dir);
+
+    let coordinator = CoordinatorProcess::start(&config, &["--listen", &listen, "--resume"]);
+    let stepped = wait_for_event(&run_dir, skip, Duration::from_secs(60), "a step after the restart", |e| matches!(e, RunEvent::Step { .. }));
+    println!("coordinator killed -> first step after its restart {:?}", stepped.duration_since(killed_at));
+    let (status, log) = coordinator.wait();
+    assert!(status.success(), "{log}");
+    for mut w in workers {
+        assert!(w.0.wait().unwrap().success(), "the workers rejoined and finished");
+    }
+    let resumed = events(&run_dir).into_iter().skip(skip).find_map(|e| match e {
+        RunEvent::Started { resumed_from, step, .. } => Some((resumed_from, step)),
+        _ => None,
+    });
+    let (from, step) = resumed.expect("the restarted coordinator started training");
+    assert!(from.is_some() && step >= 10, "resumed from a checkpoint: {from:?} at step {step}");
+    // Every committed checkpoint is intact.
+    let mut verified = 0;
+    for entry in std::fs::read_dir(run_dir.join("checkpoints")).unwrap() {
+        let path = entry.unwrap().path();
+        if path.join("MANIFEST").is_file() {
+            troupe_common::checkpoint::verify(&path).unwrap_or_else(|e| panic!("{} is corrupt: {e}", path.display()));
+            verified += 1;
+        }
+    }
+    assert!(verified >= 3, "{verified} checkpoints");
+    let last = events(&run_dir).into_iter().rev().find_map(|e| match e {
+        RunEvent::Finished { step, .. } => Some(step),
+        _ => None,
+    });
+    assert_eq!(last, Some(STEPS));
+}
