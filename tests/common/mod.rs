@@ -1,6 +1,8 @@
 //! Shared fixtures of the end-to-end tests: real `troupe` processes, real files, real QUIC.
 #![allow(dead_code)]
 
+pub mod relay;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
