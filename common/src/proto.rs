@@ -214,4 +214,19 @@ mod tests {
             assert_eq!(postcard::from_bytes::<ToCoordinator>(&bytes).unwrap(), m);
         }
     }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig { cases: 2000, ..Default::default() })]
+
+        /// Every message type decodes arbitrary bytes to a value or an error, never a panic
+        /// (and never an allocation beyond the frame: postcard reads lengths from the input).
+        #[test]
+        fn arbitrary_bytes_never_panic_a_decoder(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..1024)) {
+            let _ = postcard::from_bytes::<ToCoordinator>(&bytes);
+            let _ = postcard::from_bytes::<ToWorker>(&bytes);
+            let _ = postcard::from_bytes::<crate::collective::PeerHello>(&bytes);
+            let _ = postcard::from_bytes::<crate::collective::HelloReply>(&bytes);
+            let _ = peek_hello_version(&bytes);
+        }
+    }
 }

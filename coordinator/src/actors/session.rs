@@ -209,23 +209,7 @@ async fn serve_connection(me: &ActorRef<SessionMsg>, args: SessionArgs) -> Resul
 }
 
 fn check_hello(frame: &[u8], conn: &quinn::Connection, token: &str) -> Result<Hello, (RefusalKind, String)> {
-    match proto::peek_hello_version(frame) {
-        Some(v) if v == PROTOCOL_VERSION => {}
-        Some(v) => {
-            return Err((
-                RefusalKind::VersionMismatch,
-                format!(
-                    "protocol version mismatch: the coordinator speaks version {PROTOCOL_VERSION}, this worker speaks \
-                     version {v}; run the same troupe release on every node"
-                ),
-            ))
-        }
-        None => return Err((RefusalKind::Protocol, "the first frame is not a Hello".into())),
-    }
-    let hello = match net::decode_frame::<ToCoordinator>(frame) {
-        Ok(ToCoordinator::Hello(hello)) => hello,
-        _ => return Err((RefusalKind::Protocol, "the Hello frame is malformed".into())),
-    };
+    let hello = parse_hello(frame)?;
     if !token.is_empty() {
         let valid = net::verify_peer_join_proof(conn, token, &hello.join_proof)
             .map_err(|e| (RefusalKind::Protocol, format!("cannot check the join token: {e}")))?;
@@ -239,6 +223,28 @@ fn check_hello(frame: &[u8], conn: &quinn::Connection, token: &str) -> Result<He
     Ok(hello)
 }
 
+/// The first frame of a connection, as a Hello of this protocol version: the version is read
+/// before the rest is decoded, so a worker of another release gets a clear refusal.
+fn parse_hello(frame: &[u8]) -> Result<Hello, (RefusalKind, String)> {
+    match proto::peek_hello_version(frame) {
+        Some(v) if v == PROTOCOL_VERSION => {}
+        Some(v) => {
+            return Err((
+                RefusalKind::VersionMismatch,
+                format!(
+                    "protocol version mismatch: the coordinator speaks version {PROTOCOL_VERSION}, this worker speaks \
+                     version {v}; run the same troupe release on every node"
+                ),
+            ))
+        }
+        None => return Err((RefusalKind::Protocol, "the first frame is not a Hello".into())),
+    }
+    match net::decode_frame::<ToCoordinator>(frame) {
+        Ok(ToCoordinator::Hello(hello)) => Ok(hello),
+        _ => Err((RefusalKind::Protocol, "the Hello frame is malformed".into())),
+    }
+}
+
 /// The worker closed its connection on purpose (it was told to stop, or it is leaving).
 fn is_orderly_close(e: &net::NetError) -> bool {
     match e {
@@ -246,5 +252,72 @@ fn is_orderly_close(e: &net::NetError) -> bool {
             close.error_code == close_code::SHUTDOWN
         }
         _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The handshake's parsing, fuzzed: whatever bytes a peer sends as its first frame, the
+    //! coordinator answers with a refusal (or accepts a well-formed Hello) and never panics.
+    use super::*;
+    use proptest::prelude::*;
+    use troupe_common::proto::Capabilities;
+
+    fn valid_hello() -> Vec<u8> {
+        let hello = ToCoordinator::Hello(Hello {
+            protocol_version: PROTOCOL_VERSION,
+            join_proof: [3; 32],
+            capabilities: Capabilities {
+                hostname: "host".into(),
+                pid: 42,
+                threads: 2,
+                device: "cpu".into(),
+                peer_addr: "10.0.0.2:7001".parse().unwrap(),
+                metrics_addr: Some("10.0.0.2:9100".parse().unwrap()),
+            },
+        });
+        postcard::to_allocvec(&hello).unwrap()
+    }
+
+    #[test]
+    fn a_valid_hello_parses_and_another_version_is_named() {
+        assert_eq!(parse_hello(&valid_hello()).unwrap().capabilities.pid, 42);
+        let mut other = valid_hello();
+        other[1] = 99; // the version varint right after the variant index
+        let (kind, reason) = parse_hello(&other).unwrap_err();
+        assert_eq!(kind, RefusalKind::VersionMismatch);
+        assert!(reason.contains("version 99"), "{reason}");
+        assert_eq!(parse_hello(&[]).unwrap_err().0, RefusalKind::Protocol);
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 2000, ..ProptestConfig::default() })]
+
+        #[test]
+        fn arbitrary_first_frames_are_refused_without_panicking(frame in proptest::collection::vec(any::<u8>(), 0..512)) {
+            if let Ok(hello) = parse_hello(&frame) {
+                prop_assert_eq!(hello.protocol_version, PROTOCOL_VERSION);
+            }
+        }
+
+        #[test]
+        fn damaged_hellos_are_refused_without_panicking(
+            flips in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 0..8),
+            cut in any::<prop::sample::Index>(),
+        ) {
+            let mut frame = valid_hello();
+            for (at, byte) in flips {
+                let i = at.index(frame.len());
+                frame[i] = byte;
+            }
+            frame.truncate(cut.index(frame.len() + 1));
+            match parse_hello(&frame) {
+                Ok(hello) => prop_assert_eq!(hello.protocol_version, PROTOCOL_VERSION),
+                Err((kind, reason)) => {
+                    prop_assert!(matches!(kind, RefusalKind::Protocol | RefusalKind::VersionMismatch));
+                    prop_assert!(!reason.is_empty());
+                }
+            }
+        }
     }
 }
