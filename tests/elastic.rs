@@ -241,3 +241,43 @@ fn a_killed_coordinator_restarted_with_resume_gets_its_workers_back() {
     });
     assert_eq!(last, Some(STEPS));
 }
+
+/// A fault injected into a worker's supervised Collective actor (it panics in step 5): the
+/// failure is reported, the ring is re-formed with a fresh actor, and the run continues and
+/// finishes with every step run once.
+#[test]
+fn a_panicking_collective_actor_is_replaced_and_the_run_continues() {
+    let dir = scratch("elastic-fault");
+    let data = prepare_small_corpus(&dir);
+    let config = elastic_config(&dir, &data, 2, 2, "");
+    let trace = dir.join("trace");
+    std::fs::create_dir_all(&trace).unwrap();
+    let coordinator = CoordinatorProcess::start(&config, &[]);
+    let addr = coordinator.addr.to_string();
+    let healthy = start_worker(&addr, &trace, &dir.join("worker-0.log"));
+    let log = std::fs::File::create(dir.join("worker-1.log")).unwrap();
+    let faulty = worker_command(&addr)
+        .env("TROUPE_TRACE_SAMPLES", &trace)
+        .env("TROUPE_FAULT_COLLECTIVE_PANIC_AT_STEP", "5")
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let workers = vec![healthy, KillOnDrop(faulty)];
+    let (status, log) = coordinator.wait();
+    assert!(status.success(), "{log}");
+    for mut w in workers {
+        assert!(w.0.wait().unwrap().success());
+    }
+    let run_dir = dir.join("runs/tiny");
+    let events = events(&run_dir);
+    assert!(
+        events.iter().any(|e| matches!(e, RunEvent::Warning { message, .. } if message.contains("failed collective") && message.contains("fault injection"))),
+        "{events:#?}"
+    );
+    assert!(events.iter().any(|e| matches!(e, RunEvent::Regrouped { world_size: 2, .. })));
+    let worker_log = std::fs::read_to_string(dir.join("worker-1.log")).unwrap();
+    assert!(worker_log.contains("the collective failed") && worker_log.contains("re-forms the ring"), "{worker_log}");
+    let steps = steps_once(&run_dir, STEPS);
+    assert_no_sample_lost_or_repeated(&trace, &data, &steps);
+}

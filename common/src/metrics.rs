@@ -127,6 +127,8 @@ pub struct WorkerMetrics {
     /// `phase` = compute | communication | data.
     pub step_seconds: HistogramVec,
     pub bytes_sent_total: IntCounter,
+    /// Supervised actors of the worker (the collective) that failed and were replaced.
+    pub actor_restarts_total: IntCounterVec,
 }
 
 impl WorkerMetrics {
@@ -146,6 +148,10 @@ impl WorkerMetrics {
             bytes_sent_total: register(
                 &r,
                 IntCounter::new("troupe_bytes_sent_total", "Gradient bytes sent to the ring successor").unwrap(),
+            ),
+            actor_restarts_total: register(
+                &r,
+                IntCounterVec::new(Opts::new("troupe_actor_restarts_total", "Supervised actor restarts"), &["actor"]).unwrap(),
             ),
             registry: r,
         }

@@ -59,6 +59,9 @@ impl Actor for CollectiveActor {
             CollectiveMsg::AllReduce { data, tag, reply } => (data, tag, None, reply),
             CollectiveMsg::Broadcast { data, root, tag, reply } => (data, tag, Some(root), reply),
         };
+        if fault_injected(tag.step) {
+            panic!("fault injection: the collective actor panics in step {}", tag.step);
+        }
         if let Some(error) = &state.broken {
             let _ = reply.send(Err(format!("the ring of generation {} failed earlier: {error}", state.generation)));
             return Ok(());
@@ -92,4 +95,13 @@ impl Actor for CollectiveActor {
         }
         Ok(())
     }
+}
+
+/// Test-only fault hook: `TROUPE_FAULT_COLLECTIVE_PANIC_AT_STEP=N` makes this process's
+/// collective actor panic once, in the first collective of step N.
+fn fault_injected(step: u64) -> bool {
+    static FIRED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    static WANTED: std::sync::OnceLock<Option<u64>> = std::sync::OnceLock::new();
+    let wanted = *WANTED.get_or_init(|| std::env::var("TROUPE_FAULT_COLLECTIVE_PANIC_AT_STEP").ok().and_then(|v| v.parse().ok()));
+    wanted == Some(step) && !FIRED.swap(true, std::sync::atomic::Ordering::SeqCst)
 }

@@ -500,6 +500,9 @@ impl Actor for Worker {
             if actor.get_id() == cell.get_id() && state.outcome.is_none() {
                 let generation = *generation;
                 state.collective = None;
+                // Replaced by the next generation's actor, which the coordinator starts now.
+                state.metrics.actor_restarts_total.with_label_values(&["collective"]).inc();
+                tracing::warn!("{reason}; the coordinator re-forms the ring");
                 if generation == state.generation {
                     state.send(ToCoordinator::CollectiveFailed { generation, step: None, error: reason });
                 }
