@@ -121,6 +121,8 @@ pub struct Assignment {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StepReport {
     pub generation: u64,
+    /// Ranks of that generation (whose gradients the step summed).
+    pub world_size: u32,
     pub step: u64,
     /// The step's mean loss over the whole global batch (summed over ranks with the
     /// gradients, so every rank reports the same value).
@@ -200,7 +202,7 @@ mod tests {
             hello(PROTOCOL_VERSION),
             ToCoordinator::Heartbeat,
             ToCoordinator::StepDone(StepReport {
-                generation: 2, step: 3, loss: 1.5, tokens: 10, grad_norm: 0.5, lr: 1e-3,
+                generation: 2, world_size: 2, step: 3, loss: 1.5, tokens: 10, grad_norm: 0.5, lr: 1e-3,
                 data_seconds: 0.1, compute_seconds: 0.2, comm_seconds: 0.3,
             }),
             ToCoordinator::CheckpointWritten {

@@ -690,8 +690,9 @@ impl Core {
             // all-reduce had every rank's gradient, so that step counts.
             match self.partial_step.take() {
                 Some(report) if report.step == self.completed => {
-                    let world = self.ranks.len() as u32;
-                    self.record_step(now, &report, report.tokens, world, 0.0, out);
+                    // Its generation's ranks together trained on the whole global batch.
+                    let tokens = report.tokens * u64::from(report.world_size);
+                    self.record_step(now, &report, tokens, 0.0, out);
                 }
                 _ => out.push(Command::Record(RunEvent::Warning {
                     step: self.completed,
@@ -762,14 +763,14 @@ impl Core {
         self.next_step(now, out);
     }
 
-    fn record_step(&mut self, now: Instant, report: &StepReport, tokens: u64, world_size: u32, comm_seconds: f64, out: &mut Vec<Command>) {
+    fn record_step(&mut self, now: Instant, report: &StepReport, tokens: u64, comm_seconds: f64, out: &mut Vec<Command>) {
         let seconds = self.step_started_at.map_or(0.0, |t| now.saturating_duration_since(t).as_secs_f64());
         let tokens_per_sec = if seconds > 0.0 { tokens as f64 / seconds } else { 0.0 };
         self.last_tokens_per_second = Some(tokens_per_sec);
         out.push(Command::Record(RunEvent::Step {
             step: report.step,
             generation: report.generation,
-            world_size,
+            world_size: report.world_size,
             loss: report.loss,
             lr: report.lr,
             tokens_per_sec,
@@ -785,7 +786,7 @@ impl Core {
         let tokens: u64 = reports.values().map(|r| r.tokens).sum();
         let comm_seconds = reports.values().map(|r| r.comm_seconds).fold(0.0, f64::max);
         let first = reports.values().next().expect("a completed step has reports").clone();
-        self.record_step(now, &first, tokens, reports.len() as u32, comm_seconds, out);
+        self.record_step(now, &first, tokens, comm_seconds, out);
         self.completed += 1;
         self.failed_regroups = 0;
 
@@ -968,10 +969,12 @@ mod tests {
             self.step_done_in(generation, id, step, loss)
         }
         fn step_done_in(&mut self, generation: u64, id: WorkerId, step: u64, loss: f64) -> Vec<Command> {
+            let world_size = self.core.snapshot().world_size as u32;
             self.from(
                 id,
                 ToCoordinator::StepDone(StepReport {
                     generation,
+                    world_size,
                     step,
                     loss,
                     tokens: 100,
@@ -1150,7 +1153,10 @@ mod tests {
         sim.ready(1, 1);
         let cmds = sim.ready(2, 0);
         let rec = records(&cmds);
-        assert!(rec.iter().any(|e| matches!(e, RunEvent::Step { step: 0, loss, generation: 1, .. } if *loss == 3.5)), "step 0 counts, recorded once");
+        assert!(
+            rec.iter().any(|e| matches!(e, RunEvent::Step { step: 0, loss, generation: 1, world_size: 3, .. } if *loss == 3.5)),
+            "step 0 counts, recorded once, as the 3 ranks' step"
+        );
         let syncs: Vec<_> = sends(&cmds).into_iter().filter(|(_, m)| matches!(m, ToWorker::Sync { .. })).collect();
         assert_eq!(syncs.len(), 2);
         assert!(syncs.iter().all(|(_, m)| *m == ToWorker::Sync { generation: 2, source_rank: 0, step: 1 }));

@@ -254,6 +254,7 @@ impl Trainer {
         self.step += 1;
         Ok(StepReport {
             generation: self.generation,
+            world_size: self.world_size as u32,
             step,
             loss,
             tokens,
