@@ -28,14 +28,68 @@ fn elastic_config(dir: &Path, data: &Path, workers: usize, min_workers: usize, e
 
 /// A worker whose sample trace goes to `trace` and whose log goes to `log`.
 fn start_worker(addr: &str, trace: &Path, log: &Path) -> KillOnDrop {
+    start_worker_with(addr, trace, log, &[])
+}
+
+fn start_worker_with(addr: &str, trace: &Path, log: &Path, env: &[(&str, &str)]) -> KillOnDrop {
     let log = std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap();
     let child = worker_command(addr)
+        .envs(env.iter().copied())
         .env("TROUPE_TRACE_SAMPLES", trace)
         .stdout(Stdio::null())
         .stderr(log)
         .spawn()
         .expect("start a worker");
     KillOnDrop(child)
+}
+
+/// A coordinator and `workers` traced workers on a fresh run of the elastic config.
+struct Cluster {
+    dir: PathBuf,
+    data: PathBuf,
+    trace: PathBuf,
+    run_dir: PathBuf,
+    coordinator: CoordinatorProcess,
+    addr: String,
+    workers: Vec<KillOnDrop>,
+}
+
+impl Cluster {
+    fn start(name: &str, workers: usize, min_workers: usize) -> Cluster {
+        Cluster::start_with(name, workers, min_workers, &[])
+    }
+
+    /// As `start`, the last worker with `env` added (a fault hook).
+    fn start_with(name: &str, workers: usize, min_workers: usize, env: &[(&str, &str)]) -> Cluster {
+        let dir = scratch(name);
+        let data = prepare_small_corpus(&dir);
+        let config = elastic_config(&dir, &data, workers, min_workers, "");
+        let trace = dir.join("trace");
+        std::fs::create_dir_all(&trace).unwrap();
+        let coordinator = CoordinatorProcess::start(&config, &[]);
+        let addr = coordinator.addr.to_string();
+        let workers = (0..workers)
+            .map(|i| {
+                let env = if i + 1 == workers { env } else { &[] };
+                start_worker_with(&addr, &trace, &dir.join(format!("worker-{i}.log")), env)
+            })
+            .collect();
+        let run_dir = dir.join("runs/tiny");
+        Cluster { dir, data, trace, run_dir, coordinator, addr, workers }
+    }
+
+    /// Waits for the run to finish successfully and for every worker still held to exit 0;
+    /// checks that every step ran once and that no sample was lost or repeated.
+    fn finish(self) -> (String, BTreeMap<u64, (u64, u32)>) {
+        let (status, log) = self.coordinator.wait();
+        assert!(status.success(), "{log}");
+        for mut w in self.workers {
+            assert!(w.0.wait().unwrap().success());
+        }
+        let steps = steps_once(&self.run_dir, STEPS);
+        assert_no_sample_lost_or_repeated(&self.trace, &self.data, &steps);
+        (log, steps)
+    }
 }
 
 /// Polls events.jsonl until `pred` holds for some event after the first `skip` events; the
@@ -103,19 +157,12 @@ fn assert_no_sample_lost_or_repeated(trace_dir: &Path, data: &Path, steps: &BTre
 /// every sample consumed exactly once.
 #[test]
 fn a_killed_worker_is_dropped_and_a_restarted_one_rejoins() {
-    let dir = scratch("elastic-kill");
-    let data = prepare_small_corpus(&dir);
-    let config = elastic_config(&dir, &data, 3, 2, "");
-    let trace = dir.join("trace");
-    std::fs::create_dir_all(&trace).unwrap();
-    let coordinator = CoordinatorProcess::start(&config, &[]);
-    let addr = coordinator.addr.to_string();
-    let mut workers: Vec<KillOnDrop> = (0..3).map(|i| start_worker(&addr, &trace, &dir.join(format!("worker-{i}.log")))).collect();
-    let run_dir = dir.join("runs/tiny");
+    let mut cluster = Cluster::start("elastic-kill", 3, 2);
+    let run_dir = cluster.run_dir.clone();
     wait_for_steps(&run_dir, 8, Duration::from_secs(120));
 
     let skip = event_count(&run_dir);
-    workers[2].0.kill().unwrap(); // SIGKILL: no goodbye
+    cluster.workers[2].0.kill().unwrap(); // SIGKILL: no goodbye
     let killed_at = Instant::now();
     let regrouped = wait_for_event(&run_dir, skip, Duration::from_secs(30), "regroup to 2 workers", |e| {
         matches!(e, RunEvent::Regrouped { world_size: 2, .. })
@@ -129,22 +176,17 @@ fn a_killed_worker_is_dropped_and_a_restarted_one_rejoins() {
 
     // The same command again: it joins at a step boundary and gets the state from a peer.
     let skip = event_count(&run_dir);
-    let _ = workers.pop();
-    workers.push(start_worker(&addr, &trace, &dir.join("worker-2-again.log")));
+    let _ = cluster.workers.pop();
+    let again = start_worker(&cluster.addr, &cluster.trace, &cluster.dir.join("worker-2-again.log"));
+    cluster.workers.push(again);
     wait_for_event(&run_dir, skip, Duration::from_secs(60), "regroup to 3 workers", |e| {
         matches!(e, RunEvent::Regrouped { world_size: 3, synced: true, .. })
     });
     wait_for_event(&run_dir, skip, Duration::from_secs(60), "a step by 3 workers", |e| matches!(e, RunEvent::Step { world_size: 3, .. }));
 
-    let (status, log) = coordinator.wait();
-    assert!(status.success(), "{log}");
-    for mut w in workers {
-        assert!(w.0.wait().unwrap().success());
-    }
-    let steps = steps_once(&run_dir, STEPS);
+    let (log, steps) = cluster.finish();
     let worlds: Vec<u32> = steps.values().map(|(_, w)| *w).collect();
     assert!(worlds.contains(&2) && worlds.last() == Some(&3), "{worlds:?}");
-    assert_no_sample_lost_or_repeated(&trace, &data, &steps);
     assert!(log.contains("was lost: no heartbeat for longer than the lease"), "{log}");
 }
 
@@ -152,18 +194,11 @@ fn a_killed_worker_is_dropped_and_a_restarted_one_rejoins() {
 /// detected by its missing heartbeats, named with its rank, and dropped; the others go on.
 #[test]
 fn a_frozen_worker_is_detected_by_its_lease_named_and_dropped() {
-    let dir = scratch("elastic-frozen");
-    let data = prepare_small_corpus(&dir);
-    let config = elastic_config(&dir, &data, 3, 2, "");
-    let trace = dir.join("trace");
-    std::fs::create_dir_all(&trace).unwrap();
-    let coordinator = CoordinatorProcess::start(&config, &[]);
-    let addr = coordinator.addr.to_string();
-    let mut workers: Vec<KillOnDrop> = (0..3).map(|i| start_worker(&addr, &trace, &dir.join(format!("worker-{i}.log")))).collect();
-    let run_dir = dir.join("runs/tiny");
+    let mut cluster = Cluster::start("elastic-frozen", 3, 2);
+    let run_dir = cluster.run_dir.clone();
     wait_for_steps(&run_dir, 8, Duration::from_secs(120));
     let skip = event_count(&run_dir);
-    let frozen = workers.pop().unwrap();
+    let frozen = cluster.workers.pop().unwrap();
     std::process::Command::new("kill").args(["-STOP", &frozen.0.id().to_string()]).status().unwrap();
     let frozen_at = Instant::now();
     let stepped = wait_for_event(&run_dir, skip, Duration::from_secs(30), "a step by 2 workers", |e| {
@@ -178,14 +213,8 @@ fn a_frozen_worker_is_detected_by_its_lease_named_and_dropped() {
     let (rank, reason) = left.expect("the frozen worker's departure is recorded");
     assert!(rank.is_some() && reason.contains("lease (1500 ms)"), "{rank:?} {reason}");
 
-    let (status, log) = coordinator.wait();
-    assert!(status.success(), "{log}");
+    let (log, _) = cluster.finish();
     assert!(log.contains(&format!("rank {}", rank.unwrap())) && log.contains("no heartbeat for longer than the lease"), "{log}");
-    for mut w in workers {
-        assert!(w.0.wait().unwrap().success());
-    }
-    let steps = steps_once(&run_dir, STEPS);
-    assert_no_sample_lost_or_repeated(&trace, &data, &steps);
     let _ = std::process::Command::new("kill").args(["-CONT", &frozen.0.id().to_string()]).status();
 }
 
@@ -247,29 +276,9 @@ fn a_killed_coordinator_restarted_with_resume_gets_its_workers_back() {
 /// finishes with every step run once.
 #[test]
 fn a_panicking_collective_actor_is_replaced_and_the_run_continues() {
-    let dir = scratch("elastic-fault");
-    let data = prepare_small_corpus(&dir);
-    let config = elastic_config(&dir, &data, 2, 2, "");
-    let trace = dir.join("trace");
-    std::fs::create_dir_all(&trace).unwrap();
-    let coordinator = CoordinatorProcess::start(&config, &[]);
-    let addr = coordinator.addr.to_string();
-    let healthy = start_worker(&addr, &trace, &dir.join("worker-0.log"));
-    let log = std::fs::File::create(dir.join("worker-1.log")).unwrap();
-    let faulty = worker_command(&addr)
-        .env("TROUPE_TRACE_SAMPLES", &trace)
-        .env("TROUPE_FAULT_COLLECTIVE_PANIC_AT_STEP", "5")
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .unwrap();
-    let workers = vec![healthy, KillOnDrop(faulty)];
-    let (status, log) = coordinator.wait();
-    assert!(status.success(), "{log}");
-    for mut w in workers {
-        assert!(w.0.wait().unwrap().success());
-    }
-    let run_dir = dir.join("runs/tiny");
+    let cluster = Cluster::start_with("elastic-fault", 2, 2, &[("TROUPE_FAULT_COLLECTIVE_PANIC_AT_STEP", "5")]);
+    let (run_dir, dir) = (cluster.run_dir.clone(), cluster.dir.clone());
+    cluster.finish();
     let events = events(&run_dir);
     assert!(
         events.iter().any(|e| matches!(e, RunEvent::Warning { message, .. } if message.contains("failed collective") && message.contains("fault injection"))),
@@ -278,6 +287,4 @@ fn a_panicking_collective_actor_is_replaced_and_the_run_continues() {
     assert!(events.iter().any(|e| matches!(e, RunEvent::Regrouped { world_size: 2, .. })));
     let worker_log = std::fs::read_to_string(dir.join("worker-1.log")).unwrap();
     assert!(worker_log.contains("the collective failed") && worker_log.contains("re-forms the ring"), "{worker_log}");
-    let steps = steps_once(&run_dir, STEPS);
-    assert_no_sample_lost_or_repeated(&trace, &data, &steps);
 }

@@ -105,18 +105,8 @@ pub fn set_flat_grads(params: &[Tensor], flat: &[f32]) -> Result<()> {
         });
     }
     ensure_grads(params)?;
-    let _no_grad = tch::no_grad_guard();
-    let mut offset = 0;
-    for p in params {
-        let n = p.numel();
-        let src = Tensor::f_from_slice(&flat[offset..offset + n])?
-            .f_view(p.size().as_slice())?
-            .f_to_device(p.device())?
-            .f_to_kind(p.kind())?;
-        p.grad().f_copy_(&src)?;
-        offset += n;
-    }
-    Ok(())
+    let grads: Vec<Tensor> = params.iter().map(|p| p.grad()).collect();
+    unflatten_into(&grads, flat)
 }
 
 /// Global L2 norm of all gradients (missing ones count as zero), accumulated in f64 on the host
