@@ -187,7 +187,8 @@ fn a_killed_worker_is_dropped_and_a_restarted_one_rejoins() {
     let (log, steps) = cluster.finish();
     let worlds: Vec<u32> = steps.values().map(|(_, w)| *w).collect();
     assert!(worlds.contains(&2) && worlds.last() == Some(&3), "{worlds:?}");
-    assert!(log.contains("was lost: no heartbeat for longer than the lease"), "{log}");
+    // Its port is closed: the host says so, and the coordinator need not wait out the lease.
+    assert!(log.contains("was lost: its process is gone") || log.contains("was lost: no heartbeat"), "{log}");
 }
 
 /// Must-show 4: a worker that stops answering without closing its connection (SIGSTOP) is

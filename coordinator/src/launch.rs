@@ -4,7 +4,7 @@
 use crate::core::ResumeFrom;
 use anyhow::{bail, Context};
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use troupe_common::checkpoint;
 use troupe_common::config::Config;
 use troupe_common::data;
@@ -94,8 +94,38 @@ pub fn bind_endpoint(config: &Config, insecure: bool) -> anyhow::Result<quinn::E
     if let Some(tls) = &config.tls {
         opts.tls = tls.setup();
     }
+    opts.reset_key = Some(reset_key(&config.run_dir())?);
     let endpoint = net::make_endpoint(addr, &opts).with_context(|| format!("cannot listen on {addr} (cluster.listen)"))?;
     Ok(endpoint)
+}
+
+/// The QUIC stateless-reset secret of this run's coordinator, created on first use and kept
+/// in the run folder (mode 0600): a coordinator restarted with `--resume` reuses it, so the
+/// previous process's workers learn at their next packet that their connection is gone.
+pub fn reset_key(run_dir: &Path) -> anyhow::Result<Vec<u8>> {
+    const LEN: usize = 64;
+    let path = run_dir.join("coordinator-reset.key");
+    if let Ok(key) = std::fs::read(&path) {
+        if key.len() == LEN {
+            return Ok(key);
+        }
+        tracing::warn!("{} is not a {LEN}-byte key; making a new one", path.display());
+    }
+    let mut key = vec![0u8; LEN];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut key)
+        .map_err(|_| anyhow::anyhow!("the system random number generator failed"))?;
+    std::fs::create_dir_all(run_dir).with_context(|| format!("cannot create {}", run_dir.display()))?;
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = path.with_extension("key.tmp");
+    {
+        use std::io::Write;
+        let mut f = std::fs::OpenOptions::new().create(true).write(true).truncate(true).mode(0o600).open(&tmp)
+            .with_context(|| format!("cannot write {}", tmp.display()))?;
+        f.write_all(&key)?;
+        f.sync_all()?;
+    }
+    std::fs::rename(&tmp, &path).with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(key)
 }
 
 #[cfg(test)]
@@ -118,6 +148,21 @@ mod tests {
         config.tls = Some(TlsConfig::coordinator_in(&dir));
         config.validate().unwrap();
         bind_endpoint(&config, false).expect("mutual TLS is authentication enough");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn the_reset_key_survives_a_restart_and_is_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("troupe-reset-key-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let first = reset_key(&dir).unwrap();
+        assert_eq!(first.len(), 64);
+        assert_eq!(reset_key(&dir).unwrap(), first, "the same key after a restart");
+        let mode = std::fs::metadata(dir.join("coordinator-reset.key")).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        std::fs::write(dir.join("coordinator-reset.key"), b"short").unwrap();
+        assert_ne!(reset_key(&dir).unwrap(), first, "a damaged key is replaced");
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

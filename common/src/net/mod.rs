@@ -8,6 +8,7 @@
 //! - [`join_proof`]: proof of the cluster join token bound to one TLS session, so the token
 //!   never crosses the wire and a proof cannot be replayed on another connection.
 //! - [`close`]: application close codes and readable descriptions of connection errors.
+//! - [`probe`]: notices within a heartbeat that the process behind a peer's port is gone.
 //!
 //! Authentication model: with [`TlsSetup::SelfSignedUnverified`] (the default) TLS gives
 //! confidentiality and integrity, but the client does not verify the server certificate
@@ -21,6 +22,7 @@ pub mod certs;
 pub mod close;
 pub mod endpoint;
 mod frame;
+pub mod probe;
 mod proof;
 
 pub use close::{describe_close_code, describe_connection_error, is_tls_handshake_failure};

@@ -44,6 +44,7 @@ pub struct SessionState {
     reader: Option<tokio::task::JoinHandle<()>>,
     heartbeat: Duration,
     heartbeats: Option<tokio::task::JoinHandle<()>>,
+    probe: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl Actor for WorkerSession {
@@ -64,7 +65,7 @@ impl Actor for WorkerSession {
             };
             me.stop(Some(reason));
         });
-        Ok(SessionState { id, remote, conn: None, send: None, reader: Some(reader), heartbeat, heartbeats: None })
+        Ok(SessionState { id, remote, conn: None, send: None, reader: Some(reader), heartbeat, heartbeats: None, probe: None })
     }
 
     async fn handle(&self, me: ActorRef<SessionMsg>, msg: SessionMsg, state: &mut SessionState) -> Result<(), ActorProcessingErr> {
@@ -74,6 +75,13 @@ impl Actor for WorkerSession {
                 state.send = Some(send);
                 let period = state.heartbeat;
                 state.heartbeats = Some(me.send_interval(period, || SessionMsg::Send(ToWorker::Heartbeat)));
+                // A worker whose process died is noticed within a heartbeat when its host
+                // says so (ICMP port unreachable), instead of after the whole lease.
+                let (remote, me) = (state.remote, me.clone());
+                state.probe = Some(tokio::spawn(async move {
+                    let e = net::probe::until_port_closed(remote, period).await;
+                    me.stop(Some(format!("its process is gone: its port {remote} is closed ({e})")));
+                }));
             }
             SessionMsg::Send(msg) => {
                 let Some(send) = state.send.as_mut() else { return Ok(()) };
@@ -101,6 +109,9 @@ impl Actor for WorkerSession {
         }
         if let Some(heartbeats) = state.heartbeats.take() {
             heartbeats.abort();
+        }
+        if let Some(probe) = state.probe.take() {
+            probe.abort();
         }
         Ok(())
     }

@@ -126,6 +126,7 @@ pub async fn run_worker(opts: WorkerOptions) -> anyhow::Result<WorkerExit> {
         let (done_tx, done_rx) = oneshot::channel();
         let args = WorkerArgs {
             endpoint: endpoint.clone(),
+            coordinator: conn.remote_address(),
             send,
             recv,
             token: opts.token.clone(),
@@ -302,6 +303,8 @@ pub struct Worker;
 
 pub struct WorkerArgs {
     endpoint: quinn::Endpoint,
+    /// The coordinator's address, as this worker reaches it.
+    coordinator: SocketAddr,
     send: quinn::SendStream,
     recv: quinn::RecvStream,
     token: String,
@@ -429,6 +432,14 @@ impl Actor for Worker {
         let mut recv = a.recv;
         let reader_me = me.clone();
         let lease = a.lease;
+        let (coordinator, probe_period) = (a.coordinator, a.heartbeat);
+        let probe_me = me.clone();
+        // A coordinator whose process died is noticed within a heartbeat when its host says so
+        // (ICMP port unreachable); otherwise by its silence, after the lease.
+        let probe = tokio::spawn(async move {
+            let e = net::probe::until_port_closed(coordinator, probe_period).await;
+            let _ = probe_me.cast(WorkerMsg::LinkClosed(format!("the coordinator's process is gone: its port {coordinator} is closed ({e})")));
+        });
         let reader = tokio::spawn(async move {
             // Anything from the coordinator renews its lease; silence past the lease means it
             // is gone (killed, partitioned) and this worker must not go on training for it.
@@ -453,7 +464,7 @@ impl Actor for Worker {
             device: a.device,
             metrics: a.metrics,
             outbox,
-            tasks: vec![writer, heartbeats, reader],
+            tasks: vec![writer, heartbeats, reader, probe],
             trainer: None,
             latest_generation: Arc::new(AtomicU64::new(0)),
             generation_watch: watch::channel(0).0,
