@@ -12,6 +12,10 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
+/// How often to probe: a datagram of one byte ten times a second costs nothing, and a
+/// coordinator restarted on the same port leaves its port closed only briefly.
+pub const PROBE_PERIOD: Duration = Duration::from_millis(100);
+
 /// Returns when `addr` answers "port unreachable"; never returns otherwise.
 pub async fn until_port_closed(addr: SocketAddr, period: Duration) -> std::io::Error {
     let bind: SocketAddr = if addr.is_ipv4() { ([0, 0, 0, 0], 0).into() } else { (std::net::Ipv6Addr::UNSPECIFIED, 0).into() };

@@ -75,11 +75,11 @@ impl Actor for WorkerSession {
                 state.send = Some(send);
                 let period = state.heartbeat;
                 state.heartbeats = Some(me.send_interval(period, || SessionMsg::Send(ToWorker::Heartbeat)));
-                // A worker whose process died is noticed within a heartbeat when its host
+                // A worker whose process died is noticed within a tenth of a second when its host
                 // says so (ICMP port unreachable), instead of after the whole lease.
                 let (remote, me) = (state.remote, me.clone());
                 state.probe = Some(tokio::spawn(async move {
-                    let e = net::probe::until_port_closed(remote, period).await;
+                    let e = net::probe::until_port_closed(remote, net::probe::PROBE_PERIOD).await;
                     me.stop(Some(format!("its process is gone: its port {remote} is closed ({e})")));
                 }));
             }

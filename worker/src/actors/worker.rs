@@ -432,12 +432,12 @@ impl Actor for Worker {
         let mut recv = a.recv;
         let reader_me = me.clone();
         let lease = a.lease;
-        let (coordinator, probe_period) = (a.coordinator, a.heartbeat);
+        let coordinator = a.coordinator;
         let probe_me = me.clone();
         // A coordinator whose process died is noticed within a heartbeat when its host says so
         // (ICMP port unreachable); otherwise by its silence, after the lease.
         let probe = tokio::spawn(async move {
-            let e = net::probe::until_port_closed(coordinator, probe_period).await;
+            let e = net::probe::until_port_closed(coordinator, net::probe::PROBE_PERIOD).await;
             let _ = probe_me.cast(WorkerMsg::LinkClosed(format!("the coordinator's process is gone: its port {coordinator} is closed ({e})")));
         });
         let reader = tokio::spawn(async move {
