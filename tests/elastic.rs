@@ -219,27 +219,29 @@ fn a_frozen_worker_is_detected_by_its_lease_named_and_dropped() {
     let _ = std::process::Command::new("kill").args(["-CONT", &frozen.0.id().to_string()]).status();
 }
 
-/// Must-show 3: SIGKILL the coordinator; start it again with `--resume` on the same address.
-/// The workers notice (lease), stop training, rejoin on their own, and the run finishes from
-/// the newest checkpoint; every committed checkpoint verifies.
+/// Must-show 3: SIGKILL the coordinator (and one of its 3 workers with it); start it again
+/// with `--resume` on the same address. The surviving workers notice, stop training, rejoin on
+/// their own, and the run finishes from the newest checkpoint without the missing worker (it
+/// starts one lease after the last rejoin); every committed checkpoint verifies.
 #[test]
 fn a_killed_coordinator_restarted_with_resume_gets_its_workers_back() {
     let dir = scratch("elastic-coordinator");
     let data = prepare_small_corpus(&dir);
-    let config = elastic_config(&dir, &data, 2, 1, "rejoin_ms = 60000\n");
+    let config = elastic_config(&dir, &data, 3, 2, "rejoin_ms = 60000\n");
     let port = std::net::UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let listen = format!("127.0.0.1:{port}");
     let mut coordinator = CoordinatorProcess::start(&config, &["--listen", &listen]);
     let addr = coordinator.addr.to_string();
     let trace = dir.join("trace");
     std::fs::create_dir_all(&trace).unwrap();
-    let workers: Vec<KillOnDrop> = (0..2).map(|i| start_worker(&addr, &trace, &dir.join(format!("worker-{i}.log")))).collect();
+    let mut workers: Vec<KillOnDrop> = (0..3).map(|i| start_worker(&addr, &trace, &dir.join(format!("worker-{i}.log")))).collect();
     let run_dir = dir.join("runs/tiny");
     wait_for_steps(&run_dir, 12, Duration::from_secs(120));
     coordinator.process.0.kill().unwrap();
     let _ = coordinator.process.0.wait();
     let killed_at = Instant::now();
     let skip = event_count(&run_dir);
+    workers.pop(); // this one goes down with the coordinator
 
     let coordinator = CoordinatorProcess::start(&config, &["--listen", &listen, "--resume"]);
     let stepped = wait_for_event(&run_dir, skip, Duration::from_secs(60), "a step after the restart", |e| matches!(e, RunEvent::Step { .. }));
@@ -249,6 +251,7 @@ fn a_killed_coordinator_restarted_with_resume_gets_its_workers_back() {
     for mut w in workers {
         assert!(w.0.wait().unwrap().success(), "the workers rejoined and finished");
     }
+    assert!(log.contains("resuming with 2 of 3 workers"), "{log}");
     let resumed = events(&run_dir).into_iter().skip(skip).find_map(|e| match e {
         RunEvent::Started { resumed_from, step, .. } => Some((resumed_from, step)),
         _ => None,

@@ -177,6 +177,10 @@ pub struct Core {
     /// When the current membership change began (for the `Regrouped` event).
     regroup_started_at: Option<Instant>,
     failed_regroups: u32,
+    /// A resumed run (a restarted coordinator) may start without workers that did not come
+    /// back: with `min_workers`, once this passes without a new join.
+    resumed: bool,
+    gather_deadline: Option<Instant>,
     stop_requested: bool,
     started_at: Option<Instant>,
     last_loss: Option<f64>,
@@ -188,6 +192,7 @@ pub struct Core {
 impl Core {
     pub fn new(config: Config, resume: Option<ResumeFrom>) -> Core {
         let completed = resume.as_ref().map_or(0, |r| r.step);
+        let resumed = resume.is_some();
         Core {
             run_dir: config.run_dir(),
             config,
@@ -206,6 +211,8 @@ impl Core {
             redo_checkpoint: false,
             regroup_started_at: None,
             failed_regroups: 0,
+            resumed,
+            gather_deadline: None,
             stop_requested: false,
             started_at: None,
             last_loss: None,
@@ -273,7 +280,10 @@ impl Core {
                 }
                 self.maybe_done(now, &mut out);
             }
-            Event::Tick => self.check_leases(now, &mut out),
+            Event::Tick => {
+                self.check_leases(now, &mut out);
+                self.check_gathering(now, &mut out);
+            }
             Event::ShutdownRequested => self.request_stop(now, &mut out),
         }
         out
@@ -344,7 +354,12 @@ impl Core {
         let addr = self.workers[&id].info.peer_addr;
         match self.phase {
             Phase::Gathering if self.workers.len() == self.config.cluster.workers => self.form(now, out),
-            Phase::Gathering => {}
+            Phase::Gathering => {
+                // Each join gives the others another lease to come back.
+                if self.resumed && self.workers.len() >= self.config.cluster.min_workers {
+                    self.gather_deadline = Some(now + Duration::from_millis(self.config.cluster.lease_ms));
+                }
+            }
             // Forming again at once includes the newcomer without waiting a whole generation.
             Phase::Forming | Phase::Syncing => {
                 self.note_change(now, format!("worker {id} ({addr}) joined"), out);
@@ -890,6 +905,26 @@ impl Core {
         out.push(Command::Finish { ok, error });
     }
 
+    /// A resumed run whose workers did not all come back within a lease of the last join
+    /// starts with those that did, if they are at least `min_workers`.
+    fn check_gathering(&mut self, now: Instant, out: &mut Vec<Command>) {
+        let Some(deadline) = self.gather_deadline else { return };
+        if self.phase != Phase::Gathering || now < deadline || self.workers.len() < self.config.cluster.min_workers {
+            return;
+        }
+        self.gather_deadline = None;
+        out.push(Command::Record(RunEvent::Warning {
+            step: self.completed,
+            message: format!(
+                "resuming with {} of {} workers: the others did not rejoin within the lease ({} ms)",
+                self.workers.len(),
+                self.config.cluster.workers,
+                self.config.cluster.lease_ms
+            ),
+        }));
+        self.form(now, out);
+    }
+
     fn check_leases(&mut self, now: Instant, out: &mut Vec<Command>) {
         let lease = Duration::from_millis(self.config.cluster.lease_ms);
         let expired: Vec<WorkerId> = self
@@ -1422,5 +1457,34 @@ mod tests {
         assert!(sim.from(1, ToCoordinator::EvalDone(EvalReport { generation: 1, step: 0, loss_sum: 1.0, sequences: 1 })).is_empty());
         assert!(sim.written(1, 7, vec![]).is_empty());
         assert!(sim.from(1, ToCoordinator::Ready { generation: 1, completed_steps: 9 }).is_empty(), "Ready outside Forming");
+    }
+
+    #[test]
+    fn a_resumed_run_starts_without_workers_that_did_not_come_back() {
+        let mut c = config(3, 10);
+        c.cluster.min_workers = 2;
+        let mut core = Core::new(c, Some(ResumeFrom { dir: "d".into(), step: 4 }));
+        let t0 = Instant::now();
+        core.on(t0, Event::WorkerJoined { id: 1, info: caps(1) });
+        assert!(core.on(t0 + Duration::from_secs(4), Event::Tick).is_empty(), "one worker is below min_workers");
+        let t1 = t0 + Duration::from_millis(4500);
+        core.on(t1, Event::FromWorker { id: 1, msg: ToCoordinator::Heartbeat });
+        core.on(t1, Event::WorkerJoined { id: 2, info: caps(2) });
+        assert!(assigns(&core.on(t1 + Duration::from_millis(4900), Event::Tick)).is_empty(), "within a lease of the last join");
+        for id in [1, 2] {
+            core.on(t1 + Duration::from_millis(4900), Event::FromWorker { id, msg: ToCoordinator::Heartbeat });
+        }
+        let cmds = core.on(t1 + Duration::from_millis(5100), Event::Tick);
+        assert!(records(&cmds).iter().any(|e| matches!(e, RunEvent::Warning { message, .. } if message.contains("2 of 3 workers"))));
+        let a = assigns(&cmds);
+        assert_eq!(a.len(), 2);
+        assert!(a.iter().all(|(_, a)| a.world_size == 2 && a.resume_from.as_deref() == Some("d")));
+        // A fresh run waits for all its workers.
+        let mut c = config(3, 10);
+        c.cluster.min_workers = 2;
+        let mut fresh = Core::new(c, None);
+        fresh.on(t0, Event::WorkerJoined { id: 1, info: caps(1) });
+        fresh.on(t0, Event::WorkerJoined { id: 2, info: caps(2) });
+        assert!(assigns(&fresh.on(t0 + Duration::from_secs(600), Event::Tick)).is_empty());
     }
 }
