@@ -15,13 +15,17 @@ use troupe_common::events::RunEvent;
 
 const STEPS: u64 = 60;
 
-/// The tiny config with a short lease and elastic membership settings.
+/// The tiny config with a short lease and collective timeout, and elastic membership settings.
 fn elastic_config(dir: &Path, data: &Path, workers: usize, min_workers: usize, extra: &str) -> PathBuf {
     let config = tiny_config(dir, data, workers, STEPS);
-    let text = std::fs::read_to_string(&config).unwrap().replace("lease_ms = 5000", "lease_ms = 1500").replace(
-        &format!("workers = {workers}\n"),
-        &format!("workers = {workers}\nmin_workers = {min_workers}\nmax_workers = {workers}\n{extra}"),
-    );
+    let text = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace("lease_ms = 5000", "lease_ms = 1500")
+        .replace("collective_timeout_ms = 30000", "collective_timeout_ms = 2000")
+        .replace(
+            &format!("workers = {workers}\n"),
+            &format!("workers = {workers}\nmin_workers = {min_workers}\nmax_workers = {workers}\n{extra}"),
+        );
     std::fs::write(&config, text).unwrap();
     config
 }
@@ -291,4 +295,17 @@ fn a_panicking_collective_actor_is_replaced_and_the_run_continues() {
     assert!(events.iter().any(|e| matches!(e, RunEvent::Regrouped { world_size: 2, .. })));
     let worker_log = std::fs::read_to_string(dir.join("worker-1.log")).unwrap();
     assert!(worker_log.contains("the collective failed") && worker_log.contains("re-forms the ring"), "{worker_log}");
+}
+
+/// A rank that stays alive (it heartbeats) but stalls inside a collective: its peer times out
+/// after `collective_timeout_ms`, the coordinator logs who waited on whom in which collective,
+/// every rank abandons it, and the re-formed ring carries on.
+#[test]
+fn a_stalled_collective_times_out_is_named_and_the_ring_is_re_formed() {
+    let cluster = Cluster::start_with("elastic-stall", 2, 2, &[("TROUPE_FAULT_COLLECTIVE_STALL_AT_STEP", "5")]);
+    let run_dir = cluster.run_dir.clone();
+    let (log, _) = cluster.finish();
+    assert!(log.contains("reports a failed collective (step 5)") && log.contains("timed out after 2s") && log.contains("waiting on predecessor rank"), "{log}");
+    let events = events(&run_dir);
+    assert!(events.iter().any(|e| matches!(e, RunEvent::Regrouped { world_size: 2, .. })));
 }

@@ -59,8 +59,17 @@ impl Actor for CollectiveActor {
             CollectiveMsg::AllReduce { data, tag, reply } => (data, tag, None, reply),
             CollectiveMsg::Broadcast { data, root, tag, reply } => (data, tag, Some(root), reply),
         };
-        if fault_injected(tag.step) {
+        if fault_injected("TROUPE_FAULT_COLLECTIVE_PANIC_AT_STEP", tag.step) {
             panic!("fault injection: the collective actor panics in step {}", tag.step);
+        }
+        if fault_injected("TROUPE_FAULT_COLLECTIVE_STALL_AT_STEP", tag.step) {
+            // A rank that is alive (it still heartbeats) but never takes part: its peers time
+            // out, and only a new generation releases it.
+            tracing::warn!("fault injection: stalling collective {tag} until the generation ends");
+            let generation = state.generation;
+            let _ = state.current_generation.wait_for(|g| *g != generation).await;
+            let _ = reply.send(Err(format!("collective {tag} abandoned after a stall (fault injection)")));
+            return Ok(());
         }
         if let Some(error) = &state.broken {
             let _ = reply.send(Err(format!("the ring of generation {} failed earlier: {error}", state.generation)));
@@ -97,11 +106,15 @@ impl Actor for CollectiveActor {
     }
 }
 
-/// Test-only fault hook: `TROUPE_FAULT_COLLECTIVE_PANIC_AT_STEP=N` makes this process's
-/// collective actor panic once, in the first collective of step N.
-fn fault_injected(step: u64) -> bool {
-    static FIRED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-    static WANTED: std::sync::OnceLock<Option<u64>> = std::sync::OnceLock::new();
-    let wanted = *WANTED.get_or_init(|| std::env::var("TROUPE_FAULT_COLLECTIVE_PANIC_AT_STEP").ok().and_then(|v| v.parse().ok()));
-    wanted == Some(step) && !FIRED.swap(true, std::sync::atomic::Ordering::SeqCst)
+/// Test-only fault hooks, each firing once per process, in the first collective of step N:
+/// `TROUPE_FAULT_COLLECTIVE_PANIC_AT_STEP=N` makes this actor panic;
+/// `TROUPE_FAULT_COLLECTIVE_STALL_AT_STEP=N` makes it stall (never send) until the generation ends.
+fn fault_injected(var: &'static str, step: u64) -> bool {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::OnceLock;
+    static PANIC: (OnceLock<Option<u64>>, AtomicBool) = (OnceLock::new(), AtomicBool::new(false));
+    static STALL: (OnceLock<Option<u64>>, AtomicBool) = (OnceLock::new(), AtomicBool::new(false));
+    let (wanted, fired) = if var.contains("PANIC") { &PANIC } else { &STALL };
+    let wanted = *wanted.get_or_init(|| std::env::var(var).ok().and_then(|v| v.parse().ok()));
+    wanted == Some(step) && !fired.swap(true, Ordering::SeqCst)
 }
