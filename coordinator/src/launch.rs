@@ -141,6 +141,7 @@ mod tests {
         certs::write_cert_dir(&certs::CertDirOptions { out: dir.clone(), workers: 0, hosts: vec!["127.0.0.1".into()], force: false })
             .unwrap();
         let mut config = Config::default_config();
+        config.run.out_dir = dir.join("runs"); // the endpoint keeps its reset key in the run folder
         config.cluster.listen = "0.0.0.0:0".into();
         config.cluster.token.clear();
         let err = bind_endpoint(&config, false).unwrap_err().to_string();
