@@ -9,6 +9,7 @@
 //! - [`checkpoint`]: the on-disk checkpoint layout and its atomic commit.
 //! - [`metrics`]: Prometheus registry and the `/metrics` server.
 //! - [`events`]: the run history file `events.jsonl`.
+//! - [`fault`]: fault hooks for the failure tests.
 
 pub mod checkpoint;
 pub mod collective;
@@ -16,6 +17,7 @@ pub mod config;
 pub mod console;
 pub mod data;
 pub mod events;
+pub mod fault;
 pub mod metrics;
 pub mod status;
 pub mod model;

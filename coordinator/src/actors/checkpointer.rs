@@ -10,6 +10,7 @@ use crate::core::Event;
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use std::path::PathBuf;
 use troupe_common::checkpoint;
+use troupe_common::fault::FaultHook;
 use troupe_common::proto::FileDigest;
 
 pub struct Checkpointer;
@@ -36,7 +37,8 @@ impl Actor for Checkpointer {
 
     async fn handle(&self, _me: ActorRef<Self::Msg>, msg: Self::Msg, state: &mut Self::State) -> Result<(), ActorProcessingErr> {
         let CheckpointerMsg::Commit { step, world_size, files } = msg;
-        if fault_injected("TROUPE_FAULT_CHECKPOINTER_PANIC_AT_STEP", step) {
+        static PANIC: FaultHook = FaultHook::new("TROUPE_FAULT_CHECKPOINTER_PANIC_AT_STEP");
+        if PANIC.fires_at(step) {
             panic!("fault injection: Checkpointer panics while committing step {step}");
         }
         let run_dir = state.run_dir.clone();
@@ -57,9 +59,4 @@ impl Actor for Checkpointer {
         state.coordinator.cast(CoordinatorMsg::Core(event))?;
         Ok(())
     }
-}
-
-/// Test-only fault hooks: an environment variable naming the step at which to fail.
-pub(crate) fn fault_injected(var: &str, step: u64) -> bool {
-    std::env::var(var).ok().and_then(|v| v.parse::<u64>().ok()) == Some(step)
 }

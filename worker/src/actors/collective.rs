@@ -10,6 +10,7 @@
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use std::sync::mpsc::SyncSender;
 use troupe_common::collective::{Collective, CollectiveTag, RingCollective};
+use troupe_common::fault::FaultHook;
 use troupe_common::metrics::WorkerMetrics;
 
 pub struct CollectiveActor;
@@ -59,10 +60,13 @@ impl Actor for CollectiveActor {
             CollectiveMsg::AllReduce { data, tag, reply } => (data, tag, None, reply),
             CollectiveMsg::Broadcast { data, root, tag, reply } => (data, tag, Some(root), reply),
         };
-        if fault_injected("TROUPE_FAULT_COLLECTIVE_PANIC_AT_STEP", tag.step) {
+        // Test hooks: a panic (the actor dies), or a stall (alive, but never takes part).
+        static PANIC: FaultHook = FaultHook::new("TROUPE_FAULT_COLLECTIVE_PANIC_AT_STEP");
+        static STALL: FaultHook = FaultHook::new("TROUPE_FAULT_COLLECTIVE_STALL_AT_STEP");
+        if PANIC.fires_at(tag.step) {
             panic!("fault injection: the collective actor panics in step {}", tag.step);
         }
-        if fault_injected("TROUPE_FAULT_COLLECTIVE_STALL_AT_STEP", tag.step) {
+        if STALL.fires_at(tag.step) {
             // A rank that is alive (it still heartbeats) but never takes part: its peers time
             // out, and only a new generation releases it.
             tracing::warn!("fault injection: stalling collective {tag} until the generation ends");
@@ -104,17 +108,4 @@ impl Actor for CollectiveActor {
         }
         Ok(())
     }
-}
-
-/// Test-only fault hooks, each firing once per process, in the first collective of step N:
-/// `TROUPE_FAULT_COLLECTIVE_PANIC_AT_STEP=N` makes this actor panic;
-/// `TROUPE_FAULT_COLLECTIVE_STALL_AT_STEP=N` makes it stall (never send) until the generation ends.
-fn fault_injected(var: &'static str, step: u64) -> bool {
-    use std::sync::atomic::{AtomicBool, Ordering};
-    use std::sync::OnceLock;
-    static PANIC: (OnceLock<Option<u64>>, AtomicBool) = (OnceLock::new(), AtomicBool::new(false));
-    static STALL: (OnceLock<Option<u64>>, AtomicBool) = (OnceLock::new(), AtomicBool::new(false));
-    let (wanted, fired) = if var.contains("PANIC") { &PANIC } else { &STALL };
-    let wanted = *wanted.get_or_init(|| std::env::var(var).ok().and_then(|v| v.parse().ok()));
-    wanted == Some(step) && !fired.swap(true, Ordering::SeqCst)
 }
