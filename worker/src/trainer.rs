@@ -70,7 +70,6 @@ pub struct Trainer {
     sampler: SamplerMemo,
     /// Completed optimizer steps.
     step: u64,
-    tokens_seen: u64,
     /// Membership generation this rank trains in; collective tags restart with each one.
     generation: u64,
     collective_seq: u64,
@@ -102,7 +101,6 @@ impl Trainer {
         let names = model.parameter_names();
         let mut optimizer = AdamW::new(&model.parameter_tensors(), &config.train);
         let mut step = 0;
-        let mut tokens_seen = 0;
         if let Some(dir) = &resume_from {
             model.load_safetensors(&dir.join(checkpoint::MODEL_FILE))?;
             optimizer.load_safetensors(&dir.join(checkpoint::optim_file(0)), &names)?;
@@ -115,7 +113,6 @@ impl Trainer {
                 )));
             }
             step = state.step;
-            tokens_seen = state.tokens_seen;
         }
         let params = model.parameter_tensors();
         Ok(Trainer {
@@ -133,7 +130,6 @@ impl Trainer {
             val,
             sampler,
             step,
-            tokens_seen,
             generation: 0,
             collective_seq: 0,
             sample_trace: open_sample_trace()?,
@@ -142,6 +138,11 @@ impl Trainer {
 
     pub fn completed_steps(&self) -> u64 {
         self.step
+    }
+
+    /// Training tokens consumed by the whole run: every step takes the global batch.
+    pub fn tokens_seen(&self) -> u64 {
+        self.step * (self.config.train.global_batch * self.config.model.block_size) as u64
     }
 
     /// Takes this rank's place in a new membership generation. The global batch stays fixed:
@@ -182,7 +183,6 @@ impl Trainer {
         }
         self.optimizer.set_step_count(step);
         self.step = step;
-        self.tokens_seen = step * (self.config.train.global_batch * self.config.model.block_size) as u64;
         Ok(())
     }
 
@@ -195,10 +195,12 @@ impl Trainer {
         if step != self.step {
             return Err(TrainerError::Other(format!("asked for step {step}, but {} steps are completed", self.step)));
         }
-        let cfg = self.config.clone();
-        let global_batch = cfg.train.global_batch;
+        // Plain numbers (no allocation): the loop below also calls `&mut self` methods.
+        let train = self.config.train.clone();
+        let (seed, block_size) = (self.config.run.seed, self.config.model.block_size);
+        let global_batch = train.global_batch;
         // Dropout masks depend on (seed, step, rank) only, so a resumed run draws the same ones.
-        tch::manual_seed((cfg.run.seed as i64).wrapping_add((step as i64).wrapping_mul(1_000_003)).wrapping_add(self.rank as i64));
+        tch::manual_seed((seed as i64).wrapping_add((step as i64).wrapping_mul(1_000_003)).wrapping_add(self.rank as i64));
         let cursor = step * global_batch as u64;
         let (mut data_s, mut compute_s, mut comm_s) = (0.0, 0.0, 0.0);
         let t = Instant::now();
@@ -206,7 +208,7 @@ impl Trainer {
         data_s += t.elapsed().as_secs_f64();
 
         let mut loss_share = 0.0;
-        for chunk in ids.chunks(cfg.train.micro_batch) {
+        for chunk in ids.chunks(train.micro_batch) {
             let t = Instant::now();
             let (x, y) = self.batch(&self.train, chunk)?;
             data_s += t.elapsed().as_secs_f64();
@@ -239,18 +241,17 @@ impl Trainer {
         }
 
         let t = Instant::now();
-        let grad_norm = if cfg.train.grad_clip > 0.0 {
-            model::clip_grad_norm(&self.params, cfg.train.grad_clip)
+        let grad_norm = if train.grad_clip > 0.0 {
+            model::clip_grad_norm(&self.params, train.grad_clip)
         } else {
             model::grad_norm(&self.params)
         };
-        let lr = model::lr_at(step, &cfg.train);
+        let lr = model::lr_at(step, &train);
         self.optimizer.step(&self.params, lr);
         model::zero_grads(&self.params);
         compute_s += t.elapsed().as_secs_f64();
 
-        let tokens = (ids.len() * cfg.model.block_size) as u64;
-        self.tokens_seen += (global_batch * cfg.model.block_size) as u64;
+        let tokens = (ids.len() * block_size) as u64;
         self.step += 1;
         Ok(StepReport {
             generation: self.generation,
@@ -311,7 +312,7 @@ impl Trainer {
             seed: self.config.run.seed,
             world_size: self.world_size as u32,
             strategy: "ddp".into(),
-            tokens_seen: self.tokens_seen,
+            tokens_seen: self.tokens_seen(),
             vocab_size: self.meta.vocab_size,
         };
         write_json(&dir.join(checkpoint::STATE_FILE), &serde_json::to_vec_pretty(&state).map_err(|e| TrainerError::Other(e.to_string()))?)?;
