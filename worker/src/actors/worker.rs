@@ -19,7 +19,7 @@ use crate::trainer::{Trainer, TrainerError, TrainerSetup};
 use ractor::{Actor, ActorProcessingErr, ActorRef, SupervisionEvent};
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 use tch::Device;
@@ -380,13 +380,10 @@ pub struct WorkerState {
     outbox: tmpsc::UnboundedSender<ToCoordinator>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
     trainer: Option<(mpsc::Sender<TrainerCmd>, std::thread::JoinHandle<()>)>,
-    /// The newest generation this worker was told about; the trainer thread reads it to skip
-    /// orders of older ones.
-    latest_generation: Arc<AtomicU64>,
-    /// The same, for the collective actor and ring formation: a collective of an older
-    /// generation is abandoned at once. `u64::MAX` when this worker stops.
+    /// The newest generation this worker was told about (`u64::MAX` once it stops): the
+    /// trainer thread skips orders of older ones, and the collective actor and ring formation
+    /// of an older one give up at once.
     generation_watch: watch::Sender<u64>,
-    generation: u64,
     membership: Option<Membership>,
     collective_timeout: Duration,
     collective: Option<(u64, ActorRef<CollectiveMsg>)>,
@@ -466,9 +463,7 @@ impl Actor for Worker {
             outbox,
             tasks: vec![writer, heartbeats, reader, probe],
             trainer: None,
-            latest_generation: Arc::new(AtomicU64::new(0)),
             generation_watch: watch::channel(0).0,
-            generation: 0,
             membership: None,
             collective_timeout: Duration::from_secs(60),
             collective: None,
@@ -514,7 +509,7 @@ impl Actor for Worker {
                 // Replaced by the next generation's actor, which the coordinator starts now.
                 state.metrics.actor_restarts_total.with_label_values(&["collective"]).inc();
                 tracing::warn!("{reason}; the coordinator re-forms the ring");
-                if generation == state.generation {
+                if generation == state.generation() {
                     state.send(ToCoordinator::CollectiveFailed { generation, step: None, error: reason });
                 }
             }
@@ -526,7 +521,6 @@ impl Actor for Worker {
         // End every generation: a collective in flight is abandoned and the ring formation
         // cancelled, which releases a trainer blocked in an all-reduce so the thread can be
         // joined at once.
-        state.latest_generation.store(u64::MAX, Ordering::SeqCst);
         let _ = state.generation_watch.send_replace(u64::MAX);
         if let Some((_, actor)) = state.collective.take() {
             actor.stop(None);
@@ -556,6 +550,11 @@ impl Actor for Worker {
 }
 
 impl WorkerState {
+    /// The current membership generation (0 before the first assignment).
+    fn generation(&self) -> u64 {
+        *self.generation_watch.borrow()
+    }
+
     fn send(&self, msg: ToCoordinator) {
         let _ = self.outbox.send(msg);
     }
@@ -581,7 +580,7 @@ impl WorkerState {
     }
 
     async fn on_coordinator(&mut self, me: &ActorRef<WorkerMsg>, msg: ToWorker) {
-        let generation = self.generation;
+        let generation = self.generation();
         match msg {
             ToWorker::Assign(assignment) => {
                 if let Err(e) = self.assign(me, assignment) {
@@ -594,7 +593,7 @@ impl WorkerState {
                 self.membership = None;
             }
             ToWorker::Sync { generation, source_rank, step } => {
-                if generation == self.generation {
+                if generation == self.generation() {
                     self.trainer_cmd(me, TrainerCmd::Sync { generation, source_rank, step });
                 }
             }
@@ -615,8 +614,6 @@ impl WorkerState {
     /// Ends the previous generation: its orders are skipped, its collective in flight is
     /// abandoned, its ring closed.
     fn enter_generation(&mut self, generation: u64) {
-        self.generation = generation;
-        self.latest_generation.store(generation, Ordering::SeqCst);
         let _ = self.generation_watch.send_replace(generation);
         if let Some((_, actor)) = self.collective.take() {
             actor.stop(Some(format!("generation {generation} began")));
@@ -624,8 +621,8 @@ impl WorkerState {
     }
 
     fn assign(&mut self, me: &ActorRef<WorkerMsg>, a: Assignment) -> Result<(), String> {
-        if a.generation <= self.generation {
-            return Err(format!("protocol error: assignment for generation {} after generation {}", a.generation, self.generation));
+        if a.generation <= self.generation() {
+            return Err(format!("protocol error: assignment for generation {} after generation {}", a.generation, self.generation()));
         }
         let config = Config::from_toml_str(&a.config_toml, "the coordinator's assignment").map_err(|e| e.to_string())?;
         self.enter_generation(a.generation);
@@ -645,7 +642,7 @@ impl WorkerState {
             };
             let (cmd_tx, cmd_rx) = mpsc::channel();
             let reporter = me.clone();
-            let latest = self.latest_generation.clone();
+            let latest = self.generation_watch.subscribe();
             let thread = std::thread::Builder::new()
                 .name("trainer".into())
                 .spawn(move || trainer_thread(setup, cmd_rx, latest, reporter))
@@ -676,7 +673,7 @@ impl WorkerState {
     }
 
     async fn on_ring_formed(&mut self, me: &ActorRef<WorkerMsg>, generation: u64, ring: Result<RingCollective, String>) {
-        if generation != self.generation {
+        if generation != self.generation() {
             return; // superseded: dropping the ring closes it
         }
         let Some(m) = self.membership else { return };
@@ -708,7 +705,7 @@ impl WorkerState {
         match report {
             TrainerReport::Built => {}
             TrainerReport::Regrouped { generation, completed_steps } => {
-                if generation == self.generation {
+                if generation == self.generation() {
                     self.send(ToCoordinator::Ready { generation, completed_steps });
                 }
             }
@@ -725,7 +722,7 @@ impl WorkerState {
                 self.send(ToCoordinator::StepDone(r));
             }
             TrainerReport::StepAborted { generation, step, error } => {
-                if generation == self.generation {
+                if generation == self.generation() {
                     tracing::warn!("step {step} abandoned: {error}");
                 }
                 self.send(ToCoordinator::CollectiveFailed { generation, step: Some(step), error });
@@ -757,7 +754,7 @@ impl RingHandle {
 }
 
 /// The trainer thread: builds the model, then runs orders until Stop.
-fn trainer_thread(setup: TrainerSetup, cmds: mpsc::Receiver<TrainerCmd>, latest: Arc<AtomicU64>, reporter: ActorRef<WorkerMsg>) {
+fn trainer_thread(setup: TrainerSetup, cmds: mpsc::Receiver<TrainerCmd>, latest: watch::Receiver<u64>, reporter: ActorRef<WorkerMsg>) {
     let report = |r: TrainerReport| {
         let _ = reporter.cast(WorkerMsg::Trainer(r));
     };
@@ -787,8 +784,8 @@ fn trainer_thread(setup: TrainerSetup, cmds: mpsc::Receiver<TrainerCmd>, latest:
 }
 
 /// Runs one order; false when the thread should end.
-fn run_command(trainer: &mut Trainer, ring: &mut RingHandle, cmd: TrainerCmd, latest: &AtomicU64, report: &dyn Fn(TrainerReport)) -> bool {
-    let stale = |generation: u64| generation < latest.load(Ordering::SeqCst);
+fn run_command(trainer: &mut Trainer, ring: &mut RingHandle, cmd: TrainerCmd, latest: &watch::Receiver<u64>, report: &dyn Fn(TrainerReport)) -> bool {
+    let stale = |generation: u64| generation < *latest.borrow();
     match cmd {
         TrainerCmd::Regroup { generation, rank, world_size, ring: actor } => {
             if stale(generation) {
