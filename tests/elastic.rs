@@ -288,8 +288,12 @@ fn a_panicking_collective_actor_is_replaced_and_the_run_continues() {
     let (run_dir, dir) = (cluster.run_dir.clone(), cluster.dir.clone());
     cluster.finish();
     let events = events(&run_dir);
+    // The faulty worker reports the one failure twice: its supervisor event (with the panic's
+    // message) and its trainer's aborted step (the ring closed under it). Whichever reaches
+    // the coordinator first starts the regroup; the other is stale by then.
     assert!(
-        events.iter().any(|e| matches!(e, RunEvent::Warning { message, .. } if message.contains("failed collective") && message.contains("fault injection"))),
+        events.iter().any(|e| matches!(e, RunEvent::Warning { message, .. }
+            if message.contains("failed collective") && (message.contains("fault injection") || message.contains("(step 5): the ring of this generation closed")))),
         "{events:#?}"
     );
     assert!(events.iter().any(|e| matches!(e, RunEvent::Regrouped { world_size: 2, .. })));
