@@ -27,6 +27,16 @@ pub async fn coordinate(
         archive_previous_run(&config.run_dir())?;
         None
     };
+    coordinate_prepared(config, resume_from, insecure, on_listening).await
+}
+
+/// As [`coordinate`], with the data prepared and the run folder settled by the caller.
+async fn coordinate_prepared(
+    config: Config,
+    resume_from: Option<troupe_coordinator::core::ResumeFrom>,
+    insecure: bool,
+    on_listening: impl FnOnce(SocketAddr),
+) -> anyhow::Result<RunOutcome> {
     let endpoint = launch::bind_endpoint(&config, insecure)?;
     let addr = endpoint.local_addr()?;
     let coordinator_metrics = CoordinatorMetrics::new();
@@ -114,8 +124,32 @@ pub async fn run_local(args: LocalArgs) -> anyhow::Result<ExitCode> {
     let token = config.cluster.token.clone();
     let exe = std::env::current_exe().context("cannot find the troupe executable to start workers")?;
 
+    launch::ensure_data(&config)?;
+    let resume_from = if args.run.resume {
+        launch::find_resume_point(&config)?
+    } else {
+        archive_previous_run(&config.run_dir())?;
+        None
+    };
+    // The serving endpoint runs from the start: the Deployer tells it about every version it
+    // publishes, and it answers the completion at the end.
+    let api_key = crate::deploy::api_key(std::env::var("TROUPE_API_KEY").ok(), &config.serve.api_key);
+    let server = troupe_serve::start(troupe_serve::ServeOptions {
+        registry: config.registry_dir(),
+        listen: config.serve.listen.parse().context("serve.listen")?,
+        model_name: config.run.name.clone(),
+        api_key: api_key.clone(),
+        max_batch: config.serve.max_batch,
+        max_tokens: config.serve.max_tokens,
+        max_queue: config.serve.max_queue,
+    })
+    .await
+    .context("cannot start the serving endpoint (serve.listen)")?;
+    troupe_common::say!("serving endpoint on {} (OpenAI-compatible /v1/completions; versions appear as checkpoints are promoted)", server.url());
+    config.deploy.notify.push(server.url());
+
     let (addr_tx, addr_rx) = tokio::sync::oneshot::channel();
-    let run = coordinate(config.clone(), args.run.resume, false, move |addr| {
+    let run = coordinate_prepared(config.clone(), resume_from, false, move |addr| {
         let _ = addr_tx.send(addr);
     });
     tokio::pin!(run);
@@ -164,14 +198,43 @@ pub async fn run_local(args: LocalArgs) -> anyhow::Result<ExitCode> {
     }
     let code = report_outcome(&outcome);
     if outcome.ok && args.sample_tokens > 0 {
-        if let Some(ckpt) = &outcome.snapshot.last_checkpoint {
-            match generate(Path::new(ckpt), &args.prompt, args.sample_tokens, 0.8, 40, config.run.seed) {
-                Ok(text) => troupe_common::say!("\nsample from the final model:\n----\n{text}\n----"),
-                Err(e) => troupe_common::say_err!("warning: cannot generate a sample: {e:#}"),
-            }
+        let prompt = args.prompt.clone();
+        let url = server.url();
+        let (seed, tokens, model) = (config.run.seed, args.sample_tokens, config.run.name.clone());
+        let key = api_key.clone();
+        let answer = tokio::task::spawn_blocking(move || complete_over_http(&url, &model, &prompt, tokens, seed, key.as_deref())).await?;
+        match answer {
+            Ok((version, text)) => troupe_common::say!(
+                "\ncompletion from {version} over HTTP (POST {}/v1/completions):\n----\n{}{text}\n----",
+                server.url(),
+                args.prompt
+            ),
+            Err(e) => troupe_common::say_err!("warning: the completion request failed: {e:#}"),
         }
     }
+    let registry = config.registry_dir();
+    troupe_common::say!("model registry: {} (troupe deploy status --registry {})", registry.display(), registry.display());
+    if args.serve {
+        troupe_common::say!("serving on {} until Ctrl-C", server.url());
+        troupe_common::signals::shutdown_signal().await;
+    } else {
+        troupe_common::say!("serve it again with: troupe serve --registry {}", registry.display());
+    }
     Ok(code)
+}
+
+/// Asks the serving endpoint for a completion, as any client would; returns the version
+/// that answered and the text.
+fn complete_over_http(url: &str, model: &str, prompt: &str, max_tokens: usize, seed: u64, api_key: Option<&str>) -> anyhow::Result<(String, String)> {
+    let body = serde_json::json!({"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.8, "top_k": 40, "seed": seed});
+    let (status, text) = crate::deploy::http("POST", &format!("{url}/v1/completions"), Some(&body), api_key, Duration::from_secs(120))?;
+    if status != 200 {
+        anyhow::bail!("{url} answered {status}: {}", crate::deploy::error_message(&text));
+    }
+    let value: serde_json::Value = serde_json::from_str(&text).context("the completion is not JSON")?;
+    let version = value["version"].as_str().unwrap_or("?").to_string();
+    let completion = value["choices"][0]["text"].as_str().context("the completion has no choices[0].text")?.to_string();
+    Ok((version, completion))
 }
 
 /// Resolves when a worker process exits before the run is over, with its log's tail.

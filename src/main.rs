@@ -1,5 +1,6 @@
 //! The `troupe` command line: parses arguments and hands over to the crates. Nothing else.
 
+mod deploy;
 mod local;
 mod status;
 
@@ -42,10 +43,111 @@ enum Command {
     /// Generate text from a checkpoint.
     #[command(after_help = "Examples:\n  troupe generate --checkpoint runs/shakespeare/checkpoints/step-000600 --prompt 'ROMEO.'\n  troupe generate --checkpoint DIR --prompt 'To be' --max-tokens 50 --temperature 0")]
     Generate(GenerateArgs),
+    /// Serve a model registry's versions over HTTP: OpenAI-compatible completions with
+    /// batching, hot swaps to new versions, canaries.
+    #[command(after_help = "Examples:\n  troupe serve --registry runs/shakespeare/registry --listen 127.0.0.1:8000\n  TROUPE_API_KEY=secret troupe serve --registry /models/shakespeare --listen 0.0.0.0:8000\n  curl localhost:8000/v1/completions -H 'Content-Type: application/json' -d '{\"prompt\": \"ROMEO.\", \"max_tokens\": 40}'")]
+    Serve(ServeCliArgs),
+    /// Inspect and change what a registry serves: status, promote, rollback, publish.
+    #[command(after_help = "Examples:\n  troupe deploy status --registry runs/shakespeare/registry\n  troupe deploy rollback --server http://127.0.0.1:8000\n  troupe deploy promote --registry DIR --to v3\n  troupe deploy publish --registry DIR --checkpoint runs/shakespeare/checkpoints/step-000600 --canary 0.2")]
+    Deploy(DeployCliArgs),
     /// Show a running job: every worker (rank, address, state, last heartbeat, step time) and
     /// the run (step, loss, tokens/s, last checkpoint).
     #[command(after_help = "Examples:\n  troupe status --coordinator 127.0.0.1:9090\n  troupe status --coordinator node1:9090 --json | jq .workers")]
     Status(StatusArgs),
+}
+
+#[derive(Args)]
+struct ServeCliArgs {
+    /// The model registry folder (a run's is runs/<name>/registry).
+    #[arg(long, value_name = "DIR")]
+    registry: PathBuf,
+    /// Address to listen on (serve.listen).
+    #[arg(long, value_name = "ADDR")]
+    listen: Option<SocketAddr>,
+    /// The `model` name clients use; default: the run that made the registry's versions.
+    #[arg(long)]
+    model_name: Option<String>,
+    /// Clients must send `Authorization: Bearer <key>` (serve.api_key).
+    #[arg(long, env = "TROUPE_API_KEY", hide_env_values = true)]
+    api_key: Option<String>,
+    /// Take [serve] settings from this run configuration.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Requests generated together in one forward pass (serve.max_batch).
+    #[arg(long)]
+    max_batch: Option<usize>,
+    /// Intra-op threads (serve.threads; 0 = all cores).
+    #[arg(long)]
+    threads: Option<usize>,
+}
+
+#[derive(Args)]
+struct DeployCliArgs {
+    #[command(subcommand)]
+    action: DeployCommand,
+}
+
+#[derive(Args)]
+struct DeployTarget {
+    /// Act on this registry folder.
+    #[arg(long, value_name = "DIR", conflicts_with = "server", required_unless_present = "server")]
+    registry: Option<PathBuf>,
+    /// Act through a running `troupe serve` (http://host:port): it changes its registry and
+    /// serves the result before answering.
+    #[arg(long, value_name = "URL")]
+    server: Option<String>,
+    /// The server's API key.
+    #[arg(long, env = "TROUPE_API_KEY", hide_env_values = true)]
+    api_key: Option<String>,
+}
+
+#[derive(Subcommand)]
+enum DeployCommand {
+    /// Versions, what serves, the canary, and the history of transitions.
+    Status {
+        #[command(flatten)]
+        target: DeployTarget,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Make the canary (or --to vN) the stable version.
+    Promote {
+        #[command(flatten)]
+        target: DeployTarget,
+        #[arg(long, value_name = "VERSION")]
+        to: Option<String>,
+    },
+    /// Drop the canary; without one, go back to the previous stable version (or --to vN).
+    Rollback {
+        #[command(flatten)]
+        target: DeployTarget,
+        #[arg(long, value_name = "VERSION")]
+        to: Option<String>,
+    },
+    /// Publish a checkpoint as the next version (its eval.json, if any, goes with it).
+    Publish {
+        /// The registry folder.
+        #[arg(long, value_name = "DIR")]
+        registry: PathBuf,
+        #[arg(long, value_name = "DIR")]
+        checkpoint: PathBuf,
+        /// Start it as a canary getting this share of requests (default: stable at once).
+        #[arg(long, value_name = "FRACTION")]
+        canary: Option<f64>,
+        /// Requests the canary answers before it is judged.
+        #[arg(long, default_value_t = 50)]
+        canary_requests: u64,
+    },
+}
+
+impl DeployTarget {
+    fn resolve(self) -> deploy::Target {
+        match (self.registry, self.server) {
+            (Some(dir), _) => deploy::Target::Registry(dir),
+            (None, Some(url)) => deploy::Target::Server { url, api_key: self.api_key },
+            (None, None) => unreachable!("clap requires --registry or --server"),
+        }
+    }
 }
 
 #[derive(Args)]
@@ -106,9 +208,12 @@ pub struct LocalArgs {
     /// Tokens of the sample printed at the end (0: none).
     #[arg(long, default_value_t = 120)]
     pub sample_tokens: usize,
-    /// Prompt of the sample printed at the end.
+    /// Prompt of the completion requested from the server at the end.
     #[arg(long, default_value = "ROMEO.")]
     pub prompt: String,
+    /// After the run, keep serving the registry until Ctrl-C.
+    #[arg(long)]
+    pub serve: bool,
 }
 
 #[derive(Args)]
@@ -303,6 +408,40 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::InitCerts(args) => init_certs(args),
+        Command::Serve(args) => {
+            let mut serve = match &args.config {
+                Some(path) => Config::from_file(path)?.serve,
+                None => troupe_common::config::ServeConfig::default(),
+            };
+            if let Some(n) = args.max_batch {
+                serve.max_batch = n;
+            }
+            if let Some(n) = args.threads {
+                serve.threads = n;
+            }
+            if !(1..=1024).contains(&serve.max_batch) {
+                anyhow::bail!("--max-batch {} must be 1..=1024", serve.max_batch);
+            }
+            let listen = match args.listen {
+                Some(addr) => addr,
+                None if args.config.is_some() => serve.listen.parse().context("serve.listen")?,
+                None => "127.0.0.1:8000".parse().expect("constant address"),
+            };
+            let api_key = deploy::api_key(args.api_key, &serve.api_key);
+            deploy::serve(deploy::ServeArgs { registry: args.registry, listen, model_name: args.model_name, api_key, serve }).await
+        }
+        Command::Deploy(args) => {
+            let blocking = tokio::task::spawn_blocking(move || match args.action {
+                DeployCommand::Status { target, json } => deploy::deploy(target.resolve(), deploy::DeployAction::Status { json }),
+                DeployCommand::Promote { target, to } => deploy::deploy(target.resolve(), deploy::DeployAction::Promote { to }),
+                DeployCommand::Rollback { target, to } => deploy::deploy(target.resolve(), deploy::DeployAction::Rollback { to }),
+                DeployCommand::Publish { registry, checkpoint, canary, canary_requests } => deploy::deploy(
+                    deploy::Target::Registry(registry),
+                    deploy::DeployAction::Publish { checkpoint, canary, canary_requests },
+                ),
+            });
+            blocking.await?
+        }
         Command::Generate(args) => {
             let text = local::generate(&args.checkpoint, &args.prompt, args.max_tokens, args.temperature, args.top_k, args.seed)?;
             troupe_common::say!("{text}");

@@ -19,6 +19,9 @@ use std::path::{Path, PathBuf};
 pub const MANIFEST: &str = "MANIFEST";
 pub const MODEL_FILE: &str = "model.safetensors";
 pub const STATE_FILE: &str = "state.json";
+/// The model's shape (`GptConfig` as JSON), next to its weights.
+pub const MODEL_CONFIG_FILE: &str = "model.json";
+pub const TOKENIZER_FILE: &str = "tokenizer.json";
 const MANIFEST_FORMAT: u32 = 1;
 
 pub fn optim_file(rank: u32) -> String {

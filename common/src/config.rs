@@ -32,6 +32,12 @@ pub struct Config {
     pub cluster: ClusterConfig,
     #[serde(default)]
     pub metrics: MetricsConfig,
+    /// Evaluation-gated deployment of checkpoints into the run's model registry.
+    #[serde(default)]
+    pub deploy: DeployConfig,
+    /// The serving endpoint (`troupe serve`, and the one `troupe local` starts).
+    #[serde(default)]
+    pub serve: ServeConfig,
     /// Mutual TLS with a cluster CA (`troupe init-certs`); absent = self-signed TLS, with
     /// the join token as the only authentication.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -157,6 +163,146 @@ pub struct EvalConfig {
     pub interval: u64,
     /// Number of validation sequences (the first ones of val.bin, always the same).
     pub sequences: usize,
+    /// Fixed prompts the Evaluator continues (greedily) from every committed checkpoint; the
+    /// samples go to events.jsonl and the checkpoint's eval.json.
+    #[serde(default = "default_eval_prompts")]
+    pub prompts: Vec<String>,
+    /// Tokens generated per prompt.
+    #[serde(default = "default_eval_sample_tokens")]
+    pub sample_tokens: usize,
+}
+
+fn default_eval_prompts() -> Vec<String> {
+    vec!["ROMEO.".into(), "To be, or not to be".into()]
+}
+
+fn default_eval_sample_tokens() -> usize {
+    32
+}
+
+/// `[deploy]`: when a committed, evaluated checkpoint becomes a served model version.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeployConfig {
+    /// Publish evaluated checkpoints to the registry at all.
+    #[serde(default = "yes")]
+    pub enabled: bool,
+    /// The model registry folder; empty = `<run dir>/registry`.
+    #[serde(default)]
+    pub registry: PathBuf,
+    /// A checkpoint is published only when its validation loss beats the serving version's
+    /// by at least this much (nats).
+    #[serde(default = "default_min_improvement")]
+    pub min_improvement: f64,
+    /// `"direct"`: a published version serves all traffic at once. `"canary"`: it first gets
+    /// `canary_fraction` of the requests and is promoted or rolled back on what they show.
+    #[serde(default = "default_strategy")]
+    pub strategy: String,
+    /// Share of requests a canary gets.
+    #[serde(default = "default_canary_fraction")]
+    pub canary_fraction: f64,
+    /// Requests a canary must have answered before it is judged.
+    #[serde(default = "default_canary_requests")]
+    pub canary_requests: u64,
+    /// A canary whose error rate exceeds the stable version's by more than this is rolled back.
+    #[serde(default = "default_canary_max_error_rate_increase")]
+    pub canary_max_error_rate_increase: f64,
+    /// A canary whose p95 latency exceeds the stable version's times this is rolled back.
+    #[serde(default = "default_canary_max_p95_ratio")]
+    pub canary_max_p95_ratio: f64,
+    /// Serving replicas to tell about a new version (`http://host:port`); they also watch
+    /// the registry, so this only makes a swap quicker.
+    #[serde(default)]
+    pub notify: Vec<String>,
+}
+
+fn yes() -> bool {
+    true
+}
+fn default_min_improvement() -> f64 {
+    0.0
+}
+fn default_strategy() -> String {
+    "direct".into()
+}
+fn default_canary_fraction() -> f64 {
+    0.2
+}
+fn default_canary_requests() -> u64 {
+    50
+}
+fn default_canary_max_error_rate_increase() -> f64 {
+    0.01
+}
+fn default_canary_max_p95_ratio() -> f64 {
+    1.5
+}
+
+impl Default for DeployConfig {
+    fn default() -> Self {
+        DeployConfig {
+            enabled: true,
+            registry: PathBuf::new(),
+            min_improvement: default_min_improvement(),
+            strategy: default_strategy(),
+            canary_fraction: default_canary_fraction(),
+            canary_requests: default_canary_requests(),
+            canary_max_error_rate_increase: default_canary_max_error_rate_increase(),
+            canary_max_p95_ratio: default_canary_max_p95_ratio(),
+            notify: Vec::new(),
+        }
+    }
+}
+
+/// `[serve]`: the OpenAI-compatible completion endpoint.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServeConfig {
+    /// Address of the HTTP server (`troupe local` starts one here; port 0 picks one).
+    #[serde(default = "default_serve_listen")]
+    pub listen: String,
+    /// Bearer token clients must send (`Authorization: Bearer …`); empty = none. The
+    /// environment variable TROUPE_API_KEY overrides it.
+    #[serde(default)]
+    pub api_key: String,
+    /// Requests generated together in one forward pass, at most.
+    #[serde(default = "default_max_batch")]
+    pub max_batch: usize,
+    /// Largest `max_tokens` a request may ask for.
+    #[serde(default = "default_max_tokens")]
+    pub max_tokens: usize,
+    /// Requests waiting for a place in the batch, at most; more get 503 (retry later).
+    #[serde(default = "default_max_queue")]
+    pub max_queue: usize,
+    /// Intra-op threads of the serving process (0 = all cores).
+    #[serde(default)]
+    pub threads: usize,
+}
+
+fn default_serve_listen() -> String {
+    "127.0.0.1:0".into()
+}
+fn default_max_batch() -> usize {
+    32
+}
+fn default_max_tokens() -> usize {
+    512
+}
+fn default_max_queue() -> usize {
+    1024
+}
+
+impl Default for ServeConfig {
+    fn default() -> Self {
+        ServeConfig {
+            listen: default_serve_listen(),
+            api_key: String::new(),
+            max_batch: default_max_batch(),
+            max_tokens: default_max_tokens(),
+            max_queue: default_max_queue(),
+            threads: 0,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -257,6 +403,15 @@ impl Config {
         self.run.out_dir.join(&self.run.name)
     }
 
+    /// The model registry the Deployer publishes to: `deploy.registry`, or `<run dir>/registry`.
+    pub fn registry_dir(&self) -> PathBuf {
+        if self.deploy.registry.as_os_str().is_empty() {
+            self.run_dir().join("registry")
+        } else {
+            self.deploy.registry.clone()
+        }
+    }
+
     /// Checks every value's range. Call again after applying CLI overrides.
     pub fn validate(&self) -> Result<(), ConfigError> {
         fn range<T: std::fmt::Display + PartialOrd>(
@@ -307,6 +462,32 @@ impl Config {
         range("train.threads_per_worker", t.threads_per_worker, t.threads_per_worker <= 1024, "must be 0..=1024")?;
         let e = &self.eval;
         range("eval.sequences", e.sequences, (1..=1_000_000).contains(&e.sequences), "must be 1..=1000000")?;
+        range("eval.prompts", e.prompts.len(), e.prompts.len() <= 64 && e.prompts.iter().all(|p| !p.is_empty() && p.len() <= 4096),
+            "at most 64 prompts, each 1-4096 bytes")?;
+        range("eval.sample_tokens", e.sample_tokens, e.sample_tokens <= 4096, "must be 0..=4096")?;
+        let dp = &self.deploy;
+        range("deploy.min_improvement", dp.min_improvement, dp.min_improvement.is_finite() && dp.min_improvement >= 0.0,
+            "must be a number >= 0 (nats of validation loss)")?;
+        range("deploy.strategy", &dp.strategy, matches!(dp.strategy.as_str(), "direct" | "canary"),
+            "use \"direct\" or \"canary\"")?;
+        range("deploy.canary_fraction", dp.canary_fraction, dp.canary_fraction > 0.0 && dp.canary_fraction < 1.0,
+            "must be in (0, 1)")?;
+        range("deploy.canary_requests", dp.canary_requests, (1..=10_000_000).contains(&dp.canary_requests),
+            "must be 1..=10000000")?;
+        range("deploy.canary_max_error_rate_increase", dp.canary_max_error_rate_increase,
+            (0.0..=1.0).contains(&dp.canary_max_error_rate_increase), "must be in [0, 1]")?;
+        range("deploy.canary_max_p95_ratio", dp.canary_max_p95_ratio,
+            dp.canary_max_p95_ratio >= 1.0 && dp.canary_max_p95_ratio.is_finite(), "must be a number >= 1")?;
+        for url in &dp.notify {
+            range("deploy.notify", url, url.starts_with("http://") && url.len() > 7, "each must be an http://host:port URL")?;
+        }
+        let sv = &self.serve;
+        range("serve.listen", &sv.listen, sv.listen.parse::<std::net::SocketAddr>().is_ok(),
+            "must be an IP:port socket address, e.g. 127.0.0.1:8000")?;
+        range("serve.max_batch", sv.max_batch, (1..=1024).contains(&sv.max_batch), "must be 1..=1024")?;
+        range("serve.max_tokens", sv.max_tokens, (1..=65536).contains(&sv.max_tokens), "must be 1..=65536")?;
+        range("serve.max_queue", sv.max_queue, (1..=1_000_000).contains(&sv.max_queue), "must be 1..=1000000")?;
+        range("serve.threads", sv.threads, sv.threads <= 1024, "must be 0..=1024")?;
         let c = &self.checkpoint;
         range("checkpoint.keep_last", c.keep_last, c.keep_last >= 1, "must be at least 1")?;
         let cl = &self.cluster;

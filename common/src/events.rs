@@ -28,6 +28,11 @@ pub enum RunEvent {
         comm_seconds: f64,
     },
     Eval { step: u64, val_loss: f64, sequences: u64 },
+    /// The Evaluator's results for a committed checkpoint (also in its eval.json).
+    Evaluated { step: u64, checkpoint: String, val_loss: f64, perplexity: f64, samples: Vec<crate::registry::Sample> },
+    /// What the Deployer did with an evaluated checkpoint: `published` (as `version`) or
+    /// `skipped`, and why; `failed` with the error.
+    Deployed { step: u64, action: String, version: Option<u32>, reason: String },
     /// Membership changed (a worker lost, left or joined): the ranks of `generation` re-formed
     /// the ring and continue from `step`. `seconds`: from the change to training again.
     Regrouped { step: u64, generation: u64, world_size: u32, seconds: f64, synced: bool },
@@ -48,6 +53,8 @@ impl RunEvent {
             | RunEvent::WorkerLeft { step, .. }
             | RunEvent::Step { step, .. }
             | RunEvent::Eval { step, .. }
+            | RunEvent::Evaluated { step, .. }
+            | RunEvent::Deployed { step, .. }
             | RunEvent::Regrouped { step, .. }
             | RunEvent::Paused { step, .. }
             | RunEvent::Checkpoint { step, .. }

@@ -8,6 +8,7 @@
 //! - [`data`]: corpus preparation, tokenizer, token files, the global-cursor sampler.
 //! - [`checkpoint`]: the on-disk checkpoint layout and its atomic commit.
 //! - [`metrics`]: Prometheus registry and the `/metrics` server.
+//! - [`registry`]: the model registry: served versions, their state and history.
 //! - [`events`]: the run history file `events.jsonl`.
 //! - [`fault`]: fault hooks for the failure tests.
 
@@ -23,4 +24,5 @@ pub mod status;
 pub mod model;
 pub mod net;
 pub mod proto;
+pub mod registry;
 pub mod signals;

@@ -43,6 +43,12 @@ pub struct CoordinatorMetrics {
     pub paused: IntGauge,
     pub regroups_total: IntCounter,
     pub regroup_seconds: Histogram,
+    /// exp(validation loss) of the last evaluated checkpoint.
+    pub eval_perplexity: Gauge,
+    /// The registry's newest published version (0: none yet).
+    pub deployed_version: IntGauge,
+    /// Evaluated checkpoints by what the Deployer did: published, skipped, failed.
+    pub deploys_total: IntCounterVec,
 }
 
 impl CoordinatorMetrics {
@@ -108,6 +114,12 @@ impl CoordinatorMetrics {
                         .buckets(seconds_buckets()),
                 )
                 .unwrap(),
+            ),
+            eval_perplexity: register(&r, Gauge::new("troupe_eval_perplexity", "Validation perplexity of the last evaluated checkpoint").unwrap()),
+            deployed_version: register(&r, IntGauge::new("troupe_deployed_version", "Newest registry version the Deployer published (0 = none)").unwrap()),
+            deploys_total: register(
+                &r,
+                IntCounterVec::new(Opts::new("troupe_deploys_total", "Evaluated checkpoints by the Deployer's decision"), &["action"]).unwrap(),
             ),
             registry: r,
         }

@@ -808,8 +808,9 @@ impl Core {
         let total = self.config.train.steps;
         let last = self.completed >= total || self.stop_requested;
         let due = |interval: u64, completed: u64| interval > 0 && completed % interval == 0;
-        let eval_due = due(self.config.eval.interval, self.completed) || (last && self.completed >= total);
         let checkpoint_due = due(self.config.checkpoint.interval, self.completed) || last;
+        // Every checkpoint is evaluated too: the Evaluator and the Deployer need its loss.
+        let eval_due = due(self.config.eval.interval, self.completed) || checkpoint_due;
 
         // Membership changes wait for a step boundary: workers asked to leave go, workers
         // waiting to join come in.
@@ -839,7 +840,7 @@ impl Core {
             self.stop_requested = true;
         }
         let last = self.completed >= total || self.stop_requested;
-        if eval_due || (last && self.completed >= total) {
+        if eval_due || last {
             self.request_eval(out);
         }
         if checkpoint_due || last {

@@ -18,8 +18,7 @@ use troupe_common::data::{self, Meta, SamplerMemo, TokenFile};
 use troupe_common::model::{self, AdamW, Gpt, GptConfig};
 use troupe_common::proto::{EvalReport, FileDigest, StepReport};
 
-pub const MODEL_CONFIG_FILE: &str = "model.json";
-pub const TOKENIZER_FILE: &str = "tokenizer.json";
+pub use troupe_common::checkpoint::{MODEL_CONFIG_FILE, TOKENIZER_FILE};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TrainerError {
@@ -370,11 +369,5 @@ pub fn read_state(dir: &Path) -> Result<TrainState, TrainerError> {
 
 /// Loads a checkpoint's model for inference: `model.json`, `model.safetensors`, `tokenizer.json`.
 pub fn load_for_inference(dir: &Path, device: Device) -> Result<(Gpt, data::Tokenizer), TrainerError> {
-    let path = dir.join(MODEL_CONFIG_FILE);
-    let bytes = std::fs::read(&path).map_err(|e| TrainerError::Other(format!("cannot read {}: {e}; is {} a troupe checkpoint?", path.display(), dir.display())))?;
-    let gpt_config: GptConfig = serde_json::from_slice(&bytes).map_err(|e| TrainerError::Other(format!("{} is not valid: {e}", path.display())))?;
-    let mut model = Gpt::new(&gpt_config, device, 0)?;
-    model.load_safetensors(&dir.join(checkpoint::MODEL_FILE))?;
-    let tokenizer = data::Tokenizer::load(&dir.join(TOKENIZER_FILE))?;
-    Ok((model, tokenizer))
+    troupe_common::model::load_for_inference(dir, device).map_err(|e| TrainerError::Other(format!("{e:#}")))
 }

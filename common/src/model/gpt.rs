@@ -332,6 +332,14 @@ impl Gpt {
             "sequence length {t} must be between 1 and block_size {}",
             self.cfg.block_size
         );
+        let x = self.hidden(idx, train);
+        // The output head reuses the token embedding (weight tying, as in GPT-2).
+        x.linear(&self.wte, None::<Tensor>)
+    }
+
+    /// The final hidden states [B, T, C] (after ln_f), before the output head.
+    fn hidden(&self, idx: &Tensor, train: bool) -> Tensor {
+        let t = idx.size()[1];
         let idx = idx.to_device(self.device);
         let pos = Tensor::arange(t, (Kind::Int64, self.device));
         // padding_idx -1: no padding token.
@@ -341,9 +349,47 @@ impl Gpt {
         for block in &self.h {
             x = block.forward(&x, train);
         }
-        let x = self.ln_f.forward(&x);
-        // The output head reuses the token embedding (weight tying, as in GPT-2).
-        x.linear(&self.wte, None::<Tensor>)
+        self.ln_f.forward(&x)
+    }
+
+    /// The next-token logits of several contexts at once, one row of `vocab_size` per context:
+    /// one forward pass for the whole batch (what a serving replica does per decoding step).
+    ///
+    /// Contexts of different lengths are padded on the right; attention is causal, so padding
+    /// never reaches the positions that are read. Each context is cropped to its last
+    /// `block_size` tokens. Token ids must be in the vocabulary (callers validate prompts).
+    pub fn next_token_logits(&self, contexts: &[&[i64]]) -> Result<Vec<Vec<f32>>> {
+        let vocab = self.cfg.vocab_size;
+        if contexts.is_empty() {
+            return Ok(Vec::new());
+        }
+        let cropped: Vec<&[i64]> =
+            contexts.iter().map(|c| &c[c.len().saturating_sub(self.cfg.block_size)..]).collect();
+        if let Some(bad) = cropped.iter().flat_map(|c| c.iter()).find(|&&t| t < 0 || t as usize >= vocab) {
+            return Err(ModelError::InvalidArgument(format!("token {bad} is outside the vocabulary [0, {vocab})")));
+        }
+        if cropped.iter().any(|c| c.is_empty()) {
+            return Err(ModelError::InvalidArgument("every context must hold at least one token".into()));
+        }
+        let width = cropped.iter().map(|c| c.len()).max().unwrap_or(1);
+        let mut padded = vec![0i64; cropped.len() * width];
+        let mut last = Vec::with_capacity(cropped.len());
+        for (row, c) in cropped.iter().enumerate() {
+            padded[row * width..row * width + c.len()].copy_from_slice(c);
+            last.push((row * width + c.len() - 1) as i64);
+        }
+        let _no_grad = tch::no_grad_guard();
+        let idx = Tensor::f_from_slice(&padded)?.f_view([cropped.len() as i64, width as i64])?;
+        let hidden = self.hidden(&idx, false); // [B, T, C]
+        let c = self.cfg.n_embd as i64;
+        let rows = Tensor::f_from_slice(&last)?.f_to_device(self.device)?;
+        let picked = hidden.f_view([-1, c])?.f_index_select(0, &rows)?; // [B, C]
+        let logits = picked.f_linear(&self.wte, None::<Tensor>)?;
+        let logits = logits.f_to_kind(Kind::Float)?.f_to_device(Device::Cpu)?.f_contiguous()?;
+        let mut flat = vec![0f32; cropped.len() * vocab];
+        let n = flat.len();
+        logits.f_copy_data(&mut flat, n)?;
+        Ok(flat.chunks(vocab).map(|r| r.to_vec()).collect())
     }
 
     /// Mean cross-entropy of predicting `targets` [B, T] from `idx` [B, T]. Targets equal to -1
@@ -423,7 +469,7 @@ impl Gpt {
             let last = self.forward(&ctx, false).f_select(1, -1)?.f_select(0, 0)?;
             let last = last.f_to_kind(Kind::Float)?.f_to_device(Device::Cpu)?.f_contiguous()?;
             last.f_copy_data(&mut row, vocab)?;
-            let next = sample(&row, temperature, top_k, &mut rng) as i64;
+            let next = sample(&row, temperature, top_k, 1.0, &mut rng) as i64;
             tokens.push(next);
             out.push(next);
         }
@@ -455,13 +501,37 @@ fn argmax(logits: &[f32]) -> usize {
     best
 }
 
-/// Picks the next token from one row of logits (see [`Gpt::generate`]).
-fn sample(logits: &[f32], temperature: f64, top_k: Option<usize>, rng: &mut Rng) -> usize {
+/// How the next token is chosen from a row of logits.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Sampling {
+    /// 0 = greedy (the most likely token); otherwise softmax(logits / temperature).
+    pub temperature: f64,
+    /// Keep only the `top_k` most likely tokens (None or 0: all).
+    pub top_k: Option<usize>,
+    /// Nucleus sampling: keep the smallest set of most likely tokens whose probability
+    /// reaches `top_p` (1.0: all).
+    pub top_p: f64,
+}
+
+impl Sampling {
+    pub fn greedy() -> Sampling {
+        Sampling { temperature: 0.0, top_k: None, top_p: 1.0 }
+    }
+
+    /// Picks a token from one row of logits. Degenerate rows (NaN, infinities) fall back to
+    /// the greedy choice rather than failing.
+    pub fn pick(&self, logits: &[f32], rng: &mut Rng) -> usize {
+        sample(logits, self.temperature, self.top_k, self.top_p, rng)
+    }
+}
+
+/// Picks the next token from one row of logits (see [`Sampling`]).
+fn sample(logits: &[f32], temperature: f64, top_k: Option<usize>, top_p: f64, rng: &mut Rng) -> usize {
     if temperature == 0.0 {
         return argmax(logits);
     }
     let scaled: Vec<f64> = logits.iter().map(|&l| l as f64 / temperature).collect();
-    let threshold = match top_k {
+    let mut threshold = match top_k {
         Some(k) if k > 0 && k < scaled.len() => {
             let mut sorted = scaled.clone();
             sorted.sort_by(|a, b| b.total_cmp(a));
@@ -470,6 +540,21 @@ fn sample(logits: &[f32], temperature: f64, top_k: Option<usize>, rng: &mut Rng)
         _ => f64::NEG_INFINITY,
     };
     let max = scaled.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    if top_p < 1.0 && max.is_finite() {
+        // The smallest prefix of the sorted distribution whose mass reaches top_p; its last
+        // logit is the new threshold (ties at the threshold are all kept).
+        let mut kept: Vec<f64> = scaled.iter().copied().filter(|&s| s >= threshold).collect();
+        kept.sort_by(|a, b| b.total_cmp(a));
+        let total: f64 = kept.iter().map(|&s| (s - max).exp()).sum();
+        let mut mass = 0.0;
+        for &s in &kept {
+            mass += (s - max).exp();
+            if mass >= top_p * total {
+                threshold = threshold.max(s);
+                break;
+            }
+        }
+    }
     // Unnormalised softmax over the kept tokens; subtracting the max avoids overflow.
     let weights: Vec<f64> =
         scaled.iter().map(|&s| if s >= threshold { (s - max).exp() } else { 0.0 }).collect();

@@ -7,14 +7,14 @@
 //! whose last bit may differ between platforms, touches the numbers.
 
 /// SplitMix64: tiny, fast, and good enough for weights and token sampling (not for secrets).
-pub(crate) struct Rng {
+pub struct Rng {
     state: u64,
     /// The polar method makes normals in pairs; the second one waits here.
     spare_normal: Option<f64>,
 }
 
 impl Rng {
-    pub(crate) fn new(seed: u64) -> Rng {
+    pub fn new(seed: u64) -> Rng {
         Rng { state: seed, spare_normal: None }
     }
 

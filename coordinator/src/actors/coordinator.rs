@@ -8,6 +8,8 @@
 //! exits — is overridden on purpose.
 
 use super::checkpointer::{Checkpointer, CheckpointerArgs, CheckpointerMsg};
+use super::deployer::{Decision, Deployer, DeployerArgs, DeployerMsg};
+use super::evaluator::{EvalJob, Evaluator, EvaluatorArgs, EvaluatorMsg};
 use super::gateway::{Gateway, GatewayArgs};
 use super::session::SessionMsg;
 use crate::core::{Command, Core, Event, Phase, ResumeFrom, Snapshot, WorkerId};
@@ -20,12 +22,15 @@ use troupe_common::config::Config;
 use troupe_common::events::{EventLog, RunEvent};
 use troupe_common::metrics::CoordinatorMetrics;
 use troupe_common::proto::{Capabilities, FileDigest};
+use troupe_common::registry::{version_name, EvalResults};
 use troupe_common::status::{RunStatus, SharedStatus, WorkerStatus};
 
 /// How often the core's leases are checked.
 const TICK: Duration = Duration::from_millis(250);
 /// After the run finishes, how long to wait for workers to hang up before closing anyway.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+/// After the run finishes, how long the last evaluation and deployment may take.
+const DEPLOY_DRAIN_TIMEOUT: Duration = Duration::from_secs(120);
 
 pub struct CoordinatorOptions {
     pub config: Config,
@@ -53,6 +58,22 @@ pub enum CoordinatorMsg {
     Joined { id: WorkerId, info: Capabilities, session: ActorRef<SessionMsg> },
     /// Drain time is up: stop even if some worker has not hung up.
     ForceStop,
+    /// The Evaluator's results for a checkpoint.
+    Evaluated { job: EvalJob, results: EvalResults },
+    EvaluationFailed { step: u64, error: String },
+    /// The Deployer's decision on an evaluated checkpoint.
+    Deployed(Decision),
+    DeployFailed { step: u64, error: String },
+    /// The last evaluation and deployment took too long: stop without them.
+    DeployDrainTimeout,
+}
+
+/// A checkpoint on its way from commit to the registry, kept to resend after a crash of the
+/// actor handling it.
+#[derive(Debug, Clone)]
+enum Release {
+    Evaluating(EvalJob),
+    Deploying { job: EvalJob, results: EvalResults },
 }
 
 pub struct Coordinator;
@@ -71,6 +92,17 @@ pub struct CoordinatorState {
     checkpointer_restarts: u32,
     /// Commits sent to the Checkpointer and not answered yet, kept to resend after a crash.
     commits_in_flight: BTreeMap<u64, (u32, Vec<FileDigest>)>,
+    evaluator: ActorRef<EvaluatorMsg>,
+    deployer: ActorRef<DeployerMsg>,
+    evaluator_restarts: u32,
+    deployer_restarts: u32,
+    /// Validation losses and committed checkpoints by step, until both are known.
+    measured: BTreeMap<u64, (f64, u64)>,
+    committed: BTreeMap<u64, String>,
+    /// Checkpoints being evaluated or deployed; the run ends only when this is empty.
+    releases: BTreeMap<u64, Release>,
+    /// Workers that did not hang up within the drain time are no longer waited for.
+    sessions_forced: bool,
     events: EventLog,
     metrics: CoordinatorMetrics,
     progress: Option<Progress>,
@@ -110,6 +142,29 @@ async fn spawn_checkpointer(me: &ActorRef<CoordinatorMsg>, config: &Config) -> R
     Ok(actor)
 }
 
+async fn spawn_evaluator(me: &ActorRef<CoordinatorMsg>, config: &Config) -> Result<ActorRef<EvaluatorMsg>, ActorProcessingErr> {
+    let args = EvaluatorArgs { prompts: config.eval.prompts.clone(), sample_tokens: config.eval.sample_tokens, coordinator: me.clone() };
+    let (actor, _) = Actor::spawn_linked(Some("evaluator".into()), Evaluator, args, me.get_cell()).await?;
+    Ok(actor)
+}
+
+async fn spawn_deployer(me: &ActorRef<CoordinatorMsg>, config: &Config) -> Result<ActorRef<DeployerMsg>, ActorProcessingErr> {
+    let api_key = std::env::var("TROUPE_API_KEY").ok().filter(|k| !k.is_empty()).or_else(|| Some(config.serve.api_key.clone()).filter(|k| !k.is_empty()));
+    let args = DeployerArgs {
+        registry: config.registry_dir(),
+        run: config.run.name.clone(),
+        config: config.deploy.clone(),
+        api_key,
+        coordinator: me.clone(),
+    };
+    let (actor, _) = Actor::spawn_linked(Some("deployer".into()), Deployer, args, me.get_cell()).await?;
+    Ok(actor)
+}
+
+fn restart_backoff(restarts: u32) -> Duration {
+    Duration::from_millis(100 * 2u64.pow(restarts.min(6)))
+}
+
 impl Actor for Coordinator {
     type Msg = CoordinatorMsg;
     type State = CoordinatorState;
@@ -119,6 +174,8 @@ impl Actor for Coordinator {
         let CoordinatorOptions { config, endpoint, resume, metrics, show_progress, status } = args.options;
         let events = EventLog::open(&config.run_dir())?;
         let checkpointer = spawn_checkpointer(&me, &config).await?;
+        let evaluator = spawn_evaluator(&me, &config).await?;
+        let deployer = spawn_deployer(&me, &config).await?;
         Actor::spawn_linked(
             Some("gateway".into()),
             Gateway,
@@ -142,6 +199,14 @@ impl Actor for Coordinator {
             checkpointer,
             checkpointer_restarts: 0,
             commits_in_flight: BTreeMap::new(),
+            evaluator,
+            deployer,
+            evaluator_restarts: 0,
+            deployer_restarts: 0,
+            measured: BTreeMap::new(),
+            committed: BTreeMap::new(),
+            releases: BTreeMap::new(),
+            sessions_forced: false,
             events,
             metrics,
             progress,
@@ -167,7 +232,46 @@ impl Actor for Coordinator {
                 state.sessions.insert(id, session);
                 state.apply(&me, Event::WorkerJoined { id, info });
             }
-            CoordinatorMsg::ForceStop => me.stop(Some("drain timeout".into())),
+            CoordinatorMsg::ForceStop => {
+                state.sessions_forced = true;
+                state.maybe_stop(&me);
+            }
+            CoordinatorMsg::Evaluated { job, results } => {
+                let step = job.step;
+                state.record(RunEvent::Evaluated {
+                    step,
+                    checkpoint: job.checkpoint.display().to_string(),
+                    val_loss: results.val_loss,
+                    perplexity: results.perplexity,
+                    samples: results.samples.clone(),
+                });
+                if state.config.deploy.enabled {
+                    state.releases.insert(step, Release::Deploying { job: job.clone(), results: results.clone() });
+                    let candidate = DeployerMsg::Candidate { step, checkpoint: job.checkpoint, results };
+                    if state.deployer.cast(candidate).is_err() {
+                        state.release_done(&me, RunEvent::Deployed { step, action: "failed".into(), version: None, reason: "the Deployer is not running".into() });
+                    }
+                } else {
+                    state.releases.remove(&step);
+                    state.maybe_stop(&me);
+                }
+            }
+            CoordinatorMsg::EvaluationFailed { step, error } => {
+                state.release_done(&me, RunEvent::Warning { step, message: format!("evaluating the checkpoint of step {step} failed: {error}") });
+            }
+            CoordinatorMsg::Deployed(d) => {
+                state.release_done(&me, RunEvent::Deployed { step: d.step, action: d.action.into(), version: d.version, reason: d.reason });
+            }
+            CoordinatorMsg::DeployFailed { step, error } => {
+                state.release_done(&me, RunEvent::Deployed { step, action: "failed".into(), version: None, reason: error });
+            }
+            CoordinatorMsg::DeployDrainTimeout => {
+                if !state.releases.is_empty() {
+                    tracing::warn!("the last evaluation/deployment did not finish within {DEPLOY_DRAIN_TIMEOUT:?}; stopping without it");
+                    state.releases.clear();
+                }
+                state.maybe_stop(&me);
+            }
         }
         Ok(())
     }
@@ -181,11 +285,13 @@ impl Actor for Coordinator {
         if let Some(id) = state.session_ids.remove(&cell.get_id()) {
             state.sessions.remove(&id);
             state.apply(&me, Event::WorkerLost { id, reason });
-            if state.outcome.is_some() && state.sessions.is_empty() {
-                me.stop(None);
-            }
+            state.maybe_stop(&me);
         } else if cell.get_id() == state.checkpointer.get_id() && state.outcome.is_none() {
             state.restart_checkpointer(&me, reason).await?;
+        } else if cell.get_id() == state.evaluator.get_id() {
+            state.restart_release_actor(&me, "evaluator", reason).await?;
+        } else if cell.get_id() == state.deployer.get_id() {
+            state.restart_release_actor(&me, "deployer", reason).await?;
         }
         Ok(())
     }
@@ -275,12 +381,15 @@ impl CoordinatorState {
             Command::Record(event) => self.record(event),
             Command::Finish { ok, error } => {
                 self.outcome = Some(RunOutcome { ok, error, run_dir: self.config.run_dir(), snapshot: self.core.snapshot() });
-                if self.sessions.is_empty() {
-                    me.stop(None);
-                } else {
-                    // Workers hang up when they get Stop; wait for that, but not forever.
+                // Workers hang up when they get Stop, and the last checkpoint is still being
+                // evaluated and deployed; wait for both, but not forever.
+                if !self.sessions.is_empty() {
                     me.send_after(DRAIN_TIMEOUT, || CoordinatorMsg::ForceStop);
                 }
+                if !self.releases.is_empty() {
+                    me.send_after(DEPLOY_DRAIN_TIMEOUT, || CoordinatorMsg::DeployDrainTimeout);
+                }
+                self.maybe_stop(me);
             }
         }
     }
@@ -300,6 +409,13 @@ impl CoordinatorState {
                 m.allreduce_seconds.observe(*comm_seconds);
             }
             RunEvent::Eval { val_loss, .. } => m.eval_loss.set(*val_loss),
+            RunEvent::Evaluated { perplexity, .. } => m.eval_perplexity.set(*perplexity),
+            RunEvent::Deployed { action, version, .. } => {
+                m.deploys_total.with_label_values(&[action.as_str()]).inc();
+                if let Some(v) = version {
+                    m.deployed_version.set(i64::from(*v));
+                }
+            }
             RunEvent::Regrouped { seconds, .. } => {
                 m.regroups_total.inc();
                 m.regroup_seconds.observe(*seconds);
@@ -310,6 +426,79 @@ impl CoordinatorState {
         if let Some(p) = self.progress.as_mut() {
             p.show(&event);
         }
+        self.start_release(&event);
+    }
+
+    /// A checkpoint goes to the Evaluator once it is committed and its validation loss is
+    /// known (the two arrive in either order).
+    fn start_release(&mut self, event: &RunEvent) {
+        let step = match event {
+            RunEvent::Eval { step, val_loss, sequences } => {
+                self.measured.insert(*step, (*val_loss, *sequences));
+                *step
+            }
+            RunEvent::Checkpoint { step, path, .. } => {
+                self.committed.insert(*step, path.clone());
+                *step
+            }
+            _ => return,
+        };
+        let (Some(&(val_loss, sequences)), Some(path)) = (self.measured.get(&step), self.committed.get(&step)) else { return };
+        let job = EvalJob { step, checkpoint: PathBuf::from(path), val_loss, sequences };
+        // Older halves will never be matched.
+        self.measured.retain(|s, _| *s > step);
+        self.committed.retain(|s, _| *s > step);
+        self.releases.insert(step, Release::Evaluating(job.clone()));
+        if self.evaluator.cast(EvaluatorMsg::Evaluate(job)).is_err() {
+            self.releases.remove(&step);
+            tracing::warn!("the Evaluator is not running; the checkpoint of step {step} is not evaluated");
+        }
+    }
+
+    /// A checkpoint's release is over (deployed, skipped or failed): record it, and stop if
+    /// the run was only waiting for this.
+    fn release_done(&mut self, me: &ActorRef<CoordinatorMsg>, event: RunEvent) {
+        self.releases.remove(&event.step());
+        self.record(event);
+        self.maybe_stop(me);
+    }
+
+    fn maybe_stop(&self, me: &ActorRef<CoordinatorMsg>) {
+        if self.outcome.is_some() && (self.sessions.is_empty() || self.sessions_forced) && self.releases.is_empty() {
+            me.stop(None);
+        }
+    }
+
+    /// Restarts a crashed Evaluator or Deployer. The job it was on (the oldest it holds, since
+    /// each handles one at a time in order) is given up and recorded; the others are resent.
+    async fn restart_release_actor(&mut self, me: &ActorRef<CoordinatorMsg>, actor: &'static str, reason: String) -> Result<(), ActorProcessingErr> {
+        self.metrics.actor_restarts_total.with_label_values(&[actor]).inc();
+        let restarts = if actor == "evaluator" { &mut self.evaluator_restarts } else { &mut self.deployer_restarts };
+        *restarts += 1;
+        let backoff = restart_backoff(*restarts);
+        tracing::warn!("{actor} {reason}; restarting it in {backoff:?}");
+        tokio::time::sleep(backoff).await;
+        let mine = |r: &Release| matches!((actor, r), ("evaluator", Release::Evaluating(_)) | ("deployer", Release::Deploying { .. }));
+        let jobs: Vec<(u64, Release)> = self.releases.iter().filter(|(_, r)| mine(r)).map(|(s, r)| (*s, r.clone())).collect();
+        if actor == "evaluator" {
+            self.evaluator = spawn_evaluator(me, &self.config).await?;
+        } else {
+            self.deployer = spawn_deployer(me, &self.config).await?;
+        }
+        let mut jobs = jobs.into_iter();
+        if let Some((step, _)) = jobs.next() {
+            let message = format!("the {actor} crashed while handling the checkpoint of step {step} ({reason}); restarted");
+            self.release_done(me, RunEvent::Deployed { step, action: "failed".into(), version: None, reason: message });
+        }
+        for (_, job) in jobs {
+            let _ = match job {
+                Release::Evaluating(job) => self.evaluator.cast(EvaluatorMsg::Evaluate(job)).map_err(|_| ()),
+                Release::Deploying { job, results } => {
+                    self.deployer.cast(DeployerMsg::Candidate { step: job.step, checkpoint: job.checkpoint, results }).map_err(|_| ())
+                }
+            };
+        }
+        Ok(())
     }
 
     fn update_worker_gauges(&self) {
@@ -331,7 +520,7 @@ impl CoordinatorState {
     async fn restart_checkpointer(&mut self, me: &ActorRef<CoordinatorMsg>, reason: String) -> Result<(), ActorProcessingErr> {
         self.metrics.actor_restarts_total.with_label_values(&["checkpointer"]).inc();
         self.checkpointer_restarts += 1;
-        let backoff = Duration::from_millis(100 * 2u64.pow(self.checkpointer_restarts.min(6)));
+        let backoff = restart_backoff(self.checkpointer_restarts);
         tracing::warn!("Checkpointer {reason}; restarting it in {backoff:?}");
         self.record(RunEvent::Warning { step: self.core.snapshot().completed_steps, message: format!("Checkpointer {reason}; restarted") });
         tokio::time::sleep(backoff).await;
@@ -389,6 +578,14 @@ impl Progress {
                 self.line(&format!("eval  after step {step}: val loss {val_loss:.4} over {sequences} sequences"))
             }
             RunEvent::Checkpoint { path, seconds, .. } => self.line(&format!("checkpoint {path} ({seconds:.2} s)")),
+            RunEvent::Evaluated { step, perplexity, samples, .. } => {
+                let first = samples.first().map(|s| format!(": {:?}", format!("{}{}", s.prompt, s.text))).unwrap_or_default();
+                self.line(&format!("evaluated step {step}: perplexity {perplexity:.1}{first}"))
+            }
+            RunEvent::Deployed { step, action, version, reason } => self.line(&format!(
+                "deploy step {step}: {action}{} ({reason})",
+                version.map(|v| format!(" as {}", version_name(v))).unwrap_or_default()
+            )),
             RunEvent::CheckpointFailed { step, error } => self.line(&format!("checkpoint at step {step} FAILED: {error}")),
             RunEvent::WorkerJoined { rank, addr, .. } => self.line(&format!("rank {rank} assigned to worker at {addr}")),
             RunEvent::WorkerLeft { rank, reason, .. } => {

@@ -1,0 +1,468 @@
+//! The model registry: the served versions of a run's model, as folders on disk.
+//!
+//! ```text
+//! registry/
+//!   v1/ v2/ …        one immutable folder per version: model.safetensors, tokenizer.json,
+//!                    model.json, eval.json (validation loss, samples), source.json (source
+//!                    checkpoint, step, time), MANIFEST (sha256 of each file)
+//!   state.json       which version is stable, which one is a canary, the rollback stack
+//!   history.jsonl    every transition, appended: publish, canary, promote, rollback
+//!   .lock            serialises writers (the Deployer, serving replicas judging a canary,
+//!                    `troupe deploy`) across processes
+//!   .tmp-*/          a version being made; never visible as a version
+//! ```
+//!
+//! A version is made in a `.tmp-*` folder, fsynced, then renamed to `vN`: a writer killed
+//! half-way leaves only a `.tmp-*` folder, which no reader looks at and the next publish
+//! removes. `state.json` is replaced atomically; its `serial` grows with every change, so a
+//! serving replica polls one small file to notice.
+
+use crate::checkpoint::{self, CheckpointError};
+use crate::proto::FileDigest;
+use serde::{Deserialize, Serialize};
+use std::fs::{self, File, OpenOptions};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+pub const STATE_FILE: &str = "state.json";
+pub const HISTORY_FILE: &str = "history.jsonl";
+pub const EVAL_FILE: &str = "eval.json";
+pub const SOURCE_FILE: &str = "source.json";
+const LOCK_FILE: &str = ".lock";
+const TMP_PREFIX: &str = ".tmp-";
+/// Files copied from a checkpoint into a version.
+const MODEL_FILES: [&str; 3] = [checkpoint::MODEL_FILE, checkpoint::MODEL_CONFIG_FILE, checkpoint::TOKENIZER_FILE];
+
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    #[error("registry I/O on {path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("{0}")]
+    Invalid(String),
+    #[error(transparent)]
+    Checkpoint(#[from] CheckpointError),
+}
+
+type Result<T> = std::result::Result<T, RegistryError>;
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> RegistryError + '_ {
+    move |source| RegistryError::Io { path: path.to_path_buf(), source }
+}
+
+pub fn now_unix_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+/// What the Evaluator measured on a checkpoint (its `eval.json`, copied into the version).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EvalResults {
+    pub step: u64,
+    pub val_loss: f64,
+    pub perplexity: f64,
+    pub sequences: u64,
+    pub samples: Vec<Sample>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Sample {
+    pub prompt: String,
+    pub text: String,
+}
+
+/// Where a version came from (`source.json`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VersionSource {
+    pub version: u32,
+    pub checkpoint: String,
+    pub step: u64,
+    pub run: String,
+    pub created_unix_ms: u64,
+}
+
+/// A canary in progress: `version` gets `fraction` of the requests until it has answered
+/// `requests` of them, then it is judged against the stable version with these margins.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Canary {
+    pub version: u32,
+    pub fraction: f64,
+    pub requests: u64,
+    pub max_error_rate_increase: f64,
+    pub max_p95_ratio: f64,
+    pub started_unix_ms: u64,
+}
+
+/// `state.json`: what the serving replicas should serve.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct DeployState {
+    /// Grows with every change.
+    pub serial: u64,
+    /// The version that takes the traffic a canary does not.
+    pub stable: Option<u32>,
+    pub canary: Option<Canary>,
+    /// Earlier stable versions, newest last: what `rollback` goes back to.
+    pub previous: Vec<u32>,
+}
+
+/// One line of `history.jsonl`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Transition {
+    pub time_unix_ms: u64,
+    /// publish, canary, promote, rollback, supersede.
+    pub action: String,
+    pub version: Option<u32>,
+    /// The stable version before the transition.
+    pub from: Option<u32>,
+    /// Who made it (deployer, serve, cli) and why.
+    pub by: String,
+    pub reason: String,
+}
+
+/// How a freshly published version goes live.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Rollout {
+    /// Stable at once.
+    Direct,
+    /// A canary first (stable at once when there is no stable version to compare with).
+    Canary { fraction: f64, requests: u64, max_error_rate_increase: f64, max_p95_ratio: f64 },
+}
+
+/// A version as listed: its number and what is known about it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct VersionSummary {
+    pub version: u32,
+    pub source: Option<VersionSource>,
+    pub val_loss: Option<f64>,
+}
+
+pub fn version_name(v: u32) -> String {
+    format!("v{v}")
+}
+
+/// Parses `v3` or `3`.
+pub fn parse_version(text: &str) -> Option<u32> {
+    let digits = text.strip_prefix('v').unwrap_or(text);
+    digits.parse().ok().filter(|&v| v > 0)
+}
+
+pub struct Registry {
+    dir: PathBuf,
+}
+
+/// Held while a writer reads, changes and writes the state (an advisory lock on `.lock`).
+struct WriteLock {
+    _file: File,
+}
+
+impl Registry {
+    /// Opens (creating it when missing) a registry folder.
+    pub fn create(dir: &Path) -> Result<Registry> {
+        fs::create_dir_all(dir).map_err(io(dir))?;
+        Ok(Registry { dir: dir.to_path_buf() })
+    }
+
+    /// Opens an existing registry; a folder that is not one is an error that says so.
+    pub fn open(dir: &Path) -> Result<Registry> {
+        if !dir.is_dir() {
+            return Err(RegistryError::Invalid(format!(
+                "{} is not a model registry (no such folder; a run's registry is <run dir>/registry)",
+                dir.display()
+            )));
+        }
+        Ok(Registry { dir: dir.to_path_buf() })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn version_dir(&self, v: u32) -> PathBuf {
+        self.dir.join(version_name(v))
+    }
+
+    fn lock(&self) -> Result<WriteLock> {
+        let path = self.dir.join(LOCK_FILE);
+        let file = OpenOptions::new().create(true).truncate(false).write(true).open(&path).map_err(io(&path))?;
+        file.lock().map_err(io(&path))?;
+        Ok(WriteLock { _file: file })
+    }
+
+    /// The current state; an empty registry has the default (nothing served).
+    pub fn state(&self) -> Result<DeployState> {
+        let path = self.dir.join(STATE_FILE);
+        match fs::read(&path) {
+            Ok(bytes) => serde_json::from_slice(&bytes)
+                .map_err(|e| RegistryError::Invalid(format!("{} is not valid: {e}", path.display()))),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(DeployState::default()),
+            Err(e) => Err(RegistryError::Io { path, source: e }),
+        }
+    }
+
+    /// Complete versions, ascending (`.tmp-*` folders are not versions).
+    pub fn versions(&self) -> Result<Vec<u32>> {
+        let mut versions = Vec::new();
+        for entry in fs::read_dir(&self.dir).map_err(io(&self.dir))? {
+            let entry = entry.map_err(io(&self.dir))?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if let Some(v) = name.strip_prefix('v').and_then(|d| d.parse::<u32>().ok()) {
+                if entry.path().join(checkpoint::MANIFEST).is_file() {
+                    versions.push(v);
+                }
+            }
+        }
+        versions.sort_unstable();
+        Ok(versions)
+    }
+
+    pub fn summaries(&self) -> Result<Vec<VersionSummary>> {
+        let mut out = Vec::new();
+        for v in self.versions()? {
+            let dir = self.version_dir(v);
+            let source = fs::read(dir.join(SOURCE_FILE)).ok().and_then(|b| serde_json::from_slice(&b).ok());
+            let val_loss = self.eval_results(v).ok().flatten().map(|e| e.val_loss);
+            out.push(VersionSummary { version: v, source, val_loss });
+        }
+        Ok(out)
+    }
+
+    pub fn eval_results(&self, v: u32) -> Result<Option<EvalResults>> {
+        let path = self.version_dir(v).join(EVAL_FILE);
+        match fs::read(&path) {
+            Ok(bytes) => Ok(serde_json::from_slice(&bytes).ok()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(RegistryError::Io { path, source: e }),
+        }
+    }
+
+    /// Checks a version's files against its MANIFEST (a serving replica does before loading).
+    pub fn verify(&self, v: u32) -> Result<PathBuf> {
+        let dir = self.version_dir(v);
+        checkpoint::verify(&dir)?;
+        Ok(dir)
+    }
+
+    pub fn history(&self) -> Result<Vec<Transition>> {
+        let path = self.dir.join(HISTORY_FILE);
+        let text = match fs::read_to_string(&path) {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(RegistryError::Io { path, source: e }),
+        };
+        // A line torn by a crash is skipped rather than failing the whole history.
+        Ok(text.lines().filter_map(|l| serde_json::from_str(l).ok()).collect())
+    }
+
+    /// Validation loss of the stable version, the bar a new checkpoint must beat.
+    pub fn stable_val_loss(&self) -> Result<Option<f64>> {
+        match self.state()?.stable {
+            Some(v) => Ok(self.eval_results(v)?.map(|e| e.val_loss)),
+            None => Ok(None),
+        }
+    }
+
+    /// Publishes a checkpoint as the next version and puts it live as `rollout` says. Returns
+    /// the new version. `before_visible` runs after the files are written and before the
+    /// folder becomes visible (the Deployer's fault hook).
+    pub fn publish(
+        &self,
+        checkpoint_dir: &Path,
+        eval: Option<&EvalResults>,
+        run: &str,
+        rollout: &Rollout,
+        by: &str,
+        before_visible: impl FnOnce(),
+    ) -> Result<u32> {
+        let manifest = checkpoint::verify(checkpoint_dir)?;
+        let _lock = self.lock()?;
+        self.remove_stale_tmp();
+        let version = self.versions()?.last().copied().unwrap_or(0) + 1;
+        let tmp = self.dir.join(format!("{TMP_PREFIX}{}-{}-{}", version_name(version), std::process::id(), now_unix_ms()));
+        fs::create_dir(&tmp).map_err(io(&tmp))?;
+        let made = (|| {
+            let mut digests: Vec<FileDigest> = Vec::new();
+            for name in MODEL_FILES {
+                let from = checkpoint_dir.join(name);
+                let to = tmp.join(name);
+                fs::copy(&from, &to).map_err(io(&from))?;
+                File::open(&to).and_then(|f| f.sync_all()).map_err(io(&to))?;
+                digests.push(checkpoint::digest_file(&to)?);
+            }
+            let source = VersionSource {
+                version,
+                checkpoint: checkpoint_dir.display().to_string(),
+                step: manifest.step,
+                run: run.to_string(),
+                created_unix_ms: now_unix_ms(),
+            };
+            let mut json_files = vec![(SOURCE_FILE, serde_json::to_vec_pretty(&source).expect("serializable"))];
+            if let Some(eval) = eval {
+                json_files.push((EVAL_FILE, serde_json::to_vec_pretty(eval).expect("serializable")));
+            }
+            for (name, bytes) in json_files {
+                let path = tmp.join(name);
+                checkpoint::write_atomic(&path, &bytes)?;
+                digests.push(checkpoint::digest_file(&path)?);
+            }
+            let manifest = checkpoint::Manifest {
+                format: 1,
+                step: manifest.step,
+                world_size: manifest.world_size,
+                strategy: manifest.strategy.clone(),
+                created_unix_ms: now_unix_ms(),
+                files: digests,
+            };
+            let text = serde_json::to_vec_pretty(&manifest).expect("serializable");
+            checkpoint::write_atomic(&tmp.join(checkpoint::MANIFEST), &text)?;
+            Ok::<_, RegistryError>(())
+        })();
+        if let Err(e) = made {
+            let _ = fs::remove_dir_all(&tmp);
+            return Err(e);
+        }
+        before_visible();
+        let dest = self.version_dir(version);
+        fs::rename(&tmp, &dest).map_err(io(&dest))?;
+        checkpoint::fsync_path(&self.dir)?;
+
+        let mut state = self.state()?;
+        let from = state.stable;
+        let step = manifest.step;
+        let loss = eval.map_or("not evaluated".to_string(), |e| format!("val loss {:.4}", e.val_loss));
+        self.append(&Transition {
+            time_unix_ms: now_unix_ms(),
+            action: "publish".into(),
+            version: Some(version),
+            from,
+            by: by.into(),
+            reason: format!("checkpoint of step {step}, {loss}"),
+        })?;
+        if let Some(old) = state.canary.take() {
+            self.append(&Transition {
+                time_unix_ms: now_unix_ms(),
+                action: "supersede".into(),
+                version: Some(old.version),
+                from,
+                by: by.into(),
+                reason: format!("canary replaced by the newer {}", version_name(version)),
+            })?;
+        }
+        match rollout {
+            Rollout::Canary { fraction, requests, max_error_rate_increase, max_p95_ratio } if from.is_some() => {
+                state.canary = Some(Canary {
+                    version,
+                    fraction: *fraction,
+                    requests: *requests,
+                    max_error_rate_increase: *max_error_rate_increase,
+                    max_p95_ratio: *max_p95_ratio,
+                    started_unix_ms: now_unix_ms(),
+                });
+                self.append(&Transition {
+                    time_unix_ms: now_unix_ms(),
+                    action: "canary".into(),
+                    version: Some(version),
+                    from,
+                    by: by.into(),
+                    reason: format!("gets {:.0}% of requests until it has answered {requests}", fraction * 100.0),
+                })?;
+            }
+            _ => {
+                state.previous.extend(from);
+                state.stable = Some(version);
+                self.append(&Transition {
+                    time_unix_ms: now_unix_ms(),
+                    action: "promote".into(),
+                    version: Some(version),
+                    from,
+                    by: by.into(),
+                    reason: if from.is_none() { "first version".into() } else { "published directly".into() },
+                })?;
+            }
+        }
+        self.write_state(state)?;
+        Ok(version)
+    }
+
+    /// Makes `to` (default: the canary) the stable version.
+    pub fn promote(&self, to: Option<u32>, by: &str, reason: &str) -> Result<DeployState> {
+        let _lock = self.lock()?;
+        let mut state = self.state()?;
+        let target = match to.or(state.canary.as_ref().map(|c| c.version)) {
+            Some(v) => v,
+            None => return Err(RegistryError::Invalid("nothing to promote: there is no canary (name a version with --to vN)".into())),
+        };
+        if !self.versions()?.contains(&target) {
+            return Err(RegistryError::Invalid(format!("{} is not a version of this registry", version_name(target))));
+        }
+        let from = state.stable;
+        if state.canary.as_ref().is_some_and(|c| c.version == target) || to.is_some() {
+            state.canary = None;
+        }
+        if from != Some(target) {
+            state.previous.extend(from);
+            state.previous.retain(|&v| v != target);
+            state.stable = Some(target);
+        }
+        self.append(&Transition { time_unix_ms: now_unix_ms(), action: "promote".into(), version: Some(target), from, by: by.into(), reason: reason.into() })?;
+        self.write_state(state)
+    }
+
+    /// Undoes the last step: a canary is dropped (stable stays); without one, the stable
+    /// version goes back to the previous stable one, or to `to`.
+    pub fn rollback(&self, to: Option<u32>, by: &str, reason: &str) -> Result<DeployState> {
+        let _lock = self.lock()?;
+        let mut state = self.state()?;
+        let from = state.stable;
+        let (removed, target) = match (state.canary.take(), to) {
+            (Some(canary), None) => (Some(canary.version), from),
+            (_, Some(v)) => {
+                if !self.versions()?.contains(&v) {
+                    return Err(RegistryError::Invalid(format!("{} is not a version of this registry", version_name(v))));
+                }
+                state.previous.retain(|&p| p != v);
+                (from, Some(v))
+            }
+            (None, None) => match state.previous.pop() {
+                Some(v) => (from, Some(v)),
+                None => return Err(RegistryError::Invalid("nothing to roll back to: no earlier stable version".into())),
+            },
+        };
+        state.stable = target;
+        self.append(&Transition {
+            time_unix_ms: now_unix_ms(),
+            action: "rollback".into(),
+            version: removed,
+            from,
+            by: by.into(),
+            reason: format!("{reason}; serving {}", target.map_or("nothing".into(), version_name)),
+        })?;
+        self.write_state(state)
+    }
+
+    fn write_state(&self, mut state: DeployState) -> Result<DeployState> {
+        state.serial = self.state()?.serial + 1;
+        let bytes = serde_json::to_vec_pretty(&state).expect("serializable");
+        checkpoint::write_atomic(&self.dir.join(STATE_FILE), &bytes)?;
+        Ok(state)
+    }
+
+    fn append(&self, t: &Transition) -> Result<()> {
+        let path = self.dir.join(HISTORY_FILE);
+        let mut line = serde_json::to_string(t).expect("serializable");
+        line.push('\n');
+        let mut f = OpenOptions::new().create(true).append(true).open(&path).map_err(io(&path))?;
+        f.write_all(line.as_bytes()).map_err(io(&path))?;
+        f.sync_data().map_err(io(&path))
+    }
+
+    /// Removes folders of versions that a writer never finished (called under the lock, so
+    /// no live writer owns them).
+    fn remove_stale_tmp(&self) {
+        let Ok(entries) = fs::read_dir(&self.dir) else { return };
+        for entry in entries.flatten() {
+            if entry.file_name().to_string_lossy().starts_with(TMP_PREFIX) {
+                tracing::info!("removing an unfinished version {}", entry.path().display());
+                let _ = fs::remove_dir_all(entry.path());
+            }
+        }
+    }
+}

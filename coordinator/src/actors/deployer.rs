@@ -1,0 +1,142 @@
+//! Deployer: applies the deploy policy to every evaluated checkpoint.
+//!
+//! A checkpoint whose validation loss beats the bar — the newest live version's (the canary's
+//! while one runs, else the stable one's) — by at least `deploy.min_improvement` is published
+//! to the registry as the next version, directly or as a canary (`deploy.strategy`), and the
+//! serving replicas in `deploy.notify` are told to look. Anything else is recorded as skipped
+//! with the numbers. The registry's own protocol (a `.tmp-*` folder renamed into place, the
+//! state replaced atomically, all under its lock) keeps it consistent if this actor dies
+//! half-way; the next publish removes the leftovers.
+
+use super::coordinator::CoordinatorMsg;
+use ractor::{Actor, ActorProcessingErr, ActorRef};
+use std::path::PathBuf;
+use std::time::Duration;
+use troupe_common::config::DeployConfig;
+use troupe_common::fault::FaultHook;
+use troupe_common::registry::{version_name, EvalResults, Registry, Rollout};
+
+pub struct Deployer;
+
+pub struct DeployerArgs {
+    pub registry: PathBuf,
+    pub run: String,
+    pub config: DeployConfig,
+    /// Bearer token of the serving replicas' admin API, if they need one.
+    pub api_key: Option<String>,
+    pub coordinator: ActorRef<CoordinatorMsg>,
+}
+
+pub enum DeployerMsg {
+    Candidate { step: u64, checkpoint: PathBuf, results: EvalResults },
+}
+
+/// What became of a candidate.
+#[derive(Debug, Clone)]
+pub struct Decision {
+    pub step: u64,
+    /// published, skipped.
+    pub action: &'static str,
+    pub version: Option<u32>,
+    pub reason: String,
+}
+
+impl Actor for Deployer {
+    type Msg = DeployerMsg;
+    type State = DeployerArgs;
+    type Arguments = DeployerArgs;
+
+    async fn pre_start(&self, _me: ActorRef<Self::Msg>, args: DeployerArgs) -> Result<Self::State, ActorProcessingErr> {
+        Ok(args)
+    }
+
+    async fn handle(&self, _me: ActorRef<Self::Msg>, msg: Self::Msg, state: &mut Self::State) -> Result<(), ActorProcessingErr> {
+        let DeployerMsg::Candidate { step, checkpoint, results } = msg;
+        let registry = state.registry.clone();
+        let run = state.run.clone();
+        let config = state.config.clone();
+        let decision = tokio::task::spawn_blocking(move || consider(&registry, &run, &config, step, &checkpoint, &results)).await;
+        let decision = match decision {
+            Ok(Ok(decision)) => decision,
+            Ok(Err(e)) => {
+                state.coordinator.cast(CoordinatorMsg::DeployFailed { step, error: format!("{e:#}") })?;
+                return Ok(());
+            }
+            // A panic in the publishing thread is this actor's failure: the supervisor restarts it.
+            Err(e) => std::panic::resume_unwind(e.into_panic()),
+        };
+        if decision.version.is_some() {
+            notify_replicas(&state.config.notify, state.api_key.as_deref()).await;
+        }
+        state.coordinator.cast(CoordinatorMsg::Deployed(decision))?;
+        Ok(())
+    }
+}
+
+fn consider(registry_dir: &std::path::Path, run: &str, config: &DeployConfig, step: u64, checkpoint: &std::path::Path, results: &EvalResults) -> anyhow::Result<Decision> {
+    let registry = Registry::create(registry_dir)?;
+    let state = registry.state()?;
+    let (bar_version, bar) = match state.canary.as_ref().map(|c| c.version).or(state.stable) {
+        Some(v) => (Some(v), registry.eval_results(v)?.map(|e| e.val_loss)),
+        None => (None, None),
+    };
+    if let Some(bar) = bar {
+        let improvement = bar - results.val_loss;
+        if !(improvement > 0.0 && improvement >= config.min_improvement) {
+            return Ok(Decision {
+                step,
+                action: "skipped",
+                version: None,
+                reason: format!(
+                    "val loss {:.4} does not beat {}'s {bar:.4} by {} (deploy.min_improvement)",
+                    results.val_loss,
+                    bar_version.map_or("the serving version".into(), version_name),
+                    if config.min_improvement > 0.0 { format!("at least {}", config.min_improvement) } else { "any margin".into() }
+                ),
+            });
+        }
+    }
+    let rollout = match config.strategy.as_str() {
+        "canary" => Rollout::Canary {
+            fraction: config.canary_fraction,
+            requests: config.canary_requests,
+            max_error_rate_increase: config.canary_max_error_rate_increase,
+            max_p95_ratio: config.canary_max_p95_ratio,
+        },
+        _ => Rollout::Direct,
+    };
+    static PANIC: FaultHook = FaultHook::new("TROUPE_FAULT_DEPLOYER_PANIC_AT_STEP");
+    let version = registry.publish(checkpoint, Some(results), run, &rollout, "deployer", || {
+        if PANIC.fires_at(step) {
+            panic!("fault injection: the Deployer dies half-way through publishing the checkpoint of step {step}");
+        }
+    })?;
+    let live = registry.state()?;
+    let how = if live.canary.as_ref().is_some_and(|c| c.version == version) { "as a canary" } else { "as the stable version" };
+    let reason = match (bar_version, bar) {
+        (Some(v), Some(bar)) => format!("val loss {:.4} beats {}'s {bar:.4}; live {how}", results.val_loss, version_name(v)),
+        _ => format!("val loss {:.4}, the first version; live {how}", results.val_loss),
+    };
+    Ok(Decision { step, action: "published", version: Some(version), reason })
+}
+
+/// Tells each replica to read the registry now (`POST /admin/reload`). Best effort: replicas
+/// poll the registry anyway.
+async fn notify_replicas(urls: &[String], api_key: Option<&str>) {
+    for url in urls {
+        let endpoint = format!("{}/admin/reload", url.trim_end_matches('/'));
+        let key = api_key.map(str::to_string);
+        let result = tokio::task::spawn_blocking(move || {
+            let agent: ureq::Agent = ureq::Agent::config_builder().timeout_global(Some(Duration::from_secs(30))).build().into();
+            let mut request = agent.post(&endpoint);
+            if let Some(key) = key {
+                request = request.header("Authorization", format!("Bearer {key}"));
+            }
+            request.send_empty().map(|_| ()).map_err(|e| format!("{endpoint}: {e}"))
+        })
+        .await;
+        if let Ok(Err(e)) = result {
+            tracing::warn!("cannot notify a serving replica ({e}); it will notice the new version on its own");
+        }
+    }
+}

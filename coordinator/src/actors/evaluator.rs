@@ -1,0 +1,88 @@
+//! Evaluator: turns a committed checkpoint and its validation loss into evaluation results.
+//!
+//! The validation loss itself is computed where the data is, sharded over the workers (the
+//! core asks every rank for its share at each checkpoint step, so the model evaluated is the
+//! one the checkpoint holds). The Evaluator adds what needs the model file: it loads the
+//! checkpoint, continues the config's fixed prompts greedily, and writes `eval.json` next to
+//! the checkpoint — on a blocking thread, so the coordinator's mailbox never waits on it.
+
+use super::coordinator::CoordinatorMsg;
+use ractor::{Actor, ActorProcessingErr, ActorRef};
+use std::path::PathBuf;
+use troupe_common::checkpoint;
+use troupe_common::model::Sampling;
+use troupe_common::registry::{EvalResults, Sample, EVAL_FILE};
+
+pub struct Evaluator;
+
+pub struct EvaluatorArgs {
+    pub prompts: Vec<String>,
+    pub sample_tokens: usize,
+    pub coordinator: ActorRef<CoordinatorMsg>,
+}
+
+/// One checkpoint to evaluate.
+#[derive(Debug, Clone)]
+pub struct EvalJob {
+    pub step: u64,
+    pub checkpoint: PathBuf,
+    pub val_loss: f64,
+    pub sequences: u64,
+}
+
+pub enum EvaluatorMsg {
+    Evaluate(EvalJob),
+}
+
+impl Actor for Evaluator {
+    type Msg = EvaluatorMsg;
+    type State = EvaluatorArgs;
+    type Arguments = EvaluatorArgs;
+
+    async fn pre_start(&self, _me: ActorRef<Self::Msg>, args: EvaluatorArgs) -> Result<Self::State, ActorProcessingErr> {
+        Ok(args)
+    }
+
+    async fn handle(&self, _me: ActorRef<Self::Msg>, msg: Self::Msg, state: &mut Self::State) -> Result<(), ActorProcessingErr> {
+        let EvaluatorMsg::Evaluate(job) = msg;
+        let prompts = state.prompts.clone();
+        let sample_tokens = state.sample_tokens;
+        let for_thread = job.clone();
+        let result = tokio::task::spawn_blocking(move || evaluate(&for_thread, &prompts, sample_tokens)).await?;
+        let msg = match result {
+            Ok(results) => CoordinatorMsg::Evaluated { job, results },
+            Err(e) => CoordinatorMsg::EvaluationFailed { step: job.step, error: format!("{e:#}") },
+        };
+        state.coordinator.cast(msg)?;
+        Ok(())
+    }
+}
+
+fn evaluate(job: &EvalJob, prompts: &[String], sample_tokens: usize) -> anyhow::Result<EvalResults> {
+    let mut samples = Vec::new();
+    if sample_tokens > 0 && !prompts.is_empty() {
+        let (model, tokenizer) = troupe_common::model::load_for_inference(&job.checkpoint, tch::Device::Cpu)?;
+        for prompt in prompts {
+            let ids: Vec<i64> = tokenizer.encode(prompt)?.into_iter().map(i64::from).collect();
+            let mut context = ids;
+            context.truncate(model.config().block_size);
+            if context.is_empty() {
+                continue;
+            }
+            let greedy = Sampling::greedy();
+            let out = model.generate(&context, sample_tokens, greedy.temperature, greedy.top_k, 0)?;
+            let out: Vec<u32> = out.into_iter().filter_map(|t| u32::try_from(t).ok()).collect();
+            samples.push(Sample { prompt: prompt.clone(), text: tokenizer.decode(&out)? });
+        }
+    }
+    let results = EvalResults {
+        step: job.step,
+        val_loss: job.val_loss,
+        perplexity: job.val_loss.exp(),
+        sequences: job.sequences,
+        samples,
+    };
+    let bytes = serde_json::to_vec_pretty(&results)?;
+    checkpoint::write_atomic(&job.checkpoint.join(EVAL_FILE), &bytes)?;
+    Ok(results)
+}

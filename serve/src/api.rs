@@ -1,0 +1,280 @@
+//! The OpenAI-compatible wire format of `POST /v1/completions`: request parsing and checks,
+//! response and stream-chunk bodies, and OpenAI-style error bodies.
+//!
+//! Everything a client sends is checked here, before it reaches a model: a bad request is a
+//! 4xx with `{"error": {"message", "type", "param", "code"}}`, never a panic or a 500.
+
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use serde::{Deserialize, Serialize};
+use troupe_common::model::Sampling;
+
+/// The request body. Fields OpenAI defines but troupe does not implement are accepted only
+/// at their neutral values; anything else unknown is refused by name (a typo such as
+/// `max_token` must not be silently ignored).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CompletionRequest {
+    pub model: Option<String>,
+    pub prompt: Option<Prompt>,
+    pub max_tokens: Option<u64>,
+    pub temperature: Option<f64>,
+    pub top_p: Option<f64>,
+    /// An extension (not in OpenAI's API, common among open servers).
+    pub top_k: Option<u64>,
+    pub stop: Option<Stop>,
+    pub seed: Option<i64>,
+    pub stream: Option<bool>,
+    pub n: Option<u64>,
+    pub best_of: Option<u64>,
+    pub echo: Option<bool>,
+    pub logprobs: Option<serde_json::Value>,
+    pub presence_penalty: Option<f64>,
+    pub frequency_penalty: Option<f64>,
+    pub logit_bias: Option<serde_json::Value>,
+    pub suffix: Option<String>,
+    pub user: Option<String>,
+    pub stream_options: Option<serde_json::Value>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum Prompt {
+    Text(String),
+    Batch(Vec<String>),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum Stop {
+    One(String),
+    Many(Vec<String>),
+}
+
+/// OpenAI's default when `max_tokens` is not given.
+pub const DEFAULT_MAX_TOKENS: u64 = 16;
+const MAX_STOP_SEQUENCES: usize = 4;
+
+/// A request that passed every check, ready for tokenization and routing.
+#[derive(Debug, Clone)]
+pub struct Checked {
+    pub model: Option<String>,
+    pub prompt: String,
+    pub max_tokens: usize,
+    pub sampling: Sampling,
+    pub stop: Vec<String>,
+    pub seed: Option<u64>,
+    pub stream: bool,
+}
+
+/// An OpenAI-style error, with the HTTP status it goes out with.
+#[derive(Debug, Clone)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub kind: &'static str,
+    pub code: &'static str,
+    pub param: Option<&'static str>,
+    pub message: String,
+}
+
+impl ApiError {
+    pub fn invalid(param: &'static str, code: &'static str, message: impl Into<String>) -> ApiError {
+        ApiError { status: StatusCode::BAD_REQUEST, kind: "invalid_request_error", code, param: Some(param), message: message.into() }
+    }
+
+    pub fn body(&self) -> serde_json::Value {
+        serde_json::json!({
+            "error": { "message": self.message, "type": self.kind, "param": self.param, "code": self.code }
+        })
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.status, axum::Json(self.body())).into_response()
+    }
+}
+
+/// Parses and checks a request body. `max_tokens_limit` is `serve.max_tokens`.
+pub fn parse(body: &[u8], max_tokens_limit: usize) -> Result<Checked, ApiError> {
+    if body.len() > 1 << 20 {
+        return Err(ApiError::invalid("body", "request_too_large", "the request body is over 1 MiB"));
+    }
+    let req: CompletionRequest = serde_json::from_slice(body).map_err(|e| {
+        let code = if e.is_syntax() || e.is_eof() { "invalid_json" } else { "invalid_type" };
+        let message = if e.is_syntax() || e.is_eof() {
+            format!("the body is not valid JSON: {e}")
+        } else {
+            format!("the request does not match the completions API: {e}")
+        };
+        ApiError { status: StatusCode::BAD_REQUEST, kind: "invalid_request_error", code, param: None, message }
+    })?;
+    let prompt = match req.prompt {
+        None => String::new(),
+        Some(Prompt::Text(text)) => text,
+        Some(Prompt::Batch(mut texts)) if texts.len() == 1 => texts.remove(0),
+        Some(Prompt::Batch(texts)) => {
+            return Err(ApiError::invalid(
+                "prompt",
+                "unsupported_value",
+                format!("a list of {} prompts: send one prompt per request (requests are batched by the server)", texts.len()),
+            ))
+        }
+    };
+    let max_tokens = req.max_tokens.unwrap_or(DEFAULT_MAX_TOKENS);
+    if max_tokens == 0 || max_tokens > max_tokens_limit as u64 {
+        return Err(ApiError::invalid(
+            "max_tokens",
+            "invalid_value",
+            format!("max_tokens = {max_tokens} must be between 1 and {max_tokens_limit} (this server's serve.max_tokens)"),
+        ));
+    }
+    let temperature = req.temperature.unwrap_or(1.0);
+    if !(0.0..=2.0).contains(&temperature) {
+        return Err(ApiError::invalid("temperature", "invalid_value", format!("temperature = {temperature} must be between 0 and 2")));
+    }
+    let top_p = req.top_p.unwrap_or(1.0);
+    if !(top_p > 0.0 && top_p <= 1.0) {
+        return Err(ApiError::invalid("top_p", "invalid_value", format!("top_p = {top_p} must be in (0, 1]")));
+    }
+    let top_k = req.top_k.unwrap_or(0);
+    if top_k > 1 << 20 {
+        return Err(ApiError::invalid("top_k", "invalid_value", format!("top_k = {top_k} is too large")));
+    }
+    let stop = match req.stop {
+        None => Vec::new(),
+        Some(Stop::One(s)) => vec![s],
+        Some(Stop::Many(v)) => v,
+    };
+    if stop.len() > MAX_STOP_SEQUENCES || stop.iter().any(|s| s.is_empty() || s.len() > 256) {
+        return Err(ApiError::invalid(
+            "stop",
+            "invalid_value",
+            format!("stop takes at most {MAX_STOP_SEQUENCES} non-empty sequences of at most 256 bytes"),
+        ));
+    }
+    let unsupported = |param: &'static str, what: &str| {
+        Err(ApiError::invalid(param, "unsupported_value", format!("{param} {what} is not supported by this server")))
+    };
+    if req.n.is_some_and(|n| n != 1) {
+        return unsupported("n", "other than 1");
+    }
+    if req.best_of.is_some_and(|n| n != 1) {
+        return unsupported("best_of", "other than 1");
+    }
+    if req.echo == Some(true) {
+        return unsupported("echo", "= true");
+    }
+    if req.logprobs.as_ref().is_some_and(|v| !v.is_null()) {
+        return unsupported("logprobs", "");
+    }
+    if req.presence_penalty.is_some_and(|p| p != 0.0) {
+        return unsupported("presence_penalty", "other than 0");
+    }
+    if req.frequency_penalty.is_some_and(|p| p != 0.0) {
+        return unsupported("frequency_penalty", "other than 0");
+    }
+    if req.logit_bias.as_ref().is_some_and(|v| !v.is_null() && v.as_object().is_none_or(|o| !o.is_empty())) {
+        return unsupported("logit_bias", "");
+    }
+    if req.suffix.as_ref().is_some_and(|s| !s.is_empty()) {
+        return unsupported("suffix", "");
+    }
+    let _ = (req.user, req.stream_options);
+    Ok(Checked {
+        model: req.model,
+        prompt,
+        max_tokens: max_tokens as usize,
+        sampling: Sampling { temperature, top_k: (top_k > 0).then_some(top_k as usize), top_p },
+        stop,
+        seed: req.seed.map(|s| s as u64),
+        stream: req.stream.unwrap_or(false),
+    })
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FinishReason {
+    /// A stop sequence or the end-of-text token.
+    Stop,
+    /// `max_tokens` reached.
+    Length,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Usage {
+    pub prompt_tokens: usize,
+    pub completion_tokens: usize,
+    pub total_tokens: usize,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Choice {
+    pub text: String,
+    pub index: u32,
+    pub logprobs: Option<()>,
+    pub finish_reason: Option<FinishReason>,
+}
+
+/// A whole response, or (with `usage: None`) one chunk of a stream.
+#[derive(Debug, Serialize)]
+pub struct Completion {
+    pub id: String,
+    pub object: &'static str,
+    pub created: u64,
+    pub model: String,
+    /// The registry version that produced the text (also in `system_fingerprint` and the
+    /// `x-troupe-version` header).
+    pub version: String,
+    pub system_fingerprint: String,
+    pub choices: Vec<Choice>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub usage: Option<Usage>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn err(body: &str) -> ApiError {
+        parse(body.as_bytes(), 512).unwrap_err()
+    }
+
+    #[test]
+    fn a_plain_request_gets_openai_defaults() {
+        let c = parse(br#"{"model":"m","prompt":"Hi"}"#, 512).unwrap();
+        assert_eq!(c.prompt, "Hi");
+        assert_eq!(c.max_tokens, 16);
+        assert_eq!(c.sampling.temperature, 1.0);
+        assert!(!c.stream);
+        let c = parse(br#"{"prompt":["Hi"],"stop":"\n","stream":true,"top_k":5,"seed":3,"n":1,"logprobs":null}"#, 512).unwrap();
+        assert_eq!((c.stop, c.stream, c.sampling.top_k, c.seed), (vec!["\n".to_string()], true, Some(5), Some(3)));
+    }
+
+    #[test]
+    fn every_bad_request_is_a_400_naming_what_is_wrong() {
+        for (body, code, needle) in [
+            ("{", "invalid_json", "not valid JSON"),
+            ("[1,2]", "invalid_type", "completions API"),
+            (r#"{"prompt": 5}"#, "invalid_type", "completions API"),
+            (r#"{"max_tokens": "ten"}"#, "invalid_type", "max_tokens"),
+            (r#"{"max_tokens": -1}"#, "invalid_type", "max_tokens"),
+            (r#"{"max_tokens": 100000}"#, "invalid_value", "serve.max_tokens"),
+            (r#"{"max_tokens": 0}"#, "invalid_value", "between 1"),
+            (r#"{"temperature": 3}"#, "invalid_value", "temperature"),
+            (r#"{"top_p": 0}"#, "invalid_value", "top_p"),
+            (r#"{"stop": ["a","b","c","d","e"]}"#, "invalid_value", "stop"),
+            (r#"{"n": 2}"#, "unsupported_value", "n other than 1"),
+            (r#"{"echo": true}"#, "unsupported_value", "echo"),
+            (r#"{"max_token": 5}"#, "invalid_type", "unknown field `max_token`"),
+            (r#"{"prompt": ["a","b"]}"#, "unsupported_value", "2 prompts"),
+        ] {
+            let e = err(body);
+            assert_eq!(e.status, StatusCode::BAD_REQUEST, "{body}");
+            assert_eq!(e.code, code, "{body}: {}", e.message);
+            assert!(e.message.contains(needle), "{body}: {}", e.message);
+            let json = e.body();
+            assert_eq!(json["error"]["type"], "invalid_request_error");
+        }
+    }
+}

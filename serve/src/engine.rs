@@ -1,0 +1,238 @@
+//! One model version, generating for many requests at once.
+//!
+//! Each [`Engine`] owns a thread with the model. The thread does continuous batching: before
+//! every decoding step it admits waiting requests (up to `max_batch`), runs one forward pass
+//! for all active sequences ([`Gpt::next_token_logits`]), picks each sequence's next token
+//! with that request's own sampling settings and random stream, and lets finished sequences
+//! go. A request that arrives mid-generation joins at the next step instead of waiting for
+//! the batch to finish.
+//!
+//! An engine that is swapped out finishes what it has: the thread runs until its queue is
+//! closed (the last `Arc<Engine>` dropped) and its active sequences are done.
+
+use crate::api::FinishReason;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc};
+use std::path::Path;
+use tokio::sync::mpsc::UnboundedSender;
+use troupe_common::data::Tokenizer;
+use troupe_common::model::{Gpt, Rng, Sampling};
+
+/// What a request asks the engine for (prompt already tokenized and checked).
+pub struct Generation {
+    pub prompt: Vec<i64>,
+    pub max_tokens: usize,
+    pub sampling: Sampling,
+    pub seed: u64,
+    pub stop: Vec<String>,
+    /// Text as it becomes final, then `Done` (or `Failed`). Closing the receiver (a client
+    /// that went away) cancels the generation at the next step.
+    pub events: UnboundedSender<GenEvent>,
+}
+
+#[derive(Debug)]
+pub enum GenEvent {
+    Text(String),
+    Done { finish_reason: FinishReason, completion_tokens: usize },
+    Failed(String),
+}
+
+/// Batch sizes the thread ran, for the metrics (called once per decoding step).
+pub type BatchObserver = Arc<dyn Fn(usize) + Send + Sync>;
+
+pub struct Engine {
+    pub version: u32,
+    pub block_size: usize,
+    tokenizer: Arc<Tokenizer>,
+    queue: mpsc::Sender<Generation>,
+    /// Requests queued and not yet admitted, to refuse new ones beyond `max_queue`.
+    waiting: Arc<AtomicUsize>,
+    max_queue: usize,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SubmitError {
+    #[error("the server is busy: {0} requests are waiting; retry later")]
+    Overloaded(usize),
+    #[error("this model version is shutting down")]
+    Closed,
+}
+
+impl Engine {
+    /// Loads a model folder on a new thread and starts generating. Returns once the model is
+    /// loaded (an error names what is wrong with the folder).
+    pub fn start(dir: &Path, version: u32, max_batch: usize, max_queue: usize, on_batch: BatchObserver) -> anyhow::Result<Engine> {
+        let (model, tokenizer) = troupe_common::model::load_for_inference(dir, tch::Device::Cpu)?;
+        let block_size = model.config().block_size;
+        let tokenizer = Arc::new(tokenizer);
+        let (queue, requests) = mpsc::channel();
+        let waiting = Arc::new(AtomicUsize::new(0));
+        let thread_tokenizer = tokenizer.clone();
+        let thread_waiting = waiting.clone();
+        std::thread::Builder::new().name(format!("engine-v{version}")).spawn(move || {
+            generate_loop(&model, &thread_tokenizer, &requests, &thread_waiting, max_batch.max(1), &on_batch);
+            tracing::debug!("engine v{version} stopped");
+        })?;
+        Ok(Engine { version, block_size, tokenizer, queue, waiting, max_queue })
+    }
+
+    pub fn tokenizer(&self) -> &Tokenizer {
+        &self.tokenizer
+    }
+
+    pub fn submit(&self, generation: Generation) -> Result<(), SubmitError> {
+        let waiting = self.waiting.fetch_add(1, Ordering::SeqCst);
+        if waiting >= self.max_queue {
+            self.waiting.fetch_sub(1, Ordering::SeqCst);
+            return Err(SubmitError::Overloaded(waiting));
+        }
+        self.queue.send(generation).map_err(|_| {
+            self.waiting.fetch_sub(1, Ordering::SeqCst);
+            SubmitError::Closed
+        })
+    }
+
+    /// Requests waiting for a place in the batch.
+    pub fn queue_depth(&self) -> usize {
+        self.waiting.load(Ordering::SeqCst)
+    }
+}
+
+/// A request being generated.
+struct Active {
+    request: Generation,
+    /// Prompt followed by the tokens generated so far.
+    tokens: Vec<i64>,
+    generated: Vec<u32>,
+    /// Bytes of the decoded text already sent.
+    sent: usize,
+    rng: Rng,
+}
+
+fn generate_loop(
+    model: &Gpt,
+    tokenizer: &Tokenizer,
+    requests: &mpsc::Receiver<Generation>,
+    waiting: &AtomicUsize,
+    max_batch: usize,
+    on_batch: &BatchObserver,
+) {
+    let eot = tokenizer.eot_id();
+    let mut active: Vec<Active> = Vec::new();
+    let mut closed = false;
+    loop {
+        // Admit: block only when there is nothing to do.
+        if active.is_empty() {
+            if closed {
+                return;
+            }
+            match requests.recv() {
+                Ok(r) => active.push(admit(r, waiting)),
+                Err(_) => return,
+            }
+        }
+        while !closed && active.len() < max_batch {
+            match requests.try_recv() {
+                Ok(r) => active.push(admit(r, waiting)),
+                Err(mpsc::TryRecvError::Empty) => break,
+                Err(mpsc::TryRecvError::Disconnected) => closed = true,
+            }
+        }
+        // A client that went away stops costing compute.
+        active.retain(|a| !a.request.events.is_closed());
+        if active.is_empty() {
+            continue;
+        }
+        on_batch(active.len());
+        let contexts: Vec<&[i64]> = active.iter().map(|a| a.tokens.as_slice()).collect();
+        let rows = match model.next_token_logits(&contexts) {
+            Ok(rows) => rows,
+            Err(e) => {
+                for a in active.drain(..) {
+                    let _ = a.request.events.send(GenEvent::Failed(format!("generation failed: {e}")));
+                }
+                continue;
+            }
+        };
+        let mut finished = Vec::new();
+        for (i, (a, row)) in active.iter_mut().zip(rows).enumerate() {
+            let next = a.request.sampling.pick(&row, &mut a.rng) as u32;
+            if next == eot {
+                finish(a, tokenizer, FinishReason::Stop, true);
+                finished.push(i);
+                continue;
+            }
+            a.tokens.push(next as i64);
+            a.generated.push(next);
+            if step_text(a, tokenizer) {
+                finished.push(i);
+            } else if a.generated.len() >= a.request.max_tokens {
+                finish(a, tokenizer, FinishReason::Length, true);
+                finished.push(i);
+            }
+        }
+        for i in finished.into_iter().rev() {
+            active.swap_remove(i);
+        }
+    }
+}
+
+fn admit(request: Generation, waiting: &AtomicUsize) -> Active {
+    waiting.fetch_sub(1, Ordering::SeqCst);
+    let rng = Rng::new(request.seed);
+    Active { tokens: request.prompt.clone(), generated: Vec::new(), sent: 0, rng, request }
+}
+
+/// Sends the text that is final after the newest token. Text is held back while it ends in
+/// an incomplete UTF-8 character (byte-level tokens split characters) or could still become
+/// a stop sequence. Returns true when a stop sequence ended the generation.
+fn step_text(a: &mut Active, tokenizer: &Tokenizer) -> bool {
+    let text = decoded(a, tokenizer);
+    // Search only text not sent yet (sent text held no stop sequence).
+    let from = if a.sent <= text.len() && text.is_char_boundary(a.sent) { a.sent } else { 0 };
+    if let Some(at) = a.request.stop.iter().filter_map(|s| text[from..].find(s.as_str()).map(|p| p + from)).min() {
+        send_text(a, &text[..at]);
+        let _ = a.request.events.send(GenEvent::Done { finish_reason: FinishReason::Stop, completion_tokens: a.generated.len() });
+        return true;
+    }
+    let mut safe = text.len();
+    if text.ends_with('\u{FFFD}') {
+        safe -= '\u{FFFD}'.len_utf8();
+    }
+    // Hold back the longest tail that is a proper prefix of a stop sequence.
+    let held = a
+        .request
+        .stop
+        .iter()
+        .flat_map(|s| (1..s.len()).filter(|&n| s.is_char_boundary(n)).map(move |n| &s[..n]))
+        .filter(|prefix| text[..safe].ends_with(prefix))
+        .map(|p| p.len())
+        .max()
+        .unwrap_or(0);
+    safe -= held;
+    while !text.is_char_boundary(safe) {
+        safe -= 1;
+    }
+    send_text(a, &text[..safe]);
+    false
+}
+
+fn finish(a: &mut Active, tokenizer: &Tokenizer, reason: FinishReason, flush: bool) {
+    if flush {
+        let text = decoded(a, tokenizer);
+        send_text(a, &text);
+    }
+    let _ = a.request.events.send(GenEvent::Done { finish_reason: reason, completion_tokens: a.generated.len() });
+}
+
+fn decoded(a: &Active, tokenizer: &Tokenizer) -> String {
+    // Ids come from the model's own vocabulary, which the tokenizer covers (checked at load).
+    tokenizer.decode(&a.generated).unwrap_or_default()
+}
+
+fn send_text(a: &mut Active, text: &str) {
+    if text.len() > a.sent && text.is_char_boundary(a.sent) {
+        let _ = a.request.events.send(GenEvent::Text(text[a.sent..].to_string()));
+        a.sent = text.len();
+    }
+}
