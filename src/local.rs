@@ -237,25 +237,39 @@ fn complete_over_http(url: &str, model: &str, prompt: &str, max_tokens: usize, s
     Ok((version, completion))
 }
 
-/// Resolves when a worker process exits before the run is over, with its log's tail.
+/// Resolves when a worker process fails (exits with an error or a signal) before the run is
+/// over, with its log's tail. A worker that exits cleanly — stopped at the end of the run, or
+/// leaving on SIGTERM while the others go on — is not a failure; it is just no longer watched.
 async fn watch_children(children: &mut [(usize, PathBuf, tokio::process::Child)]) -> String {
-    let waits = children.iter_mut().map(|(i, log, child)| {
-        let i = *i;
-        let log = log.clone();
-        Box::pin(async move {
-            let status = child.wait().await;
-            let tail = std::fs::read_to_string(&log)
-                .map(|t| t.lines().rev().take(15).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n"))
-                .unwrap_or_default();
-            format!(
-                "worker {i} exited early ({}); the last lines of {}:\n{tail}",
-                status.map(|s| s.to_string()).unwrap_or_else(|e| e.to_string()),
-                log.display()
-            )
+    let mut waits: Vec<_> = children
+        .iter_mut()
+        .map(|(i, log, child)| {
+            let i = *i;
+            let log = log.clone();
+            Box::pin(async move {
+                let status = child.wait().await;
+                if status.as_ref().is_ok_and(|s| s.success()) {
+                    return None;
+                }
+                let tail = std::fs::read_to_string(&log)
+                    .map(|t| t.lines().rev().take(15).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n"))
+                    .unwrap_or_default();
+                Some(format!(
+                    "worker {i} exited early ({}); the last lines of {}:\n{tail}",
+                    status.map(|s| s.to_string()).unwrap_or_else(|e| e.to_string()),
+                    log.display()
+                ))
+            })
         })
-    });
-    let (first, _, _) = futures::future::select_all(waits).await;
-    first
+        .collect();
+    while !waits.is_empty() {
+        let (exited, _, rest) = futures::future::select_all(waits).await;
+        if let Some(failure) = exited {
+            return failure;
+        }
+        waits = rest;
+    }
+    std::future::pending().await
 }
 
 fn random_token() -> anyhow::Result<String> {

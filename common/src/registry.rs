@@ -145,6 +145,7 @@ pub fn parse_version(text: &str) -> Option<u32> {
     digits.parse().ok().filter(|&v| v > 0)
 }
 
+#[derive(Debug)]
 pub struct Registry {
     dir: PathBuf,
 }
@@ -325,26 +326,27 @@ impl Registry {
         checkpoint::fsync_path(&self.dir)?;
 
         let mut state = self.state()?;
+        let mut log = Vec::new();
         let from = state.stable;
         let step = manifest.step;
         let loss = eval.map_or("not evaluated".to_string(), |e| format!("val loss {:.4}", e.val_loss));
-        self.append(&Transition {
+        log.push(Transition {
             time_unix_ms: now_unix_ms(),
             action: "publish".into(),
             version: Some(version),
             from,
             by: by.into(),
             reason: format!("checkpoint of step {step}, {loss}"),
-        })?;
+        });
         if let Some(old) = state.canary.take() {
-            self.append(&Transition {
+            log.push(Transition {
                 time_unix_ms: now_unix_ms(),
                 action: "supersede".into(),
                 version: Some(old.version),
                 from,
                 by: by.into(),
                 reason: format!("canary replaced by the newer {}", version_name(version)),
-            })?;
+            });
         }
         match rollout {
             Rollout::Canary { fraction, requests, max_error_rate_increase, max_p95_ratio } if from.is_some() => {
@@ -356,29 +358,29 @@ impl Registry {
                     max_p95_ratio: *max_p95_ratio,
                     started_unix_ms: now_unix_ms(),
                 });
-                self.append(&Transition {
+                log.push(Transition {
                     time_unix_ms: now_unix_ms(),
                     action: "canary".into(),
                     version: Some(version),
                     from,
                     by: by.into(),
                     reason: format!("gets {:.0}% of requests until it has answered {requests}", fraction * 100.0),
-                })?;
+                });
             }
             _ => {
                 state.previous.extend(from);
                 state.stable = Some(version);
-                self.append(&Transition {
+                log.push(Transition {
                     time_unix_ms: now_unix_ms(),
                     action: "promote".into(),
                     version: Some(version),
                     from,
                     by: by.into(),
                     reason: if from.is_none() { "first version".into() } else { "published directly".into() },
-                })?;
+                });
             }
         }
-        self.write_state(state)?;
+        self.write_state(state, &log)?;
         Ok(version)
     }
 
@@ -402,8 +404,8 @@ impl Registry {
             state.previous.retain(|&v| v != target);
             state.stable = Some(target);
         }
-        self.append(&Transition { time_unix_ms: now_unix_ms(), action: "promote".into(), version: Some(target), from, by: by.into(), reason: reason.into() })?;
-        self.write_state(state)
+        let t = Transition { time_unix_ms: now_unix_ms(), action: "promote".into(), version: Some(target), from, by: by.into(), reason: reason.into() };
+        self.write_state(state, &[t])
     }
 
     /// Undoes the last step: a canary is dropped (stable stays); without one, the stable
@@ -427,21 +429,26 @@ impl Registry {
             },
         };
         state.stable = target;
-        self.append(&Transition {
+        let t = Transition {
             time_unix_ms: now_unix_ms(),
             action: "rollback".into(),
             version: removed,
             from,
             by: by.into(),
             reason: format!("{reason}; serving {}", target.map_or("nothing".into(), version_name)),
-        })?;
-        self.write_state(state)
+        };
+        self.write_state(state, &[t])
     }
 
-    fn write_state(&self, mut state: DeployState) -> Result<DeployState> {
+    /// Replaces the state, then records the transitions that led to it: the history never
+    /// claims a change that did not happen (a crash in between loses only the record).
+    fn write_state(&self, mut state: DeployState, transitions: &[Transition]) -> Result<DeployState> {
         state.serial = self.state()?.serial + 1;
         let bytes = serde_json::to_vec_pretty(&state).expect("serializable");
         checkpoint::write_atomic(&self.dir.join(STATE_FILE), &bytes)?;
+        for t in transitions {
+            self.append(t)?;
+        }
         Ok(state)
     }
 
@@ -464,5 +471,105 @@ impl Registry {
                 let _ = fs::remove_dir_all(entry.path());
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A folder that passes `checkpoint::verify`, with the files a version copies.
+    fn fake_checkpoint(dir: &Path, step: u64) -> PathBuf {
+        let ckpt = dir.join(format!("ckpt-{step}"));
+        fs::create_dir_all(&ckpt).unwrap();
+        let mut files = Vec::new();
+        for name in MODEL_FILES {
+            fs::write(ckpt.join(name), format!("{name} of step {step}")).unwrap();
+            files.push(checkpoint::digest_file(&ckpt.join(name)).unwrap());
+        }
+        let manifest = checkpoint::Manifest { format: 1, step, world_size: 1, strategy: "ddp".into(), created_unix_ms: 0, files };
+        fs::write(ckpt.join(checkpoint::MANIFEST), serde_json::to_vec(&manifest).unwrap()).unwrap();
+        ckpt
+    }
+
+    fn eval(step: u64, val_loss: f64) -> EvalResults {
+        EvalResults { step, val_loss, perplexity: val_loss.exp(), sequences: 4, samples: vec![] }
+    }
+
+    fn scratch(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("troupe-registry-{name}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    #[test]
+    fn a_writer_dying_half_way_leaves_nothing_visible_and_the_next_publish_succeeds() {
+        let dir = scratch("torn");
+        let registry = Registry::create(&dir.join("registry")).unwrap();
+        let ckpt = fake_checkpoint(&dir, 5);
+        let died = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            registry.publish(&ckpt, Some(&eval(5, 3.0)), "run", &Rollout::Direct, "test", || panic!("killed half-way"))
+        }));
+        assert!(died.is_err());
+        assert_eq!(registry.versions().unwrap(), Vec::<u32>::new(), "the half-made version is invisible");
+        assert_eq!(registry.state().unwrap(), DeployState::default());
+        assert!(registry.history().unwrap().is_empty());
+        let leftovers = || fs::read_dir(registry.dir()).unwrap().filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().starts_with(TMP_PREFIX)).count();
+        assert_eq!(leftovers(), 1);
+        let v = registry.publish(&ckpt, Some(&eval(5, 3.0)), "run", &Rollout::Direct, "test", || {}).unwrap();
+        assert_eq!(v, 1);
+        assert_eq!(leftovers(), 0, "the next publish removes the leftovers");
+        assert_eq!(registry.state().unwrap().stable, Some(1));
+        registry.verify(1).unwrap();
+        assert_eq!(registry.eval_results(1).unwrap().unwrap().val_loss, 3.0);
+        let _ = fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn promote_and_rollback_walk_the_versions_and_every_transition_is_recorded() {
+        let dir = scratch("walk");
+        let registry = Registry::create(&dir.join("registry")).unwrap();
+        for step in [1, 2, 3] {
+            let ckpt = fake_checkpoint(&dir, step);
+            registry.publish(&ckpt, Some(&eval(step, 4.0 - step as f64)), "run", &Rollout::Direct, "test", || {}).unwrap();
+        }
+        let s = registry.state().unwrap();
+        assert_eq!((s.stable, s.previous.clone()), (Some(3), vec![1, 2]));
+        assert_eq!(registry.stable_val_loss().unwrap(), Some(1.0));
+        assert_eq!(registry.rollback(None, "test", "worse").unwrap().stable, Some(2));
+        assert_eq!(registry.rollback(Some(1), "test", "pin").unwrap().stable, Some(1));
+        assert_eq!(registry.promote(Some(3), "test", "back").unwrap().stable, Some(3));
+        assert!(registry.promote(None, "test", "x").unwrap_err().to_string().contains("no canary"));
+        assert!(registry.promote(Some(9), "test", "x").unwrap_err().to_string().contains("v9 is not a version"));
+
+        let canary = Rollout::Canary { fraction: 0.25, requests: 10, max_error_rate_increase: 0.01, max_p95_ratio: 1.5 };
+        let v = registry.publish(&fake_checkpoint(&dir, 4), None, "run", &canary, "test", || {}).unwrap();
+        let s = registry.state().unwrap();
+        assert_eq!((s.stable, s.canary.as_ref().map(|c| c.version)), (Some(3), Some(v)));
+        let s = registry.rollback(None, "test", "canary failed").unwrap();
+        assert_eq!((s.stable, s.canary), (Some(3), None), "rolling back a canary keeps the stable version");
+        let actions: Vec<String> = registry.history().unwrap().into_iter().map(|t| t.action).collect();
+        assert_eq!(
+            actions,
+            ["publish", "promote", "publish", "promote", "publish", "promote", "rollback", "rollback", "promote", "publish", "canary", "rollback"]
+        );
+        let serial = registry.state().unwrap().serial;
+        assert_eq!(serial, 8, "one state change per transition that changes what serves");
+        let _ = fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_corrupted_version_is_refused_by_name() {
+        let dir = scratch("corrupt");
+        let registry = Registry::create(&dir.join("registry")).unwrap();
+        registry.publish(&fake_checkpoint(&dir, 1), None, "run", &Rollout::Direct, "test", || {}).unwrap();
+        fs::write(registry.version_dir(1).join(checkpoint::MODEL_FILE), "flipped").unwrap();
+        let err = registry.verify(1).unwrap_err().to_string();
+        assert!(err.contains("model.safetensors is corrupted"), "{err}");
+        assert!(Registry::open(&dir.join("nope")).unwrap_err().to_string().contains("not a model registry"));
+        assert_eq!(parse_version("v12"), Some(12));
+        assert_eq!(parse_version("0"), None);
+        let _ = fs::remove_dir_all(&dir);
     }
 }

@@ -1383,8 +1383,11 @@ mod tests {
         let s = sends(&cmds);
         assert!(s.iter().any(|(_, m)| matches!(m, ToWorker::Checkpoint { step: 1, .. })));
         assert!(!s.iter().any(|(_, m)| matches!(m, ToWorker::Step { .. })));
+        assert!(s.iter().any(|(_, m)| matches!(m, ToWorker::Evaluate { step: 1 })), "every checkpoint is evaluated");
         sim.written(1, 1, vec![]);
         let cmds = sim.on(Event::CheckpointCommitted { step: 1, path: "p".into() });
+        assert!(!cmds.iter().any(|c| matches!(c, Command::Finish { .. })), "the evaluation is still out");
+        let cmds = sim.from(1, ToCoordinator::EvalDone(EvalReport { generation: 1, step: 1, loss_sum: 1.0, sequences: 1 }));
         assert!(cmds.iter().any(|c| matches!(c, Command::Finish { ok: true, .. })));
     }
 

@@ -100,15 +100,20 @@ pub fn parse(body: &[u8], max_tokens_limit: usize) -> Result<Checked, ApiError> 
     if body.len() > 1 << 20 {
         return Err(ApiError::invalid("body", "request_too_large", "the request body is over 1 MiB"));
     }
-    let req: CompletionRequest = serde_json::from_slice(body).map_err(|e| {
-        let code = if e.is_syntax() || e.is_eof() { "invalid_json" } else { "invalid_type" };
-        let message = if e.is_syntax() || e.is_eof() {
-            format!("the body is not valid JSON: {e}")
-        } else {
-            format!("the request does not match the completions API: {e}")
-        };
-        ApiError { status: StatusCode::BAD_REQUEST, kind: "invalid_request_error", code, param: None, message }
+    let mut json = serde_json::Deserializer::from_slice(body);
+    let req: CompletionRequest = serde_path_to_error::deserialize(&mut json).map_err(|e| {
+        let path = e.path().to_string();
+        let e = e.into_inner();
+        if e.is_syntax() || e.is_eof() {
+            return ApiError { status: StatusCode::BAD_REQUEST, kind: "invalid_request_error", code: "invalid_json", param: None, message: format!("the body is not valid JSON: {e}") };
+        }
+        let at = if path == "." || path.is_empty() { String::new() } else { format!(" (field `{path}`)") };
+        let message = format!("the request does not match the completions API{at}: {e}");
+        ApiError { status: StatusCode::BAD_REQUEST, kind: "invalid_request_error", code: "invalid_type", param: None, message }
     })?;
+    if json.end().is_err() {
+        return Err(ApiError { status: StatusCode::BAD_REQUEST, kind: "invalid_request_error", code: "invalid_json", param: None, message: "the body holds more than one JSON value".into() });
+    }
     let prompt = match req.prompt {
         None => String::new(),
         Some(Prompt::Text(text)) => text,

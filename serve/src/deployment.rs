@@ -92,6 +92,9 @@ struct CanaryWindow {
     judged: bool,
 }
 
+/// Latency differences smaller than this are noise on a busy machine, whatever the ratio.
+const LATENCY_NOISE_FLOOR_SECONDS: f64 = 0.05;
+
 /// The canary's verdict: promote it (true) or roll it back, and why.
 pub fn judge(stable: &Outcomes, canary: &Outcomes, c: &Canary) -> (bool, String) {
     let (se, ce) = (stable.error_rate(), canary.error_rate());
@@ -108,7 +111,7 @@ pub fn judge(stable: &Outcomes, canary: &Outcomes, c: &Canary) -> (bool, String)
         );
     }
     match (stable.p95(), canary.p95()) {
-        (Some(sp), Some(cp)) if cp > sp * c.max_p95_ratio => (
+        (Some(sp), Some(cp)) if cp > sp * c.max_p95_ratio && cp - sp > LATENCY_NOISE_FLOOR_SECONDS => (
             false,
             format!("p95 latency {:.0} ms against the stable version's {:.0} ms (allowed: ×{})", cp * 1e3, sp * 1e3, c.max_p95_ratio),
         ),
@@ -398,6 +401,8 @@ mod tests {
         let (promote, reason) = judge(&outcomes(&[0.1; 10], 0), &outcomes(&[0.3; 4], 0), &canary());
         assert!(!promote);
         assert!(reason.contains("p95 latency 300 ms"), "{reason}");
+        let (promote, reason) = judge(&outcomes(&[0.004; 10], 0), &outcomes(&[0.012; 4], 0), &canary());
+        assert!(promote, "3x of a few milliseconds is noise: {reason}");
     }
 
     #[test]

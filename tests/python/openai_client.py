@@ -1,0 +1,48 @@
+"""Drives a troupe server with the official `openai` package, as a user's code would.
+
+Usage: openai_client.py BASE_URL API_KEY MODEL — prints one JSON object with what it saw.
+"""
+import json
+import sys
+
+import openai
+from openai import OpenAI
+
+base, key, model = sys.argv[1], sys.argv[2], sys.argv[3]
+client = OpenAI(base_url=base + "/v1", api_key=key, max_retries=0, timeout=60)
+seen = {}
+
+whole = client.completions.create(model=model, prompt="ROMEO.", max_tokens=12, temperature=0, seed=1)
+seen["text"] = whole.choices[0].text
+seen["finish_reason"] = whole.choices[0].finish_reason
+seen["model"] = whole.model
+seen["fingerprint"] = whole.system_fingerprint
+seen["completion_tokens"] = whole.usage.completion_tokens
+
+pieces, finish = [], None
+for chunk in client.completions.create(model=model, prompt="ROMEO.", max_tokens=12, temperature=0, seed=1, stream=True):
+    pieces.append(chunk.choices[0].text)
+    finish = chunk.choices[0].finish_reason or finish
+seen["stream_text"] = "".join(pieces)
+seen["stream_chunks"] = len(pieces)
+seen["stream_finish_reason"] = finish
+
+seen["models"] = [m.id for m in client.models.list().data]
+
+try:
+    OpenAI(base_url=base + "/v1", api_key="wrong-key", max_retries=0).completions.create(model=model, prompt="x", max_tokens=1)
+    seen["wrong_key"] = "accepted"
+except openai.AuthenticationError as e:
+    seen["wrong_key"] = "refused: %s" % e.message
+try:
+    client.completions.create(model="no-such-model", prompt="x", max_tokens=1)
+    seen["unknown_model"] = "accepted"
+except openai.NotFoundError as e:
+    seen["unknown_model"] = "refused: %s" % e.message
+try:
+    client.completions.create(model=model, prompt="x", max_tokens=100000)
+    seen["too_many_tokens"] = "accepted"
+except openai.BadRequestError as e:
+    seen["too_many_tokens"] = "refused: %s" % e.message
+
+print(json.dumps(seen))
