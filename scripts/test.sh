@@ -11,6 +11,19 @@ if ! command -v shellcheck >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1
         || { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq --no-install-recommends shellcheck >/dev/null 2>&1; } \
         || echo "test: could not install shellcheck; its test will be skipped" >&2
 fi
+# The official `openai` Python package, for the test that drives the server with it. Pinned;
+# installed once into the cache; where pip or PyPI is unavailable that test says it skipped.
+openai_dir="${TROUPE_CACHE:-$HOME/.cache/troupe}/python-openai"
+if ! PYTHONPATH="$openai_dir" python3 -c 'import openai' >/dev/null 2>&1; then
+    echo "test: installing the openai Python package into $openai_dir (once)…" >&2
+    if python3 -m pip install --disable-pip-version-check --root-user-action=ignore --quiet --target "$openai_dir.partial.$$" openai==3.57.0; then
+        rm -rf "$openai_dir"
+        mv "$openai_dir.partial.$$" "$openai_dir"
+    else
+        rm -rf "$openai_dir.partial.$$"
+        echo "test: could not install openai; its test will be skipped" >&2
+    fi
+fi
 # shellcheck disable=SC1091
 source "${TROUPE_CACHE:-$HOME/.cache/troupe}/env.sh"
 if cargo nextest --version >/dev/null 2>&1; then

@@ -124,6 +124,9 @@ pub async fn run_local(args: LocalArgs) -> anyhow::Result<ExitCode> {
     let token = config.cluster.token.clone();
     let exe = std::env::current_exe().context("cannot find the troupe executable to start workers")?;
 
+    // While training, the cores belong to the workers: the Evaluator's samples and the
+    // serving endpoint in this process use one thread.
+    tch::set_num_threads(1);
     launch::ensure_data(&config)?;
     let resume_from = if args.run.resume {
         launch::find_resume_point(&config)?

@@ -189,5 +189,5 @@ fn generate_from_a_folder_that_is_not_a_checkpoint_says_so() {
     let out = run(cmd, Duration::from_secs(60));
     assert!(!out.status.success());
     let err = stderr(&out);
-    assert!(err.contains("model.json") && err.contains("is") && err.contains("a troupe checkpoint?"), "{err}");
+    assert!(err.contains("model.json") && err.contains("is") && err.contains("a troupe checkpoint"), "{err}");
 }

@@ -16,7 +16,7 @@ fn the_default_run_beats_the_unigram_baseline_by_far() {
     let out = run(cmd, Duration::from_secs(900));
     assert_success(&out);
     let text = stdout(&out);
-    assert!(text.contains("sample from the final model"), "{text}");
+    assert!(text.contains("over HTTP (POST http://"), "the run ends with a completion from the served model: {text}");
 
     let meta = troupe_common::data::load_meta(&dir.join("data/shakespeare")).expect("meta.json");
     let events = events(&dir.join("runs/shakespeare"));
