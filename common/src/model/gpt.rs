@@ -533,9 +533,10 @@ fn sample(logits: &[f32], temperature: f64, top_k: Option<usize>, top_p: f64, rn
     let scaled: Vec<f64> = logits.iter().map(|&l| l as f64 / temperature).collect();
     let mut threshold = match top_k {
         Some(k) if k > 0 && k < scaled.len() => {
-            let mut sorted = scaled.clone();
-            sorted.sort_by(|a, b| b.total_cmp(a));
-            sorted[k - 1]
+            // The k-th largest logit, in linear time (a serving step does this per sequence).
+            let mut values = scaled.clone();
+            let (_, kth, _) = values.select_nth_unstable_by(k - 1, |a, b| b.total_cmp(a));
+            *kth
         }
         _ => f64::NEG_INFINITY,
     };

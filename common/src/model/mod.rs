@@ -65,6 +65,7 @@ pub type Result<T, E = ModelError> = std::result::Result<T, E>;
 /// `model.safetensors` and `tokenizer.json`. Every problem is an error naming the file.
 pub fn load_for_inference(dir: &std::path::Path, device: tch::Device) -> anyhow::Result<(Gpt, crate::data::Tokenizer)> {
     use anyhow::Context;
+    warm_up_libtorch();
     let path = dir.join(crate::checkpoint::MODEL_CONFIG_FILE);
     let bytes = std::fs::read(&path)
         .with_context(|| format!("cannot read {}; is {} a troupe checkpoint or model version?", path.display(), dir.display()))?;
@@ -76,6 +77,24 @@ pub fn load_for_inference(dir: &std::path::Path, device: tch::Device) -> anyhow:
         anyhow::bail!("{}: the tokenizer has {} tokens but the model only {}", dir.display(), tokenizer.vocab_size(), config.vocab_size);
     }
     Ok((model, tokenizer))
+}
+
+/// Runs one tiny forward pass, once per process, before any thread generates.
+///
+/// Why: libtorch initialises parts of its global context (e.g. the float32 precision table
+/// that `scaled_dot_product_attention` and matmul consult) lazily, and two threads doing their
+/// first forward at the same time — a serving engine and the Evaluator — were seen to fail
+/// once with `Invalid (backend, op) pair` from `at::Context::float32Precision`. Doing the first
+/// forward on one thread, before the others start, takes that race away.
+pub fn warm_up_libtorch() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let cfg = GptConfig { vocab_size: 8, block_size: 4, n_layer: 1, n_head: 2, n_embd: 8, dropout: 0.0, bias: true };
+        if let Ok(model) = Gpt::new(&cfg, tch::Device::Cpu, 0) {
+            let _no_grad = tch::no_grad_guard();
+            let _ = model.next_token_logits(&[&[1, 2, 3], &[4]]);
+        }
+    });
 }
 
 #[cfg(test)]
