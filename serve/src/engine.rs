@@ -1,11 +1,14 @@
 //! One model version, generating for many requests at once.
 //!
-//! Each [`Engine`] owns a thread with the model. The thread does continuous batching: before
-//! every decoding step it admits waiting requests (up to `max_batch`), runs one forward pass
-//! for all active sequences ([`Gpt::next_token_logits`]), picks each sequence's next token
-//! with that request's own sampling settings and random stream, and lets finished sequences
-//! go. A request that arrives mid-generation joins at the next step instead of waiting for
-//! the batch to finish.
+//! Each [`Engine`] owns a thread with the model and a KV cache of `max_batch` slots. The
+//! thread does continuous batching: before every decoding step it admits waiting requests (up
+//! to `max_batch`, each taking a free slot, its prompt run once with [`Gpt::prefill`]), then
+//! advances every other active sequence by one token in a single batched pass
+//! ([`Gpt::decode`]: one position per sequence, attending to its cached keys and values),
+//! picks each sequence's next token with that request's own sampling settings and random
+//! stream, and lets finished sequences go. A request that arrives mid-generation joins at the
+//! next step instead of waiting for the batch to finish. Past `block_size` tokens a sequence
+//! continues on a sliding window, recomputed each step (positions are absolute).
 //!
 //! An engine that is swapped out finishes what it has: the thread runs until its queue is
 //! closed (the last `Arc<Engine>` dropped) and its active sequences are done.
@@ -16,7 +19,7 @@ use std::sync::{mpsc, Arc};
 use std::path::Path;
 use tokio::sync::mpsc::UnboundedSender;
 use troupe_common::data::Tokenizer;
-use troupe_common::model::{Gpt, Rng, Sampling};
+use troupe_common::model::{Gpt, KvCache, Rng, Sampling};
 
 /// What a request asks the engine for (prompt already tokenized and checked).
 pub struct Generation {
@@ -64,13 +67,15 @@ impl Engine {
     pub fn start(dir: &Path, version: u32, max_batch: usize, max_queue: usize, on_batch: BatchObserver) -> anyhow::Result<Engine> {
         let (model, tokenizer) = troupe_common::model::load_for_inference(dir, tch::Device::Cpu)?;
         let block_size = model.config().block_size;
+        let max_batch = max_batch.max(1);
+        let cache = model.kv_cache(max_batch)?;
         let tokenizer = Arc::new(tokenizer);
         let (queue, requests) = mpsc::channel();
         let waiting = Arc::new(AtomicUsize::new(0));
         let thread_tokenizer = tokenizer.clone();
         let thread_waiting = waiting.clone();
         std::thread::Builder::new().name(format!("engine-v{version}")).spawn(move || {
-            generate_loop(&model, &thread_tokenizer, &requests, &thread_waiting, max_batch.max(1), &on_batch);
+            generate_loop(&model, cache, &thread_tokenizer, &requests, &thread_waiting, &on_batch);
             tracing::debug!("engine v{version} stopped");
         })?;
         Ok(Engine { version, block_size, tokenizer, queue, waiting, max_queue })
@@ -107,17 +112,22 @@ struct Active {
     /// Bytes of the decoded text already sent.
     sent: usize,
     rng: Rng,
+    /// Its place in the KV cache, and whether its context has been run through it yet.
+    slot: usize,
+    prefilled: bool,
 }
 
 fn generate_loop(
     model: &Gpt,
+    mut cache: KvCache,
     tokenizer: &Tokenizer,
     requests: &mpsc::Receiver<Generation>,
     waiting: &AtomicUsize,
-    max_batch: usize,
     on_batch: &BatchObserver,
 ) {
     let eot = tokenizer.eot_id();
+    let block_size = model.config().block_size;
+    let mut free: Vec<usize> = (0..cache.slots()).rev().collect();
     let mut active: Vec<Active> = Vec::new();
     let mut closed = false;
     loop {
@@ -127,60 +137,94 @@ fn generate_loop(
                 return;
             }
             match requests.recv() {
-                Ok(r) => active.push(admit(r, waiting)),
+                Ok(r) => active.push(admit(r, waiting, &mut free)),
                 Err(_) => return,
             }
         }
-        while !closed && active.len() < max_batch {
+        while !closed && !free.is_empty() {
             match requests.try_recv() {
-                Ok(r) => active.push(admit(r, waiting)),
+                Ok(r) => active.push(admit(r, waiting, &mut free)),
                 Err(mpsc::TryRecvError::Empty) => break,
                 Err(mpsc::TryRecvError::Disconnected) => closed = true,
             }
         }
         // A client that went away stops costing compute.
-        active.retain(|a| !a.request.events.is_closed());
+        release(&mut active, &mut free, |a| a.request.events.is_closed());
         if active.is_empty() {
             continue;
         }
         on_batch(active.len());
-        let contexts: Vec<&[i64]> = active.iter().map(|a| a.tokens.as_slice()).collect();
-        let rows = match model.next_token_logits(&contexts) {
+        let rows = match next_logits(model, &mut cache, &mut active, block_size) {
             Ok(rows) => rows,
             Err(e) => {
                 for a in active.drain(..) {
+                    free.push(a.slot);
                     let _ = a.request.events.send(GenEvent::Failed(format!("generation failed: {e}")));
                 }
                 continue;
             }
         };
-        let mut finished = Vec::new();
+        let mut finished = vec![false; active.len()];
         for (i, (a, row)) in active.iter_mut().zip(rows).enumerate() {
             let next = a.request.sampling.pick(&row, &mut a.rng) as u32;
             if next == eot {
                 finish(a, tokenizer, FinishReason::Stop, true);
-                finished.push(i);
+                finished[i] = true;
                 continue;
             }
             a.tokens.push(next as i64);
             a.generated.push(next);
             if step_text(a, tokenizer) {
-                finished.push(i);
+                finished[i] = true;
             } else if a.generated.len() >= a.request.max_tokens {
                 finish(a, tokenizer, FinishReason::Length, true);
-                finished.push(i);
+                finished[i] = true;
             }
         }
-        for i in finished.into_iter().rev() {
-            active.swap_remove(i);
-        }
+        let mut done = finished.into_iter();
+        release(&mut active, &mut free, |_| done.next().unwrap_or(false));
     }
 }
 
-fn admit(request: Generation, waiting: &AtomicUsize) -> Active {
+/// The next-token logits of every active sequence, in order: new sequences (and those past
+/// the context, on a sliding window) are run whole through their slot; the rest advance by
+/// their newest token, all in one batched pass.
+fn next_logits(model: &Gpt, cache: &mut KvCache, active: &mut [Active], block_size: usize) -> troupe_common::model::Result<Vec<Vec<f32>>> {
+    let mut rows: Vec<Option<Vec<f32>>> = vec![None; active.len()];
+    let (mut batch, mut slots, mut tokens) = (Vec::new(), Vec::new(), Vec::new());
+    for (i, a) in active.iter_mut().enumerate() {
+        let n = a.tokens.len();
+        if !a.prefilled || n > block_size {
+            rows[i] = Some(model.prefill(cache, a.slot, &a.tokens[n.saturating_sub(block_size)..])?);
+            a.prefilled = true;
+        } else {
+            batch.push(i);
+            slots.push(a.slot);
+            tokens.push(a.tokens[n - 1]);
+        }
+    }
+    for (i, row) in batch.into_iter().zip(model.decode(cache, &slots, &tokens)?) {
+        rows[i] = Some(row);
+    }
+    Ok(rows.into_iter().map(|r| r.unwrap_or_default()).collect())
+}
+
+/// Removes the sequences `gone` says are over, returning their slots.
+fn release(active: &mut Vec<Active>, free: &mut Vec<usize>, mut gone: impl FnMut(&Active) -> bool) {
+    active.retain(|a| {
+        let over = gone(a);
+        if over {
+            free.push(a.slot);
+        }
+        !over
+    });
+}
+
+fn admit(request: Generation, waiting: &AtomicUsize, free: &mut Vec<usize>) -> Active {
     waiting.fetch_sub(1, Ordering::SeqCst);
     let rng = Rng::new(request.seed);
-    Active { tokens: request.prompt.clone(), generated: Vec::new(), sent: 0, rng, request }
+    let slot = free.pop().expect("admitted only while a slot is free");
+    Active { tokens: request.prompt.clone(), generated: Vec::new(), sent: 0, rng, slot, prefilled: false, request }
 }
 
 /// Sends the text that is final after the newest token. Text is held back while it ends in

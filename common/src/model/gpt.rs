@@ -142,6 +142,12 @@ struct CausalSelfAttention {
 
 impl CausalSelfAttention {
     fn forward(&self, x: &Tensor, train: bool) -> Tensor {
+        self.forward_with_kv(x, train).0
+    }
+
+    /// The forward pass, also returning this layer's keys and values [B, n_head, T, head_dim]
+    /// (what a KV cache keeps).
+    fn forward_with_kv(&self, x: &Tensor, train: bool) -> (Tensor, Tensor, Tensor) {
         let (b, t, c) = dims3(x);
         let qkv = self.c_attn.forward(x).split(c, 2);
         // [B, T, C] -> [B, n_head, T, head_dim]: attention runs per head.
@@ -160,7 +166,29 @@ impl CausalSelfAttention {
             false,
         );
         let y = y.transpose(1, 2).contiguous().view([b, t, c]);
-        dropout(self.c_proj.forward(&y), self.dropout, train)
+        (dropout(self.c_proj.forward(&y), self.dropout, train), k, v)
+    }
+
+    /// One new position per sequence, attending to its cached keys and values. `x` is
+    /// [B, 1, C]; `slots` [B] and `positions` [B] say where each sequence's keys live and
+    /// where the new one goes; `keys`/`values` are the layer's cache [slots, H, T, D].
+    fn decode(&self, x: &Tensor, keys: &mut Tensor, values: &mut Tensor, slots: &Tensor, positions: &Tensor, width: i64) -> Result<Tensor> {
+        let (b, _, c) = dims3(x);
+        let qkv = self.c_attn.forward(x).split(c, 2);
+        let heads = |z: &Tensor| z.view([b, 1, self.n_head, c / self.n_head]).transpose(1, 2);
+        let (q, k, v) = (heads(&qkv[0]), heads(&qkv[1]), heads(&qkv[2]));
+        // Store the new key and value at (slot, :, position): indexing dims 0 and 2 with [B]
+        // tensors addresses [B, H, D] values.
+        let at = [Some(slots.shallow_clone()), None, Some(positions.shallow_clone())];
+        let _ = keys.f_index_put_(&at, &k.f_squeeze_dim(2)?, false)?;
+        let _ = values.f_index_put_(&at, &v.f_squeeze_dim(2)?, false)?;
+        // Each sequence attends to positions 0..=its own (the rest of the width is padding).
+        let past_k = keys.f_index_select(0, slots)?.f_narrow(2, 0, width)?;
+        let past_v = values.f_index_select(0, slots)?.f_narrow(2, 0, width)?;
+        let mask = Tensor::f_arange(width, (Kind::Int64, x.device()))?.f_view([1, 1, 1, width])?.f_le_tensor(&positions.f_view([b, 1, 1, 1])?)?;
+        let y = Tensor::f_scaled_dot_product_attention(&q, &past_k, &past_v, Some(mask), 0.0, false, None, false)?;
+        let y = y.f_transpose(1, 2)?.f_contiguous()?.f_view([b, 1, c])?;
+        Ok(self.c_proj.forward(&y))
     }
 }
 
@@ -189,6 +217,30 @@ impl Block {
     fn forward(&self, x: &Tensor, train: bool) -> Tensor {
         let x = x + self.attn.forward(&self.ln_1.forward(x), train);
         &x + self.mlp.forward(&self.ln_2.forward(&x), train)
+    }
+}
+
+/// Keys and values of past positions, for a fixed number of sequences ("slots"), so that
+/// generating a token computes one position instead of the whole context again.
+///
+/// Per layer it holds [slots, n_head, block_size, head_dim] keys and values, allocated once.
+/// [`Gpt::prefill`] fills a slot from a context; [`Gpt::decode`] adds one token to each of
+/// several slots at their own positions, in one batched pass.
+pub struct KvCache {
+    keys: Vec<Tensor>,
+    values: Vec<Tensor>,
+    /// Positions filled, per slot.
+    filled: Vec<usize>,
+}
+
+impl KvCache {
+    pub fn slots(&self) -> usize {
+        self.filled.len()
+    }
+
+    /// Positions of `slot` that hold keys and values.
+    pub fn filled(&self, slot: usize) -> usize {
+        self.filled[slot]
     }
 }
 
@@ -387,6 +439,100 @@ impl Gpt {
         let logits = picked.f_linear(&self.wte, None::<Tensor>)?;
         let logits = logits.f_to_kind(Kind::Float)?.f_to_device(Device::Cpu)?.f_contiguous()?;
         let mut flat = vec![0f32; cropped.len() * vocab];
+        let n = flat.len();
+        logits.f_copy_data(&mut flat, n)?;
+        Ok(flat.chunks(vocab).map(|r| r.to_vec()).collect())
+    }
+
+    /// A KV cache for `slots` sequences of up to `block_size` positions.
+    pub fn kv_cache(&self, slots: usize) -> Result<KvCache> {
+        let (h, t, d) = (self.cfg.n_head as i64, self.cfg.block_size as i64, self.cfg.head_dim() as i64);
+        let zeros = || Tensor::f_zeros([slots as i64, h, t, d], (Kind::Float, self.device));
+        let mut keys = Vec::with_capacity(self.h.len());
+        let mut values = Vec::with_capacity(self.h.len());
+        for _ in &self.h {
+            keys.push(zeros()?);
+            values.push(zeros()?);
+        }
+        Ok(KvCache { keys, values, filled: vec![0; slots] })
+    }
+
+    /// Runs a whole context (at most `block_size` tokens) through the model for `slot`,
+    /// replacing what the slot held, and returns the next-token logits.
+    pub fn prefill(&self, cache: &mut KvCache, slot: usize, context: &[i64]) -> Result<Vec<f32>> {
+        let vocab = self.cfg.vocab_size;
+        if context.is_empty() || context.len() > self.cfg.block_size || slot >= cache.slots() {
+            return Err(ModelError::InvalidArgument(format!(
+                "prefill needs 1..={} tokens and a slot below {} (got {} tokens, slot {slot})",
+                self.cfg.block_size,
+                cache.slots(),
+                context.len()
+            )));
+        }
+        if let Some(bad) = context.iter().find(|&&t| t < 0 || t as usize >= vocab) {
+            return Err(ModelError::InvalidArgument(format!("token {bad} is outside the vocabulary [0, {vocab})")));
+        }
+        let _no_grad = tch::no_grad_guard();
+        let t = context.len() as i64;
+        let idx = Tensor::f_from_slice(context)?.f_view([1, t])?.f_to_device(self.device)?;
+        let pos = Tensor::f_arange(t, (Kind::Int64, self.device))?;
+        let mut x = Tensor::embedding(&self.wte, &idx, -1, false, false) + Tensor::embedding(&self.wpe, &pos, -1, false, false);
+        for (layer, block) in self.h.iter().enumerate() {
+            let (y, k, v) = block.attn.forward_with_kv(&block.ln_1.forward(&x), false);
+            cache.keys[layer].f_get(slot as i64)?.f_narrow(1, 0, t)?.f_copy_(&k.f_squeeze_dim(0)?)?;
+            cache.values[layer].f_get(slot as i64)?.f_narrow(1, 0, t)?.f_copy_(&v.f_squeeze_dim(0)?)?;
+            x = x + y;
+            x = &x + block.mlp.forward(&block.ln_2.forward(&x), false);
+        }
+        cache.filled[slot] = context.len();
+        let last = self.ln_f.forward(&x).f_select(1, -1)?.f_linear(&self.wte, None::<Tensor>)?;
+        let last = last.f_to_kind(Kind::Float)?.f_to_device(Device::Cpu)?.f_contiguous()?;
+        let mut row = vec![0f32; vocab];
+        last.f_copy_data(&mut row, vocab)?;
+        Ok(row)
+    }
+
+    /// Appends one token to each of `slots` (each at its own next position) in one batched
+    /// pass, and returns each one's next-token logits. A slot must have room: fewer than
+    /// `block_size` positions filled (callers re-prefill a sliding window past that).
+    pub fn decode(&self, cache: &mut KvCache, slots: &[usize], tokens: &[i64]) -> Result<Vec<Vec<f32>>> {
+        let vocab = self.cfg.vocab_size;
+        if slots.len() != tokens.len() {
+            return Err(ModelError::LengthMismatch { what: "decode tokens", expected: slots.len(), found: tokens.len() });
+        }
+        if slots.is_empty() {
+            return Ok(Vec::new());
+        }
+        for (&slot, &token) in slots.iter().zip(tokens) {
+            if slot >= cache.slots() || cache.filled[slot] == 0 || cache.filled[slot] >= self.cfg.block_size {
+                return Err(ModelError::InvalidArgument(format!("slot {slot} cannot take another position")));
+            }
+            if token < 0 || token as usize >= vocab {
+                return Err(ModelError::InvalidArgument(format!("token {token} is outside the vocabulary [0, {vocab})")));
+            }
+        }
+        let _no_grad = tch::no_grad_guard();
+        let b = slots.len() as i64;
+        let positions: Vec<i64> = slots.iter().map(|&s| cache.filled[s] as i64).collect();
+        let width = positions.iter().max().copied().unwrap_or(0) + 1;
+        let slot_ids: Vec<i64> = slots.iter().map(|&s| s as i64).collect();
+        let slot_t = Tensor::f_from_slice(&slot_ids)?.f_to_device(self.device)?;
+        let pos_t = Tensor::f_from_slice(&positions)?.f_to_device(self.device)?;
+        let idx = Tensor::f_from_slice(tokens)?.f_view([b, 1])?.f_to_device(self.device)?;
+        let pos_emb = Tensor::embedding(&self.wpe, &pos_t, -1, false, false).f_view([b, 1, -1])?;
+        let mut x = Tensor::embedding(&self.wte, &idx, -1, false, false) + pos_emb;
+        for (layer, block) in self.h.iter().enumerate() {
+            let (keys, values) = (&mut cache.keys[layer], &mut cache.values[layer]);
+            let y = block.attn.decode(&block.ln_1.forward(&x), keys, values, &slot_t, &pos_t, width)?;
+            x = x + y;
+            x = &x + block.mlp.forward(&block.ln_2.forward(&x), false);
+        }
+        for &slot in slots {
+            cache.filled[slot] += 1;
+        }
+        let logits = self.ln_f.forward(&x).f_view([b, -1])?.f_linear(&self.wte, None::<Tensor>)?;
+        let logits = logits.f_to_kind(Kind::Float)?.f_to_device(Device::Cpu)?.f_contiguous()?;
+        let mut flat = vec![0f32; slots.len() * vocab];
         let n = flat.len();
         logits.f_copy_data(&mut flat, n)?;
         Ok(flat.chunks(vocab).map(|r| r.to_vec()).collect())

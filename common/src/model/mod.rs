@@ -14,7 +14,7 @@ pub mod io;
 pub mod optim;
 pub mod rng;
 
-pub use gpt::{Gpt, GptConfig, Sampling};
+pub use gpt::{Gpt, GptConfig, KvCache, Sampling};
 pub use rng::Rng;
 pub use grads::{clip_grad_norm, flat_grads, flatten, grad_norm, set_flat_grads, total_numel, unflatten_into, zero_grads};
 pub use optim::{lr_at, AdamW, AdamWConfig};

@@ -580,3 +580,43 @@ fn model_and_optimizer_can_move_to_the_trainer_thread() {
     let n = std::thread::spawn(move || model.num_params()).join().unwrap();
     assert_eq!(n, Gpt::new(&tiny(), Device::Cpu, 1).unwrap().num_params());
 }
+
+/// The KV cache gives the logits a full recomputation gives, for several sequences of
+/// different lengths decoded together, including after a slot is refilled.
+#[test]
+fn kv_cache_decoding_matches_recomputing_the_whole_context() {
+    let cfg = tiny();
+    let model = Gpt::new(&cfg, Device::Cpu, 5).unwrap();
+    let mut cache = model.kv_cache(3).unwrap();
+    let vocab = cfg.vocab_size as i64;
+    let mut contexts: Vec<Vec<i64>> = vec![vec![1, 2, 3], vec![4], vec![5, 6, 7, 8, 9]];
+    let max_diff = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+    for (slot, c) in contexts.iter().enumerate() {
+        let cached = model.prefill(&mut cache, slot, c).unwrap();
+        let full = model.next_token_logits(&[c.as_slice()]).unwrap();
+        assert!(max_diff(&cached, &full[0]) < 1e-4, "prefill of slot {slot}");
+    }
+    // Decode until the longest sequence fills the context, all three in one batch.
+    let mut step = 0i64;
+    while contexts.iter().all(|c| c.len() < cfg.block_size) {
+        let tokens: Vec<i64> = contexts.iter().enumerate().map(|(i, _)| (step * 7 + i as i64 * 3) % vocab).collect();
+        for (c, t) in contexts.iter_mut().zip(&tokens) {
+            c.push(*t);
+        }
+        let cached = model.decode(&mut cache, &[0, 1, 2], &tokens).unwrap();
+        let views: Vec<&[i64]> = contexts.iter().map(|c| c.as_slice()).collect();
+        let full = model.next_token_logits(&views).unwrap();
+        for i in 0..3 {
+            assert!(max_diff(&cached[i], &full[i]) < 1e-4, "step {step}, sequence {i}: {}", max_diff(&cached[i], &full[i]));
+        }
+        step += 1;
+    }
+    // A full slot refuses another position; a refill starts it over.
+    let full_slot = contexts.iter().position(|c| c.len() == cfg.block_size).unwrap();
+    assert!(model.decode(&mut cache, &[full_slot], &[1]).is_err());
+    let fresh = vec![3, 1, 4];
+    let cached = model.prefill(&mut cache, full_slot, &fresh).unwrap();
+    assert!(max_diff(&cached, &model.next_token_logits(&[fresh.as_slice()]).unwrap()[0]) < 1e-4);
+    assert_eq!(cache.filled(full_slot), 3);
+    assert!(model.decode(&mut cache, &[0], &[vocab]).is_err(), "a token outside the vocabulary is an error");
+}
