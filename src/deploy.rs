@@ -63,6 +63,13 @@ pub fn default_model_name(registry: &Path) -> String {
 }
 
 pub async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
+    if !args.registry.is_dir() {
+        bail!(
+            "{} is not a model registry (no such folder); a run's registry is runs/<name>/registry, \
+             or create one with `troupe deploy publish --registry DIR --checkpoint CKPT`",
+            args.registry.display()
+        );
+    }
     let threads = if args.serve.threads > 0 { args.serve.threads } else { std::thread::available_parallelism().map_or(1, |n| n.get()) };
     tch::set_num_threads(threads as i32);
     let model_name = args.model_name.unwrap_or_else(|| default_model_name(&args.registry));
@@ -141,6 +148,9 @@ fn deploy_on_registry(dir: &Path, action: DeployAction) -> anyhow::Result<ExitCo
                 Some(fraction) => {
                     if !(fraction > 0.0 && fraction < 1.0) {
                         bail!("--canary {fraction}: the share of requests must be in (0, 1)");
+                    }
+                    if !(1..=10_000_000).contains(&canary_requests) {
+                        bail!("--canary-requests {canary_requests}: the canary must answer 1..=10000000 requests before it is judged");
                     }
                     let d = troupe_common::config::DeployConfig::default();
                     Rollout::Canary { fraction, requests: canary_requests, max_error_rate_increase: d.canary_max_error_rate_increase, max_p95_ratio: d.canary_max_p95_ratio }

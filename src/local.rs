@@ -205,14 +205,26 @@ pub async fn run_local(args: LocalArgs) -> anyhow::Result<ExitCode> {
         let url = server.url();
         let (seed, tokens, model) = (config.run.seed, args.sample_tokens, config.run.name.clone());
         let key = api_key.clone();
-        let answer = tokio::task::spawn_blocking(move || complete_over_http(&url, &model, &prompt, tokens, seed, key.as_deref())).await?;
-        match answer {
+        let answer = if config.deploy.enabled {
+            tokio::task::spawn_blocking(move || complete_over_http(&url, &model, &prompt, tokens, seed, key.as_deref())).await?
+        } else {
+            Err(anyhow::anyhow!("deploy.enabled is false: nothing was published to serve"))
+        };
+        if let (Err(_), Some(ckpt)) = (&answer, outcome.snapshot.last_checkpoint.as_ref().filter(|_| !config.deploy.enabled)) {
+            // Without deployment, sample from the last checkpoint in this process instead.
+            match generate(Path::new(ckpt), &args.prompt, args.sample_tokens, 0.8, 40, config.run.seed) {
+                Ok(text) => troupe_common::say!("\nsample from the final checkpoint (deploy.enabled = false):\n----\n{text}\n----"),
+                Err(e) => troupe_common::say_err!("warning: cannot generate a sample: {e:#}"),
+            }
+        } else {
+            match answer {
             Ok((version, text)) => troupe_common::say!(
                 "\ncompletion from {version} over HTTP (POST {}/v1/completions):\n----\n{}{text}\n----",
                 server.url(),
                 args.prompt
             ),
-            Err(e) => troupe_common::say_err!("warning: the completion request failed: {e:#}"),
+                Err(e) => troupe_common::say_err!("warning: the completion request failed: {e:#}"),
+            }
         }
     }
     let registry = config.registry_dir();

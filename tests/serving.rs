@@ -363,6 +363,13 @@ fn bad_requests_get_openai_errors_are_counted_and_nothing_breaks() {
         assert_eq!(body["error"]["code"], code, "{body}");
         assert!(body["error"]["message"].as_str().is_some_and(|m| !m.is_empty()), "{body}");
     }
+    // The transport's own refusals have the same shape.
+    let mut r = agent.get(&url).header("Authorization", "Bearer sesame").call().unwrap();
+    let body: Value = serde_json::from_str(&r.body_mut().read_to_string().unwrap()).unwrap();
+    assert_eq!((r.status().as_u16(), body["error"]["code"].as_str()), (405, Some("method_not_allowed")), "{body}");
+    let big = format!("{{\"prompt\": \"{}\"}}", "a".repeat(3 << 19));
+    let (status, body) = send(&big, Some("sesame"));
+    assert_eq!((status, body["error"]["code"].as_str()), (400, Some("request_too_large")), "{body}");
     // Garbage that is not HTTP at all, and a body cut short: the connection ends, the server lives.
     for garbage in [&b"\x00\x01\x02 not http\r\n\r\n"[..], &b"POST /v1/completions HTTP/1.1\r\nContent-Length: 100\r\n\r\n{\"pro"[..]] {
         use std::io::{Read, Write};
@@ -376,7 +383,7 @@ fn bad_requests_get_openai_errors_are_counted_and_nothing_breaks() {
     let (status, body) = send(r#"{"prompt": "A", "max_tokens": 3, "model": "tiny"}"#, Some("sesame"));
     assert_eq!((status, body["usage"]["completion_tokens"].as_u64()), (200, Some(3)), "{body}");
     let metrics = get_text(&format!("{}/metrics", server.url));
-    for (reason, n) in [("invalid_api_key", 2), ("invalid_json", 1), ("invalid_type", 2), ("invalid_value", 2), ("model_not_found", 2), ("context_length_exceeded", 1)] {
+    for (reason, n) in [("invalid_api_key", 2), ("invalid_json", 1), ("invalid_type", 2), ("invalid_value", 2), ("model_not_found", 2), ("context_length_exceeded", 1), ("request_too_large", 1)] {
         assert!(metrics.contains(&format!("troupe_serve_bad_requests_total{{reason=\"{reason}\"}} {n}")), "{reason}: {metrics}");
     }
     let _ = std::fs::remove_dir_all(&dir);
@@ -463,6 +470,7 @@ fn the_official_openai_python_client_completes_streaming_and_not() {
     assert_eq!(seen["stream_text"], seen["text"], "greedy decoding streams the same text");
     assert!(seen["stream_chunks"].as_u64().unwrap() >= 2, "{seen}");
     assert_eq!(seen["stream_finish_reason"], "length");
+    assert_eq!(seen["stream_usage"], 12, "stream_options.include_usage adds a usage chunk");
     assert_eq!(seen["models"], json!(["tiny", "tiny:v1"]));
     for refusal in ["wrong_key", "unknown_model", "too_many_tokens"] {
         assert!(seen[refusal].as_str().is_some_and(|r| r.starts_with("refused")), "{refusal}: {seen}");

@@ -276,7 +276,13 @@ impl Registry {
         let manifest = checkpoint::verify(checkpoint_dir)?;
         let _lock = self.lock()?;
         self.remove_stale_tmp();
-        let version = self.versions()?.last().copied().unwrap_or(0) + 1;
+        let version = self
+            .versions()?
+            .last()
+            .copied()
+            .unwrap_or(0)
+            .checked_add(1)
+            .ok_or_else(|| RegistryError::Invalid(format!("{} has a version numbered {}: no number is left", self.dir.display(), u32::MAX)))?;
         let tmp = self.dir.join(format!("{TMP_PREFIX}{}-{}-{}", version_name(version), std::process::id(), now_unix_ms()));
         fs::create_dir(&tmp).map_err(io(&tmp))?;
         let made = (|| {
@@ -387,6 +393,10 @@ impl Registry {
     /// Makes `to` (default: the canary) the stable version.
     pub fn promote(&self, to: Option<u32>, by: &str, reason: &str) -> Result<DeployState> {
         let _lock = self.lock()?;
+        self.promote_locked(to, by, reason)
+    }
+
+    fn promote_locked(&self, to: Option<u32>, by: &str, reason: &str) -> Result<DeployState> {
         let mut state = self.state()?;
         let target = match to.or(state.canary.as_ref().map(|c| c.version)) {
             Some(v) => v,
@@ -412,6 +422,25 @@ impl Registry {
     /// version goes back to the previous stable one, or to `to`.
     pub fn rollback(&self, to: Option<u32>, by: &str, reason: &str) -> Result<DeployState> {
         let _lock = self.lock()?;
+        self.rollback_locked(to, by, reason)
+    }
+
+    /// Promotes or drops the canary `version` — only if it is still the canary (another
+    /// replica, an operator or a newer publish may have concluded or replaced it meanwhile;
+    /// then nothing changes and `None` comes back). Checked and changed under the lock.
+    pub fn conclude_canary(&self, version: u32, promote: bool, by: &str, reason: &str) -> Result<Option<DeployState>> {
+        let _lock = self.lock()?;
+        if self.state()?.canary.map(|c| c.version) != Some(version) {
+            return Ok(None);
+        }
+        if promote {
+            self.promote_locked(Some(version), by, reason).map(Some)
+        } else {
+            self.rollback_locked(None, by, reason).map(Some)
+        }
+    }
+
+    fn rollback_locked(&self, to: Option<u32>, by: &str, reason: &str) -> Result<DeployState> {
         let mut state = self.state()?;
         let from = state.stable;
         let (removed, target) = match (state.canary.take(), to) {
@@ -549,6 +578,9 @@ mod tests {
         assert_eq!((s.stable, s.canary.as_ref().map(|c| c.version)), (Some(3), Some(v)));
         let s = registry.rollback(None, "test", "canary failed").unwrap();
         assert_eq!((s.stable, s.canary), (Some(3), None), "rolling back a canary keeps the stable version");
+        // A verdict on a canary that is no longer the canary changes nothing.
+        assert_eq!(registry.conclude_canary(v, true, "test", "late verdict").unwrap(), None);
+        assert_eq!(registry.state().unwrap().stable, Some(3));
         let actions: Vec<String> = registry.history().unwrap().into_iter().map(|t| t.action).collect();
         assert_eq!(
             actions,

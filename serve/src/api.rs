@@ -65,6 +65,8 @@ pub struct Checked {
     pub stop: Vec<String>,
     pub seed: Option<u64>,
     pub stream: bool,
+    /// `stream_options.include_usage`: end a stream with a usage chunk.
+    pub include_usage: bool,
 }
 
 /// An OpenAI-style error, with the HTTP status it goes out with.
@@ -185,7 +187,8 @@ pub fn parse(body: &[u8], max_tokens_limit: usize) -> Result<Checked, ApiError> 
     if req.suffix.as_ref().is_some_and(|s| !s.is_empty()) {
         return unsupported("suffix", "");
     }
-    let _ = (req.user, req.stream_options);
+    let include_usage = req.stream_options.as_ref().and_then(|o| o.get("include_usage")).and_then(|v| v.as_bool()).unwrap_or(false);
+    let _ = req.user;
     Ok(Checked {
         model: req.model,
         prompt,
@@ -194,6 +197,7 @@ pub fn parse(body: &[u8], max_tokens_limit: usize) -> Result<Checked, ApiError> 
         stop,
         seed: req.seed.map(|s| s as u64),
         stream: req.stream.unwrap_or(false),
+        include_usage,
     })
 }
 
@@ -252,7 +256,9 @@ mod tests {
         assert_eq!(c.max_tokens, 16);
         assert_eq!(c.sampling.temperature, 1.0);
         assert!(!c.stream);
-        let c = parse(br#"{"prompt":["Hi"],"stop":"\n","stream":true,"top_k":5,"seed":3,"n":1,"logprobs":null}"#, 512).unwrap();
+        assert!(!c.include_usage);
+        let c = parse(br#"{"prompt":["Hi"],"stop":"\n","stream":true,"top_k":5,"seed":3,"n":1,"logprobs":null,"stream_options":{"include_usage":true}}"#, 512).unwrap();
+        assert!(c.include_usage);
         assert_eq!((c.stop, c.stream, c.sampling.top_k, c.seed), (vec!["\n".to_string()], true, Some(5), Some(3)));
     }
 

@@ -225,12 +225,15 @@ impl Deployment {
             if w.version != canary.version {
                 *w = CanaryWindow { version: canary.version, ..Default::default() };
             }
+            if w.judged {
+                return;
+            }
             if version == canary.version {
                 w.canary.add(ok, seconds);
             } else if live.stable.as_ref().is_some_and(|s| s.version == version) {
                 w.stable.add(ok, seconds);
             }
-            if w.judged || w.canary.requests < canary.requests {
+            if w.canary.requests < canary.requests.max(1) {
                 return;
             }
             w.judged = true;
@@ -245,15 +248,9 @@ impl Deployment {
             let result = tokio::task::spawn_blocking(move || {
                 let reason = why;
                 let registry = Registry::open(&dir)?;
-                // Only judge the canary that was measured: a newer one may have replaced it.
-                if registry.state()?.canary.map(|c| c.version) != Some(canary_version) {
-                    return Ok(None);
-                }
-                if promote {
-                    registry.promote(Some(canary_version), "serve", &format!("canary passed: {reason}")).map(Some)
-                } else {
-                    registry.rollback(None, "serve", &format!("canary failed: {reason}")).map(Some)
-                }
+                // Only the canary that was measured, and only if it still is the canary.
+                let verdict = if promote { format!("canary passed: {reason}") } else { format!("canary failed: {reason}") };
+                registry.conclude_canary(canary_version, promote, "serve", &verdict)
             })
             .await;
             match result {
@@ -264,10 +261,25 @@ impl Deployment {
                     this.wake.notify_one();
                 }
                 Ok(Ok(None)) => {}
-                Ok(Err(e)) => tracing::error!("cannot record the canary decision in the registry: {e}"),
-                Err(e) => tracing::error!("the canary decision task failed: {e}"),
+                Ok(Err(e)) => {
+                    tracing::error!("cannot record the canary decision in the registry: {e}; judging again at the next request");
+                    this.rejudge(canary_version);
+                }
+                Err(e) => {
+                    tracing::error!("the canary decision task failed: {e}; judging again at the next request");
+                    this.rejudge(canary_version);
+                }
             }
         });
+    }
+
+    /// Lets the canary `version` be judged again (its verdict could not be written).
+    fn rejudge(&self, version: u32) {
+        if let Ok(mut w) = self.window.lock() {
+            if w.version == version {
+                w.judged = false;
+            }
+        }
     }
 
     /// Outcomes of the current canary window: (canary version, stable, canary).
@@ -305,7 +317,8 @@ impl Deployment {
             }
             Err(_) => return current.serial,
         };
-        if state.serial == current.serial {
+        let all_alive = current.engines().all(|(e, _)| e.alive());
+        if state.serial == current.serial && all_alive {
             return current.serial;
         }
         if let Ok(f) = self.failed.lock() {
@@ -354,7 +367,7 @@ impl Deployment {
 
     /// A loaded engine for `v`: the live one, or a new one loaded on a blocking thread.
     async fn engine(&self, v: u32, current: &Live) -> Result<Arc<Engine>, (u32, anyhow::Error)> {
-        if let Some((e, _)) = current.engines().find(|(e, _)| e.version == v) {
+        if let Some((e, _)) = current.engines().find(|(e, _)| e.version == v && e.alive()) {
             return Ok(e.clone());
         }
         let dir = self.registry_dir.clone();

@@ -14,7 +14,7 @@
 //! closed (the last `Arc<Engine>` dropped) and its active sequences are done.
 
 use crate::api::FinishReason;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc};
 use std::path::Path;
 use tokio::sync::mpsc::UnboundedSender;
@@ -51,6 +51,9 @@ pub struct Engine {
     /// Requests queued and not yet admitted, to refuse new ones beyond `max_queue`.
     waiting: Arc<AtomicUsize>,
     max_queue: usize,
+    /// Cleared if the thread ever stops while the engine is still live (a bug): the
+    /// deployment then loads the version again.
+    alive: Arc<AtomicBool>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -74,11 +77,14 @@ impl Engine {
         let waiting = Arc::new(AtomicUsize::new(0));
         let thread_tokenizer = tokenizer.clone();
         let thread_waiting = waiting.clone();
+        let alive = Arc::new(AtomicBool::new(true));
+        let thread_alive = alive.clone();
         std::thread::Builder::new().name(format!("engine-v{version}")).spawn(move || {
             generate_loop(&model, cache, &thread_tokenizer, &requests, &thread_waiting, &on_batch);
+            thread_alive.store(false, Ordering::SeqCst);
             tracing::debug!("engine v{version} stopped");
         })?;
-        Ok(Engine { version, block_size, tokenizer, queue, waiting, max_queue })
+        Ok(Engine { version, block_size, tokenizer, queue, waiting, max_queue, alive })
     }
 
     pub fn tokenizer(&self) -> &Tokenizer {
@@ -95,6 +101,11 @@ impl Engine {
             self.waiting.fetch_sub(1, Ordering::SeqCst);
             SubmitError::Closed
         })
+    }
+
+    /// False once its thread has stopped (it only does when the engine is dropped).
+    pub fn alive(&self) -> bool {
+        self.alive.load(Ordering::SeqCst)
     }
 
     /// Requests waiting for a place in the batch.
@@ -154,7 +165,14 @@ fn generate_loop(
             continue;
         }
         on_batch(active.len());
-        let rows = match next_logits(model, &mut cache, &mut active, block_size) {
+        // libtorch reports some errors by panicking; one failed step fails its requests, not
+        // the engine (their slots are refilled from scratch by the next requests).
+        let step = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| next_logits(model, &mut cache, &mut active, block_size)));
+        let step = step.unwrap_or_else(|panic| {
+            let what = panic.downcast_ref::<String>().cloned().or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()));
+            Err(troupe_common::model::ModelError::InvalidArgument(format!("the forward pass failed: {}", what.unwrap_or_default())))
+        });
+        let rows = match step {
             Ok(rows) => rows,
             Err(e) => {
                 for a in active.drain(..) {
@@ -165,8 +183,10 @@ fn generate_loop(
             }
         };
         let mut finished = vec![false; active.len()];
+        // A model may have more ids than its tokenizer (a padded vocabulary): never pick those.
+        let vocab = tokenizer.vocab_size();
         for (i, (a, row)) in active.iter_mut().zip(rows).enumerate() {
-            let next = a.request.sampling.pick(&row, &mut a.rng) as u32;
+            let next = a.request.sampling.pick(&row[..vocab.min(row.len())], &mut a.rng) as u32;
             if next == eot {
                 finish(a, tokenizer, FinishReason::Stop, true);
                 finished[i] = true;
@@ -270,7 +290,7 @@ fn finish(a: &mut Active, tokenizer: &Tokenizer, reason: FinishReason, flush: bo
 }
 
 fn decoded(a: &Active, tokenizer: &Tokenizer) -> String {
-    // Ids come from the model's own vocabulary, which the tokenizer covers (checked at load).
+    // Ids are picked among the tokenizer's own (see above), so decoding cannot fail.
     tokenizer.decode(&a.generated).unwrap_or_default()
 }
 

@@ -95,13 +95,33 @@ pub async fn start(options: ServeOptions) -> anyhow::Result<Server> {
         .fallback(|| async {
             ApiError { status: StatusCode::NOT_FOUND, kind: "invalid_request_error", code: "unknown_url", param: None, message: "no such endpoint; see /v1/completions and /v1/models".into() }
         })
-        .with_state(state);
+        .with_state(state)
+        // Bodies are checked against 1 MiB by the parser; the transport refuses far larger
+        // ones before reading them. Its plain-text refusals get OpenAI's error shape.
+        .layer(axum::extract::DefaultBodyLimit::max(2 << 20))
+        .layer(axum::middleware::map_response(openai_shaped_errors));
     tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, app).await {
             tracing::error!("the completion server on {addr} stopped: {e}");
         }
     });
     Ok(Server { addr, deployment, metrics })
+}
+
+/// Turns axum's own refusals (405, 413, …, plain text) into OpenAI-style JSON errors.
+async fn openai_shaped_errors(response: Response) -> Response {
+    let status = response.status();
+    let is_json = response.headers().get(axum::http::header::CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+    if !(status.is_client_error() || status.is_server_error()) || is_json {
+        return response;
+    }
+    let (code, message) = match status {
+        StatusCode::METHOD_NOT_ALLOWED => ("method_not_allowed", "this endpoint does not take that HTTP method".to_string()),
+        StatusCode::PAYLOAD_TOO_LARGE => ("request_too_large", "the request body is too large".to_string()),
+        other => ("http_error", format!("the request was refused ({other})")),
+    };
+    let kind = if status.is_client_error() { "invalid_request_error" } else { "server_error" };
+    ApiError { status, kind, code, param: None, message }.into_response()
 }
 
 impl AppState {
@@ -223,7 +243,7 @@ async fn completions(State(s): State<Arc<AppState>>, headers: HeaderMap, body: B
         return server_error(StatusCode::SERVICE_UNAVAILABLE, code, e.to_string()).into_response();
     }
     s.metrics.queue_depth.set(engine.queue_depth() as i64);
-    let reply = Reply { s: s.clone(), id, version, prompt_tokens, started, created: registry::now_unix_ms() / 1000 };
+    let reply = Reply { s: s.clone(), include_usage: req.include_usage, id, version, prompt_tokens, started, created: registry::now_unix_ms() / 1000 };
     if req.stream {
         reply.stream(rx)
     } else {
@@ -234,6 +254,8 @@ async fn completions(State(s): State<Arc<AppState>>, headers: HeaderMap, body: B
 /// Builds the answer to one completion from the engine's events.
 struct Reply {
     s: Arc<AppState>,
+    /// Streams end with a usage chunk only when the client asked (stream_options).
+    include_usage: bool,
     id: String,
     version: u32,
     prompt_tokens: usize,
@@ -315,13 +337,22 @@ impl Reply {
                         }
                         Some(GenEvent::Done { finish_reason, completion_tokens }) => {
                             reply.done(true, completion_tokens);
-                            let usage = Usage { prompt_tokens: reply.prompt_tokens, completion_tokens, total_tokens: reply.prompt_tokens + completion_tokens };
-                            return Some((vec![json_event(&reply.body(String::new(), Some(finish_reason), Some(usage))), Event::default().data("[DONE]")], (rx, seen, true)));
+                            let mut events = vec![json_event(&reply.body(String::new(), Some(finish_reason), None))];
+                            if reply.include_usage {
+                                // As OpenAI does with stream_options.include_usage: one more
+                                // chunk, with no choices, carrying the usage.
+                                let usage = Usage { prompt_tokens: reply.prompt_tokens, completion_tokens, total_tokens: reply.prompt_tokens + completion_tokens };
+                                let mut last = reply.body(String::new(), None, Some(usage));
+                                last.choices.clear();
+                                events.push(json_event(&last));
+                            }
+                            events.push(Event::default().data("[DONE]"));
+                            return Some((events, (rx, seen, true)));
                         }
                         Some(GenEvent::Failed(e)) => {
                             reply.done(false, 0);
                             let err = server_error(StatusCode::INTERNAL_SERVER_ERROR, "generation_failed", e);
-                            return Some((vec![Event::default().data(err.body().to_string())], (rx, seen, true)));
+                            return Some((vec![Event::default().data(err.body().to_string()), Event::default().data("[DONE]")], (rx, seen, true)));
                         }
                         None => {
                             reply.done(false, 0);
@@ -446,8 +477,12 @@ async fn deploy_change(s: Arc<AppState>, headers: HeaderMap, body: Bytes, promot
     .await;
     match changed {
         Ok(Ok(state)) => {
-            // Answer once this replica serves the new state.
-            s.deployment.reconcile().await;
+            // Answer once this replica serves the new state, or say why it does not.
+            let serving = s.deployment.reconcile().await;
+            if serving < state.serial {
+                let why = s.deployment.load_error().unwrap_or_else(|| "it is still loading".into());
+                return server_error(StatusCode::BAD_GATEWAY, "not_served", format!("the registry changed (state {}) but this server cannot serve it: {why}", state.serial)).into_response();
+            }
             Json(state).into_response()
         }
         Ok(Err(e)) => s.refuse(ApiError { status: StatusCode::CONFLICT, kind: "invalid_request_error", code: "deploy_refused", param: Some("to"), message: e.to_string() }),
@@ -478,5 +513,24 @@ impl Server {
 
     pub fn role_of(&self, version: u32) -> Option<Role> {
         self.deployment.live().engines().find(|(e, _)| e.version == version).map(|(_, r)| r)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn the_transports_plain_refusals_get_openai_error_bodies() {
+        for (status, code) in [(StatusCode::PAYLOAD_TOO_LARGE, "request_too_large"), (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed")] {
+            let plain = (status, "length limit exceeded").into_response();
+            let shaped = openai_shaped_errors(plain).await;
+            assert_eq!(shaped.status(), status);
+            let bytes = axum::body::to_bytes(shaped.into_body(), 1 << 16).await.unwrap();
+            let body: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+            assert_eq!(body["error"]["code"], code);
+        }
+        let ok = openai_shaped_errors("fine".into_response()).await;
+        assert_eq!(ok.status(), StatusCode::OK);
     }
 }

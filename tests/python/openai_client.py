@@ -19,13 +19,20 @@ seen["model"] = whole.model
 seen["fingerprint"] = whole.system_fingerprint
 seen["completion_tokens"] = whole.usage.completion_tokens
 
-pieces, finish = [], None
-for chunk in client.completions.create(model=model, prompt="ROMEO.", max_tokens=12, temperature=0, seed=1, stream=True):
-    pieces.append(chunk.choices[0].text)
-    finish = chunk.choices[0].finish_reason or finish
+pieces, finish, usage = [], None, None
+stream = client.completions.create(
+    model=model, prompt="ROMEO.", max_tokens=12, temperature=0, seed=1, stream=True, stream_options={"include_usage": True}
+)
+for chunk in stream:
+    for choice in chunk.choices:
+        pieces.append(choice.text)
+        finish = choice.finish_reason or finish
+    if chunk.usage is not None:
+        usage = chunk.usage.completion_tokens
 seen["stream_text"] = "".join(pieces)
 seen["stream_chunks"] = len(pieces)
 seen["stream_finish_reason"] = finish
+seen["stream_usage"] = usage
 
 seen["models"] = [m.id for m in client.models.list().data]
 

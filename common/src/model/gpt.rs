@@ -183,8 +183,8 @@ impl CausalSelfAttention {
         let _ = keys.f_index_put_(&at, &k.f_squeeze_dim(2)?, false)?;
         let _ = values.f_index_put_(&at, &v.f_squeeze_dim(2)?, false)?;
         // Each sequence attends to positions 0..=its own (the rest of the width is padding).
-        let past_k = keys.f_index_select(0, slots)?.f_narrow(2, 0, width)?;
-        let past_v = values.f_index_select(0, slots)?.f_narrow(2, 0, width)?;
+        let past_k = keys.f_narrow(2, 0, width)?.f_index_select(0, slots)?;
+        let past_v = values.f_narrow(2, 0, width)?.f_index_select(0, slots)?;
         let mask = Tensor::f_arange(width, (Kind::Int64, x.device()))?.f_view([1, 1, 1, width])?.f_le_tensor(&positions.f_view([b, 1, 1, 1])?)?;
         let y = Tensor::f_scaled_dot_product_attention(&q, &past_k, &past_v, Some(mask), 0.0, false, None, false)?;
         let y = y.f_transpose(1, 2)?.f_contiguous()?.f_view([b, 1, c])?;

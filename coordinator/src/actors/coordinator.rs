@@ -16,6 +16,8 @@ use crate::core::{Command, Core, Event, Phase, ResumeFrom, Snapshot, WorkerId};
 use ractor::{Actor, ActorCell, ActorId, ActorProcessingErr, ActorRef, SupervisionEvent};
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 use troupe_common::config::Config;
@@ -96,6 +98,9 @@ pub struct CoordinatorState {
     deployer: ActorRef<DeployerMsg>,
     evaluator_restarts: u32,
     deployer_restarts: u32,
+    /// The step each of them is handling (see `super::IDLE`).
+    evaluator_current: Arc<AtomicU64>,
+    deployer_current: Arc<AtomicU64>,
     /// Validation losses and committed checkpoints by step, until both are known.
     measured: BTreeMap<u64, (f64, u64)>,
     committed: BTreeMap<u64, String>,
@@ -142,13 +147,20 @@ async fn spawn_checkpointer(me: &ActorRef<CoordinatorMsg>, config: &Config) -> R
     Ok(actor)
 }
 
-async fn spawn_evaluator(me: &ActorRef<CoordinatorMsg>, config: &Config) -> Result<ActorRef<EvaluatorMsg>, ActorProcessingErr> {
-    let args = EvaluatorArgs { prompts: config.eval.prompts.clone(), sample_tokens: config.eval.sample_tokens, coordinator: me.clone() };
+async fn spawn_evaluator(me: &ActorRef<CoordinatorMsg>, config: &Config, current: &Arc<AtomicU64>) -> Result<ActorRef<EvaluatorMsg>, ActorProcessingErr> {
+    current.store(super::IDLE, Ordering::SeqCst);
+    let args = EvaluatorArgs {
+        prompts: config.eval.prompts.clone(),
+        sample_tokens: config.eval.sample_tokens,
+        coordinator: me.clone(),
+        current: current.clone(),
+    };
     let (actor, _) = Actor::spawn_linked(Some("evaluator".into()), Evaluator, args, me.get_cell()).await?;
     Ok(actor)
 }
 
-async fn spawn_deployer(me: &ActorRef<CoordinatorMsg>, config: &Config) -> Result<ActorRef<DeployerMsg>, ActorProcessingErr> {
+async fn spawn_deployer(me: &ActorRef<CoordinatorMsg>, config: &Config, current: &Arc<AtomicU64>) -> Result<ActorRef<DeployerMsg>, ActorProcessingErr> {
+    current.store(super::IDLE, Ordering::SeqCst);
     let api_key = std::env::var("TROUPE_API_KEY").ok().filter(|k| !k.is_empty()).or_else(|| Some(config.serve.api_key.clone()).filter(|k| !k.is_empty()));
     let args = DeployerArgs {
         registry: config.registry_dir(),
@@ -156,6 +168,7 @@ async fn spawn_deployer(me: &ActorRef<CoordinatorMsg>, config: &Config) -> Resul
         config: config.deploy.clone(),
         api_key,
         coordinator: me.clone(),
+        current: current.clone(),
     };
     let (actor, _) = Actor::spawn_linked(Some("deployer".into()), Deployer, args, me.get_cell()).await?;
     Ok(actor)
@@ -174,8 +187,10 @@ impl Actor for Coordinator {
         let CoordinatorOptions { config, endpoint, resume, metrics, show_progress, status } = args.options;
         let events = EventLog::open(&config.run_dir())?;
         let checkpointer = spawn_checkpointer(&me, &config).await?;
-        let evaluator = spawn_evaluator(&me, &config).await?;
-        let deployer = spawn_deployer(&me, &config).await?;
+        let evaluator_current = Arc::new(AtomicU64::new(super::IDLE));
+        let deployer_current = Arc::new(AtomicU64::new(super::IDLE));
+        let evaluator = spawn_evaluator(&me, &config, &evaluator_current).await?;
+        let deployer = spawn_deployer(&me, &config, &deployer_current).await?;
         Actor::spawn_linked(
             Some("gateway".into()),
             Gateway,
@@ -203,6 +218,8 @@ impl Actor for Coordinator {
             deployer,
             evaluator_restarts: 0,
             deployer_restarts: 0,
+            evaluator_current,
+            deployer_current,
             measured: BTreeMap::new(),
             committed: BTreeMap::new(),
             releases: BTreeMap::new(),
@@ -238,6 +255,9 @@ impl Actor for Coordinator {
             }
             CoordinatorMsg::Evaluated { job, results } => {
                 let step = job.step;
+                if !matches!(state.releases.get(&step), Some(Release::Evaluating(_))) {
+                    return Ok(()); // an answer to a job given up after a crash
+                }
                 state.record(RunEvent::Evaluated {
                     step,
                     checkpoint: job.checkpoint.display().to_string(),
@@ -257,12 +277,21 @@ impl Actor for Coordinator {
                 }
             }
             CoordinatorMsg::EvaluationFailed { step, error } => {
+                if !matches!(state.releases.get(&step), Some(Release::Evaluating(_))) {
+                    return Ok(());
+                }
                 state.release_done(&me, RunEvent::Warning { step, message: format!("evaluating the checkpoint of step {step} failed: {error}") });
             }
             CoordinatorMsg::Deployed(d) => {
+                if !matches!(state.releases.get(&d.step), Some(Release::Deploying { .. })) {
+                    return Ok(());
+                }
                 state.release_done(&me, RunEvent::Deployed { step: d.step, action: d.action.into(), version: d.version, reason: d.reason });
             }
             CoordinatorMsg::DeployFailed { step, error } => {
+                if !matches!(state.releases.get(&step), Some(Release::Deploying { .. })) {
+                    return Ok(());
+                }
                 state.release_done(&me, RunEvent::Deployed { step, action: "failed".into(), version: None, reason: error });
             }
             CoordinatorMsg::DeployDrainTimeout => {
@@ -469,28 +498,36 @@ impl CoordinatorState {
         }
     }
 
-    /// Restarts a crashed Evaluator or Deployer. The job it was on (the oldest it holds, since
-    /// each handles one at a time in order) is given up and recorded; the others are resent.
+    /// Restarts a crashed Evaluator or Deployer. The job it was on (its `current` cell says
+    /// which) is given up and recorded; jobs after it were still queued in the dead actor's
+    /// mailbox and are sent again; jobs before it were answered (their answers may still be
+    /// in this mailbox, behind the supervision event) and are left alone.
     async fn restart_release_actor(&mut self, me: &ActorRef<CoordinatorMsg>, actor: &'static str, reason: String) -> Result<(), ActorProcessingErr> {
         self.metrics.actor_restarts_total.with_label_values(&[actor]).inc();
-        let restarts = if actor == "evaluator" { &mut self.evaluator_restarts } else { &mut self.deployer_restarts };
+        let evaluator = actor == "evaluator";
+        let restarts = if evaluator { &mut self.evaluator_restarts } else { &mut self.deployer_restarts };
         *restarts += 1;
         let backoff = restart_backoff(*restarts);
         tracing::warn!("{actor} {reason}; restarting it in {backoff:?}");
+        let current = if evaluator { &self.evaluator_current } else { &self.deployer_current }.load(Ordering::SeqCst);
         tokio::time::sleep(backoff).await;
-        let mine = |r: &Release| matches!((actor, r), ("evaluator", Release::Evaluating(_)) | ("deployer", Release::Deploying { .. }));
-        let jobs: Vec<(u64, Release)> = self.releases.iter().filter(|(_, r)| mine(r)).map(|(s, r)| (*s, r.clone())).collect();
-        if actor == "evaluator" {
-            self.evaluator = spawn_evaluator(me, &self.config).await?;
+        let mine = |r: &Release| if evaluator { matches!(r, Release::Evaluating(_)) } else { matches!(r, Release::Deploying { .. }) };
+        let queued: Vec<Release> = self
+            .releases
+            .iter()
+            .filter(|(step, r)| mine(r) && (current == super::IDLE || **step > current))
+            .map(|(_, r)| r.clone())
+            .collect();
+        if evaluator {
+            self.evaluator = spawn_evaluator(me, &self.config, &self.evaluator_current).await?;
         } else {
-            self.deployer = spawn_deployer(me, &self.config).await?;
+            self.deployer = spawn_deployer(me, &self.config, &self.deployer_current).await?;
         }
-        let mut jobs = jobs.into_iter();
-        if let Some((step, _)) = jobs.next() {
-            let message = format!("the {actor} crashed while handling the checkpoint of step {step} ({reason}); restarted");
-            self.release_done(me, RunEvent::Deployed { step, action: "failed".into(), version: None, reason: message });
+        if current != super::IDLE && self.releases.get(&current).is_some_and(mine) {
+            let message = format!("the {actor} crashed while handling the checkpoint of step {current} ({reason}); restarted");
+            self.release_done(me, RunEvent::Deployed { step: current, action: "failed".into(), version: None, reason: message });
         }
-        for (_, job) in jobs {
+        for job in queued {
             let _ = match job {
                 Release::Evaluating(job) => self.evaluator.cast(EvaluatorMsg::Evaluate(job)).map_err(|_| ()),
                 Release::Deploying { job, results } => {

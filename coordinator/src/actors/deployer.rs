@@ -25,6 +25,8 @@ pub struct DeployerArgs {
     /// Bearer token of the serving replicas' admin API, if they need one.
     pub api_key: Option<String>,
     pub coordinator: ActorRef<CoordinatorMsg>,
+    /// The step of the candidate being handled (`super::IDLE` between candidates).
+    pub current: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
 
 pub enum DeployerMsg {
@@ -52,6 +54,7 @@ impl Actor for Deployer {
 
     async fn handle(&self, _me: ActorRef<Self::Msg>, msg: Self::Msg, state: &mut Self::State) -> Result<(), ActorProcessingErr> {
         let DeployerMsg::Candidate { step, checkpoint, results } = msg;
+        state.current.store(step, std::sync::atomic::Ordering::SeqCst);
         let registry = state.registry.clone();
         let run = state.run.clone();
         let config = state.config.clone();
@@ -60,6 +63,7 @@ impl Actor for Deployer {
             Ok(Ok(decision)) => decision,
             Ok(Err(e)) => {
                 state.coordinator.cast(CoordinatorMsg::DeployFailed { step, error: format!("{e:#}") })?;
+                state.current.store(super::IDLE, std::sync::atomic::Ordering::SeqCst);
                 return Ok(());
             }
             // A panic in the publishing thread is this actor's failure: the supervisor restarts it.
@@ -69,6 +73,7 @@ impl Actor for Deployer {
             notify_replicas(&state.config.notify, state.api_key.as_deref()).await;
         }
         state.coordinator.cast(CoordinatorMsg::Deployed(decision))?;
+        state.current.store(super::IDLE, std::sync::atomic::Ordering::SeqCst);
         Ok(())
     }
 }

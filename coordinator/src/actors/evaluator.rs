@@ -19,6 +19,9 @@ pub struct EvaluatorArgs {
     pub prompts: Vec<String>,
     pub sample_tokens: usize,
     pub coordinator: ActorRef<CoordinatorMsg>,
+    /// The step of the job being handled (`super::IDLE` between jobs): after a crash, the
+    /// supervisor knows which job it was.
+    pub current: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// One checkpoint to evaluate.
@@ -45,6 +48,7 @@ impl Actor for Evaluator {
 
     async fn handle(&self, _me: ActorRef<Self::Msg>, msg: Self::Msg, state: &mut Self::State) -> Result<(), ActorProcessingErr> {
         let EvaluatorMsg::Evaluate(job) = msg;
+        state.current.store(job.step, std::sync::atomic::Ordering::SeqCst);
         let prompts = state.prompts.clone();
         let sample_tokens = state.sample_tokens;
         let for_thread = job.clone();
@@ -54,6 +58,7 @@ impl Actor for Evaluator {
             Err(e) => CoordinatorMsg::EvaluationFailed { step: job.step, error: format!("{e:#}") },
         };
         state.coordinator.cast(msg)?;
+        state.current.store(super::IDLE, std::sync::atomic::Ordering::SeqCst);
         Ok(())
     }
 }
@@ -71,7 +76,9 @@ fn evaluate(job: &EvalJob, prompts: &[String], sample_tokens: usize) -> anyhow::
             }
             let greedy = Sampling::greedy();
             let out = model.generate(&context, sample_tokens, greedy.temperature, greedy.top_k, 0)?;
-            let out: Vec<u32> = out.into_iter().filter_map(|t| u32::try_from(t).ok()).collect();
+            // A padded model vocabulary may hold ids the tokenizer does not know: leave them out.
+            let known = tokenizer.vocab_size();
+            let out: Vec<u32> = out.into_iter().filter_map(|t| u32::try_from(t).ok()).filter(|&t| (t as usize) < known).collect();
             samples.push(Sample { prompt: prompt.clone(), text: tokenizer.decode(&out)? });
         }
     }

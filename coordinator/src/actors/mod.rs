@@ -18,4 +18,7 @@ pub mod evaluator;
 pub mod gateway;
 pub mod session;
 
+/// What an actor's `current` job cell holds between jobs.
+pub const IDLE: u64 = u64::MAX;
+
 pub use coordinator::{run_coordinator, CoordinatorOptions, RunOutcome};
