@@ -247,14 +247,15 @@ fn list_steps(dir: &Path) -> Result<Vec<(u64, PathBuf)>, CheckpointError> {
     Ok(steps)
 }
 
-/// Deletes all but the newest `keep_last` complete checkpoints, and stale `.tmp` folders of
-/// steps before the newest. Called only after a commit, so the newest always survives.
-pub fn apply_retention(run_dir: &Path, keep_last: usize) -> Result<Vec<PathBuf>, CheckpointError> {
+/// Deletes all but the newest `keep_last` complete checkpoints, except those in `pinned`
+/// (still being evaluated or deployed). Called only after a commit, so the newest always
+/// survives.
+pub fn apply_retention(run_dir: &Path, keep_last: usize, pinned: &std::collections::BTreeSet<u64>) -> Result<Vec<PathBuf>, CheckpointError> {
     let dir = checkpoints_dir(run_dir);
     let steps = list_steps(&dir)?;
     let mut removed = Vec::new();
     if steps.len() > keep_last {
-        for (_, path) in &steps[..steps.len() - keep_last] {
+        for (_, path) in steps[..steps.len() - keep_last].iter().filter(|(step, _)| !pinned.contains(step)) {
             fs::remove_dir_all(path).map_err(io(path))?;
             removed.push(path.clone());
         }
@@ -329,7 +330,7 @@ mod tests {
         for s in [1, 2, 3, 4] {
             write_step(&run, s);
         }
-        let removed = apply_retention(&run, 2).unwrap();
+        let removed = apply_retention(&run, 2, &Default::default()).unwrap();
         assert_eq!(removed.len(), 2);
         assert_eq!(list_steps(&checkpoints_dir(&run)).unwrap().iter().map(|s| s.0).collect::<Vec<_>>(), vec![3, 4]);
     }

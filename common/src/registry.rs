@@ -292,7 +292,15 @@ impl Registry {
                 let to = tmp.join(name);
                 fs::copy(&from, &to).map_err(io(&from))?;
                 File::open(&to).and_then(|f| f.sync_all()).map_err(io(&to))?;
-                digests.push(checkpoint::digest_file(&to)?);
+                let copied = checkpoint::digest_file(&to)?;
+                // The copy must be what the checkpoint's MANIFEST vouches for (the file could
+                // have changed since it was verified above).
+                if let Some(want) = manifest.files.iter().find(|f| f.name == name) {
+                    if (want.size, &want.sha256) != (copied.size, &copied.sha256) {
+                        return Err(RegistryError::Invalid(format!("{} changed while it was copied (sha256 differs from the MANIFEST)", from.display())));
+                    }
+                }
+                digests.push(copied);
             }
             let source = VersionSource {
                 version,

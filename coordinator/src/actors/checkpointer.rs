@@ -20,6 +20,8 @@ pub struct CheckpointerArgs {
     pub keep_last: usize,
     pub strategy: String,
     pub coordinator: ActorRef<CoordinatorMsg>,
+    /// Steps whose checkpoints are still being evaluated or deployed: retention keeps them.
+    pub pinned: std::sync::Arc<std::sync::Mutex<std::collections::BTreeSet<u64>>>,
 }
 
 pub enum CheckpointerMsg {
@@ -44,9 +46,10 @@ impl Actor for Checkpointer {
         let run_dir = state.run_dir.clone();
         let strategy = state.strategy.clone();
         let keep_last = state.keep_last;
+        let pinned = state.pinned.lock().map(|p| p.clone()).unwrap_or_default();
         let result = tokio::task::spawn_blocking(move || {
             let dest = checkpoint::commit(&run_dir, step, world_size, &strategy, &files)?;
-            if let Err(e) = checkpoint::apply_retention(&run_dir, keep_last) {
+            if let Err(e) = checkpoint::apply_retention(&run_dir, keep_last, &pinned) {
                 tracing::warn!("checkpoint retention failed (the new checkpoint is committed): {e}");
             }
             Ok::<_, checkpoint::CheckpointError>(dest)

@@ -70,6 +70,9 @@ pub enum CoordinatorMsg {
     DeployDrainTimeout,
 }
 
+/// Steps whose checkpoints retention must keep (shared with the Checkpointer).
+type Pinned = Arc<std::sync::Mutex<std::collections::BTreeSet<u64>>>;
+
 /// A checkpoint on its way from commit to the registry, kept to resend after a crash of the
 /// actor handling it.
 #[derive(Debug, Clone)]
@@ -106,6 +109,8 @@ pub struct CoordinatorState {
     committed: BTreeMap<u64, String>,
     /// Checkpoints being evaluated or deployed; the run ends only when this is empty.
     releases: BTreeMap<u64, Release>,
+    /// Their steps, which checkpoint retention keeps until the release is over.
+    pinned: Pinned,
     /// Workers that did not hang up within the drain time are no longer waited for.
     sessions_forced: bool,
     events: EventLog,
@@ -136,12 +141,13 @@ pub async fn run_coordinator(options: CoordinatorOptions) -> anyhow::Result<RunO
     Ok(outcome.map_err(|_| anyhow::anyhow!("the coordinator stopped without an outcome"))?)
 }
 
-async fn spawn_checkpointer(me: &ActorRef<CoordinatorMsg>, config: &Config) -> Result<ActorRef<CheckpointerMsg>, ActorProcessingErr> {
+async fn spawn_checkpointer(me: &ActorRef<CoordinatorMsg>, config: &Config, pinned: &Pinned) -> Result<ActorRef<CheckpointerMsg>, ActorProcessingErr> {
     let args = CheckpointerArgs {
         run_dir: config.run_dir(),
         keep_last: config.checkpoint.keep_last,
         strategy: "ddp".into(),
         coordinator: me.clone(),
+        pinned: pinned.clone(),
     };
     let (actor, _) = Actor::spawn_linked(Some("checkpointer".into()), Checkpointer, args, me.get_cell()).await?;
     Ok(actor)
@@ -186,7 +192,8 @@ impl Actor for Coordinator {
     async fn pre_start(&self, me: ActorRef<CoordinatorMsg>, args: CoordinatorArgs) -> Result<CoordinatorState, ActorProcessingErr> {
         let CoordinatorOptions { config, endpoint, resume, metrics, show_progress, status } = args.options;
         let events = EventLog::open(&config.run_dir())?;
-        let checkpointer = spawn_checkpointer(&me, &config).await?;
+        let pinned = Pinned::default();
+        let checkpointer = spawn_checkpointer(&me, &config, &pinned).await?;
         let evaluator_current = Arc::new(AtomicU64::new(super::IDLE));
         let deployer_current = Arc::new(AtomicU64::new(super::IDLE));
         let evaluator = spawn_evaluator(&me, &config, &evaluator_current).await?;
@@ -223,6 +230,7 @@ impl Actor for Coordinator {
             measured: BTreeMap::new(),
             committed: BTreeMap::new(),
             releases: BTreeMap::new(),
+            pinned,
             sessions_forced: false,
             events,
             metrics,
@@ -273,6 +281,7 @@ impl Actor for Coordinator {
                     }
                 } else {
                     state.releases.remove(&step);
+                    state.pin_releases();
                     state.maybe_stop(&me);
                 }
             }
@@ -298,6 +307,7 @@ impl Actor for Coordinator {
                 if !state.releases.is_empty() {
                     tracing::warn!("the last evaluation/deployment did not finish within {DEPLOY_DRAIN_TIMEOUT:?}; stopping without it");
                     state.releases.clear();
+                    state.pin_releases();
                 }
                 state.maybe_stop(&me);
             }
@@ -478,8 +488,10 @@ impl CoordinatorState {
         self.measured.retain(|s, _| *s > step);
         self.committed.retain(|s, _| *s > step);
         self.releases.insert(step, Release::Evaluating(job.clone()));
+        self.pin_releases();
         if self.evaluator.cast(EvaluatorMsg::Evaluate(job)).is_err() {
             self.releases.remove(&step);
+            self.pin_releases();
             tracing::warn!("the Evaluator is not running; the checkpoint of step {step} is not evaluated");
         }
     }
@@ -488,8 +500,16 @@ impl CoordinatorState {
     /// the run was only waiting for this.
     fn release_done(&mut self, me: &ActorRef<CoordinatorMsg>, event: RunEvent) {
         self.releases.remove(&event.step());
+        self.pin_releases();
         self.record(event);
         self.maybe_stop(me);
+    }
+
+    /// Tells checkpoint retention which checkpoints are still in use.
+    fn pin_releases(&self) {
+        if let Ok(mut pinned) = self.pinned.lock() {
+            *pinned = self.releases.keys().copied().collect();
+        }
     }
 
     fn maybe_stop(&self, me: &ActorRef<CoordinatorMsg>) {
@@ -561,7 +581,7 @@ impl CoordinatorState {
         tracing::warn!("Checkpointer {reason}; restarting it in {backoff:?}");
         self.record(RunEvent::Warning { step: self.core.snapshot().completed_steps, message: format!("Checkpointer {reason}; restarted") });
         tokio::time::sleep(backoff).await;
-        self.checkpointer = spawn_checkpointer(me, &self.config).await?;
+        self.checkpointer = spawn_checkpointer(me, &self.config, &self.pinned).await?;
         // Commits run in order, so the oldest one in flight is the one it crashed on: that
         // checkpoint is given up (the previous one stays the newest). The others were still
         // queued in the dead actor's mailbox; their files are intact, so they are sent again.
