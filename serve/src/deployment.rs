@@ -161,6 +161,7 @@ pub struct Deployment {
     /// The (serial, version) whose load failed, not retried until the state changes.
     failed: Mutex<Option<(u64, u32, String)>>,
     wake: tokio::sync::Notify,
+    last_warning: Mutex<Option<std::time::Instant>>,
     pub faults: Faults,
 }
 
@@ -177,6 +178,7 @@ impl Deployment {
             reconciling: tokio::sync::Mutex::new(()),
             failed: Mutex::new(None),
             wake: tokio::sync::Notify::new(),
+            last_warning: Mutex::new(None),
             faults: Faults::from_env(),
         }
     }
@@ -312,7 +314,15 @@ impl Deployment {
         let state = match tokio::task::spawn_blocking(move || Registry::open(&dir).and_then(|r| r.state())).await {
             Ok(Ok(state)) => state,
             Ok(Err(e)) => {
-                tracing::debug!("registry not readable yet: {e}");
+                // A missing folder is normal before the first publish; anything else (a
+                // state.json edited by hand, say) is worth a warning, once a minute at most.
+                if self.registry_dir.is_dir() {
+                    let mut last = self.last_warning.lock().unwrap_or_else(|p| p.into_inner());
+                    if last.is_none_or(|t| t.elapsed() > Duration::from_secs(60)) {
+                        *last = Some(std::time::Instant::now());
+                        tracing::warn!("cannot read the registry's state: {e}; still serving what was served");
+                    }
+                }
                 return current.serial;
             }
             Err(_) => return current.serial,
