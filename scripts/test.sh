@@ -16,7 +16,7 @@ fi
 openai_dir="${TROUPE_CACHE:-$HOME/.cache/troupe}/python-openai"
 if ! PYTHONPATH="$openai_dir" python3 -c 'import openai' >/dev/null 2>&1; then
     echo "test: installing the openai Python package into $openai_dir (once)…" >&2
-    if python3 -m pip install --disable-pip-version-check --root-user-action=ignore --quiet --target "$openai_dir.partial.$$" openai==3.57.0; then
+    if python3 -m pip install --disable-pip-version-check --root-user-action=ignore --no-warn-conflicts --quiet --target "$openai_dir.partial.$$" openai==3.57.0; then
         rm -rf "$openai_dir"
         mv "$openai_dir.partial.$$" "$openai_dir"
     else

@@ -219,9 +219,10 @@ fn print_status(report: &serde_json::Value, json: bool) -> anyhow::Result<()> {
     }
     troupe_common::say!("history:");
     for t in report["history"].as_array().into_iter().flatten() {
+        let when = std::time::UNIX_EPOCH + Duration::from_millis(t["time_unix_ms"].as_u64().unwrap_or(0));
         troupe_common::say!(
             "  {} {:<9} {:<4} by {:<8} {}",
-            t["time_unix_ms"].as_u64().unwrap_or(0),
+            humantime::format_rfc3339_seconds(when),
             t["action"].as_str().unwrap_or("?"),
             name(&t["version"]),
             t["by"].as_str().unwrap_or("?"),

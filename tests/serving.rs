@@ -438,7 +438,7 @@ fn openai_python() -> Option<PathBuf> {
         return Some(target);
     }
     let installed = Command::new("python3")
-        .args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--target"])
+        .args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--no-warn-conflicts", "--target"])
         .arg(&target)
         .arg("openai==3.57.0")
         .status();
