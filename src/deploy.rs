@@ -1,6 +1,7 @@
 //! `troupe serve` and `troupe deploy`: a serving replica for a registry, and the registry's
 //! controls (status, promote, rollback, publish), on the folder or through a running server.
 
+use crate::http;
 use anyhow::{bail, Context};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -10,39 +11,6 @@ use troupe_common::registry::{parse_version, version_name, Registry, Rollout};
 /// The API key a client or server uses: the flag/env value, else the config's.
 pub fn api_key(explicit: Option<String>, configured: &str) -> Option<String> {
     explicit.filter(|k| !k.is_empty()).or_else(|| Some(configured.to_string()).filter(|k| !k.is_empty()))
-}
-
-/// A blocking HTTP call that returns the status and body whatever the status.
-pub fn http(method: &str, url: &str, body: Option<&serde_json::Value>, api_key: Option<&str>, timeout: Duration) -> anyhow::Result<(u16, String)> {
-    let agent: ureq::Agent = ureq::Agent::config_builder().http_status_as_error(false).timeout_global(Some(timeout)).build().into();
-    let mut response = match (method, body) {
-        ("GET", _) => {
-            let mut req = agent.get(url);
-            if let Some(key) = api_key {
-                req = req.header("Authorization", format!("Bearer {key}"));
-            }
-            req.call()
-        }
-        (_, body) => {
-            let mut req = agent.post(url).header("Content-Type", "application/json");
-            if let Some(key) = api_key {
-                req = req.header("Authorization", format!("Bearer {key}"));
-            }
-            req.send(body.map(|b| b.to_string()).unwrap_or_default())
-        }
-    }
-    .with_context(|| format!("cannot reach {url}"))?;
-    let status = response.status().as_u16();
-    let text = response.body_mut().read_to_string().with_context(|| format!("reading the answer of {url}"))?;
-    Ok((status, text))
-}
-
-/// The message of an OpenAI-style error body, or the body itself.
-pub fn error_message(body: &str) -> String {
-    serde_json::from_str::<serde_json::Value>(body)
-        .ok()
-        .and_then(|v| v["error"]["message"].as_str().map(str::to_string))
-        .unwrap_or_else(|| body.trim().to_string())
 }
 
 pub struct ServeArgs {
@@ -63,13 +31,7 @@ pub fn default_model_name(registry: &Path) -> String {
 }
 
 pub async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
-    if !args.registry.is_dir() {
-        bail!(
-            "{} is not a model registry (no such folder); a run's registry is runs/<name>/registry, \
-             or create one with `troupe deploy publish --registry DIR --checkpoint CKPT`",
-            args.registry.display()
-        );
-    }
+    Registry::open(&args.registry)?;
     let threads = if args.serve.threads > 0 { args.serve.threads } else { std::thread::available_parallelism().map_or(1, |n| n.get()) };
     tch::set_num_threads(threads as i32);
     let model_name = args.model_name.unwrap_or_else(|| default_model_name(&args.registry));
@@ -170,17 +132,17 @@ fn deploy_on_server(url: &str, api_key: Option<&str>, action: DeployAction) -> a
     let base = url.trim_end_matches('/');
     let timeout = Duration::from_secs(120);
     let (status, body) = match &action {
-        DeployAction::Status { .. } => http("GET", &format!("{base}/admin/deploy"), None, api_key, timeout)?,
+        DeployAction::Status { .. } => http::call("GET", &format!("{base}/admin/deploy"), None, api_key, timeout)?,
         DeployAction::Promote { to } | DeployAction::Rollback { to } => {
             version_arg(to.as_deref())?;
             let verb = if matches!(action, DeployAction::Promote { .. }) { "promote" } else { "rollback" };
             let body = serde_json::json!({ "to": to, "reason": format!("troupe deploy {verb} --server") });
-            http("POST", &format!("{base}/admin/deploy/{verb}"), Some(&body), api_key, timeout)?
+            http::call("POST", &format!("{base}/admin/deploy/{verb}"), Some(&body), api_key, timeout)?
         }
         DeployAction::Publish { .. } => bail!("publish works on a registry folder (--registry DIR): the server reads the registry"),
     };
     if status != 200 {
-        bail!("{base} answered {status}: {}", error_message(&body));
+        bail!("{base} answered {status}: {}", http::error_message(&body));
     }
     let value: serde_json::Value = serde_json::from_str(&body).with_context(|| format!("{base} did not answer with JSON"))?;
     match action {

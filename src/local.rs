@@ -20,14 +20,20 @@ pub async fn coordinate(
     insecure: bool,
     on_listening: impl FnOnce(SocketAddr),
 ) -> anyhow::Result<RunOutcome> {
-    launch::ensure_data(&config)?;
-    let resume_from = if resume {
-        launch::find_resume_point(&config)?
+    let resume_from = prepare_run(&config, resume)?;
+    coordinate_prepared(config, resume_from, insecure, on_listening).await
+}
+
+/// Prepares the data, and finds the checkpoint to resume from (`resume`) or moves an earlier
+/// run of the same name aside (a fresh run).
+fn prepare_run(config: &Config, resume: bool) -> anyhow::Result<Option<troupe_coordinator::core::ResumeFrom>> {
+    launch::ensure_data(config)?;
+    if resume {
+        launch::find_resume_point(config)
     } else {
         archive_previous_run(&config.run_dir())?;
-        None
-    };
-    coordinate_prepared(config, resume_from, insecure, on_listening).await
+        Ok(None)
+    }
 }
 
 /// As [`coordinate`], with the data prepared and the run folder settled by the caller.
@@ -127,13 +133,7 @@ pub async fn run_local(args: LocalArgs) -> anyhow::Result<ExitCode> {
     // While training, the cores belong to the workers: the Evaluator's samples and the
     // serving endpoint in this process use one thread.
     tch::set_num_threads(1);
-    launch::ensure_data(&config)?;
-    let resume_from = if args.run.resume {
-        launch::find_resume_point(&config)?
-    } else {
-        archive_previous_run(&config.run_dir())?;
-        None
-    };
+    let resume_from = prepare_run(&config, args.run.resume)?;
     // The serving endpoint runs from the start: the Deployer tells it about every version it
     // publishes, and it answers the completion at the end.
     let api_key = crate::deploy::api_key(std::env::var("TROUPE_API_KEY").ok(), &config.serve.api_key);
@@ -201,29 +201,22 @@ pub async fn run_local(args: LocalArgs) -> anyhow::Result<ExitCode> {
     }
     let code = report_outcome(&outcome);
     if outcome.ok && args.sample_tokens > 0 {
-        let prompt = args.prompt.clone();
-        let url = server.url();
-        let (seed, tokens, model) = (config.run.seed, args.sample_tokens, config.run.name.clone());
-        let key = api_key.clone();
-        let answer = if config.deploy.enabled {
-            tokio::task::spawn_blocking(move || complete_over_http(&url, &model, &prompt, tokens, seed, key.as_deref())).await?
-        } else {
-            Err(anyhow::anyhow!("deploy.enabled is false: nothing was published to serve"))
-        };
-        if let (Err(_), Some(ckpt)) = (&answer, outcome.snapshot.last_checkpoint.as_ref().filter(|_| !config.deploy.enabled)) {
-            // Without deployment, sample from the last checkpoint in this process instead.
+        if config.deploy.enabled {
+            let (url, model, prompt, key) = (server.url(), config.run.name.clone(), args.prompt.clone(), api_key.clone());
+            let (tokens, seed) = (args.sample_tokens, config.run.seed);
+            match tokio::task::spawn_blocking(move || complete_over_http(&url, &model, &prompt, tokens, seed, key.as_deref())).await? {
+                Ok((version, text)) => troupe_common::say!(
+                    "\ncompletion from {version} over HTTP (POST {}/v1/completions):\n----\n{}{text}\n----",
+                    server.url(),
+                    args.prompt
+                ),
+                Err(e) => troupe_common::say_err!("warning: the completion request failed: {e:#}"),
+            }
+        } else if let Some(ckpt) = &outcome.snapshot.last_checkpoint {
+            // Nothing was published to serve: sample from the last checkpoint in this process.
             match generate(Path::new(ckpt), &args.prompt, args.sample_tokens, 0.8, 40, config.run.seed) {
                 Ok(text) => troupe_common::say!("\nsample from the final checkpoint (deploy.enabled = false):\n----\n{text}\n----"),
                 Err(e) => troupe_common::say_err!("warning: cannot generate a sample: {e:#}"),
-            }
-        } else {
-            match answer {
-            Ok((version, text)) => troupe_common::say!(
-                "\ncompletion from {version} over HTTP (POST {}/v1/completions):\n----\n{}{text}\n----",
-                server.url(),
-                args.prompt
-            ),
-                Err(e) => troupe_common::say_err!("warning: the completion request failed: {e:#}"),
             }
         }
     }
@@ -242,9 +235,9 @@ pub async fn run_local(args: LocalArgs) -> anyhow::Result<ExitCode> {
 /// that answered and the text.
 fn complete_over_http(url: &str, model: &str, prompt: &str, max_tokens: usize, seed: u64, api_key: Option<&str>) -> anyhow::Result<(String, String)> {
     let body = serde_json::json!({"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.8, "top_k": 40, "seed": seed});
-    let (status, text) = crate::deploy::http("POST", &format!("{url}/v1/completions"), Some(&body), api_key, Duration::from_secs(120))?;
+    let (status, text) = crate::http::call("POST", &format!("{url}/v1/completions"), Some(&body), api_key, Duration::from_secs(120))?;
     if status != 200 {
-        anyhow::bail!("{url} answered {status}: {}", crate::deploy::error_message(&text));
+        anyhow::bail!("{url} answered {status}: {}", crate::http::error_message(&text));
     }
     let value: serde_json::Value = serde_json::from_str(&text).context("the completion is not JSON")?;
     let version = value["version"].as_str().unwrap_or("?").to_string();
@@ -298,12 +291,12 @@ fn random_token() -> anyhow::Result<String> {
 
 /// Generates text from a checkpoint folder.
 pub fn generate(checkpoint: &Path, prompt: &str, max_tokens: usize, temperature: f64, top_k: usize, seed: u64) -> anyhow::Result<String> {
-    let (model, tokenizer) = troupe_worker::trainer::load_for_inference(checkpoint, tch::Device::Cpu)?;
+    let (model, tokenizer) = troupe_common::model::load_for_inference(checkpoint, tch::Device::Cpu)?;
     let ids: Vec<i64> = tokenizer.encode(prompt)?.into_iter().map(i64::from).collect();
     if ids.is_empty() {
         anyhow::bail!("the prompt is empty");
     }
-    let out = model.generate(&ids, max_tokens, temperature, (top_k > 0).then_some(top_k), seed)?;
-    let out: Vec<u32> = out.into_iter().filter_map(|t| u32::try_from(t).ok()).collect();
-    Ok(format!("{prompt}{}", tokenizer.decode(&out)?))
+    let sampling = troupe_common::model::Sampling { temperature, top_k: (top_k > 0).then_some(top_k), top_p: 1.0 };
+    let text = troupe_common::model::continuation(&model, &tokenizer, &ids, max_tokens, sampling, seed)?;
+    Ok(format!("{prompt}{text}"))
 }

@@ -1,6 +1,7 @@
 //! The `troupe` command line: parses arguments and hands over to the crates. Nothing else.
 
 mod deploy;
+mod http;
 mod local;
 mod status;
 

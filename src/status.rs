@@ -1,7 +1,6 @@
 //! `troupe status`: reads the coordinator's `GET /status` and prints it.
 
 use anyhow::{bail, Context};
-use std::io::{Read, Write};
 use std::time::Duration;
 use troupe_common::status::RunStatus;
 
@@ -9,22 +8,12 @@ use troupe_common::status::RunStatus;
 /// "coordinator metrics on http://ADDR/metrics").
 pub fn fetch(addr: &str) -> anyhow::Result<RunStatus> {
     let addr = addr.trim_start_matches("http://").trim_end_matches('/');
-    let target = std::net::ToSocketAddrs::to_socket_addrs(addr)
-        .with_context(|| format!("{addr:?} is not a host:port address"))?
-        .next()
-        .with_context(|| format!("{addr:?} resolves to no address"))?;
-    let mut stream = std::net::TcpStream::connect_timeout(&target, Duration::from_secs(5))
+    let (status, body) = crate::http::call("GET", &format!("http://{addr}/status"), None, None, Duration::from_secs(10))
         .with_context(|| format!("cannot reach the coordinator's status endpoint at {addr} (its metrics.listen address)"))?;
-    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
-    write!(stream, "GET /status HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n")?;
-    let mut response = Vec::new();
-    stream.take(16 << 20).read_to_end(&mut response)?;
-    let text = String::from_utf8_lossy(&response);
-    let Some((head, body)) = text.split_once("\r\n\r\n") else { bail!("{addr} sent a malformed HTTP response") };
-    if !head.starts_with("HTTP/1.1 200") {
-        bail!("{addr} answered {:?}: is this the coordinator's metrics address?", head.lines().next().unwrap_or(""));
+    if status != 200 {
+        bail!("{addr} answered {status}: is this the coordinator's metrics address?");
     }
-    serde_json::from_str(body).with_context(|| format!("{addr} did not answer with a troupe status"))
+    serde_json::from_str(&body).with_context(|| format!("{addr} did not answer with a troupe status"))
 }
 
 pub fn print(status: &RunStatus) {

@@ -166,7 +166,8 @@ impl Registry {
     pub fn open(dir: &Path) -> Result<Registry> {
         if !dir.is_dir() {
             return Err(RegistryError::Invalid(format!(
-                "{} is not a model registry (no such folder; a run's registry is <run dir>/registry)",
+                "{} is not a model registry (no such folder; a run's registry is <run dir>/registry, \
+                 and `troupe deploy publish --registry DIR --checkpoint CKPT` creates one)",
                 dir.display()
             )));
         }

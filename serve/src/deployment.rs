@@ -290,11 +290,6 @@ impl Deployment {
         (w.version != 0).then(|| (w.version, w.stable.clone(), w.canary.clone()))
     }
 
-    /// Asks the watcher to read the registry now (a Deployer's notification).
-    pub fn notify(&self) {
-        self.wake.notify_one();
-    }
-
     /// Follows the registry until the process ends.
     pub async fn watch(self: Arc<Self>) {
         loop {

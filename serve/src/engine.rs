@@ -188,7 +188,7 @@ fn generate_loop(
         for (i, (a, row)) in active.iter_mut().zip(rows).enumerate() {
             let next = a.request.sampling.pick(&row[..vocab.min(row.len())], &mut a.rng) as u32;
             if next == eot {
-                finish(a, tokenizer, FinishReason::Stop, true);
+                finish(a, tokenizer, FinishReason::Stop);
                 finished[i] = true;
                 continue;
             }
@@ -197,7 +197,7 @@ fn generate_loop(
             if step_text(a, tokenizer) {
                 finished[i] = true;
             } else if a.generated.len() >= a.request.max_tokens {
-                finish(a, tokenizer, FinishReason::Length, true);
+                finish(a, tokenizer, FinishReason::Length);
                 finished[i] = true;
             }
         }
@@ -281,11 +281,9 @@ fn step_text(a: &mut Active, tokenizer: &Tokenizer) -> bool {
     false
 }
 
-fn finish(a: &mut Active, tokenizer: &Tokenizer, reason: FinishReason, flush: bool) {
-    if flush {
-        let text = decoded(a, tokenizer);
-        send_text(a, &text);
-    }
+fn finish(a: &mut Active, tokenizer: &Tokenizer, reason: FinishReason) {
+    let text = decoded(a, tokenizer);
+    send_text(a, &text);
     let _ = a.request.events.send(GenEvent::Done { finish_reason: reason, completion_tokens: a.generated.len() });
 }
 

@@ -16,7 +16,7 @@
 //! `Authorization: Bearer <key>`.
 
 use crate::api::{self, ApiError, Choice, Completion, FinishReason, Usage};
-use crate::deployment::{Deployment, Role};
+use crate::deployment::Deployment;
 use crate::engine::{GenEvent, Generation, SubmitError};
 use crate::metrics::ServeMetrics;
 use axum::body::Bytes;
@@ -511,9 +511,6 @@ impl Server {
         format!("http://{}", self.addr)
     }
 
-    pub fn role_of(&self, version: u32) -> Option<Role> {
-        self.deployment.live().engines().find(|(e, _)| e.version == version).map(|(_, r)| r)
-    }
 }
 
 #[cfg(test)]

@@ -367,7 +367,3 @@ pub fn read_state(dir: &Path) -> Result<TrainState, TrainerError> {
     serde_json::from_slice(&bytes).map_err(|e| TrainerError::Other(format!("{} is not valid: {e}", path.display())))
 }
 
-/// Loads a checkpoint's model for inference: `model.json`, `model.safetensors`, `tokenizer.json`.
-pub fn load_for_inference(dir: &Path, device: Device) -> Result<(Gpt, data::Tokenizer), TrainerError> {
-    troupe_common::model::load_for_inference(dir, device).map_err(|e| TrainerError::Other(format!("{e:#}")))
-}

@@ -141,10 +141,6 @@ struct CausalSelfAttention {
 }
 
 impl CausalSelfAttention {
-    fn forward(&self, x: &Tensor, train: bool) -> Tensor {
-        self.forward_with_kv(x, train).0
-    }
-
     /// The forward pass, also returning this layer's keys and values [B, n_head, T, head_dim]
     /// (what a KV cache keeps).
     fn forward_with_kv(&self, x: &Tensor, train: bool) -> (Tensor, Tensor, Tensor) {
@@ -215,8 +211,20 @@ struct Block {
 
 impl Block {
     fn forward(&self, x: &Tensor, train: bool) -> Tensor {
-        let x = x + self.attn.forward(&self.ln_1.forward(x), train);
-        &x + self.mlp.forward(&self.ln_2.forward(&x), train)
+        self.forward_with_kv(x, train).0
+    }
+
+    /// The forward pass, also returning the attention's keys and values (a KV cache keeps them).
+    fn forward_with_kv(&self, x: &Tensor, train: bool) -> (Tensor, Tensor, Tensor) {
+        let (y, k, v) = self.attn.forward_with_kv(&self.ln_1.forward(x), train);
+        let x = x + y;
+        (&x + self.mlp.forward(&self.ln_2.forward(&x), train), k, v)
+    }
+
+    /// One new position per sequence against the cache (see [`CausalSelfAttention::decode`]).
+    fn decode(&self, x: &Tensor, keys: &mut Tensor, values: &mut Tensor, slots: &Tensor, positions: &Tensor, width: i64) -> Result<Tensor> {
+        let x = x + self.attn.decode(&self.ln_1.forward(x), keys, values, slots, positions, width)?;
+        Ok(&x + self.mlp.forward(&self.ln_2.forward(&x), false))
     }
 }
 
@@ -389,15 +397,17 @@ impl Gpt {
         x.linear(&self.wte, None::<Tensor>)
     }
 
+    /// Token plus position embeddings: `idx` [B, T] at `positions` ([T], or [B, T]).
+    fn embed(&self, idx: &Tensor, positions: &Tensor) -> Tensor {
+        // padding_idx -1: no padding token.
+        let tok_emb = Tensor::embedding(&self.wte, &idx.to_device(self.device), -1, false, false); // [B, T, C]
+        tok_emb + Tensor::embedding(&self.wpe, positions, -1, false, false)
+    }
+
     /// The final hidden states [B, T, C] (after ln_f), before the output head.
     fn hidden(&self, idx: &Tensor, train: bool) -> Tensor {
-        let t = idx.size()[1];
-        let idx = idx.to_device(self.device);
-        let pos = Tensor::arange(t, (Kind::Int64, self.device));
-        // padding_idx -1: no padding token.
-        let tok_emb = Tensor::embedding(&self.wte, &idx, -1, false, false); // [B, T, C]
-        let pos_emb = Tensor::embedding(&self.wpe, &pos, -1, false, false); // [T, C]
-        let mut x = dropout(tok_emb + pos_emb, self.cfg.dropout, train);
+        let pos = Tensor::arange(idx.size()[1], (Kind::Int64, self.device));
+        let mut x = dropout(self.embed(idx, &pos), self.cfg.dropout, train);
         for block in &self.h {
             x = block.forward(&x, train);
         }
@@ -474,15 +484,13 @@ impl Gpt {
         }
         let _no_grad = tch::no_grad_guard();
         let t = context.len() as i64;
-        let idx = Tensor::f_from_slice(context)?.f_view([1, t])?.f_to_device(self.device)?;
-        let pos = Tensor::f_arange(t, (Kind::Int64, self.device))?;
-        let mut x = Tensor::embedding(&self.wte, &idx, -1, false, false) + Tensor::embedding(&self.wpe, &pos, -1, false, false);
+        let idx = Tensor::f_from_slice(context)?.f_view([1, t])?;
+        let mut x = self.embed(&idx, &Tensor::f_arange(t, (Kind::Int64, self.device))?);
         for (layer, block) in self.h.iter().enumerate() {
-            let (y, k, v) = block.attn.forward_with_kv(&block.ln_1.forward(&x), false);
+            let (y, k, v) = block.forward_with_kv(&x, false);
             cache.keys[layer].f_get(slot as i64)?.f_narrow(1, 0, t)?.f_copy_(&k.f_squeeze_dim(0)?)?;
             cache.values[layer].f_get(slot as i64)?.f_narrow(1, 0, t)?.f_copy_(&v.f_squeeze_dim(0)?)?;
-            x = x + y;
-            x = &x + block.mlp.forward(&block.ln_2.forward(&x), false);
+            x = y;
         }
         cache.filled[slot] = context.len();
         let last = self.ln_f.forward(&x).f_select(1, -1)?.f_linear(&self.wte, None::<Tensor>)?;
@@ -518,14 +526,10 @@ impl Gpt {
         let slot_ids: Vec<i64> = slots.iter().map(|&s| s as i64).collect();
         let slot_t = Tensor::f_from_slice(&slot_ids)?.f_to_device(self.device)?;
         let pos_t = Tensor::f_from_slice(&positions)?.f_to_device(self.device)?;
-        let idx = Tensor::f_from_slice(tokens)?.f_view([b, 1])?.f_to_device(self.device)?;
-        let pos_emb = Tensor::embedding(&self.wpe, &pos_t, -1, false, false).f_view([b, 1, -1])?;
-        let mut x = Tensor::embedding(&self.wte, &idx, -1, false, false) + pos_emb;
+        let idx = Tensor::f_from_slice(tokens)?.f_view([b, 1])?;
+        let mut x = self.embed(&idx, &pos_t.f_view([b, 1])?);
         for (layer, block) in self.h.iter().enumerate() {
-            let (keys, values) = (&mut cache.keys[layer], &mut cache.values[layer]);
-            let y = block.attn.decode(&block.ln_1.forward(&x), keys, values, &slot_t, &pos_t, width)?;
-            x = x + y;
-            x = &x + block.mlp.forward(&block.ln_2.forward(&x), false);
+            x = block.decode(&x, &mut cache.keys[layer], &mut cache.values[layer], &slot_t, &pos_t, width)?;
         }
         for &slot in slots {
             cache.filled[slot] += 1;

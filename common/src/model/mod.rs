@@ -79,6 +79,23 @@ pub fn load_for_inference(dir: &std::path::Path, device: tch::Device) -> anyhow:
     Ok((model, tokenizer))
 }
 
+/// Continues the token ids `context` by up to `max_tokens` tokens (see [`Gpt::generate`]) and
+/// returns the new text. Ids the tokenizer does not know (a padded model vocabulary) are left
+/// out of the text.
+pub fn continuation(
+    model: &Gpt,
+    tokenizer: &crate::data::Tokenizer,
+    context: &[i64],
+    max_tokens: usize,
+    sampling: Sampling,
+    seed: u64,
+) -> anyhow::Result<String> {
+    let out = model.generate(context, max_tokens, sampling.temperature, sampling.top_k, seed)?;
+    let known = tokenizer.vocab_size();
+    let ids: Vec<u32> = out.into_iter().filter_map(|t| u32::try_from(t).ok()).filter(|&t| (t as usize) < known).collect();
+    Ok(tokenizer.decode(&ids)?)
+}
+
 /// Runs one tiny forward pass, once per process, before any thread generates.
 ///
 /// Why: libtorch initialises parts of its global context (e.g. the float32 precision table

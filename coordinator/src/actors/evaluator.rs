@@ -74,12 +74,8 @@ fn evaluate(job: &EvalJob, prompts: &[String], sample_tokens: usize) -> anyhow::
             if context.is_empty() {
                 continue;
             }
-            let greedy = Sampling::greedy();
-            let out = model.generate(&context, sample_tokens, greedy.temperature, greedy.top_k, 0)?;
-            // A padded model vocabulary may hold ids the tokenizer does not know: leave them out.
-            let known = tokenizer.vocab_size();
-            let out: Vec<u32> = out.into_iter().filter_map(|t| u32::try_from(t).ok()).filter(|&t| (t as usize) < known).collect();
-            samples.push(Sample { prompt: prompt.clone(), text: tokenizer.decode(&out)? });
+            let text = troupe_common::model::continuation(&model, &tokenizer, &context, sample_tokens, Sampling::greedy(), 0)?;
+            samples.push(Sample { prompt: prompt.clone(), text });
         }
     }
     let results = EvalResults {
