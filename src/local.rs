@@ -47,6 +47,7 @@ async fn coordinate_prepared(
     let addr = endpoint.local_addr()?;
     let coordinator_metrics = CoordinatorMetrics::new();
     let status = SharedStatus::default();
+    let mut metrics_addr = None;
     if !config.metrics.listen.is_empty() {
         let listen: SocketAddr = config.metrics.listen.parse().context("metrics.listen")?;
         let bound = metrics::serve(coordinator_metrics.registry.clone(), listen, Some(status.clone()))
@@ -54,6 +55,7 @@ async fn coordinate_prepared(
             .with_context(|| format!("cannot serve metrics on {listen} (metrics.listen)"))?;
         troupe_common::say!("coordinator metrics on http://{bound}/metrics");
         troupe_common::say!("run status: troupe status --coordinator {bound}");
+        metrics_addr = Some(bound);
     }
     on_listening(addr);
     run_coordinator(CoordinatorOptions {
@@ -63,6 +65,7 @@ async fn coordinate_prepared(
         metrics: coordinator_metrics,
         show_progress: true,
         status,
+        metrics_addr,
     })
     .await
 }

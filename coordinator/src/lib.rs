@@ -6,5 +6,6 @@
 pub mod actors;
 pub mod core;
 pub mod launch;
+pub mod scrape_targets;
 
 pub use actors::{run_coordinator, CoordinatorOptions, RunOutcome};

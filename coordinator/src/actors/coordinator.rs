@@ -23,6 +23,7 @@ use tokio::sync::oneshot;
 use troupe_common::config::Config;
 use troupe_common::events::{EventLog, RunEvent};
 use troupe_common::metrics::CoordinatorMetrics;
+use crate::scrape_targets::{ScrapeTargets, WorkerEndpoints};
 use troupe_common::proto::{Capabilities, FileDigest};
 use troupe_common::registry::{version_name, EvalResults};
 use troupe_common::status::{RunStatus, SharedStatus, WorkerStatus};
@@ -44,6 +45,9 @@ pub struct CoordinatorOptions {
     pub show_progress: bool,
     /// Kept up to date for `GET /status`.
     pub status: SharedStatus,
+    /// Where the coordinator's `/metrics` is served, if it is: listed in the run's Prometheus
+    /// targets file with the workers' and the serving replicas'.
+    pub metrics_addr: Option<std::net::SocketAddr>,
 }
 
 #[derive(Debug, Clone)]
@@ -119,6 +123,7 @@ pub struct CoordinatorState {
     outcome: Option<RunOutcome>,
     done: Option<oneshot::Sender<RunOutcome>>,
     status: SharedStatus,
+    scrape_targets: ScrapeTargets,
 }
 
 /// Runs a whole training run; returns when it is finished (or failed).
@@ -190,7 +195,8 @@ impl Actor for Coordinator {
     type Arguments = CoordinatorArgs;
 
     async fn pre_start(&self, me: ActorRef<CoordinatorMsg>, args: CoordinatorArgs) -> Result<CoordinatorState, ActorProcessingErr> {
-        let CoordinatorOptions { config, endpoint, resume, metrics, show_progress, status } = args.options;
+        let CoordinatorOptions { config, endpoint, resume, metrics, show_progress, status, metrics_addr } = args.options;
+        let scrape_targets = ScrapeTargets::new(&config, metrics_addr);
         let events = EventLog::open(&config.run_dir())?;
         let pinned = Pinned::default();
         let checkpointer = spawn_checkpointer(&me, &config, &pinned).await?;
@@ -238,6 +244,7 @@ impl Actor for Coordinator {
             outcome: None,
             done: Some(args.done),
             status,
+            scrape_targets,
         })
     }
 
@@ -337,6 +344,7 @@ impl Actor for Coordinator {
 
     async fn post_stop(&self, me: ActorRef<CoordinatorMsg>, state: &mut CoordinatorState) -> Result<(), ActorProcessingErr> {
         me.stop_children(None);
+        state.scrape_targets.remove();
         let outcome = state.outcome.take().unwrap_or_else(|| RunOutcome {
             ok: false,
             error: Some("the coordinator stopped before the run finished".into()),
@@ -358,6 +366,17 @@ impl CoordinatorState {
         }
         self.update_worker_gauges();
         self.publish_status();
+        self.update_scrape_targets();
+    }
+
+    fn update_scrape_targets(&mut self) {
+        let workers: Vec<WorkerEndpoints> = self
+            .core
+            .workers()
+            .values()
+            .map(|w| WorkerEndpoints { metrics: w.info.metrics_addr, peer: w.info.peer_addr })
+            .collect();
+        self.scrape_targets.update(&workers);
     }
 
     fn publish_status(&self) {
