@@ -1,0 +1,212 @@
+//! `scripts/launch-ssh.sh` as a user runs it: a real OpenSSH server (Debian's package;
+//! `scripts/test.sh` installs it where apt works) answering on two loopback addresses,
+//! 127.0.0.2 and 127.0.0.3, that stand for two hosts; keys made here. The launcher copies the
+//! binary and config over ssh, starts a coordinator and a worker per host, gathers the logs,
+//! stops everything on Ctrl-C and exits with the coordinator's status.
+
+mod common;
+
+use common::*;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+use troupe_common::events::RunEvent;
+
+const HOSTS: [&str; 2] = ["127.0.0.2", "127.0.0.3"];
+
+struct Sshd {
+    _process: KillOnDrop,
+    port: u16,
+    key: PathBuf,
+}
+
+/// An sshd on 127.0.0.2 and 127.0.0.3 that admits a key made here; None (the test skips) where
+/// OpenSSH is not installed.
+fn start_sshd(dir: &Path) -> Option<Sshd> {
+    let installed = Path::new("/usr/sbin/sshd").exists() && Command::new("ssh-keygen").arg("-?").output().is_ok();
+    if !installed {
+        assert!(std::env::var("CI").as_deref() != Ok("true"), "OpenSSH is missing in CI: scripts/test.sh should have installed it");
+        eprintln!("SKIPPED: OpenSSH (openssh-server, openssh-client) is not installed");
+        return None;
+    }
+    let ssh = dir.join("ssh");
+    std::fs::create_dir_all(&ssh).unwrap();
+    for key in ["host_key", "client_key"] {
+        let out = Command::new("ssh-keygen").args(["-q", "-t", "ed25519", "-N", "", "-f"]).arg(ssh.join(key)).output().unwrap();
+        assert!(out.status.success(), "ssh-keygen: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    std::fs::copy(ssh.join("client_key.pub"), ssh.join("authorized_keys")).unwrap();
+    // sshd insists on its privilege-separation folder.
+    let _ = std::fs::create_dir_all("/run/sshd");
+    let port = std::net::TcpListener::bind((HOSTS[0], 0)).unwrap().local_addr().unwrap().port();
+    let config = format!(
+        "Port {port}\nListenAddress {}\nListenAddress {}\nHostKey {}\nAuthorizedKeysFile {}\nPidFile {}\n\
+         PasswordAuthentication no\nKbdInteractiveAuthentication no\nPubkeyAuthentication yes\n\
+         PermitRootLogin prohibit-password\nStrictModes no\nUsePAM no\n",
+        HOSTS[0],
+        HOSTS[1],
+        ssh.join("host_key").display(),
+        ssh.join("authorized_keys").display(),
+        ssh.join("sshd.pid").display(),
+    );
+    std::fs::write(ssh.join("sshd_config"), config).unwrap();
+    let log = std::fs::File::create(ssh.join("sshd.log")).unwrap();
+    let process = KillOnDrop(
+        Command::new("/usr/sbin/sshd")
+            .args(["-D", "-e", "-f"])
+            .arg(ssh.join("sshd_config"))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("start sshd"),
+    );
+    let sshd = Sshd { _process: process, port, key: ssh.join("client_key") };
+    // Ready when both "hosts" answer a command.
+    let started = Instant::now();
+    for host in HOSTS {
+        loop {
+            let ok = ssh_command(&sshd).arg(host).arg("true").stdin(Stdio::null()).output().map(|o| o.status.success()).unwrap_or(false);
+            if ok {
+                break;
+            }
+            assert!(started.elapsed() < Duration::from_secs(30), "sshd does not answer:\n{}", std::fs::read_to_string(ssh.join("sshd.log")).unwrap_or_default());
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+    Some(sshd)
+}
+
+fn ssh_options(sshd: &Sshd) -> Vec<String> {
+    let key = sshd.key.display().to_string();
+    ["-p", &sshd.port.to_string(), "-i", &key, "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null", "-o", "LogLevel=ERROR"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+}
+
+fn ssh_command(sshd: &Sshd) -> Command {
+    let mut cmd = Command::new("ssh");
+    cmd.args(["-o", "BatchMode=yes"]).args(ssh_options(sshd));
+    cmd
+}
+
+/// `scripts/launch-ssh.sh` on both hosts, in its own process group (as a terminal runs it, so
+/// that Ctrl-C reaches the whole group).
+fn launcher(sshd: &Sshd, dir: &Path, config: &Path, extra: &[&str]) -> Command {
+    use std::os::unix::process::CommandExt;
+    let port = std::net::UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let mut cmd = Command::new(Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/launch-ssh.sh"));
+    cmd.arg("--hosts")
+        .arg(HOSTS.join(","))
+        .arg("--config")
+        .arg(config)
+        .args(["--port", &port.to_string(), "--worker-args", "--threads 1", "--binary", env!("CARGO_BIN_EXE_troupe")])
+        .arg("--remote-dir")
+        .arg(dir.join("remote"))
+        .arg("--logs")
+        .arg(dir.join("logs"))
+        .args(extra);
+    for opt in ssh_options(sshd) {
+        cmd.arg("--ssh-opt").arg(opt);
+    }
+    cmd.process_group(0);
+    cmd
+}
+
+fn log(dir: &Path, name: &str) -> String {
+    std::fs::read_to_string(dir.join("logs").join(name)).unwrap_or_default()
+}
+
+/// Pids recorded by the launched processes (the remote folder is this machine's).
+fn launched_pids(dir: &Path) -> Vec<(String, u32)> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir.join("remote")).into_iter().flatten().flatten() {
+        let name = entry.file_name().to_string_lossy().to_string();
+        if let Some(stem) = name.strip_suffix(".pid") {
+            if let Ok(pid) = std::fs::read_to_string(entry.path()).unwrap_or_default().trim().parse() {
+                out.push((stem.to_string(), pid));
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+fn alive(pid: u32) -> bool {
+    // A zombie has exited; only its parent (sshd) has yet to reap it.
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).map(|s| !s.contains(") Z ")).unwrap_or(false)
+}
+
+#[test]
+fn runs_a_job_on_two_hosts_over_ssh_and_gathers_the_logs() {
+    let dir = scratch("ssh-launch");
+    let Some(sshd) = start_sshd(&dir) else { return };
+    let data = prepare_small_corpus(&dir);
+    let config = tiny_config(&dir, &data, 2, 20);
+    let output = run(launcher(&sshd, &dir, &config, &[]), Duration::from_secs(300));
+    let coordinator = log(&dir, "coordinator.log");
+    assert!(output.status.success(), "launch failed: {}\n{}\ncoordinator:\n{coordinator}", stdout(&output), stderr(&output));
+    assert!(coordinator.contains("final train loss"), "{coordinator}");
+    for host in HOSTS {
+        let worker = log(&dir, &format!("worker-{host}-0.log"));
+        assert!(worker.contains("joined"), "worker on {host}:\n{worker}");
+    }
+    let events = events(&dir.join("runs/tiny"));
+    let joined = events.iter().filter(|e| matches!(e, RunEvent::WorkerJoined { .. })).count();
+    let steps = events.iter().filter(|e| matches!(e, RunEvent::Step { .. })).count();
+    assert_eq!((joined, steps), (2, 20), "two workers joined and trained every step");
+    // Every launched process is gone.
+    let pids = launched_pids(&dir);
+    assert_eq!(pids.len(), 3, "{pids:?}");
+    assert!(pids.iter().all(|(_, pid)| !alive(*pid)), "{pids:?}");
+    println!("launch-ssh: 20 steps on 2 hosts; logs {:?}", std::fs::read_dir(dir.join("logs")).unwrap().count());
+}
+
+#[test]
+fn ctrl_c_stops_every_process_on_every_host() {
+    let dir = scratch("ssh-launch-ctrl-c");
+    let Some(sshd) = start_sshd(&dir) else { return };
+    let data = prepare_small_corpus(&dir);
+    let config = tiny_config(&dir, &data, 2, 1_000_000);
+    let mut child = KillOnDrop(launcher(&sshd, &dir, &config, &["--grace", "60"]).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap());
+    wait_for_steps(&dir.join("runs/tiny"), 3, Duration::from_secs(180));
+    assert_eq!(launched_pids(&dir).len(), 3, "a coordinator and two workers are running");
+    // Ctrl-C in a terminal: SIGINT to the launcher's whole process group.
+    let pgid = child.0.id();
+    let interrupted = Instant::now();
+    assert!(Command::new("kill").args(["-INT", "--", &format!("-{pgid}")]).status().unwrap().success());
+    let status = loop {
+        if let Some(status) = child.0.try_wait().unwrap() {
+            break status;
+        }
+        assert!(interrupted.elapsed() < Duration::from_secs(120), "the launcher did not stop after Ctrl-C");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let mut stderr_text = String::new();
+    std::io::Read::read_to_string(child.0.stderr.as_mut().unwrap(), &mut stderr_text).unwrap();
+    assert_eq!(status.code(), Some(130), "the launcher exits 130 after Ctrl-C:\n{stderr_text}");
+    let pids = launched_pids(&dir);
+    assert!(pids.iter().all(|(_, pid)| !alive(*pid)), "processes left running after Ctrl-C: {pids:?}");
+    // The coordinator was stopped the graceful way: a final checkpoint.
+    let coordinator = log(&dir, "coordinator.log");
+    assert!(coordinator.contains("shutdown requested"), "{coordinator}");
+    let checkpoints = events(&dir.join("runs/tiny")).iter().filter(|e| matches!(e, RunEvent::Checkpoint { .. })).count();
+    assert!(checkpoints >= 1, "a checkpoint on the way out");
+    println!("launch-ssh: Ctrl-C stopped 3 processes on 2 hosts in {:.1} s", interrupted.elapsed().as_secs_f64());
+}
+
+#[test]
+fn a_failing_coordinator_fails_the_launch_and_its_workers_are_stopped() {
+    let dir = scratch("ssh-launch-fail");
+    let Some(sshd) = start_sshd(&dir) else { return };
+    // No prepared data where the config says: the coordinator refuses to start.
+    let config = tiny_config(&dir, &dir.join("no-such-data"), 2, 20);
+    let started = Instant::now();
+    let output = run(launcher(&sshd, &dir, &config, &["--grace", "5"]), Duration::from_secs(120));
+    assert_eq!(output.status.code(), Some(1), "the coordinator's exit status: {}", stderr(&output));
+    assert!(log(&dir, "coordinator.log").contains("troupe prepare"), "{}", log(&dir, "coordinator.log"));
+    let pids = launched_pids(&dir);
+    assert!(pids.iter().all(|(_, pid)| !alive(*pid)), "workers left running: {pids:?}");
+    println!("launch-ssh: a failed coordinator ended the launch in {:.1} s", started.elapsed().as_secs_f64());
+}
