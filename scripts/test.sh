@@ -3,13 +3,20 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
-# Tools the suite checks with: shellcheck (every shell script must pass it). Installed from
-# Debian's packages where that is possible (root and apt); elsewhere its test says it skipped.
-if ! command -v shellcheck >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
-    echo "test: installing shellcheck from Debian's packages (once)…" >&2
-    apt-get install -y -qq --no-install-recommends shellcheck >/dev/null 2>&1 \
-        || { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq --no-install-recommends shellcheck >/dev/null 2>&1; } \
-        || echo "test: could not install shellcheck; its test will be skipped" >&2
+# Programs the suite runs for real, from Debian's packages where that is possible (root and
+# apt): shellcheck (every shell script must pass it), prometheus (scrapes a running job with the
+# shipped config), openssh-server (the ssh launcher's hosts). Elsewhere their tests say they
+# skipped (in CI, where they must be present, they fail).
+debian_packages=()
+command -v shellcheck >/dev/null 2>&1 || debian_packages+=(shellcheck)
+command -v prometheus >/dev/null 2>&1 || debian_packages+=(prometheus)
+[ -x /usr/sbin/sshd ] || debian_packages+=(openssh-server openssh-client)
+if [ "${#debian_packages[@]}" -gt 0 ] && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+    echo "test: installing ${debian_packages[*]} from Debian's packages (once)…" >&2
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get install -y -qq --no-install-recommends "${debian_packages[@]}" >/dev/null 2>&1 \
+        || { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq --no-install-recommends "${debian_packages[@]}" >/dev/null 2>&1; } \
+        || echo "test: could not install ${debian_packages[*]}; their tests will be skipped" >&2
 fi
 # The official `openai` Python package, for the test that drives the server with it. Pinned;
 # installed once into the cache; where pip or PyPI is unavailable that test says it skipped.
@@ -22,6 +29,19 @@ if ! PYTHONPATH="$openai_dir" python3 -c 'import openai' >/dev/null 2>&1; then
     else
         rm -rf "$openai_dir.partial.$$"
         echo "test: could not install openai; its test will be skipped" >&2
+    fi
+fi
+# kubernetes-validate (it bundles the Kubernetes API's JSON schemas: no network at test time),
+# for the test that validates deploy/k8s. Pinned; installed once into the cache like openai.
+k8s_validate_dir="${TROUPE_CACHE:-$HOME/.cache/troupe}/python-k8s-validate"
+if ! PYTHONPATH="$k8s_validate_dir" python3 -c 'import kubernetes_validate' >/dev/null 2>&1; then
+    echo "test: installing the kubernetes-validate Python package into $k8s_validate_dir (once)…" >&2
+    if python3 -m pip install --disable-pip-version-check --root-user-action=ignore --no-warn-conflicts --quiet --target "$k8s_validate_dir.partial.$$" kubernetes-validate==1.37.0; then
+        rm -rf "$k8s_validate_dir"
+        mv "$k8s_validate_dir.partial.$$" "$k8s_validate_dir"
+    else
+        rm -rf "$k8s_validate_dir.partial.$$"
+        echo "test: could not install kubernetes-validate; its test will be skipped" >&2
     fi
 fi
 # shellcheck disable=SC1091
