@@ -32,6 +32,8 @@ const MIB: usize = 1 << 20;
 const ROLE_FLAG: &str = "--troupe-role";
 
 fn main() -> Result<()> {
+    // As the troupe binary does (the ranks are this program, started again).
+    troupe_common::alloc::tune();
     let args: Vec<String> = std::env::args().collect();
     if let Some(i) = args.iter().position(|a| a == ROLE_FLAG) {
         let role = args.get(i + 1).ok_or_else(|| anyhow!("missing role"))?.clone();

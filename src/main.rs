@@ -337,6 +337,7 @@ struct GenerateArgs {
 }
 
 fn main() -> ExitCode {
+    troupe_common::alloc::tune();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("TROUPE_LOG")

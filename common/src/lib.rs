@@ -12,6 +12,7 @@
 //! - [`events`]: the run history file `events.jsonl`.
 //! - [`fault`]: fault hooks for the failure tests.
 
+pub mod alloc;
 pub mod checkpoint;
 pub mod collective;
 pub mod config;
