@@ -11,6 +11,10 @@
 # the path it was built against (scripts/setup.sh on each host, or the same cache folder
 # shared), or --libtorch DIR. Run with --help for every option.
 set -euo pipefail
+if [ "${BASH_VERSINFO[0]}" -lt 5 ] || { [ "${BASH_VERSINFO[0]}" -eq 5 ] && [ "${BASH_VERSINFO[1]}" -lt 1 ]; }; then
+    echo "launch-ssh: needs bash 5.1 or newer (this is $BASH_VERSION)" >&2
+    exit 2
+fi
 
 usage() {
     cat <<'EOF'
@@ -236,12 +240,30 @@ for h in "${hosts[@]}"; do
     done
 done
 
-# The coordinator's end is the run's end. `wait` returns early when a signal arrives; the
-# trap has then begun the shutdown, and we keep waiting for the coordinator.
-status=0
-while true; do
-    if wait "$coordinator_pid"; then status=0; else status=$?; fi
-    kill -0 "$coordinator_pid" 2>/dev/null || break
+# The coordinator's end is the run's end. A worker that ends before it is reported (the
+# coordinator carries on without it, or waits for it as cluster.min_workers says). `wait -n`
+# returns early when a signal arrives; the trap has then begun the shutdown, and we go on
+# waiting for the coordinator.
+status=""
+waiting=("${pids[@]}")
+while [ -z "$status" ]; do
+    finished=""
+    if wait -n -p finished "${waiting[@]}"; then code=0; else code=$?; fi
+    [ -n "${finished:-}" ] || continue  # a signal (the trap ran), not a process, ended the wait
+    still=()
+    for pid in "${waiting[@]}"; do
+        [ "$pid" = "$finished" ] || still+=("$pid")
+    done
+    waiting=("${still[@]}")
+    if [ "$finished" = "$coordinator_pid" ]; then
+        status=$code
+    elif [ "$stopping" = 0 ]; then
+        for i in "${!pids[@]}"; do
+            if [ "${pids[$i]}" = "$finished" ]; then
+                say "${names[$i]/ /: } exited with status $code before the coordinator (see its log)"
+            fi
+        done
+    fi
 done
 [ "$interrupted" = 1 ] || say "the coordinator exited with status $status"
 # Workers leave by themselves when the coordinator ends; anything left is stopped.
