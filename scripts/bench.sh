@@ -1,0 +1,75 @@
+#!/usr/bin/env bash
+# Runs troupe's benchmarks and gathers their tables into one report:
+#
+#   scripts/bench.sh                      # every benchmark (about 10 minutes on 2 cores)
+#   scripts/bench.sh peers allreduce      # only these
+#
+# Writes target/bench/report.md (each benchmark's table, with the machine, the commit and the
+# load average around each run) and target/bench/report.csv (every benchmark's CSV rows, each
+# prefixed with the benchmark's name). Each benchmark also keeps its own
+# target/bench/<name>.{md,csv}. Numbers from a busy machine are not comparable: run it alone.
+#
+# The PyTorch peers (gloo, DDP) need a Python-importable torch: TROUPE_TORCH_PY names its
+# site folder (see README, Benchmarks); without one those columns say why they are missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/setup.sh
+# shellcheck disable=SC1091
+source "${TROUPE_CACHE:-$HOME/.cache/troupe}/env.sh"
+
+all=(allreduce peers scaling step_overhead recovery serving)
+if [ "$#" -gt 0 ]; then benches=("$@"); else benches=("${all[@]}"); fi
+for b in "${benches[@]}"; do
+    [ -f "benches/$b.rs" ] || { echo "bench: no benchmark named $b (have: ${all[*]})" >&2; exit 2; }
+done
+
+out=target/bench
+mkdir -p "$out"
+cargo build --release --benches --bins >&2
+
+report=$out/report.md
+csv=$out/report.csv
+load() { cut -d' ' -f1-3 /proc/loadavg; }
+{
+    echo "# troupe benchmark report"
+    echo
+    echo "- commit: $(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(git diff --quiet 2>/dev/null || echo ' (with uncommitted changes)')"
+    echo "- date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+    echo "- machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'), $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo)"
+    echo
+    echo "Each claim is a ratio measured within one run of its benchmark; absolute numbers alongside."
+} >"$report"
+echo "bench,row" >"$csv"
+
+failed=()
+for b in "${benches[@]}"; do
+    echo "bench: $b (load average $(load))…" >&2
+    before=$(load)
+    started=$SECONDS
+    if cargo bench --bench "$b" >&2; then status=ok; else status=failed; failed+=("$b"); fi
+    {
+        echo
+        echo "## $b"
+        echo
+        if [ "$status" = ok ] && [ -f "$out/$b.md" ]; then
+            cat "$out/$b.md"
+        else
+            echo "**The benchmark failed**; see its output above."
+        fi
+        echo
+        echo "_\`cargo bench --bench $b\`: $((SECONDS - started)) s; load average before $before, after $(load)._"
+    } >>"$report"
+    if [ "$status" = ok ] && [ -f "$out/$b.csv" ]; then
+        sed "s/^/$b,/" "$out/$b.csv" >>"$csv"
+    fi
+done
+
+if [ ! -f benches/checkpoint.rs ]; then
+    printf '\n## checkpoint\n\nNo checkpoint benchmark yet: sharded, asynchronous checkpoints and their benchmark are issue 6.\n' >>"$report"
+fi
+echo "bench: report in $report and $csv" >&2
+cat "$report"
+if [ "${#failed[@]}" -gt 0 ]; then
+    echo "bench: failed: ${failed[*]}" >&2
+    exit 1
+fi
