@@ -221,6 +221,7 @@ impl Trainer {
 
         self.trace_samples(step, &ids);
         let mut loss = loss_share;
+        let mut reduced_grad_norm = None;
         if self.world_size > 1 {
             let t = Instant::now();
             // The loss shares ride at the end of the gradient: one collective, and every rank
@@ -235,15 +236,19 @@ impl Trainer {
                 return Err(TrainerError::Collective { step, error });
             }
             loss = flat.pop().map_or(f64::NAN, f64::from);
-            model::set_flat_grads(&self.params, &flat)?;
             comm_s += t.elapsed().as_secs_f64();
+            // Norm and clipping on the host copy we already hold, before it is written back.
+            let t = Instant::now();
+            reduced_grad_norm = Some(model::clip_flat_grads(&self.params, &mut flat, train.grad_clip));
+            model::set_flat_grads(&self.params, &flat)?;
+            compute_s += t.elapsed().as_secs_f64();
         }
 
         let t = Instant::now();
-        let grad_norm = if train.grad_clip > 0.0 {
-            model::clip_grad_norm(&self.params, train.grad_clip)
-        } else {
-            model::grad_norm(&self.params)
+        let grad_norm = match reduced_grad_norm {
+            Some(norm) => norm,
+            None if train.grad_clip > 0.0 => model::clip_grad_norm(&self.params, train.grad_clip),
+            None => model::grad_norm(&self.params),
         };
         let lr = model::lr_at(step, &train);
         self.optimizer.step(&self.params, lr);

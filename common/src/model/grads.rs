@@ -119,10 +119,38 @@ pub fn grad_norm(params: &[Tensor]) -> f64 {
             let n = g.numel();
             buf.resize(n, 0f32);
             g.copy_data(&mut buf, n);
-            sum_sq += buf.iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>();
+            sum_sq += sum_of_squares(&buf);
         }
     }
     sum_sq.sqrt()
+}
+
+/// One parameter's share of the squared norm, in f64 and in order: the unit both norms add up,
+/// so that [`grad_norm`] and [`clip_flat_grads`] agree to the bit.
+fn sum_of_squares(values: &[f32]) -> f64 {
+    values.iter().map(|&x| (x as f64) * (x as f64)).sum()
+}
+
+/// As [`clip_grad_norm`], on gradients already flattened (and all-reduced) in the order of
+/// `params`, before they are written back: the same norm and the same scaled values, bit for
+/// bit, without reading the gradient tensors again.
+pub fn clip_flat_grads(params: &[Tensor], flat: &mut [f32], max_norm: f64) -> f64 {
+    let mut sum_sq = 0f64;
+    let mut offset = 0;
+    for p in params {
+        let n = p.numel();
+        sum_sq += sum_of_squares(&flat[offset..offset + n]);
+        offset += n;
+    }
+    let norm = sum_sq.sqrt();
+    if max_norm > 0.0 && norm.is_finite() && norm > max_norm {
+        // libtorch multiplies a float tensor by a double scalar in float, as here.
+        let scale = (max_norm / (norm + 1e-6)) as f32;
+        for x in flat.iter_mut() {
+            *x *= scale;
+        }
+    }
+    norm
 }
 
 /// Scales all gradients so their global norm is at most `max_norm` (as PyTorch's

@@ -108,6 +108,8 @@ impl AdamW {
         let bias_correction1 = 1.0 - powu(beta1, self.step);
         let bias_correction2_sqrt = (1.0 - powu(beta2, self.step)).sqrt();
         let step_size = lr / bias_correction1;
+        // In place, as PyTorch's AdamW: no temporaries but the squared gradient and the
+        // denominator (each pass over a moment is a pass over the model's size in memory).
         for (i, p) in params.iter().enumerate() {
             let g = p.grad();
             if !g.defined() {
@@ -118,14 +120,19 @@ impl AdamW {
                 // Decoupled decay: shrink the weights directly, not through the gradient.
                 let _ = p.g_mul_scalar_(1.0 - lr * weight_decay);
             }
-            let m = &mut self.exp_avg[i];
-            let _ = m.g_mul_scalar_(beta1);
-            let _ = m.g_add_(&(&g * (1.0 - beta1)));
-            let v = &mut self.exp_avg_sq[i];
-            let _ = v.g_mul_scalar_(beta2);
-            let _ = v.g_add_(&(g.square() * (1.0 - beta2)));
-            let denom = v.sqrt() / bias_correction2_sqrt + eps;
-            let _ = p.g_sub_(&(&self.exp_avg[i] / denom * step_size));
+            // m = beta1 m + (1 - beta1) g;  v = beta2 v + (1 - beta2) g^2
+            let _ = self.exp_avg[i].lerp_(&g, 1.0 - beta1);
+            let _ = self.exp_avg_sq[i].lerp_(&g.square(), 1.0 - beta2);
+            if step_size == 0.0 {
+                continue;
+            }
+            // p -= step_size m / (sqrt(v) / bias_correction2_sqrt + eps), as one addcdiv with
+            // the step folded into the denominator.
+            let mut denom = self.exp_avg_sq[i].sqrt();
+            let _ = denom.g_div_scalar_(bias_correction2_sqrt);
+            let _ = denom.g_add_scalar_(eps);
+            let _ = denom.g_mul_scalar_(-1.0 / step_size);
+            let _ = p.addcdiv_(&self.exp_avg[i], &denom);
         }
     }
 

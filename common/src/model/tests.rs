@@ -469,6 +469,24 @@ fn clip_grad_norm_returns_the_norm_before_clipping() {
 }
 
 #[test]
+fn clipping_the_flat_gradient_matches_clipping_the_tensors_bit_for_bit() {
+    let model = Gpt::new(&tiny(), Device::Cpu, 52).unwrap();
+    let params = model.parameter_tensors();
+    let (x, y) = batch(53, 2, 16, 64);
+    backward(&model, &x, &y);
+    let flat = flat_grads(&params);
+    let norm = grad_norm(&params);
+    for max_norm in [0.0, norm * 2.0, norm / 3.0] {
+        let mut clipped = flat.clone();
+        let from_flat = clip_flat_grads(&params, &mut clipped, max_norm);
+        set_flat_grads(&params, &flat).unwrap();
+        let from_tensors = clip_grad_norm(&params, max_norm);
+        assert_eq!(from_flat.to_bits(), from_tensors.to_bits(), "the same norm at max_norm {max_norm}");
+        assert_eq!(flat_grads(&params), clipped, "the same clipped values at max_norm {max_norm}");
+    }
+}
+
+#[test]
 fn lr_schedule_endpoints() {
     let t = train_config(); // 100 steps, 10 warmup, 1e-2 -> 1e-3
     assert!((lr_at(0, &t) - 1e-2 / 11.0).abs() < 1e-15, "the first warmup step already learns");
