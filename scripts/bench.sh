@@ -9,13 +9,34 @@
 # prefixed with the benchmark's name). Each benchmark also keeps its own
 # target/bench/<name>.{md,csv}. Numbers from a busy machine are not comparable: run it alone.
 #
-# The PyTorch peers (gloo, DDP) need a Python-importable torch: TROUPE_TORCH_PY names its
-# site folder (see README, Benchmarks); without one those columns say why they are missing.
+# The PyTorch peers (gloo, DDP) run from the PyTorch version troupe links (2.11.0), installed
+# with what Python needs to import it (torch's CUDA libraries, which its Python module loads
+# even on CPU): about 4.6 GB, once, into the cache. TROUPE_TORCH_PY names another folder that
+# holds an importable torch; TROUPE_BENCH_INSTALL_TORCH=0 skips the install (those columns then
+# say why they are missing).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
 # shellcheck disable=SC1091
 source "${TROUPE_CACHE:-$HOME/.cache/troupe}/env.sh"
+
+cache="${TROUPE_CACHE:-$HOME/.cache/troupe}"
+if [ -z "${TROUPE_TORCH_PY:-}" ]; then
+    export TROUPE_TORCH_PY="$cache/torch-2.11.0-full"
+    gloo_check='import torch.distributed as d; assert d.is_gloo_available()'
+    if ! PYTHONPATH="$TROUPE_TORCH_PY" python3 -c "$gloo_check" >/dev/null 2>&1 && [ "${TROUPE_BENCH_INSTALL_TORCH:-1}" = 1 ]; then
+        echo "bench: installing torch 2.11.0 with its dependencies into $TROUPE_TORCH_PY for the PyTorch peers (once, ~4.6 GB)…" >&2
+        partial="$TROUPE_TORCH_PY.partial.$$"
+        rm -rf "$partial"
+        if python3 -m pip install --disable-pip-version-check --root-user-action=ignore --no-warn-conflicts --quiet --target "$partial" torch==2.11.0 numpy; then
+            rm -rf "$TROUPE_TORCH_PY"
+            mv "$partial" "$TROUPE_TORCH_PY"
+        else
+            rm -rf "$partial"
+            echo "bench: could not install torch for Python; the PyTorch columns will say why they are missing" >&2
+        fi
+    fi
+fi
 
 all=(allreduce peers scaling step_overhead recovery serving)
 if [ "$#" -gt 0 ]; then benches=("$@"); else benches=("${all[@]}"); fi
