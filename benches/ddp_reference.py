@@ -51,6 +51,7 @@ import socket
 import struct
 import subprocess
 import sys
+import threading
 import time
 
 try:
@@ -439,7 +440,11 @@ def worker(args):
         print(f"VAL {val_sum.item() / max(total_val, 1)!r} {total_val}")
         print("DONE", flush=True)
     dist.destroy_process_group()
-    return 0
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # Leave without the interpreter's teardown: gloo's threads can abort it there ("terminate
+    # called without an active exception"), after all the work is done and reported.
+    os._exit(0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -462,16 +467,36 @@ def launcher(args):
     print(f"TORCH {info}", flush=True)
     env = child_env(torch_dir, args.threads)
     env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE=str(args.world))
-    procs = []
-    for r in range(args.world):
-        cmd = [sys.executable, os.path.abspath(__file__), "--config", args.config, "--world", str(args.world),
-               "--threads", str(args.threads), "--rank", str(r)]
-        procs.append(subprocess.Popen(cmd, env=dict(env, RANK=str(r)), stdout=subprocess.PIPE, text=True))
-    outs = [p.communicate(timeout=3600)[0] for p in procs]
-    if any(p.returncode != 0 for p in procs):
-        print(f"SKIP DDP workers failed (exit codes {[p.returncode for p in procs]}; their errors are above)")
+    procs, outs, readers = [], [], []
+    try:
+        for r in range(args.world):
+            cmd = [sys.executable, os.path.abspath(__file__), "--config", args.config, "--world", str(args.world),
+                   "--threads", str(args.threads), "--rank", str(r)]
+            p = subprocess.Popen(cmd, env=dict(env, RANK=str(r)), stdout=subprocess.PIPE, text=True)
+            procs.append(p)
+            outs.append([])
+            # Read each rank's output as it comes, so that no rank blocks on a full pipe.
+            readers.append(threading.Thread(target=lambda p=p, out=outs[-1]: out.append(p.stdout.read()), daemon=True))
+            readers[-1].start()
+        # Until every rank has exited; the first one that fails ends the run (the others would
+        # wait in gloo for their peer until its timeout).
+        deadline = time.monotonic() + 3600
+        while any(p.poll() is None for p in procs):
+            if any(p.returncode not in (None, 0) for p in procs) or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    for t in readers:
+        t.join(timeout=10)
+    codes = [p.returncode for p in procs]
+    if any(c != 0 for c in codes):
+        print(f"SKIP DDP workers failed (exit codes {codes}; their errors are above)")
         return 0
-    sys.stdout.write(outs[0])
+    sys.stdout.write("".join(outs[0]))
     return 0
 
 

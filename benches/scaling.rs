@@ -64,7 +64,7 @@ fn main() -> anyhow::Result<()> {
     let base = rows.first().map(|r| r.2).unwrap_or(f64::NAN);
     let mut table = format!(
         "Training throughput of the default model (global batch 32 × 128 tokens) by worker count, {steps} steps (first 5 warm-up), {cores} cores.\n\n\
-         | workers × threads | median tokens/s | vs {} worker(s) | loss at step {steps} |\n|---|---:|---:|---:|\n",
+         | workers × threads | median tokens/s | vs {} worker(s) | train loss of the last step |\n|---|---:|---:|---:|\n",
         rows.first().map(|r| r.0).unwrap_or(1)
     );
     let mut csv = String::from("workers,threads_per_worker,tokens_per_second,ratio_vs_first,last_loss\n");

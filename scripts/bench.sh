@@ -22,19 +22,23 @@ source "${TROUPE_CACHE:-$HOME/.cache/troupe}/env.sh"
 
 cache="${TROUPE_CACHE:-$HOME/.cache/troupe}"
 if [ -z "${TROUPE_TORCH_PY:-}" ]; then
-    export TROUPE_TORCH_PY="$cache/torch-2.11.0-full"
+    py_torch="$cache/torch-2.11.0-full"
     gloo_check='import torch.distributed as d; assert d.is_gloo_available()'
-    if ! PYTHONPATH="$TROUPE_TORCH_PY" python3 -c "$gloo_check" >/dev/null 2>&1 && [ "${TROUPE_BENCH_INSTALL_TORCH:-1}" = 1 ]; then
-        echo "bench: installing torch 2.11.0 with its dependencies into $TROUPE_TORCH_PY for the PyTorch peers (once, ~4.6 GB)…" >&2
-        partial="$TROUPE_TORCH_PY.partial.$$"
+    if ! PYTHONPATH="$py_torch" python3 -c "$gloo_check" >/dev/null 2>&1 && [ "${TROUPE_BENCH_INSTALL_TORCH:-1}" = 1 ]; then
+        echo "bench: installing torch 2.11.0 with its dependencies into $py_torch for the PyTorch peers (once, ~4.6 GB)…" >&2
+        partial="$py_torch.partial.$$"
         rm -rf "$partial"
         if python3 -m pip install --disable-pip-version-check --root-user-action=ignore --no-warn-conflicts --quiet --target "$partial" torch==2.11.0 numpy; then
-            rm -rf "$TROUPE_TORCH_PY"
-            mv "$partial" "$TROUPE_TORCH_PY"
+            rm -rf "$py_torch"
+            mv "$partial" "$py_torch"
         else
             rm -rf "$partial"
             echo "bench: could not install torch for Python; the PyTorch columns will say why they are missing" >&2
         fi
+    fi
+    # Only a torch that imports is handed on; otherwise the benchmarks look for one themselves.
+    if PYTHONPATH="$py_torch" python3 -c "$gloo_check" >/dev/null 2>&1; then
+        export TROUPE_TORCH_PY="$py_torch"
     fi
 fi
 

@@ -30,8 +30,10 @@ Options:
   --workers-per-host N      worker processes per host (default 1; e.g. one per GPU)
   --port PORT               the coordinator's QUIC port (default 7070)
   --binary FILE             the troupe binary to copy (default: target/release/troupe)
-  --remote-dir DIR          where the binary, config and pid files go on each host
-                            (default: /tmp/troupe-launch)
+  --remote-dir DIR          where the binary, config and pid files go on each host, made
+                            private (mode 700) and refused unless yours; relative to the
+                            remote home (default: .cache/troupe-launch/<date-time>-<pid>,
+                            one per launch)
   --libtorch DIR            libtorch's folder on the hosts (its lib/ goes on LD_LIBRARY_PATH);
                             default: the path the binary was built against
   --copy PATH               also copy this file or folder to the same absolute path on every
@@ -61,7 +63,7 @@ coordinator_host=""
 workers_per_host=1
 port=7070
 binary=""
-remote_dir=/tmp/troupe-launch
+remote_dir=""
 libtorch=""
 copies=()
 logs=""
@@ -111,7 +113,9 @@ for path in "${copies[@]+"${copies[@]}"}"; do
     [ -e "$path" ] || die "--copy $path: no such file or folder"
     case "$path" in /*) ;; *) die "--copy $path: give an absolute path (it is copied to the same path on every host)" ;; esac
 done
-[ -n "$logs" ] || logs=launch-logs/$(date +%Y%m%d-%H%M%S)
+launch_id=$(date +%Y%m%d-%H%M%S)-$$
+[ -n "$logs" ] || logs=launch-logs/$launch_id
+[ -n "$remote_dir" ] || remote_dir=.cache/troupe-launch/$launch_id
 total_workers=$(( ${#hosts[@]} * workers_per_host ))
 join_host=${coordinator_host#*@}
 
@@ -127,16 +131,19 @@ if [ -n "$libtorch" ]; then
 fi
 config_args=()
 [ -z "$config" ] || config_args=(--config config.toml)
-# The remote command of one process: reads the token from stdin, records its pid (Ctrl-C stops
-# it through that), then becomes troupe.
+# The remote command of one process (for a POSIX login shell: sh, bash, zsh): reads the token
+# from stdin, records its pid (Ctrl-C stops it through that), then becomes troupe. Arguments
+# are quoted one by one; --worker-args is split into words on purpose.
 remote_command() { # name, troupe arguments...
-    local name=$1; shift
-    printf '%s read -r TROUPE_TOKEN && export TROUPE_TOKEN && echo $$ > %q && exec ./troupe %s' \
-        "$remote_env" "$name.pid" "$*"
+    local name=$1 quoted="" arg; shift
+    for arg in "$@"; do quoted+=" $(printf %q "$arg")"; done
+    printf '%s read -r TROUPE_TOKEN && export TROUPE_TOKEN && echo $$ > %q && exec ./troupe%s' \
+        "$remote_env" "$name.pid" "$quoted"
 }
 coordinator_cmd=$(remote_command coordinator coordinator "${config_args[@]+"${config_args[@]}"}" --listen "0.0.0.0:$port" --workers "$total_workers" "${coordinator_args[@]+"${coordinator_args[@]}"}")
+read -r -a worker_words <<<"$worker_args"
 worker_cmd() { # name
-    remote_command "$1" worker --join "$join_host:$port" "$worker_args"
+    remote_command "$1" worker --join "$join_host:$port" "${worker_words[@]+"${worker_words[@]}"}"
 }
 
 if [ "$dry_run" = 1 ]; then
@@ -164,11 +171,13 @@ say() { echo "launch-ssh: $*" >&2; }
 for h in "${distinct_hosts[@]}"; do
     say "preparing $h:$remote_dir"
     # shellcheck disable=SC2029  # expanded here on purpose: the paths are ours
-    ssh "${ssh_opts[@]}" "$h" "mkdir -p $(printf %q "$remote_dir") && cat > $(printf %q "$remote_dir/troupe.partial") && chmod +x $(printf %q "$remote_dir/troupe.partial") && mv -f $(printf %q "$remote_dir/troupe.partial") $(printf %q "$remote_dir/troupe")" <"$binary" \
-        || die "cannot copy the binary to $h:$remote_dir"
+    # The folder is private and must be ours (a folder someone else made could hold links):
+    # umask 077 for everything written in it, including the config with its secrets.
+    ssh "${ssh_opts[@]}" "$h" "umask 077 && mkdir -p $(printf %q "$remote_dir") && [ -O $(printf %q "$remote_dir") ] && chmod 700 $(printf %q "$remote_dir") && cat > $(printf %q "$remote_dir/troupe.partial") && chmod +x $(printf %q "$remote_dir/troupe.partial") && mv -f $(printf %q "$remote_dir/troupe.partial") $(printf %q "$remote_dir/troupe")" <"$binary" \
+        || die "cannot copy the binary to $h:$remote_dir (is that folder yours?)"
     if [ -n "$config" ]; then
         # shellcheck disable=SC2029
-        ssh "${ssh_opts[@]}" "$h" "cat > $(printf %q "$remote_dir/config.toml")" <"$config" || die "cannot copy the config to $h"
+        ssh "${ssh_opts[@]}" "$h" "umask 077 && cat > $(printf %q "$remote_dir/config.toml")" <"$config" || die "cannot copy the config to $h"
     fi
     for path in "${copies[@]+"${copies[@]}"}"; do
         parent=$(dirname "$path")
@@ -182,7 +191,8 @@ for h in "${distinct_hosts[@]}"; do
     fi
 done
 
-pids=()     # local ssh processes
+pids=()     # local ssh processes (the coordinator's first)
+coordinator_pid=""
 names=()    # host:name of each, for stopping it remotely
 start() { # host, name, log, remote command
     local h=$1 name=$2 log=$3 cmd=$4
@@ -192,18 +202,23 @@ start() { # host, name, log, remote command
     names+=("$h $name")
 }
 
-# Stops every process still running: SIGTERM through its pid file (the coordinator first: it
-# checkpoints and dismisses the workers), then SIGKILL after the grace period.
+# Signals processes through their pid files, only while a pid still runs this launch's binary
+# (a pid of a process that has ended may have been reused), and only those still running
+# here (their ssh has not ended).
 stopping=0
-stop_all() {
-    local signal=$1 entry h name killers=()
-    for entry in "${names[@]}"; do
-        h=${entry% *}; name=${entry##* }
+signal_processes() { # signal, index...
+    local signal=$1 i h name killers=(); shift
+    for i in "$@"; do
+        kill -0 "${pids[$i]}" 2>/dev/null || continue
+        h=${names[$i]% *}; name=${names[$i]##* }
         # shellcheck disable=SC2029
-        ssh "${ssh_opts[@]}" "$h" "cd $(printf %q "$remote_dir") && [ -f $name.pid ] && kill -$signal \$(cat $name.pid) 2>/dev/null; true" </dev/null >/dev/null 2>&1 &
+        ssh "${ssh_opts[@]}" "$h" "cd $(printf %q "$remote_dir") && p=\$(cat $name.pid 2>/dev/null) && [ \"\$(readlink /proc/\$p/exe)\" = \"\$(pwd -P)/troupe\" ] && kill -$signal \$p; true" </dev/null >/dev/null 2>&1 &
         killers+=("$!")
     done
-    wait "${killers[@]}" 2>/dev/null || true
+    if [ "${#killers[@]}" -gt 0 ]; then wait "${killers[@]}" 2>/dev/null || true; fi
+}
+stop_all() { # signal
+    signal_processes "$1" "${!pids[@]}"
 }
 running() {
     local pid
@@ -221,21 +236,27 @@ shutdown() {
     [ "$stopping" = 0 ] || return 0
     stopping=1
     say "stopping every process (grace ${grace}s)…"
+    # The coordinator first: it finishes the step, checkpoints and dismisses the workers.
+    local deadline=$((SECONDS + grace))
+    signal_processes TERM 0
+    while kill -0 "$coordinator_pid" 2>/dev/null && [ "$SECONDS" -lt "$deadline" ]; do sleep 0.5; done
     stop_all TERM
-    if ! wait_until_stopped "$grace"; then
+    if ! wait_until_stopped $((deadline > SECONDS ? deadline - SECONDS : 1)); then
         say "some processes did not stop within ${grace}s: killing them"
         stop_all KILL
         wait_until_stopped 10 || true
     fi
 }
 interrupted=0
-trap 'interrupted=1; shutdown' INT TERM
+# Ctrl-C, a kill, or the terminal going away (the remote processes would run on unwatched).
+trap 'interrupted=1; shutdown' INT TERM HUP
 
 say "coordinator on $coordinator_host:$port, $total_workers workers on ${#hosts[@]} hosts; logs in $logs/"
 start "$coordinator_host" coordinator "$logs/coordinator.log" "$coordinator_cmd"
 coordinator_pid=${pids[0]}
 for h in "${hosts[@]}"; do
     for ((i = 0; i < workers_per_host; i++)); do
+        [ "$stopping" = 0 ] || break 2  # interrupted while starting: start no more
         start "$h" "worker-${h#*@}-$i" "$logs/worker-${h#*@}-$i.log" "$(worker_cmd "worker-${h#*@}-$i")"
     done
 done

@@ -14,9 +14,16 @@ command -v prometheus >/dev/null 2>&1 || debian_packages+=(prometheus)
 if [ "${#debian_packages[@]}" -gt 0 ] && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
     echo "test: installing ${debian_packages[*]} from Debian's packages (once)…" >&2
     export DEBIAN_FRONTEND=noninteractive
+    # Their services (sshd on :22, prometheus on :9090) are not started: the tests start their
+    # own, on loopback. policy-rc.d is how Debian's maintainer scripts are told so.
+    made_policy=""
+    if [ ! -e /usr/sbin/policy-rc.d ]; then
+        printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d && made_policy=1
+    fi
     apt-get install -y -qq --no-install-recommends "${debian_packages[@]}" >/dev/null 2>&1 \
         || { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq --no-install-recommends "${debian_packages[@]}" >/dev/null 2>&1; } \
         || echo "test: could not install ${debian_packages[*]}; their tests will be skipped" >&2
+    [ -z "$made_policy" ] || rm -f /usr/sbin/policy-rc.d
 fi
 # The official `openai` Python package, for the test that drives the server with it. Pinned;
 # installed once into the cache; where pip or PyPI is unavailable that test says it skipped.

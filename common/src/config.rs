@@ -428,6 +428,8 @@ impl Config {
         }
         let r = &self.run;
         range("run.name", &r.name, valid_name(&r.name), "use 1-64 characters from [A-Za-z0-9._-]")?;
+        // <out_dir>/prometheus/ holds every run's Prometheus targets file.
+        range("run.name", &r.name, r.name != "prometheus", "\"prometheus\" is taken by the targets folder; pick another name")?;
         let d = &self.data;
         range("data.source", &d.source, matches!(d.source.as_str(), "shakespeare" | "none"),
             "use \"shakespeare\" or \"none\"")?;

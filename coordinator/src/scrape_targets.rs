@@ -49,6 +49,14 @@ impl ScrapeTargets {
                 _ => format!("{}:{}", host_name(), addr.port()),
             },
         });
+        if let (Some(addr), Some(ip)) = (coordinator_metrics, cluster_ip) {
+            if addr.ip().is_loopback() && !ip.is_loopback() {
+                tracing::warn!(
+                    "metrics.listen is {addr}, on loopback, while workers join from other hosts: \
+                     only a Prometheus on this host can scrape the coordinator (set metrics.listen to 0.0.0.0:PORT)"
+                );
+            }
+        }
         let serving = config
             .deploy
             .notify

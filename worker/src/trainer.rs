@@ -239,7 +239,7 @@ impl Trainer {
             comm_s += t.elapsed().as_secs_f64();
             // Norm and clipping on the host copy we already hold, before it is written back.
             let t = Instant::now();
-            reduced_grad_norm = Some(model::clip_flat_grads(&self.params, &mut flat, train.grad_clip));
+            reduced_grad_norm = Some(model::clip_flat_grads(&self.params, &mut flat, train.grad_clip)?);
             model::set_flat_grads(&self.params, &flat)?;
             compute_s += t.elapsed().as_secs_f64();
         }

@@ -134,7 +134,11 @@ fn sum_of_squares(values: &[f32]) -> f64 {
 /// As [`clip_grad_norm`], on gradients already flattened (and all-reduced) in the order of
 /// `params`, before they are written back: the same norm and the same scaled values, bit for
 /// bit, without reading the gradient tensors again.
-pub fn clip_flat_grads(params: &[Tensor], flat: &mut [f32], max_norm: f64) -> f64 {
+pub fn clip_flat_grads(params: &[Tensor], flat: &mut [f32], max_norm: f64) -> Result<f64> {
+    let expected = total_numel(params);
+    if flat.len() != expected {
+        return Err(ModelError::LengthMismatch { what: "flat gradient", expected, found: flat.len() });
+    }
     let mut sum_sq = 0f64;
     let mut offset = 0;
     for p in params {
@@ -143,14 +147,21 @@ pub fn clip_flat_grads(params: &[Tensor], flat: &mut [f32], max_norm: f64) -> f6
         offset += n;
     }
     let norm = sum_sq.sqrt();
-    if max_norm > 0.0 && norm.is_finite() && norm > max_norm {
+    if let Some(scale) = clip_scale(norm, max_norm) {
         // libtorch multiplies a float tensor by a double scalar in float, as here.
-        let scale = (max_norm / (norm + 1e-6)) as f32;
+        let scale = scale as f32;
         for x in flat.iter_mut() {
             *x *= scale;
         }
     }
-    norm
+    Ok(norm)
+}
+
+/// The factor that brings a gradient of global norm `norm` down to `max_norm` (PyTorch's
+/// `clip_grad_norm_`, with its 1e-6 guard), or None when it needs no clipping: below the
+/// threshold, clipping disabled (`max_norm` <= 0), or a non-finite norm (left for the caller).
+fn clip_scale(norm: f64, max_norm: f64) -> Option<f64> {
+    (max_norm > 0.0 && norm.is_finite() && norm > max_norm).then(|| max_norm / (norm + 1e-6))
 }
 
 /// Scales all gradients so their global norm is at most `max_norm` (as PyTorch's
@@ -159,8 +170,7 @@ pub fn clip_flat_grads(params: &[Tensor], flat: &mut [f32], max_norm: f64) -> f6
 /// caller sees it and decides (skip the step, stop the run).
 pub fn clip_grad_norm(params: &[Tensor], max_norm: f64) -> f64 {
     let norm = grad_norm(params);
-    if max_norm > 0.0 && norm.is_finite() && norm > max_norm {
-        let scale = max_norm / (norm + 1e-6);
+    if let Some(scale) = clip_scale(norm, max_norm) {
         let _no_grad = tch::no_grad_guard();
         for p in params {
             let mut g = p.grad();

@@ -478,12 +478,14 @@ fn clipping_the_flat_gradient_matches_clipping_the_tensors_bit_for_bit() {
     let norm = grad_norm(&params);
     for max_norm in [0.0, norm * 2.0, norm / 3.0] {
         let mut clipped = flat.clone();
-        let from_flat = clip_flat_grads(&params, &mut clipped, max_norm);
+        let from_flat = clip_flat_grads(&params, &mut clipped, max_norm).unwrap();
         set_flat_grads(&params, &flat).unwrap();
         let from_tensors = clip_grad_norm(&params, max_norm);
         assert_eq!(from_flat.to_bits(), from_tensors.to_bits(), "the same norm at max_norm {max_norm}");
         assert_eq!(flat_grads(&params), clipped, "the same clipped values at max_norm {max_norm}");
     }
+    let err = clip_flat_grads(&params, &mut flat.clone()[1..], 1.0).unwrap_err().to_string();
+    assert!(err.starts_with("flat gradient: expected"), "{err}");
 }
 
 #[test]
