@@ -125,7 +125,8 @@ for h in "$coordinator_host" "${hosts[@]}"; do
     case " ${distinct_hosts[*]-} " in *" $h "*) ;; *) distinct_hosts+=("$h") ;; esac
 done
 
-remote_env="cd $(printf %q "$remote_dir") &&"
+rdir=$(printf %q "$remote_dir")   # quoted for the remote shell
+remote_env="cd $rdir &&"
 if [ -n "$libtorch" ]; then
     remote_env="$remote_env export LD_LIBRARY_PATH=$(printf %q "$libtorch/lib")\${LD_LIBRARY_PATH:+:\$LD_LIBRARY_PATH} &&"
 fi
@@ -156,7 +157,8 @@ if [ "$dry_run" = 1 ]; then
     echo "ssh ${ssh_opts[*]} $coordinator_host $coordinator_cmd  > $logs/coordinator.log"
     for h in "${hosts[@]}"; do
         for ((i = 0; i < workers_per_host; i++)); do
-            echo "ssh ${ssh_opts[*]} $h $(worker_cmd "worker-${h#*@}-$i")  > $logs/worker-${h#*@}-$i.log"
+            name=worker-${h#*@}-$i
+            echo "ssh ${ssh_opts[*]} $h $(worker_cmd "$name")  > $logs/$name.log"
         done
     done
     exit 0
@@ -170,14 +172,14 @@ say() { echo "launch-ssh: $*" >&2; }
 # new one is complete), the --copy paths, and check that the binary runs there.
 for h in "${distinct_hosts[@]}"; do
     say "preparing $h:$remote_dir"
-    # shellcheck disable=SC2029  # expanded here on purpose: the paths are ours
     # The folder is private and must be ours (a folder someone else made could hold links):
     # umask 077 for everything written in it, including the config with its secrets.
-    ssh "${ssh_opts[@]}" "$h" "umask 077 && mkdir -p $(printf %q "$remote_dir") && [ -O $(printf %q "$remote_dir") ] && chmod 700 $(printf %q "$remote_dir") && cat > $(printf %q "$remote_dir/troupe.partial") && chmod +x $(printf %q "$remote_dir/troupe.partial") && mv -f $(printf %q "$remote_dir/troupe.partial") $(printf %q "$remote_dir/troupe")" <"$binary" \
+    # shellcheck disable=SC2029  # expanded here on purpose: the paths are ours
+    ssh "${ssh_opts[@]}" "$h" "umask 077 && mkdir -p $rdir && [ -O $rdir ] && chmod 700 $rdir && cd $rdir && cat > troupe.partial && chmod +x troupe.partial && mv -f troupe.partial troupe" <"$binary" \
         || die "cannot copy the binary to $h:$remote_dir (is that folder yours?)"
     if [ -n "$config" ]; then
         # shellcheck disable=SC2029
-        ssh "${ssh_opts[@]}" "$h" "umask 077 && cat > $(printf %q "$remote_dir/config.toml")" <"$config" || die "cannot copy the config to $h"
+        ssh "${ssh_opts[@]}" "$h" "umask 077 && cat > $rdir/config.toml" <"$config" || die "cannot copy the config to $h"
     fi
     for path in "${copies[@]+"${copies[@]}"}"; do
         parent=$(dirname "$path")
@@ -212,7 +214,7 @@ signal_processes() { # signal, index...
         kill -0 "${pids[$i]}" 2>/dev/null || continue
         h=${names[$i]% *}; name=${names[$i]##* }
         # shellcheck disable=SC2029
-        ssh "${ssh_opts[@]}" "$h" "cd $(printf %q "$remote_dir") && p=\$(cat $name.pid 2>/dev/null) && [ \"\$(readlink /proc/\$p/exe)\" = \"\$(pwd -P)/troupe\" ] && kill -$signal \$p; true" </dev/null >/dev/null 2>&1 &
+        ssh "${ssh_opts[@]}" "$h" "cd $rdir && p=\$(cat $name.pid 2>/dev/null) && [ \"\$(readlink /proc/\$p/exe)\" = \"\$(pwd -P)/troupe\" ] && kill -$signal \$p; true" </dev/null >/dev/null 2>&1 &
         killers+=("$!")
     done
     if [ "${#killers[@]}" -gt 0 ]; then wait "${killers[@]}" 2>/dev/null || true; fi
@@ -257,7 +259,8 @@ coordinator_pid=${pids[0]}
 for h in "${hosts[@]}"; do
     for ((i = 0; i < workers_per_host; i++)); do
         [ "$stopping" = 0 ] || break 2  # interrupted while starting: start no more
-        start "$h" "worker-${h#*@}-$i" "$logs/worker-${h#*@}-$i.log" "$(worker_cmd "worker-${h#*@}-$i")"
+        name=worker-${h#*@}-$i
+        start "$h" "$name" "$logs/$name.log" "$(worker_cmd "$name")"
     done
 done
 

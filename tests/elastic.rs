@@ -232,7 +232,7 @@ fn a_killed_coordinator_restarted_with_resume_gets_its_workers_back() {
     let dir = scratch("elastic-coordinator");
     let data = prepare_small_corpus(&dir);
     let config = elastic_config(&dir, &data, 3, 2, "rejoin_ms = 60000\n");
-    let port = std::net::UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = free_udp_port();
     let listen = format!("127.0.0.1:{port}");
     let mut coordinator = CoordinatorProcess::start(&config, &["--listen", &listen]);
     let addr = coordinator.addr.to_string();

@@ -375,10 +375,6 @@ fn free_tcp_ports(n: u16) -> u16 {
     panic!("no {n} free consecutive ports");
 }
 
-fn free_udp_port() -> u16 {
-    std::net::UdpSocket::bind("0.0.0.0:0").unwrap().local_addr().unwrap().port()
-}
-
 #[test]
 fn sbatch_job_trains_with_real_processes() {
     let dir = scratch("launchers-job");

@@ -14,6 +14,8 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 const REPO: &str = env!("CARGO_MANIFEST_DIR");
+/// How often the waits below look again (their checks read files and make HTTP requests).
+const POLL: Duration = Duration::from_millis(250);
 
 fn agent() -> ureq::Agent {
     ureq::Agent::config_builder().http_status_as_error(false).timeout_global(Some(Duration::from_secs(30))).build().into()
@@ -84,14 +86,6 @@ fn targets(file: &Path) -> Vec<(String, String)> {
     out
 }
 
-fn wait_until(what: &str, limit: Duration, mut ok: impl FnMut() -> bool) {
-    let started = Instant::now();
-    while !ok() {
-        assert!(started.elapsed() < limit, "{what}: not within {limit:?}");
-        std::thread::sleep(Duration::from_millis(250));
-    }
-}
-
 fn prometheus_installed() -> bool {
     Command::new("prometheus").arg("--version").output().map(|o| o.status.success()).unwrap_or(false)
 }
@@ -110,10 +104,6 @@ fn query(agent: &ureq::Agent, prometheus: &str, promql: &str) -> Vec<(Value, f64
         .flatten()
         .filter_map(|r| Some((r["metric"].clone(), r["value"][1].as_str()?.parse::<f64>().ok()?)))
         .collect()
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 #[test]
@@ -140,7 +130,7 @@ fn prometheus_scrapes_a_running_job_and_every_dashboard_query_has_data() {
     );
     let targets_file = dir.join("runs/prometheus/tiny.json");
     let log_tail = || std::fs::read_to_string(dir.join("local.log")).unwrap_or_default();
-    wait_until("the targets file lists the coordinator, 2 workers and the serving endpoint", Duration::from_secs(120), || {
+    wait_until("the targets file lists the coordinator, 2 workers and the serving endpoint", Duration::from_secs(120), POLL, || {
         let t = targets(&targets_file);
         let count = |role: &str| t.iter().filter(|(r, _)| r == role).count();
         assert!(local.0.try_wait().unwrap().is_none(), "troupe local exited early:\n{}", log_tail());
@@ -159,7 +149,7 @@ fn prometheus_scrapes_a_running_job_and_every_dashboard_query_has_data() {
             .map(|r| r.status() == 200)
             .unwrap_or(false)
     };
-    wait_until("the first version is deployed and answers", Duration::from_secs(120), || complete(&agent));
+    wait_until("the first version is deployed and answers", Duration::from_secs(120), POLL, || complete(&agent));
 
     // Without Prometheus: every dashboard query names metrics the run's endpoints export.
     let dashboard: Value = serde_json::from_str(&std::fs::read_to_string(Path::new(REPO).join("deploy/grafana/troupe.json")).unwrap())
@@ -205,7 +195,7 @@ fn prometheus_scrapes_a_running_job_and_every_dashboard_query_has_data() {
     let config_dir = dir.join("deploy/prometheus");
     std::fs::create_dir_all(&config_dir).unwrap();
     std::fs::copy(Path::new(REPO).join("deploy/prometheus/prometheus.yml"), config_dir.join("prometheus.yml")).unwrap();
-    let port = free_port();
+    let port = free_tcp_port();
     let prometheus_url = format!("http://127.0.0.1:{port}");
     let prometheus_log = std::fs::File::create(dir.join("prometheus.log")).unwrap();
     let _prometheus = KillOnDrop(
@@ -221,7 +211,7 @@ fn prometheus_scrapes_a_running_job_and_every_dashboard_query_has_data() {
     );
     let prometheus_tail = || std::fs::read_to_string(dir.join("prometheus.log")).unwrap_or_default();
 
-    wait_until("Prometheus scrapes all 4 targets", Duration::from_secs(90), || {
+    wait_until("Prometheus scrapes all 4 targets", Duration::from_secs(90), POLL, || {
         query(&agent, &prometheus_url, r#"up{job="troupe", run="tiny"} == 1"#).len() == 4
     });
     let by_role = query(&agent, &prometheus_url, r#"count by (component) (up{job="troupe"} == 1)"#);

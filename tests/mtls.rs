@@ -14,12 +14,6 @@ fn init_certs(out: &std::path::Path, workers: usize) -> std::process::Output {
     run(cmd, Duration::from_secs(60))
 }
 
-/// A loopback UDP port that is free right now (for a worker's --listen, so the test knows
-/// which address the coordinator will name).
-fn free_udp_port() -> u16 {
-    std::net::UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
 #[test]
 fn mutual_tls_cluster_trains_without_a_token_and_refuses_strangers() {
     let dir = scratch("mtls");

@@ -14,6 +14,9 @@ use std::time::{Duration, Instant};
 use troupe_common::events::RunEvent;
 use troupe_common::registry::Registry;
 
+/// How often the waits below look again.
+const POLL: Duration = Duration::from_millis(20);
+
 /// A `troupe serve` process and its URL (read from its "serving model … on URL" line).
 struct ServeProcess {
     _process: KillOnDrop,
@@ -89,14 +92,6 @@ fn publish(registry: &Path, checkpoint: &Path, extra: &[&str]) {
     let mut cmd = troupe();
     cmd.args(["deploy", "publish", "--registry"]).arg(registry).arg("--checkpoint").arg(checkpoint).args(extra);
     assert_success(&run(cmd, Duration::from_secs(60)));
-}
-
-fn wait_until(what: &str, limit: Duration, mut ok: impl FnMut() -> bool) {
-    let started = Instant::now();
-    while !ok() {
-        assert!(started.elapsed() < limit, "{what}: not within {limit:?}");
-        std::thread::park_timeout(Duration::from_millis(20));
-    }
 }
 
 #[test]
@@ -207,12 +202,12 @@ fn hot_swaps_under_load_fail_no_request_and_move_forward_in_order() {
         let answered = answered.clone();
         move || answered.load(Ordering::SeqCst) >= from + n
     };
-    wait_until("requests flow", Duration::from_secs(30), answers_after(24));
+    wait_until("requests flow", Duration::from_secs(30), POLL, answers_after(24));
     for (i, ckpt) in ckpts.iter().enumerate().skip(1) {
         publish(&registry, ckpt, &[]);
         let v = i as u32 + 1;
-        wait_until(&format!("the server swaps to v{v}"), Duration::from_secs(30), serves(v));
-        wait_until(&format!("v{v} answers"), Duration::from_secs(30), answers_after(24));
+        wait_until(&format!("the server swaps to v{v}"), Duration::from_secs(30), POLL, serves(v));
+        wait_until(&format!("v{v} answers"), Duration::from_secs(30), POLL, answers_after(24));
     }
     stop.store(true, Ordering::SeqCst);
     for c in clients {
@@ -280,7 +275,7 @@ fn a_failing_or_slow_canary_is_rolled_back_and_a_good_one_promoted() {
     assert_eq!(registry.state().unwrap().stable, Some(2));
 
     // After a rollback the stable version takes every request again.
-    wait_until("the server follows the rollback", Duration::from_secs(10), || get_text(&format!("{}/v1/models", server.url)).matches("tiny:v").count() == 1);
+    wait_until("the server follows the rollback", Duration::from_secs(10), POLL, || get_text(&format!("{}/v1/models", server.url)).matches("tiny:v").count() == 1);
     for _ in 0..5 {
         seed += 1;
         let (status, body) = complete(&agent, &server.url, seed);

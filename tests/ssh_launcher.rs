@@ -95,7 +95,7 @@ fn ssh_command(sshd: &Sshd) -> Command {
 /// that Ctrl-C reaches the whole group).
 fn launcher(sshd: &Sshd, dir: &Path, config: &Path, extra: &[&str]) -> Command {
     use std::os::unix::process::CommandExt;
-    let port = std::net::UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = free_udp_port();
     let mut cmd = Command::new(Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/launch-ssh.sh"));
     cmd.arg("--hosts")
         .arg(HOSTS.join(","))

@@ -32,7 +32,7 @@ pub struct ScrapeTargets {
     coordinator: Option<String>,
     serving: Vec<String>,
     /// What the file holds now; it is written only when this changes.
-    written: Option<String>,
+    written: Option<Vec<TargetGroup>>,
     warned: bool,
 }
 
@@ -100,18 +100,16 @@ impl ScrapeTargets {
         groups
     }
 
-    /// Rewrites the file (atomically) if the targets changed. A failure is logged once and
-    /// otherwise ignored: monitoring must not stop a run.
+    /// Rewrites the file (atomically) if the targets changed. Called on every coordinator
+    /// event, so an unchanged set is only compared, neither serialised nor written. A failure
+    /// is logged once and otherwise ignored: monitoring must not stop a run.
     pub fn update(&mut self, workers: &[WorkerEndpoints]) {
-        let text = match serde_json::to_string_pretty(&self.groups(workers)) {
-            Ok(text) => text,
-            Err(_) => return,
-        };
-        if self.written.as_deref() == Some(text.as_str()) {
+        let groups = self.groups(workers);
+        if self.written.as_ref() == Some(&groups) {
             return;
         }
-        match self.write(&text) {
-            Ok(()) => self.written = Some(text),
+        match self.write(&groups) {
+            Ok(()) => self.written = Some(groups),
             Err(e) if !self.warned => {
                 self.warned = true;
                 tracing::warn!("cannot write the Prometheus targets file {}: {e}", self.path.display());
@@ -120,7 +118,8 @@ impl ScrapeTargets {
         }
     }
 
-    fn write(&self, text: &str) -> std::io::Result<()> {
+    fn write(&self, groups: &[TargetGroup]) -> std::io::Result<()> {
+        let text = serde_json::to_string_pretty(groups).map_err(std::io::Error::other)?;
         if let Some(dir) = self.path.parent() {
             std::fs::create_dir_all(dir)?;
         }

@@ -113,6 +113,25 @@ listen = "127.0.0.1:0"
     path
 }
 
+/// A UDP port free on every interface right now, for a process the test starts next.
+pub fn free_udp_port() -> u16 {
+    std::net::UdpSocket::bind("0.0.0.0:0").expect("bind a UDP port").local_addr().expect("its address").port()
+}
+
+/// A loopback TCP port free right now, for a server the test starts next.
+pub fn free_tcp_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").expect("bind a TCP port").local_addr().expect("its address").port()
+}
+
+/// Polls `ok` every `poll` until it holds; fails the test, naming `what`, after `limit`.
+pub fn wait_until(what: &str, limit: Duration, poll: Duration, mut ok: impl FnMut() -> bool) {
+    let started = std::time::Instant::now();
+    while !ok() {
+        assert!(started.elapsed() < limit, "{what}: not within {limit:?}");
+        std::thread::sleep(poll);
+    }
+}
+
 /// Runs a command to its end; kills it and fails the test after `limit`.
 pub fn run(mut cmd: Command, limit: Duration) -> Output {
     let child = cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("spawn");

@@ -245,10 +245,10 @@ impl Trainer {
         }
 
         let t = Instant::now();
+        // With grad_clip <= 0, clip_grad_norm only measures.
         let grad_norm = match reduced_grad_norm {
             Some(norm) => norm,
-            None if train.grad_clip > 0.0 => model::clip_grad_norm(&self.params, train.grad_clip),
-            None => model::grad_norm(&self.params),
+            None => model::clip_grad_norm(&self.params, train.grad_clip),
         };
         let lr = model::lr_at(step, &train);
         self.optimizer.step(&self.params, lr);

@@ -96,17 +96,19 @@ pub fn unflatten_into(tensors: &[Tensor], flat: &[f32]) -> Result<()> {
 
 /// Writes `flat` (as made by [`flat_grads`]) back into the gradients of `params`.
 pub fn set_flat_grads(params: &[Tensor], flat: &[f32]) -> Result<()> {
-    let expected = total_numel(params);
-    if flat.len() != expected {
-        return Err(ModelError::LengthMismatch {
-            what: "flat gradient",
-            expected,
-            found: flat.len(),
-        });
-    }
+    check_flat_grads_len(params, flat)?;
     ensure_grads(params)?;
     let grads: Vec<Tensor> = params.iter().map(|p| p.grad()).collect();
     unflatten_into(&grads, flat)
+}
+
+/// A flat gradient must hold exactly one value per parameter scalar.
+fn check_flat_grads_len(params: &[Tensor], flat: &[f32]) -> Result<()> {
+    let expected = total_numel(params);
+    if flat.len() != expected {
+        return Err(ModelError::LengthMismatch { what: "flat gradient", expected, found: flat.len() });
+    }
+    Ok(())
 }
 
 /// Global L2 norm of all gradients (missing ones count as zero), accumulated in f64 on the host
@@ -135,10 +137,7 @@ fn sum_of_squares(values: &[f32]) -> f64 {
 /// `params`, before they are written back: the same norm and the same scaled values, bit for
 /// bit, without reading the gradient tensors again.
 pub fn clip_flat_grads(params: &[Tensor], flat: &mut [f32], max_norm: f64) -> Result<f64> {
-    let expected = total_numel(params);
-    if flat.len() != expected {
-        return Err(ModelError::LengthMismatch { what: "flat gradient", expected, found: flat.len() });
-    }
+    check_flat_grads_len(params, flat)?;
     let mut sum_sq = 0f64;
     let mut offset = 0;
     for p in params {
