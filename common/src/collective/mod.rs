@@ -1,7 +1,9 @@
 //! Collective operations between the ranks of a training job.
 //!
 //! [`Collective`] is what the worker's collective actor drives; [`RingCollective`] implements
-//! it for CPU workers with a ring over QUIC. An NCCL implementation (GPU workers, feature
+//! it for CPU workers with a ring over QUIC: all-reduce, and the reduce-scatter and all-gather
+//! it is made of, with NCCL's in-place convention (rank `r` owns chunk `r`; the ring schedule
+//! is numbered so that it does, see `schedule`). An NCCL implementation (GPU workers, feature
 //! "cuda") implements the same trait later.
 
 mod ring;
@@ -69,6 +71,21 @@ pub enum CollectiveError {
     InvalidArgument(String),
 }
 
+/// Refuses a reduce-scatter or all-gather (named `op`) whose buffer of `len` elements does not
+/// split into `world` equal chunks. Implementations call it before any traffic, so every rank
+/// refuses alike instead of some of them waiting for the others.
+pub fn check_chunked_len(op: &str, len: usize, world: u32) -> Result<(), CollectiveError> {
+    let w = world.max(1) as usize;
+    if len.is_multiple_of(w) {
+        return Ok(());
+    }
+    Err(CollectiveError::InvalidArgument(format!(
+        "{op} of {len} elements over {world} ranks: the length must be a multiple of the world \
+         size (each rank owns one equal chunk), {} elements are left over",
+        len % w
+    )))
+}
+
 /// A group of ranks that can combine tensors. Calls are made by every rank in the same order
 /// with the same tags; a call returns when this rank has its result.
 ///
@@ -82,6 +99,29 @@ pub trait Collective: Send {
     /// Sum `data` element-wise over all ranks, in place; every rank ends with identical values.
     /// All ranks must pass slices of the same length.
     fn all_reduce_sum(
+        &mut self,
+        data: &mut [f32],
+        tag: CollectiveTag,
+    ) -> impl Future<Output = Result<(), CollectiveError>> + Send;
+
+    /// Sums `data` over all ranks and leaves chunk `rank` of the sum in place: `data.len()`
+    /// must be a multiple of `world_size()` (otherwise [`CollectiveError::InvalidArgument`],
+    /// on every rank, before any traffic); chunk i is `data[i*len/W .. (i+1)*len/W]`. Other
+    /// chunks hold unspecified values afterwards. All ranks pass slices of the same length.
+    /// With one rank it does nothing. This is NCCL's in-place `ncclReduceScatter` (whose
+    /// receive buffer is chunk `rank` of the send buffer).
+    fn reduce_scatter_sum(
+        &mut self,
+        data: &mut [f32],
+        tag: CollectiveTag,
+    ) -> impl Future<Output = Result<(), CollectiveError>> + Send;
+
+    /// Every rank contributes chunk `rank` of `data` (same chunking and length rule as
+    /// [`Collective::reduce_scatter_sum`]); afterwards every rank holds all chunks, bit for
+    /// bit as their owners had them. The other chunks' incoming values are ignored. With one
+    /// rank it does nothing. This is NCCL's in-place `ncclAllGather`. A reduce-scatter followed
+    /// by an all-gather of the same buffer is an all-reduce.
+    fn all_gather(
         &mut self,
         data: &mut [f32],
         tag: CollectiveTag,

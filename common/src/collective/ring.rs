@@ -12,6 +12,11 @@
 //! call's own loop reduces incoming bytes into the buffer as they arrive and queues the
 //! pieces the next phase forwards as soon as they are complete.
 //!
+//! All-reduce, reduce-scatter and all-gather are phase ranges of one schedule (`schedule`),
+//! numbered so that rank `r` owns chunk `r` (NCCL's in-place convention). The header names
+//! the operation, so ranks running different ones for the same tag fail with a protocol
+//! error naming both instead of silently combining the wrong phases.
+//!
 //! Why pieces are produced lazily (only when the queue has room) instead of queued eagerly:
 //! the receiving loop must never block on a full queue, or every rank could wait on its
 //! successor's full window in a cycle; and eager queueing would copy up to the whole buffer.
@@ -29,7 +34,7 @@ use tracing::Instrument;
 
 use super::schedule::{encode_f32s, phase_name, Incoming, Schedule};
 use super::wire::{HelloReply, Op, PeerHello, StreamHeader, HEADER_LEN, MAX_HELLO_FRAME};
-use super::{Collective, CollectiveError, CollectiveTag};
+use super::{check_chunked_len, Collective, CollectiveError, CollectiveTag};
 use crate::net::close::{self, describe_close_code, describe_connection_error, describe_read_error, reason_bytes};
 use crate::net::{join_proof, read_frame, verify_peer_join_proof, write_frame, NetError, TLS_SERVER_NAME};
 use crate::proto::PROTOCOL_VERSION;
@@ -62,7 +67,8 @@ struct Links {
     pred_desc: String,
 }
 
-/// Ring all-reduce over QUIC; see the module docs. Build it with [`form_ring`].
+/// Ring all-reduce, reduce-scatter and all-gather over QUIC; see the module docs. Build it
+/// with [`form_ring`].
 pub struct RingCollective {
     rank: u32,
     world: u32,
@@ -558,8 +564,26 @@ impl RingCollective {
         // Drop closes the connections.
     }
 
+    /// Run `phases` of the ring schedule (see `schedule`) on `data`: all-reduce `0..2(W-1)`,
+    /// reduce-scatter `0..W-1`, all-gather `W-1..2(W-1)`.
+    async fn run_phases(
+        &mut self,
+        op: Op,
+        data: &mut [f32],
+        tag: CollectiveTag,
+        phases: std::ops::Range<u32>,
+    ) -> Result<(), CollectiveError> {
+        if self.links.is_none() {
+            return Ok(()); // W = 1
+        }
+        let sched = Schedule::new(data.len(), self.world, self.rank, self.piece_elems, phases);
+        self.run(op, data, tag, sched).await
+    }
+
     /// Run the phases of `sched` (see `schedule`) on `data`. Every collective goes through
-    /// here; reduce-scatter and all-gather are other phase ranges of the same schedule.
+    /// here. A schedule that does not start at phase 0 (the all-gather) works the same way:
+    /// its first phase sends from the local buffer (`Schedule::first_sends`), and whether a
+    /// received value is added or overwrites depends on the phase, not on the operation.
     async fn run(
         &mut self,
         op: Op,
@@ -619,7 +643,7 @@ impl RingCollective {
             Ok(Ok(r)) => r,
             Ok(Err(e)) => return Err(conn_err(&links.pred_desc, &e)),
             Err(_) => {
-                let phase = format!("{} (waiting for the predecessor's stream)", phase_name(0, self.world));
+                let phase = format!("{} (waiting for the predecessor's stream)", phase_name(sched.phases.start, self.world));
                 return Err(ctx.timeout(&phase, &links.pred_desc));
             }
         };
@@ -636,7 +660,7 @@ impl RingCollective {
             }
             Ok(Err(quinn::ReadExactError::ReadError(e))) => return Err(ctx.read_err(&links.pred_desc, e)),
             Err(_) => {
-                let phase = format!("{} (waiting for the stream header)", phase_name(0, self.world));
+                let phase = format!("{} (waiting for the stream header)", phase_name(sched.phases.start, self.world));
                 return Err(ctx.timeout(&phase, &links.pred_desc));
             }
         }
@@ -966,9 +990,23 @@ impl Collective for RingCollective {
     }
 
     async fn all_reduce_sum(&mut self, data: &mut [f32], tag: CollectiveTag) -> Result<(), CollectiveError> {
-        let sched = Schedule::new(data.len(), self.world, self.rank, self.piece_elems, 0..2 * (self.world - 1));
+        let steps = self.world - 1;
         let span = tracing::debug_span!("all_reduce_sum", rank = self.rank, step = tag.step, seq = tag.seq, len = data.len());
-        self.run(Op::AllReduceSum, data, tag, sched).instrument(span).await
+        self.run_phases(Op::AllReduceSum, data, tag, 0..2 * steps).instrument(span).await
+    }
+
+    async fn reduce_scatter_sum(&mut self, data: &mut [f32], tag: CollectiveTag) -> Result<(), CollectiveError> {
+        check_chunked_len("reduce_scatter_sum", data.len(), self.world)?;
+        let steps = self.world - 1;
+        let span = tracing::debug_span!("reduce_scatter_sum", rank = self.rank, step = tag.step, seq = tag.seq, len = data.len());
+        self.run_phases(Op::ReduceScatterSum, data, tag, 0..steps).instrument(span).await
+    }
+
+    async fn all_gather(&mut self, data: &mut [f32], tag: CollectiveTag) -> Result<(), CollectiveError> {
+        check_chunked_len("all_gather", data.len(), self.world)?;
+        let steps = self.world - 1;
+        let span = tracing::debug_span!("all_gather", rank = self.rank, step = tag.step, seq = tag.seq, len = data.len());
+        self.run_phases(Op::AllGather, data, tag, steps..2 * steps).instrument(span).await
     }
 }
 
@@ -1003,16 +1041,29 @@ mod tests {
         form(w, &toks, &gens, T).await.into_iter().map(|r| r.unwrap()).collect()
     }
 
-    /// Run one all-reduce on every rank concurrently, each with its own tag.
-    async fn all_reduce(
+    /// Which collective a rank runs in `call_all`.
+    #[derive(Debug, Clone, Copy)]
+    enum Call {
+        AllReduce,
+        ReduceScatter,
+        AllGather,
+    }
+
+    /// Run one collective on every rank concurrently, each with its own call and tag.
+    async fn call_all(
         rings: Vec<RingCollective>,
         inputs: Vec<Vec<f32>>,
+        calls: Vec<Call>,
         tags: Vec<CollectiveTag>,
     ) -> Vec<(RingCollective, Vec<f32>, Result<(), CollectiveError>)> {
         let mut hs = Vec::new();
-        for ((mut ring, mut data), tag) in rings.into_iter().zip(inputs).zip(tags) {
+        for (((mut ring, mut data), call), tag) in rings.into_iter().zip(inputs).zip(calls).zip(tags) {
             hs.push(tokio::spawn(async move {
-                let r = ring.all_reduce_sum(&mut data, tag).await;
+                let r = match call {
+                    Call::AllReduce => ring.all_reduce_sum(&mut data, tag).await,
+                    Call::ReduceScatter => ring.reduce_scatter_sum(&mut data, tag).await,
+                    Call::AllGather => ring.all_gather(&mut data, tag).await,
+                };
                 (ring, data, r)
             }));
         }
@@ -1021,6 +1072,35 @@ mod tests {
             out.push(h.await.unwrap());
         }
         out
+    }
+
+    /// Run one all-reduce on every rank concurrently, each with its own tag.
+    async fn all_reduce(
+        rings: Vec<RingCollective>,
+        inputs: Vec<Vec<f32>>,
+        tags: Vec<CollectiveTag>,
+    ) -> Vec<(RingCollective, Vec<f32>, Result<(), CollectiveError>)> {
+        let calls = vec![Call::AllReduce; rings.len()];
+        call_all(rings, inputs, calls, tags).await
+    }
+
+    /// The same call with the same tag on every rank; panics (naming `what`) if any fails.
+    async fn call_ok(
+        rings: Vec<RingCollective>,
+        inputs: Vec<Vec<f32>>,
+        call: Call,
+        tag: CollectiveTag,
+        what: &str,
+    ) -> (Vec<RingCollective>, Vec<Vec<f32>>) {
+        let w = rings.len();
+        let mut kept = Vec::new();
+        let mut outs = Vec::new();
+        for (rank, (ring, data, r)) in call_all(rings, inputs, vec![call; w], vec![tag; w]).await.into_iter().enumerate() {
+            r.unwrap_or_else(|e| panic!("{what} ({call:?}) rank {rank}: {e}"));
+            kept.push(ring);
+            outs.push(data);
+        }
+        (kept, outs)
     }
 
     fn input(n: usize, rank: u32, salt: u64) -> Vec<f32> {
@@ -1208,5 +1288,168 @@ mod tests {
             kept.push(ring);
             assert!(got.iter().zip(&root_data).all(|(a, b)| a.to_bits() == b.to_bits()), "every rank holds the root's exact values");
         }
+    }
+
+    /// Values of many magnitudes, so the order of additions shows in the bits, plus values a
+    /// copy must keep exactly: negative zero, subnormals and a NaN with a payload.
+    fn odd_input(n: usize, rank: u32, salt: u64) -> Vec<f32> {
+        (0..n)
+            .map(|i| match (i + rank as usize) % 23 {
+                5 => -0.0,
+                11 => 1e-40 * (rank + 1) as f32,
+                17 => f32::from_bits(0x7fc0_1234 + rank),
+                _ => {
+                    let x = (i as u64 * 31 + rank as u64 * 17 + salt * 13) as f32;
+                    (x * 0.37).sin() * 10f32.powi((i % 9) as i32 - 4)
+                }
+            })
+            .collect()
+    }
+
+    fn same_bits(a: &[f32], b: &[f32]) -> bool {
+        a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits())
+    }
+
+    /// For every length (each a multiple of W): reduce-scatter leaves the exact sum of chunk r
+    /// on rank r; all-gather gives every rank the owners' chunks bit for bit; reduce-scatter
+    /// then all-gather is bitwise the all-reduce.
+    async fn check_chunked(w: u32, lens: &[usize], piece_bytes: &[usize]) {
+        let mut rings = ring(w).await;
+        for (r, pb) in rings.iter_mut().zip(piece_bytes.iter().cycle()) {
+            r.set_piece_bytes(*pb);
+        }
+        let mut seq = 0u64;
+        let mut tag = || {
+            seq += 1;
+            CollectiveTag { step: seq / 4, seq }
+        };
+        for &n in lens {
+            assert_eq!(n % w as usize, 0, "test lengths are multiples of W");
+            let k = n / w as usize;
+            let chunk = |r: usize| r * k..(r + 1) * k;
+
+            // Reduce-scatter of integer values: every order of addition gives the exact sum.
+            let salt = tag().seq;
+            let inputs: Vec<_> = (0..w).map(|r| input(n, r, salt)).collect();
+            let expect: Vec<f32> = (0..n).map(|i| inputs.iter().map(|v| v[i]).sum()).collect();
+            let what = format!("W={w} n={n} reduce_scatter");
+            let (rs, outs) = call_ok(rings, inputs, Call::ReduceScatter, tag(), &what).await;
+            rings = rs;
+            for (r, d) in outs.iter().enumerate() {
+                assert!(d[chunk(r)] == expect[chunk(r)], "{what}: rank {r} does not hold the sum of chunk {r}");
+            }
+
+            // All-gather: rank r contributes chunk r; the rest of its buffer is garbage.
+            let owned: Vec<_> = (0..w).map(|r| odd_input(n, r, salt)).collect();
+            let gather_in: Vec<Vec<f32>> = (0..w as usize)
+                .map(|r| {
+                    let mut d = vec![f32::from_bits(0xdead_0000 + r as u32); n];
+                    d[chunk(r)].copy_from_slice(&owned[r][chunk(r)]);
+                    d
+                })
+                .collect();
+            let concat: Vec<f32> = (0..w as usize).flat_map(|r| owned[r][chunk(r)].to_vec()).collect();
+            let what = format!("W={w} n={n} all_gather");
+            let (rs, outs) = call_ok(rings, gather_in, Call::AllGather, tag(), &what).await;
+            rings = rs;
+            for (r, d) in outs.iter().enumerate() {
+                assert!(same_bits(d, &concat), "{what}: rank {r} does not hold the concatenation");
+            }
+
+            // Reduce-scatter then all-gather == all-reduce, bit for bit (fractional values).
+            let frac: Vec<Vec<f32>> = (0..w)
+                .map(|r| odd_input(n, r, salt + 1).into_iter().map(|x| if x.is_nan() { 0.5 } else { x }).collect())
+                .collect();
+            let what = format!("W={w} n={n} all_reduce vs reduce_scatter + all_gather");
+            let (rs, reduced) = call_ok(rings, frac.clone(), Call::AllReduce, tag(), &what).await;
+            let (rs, scattered) = call_ok(rs, frac, Call::ReduceScatter, tag(), &what).await;
+            let (rs, gathered) = call_ok(rs, scattered, Call::AllGather, tag(), &what).await;
+            rings = rs;
+            for r in 0..w as usize {
+                assert!(same_bits(&reduced[r], &reduced[0]), "{what}: all-reduce differs between ranks 0 and {r}");
+                assert!(same_bits(&gathered[r], &reduced[r]), "{what}: rank {r} differs");
+            }
+        }
+        for r in rings {
+            r.shutdown(Duration::from_secs(1)).await;
+        }
+    }
+
+    /// Multiples of W: 0, W itself, small ones, and ones spanning many pieces.
+    fn chunked_lengths(w: u32, seed: u64) -> Vec<usize> {
+        let w = w as usize;
+        let mut lens = vec![0, w, 2 * w, 7 * w, 1000 * w, 75_013 * w];
+        lens.extend(lengths(seed, 3, 100_000).into_iter().map(|n| n / w * w));
+        lens
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn w2_reduce_scatter_and_all_gather() {
+        check_chunked(2, &chunked_lengths(2, 11), &[DEFAULT_PIECE_BYTES, 4096 + 4]).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn w3_reduce_scatter_and_all_gather() {
+        check_chunked(3, &chunked_lengths(3, 12), &[1000, 64 << 10, 4096]).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn w4_reduce_scatter_and_all_gather() {
+        check_chunked(4, &chunked_lengths(4, 13), &[4096 + 4, 1000, DEFAULT_PIECE_BYTES, 512]).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn w1_reduce_scatter_and_all_gather_are_noops() {
+        let mut r = ring(1).await;
+        let mut d = vec![1.0, 2.0, 3.0];
+        r[0].reduce_scatter_sum(&mut d, CollectiveTag { step: 0, seq: 0 }).await.unwrap();
+        r[0].all_gather(&mut d, CollectiveTag { step: 0, seq: 1 }).await.unwrap();
+        assert_eq!(d, vec![1.0, 2.0, 3.0]);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn length_not_a_multiple_of_w_is_refused_before_any_traffic() {
+        let w = 3;
+        let mut rings = ring(w).await;
+        let tag = |seq| CollectiveTag { step: 0, seq };
+        for (seq, call, n) in [(1, Call::ReduceScatter, 7), (2, Call::AllGather, 4), (3, Call::ReduceScatter, 1)] {
+            let inputs = (0..w).map(|r| input(n, r, 0)).collect();
+            let res = call_all(rings, inputs, vec![call; w as usize], vec![tag(seq); w as usize]).await;
+            rings = Vec::new();
+            for (rank, (ring, _, r)) in res.into_iter().enumerate() {
+                match r {
+                    Err(e @ CollectiveError::InvalidArgument(_)) => {
+                        let m = e.to_string();
+                        assert!(m.contains(&format!("{n} elements over 3 ranks")) && m.contains("multiple"), "{m}");
+                    }
+                    other => panic!("{call:?} of {n} elements on rank {rank}: expected InvalidArgument, got {other:?}"),
+                }
+                rings.push(ring);
+            }
+        }
+        // Nothing went on the wire: the next call (with the next tag) works.
+        let inputs: Vec<_> = (0..w).map(|r| input(6, r, 0)).collect();
+        let expect: Vec<f32> = (0..6).map(|i| inputs.iter().map(|v| v[i]).sum()).collect();
+        let (rings, outs) = call_ok(rings, inputs, Call::AllReduce, tag(4), "after the refusals").await;
+        assert!(outs.iter().all(|d| *d == expect));
+        for r in rings {
+            r.shutdown(Duration::from_secs(1)).await;
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn op_mismatch_is_a_protocol_error_naming_both_ops() {
+        let rings = ring(2).await;
+        let tag = CollectiveTag { step: 6, seq: 2 };
+        let inputs = vec![input(1000, 0, 0), input(1000, 1, 0)];
+        let res = call_all(rings, inputs, vec![Call::AllGather, Call::ReduceScatter], vec![tag; 2]).await;
+        let mut named_both = false;
+        for (_, _, r) in &res {
+            let e = r.as_ref().expect_err("mismatched operations must fail");
+            assert!(matches!(e, CollectiveError::Protocol(_)), "{e}");
+            let m = e.to_string();
+            named_both |= m.contains("all_gather") && m.contains("reduce_scatter_sum");
+        }
+        assert!(named_both, "{:?}", res.iter().map(|r| r.2.as_ref().err().map(|e| e.to_string())).collect::<Vec<_>>());
     }
 }

@@ -1,17 +1,29 @@
 //! The ring schedule, without I/O: which element ranges a rank sends and receives in which
 //! phase, and the streaming reducer that applies received bytes to the local buffer.
 //!
-//! Ring all-reduce over W ranks splits the buffer into W contiguous chunks and runs 2(W-1)
-//! phases. In phase `p` rank `r` sends chunk `(r - p) mod W` to its successor and receives
-//! chunk `(r - p - 1) mod W` from its predecessor. Phases `0..W-1` are the reduce-scatter
-//! (received values are added), after which rank `r` holds the full sum of chunk
-//! `(r + 1) mod W`; phases `W-1..2(W-1)` are the all-gather (received values overwrite).
-//! What a rank receives in phase `p` is exactly what it sends in phase `p + 1`, which is
-//! what makes pipelining possible: a piece can be forwarded as soon as it has been reduced.
+//! Ring all-reduce over W ranks splits the buffer into W contiguous chunks (chunk `i` is
+//! `chunk_range(n, W, i)`) and runs 2(W-1) phases. In phase `p` rank `r` sends chunk
+//! `(r - p - 1) mod W` to its successor and receives chunk `(r - p - 2) mod W` from its
+//! predecessor (which sends that same chunk: its rank is `r - 1`). Phases `0..W-1` are the
+//! reduce-scatter (received values are added): the chunk received in phase `p` has then
+//! been summed over `p + 2` ranks, so in the last one, `W-2`, rank `r` receives chunk
+//! `(r - W) mod W = r` and ends holding its full sum. Phases `W-1..2(W-1)` are the
+//! all-gather (received values overwrite): in phase `W-1` rank `r` sends its own chunk `r`,
+//! and every chunk then travels once around the ring. What a rank receives in phase `p` is
+//! exactly what it sends in phase `p + 1`, which is what makes pipelining possible: a piece
+//! can be forwarded as soon as it has been reduced.
+//!
+//! The textbook numbering (send `(r - p) mod W`) leaves rank `r` owning chunk `(r + 1) mod W`
+//! after the reduce-scatter. The extra `- 1` is that schedule run with every rank relabelled
+//! `(r + W - 1) mod W`; the relabelling is the same on every rank and keeps the ring's
+//! direction, so all-reduce is unchanged (same traffic, same order of additions for each
+//! chunk, only which rank reduces which chunk moves), and it gives the ownership NCCL's
+//! in-place reduce-scatter and all-gather use: rank `r` owns chunk `r`.
 //!
 //! A collective is a contiguous range of these phases: all-reduce `0..2(W-1)`, reduce-scatter
-//! `0..W-1`, all-gather `W-1..2(W-1)` (with the owned chunk convention above), so those
-//! operations reuse this module unchanged.
+//! `0..W-1`, all-gather `W-1..2(W-1)`. Because they share the numbering, a reduce-scatter
+//! followed by an all-gather performs exactly the additions of an all-reduce, in the same
+//! order, and gives bitwise the same result.
 
 use std::ops::Range;
 
@@ -44,6 +56,8 @@ pub(crate) fn phase_name(phase: u32, world: u32) -> String {
 #[derive(Debug, Clone)]
 pub(crate) struct Schedule {
     pub n: usize,
+    /// The phases this schedule runs (a sub-range of `0..2(W-1)`).
+    pub phases: Range<u32>,
     /// Phases below this add received values; the others overwrite.
     pub reduce_phases: u32,
     /// Pieces to send, in stream order.
@@ -72,19 +86,19 @@ impl Schedule {
                 start = end;
             }
         };
-        // (r - p) mod w without underflow.
+        // (r - p - extra) mod w without underflow (p mod w <= w - 1 and extra <= 2).
         let back = |p: u32, extra: usize| (r + w * 2 - (p as usize % w) - extra) % w;
         let mut sends = Vec::new();
         let mut recvs = Vec::new();
         let mut first_sends = 0;
         for p in phases.clone() {
-            pieces(p, back(p, 0), &mut sends);
+            pieces(p, back(p, 1), &mut sends);
             if p == phases.start {
                 first_sends = sends.len();
             }
-            pieces(p, back(p, 1), &mut recvs);
+            pieces(p, back(p, 2), &mut recvs);
         }
-        Schedule { n, reduce_phases: world.saturating_sub(1), sends, recvs, first_sends }
+        Schedule { n, phases, reduce_phases: world.saturating_sub(1), sends, recvs, first_sends }
     }
 
     /// Whether send piece `j` has its data, given how many receive pieces are complete.
@@ -235,11 +249,16 @@ mod tests {
         }
     }
 
-    /// Simulate the whole ring in memory with each rank's stream delivered in random splits.
-    fn simulate(n: usize, w: u32, piece: usize, splits: &[usize]) -> Vec<Vec<f32>> {
-        let mut data: Vec<Vec<f32>> =
-            (0..w).map(|r| (0..n).map(|i| ((i * 7 + r as usize * 3) % 11) as f32).collect()).collect();
-        let scheds: Vec<_> = (0..w).map(|r| Schedule::new(n, w, r, piece, 0..2 * (w - 1))).collect();
+    fn sample(n: usize, w: u32) -> Vec<Vec<f32>> {
+        (0..w).map(|r| (0..n).map(|i| ((i * 7 + r as usize * 3) % 11) as f32).collect()).collect()
+    }
+
+    /// Run `phases` of the whole ring in memory on `data` (one buffer per rank), with each
+    /// rank's stream delivered in the given splits.
+    fn simulate(mut data: Vec<Vec<f32>>, phases: Range<u32>, piece: usize, splits: &[usize]) -> Vec<Vec<f32>> {
+        let w = data.len() as u32;
+        let n = data[0].len();
+        let scheds: Vec<_> = (0..w).map(|r| Schedule::new(n, w, r, piece, phases.clone())).collect();
         let mut inc: Vec<_> = scheds.iter().map(Incoming::new).collect();
         let mut sent = vec![0usize; w as usize];
         let mut split_i = 0;
@@ -274,16 +293,87 @@ mod tests {
         data
     }
 
+    #[test]
+    fn rank_r_owns_chunk_r() {
+        for w in 2..7u32 {
+            for r in 0..w {
+                let n = 5 * w as usize;
+                // Reduce-scatter: the last phase receives (and completes the sum of) chunk r.
+                let rs = Schedule::new(n, w, r, 1000, 0..w - 1);
+                assert_eq!(rs.recvs.last().unwrap().chunk, r as usize, "W={w} rank {r}");
+                assert!(rs.recvs.iter().all(|i| i.phase < rs.reduce_phases));
+                // All-gather: the first sends are chunk r from the local buffer, and every other
+                // chunk is received exactly once (overwriting).
+                let ag = Schedule::new(n, w, r, 1000, w - 1..2 * (w - 1));
+                assert_eq!(ag.first_sends, 1);
+                assert_eq!(ag.sends[0].chunk, r as usize);
+                assert_eq!(ag.sends[0].range, chunk_range(n, w as usize, r as usize));
+                let mut got: Vec<_> = ag.recvs.iter().map(|i| i.chunk).collect();
+                got.sort();
+                let others: Vec<_> = (0..w as usize).filter(|&c| c != r as usize).collect();
+                assert_eq!(got, others, "W={w} rank {r}");
+                assert!(ag.recvs.iter().all(|i| i.phase >= ag.reduce_phases));
+                // What rank r sends in a phase is what its successor receives in that phase.
+                let succ = Schedule::new(n, w, (r + 1) % w, 1000, 0..2 * (w - 1));
+                let all = Schedule::new(n, w, r, 1000, 0..2 * (w - 1));
+                for (a, b) in all.sends.iter().zip(&succ.recvs) {
+                    assert_eq!(a, b);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn sub_ranges_are_the_all_reduce_split() {
+        for w in 1..6u32 {
+            for r in 0..w {
+                let all = Schedule::new(40, w, r, 3, 0..2 * (w - 1));
+                let rs = Schedule::new(40, w, r, 3, 0..w.saturating_sub(1));
+                let ag = Schedule::new(40, w, r, 3, w.saturating_sub(1)..2 * (w - 1));
+                assert_eq!([&rs.sends[..], &ag.sends[..]].concat(), all.sends);
+                assert_eq!([&rs.recvs[..], &ag.recvs[..]].concat(), all.recvs);
+            }
+        }
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig { cases: 200, ..ProptestConfig::default() })]
         #[test]
         fn in_memory_ring_sums(n in 0usize..200, w in 1u32..6, piece in 1usize..20,
                                splits in proptest::collection::vec(1usize..13, 1..8)) {
-            let data = simulate(n, w, piece, &splits);
+            let data = simulate(sample(n, w), 0..2 * (w - 1), piece, &splits);
             let expect: Vec<f32> =
                 (0..n).map(|i| (0..w).map(|r| ((i * 7 + r as usize * 3) % 11) as f32).sum()).collect();
             for rank_data in &data {
                 prop_assert_eq!(rank_data, &expect);
+            }
+        }
+
+        /// Reduce-scatter leaves chunk r of the sum on rank r; all-gather then gives every rank
+        /// the bits of the all-reduce (fractional values, so the order of additions matters).
+        #[test]
+        fn in_memory_reduce_scatter_then_all_gather(k in 0usize..40, w in 1u32..6, piece in 1usize..20,
+                               splits in proptest::collection::vec(1usize..13, 1..8)) {
+            let wu = w as usize;
+            let n = k * wu;
+            let input: Vec<Vec<f32>> = (0..w)
+                .map(|r| (0..n).map(|i| ((i * 7 + r as usize * 3) as f32 * 0.37).sin() * 1e3).collect())
+                .collect();
+            let reduced = simulate(input.clone(), 0..w - 1, piece, &splits);
+            let all = simulate(input.clone(), 0..2 * (w - 1), piece, &splits);
+            let expect: Vec<f32> = (0..n).map(|i| input.iter().map(|v| v[i] as f64).sum::<f64>() as f32).collect();
+            for (r, d) in reduced.iter().enumerate() {
+                let c = chunk_range(n, wu, r);
+                prop_assert_eq!(c.clone(), r * k..(r + 1) * k);
+                for i in c {
+                    // Sum of W values of magnitude <= 1e3 in some order: within a few ulps.
+                    prop_assert!((d[i] - expect[i]).abs() <= 1e-3 * w as f32, "rank {} elem {}", r, i);
+                    prop_assert_eq!(d[i].to_bits(), all[0][i].to_bits());
+                }
+            }
+            let gathered = simulate(reduced, w - 1..2 * (w - 1), piece, &splits);
+            for d in &gathered {
+                prop_assert!(d.iter().zip(&all[0]).all(|(a, b)| a.to_bits() == b.to_bits()));
             }
         }
     }

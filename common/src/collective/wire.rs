@@ -37,12 +37,16 @@ const MAGIC: [u8; 4] = *b"TRC1";
 #[repr(u32)]
 pub(crate) enum Op {
     AllReduceSum = 1,
+    ReduceScatterSum = 2,
+    AllGather = 3,
 }
 
 impl Op {
     fn name(code: u32) -> String {
         match code {
             1 => "all_reduce_sum".into(),
+            2 => "reduce_scatter_sum".into(),
+            3 => "all_gather".into(),
             other => format!("unknown collective {other}"),
         }
     }
@@ -149,6 +153,9 @@ mod tests {
         let other = StreamHeader { tag: CollectiveTag { step: 5, seq: 7 }, ..h };
         let msg = h.mismatch(&other).unwrap();
         assert!(msg.contains("step 5 seq 7") && msg.contains("step 5 seq 6"), "{msg}");
+        let gather = StreamHeader { op: Op::AllGather as u32, ..h };
+        let msg = gather.mismatch(&StreamHeader { op: Op::ReduceScatterSum as u32, ..h }).unwrap();
+        assert!(msg.contains("reduce_scatter_sum for") && msg.contains("running all_gather for"), "{msg}");
         let mut bad = b;
         bad[0] = b'X';
         assert_eq!(StreamHeader::decode(&bad), None);

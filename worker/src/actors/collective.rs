@@ -1,6 +1,7 @@
 //! Collective: owns this rank's ring of one membership generation and runs collectives one
 //! at a time, in mailbox order, so every rank runs them in the same order. The trainer thread
-//! asks for an all-reduce (or a broadcast) and blocks on a reply channel.
+//! asks for an all-reduce (or a broadcast, reduce-scatter or all-gather) and blocks on a reply
+//! channel.
 //!
 //! A collective in flight is abandoned as soon as the Worker announces a newer generation (or
 //! stops): the ring of a membership that no longer exists will never finish, and the trainer
@@ -30,6 +31,33 @@ pub enum CollectiveMsg {
     AllReduce { data: Vec<f32>, tag: CollectiveTag, reply: Reply },
     /// Every rank ends with rank `root`'s data.
     Broadcast { data: Vec<f32>, root: u32, tag: CollectiveTag, reply: Reply },
+    /// The reply holds the sum over all ranks in chunk `rank` (of W equal chunks; the length
+    /// must be a multiple of W); the other chunks are unspecified.
+    ReduceScatter { data: Vec<f32>, tag: CollectiveTag, reply: Reply },
+    /// Every rank contributes chunk `rank` (same chunking); the reply holds all chunks.
+    AllGather { data: Vec<f32>, tag: CollectiveTag, reply: Reply },
+}
+
+/// What a message asks the ring to do.
+#[derive(Clone, Copy)]
+enum Op {
+    AllReduce,
+    Broadcast { root: u32 },
+    ReduceScatter,
+    AllGather,
+}
+
+impl Op {
+    /// Bytes this rank sends for a buffer of `len` elements over `world` ranks.
+    fn bytes_sent(self, len: usize, world: u32) -> u64 {
+        let (bytes, world) = (len as u64 * 4, u64::from(world.max(1)));
+        match self {
+            // Ring all-reduce (and the broadcast built on it): 2(W-1)/W of the buffer.
+            Op::AllReduce | Op::Broadcast { .. } => bytes * 2 * (world - 1) / world,
+            // Each half of it: (W-1)/W.
+            Op::ReduceScatter | Op::AllGather => bytes * (world - 1) / world,
+        }
+    }
 }
 
 pub struct CollectiveState {
@@ -56,9 +84,11 @@ impl Actor for CollectiveActor {
     }
 
     async fn handle(&self, _me: ActorRef<CollectiveMsg>, msg: CollectiveMsg, state: &mut CollectiveState) -> Result<(), ActorProcessingErr> {
-        let (mut data, tag, root, reply) = match msg {
-            CollectiveMsg::AllReduce { data, tag, reply } => (data, tag, None, reply),
-            CollectiveMsg::Broadcast { data, root, tag, reply } => (data, tag, Some(root), reply),
+        let (mut data, tag, op, reply) = match msg {
+            CollectiveMsg::AllReduce { data, tag, reply } => (data, tag, Op::AllReduce, reply),
+            CollectiveMsg::Broadcast { data, root, tag, reply } => (data, tag, Op::Broadcast { root }, reply),
+            CollectiveMsg::ReduceScatter { data, tag, reply } => (data, tag, Op::ReduceScatter, reply),
+            CollectiveMsg::AllGather { data, tag, reply } => (data, tag, Op::AllGather, reply),
         };
         // Test hooks: a panic (the actor dies), or a stall (alive, but never takes part).
         static PANIC: FaultHook = FaultHook::new("TROUPE_FAULT_COLLECTIVE_PANIC_AT_STEP");
@@ -86,18 +116,18 @@ impl Actor for CollectiveActor {
         };
         let result = tokio::select! {
             result = async {
-                match root {
-                    None => state.ring.all_reduce_sum(&mut data, tag).await,
-                    Some(root) => state.ring.broadcast(&mut data, root, tag).await,
+                match op {
+                    Op::AllReduce => state.ring.all_reduce_sum(&mut data, tag).await,
+                    Op::Broadcast { root } => state.ring.broadcast(&mut data, root, tag).await,
+                    Op::ReduceScatter => state.ring.reduce_scatter_sum(&mut data, tag).await,
+                    Op::AllGather => state.ring.all_gather(&mut data, tag).await,
                 }
             } => result.map_err(|e| e.to_string()),
             _ = superseded => Err(format!("collective {tag} abandoned: membership generation {generation} is over")),
         };
         match result {
             Ok(()) => {
-                // What a ring all-reduce sends per rank: 2(W-1)/W of the buffer.
-                let world = state.ring.world_size() as u64;
-                let bytes = (data.len() as u64 * 4) * 2 * (world - 1) / world.max(1);
+                let bytes = op.bytes_sent(data.len(), state.ring.world_size());
                 state.metrics.bytes_sent_total.inc_by(bytes);
                 let _ = reply.send(Ok(data));
             }
