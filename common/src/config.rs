@@ -30,6 +30,9 @@ pub struct Config {
     pub eval: EvalConfig,
     pub checkpoint: CheckpointConfig,
     pub cluster: ClusterConfig,
+    /// How the training state is split over the workers (`ddp`, `zero1`, `zero2`, `zero3`).
+    #[serde(default)]
+    pub parallel: ParallelConfig,
     #[serde(default)]
     pub metrics: MetricsConfig,
     /// Evaluation-gated deployment of checkpoints into the run's model registry.
@@ -302,6 +305,21 @@ impl Default for ServeConfig {
             max_queue: default_max_queue(),
             threads: 0,
         }
+    }
+}
+
+/// `[parallel]`: what each worker keeps of the training state (see [`crate::shard`]).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ParallelConfig {
+    /// `ddp` (full replicas), `zero1` (optimizer state sharded), `zero2` (and gradients),
+    /// `zero3` (and parameters). Checkpoints resume under any strategy and world size.
+    pub strategy: crate::shard::Strategy,
+}
+
+impl Default for ParallelConfig {
+    fn default() -> Self {
+        ParallelConfig { strategy: crate::shard::Strategy::Ddp }
     }
 }
 

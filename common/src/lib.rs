@@ -7,6 +7,7 @@
 //! - [`model`]: the GPT (tch), AdamW, the learning-rate schedule, safetensors I/O.
 //! - [`data`]: corpus preparation, tokenizer, token files, the global-cursor sampler.
 //! - [`checkpoint`]: the on-disk checkpoint layout and its atomic commit.
+//! - [`shard`]: how ZeRO strategies split the flat training state over ranks.
 //! - [`metrics`]: Prometheus registry and the `/metrics` server.
 //! - [`registry`]: the model registry: served versions, their state and history.
 //! - [`events`]: the run history file `events.jsonl`.
@@ -26,4 +27,5 @@ pub mod model;
 pub mod net;
 pub mod proto;
 pub mod registry;
+pub mod shard;
 pub mod signals;

@@ -118,6 +118,14 @@ pub(crate) struct Param {
     pub(crate) tensor: Tensor,
     /// A weight of what Hugging Face implements as `Conv1D`: stored transposed in files.
     pub(crate) conv1d: bool,
+    /// Its shape, kept apart from the tensor: under ZeRO-3 the tensor's storage is released.
+    shape: Vec<i64>,
+}
+
+impl Param {
+    fn shape(&self) -> Vec<i64> {
+        self.shape.clone()
+    }
 }
 
 struct LayerNorm {
@@ -272,22 +280,16 @@ enum Init {
 }
 
 /// Creates parameters in canonical order, drawing initial values from one seeded stream.
-struct Builder {
+struct Builder<'a> {
     rng: Rng,
     device: Device,
-    bias: bool,
+    root: nn::Path<'a>,
     params: Vec<Param>,
 }
 
-impl Builder {
-    fn var(
-        &mut self,
-        path: &nn::Path,
-        name: &str,
-        shape: &[i64],
-        init: Init,
-        conv1d: bool,
-    ) -> Tensor {
+impl Builder<'_> {
+    /// Adds `transformer.<path>` with its initial values.
+    fn var(&mut self, path: &str, shape: &[i64], init: Init, conv1d: bool) {
         let n: i64 = shape.iter().product();
         // Values are made on the host in plain Rust (see rng.rs), then moved to the device,
         // so the same seed gives the same bits on CPU and GPU workers alike.
@@ -297,34 +299,56 @@ impl Builder {
             Init::Ones => vec![1.0; n as usize],
         };
         let t = Tensor::from_slice(&values).view(shape).to_device(self.device);
-        let t = path.add(name, t, true);
-        self.params.push(Param { name: path.path(name), tensor: t.shallow_clone(), conv1d });
-        t
+        let (dir, name) = path.rsplit_once('.').unwrap_or(("", path));
+        let group = dir.split('.').filter(|s| !s.is_empty()).fold(self.root.clone(), |p, part| p / part);
+        let t = group.add(name, t, true);
+        self.params.push(Param { name: group.path(name), tensor: t, conv1d, shape: shape.to_vec() });
     }
 
-    fn linear(&mut self, path: &nn::Path, n_in: usize, n_out: usize, std: f64) -> nn::Linear {
-        // tch's layout: weight [out, in], so the forward pass is x @ W^T + b.
-        let ws = self.var(path, "weight", &[n_out as i64, n_in as i64], Init::Normal(std), true);
-        let bs = if self.bias {
-            Some(self.var(path, "bias", &[n_out as i64], Init::Zeros, false))
-        } else {
-            None
-        };
-        nn::Linear { ws, bs }
+    /// tch's layout: weight [out, in], so the forward pass is x @ W^T + b.
+    fn linear(&mut self, path: &str, n_in: usize, n_out: usize, std: f64, bias: bool) {
+        self.var(&format!("{path}.weight"), &[n_out as i64, n_in as i64], Init::Normal(std), true);
+        if bias {
+            self.var(&format!("{path}.bias"), &[n_out as i64], Init::Zeros, false);
+        }
     }
 
-    fn embedding(&mut self, path: &nn::Path, rows: usize, dim: usize) -> Tensor {
-        self.var(path, "weight", &[rows as i64, dim as i64], Init::Normal(INIT_STD), false)
+    fn layer_norm(&mut self, path: &str, n: usize, bias: bool) {
+        self.var(&format!("{path}.weight"), &[n as i64], Init::Ones, false);
+        if bias {
+            self.var(&format!("{path}.bias"), &[n as i64], Init::Zeros, false);
+        }
     }
+}
 
-    fn layer_norm(&mut self, path: &nn::Path, n: usize) -> LayerNorm {
-        let weight = self.var(path, "weight", &[n as i64], Init::Ones, false);
-        let bias = if self.bias {
-            Some(self.var(path, "bias", &[n as i64], Init::Zeros, false))
-        } else {
-            None
-        };
-        LayerNorm { weight, bias, n: n as i64 }
+/// Hands out tensors in canonical order to the structs that compute with them.
+struct Take<'a> {
+    tensors: std::slice::Iter<'a, Tensor>,
+    bias: bool,
+}
+
+impl Take<'_> {
+    fn next(&mut self) -> Tensor {
+        self.tensors.next().expect("checked: one tensor per parameter").shallow_clone()
+    }
+    fn maybe(&mut self) -> Option<Tensor> {
+        self.bias.then(|| self.next())
+    }
+    fn linear(&mut self) -> nn::Linear {
+        let ws = self.next();
+        nn::Linear { ws, bs: self.maybe() }
+    }
+    fn layer_norm(&mut self, n: usize) -> LayerNorm {
+        let weight = self.next();
+        LayerNorm { weight, bias: self.maybe(), n: n as i64 }
+    }
+    fn block(&mut self, cfg: &GptConfig) -> Block {
+        let c = cfg.n_embd;
+        let ln_1 = self.layer_norm(c);
+        let attn = CausalSelfAttention { c_attn: self.linear(), c_proj: self.linear(), n_head: cfg.n_head as i64, dropout: cfg.dropout };
+        let ln_2 = self.layer_norm(c);
+        let mlp = Mlp { c_fc: self.linear(), c_proj: self.linear(), dropout: cfg.dropout };
+        Block { ln_1, attn, ln_2, mlp }
     }
 }
 
@@ -338,32 +362,84 @@ impl Gpt {
         let c = cfg.n_embd;
         let vs = nn::VarStore::new(device);
         let root = vs.root() / "transformer";
-        let mut b =
-            Builder { rng: Rng::new(seed as u64), device, bias: cfg.bias, params: Vec::new() };
+        let mut b = Builder { rng: Rng::new(seed as u64), device, root, params: Vec::new() };
         let resid_std = INIT_STD / ((2 * cfg.n_layer) as f64).sqrt();
-
-        let wte = b.embedding(&(&root / "wte"), cfg.vocab_size, c);
-        let wpe = b.embedding(&(&root / "wpe"), cfg.block_size, c);
-        let mut h = Vec::with_capacity(cfg.n_layer);
+        b.var("wte.weight", &[cfg.vocab_size as i64, c as i64], Init::Normal(INIT_STD), false);
+        b.var("wpe.weight", &[cfg.block_size as i64, c as i64], Init::Normal(INIT_STD), false);
         for i in 0..cfg.n_layer {
-            let p = &root / "h" / i;
-            let ln_1 = b.layer_norm(&(&p / "ln_1"), c);
-            let attn = CausalSelfAttention {
-                c_attn: b.linear(&(&p / "attn" / "c_attn"), c, 3 * c, INIT_STD),
-                c_proj: b.linear(&(&p / "attn" / "c_proj"), c, c, resid_std),
-                n_head: cfg.n_head as i64,
-                dropout: cfg.dropout,
-            };
-            let ln_2 = b.layer_norm(&(&p / "ln_2"), c);
-            let mlp = Mlp {
-                c_fc: b.linear(&(&p / "mlp" / "c_fc"), c, 4 * c, INIT_STD),
-                c_proj: b.linear(&(&p / "mlp" / "c_proj"), 4 * c, c, resid_std),
-                dropout: cfg.dropout,
-            };
-            h.push(Block { ln_1, attn, ln_2, mlp });
+            b.layer_norm(&format!("h.{i}.ln_1"), c, cfg.bias);
+            b.linear(&format!("h.{i}.attn.c_attn"), c, 3 * c, INIT_STD, cfg.bias);
+            b.linear(&format!("h.{i}.attn.c_proj"), c, c, resid_std, cfg.bias);
+            b.layer_norm(&format!("h.{i}.ln_2"), c, cfg.bias);
+            b.linear(&format!("h.{i}.mlp.c_fc"), c, 4 * c, INIT_STD, cfg.bias);
+            b.linear(&format!("h.{i}.mlp.c_proj"), 4 * c, c, resid_std, cfg.bias);
         }
-        let ln_f = b.layer_norm(&(&root / "ln_f"), c);
-        Ok(Gpt { cfg: cfg.clone(), device, vs, wte, wpe, h, ln_f, params: b.params })
+        b.layer_norm("ln_f", c, cfg.bias);
+        let params = std::mem::take(&mut b.params);
+        drop(b);
+        Ok(Gpt::assemble(cfg, device, vs, params))
+    }
+
+    /// The network's structs over `params` (canonical order, shapes already checked).
+    fn assemble(cfg: &GptConfig, device: Device, vs: nn::VarStore, params: Vec<Param>) -> Gpt {
+        let tensors: Vec<Tensor> = params.iter().map(|p| p.tensor.shallow_clone()).collect();
+        let mut take = Take { tensors: tensors.iter(), bias: cfg.bias };
+        let wte = take.next();
+        let wpe = take.next();
+        let h = (0..cfg.n_layer).map(|_| take.block(cfg)).collect();
+        let ln_f = take.layer_norm(cfg.n_embd);
+        Gpt { cfg: cfg.clone(), device, vs, wte, wpe, h, ln_f, params }
+    }
+
+    /// The same network computing with `tensors` instead of its own parameters: one per
+    /// parameter, canonical order, same shapes (views into a flat buffer, typically). The
+    /// returned model shares those tensors; gradients flow back into them.
+    pub fn with_tensors(&self, tensors: Vec<Tensor>) -> Result<Gpt> {
+        if tensors.len() != self.params.len() {
+            return Err(ModelError::LengthMismatch { what: "parameter tensors", expected: self.params.len(), found: tensors.len() });
+        }
+        let mut params = Vec::with_capacity(tensors.len());
+        for (p, t) in self.params.iter().zip(tensors) {
+            if t.size() != p.shape() {
+                return Err(ModelError::InvalidArgument(format!("{} must have shape {:?}, got {:?}", p.name, p.shape(), t.size())));
+            }
+            params.push(Param { name: p.name.clone(), tensor: t, conv1d: p.conv1d, shape: p.shape() });
+        }
+        Ok(Gpt::assemble(&self.cfg, self.device, nn::VarStore::new(self.device), params))
+    }
+
+    /// Parameter index ranges (canonical order) of the stages the forward pass runs through:
+    /// the embeddings (wte, wpe), each block, the final LayerNorm. ZeRO-3 gathers one stage's
+    /// parameters at a time.
+    pub fn stage_params(&self) -> Vec<std::ops::Range<usize>> {
+        let per_block = if self.cfg.bias { 12 } else { 8 };
+        let mut out = vec![0..2];
+        for i in 0..self.cfg.n_layer {
+            out.push(2 + i * per_block..2 + (i + 1) * per_block);
+        }
+        let end = 2 + self.cfg.n_layer * per_block;
+        out.push(end..self.params.len());
+        out
+    }
+
+    /// Stage 0: token plus position embeddings of `idx` [B, T] (with dropout when training).
+    pub fn embed_stage(&self, wte: &Tensor, wpe: &Tensor, idx: &Tensor, train: bool) -> Tensor {
+        let pos = Tensor::arange(idx.size()[1], (Kind::Int64, self.device));
+        let tok = Tensor::embedding(wte, &idx.to_device(self.device), -1, false, false);
+        dropout(tok + Tensor::embedding(wpe, &pos, -1, false, false), self.cfg.dropout, train)
+    }
+
+    /// A block's forward pass with `tensors` (that block's parameters, canonical order).
+    pub fn block_stage(&self, tensors: &[Tensor], x: &Tensor, train: bool) -> Tensor {
+        Take { tensors: tensors.iter(), bias: self.cfg.bias }.block(&self.cfg).forward(x, train)
+    }
+
+    /// The last stage: final LayerNorm (`ln_f`: its parameters), the tied head `wte`, and the
+    /// mean cross-entropy against `targets` [B, T] (as [`Gpt::loss`]).
+    pub fn head_loss_stage(&self, wte: &Tensor, ln_f: &[Tensor], x: &Tensor, targets: &Tensor) -> Tensor {
+        let ln = Take { tensors: ln_f.iter(), bias: self.cfg.bias }.layer_norm(self.cfg.n_embd);
+        let logits = ln.forward(x).linear(wte, None::<Tensor>);
+        cross_entropy(&logits, targets, self.cfg.vocab_size)
     }
 
     pub fn config(&self) -> &GptConfig {
@@ -406,8 +482,7 @@ impl Gpt {
 
     /// The final hidden states [B, T, C] (after ln_f), before the output head.
     fn hidden(&self, idx: &Tensor, train: bool) -> Tensor {
-        let pos = Tensor::arange(idx.size()[1], (Kind::Int64, self.device));
-        let mut x = dropout(self.embed(idx, &pos), self.cfg.dropout, train);
+        let mut x = self.embed_stage(&self.wte, &self.wpe, idx, train);
         for block in &self.h {
             x = block.forward(&x, train);
         }
@@ -545,15 +620,7 @@ impl Gpt {
     /// Mean cross-entropy of predicting `targets` [B, T] from `idx` [B, T]. Targets equal to -1
     /// are ignored (as in nanoGPT).
     pub fn loss(&self, idx: &Tensor, targets: &Tensor, train: bool) -> Tensor {
-        let logits = self.forward(idx, train);
-        let targets = targets.to_device(self.device).reshape([-1]);
-        logits.view([-1, self.cfg.vocab_size as i64]).cross_entropy_loss::<Tensor>(
-            &targets,
-            None,
-            Reduction::Mean,
-            -1,
-            0.0,
-        )
+        cross_entropy(&self.forward(idx, train), targets, self.cfg.vocab_size)
     }
 
     /// `(name, tensor)` for every parameter, in the canonical order every rank flattens gradients
@@ -574,7 +641,27 @@ impl Gpt {
 
     /// Number of scalars in all parameters (the tied head counted once, positions included).
     pub fn num_params(&self) -> usize {
-        self.params.iter().map(|p| p.tensor.numel()).sum()
+        self.param_numels().iter().sum()
+    }
+
+    /// Scalars in each parameter, canonical order.
+    pub fn param_numels(&self) -> Vec<usize> {
+        self.params.iter().map(|p| p.shape.iter().product::<i64>() as usize).collect()
+    }
+
+    /// Each parameter's shape, canonical order.
+    pub fn param_shapes(&self) -> Vec<Vec<i64>> {
+        self.params.iter().map(|p| p.shape()).collect()
+    }
+
+    /// Frees every parameter's storage (ZeRO-3 keeps only its shard and gathers stages into
+    /// fresh tensors). Afterwards only [`Gpt::embed_stage`], [`Gpt::block_stage`],
+    /// [`Gpt::head_loss_stage`] and the shape queries may be used.
+    pub fn release_parameters(&mut self) {
+        let _no_grad = tch::no_grad_guard();
+        for p in &mut self.params {
+            p.tensor.set_data(&Tensor::empty([0], (p.tensor.kind(), self.device)));
+        }
     }
 
     /// Continues `prompt` by `max_new_tokens` tokens and returns only the new ones.
@@ -625,6 +712,12 @@ impl Gpt {
         }
         Ok(out)
     }
+}
+
+/// Mean cross-entropy of `logits` [B, T, vocab] against `targets` [B, T]; -1 targets ignored.
+fn cross_entropy(logits: &Tensor, targets: &Tensor, vocab: usize) -> Tensor {
+    let targets = targets.to_device(logits.device()).reshape([-1]);
+    logits.view([-1, vocab as i64]).cross_entropy_loss::<Tensor>(&targets, None, Reduction::Mean, -1, 0.0)
 }
 
 fn dropout(x: Tensor, p: f64, train: bool) -> Tensor {

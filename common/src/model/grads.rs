@@ -129,7 +129,7 @@ pub fn grad_norm(params: &[Tensor]) -> f64 {
 
 /// One parameter's share of the squared norm, in f64 and in order: the unit both norms add up,
 /// so that [`grad_norm`] and [`clip_flat_grads`] agree to the bit.
-fn sum_of_squares(values: &[f32]) -> f64 {
+pub fn sum_of_squares(values: &[f32]) -> f64 {
     values.iter().map(|&x| (x as f64) * (x as f64)).sum()
 }
 
@@ -159,7 +159,7 @@ pub fn clip_flat_grads(params: &[Tensor], flat: &mut [f32], max_norm: f64) -> Re
 /// The factor that brings a gradient of global norm `norm` down to `max_norm` (PyTorch's
 /// `clip_grad_norm_`, with its 1e-6 guard), or None when it needs no clipping: below the
 /// threshold, clipping disabled (`max_norm` <= 0), or a non-finite norm (left for the caller).
-fn clip_scale(norm: f64, max_norm: f64) -> Option<f64> {
+pub fn clip_scale(norm: f64, max_norm: f64) -> Option<f64> {
     (max_norm > 0.0 && norm.is_finite() && norm > max_norm).then(|| max_norm / (norm + 1e-6))
 }
 

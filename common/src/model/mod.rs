@@ -16,8 +16,8 @@ pub mod rng;
 
 pub use gpt::{Gpt, GptConfig, KvCache, Sampling};
 pub use rng::Rng;
-pub use grads::{clip_flat_grads, clip_grad_norm, flat_grads, flatten, grad_norm, set_flat_grads, total_numel, unflatten_into, zero_grads};
-pub use optim::{lr_at, AdamW, AdamWConfig};
+pub use grads::{clip_flat_grads, clip_grad_norm, clip_scale, sum_of_squares, flat_grads, flatten, grad_norm, set_flat_grads, total_numel, unflatten_into, zero_grads};
+pub use optim::{lr_at, AdamW, AdamWConfig, ShardAdamW};
 
 use std::path::PathBuf;
 
@@ -62,16 +62,12 @@ pub enum ModelError {
 pub type Result<T, E = ModelError> = std::result::Result<T, E>;
 
 /// Loads a model folder (a checkpoint or a registry version) for inference: `model.json`,
-/// `model.safetensors` and `tokenizer.json`. Every problem is an error naming the file.
+/// the weights (`model.safetensors`, or a checkpoint's shards) and `tokenizer.json`. Every
+/// problem is an error naming the file.
 pub fn load_for_inference(dir: &std::path::Path, device: tch::Device) -> anyhow::Result<(Gpt, crate::data::Tokenizer)> {
-    use anyhow::Context;
     warm_up_libtorch();
-    let path = dir.join(crate::checkpoint::MODEL_CONFIG_FILE);
-    let bytes = std::fs::read(&path)
-        .with_context(|| format!("cannot read {}; is {} a troupe checkpoint or model version?", path.display(), dir.display()))?;
-    let config: GptConfig = serde_json::from_slice(&bytes).with_context(|| format!("{} is not valid", path.display()))?;
-    let mut model = Gpt::new(&config, device, 0)?;
-    model.load_safetensors(dir.join(crate::checkpoint::MODEL_FILE))?;
+    let model = crate::checkpoint::load_model(dir, device)?;
+    let config = model.config().clone();
     let tokenizer = crate::data::Tokenizer::load(&dir.join(crate::checkpoint::TOKENIZER_FILE))?;
     if tokenizer.vocab_size() > config.vocab_size {
         anyhow::bail!("{}: the tokenizer has {} tokens but the model only {}", dir.display(), tokenizer.vocab_size(), config.vocab_size);

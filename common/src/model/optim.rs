@@ -104,35 +104,12 @@ impl AdamW {
         assert_eq!(params.len(), self.exp_avg.len(), "AdamW::step: parameter count changed");
         let _no_grad = tch::no_grad_guard();
         self.step += 1;
-        let AdamWConfig { beta1, beta2, eps, weight_decay } = self.cfg;
-        let bias_correction1 = 1.0 - powu(beta1, self.step);
-        let bias_correction2_sqrt = (1.0 - powu(beta2, self.step)).sqrt();
-        let step_size = lr / bias_correction1;
-        // In place, as PyTorch's AdamW: no temporaries but the squared gradient and the
-        // denominator (each pass over a moment is a pass over the model's size in memory).
+        let factors = Factors::new(&self.cfg, self.step, lr);
         for (i, p) in params.iter().enumerate() {
             let g = p.grad();
-            if !g.defined() {
-                continue;
+            if g.defined() {
+                update(&factors, self.decay[i], p, &g, &mut self.exp_avg[i], &mut self.exp_avg_sq[i]);
             }
-            let mut p = p.shallow_clone();
-            if self.decay[i] && weight_decay != 0.0 {
-                // Decoupled decay: shrink the weights directly, not through the gradient.
-                let _ = p.g_mul_scalar_(1.0 - lr * weight_decay);
-            }
-            // m = beta1 m + (1 - beta1) g;  v = beta2 v + (1 - beta2) g^2
-            let _ = self.exp_avg[i].lerp_(&g, 1.0 - beta1);
-            let _ = self.exp_avg_sq[i].lerp_(&g.square(), 1.0 - beta2);
-            if step_size == 0.0 {
-                continue;
-            }
-            // p -= step_size m / (sqrt(v) / bias_correction2_sqrt + eps), as one addcdiv with
-            // the step folded into the denominator.
-            let mut denom = self.exp_avg_sq[i].sqrt();
-            let _ = denom.g_div_scalar_(bias_correction2_sqrt);
-            let _ = denom.g_add_scalar_(eps);
-            let _ = denom.g_mul_scalar_(-1.0 / step_size);
-            let _ = p.addcdiv_(&self.exp_avg[i], &denom);
         }
     }
 
@@ -232,6 +209,94 @@ impl AdamW {
             });
         }
         Ok(())
+    }
+}
+
+/// The scalars of AdamW update number `step` (1-based) at learning rate `lr`.
+struct Factors {
+    cfg: AdamWConfig,
+    lr: f64,
+    step_size: f64,
+    bias_correction2_sqrt: f64,
+}
+
+impl Factors {
+    fn new(cfg: &AdamWConfig, step: u64, lr: f64) -> Factors {
+        let bias_correction1 = 1.0 - powu(cfg.beta1, step);
+        let bias_correction2_sqrt = (1.0 - powu(cfg.beta2, step)).sqrt();
+        Factors { cfg: *cfg, lr, step_size: lr / bias_correction1, bias_correction2_sqrt }
+    }
+}
+
+/// One AdamW update of `p` in place from its gradient `g` and moments `m`, `v` (same shape).
+/// In place, as PyTorch's AdamW: no temporaries but the squared gradient and the denominator
+/// (each pass over a moment is a pass over the model's size in memory).
+fn update(f: &Factors, decay: bool, p: &Tensor, g: &Tensor, m: &mut Tensor, v: &mut Tensor) {
+    let AdamWConfig { beta1, beta2, eps, weight_decay } = f.cfg;
+    let mut p = p.shallow_clone();
+    if decay && weight_decay != 0.0 {
+        // Decoupled decay: shrink the weights directly, not through the gradient.
+        let _ = p.g_mul_scalar_(1.0 - f.lr * weight_decay);
+    }
+    // m = beta1 m + (1 - beta1) g;  v = beta2 v + (1 - beta2) g^2
+    let _ = m.lerp_(g, 1.0 - beta1);
+    let _ = v.lerp_(&g.square(), 1.0 - beta2);
+    if f.step_size == 0.0 {
+        return;
+    }
+    // p -= step_size m / (sqrt(v) / bias_correction2_sqrt + eps), as one addcdiv with the step
+    // folded into the denominator.
+    let mut denom = v.sqrt();
+    let _ = denom.g_div_scalar_(f.bias_correction2_sqrt);
+    let _ = denom.g_add_scalar_(eps);
+    let _ = denom.g_mul_scalar_(-1.0 / f.step_size);
+    let _ = p.addcdiv_(m, &denom);
+}
+
+/// AdamW over one rank's shard of the flat parameters (the ZeRO strategies): moments for the
+/// shard only, updated with exactly [`AdamW`]'s arithmetic, one parameter's part at a time
+/// (weight decay is chosen per parameter).
+pub struct ShardAdamW {
+    cfg: AdamWConfig,
+    step: u64,
+    exp_avg: Tensor,
+    exp_avg_sq: Tensor,
+    /// Parts of the shard that belong to one parameter each, with its weight-decay choice.
+    segments: Vec<(std::ops::Range<usize>, bool)>,
+}
+
+impl ShardAdamW {
+    /// State for a shard of `len` scalars on `device`; `segments` must lie inside it.
+    pub fn new(cfg: AdamWConfig, len: usize, segments: Vec<(std::ops::Range<usize>, bool)>, device: tch::Device) -> ShardAdamW {
+        assert!(segments.iter().all(|(r, _)| r.end <= len), "segments inside the shard");
+        let zeros = || Tensor::zeros([len as i64], (tch::Kind::Float, device));
+        ShardAdamW { cfg, step: 0, exp_avg: zeros(), exp_avg_sq: zeros(), segments }
+    }
+
+    pub fn step_count(&self) -> u64 {
+        self.step
+    }
+
+    /// One update of `params` (the shard, [len]) from `grads` ([len]).
+    pub fn step(&mut self, params: &Tensor, grads: &Tensor, lr: f64) {
+        let _no_grad = tch::no_grad_guard();
+        self.step += 1;
+        let factors = Factors::new(&self.cfg, self.step, lr);
+        let part = |t: &Tensor, r: &std::ops::Range<usize>| t.narrow(0, r.start as i64, r.len() as i64);
+        for (r, decay) in &self.segments {
+            let (mut m, mut v) = (part(&self.exp_avg, r), part(&self.exp_avg_sq, r));
+            update(&factors, *decay, &part(params, r), &part(grads, r), &mut m, &mut v);
+        }
+    }
+
+    /// Both moments of the shard ([len] each; writing into them changes the state).
+    pub fn moments(&self) -> (&Tensor, &Tensor) {
+        (&self.exp_avg, &self.exp_avg_sq)
+    }
+
+    /// Sets the number of updates applied (with moments loaded from a checkpoint).
+    pub fn set_step_count(&mut self, step: u64) {
+        self.step = step;
     }
 }
 
