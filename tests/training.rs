@@ -42,17 +42,10 @@ fn two_workers_match_one_worker() {
     }
     assert!(l1[19].1 < l1[0].1 - 0.5, "the model learns: {:?}", l1);
 
-    let p1 = load_params(&run1.join("checkpoints/step-000020/model.safetensors"));
-    let p2 = load_params(&run2.join("checkpoints/step-000020/model.safetensors"));
+    let p1 = checkpoint_params(&run1.join("checkpoints/step-000020"));
+    let p2 = checkpoint_params(&run2.join("checkpoints/step-000020"));
     assert_eq!(p1.len(), p2.len());
-    let mut max_diff = 0f32;
-    for ((n1, v1), (n2, v2)) in p1.iter().zip(&p2) {
-        assert_eq!(n1, n2);
-        assert_eq!(v1.len(), v2.len());
-        for (a, b) in v1.iter().zip(v2) {
-            max_diff = max_diff.max((a - b).abs());
-        }
-    }
+    let max_diff = max_abs_diff(&p1, &p2);
     println!("max abs parameter difference after 20 steps: {max_diff:e}");
     assert!(max_diff < 1e-4, "max abs parameter difference {max_diff}");
 
@@ -126,17 +119,17 @@ fn resume_falls_back_from_a_corrupted_checkpoint() {
     assert_success(&local(&config, &[]));
     let ckpts = dir.join("runs/tiny/checkpoints");
     // Corrupt the newest (15), delete a file of the one before (10): resume must use 5.
-    let model15 = ckpts.join("step-000015/model.safetensors");
-    let mut bytes = std::fs::read(&model15).unwrap();
+    let shard15 = ckpts.join("step-000015/shard-00000.safetensors");
+    let mut bytes = std::fs::read(&shard15).unwrap();
     let mid = bytes.len() / 2;
     bytes[mid] ^= 0xff;
-    std::fs::write(&model15, bytes).unwrap();
-    std::fs::remove_file(ckpts.join("step-000010/optim-rank0.safetensors")).unwrap();
+    std::fs::write(&shard15, bytes).unwrap();
+    std::fs::remove_file(ckpts.join("step-000010/shard-00000.safetensors")).unwrap();
 
     let out = local(&config, &["--resume", "--steps", "20"]);
     assert_success(&out);
     let err = stderr(&out);
-    assert!(err.contains("step-000015") && err.contains("corrupted"), "{err}");
+    assert!(err.contains("step-000015") && err.contains("shard-00000.safetensors is corrupted"), "{err}");
     assert!(err.contains("step-000010") && err.contains("missing"), "{err}");
     assert!(stdout(&out).contains("falling back to the newest complete checkpoint"), "{}", stdout(&out));
     assert!(stdout(&out).contains("training resumed at step 5"), "{}", stdout(&out));

@@ -1,19 +1,32 @@
 //! Checkpoints on disk: layout, integrity and the atomic commit.
 //!
 //! ```text
-//! runs/<name>/checkpoints/step-000500/{model.safetensors, optim-rank0.safetensors, state.json, MANIFEST}
+//! runs/<name>/checkpoints/step-000500/
+//!     shard-00000.safetensors …   one per rank: its shard of the parameters and AdamW moments
+//!     state.json                  counters and the shard layout (rank 0)
+//!     model.json tokenizer.json   the model's shape and the tokenizer (rank 0)
+//!     MANIFEST                    written last, by the coordinator
 //! ```
-//! Ranks write their files into `step-000500.tmp/` and fsync them. The coordinator's
-//! Checkpointer then re-hashes them, fsyncs the folder, renames it to `step-000500/` and writes
-//! `MANIFEST` (sizes and sha256 of every file) last, atomically. Only a folder whose MANIFEST
-//! matches its files counts: a torn or corrupted checkpoint is skipped with a warning and resume
-//! falls back to the previous complete one.
+//! Every strategy writes the same format: the flat training state split by a
+//! [`ShardLayout`] over the ranks that wrote it, each rank writing its own shard in parallel
+//! (under `ddp`, where every rank holds everything, each still writes only its 1/W). No rank
+//! ever gathers the whole state to save it, and [`ShardReader`] reads any range back, so a
+//! checkpoint resumes on any world size under any strategy.
+//!
+//! Ranks write into `step-000500.g<generation>.tmp/`, hashing while they write, and fsync. Once
+//! every rank has reported, the coordinator's Checkpointer checks the files' sizes, fsyncs the
+//! folder, renames it to `step-000500/` and writes `MANIFEST` (sizes and sha256 of every file,
+//! step, world size, strategy, layout) last, atomically. Only a folder whose MANIFEST matches its
+//! files counts: a torn or corrupted checkpoint is skipped with a warning and resume falls back
+//! to the previous complete one.
 
 use crate::proto::FileDigest;
+use crate::shard::ShardLayout;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::fs::{self, File};
 use std::io::{Read, Write};
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 
 pub const MANIFEST: &str = "MANIFEST";
@@ -22,10 +35,13 @@ pub const STATE_FILE: &str = "state.json";
 /// The model's shape (`GptConfig` as JSON), next to its weights.
 pub const MODEL_CONFIG_FILE: &str = "model.json";
 pub const TOKENIZER_FILE: &str = "tokenizer.json";
-const MANIFEST_FORMAT: u32 = 1;
+/// 2: sharded state files and the layout (format 1 held `model.safetensors` and one optimizer
+/// file; it is not read any more).
+pub const MANIFEST_FORMAT: u32 = 2;
 
-pub fn optim_file(rank: u32) -> String {
-    format!("optim-rank{rank}.safetensors")
+/// The file rank `rank` writes its shard of the training state to.
+pub fn shard_file(rank: u32) -> String {
+    format!("shard-{rank:05}.safetensors")
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -47,6 +63,8 @@ pub struct Manifest {
     pub step: u64,
     pub world_size: u32,
     pub strategy: String,
+    /// How the flat state is split over the shard files.
+    pub layout: ShardLayout,
     pub created_unix_ms: u64,
     pub files: Vec<FileDigest>,
 }
@@ -63,6 +81,8 @@ pub struct TrainState {
     pub strategy: String,
     pub tokens_seen: u64,
     pub vocab_size: usize,
+    /// How the shard files split the flat state (the ranks that wrote them, the units).
+    pub layout: ShardLayout,
 }
 
 pub fn checkpoints_dir(run_dir: &Path) -> PathBuf {
@@ -77,8 +97,11 @@ pub fn final_dir(run_dir: &Path, step: u64) -> PathBuf {
     checkpoints_dir(run_dir).join(step_dir_name(step))
 }
 
-pub fn tmp_dir(run_dir: &Path, step: u64) -> PathBuf {
-    checkpoints_dir(run_dir).join(format!("{}.tmp", step_dir_name(step)))
+/// Where the ranks of membership generation `generation` write checkpoint `step`: one folder
+/// per generation, so that a write abandoned by a membership change can never mix with the
+/// new generation's files.
+pub fn tmp_dir(run_dir: &Path, step: u64, generation: u64) -> PathBuf {
+    checkpoints_dir(run_dir).join(format!("{}.g{generation}.tmp", step_dir_name(step)))
 }
 
 /// sha256 and size of a file, streaming.
@@ -122,35 +145,43 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), CheckpointError> {
     Ok(())
 }
 
-/// Makes a checkpoint count: checks the files the ranks reported against the disk, renames the
-/// temporary folder into place and writes the MANIFEST last. Returns the final folder.
-pub fn commit(
-    run_dir: &Path,
-    step: u64,
-    world_size: u32,
-    strategy: &str,
-    reported: &[FileDigest],
-) -> Result<PathBuf, CheckpointError> {
-    let tmp = tmp_dir(run_dir, step);
+/// Makes a checkpoint count: checks the files the ranks reported against the disk (names and
+/// sizes; their sha256 was computed by the writers while writing, and is checked again at
+/// resume), reads the layout from `state.json`, renames the temporary folder into place and
+/// writes the MANIFEST last. Returns the final folder.
+pub fn commit(run_dir: &Path, step: u64, generation: u64, world_size: u32, reported: &[FileDigest]) -> Result<PathBuf, CheckpointError> {
+    let tmp = tmp_dir(run_dir, step, generation);
     let dest = final_dir(run_dir, step);
+    let invalid = |reason: String| CheckpointError::Invalid { dir: tmp.clone(), reason };
     let mut files = Vec::with_capacity(reported.len());
     for want in reported {
-        if want.name.contains('/') || want.name.contains("..") || want.name == MANIFEST {
-            return Err(CheckpointError::Invalid { dir: tmp, reason: format!("bad file name {:?}", want.name) });
+        if want.name.contains('/') || want.name.contains("..") || want.name == MANIFEST || want.name.is_empty() {
+            return Err(invalid(format!("bad file name {:?}", want.name)));
         }
-        let got = digest_file(&tmp.join(&want.name))?;
-        if got != *want {
-            return Err(CheckpointError::Invalid {
-                dir: tmp,
-                reason: format!(
-                    "{} on disk ({} bytes, sha256 {}) differs from what its writer reported ({} bytes, sha256 {})",
-                    want.name, got.size, got.sha256, want.size, want.sha256
-                ),
-            });
+        let path = tmp.join(&want.name);
+        let size = fs::metadata(&path).map_err(io(&path))?.len();
+        if size != want.size {
+            return Err(invalid(format!("{} on disk has {size} bytes, its writer reported {}", want.name, want.size)));
         }
-        files.push(got);
+        files.push(want.clone());
     }
     files.sort_by(|a, b| a.name.cmp(&b.name));
+    files.dedup_by(|a, b| a.name == b.name);
+    if files.len() != reported.len() {
+        return Err(invalid("a file was reported twice".into()));
+    }
+    let state = read_train_state(&tmp)?;
+    if state.step != step || state.layout.world_size != world_size {
+        return Err(invalid(format!(
+            "state.json says step {} over {} ranks, the coordinator committed step {step} over {world_size}",
+            state.step, state.layout.world_size
+        )));
+    }
+    for rank in 0..world_size {
+        if !files.iter().any(|f| f.name == shard_file(rank)) {
+            return Err(invalid(format!("rank {rank} reported no {}", shard_file(rank))));
+        }
+    }
     fsync_path(&tmp)?;
     if dest.exists() {
         // A previous attempt at this step got as far as the rename but not the MANIFEST.
@@ -162,7 +193,8 @@ pub fn commit(
         format: MANIFEST_FORMAT,
         step,
         world_size,
-        strategy: strategy.to_string(),
+        strategy: state.strategy,
+        layout: state.layout,
         created_unix_ms: std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_millis() as u64)
@@ -177,17 +209,222 @@ pub fn commit(
     Ok(dest)
 }
 
-/// Reads a checkpoint's MANIFEST and checks every file it lists against the disk.
-pub fn verify(dir: &Path) -> Result<Manifest, CheckpointError> {
+/// `state.json` of a checkpoint folder.
+pub fn read_train_state(dir: &Path) -> Result<TrainState, CheckpointError> {
+    let path = dir.join(STATE_FILE);
+    let bytes = fs::read(&path).map_err(io(&path))?;
+    let state: TrainState = serde_json::from_slice(&bytes)
+        .map_err(|e| CheckpointError::Invalid { dir: dir.to_path_buf(), reason: format!("{STATE_FILE} is not valid: {e}") })?;
+    state.layout.validate().map_err(|e| CheckpointError::Invalid { dir: dir.to_path_buf(), reason: format!("{STATE_FILE}: bad layout: {e}") })?;
+    Ok(state)
+}
+
+/// One rank's part of the training state, copied to host memory: what it writes to its shard
+/// file. All three vectors have the layout's shard length.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ShardSnapshot {
+    pub rank: u32,
+    pub step: u64,
+    pub params: Vec<f32>,
+    pub exp_avg: Vec<f32>,
+    pub exp_avg_sq: Vec<f32>,
+}
+
+/// The three tensors of a shard file, in file order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ShardPart {
+    Params,
+    ExpAvg,
+    ExpAvgSq,
+}
+
+impl ShardPart {
+    pub const ALL: [ShardPart; 3] = [ShardPart::Params, ShardPart::ExpAvg, ShardPart::ExpAvgSq];
+    fn name(self) -> &'static str {
+        match self {
+            ShardPart::Params => "params",
+            ShardPart::ExpAvg => "exp_avg",
+            ShardPart::ExpAvgSq => "exp_avg_sq",
+        }
+    }
+}
+
+/// Writes `buf` through to `file`, hashing every byte on the way (one pass over the data).
+struct HashingWriter<W: Write> {
+    inner: W,
+    hasher: Sha256,
+    written: u64,
+}
+
+impl<W: Write> Write for HashingWriter<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.hasher.update(&buf[..n]);
+        self.written += n as u64;
+        Ok(n)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// Writes `shard` as `dir/shard-<rank>.safetensors` (float32 `params`, `exp_avg`,
+/// `exp_avg_sq` and an int64 `step`), fsyncs it, and returns its size and sha256, computed while
+/// writing. `fault` is called once half of the tensor bytes are written (fault injection).
+pub fn write_shard(dir: &Path, shard: &ShardSnapshot, fault: &dyn Fn()) -> Result<FileDigest, CheckpointError> {
+    let name = shard_file(shard.rank);
+    let path = dir.join(&name);
+    let n = shard.params.len();
+    if shard.exp_avg.len() != n || shard.exp_avg_sq.len() != n {
+        return Err(CheckpointError::Invalid { dir: dir.to_path_buf(), reason: "shard parts of different lengths".into() });
+    }
+    let bytes = 4 * n;
+    let mut header = serde_json::Map::new();
+    header.insert("__metadata__".into(), serde_json::json!({"format": "pt", "rank": shard.rank.to_string()}));
+    for (i, part) in ShardPart::ALL.iter().enumerate() {
+        header.insert(part.name().into(), serde_json::json!({"dtype": "F32", "shape": [n], "data_offsets": [i * bytes, (i + 1) * bytes]}));
+    }
+    header.insert("step".into(), serde_json::json!({"dtype": "I64", "shape": [], "data_offsets": [3 * bytes, 3 * bytes + 8]}));
+    let mut text = serde_json::to_vec(&serde_json::Value::Object(header)).expect("plain JSON");
+    // Data must start 8-byte aligned: pad the header with spaces, as the format allows.
+    while (8 + text.len()) % 8 != 0 {
+        text.push(b' ');
+    }
+    let file = File::create(&path).map_err(io(&path))?;
+    let mut w = HashingWriter { inner: std::io::BufWriter::with_capacity(4 << 20, file), hasher: Sha256::new(), written: 0 };
+    let mut write = |b: &[u8]| w_all(&mut w, b, &path);
+    write(&(text.len() as u64).to_le_bytes())?;
+    write(&text)?;
+    for (i, values) in [&shard.params, &shard.exp_avg, &shard.exp_avg_sq].into_iter().enumerate() {
+        write(f32_bytes(values))?;
+        if i == 1 {
+            fault();
+        }
+    }
+    write(&(shard.step as i64).to_le_bytes())?;
+    let file = w.inner.into_inner().map_err(|e| CheckpointError::Io { path: path.clone(), source: e.into_error() })?;
+    file.sync_all().map_err(io(&path))?;
+    Ok(FileDigest { name, size: w.written, sha256: hex::encode(w.hasher.finalize()) })
+}
+
+fn w_all<W: Write>(w: &mut W, bytes: &[u8], path: &Path) -> Result<(), CheckpointError> {
+    w.write_all(bytes).map_err(io(path))
+}
+
+/// The bytes of `values` in little-endian order (the host's order: troupe runs on little-endian
+/// machines only, which `f32_bytes` checks at compile time).
+fn f32_bytes(values: &[f32]) -> &[u8] {
+    const _: () = assert!(cfg!(target_endian = "little"), "checkpoint files are little-endian");
+    // SAFETY: any f32 is 4 initialised bytes; u8 has alignment 1.
+    unsafe { std::slice::from_raw_parts(values.as_ptr().cast::<u8>(), std::mem::size_of_val(values)) }
+}
+
+/// Reads any range of the flat training state from a checkpoint's shard files, whatever
+/// world size and strategy wrote them. The files are memory-mapped: only the ranges asked for
+/// are read from disk.
+pub struct ShardReader {
+    dir: PathBuf,
+    layout: ShardLayout,
+    step: u64,
+    files: Vec<memmap2::Mmap>,
+}
+
+impl ShardReader {
+    /// Opens the shard files of the checkpoint in `dir` (its `state.json` names the layout) and
+    /// checks their headers: three float32 tensors of the shard length and the step.
+    pub fn open(dir: &Path) -> Result<ShardReader, CheckpointError> {
+        let state = read_train_state(dir)?;
+        let layout = state.layout;
+        let invalid = |reason: String| CheckpointError::Invalid { dir: dir.to_path_buf(), reason };
+        let mut files = Vec::with_capacity(layout.world_size as usize);
+        for rank in 0..layout.world_size {
+            let path = dir.join(shard_file(rank));
+            let file = File::open(&path).map_err(io(&path))?;
+            // SAFETY: checkpoint files are immutable once written (the commit renames a folder
+            // nobody writes to any more); a concurrent truncation would be a user error.
+            let map = unsafe { memmap2::Mmap::map(&file) }.map_err(io(&path))?;
+            let st = safetensors::SafeTensors::deserialize(&map)
+                .map_err(|e| invalid(format!("{} is not a valid safetensors file: {e}", shard_file(rank))))?;
+            for part in ShardPart::ALL {
+                let view = st.tensor(part.name()).map_err(|_| invalid(format!("{} has no `{}` tensor", shard_file(rank), part.name())))?;
+                if view.dtype() != safetensors::Dtype::F32 || view.shape() != [layout.shard_len()] {
+                    return Err(invalid(format!(
+                        "{}: `{}` is {:?} {:?}, the layout needs F32 [{}]",
+                        shard_file(rank),
+                        part.name(),
+                        view.dtype(),
+                        view.shape(),
+                        layout.shard_len()
+                    )));
+                }
+            }
+            let step = st.tensor("step").ok().filter(|v| v.dtype() == safetensors::Dtype::I64 && v.data().len() == 8);
+            let step = step.map(|v| i64::from_le_bytes(v.data().try_into().expect("8 bytes")));
+            if step != Some(state.step as i64) {
+                return Err(invalid(format!("{} is at step {step:?}, state.json at {}", shard_file(rank), state.step)));
+            }
+            drop(st);
+            files.push(map);
+        }
+        Ok(ShardReader { dir: dir.to_path_buf(), layout, step: state.step, files })
+    }
+
+    pub fn layout(&self) -> &ShardLayout {
+        &self.layout
+    }
+
+    pub fn step(&self) -> u64 {
+        self.step
+    }
+
+    /// Copies `range` of the flat `part` into `out` (of the range's length).
+    pub fn read(&self, part: ShardPart, range: Range<usize>, out: &mut [f32]) -> Result<(), CheckpointError> {
+        if out.len() != range.len() || range.end > self.layout.numel() {
+            return Err(CheckpointError::Invalid {
+                dir: self.dir.clone(),
+                reason: format!("asked for {range:?} of a state of {} scalars into {} values", self.layout.numel(), out.len()),
+            });
+        }
+        for piece in self.layout.locate(range.clone()) {
+            let st = safetensors::SafeTensors::deserialize(&self.files[piece.rank as usize]).map_err(|e| CheckpointError::Invalid {
+                dir: self.dir.clone(),
+                reason: format!("{}: {e}", shard_file(piece.rank)),
+            })?;
+            let data = st.tensor(part.name()).expect("checked at open").data();
+            let src = &data[4 * piece.local..4 * (piece.local + piece.global.len())];
+            let dst = &mut out[piece.global.start - range.start..piece.global.end - range.start];
+            for (d, b) in dst.iter_mut().zip(src.chunks_exact(4)) {
+                *d = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+            }
+        }
+        Ok(())
+    }
+
+    /// The whole flat `part` (e.g. every parameter, to consolidate the model).
+    pub fn read_all(&self, part: ShardPart) -> Result<Vec<f32>, CheckpointError> {
+        let mut out = vec![0f32; self.layout.numel()];
+        self.read(part, 0..self.layout.numel(), &mut out)?;
+        Ok(out)
+    }
+}
+
+/// What every MANIFEST lists, checkpoints' and registry versions' alike.
+#[derive(Deserialize)]
+struct FileList {
+    files: Vec<FileDigest>,
+}
+
+/// Reads the MANIFEST in `dir` and checks every file it lists against the disk (size and
+/// sha256); returns the MANIFEST's bytes. Used for checkpoints and registry versions.
+pub fn verify_files(dir: &Path) -> Result<Vec<u8>, CheckpointError> {
     let invalid = |reason: String| CheckpointError::Invalid { dir: dir.to_path_buf(), reason };
     let path = dir.join(MANIFEST);
     let text = fs::read(&path).map_err(|e| invalid(format!("no readable MANIFEST ({e})")))?;
-    let manifest: Manifest =
-        serde_json::from_slice(&text).map_err(|e| invalid(format!("MANIFEST is not valid: {e}")))?;
-    if manifest.format != MANIFEST_FORMAT {
-        return Err(invalid(format!("MANIFEST format {} is not supported", manifest.format)));
-    }
-    for want in &manifest.files {
+    let list: FileList = serde_json::from_slice(&text).map_err(|e| invalid(format!("MANIFEST is not valid: {e}")))?;
+    for want in &list.files {
+        if want.name.contains('/') || want.name.contains("..") {
+            return Err(invalid(format!("MANIFEST names a file outside its folder: {:?}", want.name)));
+        }
         let file = dir.join(&want.name);
         if !file.is_file() {
             return Err(invalid(format!("{} is missing", want.name)));
@@ -197,7 +434,44 @@ pub fn verify(dir: &Path) -> Result<Manifest, CheckpointError> {
             return Err(invalid(format!("{} is corrupted (sha256 or size does not match the MANIFEST)", want.name)));
         }
     }
+    Ok(text)
+}
+
+/// Reads a checkpoint's MANIFEST and checks every file it lists against the disk.
+pub fn verify(dir: &Path) -> Result<Manifest, CheckpointError> {
+    let invalid = |reason: String| CheckpointError::Invalid { dir: dir.to_path_buf(), reason };
+    let text = verify_files(dir)?;
+    let format = serde_json::from_slice::<serde_json::Value>(&text).ok().and_then(|v| v.get("format")?.as_u64());
+    if format != Some(u64::from(MANIFEST_FORMAT)) {
+        return Err(invalid(format!(
+            "MANIFEST format {format:?} is not supported (this troupe reads format {MANIFEST_FORMAT}: sharded checkpoints)"
+        )));
+    }
+    let manifest: Manifest = serde_json::from_slice(&text).map_err(|e| invalid(format!("MANIFEST is not valid: {e}")))?;
+    manifest.layout.validate().map_err(|e| invalid(format!("MANIFEST: bad layout: {e}")))?;
     Ok(manifest)
+}
+
+/// The model of a checkpoint or model folder: `model.safetensors` where there is one (registry
+/// versions, exports), otherwise the parameters consolidated from the shard files. `model.json`
+/// gives its shape. Reads only; the caller verifies the folder first where it matters.
+pub fn load_model(dir: &Path, device: tch::Device) -> anyhow::Result<crate::model::Gpt> {
+    use anyhow::Context;
+    let path = dir.join(MODEL_CONFIG_FILE);
+    let bytes = fs::read(&path)
+        .with_context(|| format!("cannot read {}; is {} a troupe checkpoint or model version?", path.display(), dir.display()))?;
+    let config: crate::model::GptConfig = serde_json::from_slice(&bytes).with_context(|| format!("{} is not valid", path.display()))?;
+    let mut model = crate::model::Gpt::new(&config, device, 0)?;
+    if dir.join(MODEL_FILE).is_file() {
+        model.load_safetensors(dir.join(MODEL_FILE))?;
+    } else {
+        let reader = ShardReader::open(dir)?;
+        if reader.layout().numel() != model.num_params() {
+            anyhow::bail!("{}: the shards hold {} parameters, model.json describes {}", dir.display(), reader.layout().numel(), model.num_params());
+        }
+        crate::model::unflatten_into(&model.parameter_tensors(), &reader.read_all(ShardPart::Params)?)?;
+    }
+    Ok(model)
 }
 
 /// A checkpoint that can be resumed from, and the newer ones that could not (with why).
@@ -247,17 +521,40 @@ fn list_steps(dir: &Path) -> Result<Vec<(u64, PathBuf)>, CheckpointError> {
     Ok(steps)
 }
 
-/// Deletes all but the newest `keep_last` complete checkpoints, except those in `pinned`
-/// (still being evaluated or deployed). Called only after a commit, so the newest always
-/// survives.
-pub fn apply_retention(run_dir: &Path, keep_last: usize, pinned: &std::collections::BTreeSet<u64>) -> Result<Vec<PathBuf>, CheckpointError> {
+/// The validation loss the Evaluator recorded for a checkpoint (its `eval.json`), if any.
+fn val_loss(dir: &Path) -> Option<f64> {
+    let bytes = fs::read(dir.join("eval.json")).ok()?;
+    let value: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
+    value.get("val_loss")?.as_f64().filter(|v| v.is_finite())
+}
+
+/// Retention, applied after `committed` was committed: keeps the newest `keep_last` checkpoints,
+/// the one with the best (lowest) validation loss, and those in `pinned` (still being evaluated
+/// or deployed); deletes the other checkpoints and the temporary folders of steps up to
+/// `committed` (writes abandoned by a membership change). Returns what it deleted.
+pub fn apply_retention(run_dir: &Path, committed: u64, keep_last: usize, pinned: &std::collections::BTreeSet<u64>) -> Result<Vec<PathBuf>, CheckpointError> {
     let dir = checkpoints_dir(run_dir);
     let steps = list_steps(&dir)?;
+    let best = steps
+        .iter()
+        .filter_map(|(step, path)| val_loss(path).map(|loss| (loss, *step)))
+        .min_by(|a, b| a.0.total_cmp(&b.0))
+        .map(|(_, step)| step);
     let mut removed = Vec::new();
-    if steps.len() > keep_last {
-        for (_, path) in steps[..steps.len() - keep_last].iter().filter(|(step, _)| !pinned.contains(step)) {
-            fs::remove_dir_all(path).map_err(io(path))?;
-            removed.push(path.clone());
+    let keep_from = steps.len().saturating_sub(keep_last);
+    for (step, path) in &steps[..keep_from] {
+        if pinned.contains(step) || best == Some(*step) {
+            continue;
+        }
+        fs::remove_dir_all(path).map_err(io(path))?;
+        removed.push(path.clone());
+    }
+    for entry in fs::read_dir(&dir).map_err(io(&dir))?.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let step = name.strip_suffix(".tmp").and_then(|n| n.strip_prefix("step-")).and_then(|n| n.split('.').next()).and_then(|n| n.parse::<u64>().ok());
+        if step.is_some_and(|s| s <= committed) {
+            fs::remove_dir_all(entry.path()).map_err(io(&entry.path()))?;
+            removed.push(entry.path());
         }
     }
     Ok(removed)
@@ -274,13 +571,51 @@ mod tests {
         d
     }
 
-    fn write_step(run: &Path, step: u64) -> PathBuf {
-        let tmp = tmp_dir(run, step);
+    /// A committed checkpoint of a 10-scalar state over `world` ranks, values from `step`.
+    fn write_step_over(run: &Path, step: u64, world: u32) -> PathBuf {
+        let tmp = tmp_dir(run, step, 1);
         fs::create_dir_all(&tmp).unwrap();
-        fs::write(tmp.join("a.bin"), vec![step as u8; 100]).unwrap();
-        fs::write(tmp.join("b.bin"), b"hello").unwrap();
-        let files = vec![digest_file(&tmp.join("a.bin")).unwrap(), digest_file(&tmp.join("b.bin")).unwrap()];
-        commit(run, step, 1, "ddp", &files).unwrap()
+        let layout = ShardLayout::new(world, vec![6, 4]);
+        let mut files = Vec::new();
+        for rank in 0..world {
+            let mut shard = ShardSnapshot { rank, step, params: vec![0.0; layout.shard_len()], exp_avg: vec![0.0; layout.shard_len()], exp_avg_sq: vec![0.0; layout.shard_len()] };
+            for p in layout.owned(rank) {
+                for (k, g) in p.global.clone().enumerate() {
+                    shard.params[p.local + k] = (step * 100 + g as u64) as f32;
+                    shard.exp_avg[p.local + k] = -(g as f32);
+                    shard.exp_avg_sq[p.local + k] = g as f32 * 0.5;
+                }
+            }
+            files.push(write_shard(&tmp, &shard, &|| ()).unwrap());
+        }
+        let state = TrainState { step, cursor: 0, seed: 1, world_size: world, strategy: "zero1".into(), tokens_seen: 0, vocab_size: 8, layout };
+        fs::write(tmp.join(STATE_FILE), serde_json::to_vec(&state).unwrap()).unwrap();
+        files.push(digest_file(&tmp.join(STATE_FILE)).unwrap());
+        commit(run, step, 1, world, &files).unwrap()
+    }
+
+    fn write_step(run: &Path, step: u64) -> PathBuf {
+        write_step_over(run, step, 2)
+    }
+
+    #[test]
+    fn shards_read_back_any_range_whatever_wrote_them() {
+        let run = scratch("reshard");
+        for world in [1, 2, 3, 4] {
+            let dir = write_step_over(&run, world as u64, world);
+            let reader = ShardReader::open(&dir).unwrap();
+            let all: Vec<f32> = (0..10).map(|g| (world as u64 * 100 + g) as f32).collect();
+            assert_eq!(reader.read_all(ShardPart::Params).unwrap(), all);
+            let mut part = vec![0f32; 5];
+            reader.read(ShardPart::ExpAvgSq, 3..8, &mut part).unwrap();
+            assert_eq!(part, vec![1.5, 2.0, 2.5, 3.0, 3.5]);
+            assert!(reader.read(ShardPart::ExpAvg, 8..11, &mut [0.0; 3]).is_err());
+        }
+        // The files are valid safetensors for other readers too.
+        let dir = final_dir(&run, 2);
+        let bytes = fs::read(dir.join(shard_file(1))).unwrap();
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        assert_eq!(st.tensor("params").unwrap().shape(), &[5]);
     }
 
     #[test]
@@ -291,6 +626,8 @@ mod tests {
         let point = find_resumable(&run).unwrap().unwrap();
         assert_eq!(point.dir, dest);
         assert_eq!(point.manifest.step, 20);
+        assert_eq!(point.manifest.layout, ShardLayout::new(2, vec![6, 4]));
+        assert_eq!(point.manifest.strategy, "zero1");
         assert!(point.skipped.is_empty());
     }
 
@@ -300,38 +637,53 @@ mod tests {
         write_step(&run, 10);
         let d20 = write_step(&run, 20);
         let d30 = write_step(&run, 30);
-        fs::write(d30.join("a.bin"), vec![0u8; 100]).unwrap(); // corrupted, same size
-        fs::remove_file(d20.join("b.bin")).unwrap(); // missing file
+        // One flipped byte inside shard 1's parameters.
+        let shard = d30.join(shard_file(1));
+        let mut bytes = fs::read(&shard).unwrap();
+        let at = bytes.len() - 20;
+        bytes[at] ^= 0x40;
+        fs::write(&shard, bytes).unwrap();
+        fs::remove_file(d20.join(shard_file(0))).unwrap(); // missing file
         fs::create_dir_all(final_dir(&run, 40)).unwrap(); // renamed but no MANIFEST
         let point = find_resumable(&run).unwrap().unwrap();
         assert_eq!(point.manifest.step, 10);
         assert_eq!(point.skipped.len(), 3);
         assert!(point.skipped[0].contains("MANIFEST"), "{:?}", point.skipped);
-        assert!(point.skipped[1].contains("a.bin is corrupted"), "{:?}", point.skipped);
-        assert!(point.skipped[2].contains("b.bin is missing"), "{:?}", point.skipped);
+        assert!(point.skipped[1].contains("shard-00001.safetensors is corrupted"), "{:?}", point.skipped);
+        assert!(point.skipped[2].contains("shard-00000.safetensors is missing"), "{:?}", point.skipped);
     }
 
     #[test]
     fn commit_refuses_files_that_differ_from_the_report() {
         let run = scratch("refuse");
-        let tmp = tmp_dir(&run, 5);
+        let tmp = tmp_dir(&run, 5, 1);
         fs::create_dir_all(&tmp).unwrap();
         fs::write(tmp.join("a.bin"), b"abc").unwrap();
         let mut d = digest_file(&tmp.join("a.bin")).unwrap();
-        d.sha256 = "00".repeat(32);
-        let err = commit(&run, 5, 1, "ddp", &[d]).unwrap_err().to_string();
-        assert!(err.contains("differs"), "{err}");
+        d.size = 4;
+        let err = commit(&run, 5, 1, 1, &[d]).unwrap_err().to_string();
+        assert!(err.contains("reported 4"), "{err}");
+        // A rank's shard missing from the reports: refused too.
+        let d = digest_file(&tmp.join("a.bin")).unwrap();
+        let err = commit(&run, 5, 1, 1, &[d]).unwrap_err().to_string();
+        assert!(err.contains("state.json"), "{err}");
         assert!(find_resumable(&run).unwrap().is_none());
     }
 
     #[test]
-    fn retention_keeps_newest() {
+    fn retention_keeps_newest_and_best_and_clears_abandoned_writes() {
         let run = scratch("retention");
-        for s in [1, 2, 3, 4] {
+        for s in [1, 2, 3, 4, 5] {
             write_step(&run, s);
         }
-        let removed = apply_retention(&run, 2, &Default::default()).unwrap();
-        assert_eq!(removed.len(), 2);
-        assert_eq!(list_steps(&checkpoints_dir(&run)).unwrap().iter().map(|s| s.0).collect::<Vec<_>>(), vec![3, 4]);
+        fs::write(final_dir(&run, 2).join("eval.json"), r#"{"step": 2, "val_loss": 1.5}"#).unwrap();
+        fs::write(final_dir(&run, 3).join("eval.json"), r#"{"step": 3, "val_loss": 2.5}"#).unwrap();
+        fs::create_dir_all(tmp_dir(&run, 4, 7)).unwrap(); // abandoned at step 4
+        fs::create_dir_all(tmp_dir(&run, 6, 7)).unwrap(); // being written
+        apply_retention(&run, 5, 2, &Default::default()).unwrap();
+        let left: Vec<u64> = list_steps(&checkpoints_dir(&run)).unwrap().iter().map(|s| s.0).collect();
+        assert_eq!(left, vec![2, 4, 5], "the best (2) and the newest two");
+        assert!(!tmp_dir(&run, 4, 7).exists());
+        assert!(tmp_dir(&run, 6, 7).exists());
     }
 }

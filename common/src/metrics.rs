@@ -4,7 +4,7 @@
 //! their own address so Prometheus scrapes them all.
 
 use prometheus::{
-    Encoder, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    Counter, Encoder, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
 use crate::status::SharedStatus;
@@ -141,6 +141,10 @@ pub struct WorkerMetrics {
     pub bytes_sent_total: IntCounter,
     /// Supervised actors of the worker (the collective) that failed and were replaced.
     pub actor_restarts_total: IntCounterVec,
+    /// Training state held between steps: `kind` = params | grads | optim.
+    pub memory_bytes: IntGaugeVec,
+    /// Time training waited for the previous checkpoint write to finish.
+    pub checkpoint_wait_seconds_total: Counter,
 }
 
 impl WorkerMetrics {
@@ -164,6 +168,14 @@ impl WorkerMetrics {
             actor_restarts_total: register(
                 &r,
                 IntCounterVec::new(Opts::new("troupe_actor_restarts_total", "Supervised actor restarts"), &["actor"]).unwrap(),
+            ),
+            memory_bytes: register(
+                &r,
+                IntGaugeVec::new(Opts::new("troupe_memory_bytes", "Training state this worker holds between steps, by kind"), &["kind"]).unwrap(),
+            ),
+            checkpoint_wait_seconds_total: register(
+                &r,
+                Counter::new("troupe_checkpoint_wait_seconds_total", "Time training waited for the previous checkpoint write").unwrap(),
             ),
             registry: r,
         }

@@ -29,6 +29,17 @@ pub const STATE_FILE: &str = "state.json";
 pub const HISTORY_FILE: &str = "history.jsonl";
 pub const EVAL_FILE: &str = "eval.json";
 pub const SOURCE_FILE: &str = "source.json";
+const VERSION_MANIFEST_FORMAT: u32 = 1;
+
+/// A version's MANIFEST: the sha256 of each of its files (checked before it is served).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct VersionManifest {
+    format: u32,
+    /// The training step of the checkpoint it came from.
+    step: u64,
+    created_unix_ms: u64,
+    files: Vec<FileDigest>,
+}
 const LOCK_FILE: &str = ".lock";
 const TMP_PREFIX: &str = ".tmp-";
 /// Files copied from a checkpoint into a version.
@@ -239,7 +250,7 @@ impl Registry {
     /// Checks a version's files against its MANIFEST (a serving replica does before loading).
     pub fn verify(&self, v: u32) -> Result<PathBuf> {
         let dir = self.version_dir(v);
-        checkpoint::verify(&dir)?;
+        checkpoint::verify_files(&dir)?;
         Ok(dir)
     }
 
@@ -291,6 +302,15 @@ impl Registry {
             for name in MODEL_FILES {
                 let from = checkpoint_dir.join(name);
                 let to = tmp.join(name);
+                if name == checkpoint::MODEL_FILE && !manifest.files.iter().any(|f| f.name == name) {
+                    // A sharded checkpoint: the version gets the consolidated model.
+                    let model = checkpoint::load_model(checkpoint_dir, tch::Device::Cpu)
+                        .map_err(|e| RegistryError::Invalid(format!("cannot consolidate {}: {e:#}", checkpoint_dir.display())))?;
+                    let bytes = model.to_safetensors_bytes().map_err(|e| RegistryError::Invalid(e.to_string()))?;
+                    checkpoint::write_atomic(&to, &bytes)?;
+                    digests.push(checkpoint::digest_file(&to)?);
+                    continue;
+                }
                 fs::copy(&from, &to).map_err(io(&from))?;
                 File::open(&to).and_then(|f| f.sync_all()).map_err(io(&to))?;
                 let copied = checkpoint::digest_file(&to)?;
@@ -319,14 +339,7 @@ impl Registry {
                 checkpoint::write_atomic(&path, &bytes)?;
                 digests.push(checkpoint::digest_file(&path)?);
             }
-            let manifest = checkpoint::Manifest {
-                format: 1,
-                step: manifest.step,
-                world_size: manifest.world_size,
-                strategy: manifest.strategy.clone(),
-                created_unix_ms: now_unix_ms(),
-                files: digests,
-            };
+            let manifest = VersionManifest { format: VERSION_MANIFEST_FORMAT, step: manifest.step, created_unix_ms: now_unix_ms(), files: digests };
             let text = serde_json::to_vec_pretty(&manifest).expect("serializable");
             checkpoint::write_atomic(&tmp.join(checkpoint::MANIFEST), &text)?;
             Ok::<_, RegistryError>(())
@@ -525,7 +538,15 @@ mod tests {
             fs::write(ckpt.join(name), format!("{name} of step {step}")).unwrap();
             files.push(checkpoint::digest_file(&ckpt.join(name)).unwrap());
         }
-        let manifest = checkpoint::Manifest { format: 1, step, world_size: 1, strategy: "ddp".into(), created_unix_ms: 0, files };
+        let manifest = checkpoint::Manifest {
+            format: checkpoint::MANIFEST_FORMAT,
+            step,
+            world_size: 1,
+            strategy: "ddp".into(),
+            layout: crate::shard::ShardLayout::new(1, vec![1]),
+            created_unix_ms: 0,
+            files,
+        };
         fs::write(ckpt.join(checkpoint::MANIFEST), serde_json::to_vec(&manifest).unwrap()).unwrap();
         ckpt
     }

@@ -66,7 +66,7 @@ pub enum Command {
     /// Close the worker's connection (after any `Send` before it).
     Disconnect { id: WorkerId, reason: String },
     /// Check and commit the checkpoint the ranks wrote into its temporary folder.
-    CommitCheckpoint { step: u64, world_size: u32, files: Vec<FileDigest> },
+    CommitCheckpoint { step: u64, generation: u64, world_size: u32, files: Vec<FileDigest> },
     /// Append to events.jsonl, update metrics, show progress.
     Record(RunEvent),
     /// The run is over.
@@ -392,8 +392,11 @@ impl Core {
         self.abandon_work(out);
         self.generation += 1;
         self.ranks = members;
-        // Survivors carry the state on; only when none holds it does it come from disk.
-        let holders = self.ranks.iter().any(|id| self.workers[id].holds_state);
+        // Survivors carry the state on; only when none holds it does it come from disk. A
+        // sharded state (zero1/2/3) is split by world size and one member's part is gone with
+        // it: a new generation always starts from the newest checkpoint, resharded.
+        let replicas = self.config.parallel.strategy == troupe_common::shard::Strategy::Ddp;
+        let holders = replicas && self.ranks.iter().any(|id| self.workers[id].holds_state);
         let (resume_from, start_step) = if holders {
             (None, self.completed)
         } else {
@@ -651,7 +654,7 @@ impl Core {
                 if p.reported.len() == world {
                     p.committing = true;
                     let files = p.files.clone();
-                    out.push(Command::CommitCheckpoint { step, world_size: world as u32, files });
+                    out.push(Command::CommitCheckpoint { step, generation, world_size: world as u32, files });
                 }
             }
             ToCoordinator::CheckpointFailed { generation, step, error } => {
@@ -862,7 +865,7 @@ impl Core {
         if self.checkpoints.contains_key(&step) {
             return;
         }
-        let dir = checkpoint::tmp_dir(&self.run_dir, step).display().to_string();
+        let dir = checkpoint::tmp_dir(&self.run_dir, step, self.generation).display().to_string();
         self.checkpoints.insert(
             step,
             PendingCheckpoint { requested_at: now, reported: BTreeSet::new(), files: Vec::new(), committing: false },
@@ -1223,7 +1226,7 @@ mod tests {
         assert!(s.iter().any(|(to, m)| *to == 1 && matches!(m, ToWorker::Checkpoint { step: 2, .. })), "requested again");
         assert!(s.iter().any(|(to, m)| *to == 1 && matches!(m, ToWorker::Evaluate { step: 2 })), "the evaluation too");
         let cmds = sim.written(1, 2, vec![FileDigest { name: "model.safetensors".into(), size: 1, sha256: "y".into() }]);
-        assert!(cmds.iter().any(|c| matches!(c, Command::CommitCheckpoint { step: 2, world_size: 1, files } if files.len() == 1 && files[0].sha256 == "y")));
+        assert!(cmds.iter().any(|c| matches!(c, Command::CommitCheckpoint { step: 2, world_size: 1, files, .. } if files.len() == 1 && files[0].sha256 == "y")));
         // Reports from the old generation are ignored.
         assert!(sim.from(1, ToCoordinator::CheckpointWritten { generation: 1, step: 2, files: vec![] }).is_empty());
     }

@@ -191,6 +191,17 @@ pub fn load_params(path: &Path) -> Vec<(String, Vec<f32>)> {
     out
 }
 
+/// Every parameter of a checkpoint (consolidated from its shards, whatever wrote them), flat.
+pub fn checkpoint_params(dir: &Path) -> Vec<f32> {
+    let reader = troupe_common::checkpoint::ShardReader::open(dir).expect("open the checkpoint's shards");
+    reader.read_all(troupe_common::checkpoint::ShardPart::Params).expect("read the parameters")
+}
+
+pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+}
+
 /// Kills the process when dropped, so a failing test leaves no process behind.
 pub struct KillOnDrop(pub std::process::Child);
 

@@ -3,20 +3,40 @@
 //! Data parallelism, the nanoGPT way but over processes: every step consumes `global_batch`
 //! sequences chosen by the sampler from the global cursor; this rank takes its contiguous part,
 //! runs forward/backward in micro-batches (gradient accumulation), each micro-batch's loss
-//! scaled by its share of the *global* batch. Summing the gradients over ranks (the ring
-//! all-reduce) then gives exactly the gradient of the mean loss over the global batch — the
-//! same as one worker computing the whole batch — whatever the world size. Clipping and the
-//! AdamW update run identically on every rank, so replicas stay identical.
+//! scaled by its share of the *global* batch. Summing the gradients over ranks then gives
+//! exactly the gradient of the mean loss over the global batch — the same as one worker
+//! computing the whole batch — whatever the world size.
+//!
+//! What a rank keeps of the training state depends on `parallel.strategy` (see
+//! [`troupe_common::shard`] for the layout):
+//!
+//! - `ddp`: the whole model, its gradients and AdamW moments; gradients all-reduced; every rank
+//!   applies the same update, so replicas stay identical.
+//! - `zero1`: the whole model (as one flat buffer) and the whole gradient; AdamW moments for
+//!   this rank's shard only. Gradients all-reduced, each rank updates its shard, the updated
+//!   shards are all-gathered.
+//! - `zero2`: as zero1, but gradients are reduce-scattered: the whole gradient exists only
+//!   during the backward pass, the rank keeps its shard of the sum.
+//! - `zero3`: parameters sharded too. A step runs the model stage by stage (embeddings, each
+//!   block, the head): each stage's parameters are all-gathered just before it computes and
+//!   dropped after. Only the stage inputs are kept from the forward pass; the backward pass
+//!   gathers each stage again, recomputes its forward from the kept input and back-propagates
+//!   through it (activation recomputation), then reduce-scatters the stage's gradient.
+//!
+//! Clipping uses the global norm over all shards, so it is the same under every strategy.
+//! Checkpoints: each rank copies its shard of the state into host memory and a background
+//! thread writes it (see [`Trainer::save_checkpoint`]).
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 use tch::{Device, Kind, Tensor};
-use troupe_common::checkpoint::{self, TrainState};
+use troupe_common::checkpoint::{self, ShardPart, ShardReader, ShardSnapshot, TrainState};
 use troupe_common::collective::CollectiveTag;
 use troupe_common::config::Config;
 use troupe_common::data::{self, Meta, SamplerMemo, TokenFile};
-use troupe_common::model::{self, AdamW, Gpt, GptConfig};
+use troupe_common::model::{self, AdamW, AdamWConfig, Gpt, GptConfig, ShardAdamW};
 use troupe_common::proto::{EvalReport, FileDigest, StepReport};
+use troupe_common::shard::{ShardLayout, Strategy};
 
 pub use troupe_common::checkpoint::{MODEL_CONFIG_FILE, TOKENIZER_FILE};
 
@@ -30,7 +50,7 @@ pub enum TrainerError {
     Checkpoint(#[from] checkpoint::CheckpointError),
     #[error("libtorch: {0}")]
     Torch(#[from] tch::TchError),
-    #[error("gradient all-reduce failed at step {step}: {error}")]
+    #[error("a collective failed at step {step}: {error}")]
     Collective { step: u64, error: String },
     #[error("{0}")]
     Other(String),
@@ -47,23 +67,75 @@ pub struct TrainerSetup {
     pub start_step: u64,
 }
 
-/// Sums a flat gradient over all ranks, in place (blocking).
-pub type Reduce<'a> = dyn FnMut(&mut Vec<f32>, CollectiveTag) -> Result<(), String> + 'a;
+/// The collectives of this rank's generation, blocking (the trainer thread waits on them).
+/// Buffers move in and out, as they travel to the collective actor and back. See
+/// [`troupe_common::collective::Collective`] for what each computes.
+pub trait Comm {
+    fn all_reduce(&mut self, data: Vec<f32>, tag: CollectiveTag) -> Result<Vec<f32>, String>;
+    fn reduce_scatter(&mut self, data: Vec<f32>, tag: CollectiveTag) -> Result<Vec<f32>, String>;
+    fn all_gather(&mut self, data: Vec<f32>, tag: CollectiveTag) -> Result<Vec<f32>, String>;
+    fn broadcast(&mut self, data: Vec<f32>, root: u32, tag: CollectiveTag) -> Result<Vec<f32>, String>;
+}
 
-/// Makes every rank's buffer equal to rank `root`'s, in place (blocking).
-pub type Broadcast<'a> = dyn FnMut(&mut Vec<f32>, u32, CollectiveTag) -> Result<(), String> + 'a;
+/// The collectives of a world of one: nothing to combine (the trainer never calls them then).
+pub struct Alone;
+
+impl Comm for Alone {
+    fn all_reduce(&mut self, data: Vec<f32>, _: CollectiveTag) -> Result<Vec<f32>, String> {
+        Ok(data)
+    }
+    fn reduce_scatter(&mut self, data: Vec<f32>, _: CollectiveTag) -> Result<Vec<f32>, String> {
+        Ok(data)
+    }
+    fn all_gather(&mut self, data: Vec<f32>, _: CollectiveTag) -> Result<Vec<f32>, String> {
+        Ok(data)
+    }
+    fn broadcast(&mut self, data: Vec<f32>, _: u32, _: CollectiveTag) -> Result<Vec<f32>, String> {
+        Ok(data)
+    }
+}
+
+/// Bytes of training state a rank holds between steps, by kind (exported as
+/// `troupe_memory_bytes{kind}`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Footprint {
+    pub params: u64,
+    pub grads: u64,
+    pub optim: u64,
+}
+
+/// Where a finished background checkpoint write reports: its files, or why it failed.
+pub type WriteDone = Box<dyn FnOnce(Result<Vec<FileDigest>, String>) + Send>;
+
+/// The training state in the form the strategy keeps it.
+enum State {
+    /// `ddp`: the model's own parameters (per-parameter gradients) and a full AdamW.
+    Replica { params: Vec<Tensor>, optimizer: AdamW },
+    /// `zero1`/`zero2`/`zero3`.
+    Sharded(Sharded),
+}
+
+struct Sharded {
+    layout: ShardLayout,
+    /// `zero1`/`zero2`: the whole model as one flat buffer (one unit, padded); the model's
+    /// parameters are views into it. `None` under `zero3`.
+    full: Option<Tensor>,
+    /// This rank's shard of the parameters: a view into `full`, or (`zero3`) its own buffer.
+    shard: Tensor,
+    optimizer: ShardAdamW,
+}
 
 pub struct Trainer {
     config: Config,
+    strategy: Strategy,
     rank: usize,
     world_size: usize,
     device: Device,
     meta: Meta,
     gpt_config: GptConfig,
+    /// Under `zero3` the parameters are released: only the stages and shapes are used.
     model: Gpt,
-    names: Vec<String>,
-    params: Vec<Tensor>,
-    optimizer: AdamW,
+    state: State,
     train: TokenFile,
     val: TokenFile,
     sampler: SamplerMemo,
@@ -74,11 +146,83 @@ pub struct Trainer {
     collective_seq: u64,
     /// `TROUPE_TRACE_SAMPLES`: a file where each step's sample indices are logged (tests).
     sample_trace: Option<std::fs::File>,
+    /// The checkpoint being written in the background, if any.
+    writer: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for Trainer {
+    fn drop(&mut self) {
+        // A checkpoint being written is finished, not torn, when the trainer goes.
+        if let Some(writer) = self.writer.take() {
+            let _ = writer.join();
+        }
+    }
+}
+
+/// Parts of a rank's shard that belong to one parameter each, with its weight-decay choice
+/// (AdamW decays matrices and embeddings, not biases and LayerNorms).
+fn shard_segments(layout: &ShardLayout, rank: u32, numels: &[usize], decay: &[bool]) -> Vec<(std::ops::Range<usize>, bool)> {
+    let mut out = Vec::new();
+    for piece in layout.owned(rank) {
+        let mut offset = 0;
+        for (&n, &d) in numels.iter().zip(decay) {
+            let (lo, hi) = (piece.global.start.max(offset), piece.global.end.min(offset + n));
+            if lo < hi {
+                let local = piece.local + (lo - piece.global.start);
+                out.push((local..local + (hi - lo), d));
+            }
+            offset += n;
+        }
+    }
+    out
+}
+
+/// The values of `range` of the flat concatenation of `tensors`, on the host.
+fn flat_range(tensors: &[Tensor], range: std::ops::Range<usize>) -> Vec<f32> {
+    let _no_grad = tch::no_grad_guard();
+    let mut out = vec![0f32; range.len()];
+    let mut offset = 0;
+    for t in tensors {
+        let n = t.numel();
+        let (lo, hi) = (range.start.max(offset), range.end.min(offset + n));
+        if lo < hi {
+            let part = t.detach().reshape([-1]).narrow(0, (lo - offset) as i64, (hi - lo) as i64).to_device(Device::Cpu).to_kind(Kind::Float).contiguous();
+            part.copy_data(&mut out[lo - range.start..hi - range.start], hi - lo);
+        }
+        offset += n;
+    }
+    out
+}
+
+fn host_vec(t: &Tensor) -> Vec<f32> {
+    let t = t.detach().to_device(Device::Cpu).to_kind(Kind::Float).contiguous();
+    let n = t.numel();
+    let mut out = vec![0f32; n];
+    t.copy_data(&mut out, n);
+    out
+}
+
+fn tensor_of(values: &[f32], device: Device) -> Result<Tensor, TrainerError> {
+    Ok(Tensor::f_from_slice(values)?.f_to_device(device)?)
+}
+
+/// Views of a flat buffer as the given parameter shapes (in order; a padding tail is left
+/// out). Made with one `split`, so that their gradients come back as one flat gradient.
+fn param_views(flat: &Tensor, shapes: &[Vec<i64>]) -> Result<Vec<Tensor>, TrainerError> {
+    let mut sizes: Vec<i64> = shapes.iter().map(|s| s.iter().product()).collect();
+    let used: i64 = sizes.iter().sum();
+    let padding = flat.size()[0] - used;
+    if padding > 0 {
+        sizes.push(padding);
+    }
+    let parts = flat.f_split_with_sizes(sizes.as_slice(), 0)?;
+    shapes.iter().zip(parts).map(|(shape, part)| Ok(part.f_view(shape.as_slice())?)).collect()
 }
 
 impl Trainer {
     /// Builds the model (identically on every rank: same seed) and loads the data; when
-    /// resuming, loads parameters, optimizer state and counters from the checkpoint.
+    /// resuming, loads this rank's part of the state from the checkpoint, whatever world size
+    /// and strategy wrote it.
     pub fn new(setup: TrainerSetup) -> Result<Trainer, TrainerError> {
         let TrainerSetup { config, rank, world_size, device, resume_from, start_step } = setup;
         let data_dir = &config.data.dir;
@@ -96,42 +240,49 @@ impl Trainer {
             )));
         }
         let gpt_config = GptConfig::from_model_config(&config.model, meta.vocab_size);
-        let mut model = Gpt::new(&gpt_config, device, config.run.seed as i64)?;
-        let names = model.parameter_names();
-        let mut optimizer = AdamW::new(&model.parameter_tensors(), &config.train);
-        let mut step = 0;
-        if let Some(dir) = &resume_from {
-            model.load_safetensors(&dir.join(checkpoint::MODEL_FILE))?;
-            optimizer.load_safetensors(&dir.join(checkpoint::optim_file(0)), &names)?;
-            let state = read_state(dir)?;
-            if state.step != start_step {
-                return Err(TrainerError::Other(format!(
-                    "checkpoint {} is at step {}, the coordinator asked to start at {start_step}",
-                    dir.display(),
-                    state.step
-                )));
+        let model = Gpt::new(&gpt_config, device, config.run.seed as i64)?;
+        let reader = match &resume_from {
+            Some(dir) => {
+                let reader = ShardReader::open(dir)?;
+                if reader.step() != start_step {
+                    return Err(TrainerError::Other(format!(
+                        "checkpoint {} is at step {}, the coordinator asked to start at {start_step}",
+                        dir.display(),
+                        reader.step()
+                    )));
+                }
+                if reader.layout().numel() != model.num_params() {
+                    return Err(TrainerError::Other(format!(
+                        "checkpoint {} holds {} parameters, this run's model has {}: was it written for another model configuration?",
+                        dir.display(),
+                        reader.layout().numel(),
+                        model.num_params()
+                    )));
+                }
+                Some(reader)
             }
-            step = state.step;
-        }
-        let params = model.parameter_tensors();
+            None => None,
+        };
+        let strategy = config.parallel.strategy;
+        let (model, state) = build_state(strategy, model, &config, rank as u32, world_size as u32, reader.as_ref())?;
         Ok(Trainer {
             config,
+            strategy,
             rank,
             world_size,
             device,
             meta,
             gpt_config,
             model,
-            names,
-            params,
-            optimizer,
+            state,
             train,
             val,
             sampler,
-            step,
+            step: reader.as_ref().map_or(0, |r| r.step()),
             generation: 0,
             collective_seq: 0,
             sample_trace: open_sample_trace()?,
+            writer: None,
         })
     }
 
@@ -139,18 +290,49 @@ impl Trainer {
         self.step
     }
 
+    pub fn strategy(&self) -> Strategy {
+        self.strategy
+    }
+
     /// Training tokens consumed by the whole run: every step takes the global batch.
     pub fn tokens_seen(&self) -> u64 {
         self.step * (self.config.train.global_batch * self.config.model.block_size) as u64
     }
 
+    /// Bytes of parameters, gradients and optimizer state this rank keeps between steps.
+    /// (The whole gradient also exists during the backward pass under `zero2`, and one stage's
+    /// parameters and gradient while it computes under `zero3`.)
+    pub fn footprint(&self) -> Footprint {
+        let n = self.model.num_params() as u64 * 4;
+        match &self.state {
+            State::Replica { .. } => Footprint { params: n, grads: n, optim: 2 * n },
+            State::Sharded(s) => {
+                let shard = s.layout.shard_len() as u64 * 4;
+                let full = s.full.as_ref().map_or(shard, |f| f.numel() as u64 * 4);
+                let grads = if self.strategy == Strategy::Zero1 { full } else { shard };
+                Footprint { params: full, grads, optim: 2 * shard }
+            }
+        }
+    }
+
     /// Takes this rank's place in a new membership generation. The global batch stays fixed:
-    /// the sampler splits it over the new world size, so micro-batch counts adjust.
-    pub fn set_membership(&mut self, generation: u64, rank: usize, world_size: usize) {
+    /// the sampler splits it over the new world size, so micro-batch counts adjust. Only
+    /// `ddp` keeps its state across a change of world size (the sharded strategies are
+    /// rebuilt from a checkpoint instead, see the Worker).
+    pub fn set_membership(&mut self, generation: u64, rank: usize, world_size: usize) -> Result<(), TrainerError> {
+        if let State::Sharded(s) = &self.state {
+            if (rank, world_size) != (self.rank, self.world_size) && s.layout.world_size as usize != world_size {
+                return Err(TrainerError::Other(format!(
+                    "{} state is sharded over {} ranks and cannot move to {world_size} without a checkpoint",
+                    self.strategy, s.layout.world_size
+                )));
+            }
+        }
         self.generation = generation;
         self.rank = rank;
         self.world_size = world_size;
         self.collective_seq = 0;
+        Ok(())
     }
 
     fn next_tag(&mut self, step: u64) -> CollectiveTag {
@@ -158,29 +340,37 @@ impl Trainer {
         CollectiveTag { step, seq: self.collective_seq }
     }
 
+    fn collective<T>(step: u64, r: Result<T, String>) -> Result<T, TrainerError> {
+        r.map_err(|error| TrainerError::Collective { step, error })
+    }
+
     /// Makes this rank's parameters and optimizer state those of rank `source_rank`, which has
-    /// completed `step` steps: one broadcast of parameters and both AdamW moments.
-    pub fn sync_state(&mut self, source_rank: u32, step: u64, broadcast: &mut Broadcast<'_>) -> Result<(), TrainerError> {
+    /// completed `step` steps: one broadcast of parameters and both AdamW moments (`ddp` only:
+    /// a sharded state is never held whole by one rank, so it comes from a checkpoint).
+    pub fn sync_state(&mut self, source_rank: u32, step: u64, comm: &mut dyn Comm) -> Result<(), TrainerError> {
         let is_source = self.rank as u32 == source_rank;
         if is_source && step != self.step {
             return Err(TrainerError::Other(format!("asked to be the sync source at step {step}, but {} steps are completed", self.step)));
         }
         let tag = self.next_tag(step);
-        let moments = self.optimizer.moments();
-        let groups: [&[Tensor]; 3] = [&self.params, &moments.0, &moments.1];
-        let mut flat = if is_source {
+        let State::Replica { params, optimizer } = &mut self.state else {
+            return Err(TrainerError::Other(format!("{} state cannot be synced from a peer; it resumes from a checkpoint", self.strategy)));
+        };
+        let moments = optimizer.moments();
+        let groups: [&[Tensor]; 3] = [params, &moments.0, &moments.1];
+        let flat = if is_source {
             groups.iter().flat_map(|g| model::flatten(g)).collect()
         } else {
             vec![0f32; groups.iter().map(|g| model::total_numel(g)).sum()]
         };
-        broadcast(&mut flat, source_rank, tag).map_err(|error| TrainerError::Collective { step, error })?;
+        let flat = Self::collective(step, comm.broadcast(flat, source_rank, tag))?;
         let mut offset = 0;
         for group in groups {
             let n = model::total_numel(group);
             model::unflatten_into(group, &flat[offset..offset + n])?;
             offset += n;
         }
-        self.optimizer.set_step_count(step);
+        optimizer.set_step_count(step);
         self.step = step;
         Ok(())
     }
@@ -189,72 +379,34 @@ impl Trainer {
         &self.model
     }
 
-    /// One optimizer step. `reduce` is not called when the world size is 1.
-    pub fn step(&mut self, step: u64, reduce: &mut Reduce<'_>) -> Result<StepReport, TrainerError> {
+    /// One optimizer step. No collective is called when the world size is 1.
+    pub fn step(&mut self, step: u64, comm: &mut dyn Comm) -> Result<StepReport, TrainerError> {
         if step != self.step {
             return Err(TrainerError::Other(format!("asked for step {step}, but {} steps are completed", self.step)));
         }
-        // Plain numbers (no allocation): the loop below also calls `&mut self` methods.
         let train = self.config.train.clone();
         let (seed, block_size) = (self.config.run.seed, self.config.model.block_size);
         let global_batch = train.global_batch;
         // Dropout masks depend on (seed, step, rank) only, so a resumed run draws the same ones.
         tch::manual_seed((seed as i64).wrapping_add((step as i64).wrapping_mul(1_000_003)).wrapping_add(self.rank as i64));
         let cursor = step * global_batch as u64;
-        let (mut data_s, mut compute_s, mut comm_s) = (0.0, 0.0, 0.0);
+        let mut times = Times::default();
         let t = Instant::now();
         let ids = self.sampler.indices(cursor, global_batch, self.rank, self.world_size);
-        data_s += t.elapsed().as_secs_f64();
-
-        let mut loss_share = 0.0;
+        let mut batches = Vec::new();
         for chunk in ids.chunks(train.micro_batch) {
-            let t = Instant::now();
             let (x, y) = self.batch(&self.train, chunk)?;
-            data_s += t.elapsed().as_secs_f64();
-            let t = Instant::now();
-            let weight = chunk.len() as f64 / global_batch as f64;
-            let loss = self.model.loss(&x, &y, true);
-            (&loss * weight).f_backward()?;
-            loss_share += loss.f_double_value(&[])? * weight;
-            compute_s += t.elapsed().as_secs_f64();
+            batches.push((x, y, chunk.len() as f64 / global_batch as f64));
         }
-
+        times.data += t.elapsed().as_secs_f64();
         self.trace_samples(step, &ids);
-        let mut loss = loss_share;
-        let mut reduced_grad_norm = None;
-        if self.world_size > 1 {
-            let t = Instant::now();
-            // The loss shares ride at the end of the gradient: one collective, and every rank
-            // learns the step's loss.
-            let mut flat = model::flat_grads(&self.params);
-            flat.push(loss_share as f32);
-            let tag = self.next_tag(step);
-            if let Err(error) = reduce(&mut flat, tag) {
-                // Nothing was applied: the parameters stay those after `step` steps, ready to
-                // redo this step in the next membership generation.
-                model::zero_grads(&self.params);
-                return Err(TrainerError::Collective { step, error });
-            }
-            loss = flat.pop().map_or(f64::NAN, f64::from);
-            comm_s += t.elapsed().as_secs_f64();
-            // Norm and clipping on the host copy we already hold, before it is written back.
-            let t = Instant::now();
-            reduced_grad_norm = Some(model::clip_flat_grads(&self.params, &mut flat, train.grad_clip)?);
-            model::set_flat_grads(&self.params, &flat)?;
-            compute_s += t.elapsed().as_secs_f64();
-        }
 
-        let t = Instant::now();
-        // With grad_clip <= 0, clip_grad_norm only measures.
-        let grad_norm = match reduced_grad_norm {
-            Some(norm) => norm,
-            None => model::clip_grad_norm(&self.params, train.grad_clip),
-        };
         let lr = model::lr_at(step, &train);
-        self.optimizer.step(&self.params, lr);
-        model::zero_grads(&self.params);
-        compute_s += t.elapsed().as_secs_f64();
-
+        let (loss, grad_norm) = match self.strategy {
+            Strategy::Ddp => self.ddp_step(step, &batches, lr, comm, &mut times)?,
+            Strategy::Zero1 | Strategy::Zero2 => self.zero12_step(step, &batches, lr, comm, &mut times)?,
+            Strategy::Zero3 => self.zero3_step(step, &batches, lr, comm, &mut times)?,
+        };
         let tokens = (ids.len() * block_size) as u64;
         self.step += 1;
         Ok(StepReport {
@@ -265,10 +417,265 @@ impl Trainer {
             tokens,
             grad_norm,
             lr,
-            data_seconds: data_s,
-            compute_seconds: compute_s,
-            comm_seconds: comm_s,
+            data_seconds: times.data,
+            compute_seconds: times.compute,
+            comm_seconds: times.comm,
         })
+    }
+
+    /// `ddp`: per-parameter gradients, one all-reduce (the loss shares ride at its end), the
+    /// same clipping and AdamW update on every rank.
+    fn ddp_step(&mut self, step: u64, batches: &[(Tensor, Tensor, f64)], lr: f64, comm: &mut dyn Comm, times: &mut Times) -> Result<(f64, f64), TrainerError> {
+        let t = Instant::now();
+        let mut loss_share = 0.0;
+        for (x, y, weight) in batches {
+            let loss = self.model.loss(x, y, true);
+            (&loss * *weight).f_backward()?;
+            loss_share += loss.f_double_value(&[])? * weight;
+        }
+        times.compute += t.elapsed().as_secs_f64();
+        let State::Replica { params, .. } = &self.state else { unreachable!("ddp keeps a replica") };
+        let params: Vec<Tensor> = params.iter().map(|p| p.shallow_clone()).collect();
+        let clip = self.config.train.grad_clip;
+        let mut loss = loss_share;
+        let mut reduced_grad_norm = None;
+        if self.world_size > 1 {
+            let t = Instant::now();
+            let mut flat = model::flat_grads(&params);
+            flat.push(loss_share as f32);
+            let tag = self.next_tag(step);
+            let reduced = comm.all_reduce(flat, tag);
+            let mut flat = match reduced {
+                Ok(flat) => flat,
+                Err(error) => {
+                    // Nothing was applied: the parameters stay those after `step` steps, ready
+                    // to redo this step in the next membership generation.
+                    model::zero_grads(&params);
+                    return Err(TrainerError::Collective { step, error });
+                }
+            };
+            loss = flat.pop().map_or(f64::NAN, f64::from);
+            times.comm += t.elapsed().as_secs_f64();
+            // Norm and clipping on the host copy we already hold, before it is written back.
+            let t = Instant::now();
+            reduced_grad_norm = Some(model::clip_flat_grads(&params, &mut flat, clip)?);
+            model::set_flat_grads(&params, &flat)?;
+            times.compute += t.elapsed().as_secs_f64();
+        }
+        let t = Instant::now();
+        // With grad_clip <= 0, clip_grad_norm only measures.
+        let grad_norm = match reduced_grad_norm {
+            Some(norm) => norm,
+            None => model::clip_grad_norm(&params, clip),
+        };
+        let State::Replica { optimizer, .. } = &mut self.state else { unreachable!() };
+        optimizer.step(&params, lr);
+        model::zero_grads(&params);
+        times.compute += t.elapsed().as_secs_f64();
+        Ok((loss, grad_norm))
+    }
+
+    /// `zero1`/`zero2`: the model computes on a fresh leaf over the flat parameters, so the
+    /// backward pass leaves one flat gradient (freed after the step). zero1 all-reduces it,
+    /// zero2 reduce-scatters it; each rank updates its shard; the shards are all-gathered.
+    fn zero12_step(&mut self, step: u64, batches: &[(Tensor, Tensor, f64)], lr: f64, comm: &mut dyn Comm, times: &mut Times) -> Result<(f64, f64), TrainerError> {
+        let t = Instant::now();
+        let State::Sharded(s) = &self.state else { unreachable!("zero1/2 keep a shard") };
+        let full = s.full.as_ref().expect("zero1/2 hold the flat parameters").shallow_clone();
+        let layout = s.layout.clone();
+        let leaf = full.f_detach()?.f_set_requires_grad(true)?;
+        let mut loss_share = 0.0;
+        {
+            let step_model = self.model.with_tensors(param_views(&leaf, &self.model.param_shapes())?)?;
+            for (x, y, weight) in batches {
+                let loss = step_model.loss(x, y, true);
+                (&loss * *weight).f_backward()?;
+                loss_share += loss.f_double_value(&[])? * weight;
+            }
+        }
+        let flat = host_vec(&leaf.grad());
+        drop(leaf);
+        times.compute += t.elapsed().as_secs_f64();
+
+        let (w, r) = (self.world_size, self.rank);
+        let chunk = layout.chunk_len(0);
+        let numel = layout.numel();
+        let clip = self.config.train.grad_clip;
+        let (loss, norm, mut grad) = if self.strategy == Strategy::Zero1 || w == 1 {
+            let t = Instant::now();
+            let mut flat = flat;
+            let mut loss = loss_share;
+            if w > 1 {
+                flat.push(loss_share as f32);
+                let tag = self.next_tag(step);
+                flat = Self::collective(step, comm.all_reduce(flat, tag))?;
+                loss = flat.pop().map_or(f64::NAN, f64::from);
+            }
+            times.comm += t.elapsed().as_secs_f64();
+            // The norm of the whole reduced gradient, exactly as ddp computes it.
+            let norm = norm_by_params(&flat[..numel], &self.model.param_numels());
+            (loss, norm, flat[r * chunk..(r + 1) * chunk].to_vec())
+        } else {
+            let t = Instant::now();
+            let tag = self.next_tag(step);
+            let reduced = Self::collective(step, comm.reduce_scatter(flat, tag))?;
+            let mine = reduced[r * chunk..(r + 1) * chunk].to_vec();
+            let tag = self.next_tag(step);
+            let totals = Self::collective(step, comm.all_reduce(vec![loss_share as f32, model::sum_of_squares(&mine) as f32], tag))?;
+            times.comm += t.elapsed().as_secs_f64();
+            (f64::from(totals[0]), f64::from(totals[1]).sqrt(), mine)
+        };
+        let t = Instant::now();
+        if let Some(scale) = model::clip_scale(norm, clip) {
+            let scale = scale as f32;
+            grad.iter_mut().for_each(|g| *g *= scale);
+        }
+        let State::Sharded(s) = &mut self.state else { unreachable!() };
+        s.optimizer.step(&s.shard, &tensor_of(&grad, self.device)?, lr);
+        let mine = host_vec(&s.shard);
+        times.compute += t.elapsed().as_secs_f64();
+        if w > 1 {
+            let t = Instant::now();
+            let mut gathered = vec![0f32; layout.padded_len(0)];
+            gathered[r * chunk..(r + 1) * chunk].copy_from_slice(&mine);
+            let tag = self.next_tag(step);
+            let gathered = Self::collective(step, comm.all_gather(gathered, tag))?;
+            let _no_grad = tch::no_grad_guard();
+            full.shallow_clone().f_copy_(&tensor_of(&gathered, self.device)?)?;
+            times.comm += t.elapsed().as_secs_f64();
+        }
+        Ok((loss, norm))
+    }
+
+    /// All-gathers stage `unit`'s parameters (`zero3`) into a fresh flat leaf (padded) that
+    /// records gradients, and returns it with its per-parameter views.
+    fn gather_unit(&mut self, unit: usize, step: u64, comm: &mut dyn Comm, grad: bool) -> Result<(Tensor, Vec<Tensor>), TrainerError> {
+        let State::Sharded(s) = &self.state else { unreachable!("zero3 keeps a shard") };
+        let (chunk, at) = (s.layout.chunk_len(unit), s.layout.shard_offset(unit));
+        let mine = host_vec(&s.shard.narrow(0, at as i64, chunk as i64));
+        let mut flat = vec![0f32; s.layout.padded_len(unit)];
+        flat[self.rank * chunk..(self.rank + 1) * chunk].copy_from_slice(&mine);
+        if self.world_size > 1 {
+            let tag = self.next_tag(step);
+            flat = Self::collective(step, comm.all_gather(flat, tag))?;
+        }
+        let leaf = tensor_of(&flat, self.device)?.f_set_requires_grad(grad)?;
+        let range = self.model.stage_params()[unit].clone();
+        let views = param_views(&leaf, &self.model.param_shapes()[range])?;
+        Ok((leaf, views))
+    }
+
+    /// Reduce-scatters stage `unit`'s gradient (`zero3`) and adds this rank's chunk to `acc`.
+    fn scatter_unit_grad(&mut self, unit: usize, leaf: &Tensor, acc: &mut [f32], step: u64, comm: &mut dyn Comm) -> Result<(), TrainerError> {
+        let State::Sharded(s) = &self.state else { unreachable!() };
+        let (chunk, at) = (s.layout.chunk_len(unit), s.layout.shard_offset(unit));
+        let mut flat = host_vec(&leaf.grad());
+        if self.world_size > 1 {
+            let tag = self.next_tag(step);
+            flat = Self::collective(step, comm.reduce_scatter(flat, tag))?;
+        }
+        for (a, g) in acc[at..at + chunk].iter_mut().zip(&flat[self.rank * chunk..(self.rank + 1) * chunk]) {
+            *a += g;
+        }
+        Ok(())
+    }
+
+    /// Seeds dropout for one stage of one micro-batch, so that its recomputation in the
+    /// backward pass draws the very same mask.
+    fn seed_stage(&self, step: u64, micro: usize, unit: usize) {
+        let base = (self.config.run.seed as i64).wrapping_add((step as i64).wrapping_mul(1_000_003)).wrapping_add(self.rank as i64);
+        tch::manual_seed(base.wrapping_mul(31).wrapping_add((micro as i64) << 20).wrapping_add(unit as i64));
+    }
+
+    /// The stage inputs of the forward pass under `zero3`: `inputs[u][m]` is what stage `u`
+    /// received for micro-batch `m` (stage 0 takes token ids), and the head's input.
+    fn zero3_forward(&mut self, step: u64, batches: &[(Tensor, Tensor, f64)], train: bool, comm: &mut dyn Comm) -> Result<(Vec<Vec<Tensor>>, Vec<Tensor>), TrainerError> {
+        let _no_grad = tch::no_grad_guard();
+        let stages = self.model.stage_params().len();
+        let (_, e) = self.gather_unit(0, step, comm, false)?;
+        let mut xs: Vec<Tensor> = Vec::with_capacity(batches.len());
+        for (m, (x, _, _)) in batches.iter().enumerate() {
+            self.seed_stage(step, m, 0);
+            xs.push(self.model.embed_stage(&e[0], &e[1], x, train));
+        }
+        drop(e);
+        let mut inputs = vec![Vec::new()];
+        for unit in 1..stages - 1 {
+            let (_, p) = self.gather_unit(unit, step, comm, false)?;
+            let mut next = Vec::with_capacity(xs.len());
+            for (m, x) in xs.iter().enumerate() {
+                self.seed_stage(step, m, unit);
+                next.push(self.model.block_stage(&p, x, train));
+            }
+            inputs.push(std::mem::replace(&mut xs, next));
+        }
+        Ok((inputs, xs))
+    }
+
+    /// `zero3`: see the module documentation.
+    fn zero3_step(&mut self, step: u64, batches: &[(Tensor, Tensor, f64)], lr: f64, comm: &mut dyn Comm, times: &mut Times) -> Result<(f64, f64), TrainerError> {
+        let t = Instant::now();
+        let State::Sharded(s) = &self.state else { unreachable!() };
+        let mut acc = vec![0f32; s.layout.shard_len()];
+        let stages = self.model.stage_params().len();
+        let (inputs, head_inputs) = self.zero3_forward(step, batches, true, comm)?;
+
+        // The head: loss, the gradient of its input, and the head's parameter gradients.
+        let (e_leaf, e) = self.gather_unit(0, step, comm, true)?;
+        let (f_leaf, f) = self.gather_unit(stages - 1, step, comm, true)?;
+        let mut loss_share = 0.0;
+        let mut upstream = Vec::with_capacity(batches.len());
+        for (x, (_, y, weight)) in head_inputs.iter().zip(batches) {
+            let x = x.f_detach()?.f_set_requires_grad(true)?;
+            let loss = self.model.head_loss_stage(&e[0], &f, &x, y);
+            (&loss * *weight).f_backward()?;
+            loss_share += loss.f_double_value(&[])? * weight;
+            upstream.push(x.grad());
+        }
+        drop((e, f));
+        self.scatter_unit_grad(0, &e_leaf, &mut acc, step, comm)?;
+        self.scatter_unit_grad(stages - 1, &f_leaf, &mut acc, step, comm)?;
+        drop((e_leaf, f_leaf));
+
+        // Blocks, last to first: gather, recompute from the kept input, back-propagate.
+        for unit in (1..stages - 1).rev() {
+            let (leaf, p) = self.gather_unit(unit, step, comm, true)?;
+            for (m, x) in inputs[unit].iter().enumerate() {
+                let x = x.f_detach()?.f_set_requires_grad(true)?;
+                self.seed_stage(step, m, unit);
+                let y = self.model.block_stage(&p, &x, true);
+                y.f_mul(&upstream[m])?.f_sum(Kind::Float)?.f_backward()?;
+                upstream[m] = x.grad();
+            }
+            drop(p);
+            self.scatter_unit_grad(unit, &leaf, &mut acc, step, comm)?;
+        }
+        // The embeddings.
+        let (leaf, e) = self.gather_unit(0, step, comm, true)?;
+        for (m, (x, _, _)) in batches.iter().enumerate() {
+            self.seed_stage(step, m, 0);
+            let y = self.model.embed_stage(&e[0], &e[1], x, true);
+            y.f_mul(&upstream[m])?.f_sum(Kind::Float)?.f_backward()?;
+        }
+        drop(e);
+        self.scatter_unit_grad(0, &leaf, &mut acc, step, comm)?;
+        drop(leaf);
+        times.compute += t.elapsed().as_secs_f64();
+
+        let (loss, norm) = if self.world_size > 1 {
+            let tag = self.next_tag(step);
+            let totals = Self::collective(step, comm.all_reduce(vec![loss_share as f32, model::sum_of_squares(&acc) as f32], tag))?;
+            (f64::from(totals[0]), f64::from(totals[1]).sqrt())
+        } else {
+            (loss_share, model::sum_of_squares(&acc).sqrt())
+        };
+        if let Some(scale) = model::clip_scale(norm, self.config.train.grad_clip) {
+            let scale = scale as f32;
+            acc.iter_mut().for_each(|g| *g *= scale);
+        }
+        let State::Sharded(s) = &mut self.state else { unreachable!() };
+        s.optimizer.step(&s.shard, &tensor_of(&acc, self.device)?, lr);
+        Ok((loss, norm))
     }
 
     fn batch(&self, tokens: &TokenFile, ids: &[u64]) -> Result<(Tensor, Tensor), TrainerError> {
@@ -281,57 +688,234 @@ impl Trainer {
     }
 
     /// This rank's share of the validation loss: the first `eval.sequences` validation
-    /// sequences, always the same ones, split over the ranks.
-    pub fn evaluate(&self, step: u64) -> Result<EvalReport, TrainerError> {
+    /// sequences, always the same ones, split over the ranks. Under `zero3` every rank takes
+    /// part in the stage gathers, so it needs `comm` and must be called on every rank.
+    pub fn evaluate(&mut self, step: u64, comm: &mut dyn Comm) -> Result<EvalReport, TrainerError> {
         let _guard = tch::no_grad_guard();
         let num_val = data::num_samples(self.val.len(), self.config.model.block_size);
         let ids = data::eval_indices(num_val, self.config.eval.sequences, self.rank, self.world_size);
-        let mut loss_sum = 0.0;
+        let mut batches = Vec::new();
         for chunk in ids.chunks(self.config.train.micro_batch) {
             let (x, y) = self.batch(&self.val, chunk)?;
-            let loss = self.model.loss(&x, &y, false);
-            loss_sum += loss.to_kind(Kind::Double).f_double_value(&[])? * chunk.len() as f64;
+            batches.push((x, y, chunk.len() as f64));
+        }
+        let mut loss_sum = 0.0;
+        if self.strategy == Strategy::Zero3 {
+            let stages = self.model.stage_params().len();
+            let (_, head_inputs) = self.zero3_forward(step, &batches, false, comm)?;
+            let (_, e) = self.gather_unit(0, step, comm, false)?;
+            let (_, f) = self.gather_unit(stages - 1, step, comm, false)?;
+            for (x, (_, y, n)) in head_inputs.iter().zip(&batches) {
+                let loss = self.model.head_loss_stage(&e[0], &f, x, y);
+                loss_sum += loss.to_kind(Kind::Double).f_double_value(&[])? * n;
+            }
+        } else {
+            for (x, y, n) in &batches {
+                let loss = self.model.loss(x, y, false);
+                loss_sum += loss.to_kind(Kind::Double).f_double_value(&[])? * n;
+            }
         }
         Ok(EvalReport { generation: self.generation, step, loss_sum, sequences: ids.len() as u64 })
     }
 
-    /// Writes this rank's part of the checkpoint into `dir` (a temporary folder the
-    /// coordinator commits later) and returns what it wrote. Under `ddp` every replica is
-    /// identical, so rank 0 writes everything and the others write nothing.
-    pub fn save_checkpoint(&self, step: u64, dir: &Path) -> Result<Vec<FileDigest>, TrainerError> {
+    /// The layout this rank's checkpoint shard follows: the strategy's own, or for `ddp` (whose
+    /// ranks all hold everything) one unit split over the ranks, so that each writes 1/W.
+    fn checkpoint_layout(&self) -> ShardLayout {
+        match &self.state {
+            State::Replica { .. } => ShardLayout::new(self.world_size as u32, vec![self.model.num_params()]),
+            State::Sharded(s) => s.layout.clone(),
+        }
+    }
+
+    /// Starts writing this rank's part of the checkpoint into `dir` (a temporary folder the
+    /// coordinator commits later). The training loop pays only for copying its shard into host
+    /// memory: the files are written, fsynced and hashed by a background thread, which calls
+    /// `done` with what it wrote. If the previous write is still running, this waits for it
+    /// first; the seconds waited are returned (a metric counts them).
+    pub fn save_checkpoint(&mut self, step: u64, dir: &Path, done: WriteDone) -> Result<f64, TrainerError> {
         if step != self.step {
             return Err(TrainerError::Other(format!("asked to checkpoint step {step}, but {} steps are completed", self.step)));
         }
-        if self.rank != 0 {
-            return Ok(Vec::new());
-        }
-        std::fs::create_dir_all(dir).map_err(|e| TrainerError::Other(format!("cannot create {}: {e}", dir.display())))?;
-        let model_path = dir.join(checkpoint::MODEL_FILE);
-        self.model.save_safetensors(&model_path)?;
-        let optim_path = dir.join(checkpoint::optim_file(0));
-        self.optimizer.save_safetensors(&optim_path, &self.names)?;
-        let state = TrainState {
-            step: self.step,
-            cursor: self.step * self.config.train.global_batch as u64,
-            seed: self.config.run.seed,
-            world_size: self.world_size as u32,
-            strategy: "ddp".into(),
-            tokens_seen: self.tokens_seen(),
-            vocab_size: self.meta.vocab_size,
+        let waited = match self.writer.take() {
+            Some(writer) => {
+                let t = Instant::now();
+                let _ = writer.join();
+                t.elapsed().as_secs_f64()
+            }
+            None => 0.0,
         };
-        write_json(&dir.join(checkpoint::STATE_FILE), &serde_json::to_vec_pretty(&state).map_err(|e| TrainerError::Other(e.to_string()))?)?;
-        write_json(&dir.join(MODEL_CONFIG_FILE), &serde_json::to_vec_pretty(&self.gpt_config).map_err(|e| TrainerError::Other(e.to_string()))?)?;
-        let tokenizer = std::fs::read(self.config.data.dir.join(TOKENIZER_FILE))
-            .map_err(|e| TrainerError::Other(format!("cannot read the tokenizer: {e}")))?;
-        write_json(&dir.join(TOKENIZER_FILE), &tokenizer)?;
-        let mut files = Vec::new();
-        for name in [checkpoint::MODEL_FILE.to_string(), checkpoint::optim_file(0), checkpoint::STATE_FILE.into(), MODEL_CONFIG_FILE.into(), TOKENIZER_FILE.into()] {
-            let path = dir.join(&name);
-            checkpoint::fsync_path(&path)?;
-            files.push(checkpoint::digest_file(&path)?);
+        let layout = self.checkpoint_layout();
+        let rank = self.rank as u32;
+        let snapshot = match &self.state {
+            State::Replica { params, optimizer } => {
+                let (m, v) = optimizer.moments();
+                let mut parts = [vec![0f32; layout.shard_len()], vec![0f32; layout.shard_len()], vec![0f32; layout.shard_len()]];
+                for piece in layout.owned(rank) {
+                    for (out, tensors) in parts.iter_mut().zip([params.as_slice(), &m, &v]) {
+                        let values = flat_range(tensors, piece.global.clone());
+                        out[piece.local..piece.local + values.len()].copy_from_slice(&values);
+                    }
+                }
+                let [params, exp_avg, exp_avg_sq] = parts;
+                ShardSnapshot { rank, step, params, exp_avg, exp_avg_sq }
+            }
+            State::Sharded(s) => {
+                let (m, v) = s.optimizer.moments();
+                ShardSnapshot { rank, step, params: host_vec(&s.shard), exp_avg: host_vec(m), exp_avg_sq: host_vec(v) }
+            }
+        };
+        // Rank 0 also writes what is not sharded: counters and layout, the model's shape, the
+        // tokenizer.
+        let mut extra: Vec<(String, Vec<u8>)> = Vec::new();
+        if rank == 0 {
+            let state = TrainState {
+                step: self.step,
+                cursor: self.step * self.config.train.global_batch as u64,
+                seed: self.config.run.seed,
+                world_size: self.world_size as u32,
+                strategy: self.strategy.name().into(),
+                tokens_seen: self.tokens_seen(),
+                vocab_size: self.meta.vocab_size,
+                layout,
+            };
+            extra.push((checkpoint::STATE_FILE.into(), json(&state)));
+            extra.push((MODEL_CONFIG_FILE.into(), json(&self.gpt_config)));
+            let tokenizer = std::fs::read(self.config.data.dir.join(TOKENIZER_FILE))
+                .map_err(|e| TrainerError::Other(format!("cannot read the tokenizer: {e}")))?;
+            extra.push((TOKENIZER_FILE.into(), tokenizer));
         }
-        checkpoint::fsync_path(dir)?;
-        Ok(files)
+        let dir = dir.to_path_buf();
+        let writer = std::thread::Builder::new()
+            .name("checkpoint-writer".into())
+            .spawn(move || done(write_checkpoint_part(&dir, &snapshot, &extra).map_err(|e| e.to_string())))
+            .map_err(|e| TrainerError::Other(format!("cannot start the checkpoint writer: {e}")))?;
+        self.writer = Some(writer);
+        Ok(waited)
+    }
+}
+
+/// Step time by phase.
+#[derive(Default)]
+struct Times {
+    data: f64,
+    compute: f64,
+    comm: f64,
+}
+
+fn json<T: serde::Serialize>(value: &T) -> Vec<u8> {
+    serde_json::to_vec_pretty(value).expect("plain data serialises")
+}
+
+/// The global gradient norm of a flat gradient, summed per parameter in f64 and in order:
+/// bit for bit what `ddp` computes ([`model::clip_flat_grads`]).
+fn norm_by_params(flat: &[f32], numels: &[usize]) -> f64 {
+    let mut offset = 0;
+    let mut sum_sq = 0.0;
+    for &n in numels {
+        sum_sq += model::sum_of_squares(&flat[offset..offset + n]);
+        offset += n;
+    }
+    sum_sq.sqrt()
+}
+
+/// The background half of [`Trainer::save_checkpoint`]: this rank's shard file and (rank 0)
+/// the small files, each fsynced, then the folder.
+fn write_checkpoint_part(dir: &Path, snapshot: &ShardSnapshot, extra: &[(String, Vec<u8>)]) -> Result<Vec<FileDigest>, TrainerError> {
+    std::fs::create_dir_all(dir).map_err(|e| TrainerError::Other(format!("cannot create {}: {e}", dir.display())))?;
+    // Test hook: `TROUPE_FAULT_KILL_DURING_CHECKPOINT=STEP:RANK` kills this process half-way
+    // through that rank's shard file of that step, as a machine failure would.
+    let fault = || {
+        let wanted = std::env::var("TROUPE_FAULT_KILL_DURING_CHECKPOINT").ok();
+        if wanted.as_deref() == Some(&format!("{}:{}", snapshot.step, snapshot.rank)) {
+            eprintln!("fault injection: rank {} dies while writing its checkpoint shard of step {}", snapshot.rank, snapshot.step);
+            std::process::abort();
+        }
+    };
+    let mut files = vec![checkpoint::write_shard(dir, snapshot, &fault)?];
+    for (name, bytes) in extra {
+        let path = dir.join(name);
+        std::fs::write(&path, bytes).map_err(|e| TrainerError::Other(format!("cannot write {}: {e}", path.display())))?;
+        checkpoint::fsync_path(&path)?;
+        files.push(checkpoint::digest_file(&path)?);
+    }
+    checkpoint::fsync_path(dir)?;
+    Ok(files)
+}
+
+/// Builds the training state the strategy keeps, from the fresh model or from a checkpoint.
+fn build_state(strategy: Strategy, mut model: Gpt, config: &Config, rank: u32, world: u32, reader: Option<&ShardReader>) -> Result<(Gpt, State), TrainerError> {
+    let numels = model.param_numels();
+    let decay: Vec<bool> = model.param_shapes().iter().map(|s| s.len() >= 2).collect();
+    let device = model.device();
+    let adamw = AdamWConfig::from_train_config(&config.train);
+    let numel = model.num_params();
+    let read = |part: ShardPart, range: std::ops::Range<usize>| -> Result<Vec<f32>, TrainerError> {
+        let reader = reader.expect("only called when resuming");
+        let mut out = vec![0f32; range.len()];
+        reader.read(part, range, &mut out)?;
+        Ok(out)
+    };
+    match strategy {
+        Strategy::Ddp => {
+            let params = model.parameter_tensors();
+            let mut optimizer = AdamW::with_decay(&params, adamw, decay);
+            if let Some(reader) = reader {
+                model::unflatten_into(&params, &read(ShardPart::Params, 0..numel)?)?;
+                let (m, v) = optimizer.moments();
+                model::unflatten_into(&m, &read(ShardPart::ExpAvg, 0..numel)?)?;
+                model::unflatten_into(&v, &read(ShardPart::ExpAvgSq, 0..numel)?)?;
+                optimizer.set_step_count(reader.step());
+            }
+            Ok((model, State::Replica { params, optimizer }))
+        }
+        Strategy::Zero1 | Strategy::Zero2 | Strategy::Zero3 => {
+            let units: Vec<usize> = if strategy == Strategy::Zero3 {
+                model.stage_params().iter().map(|r| numels[r.clone()].iter().sum()).collect()
+            } else {
+                vec![numel]
+            };
+            let layout = ShardLayout::new(world, units);
+            let owned = layout.owned(rank);
+            // This rank's shard of a flat part: from the checkpoint, or from the fresh model.
+            let fresh = if reader.is_none() { Some(model::flatten(&model.parameter_tensors())) } else { None };
+            let shard_of = |part: ShardPart| -> Result<Vec<f32>, TrainerError> {
+                let mut out = vec![0f32; layout.shard_len()];
+                for p in &owned {
+                    let values = match (&fresh, part) {
+                        (Some(flat), ShardPart::Params) => flat[p.global.clone()].to_vec(),
+                        (Some(_), _) => vec![0f32; p.global.len()],
+                        (None, _) => read(part, p.global.clone())?,
+                    };
+                    out[p.local..p.local + values.len()].copy_from_slice(&values);
+                }
+                Ok(out)
+            };
+            let mut optimizer = ShardAdamW::new(adamw, layout.shard_len(), shard_segments(&layout, rank, &numels, &decay), device);
+            if let Some(reader) = reader {
+                let (m, v) = optimizer.moments();
+                let _no_grad = tch::no_grad_guard();
+                m.shallow_clone().f_copy_(&tensor_of(&shard_of(ShardPart::ExpAvg)?, device)?)?;
+                v.shallow_clone().f_copy_(&tensor_of(&shard_of(ShardPart::ExpAvgSq)?, device)?)?;
+                optimizer.set_step_count(reader.step());
+            }
+            if strategy == Strategy::Zero3 {
+                let shard = tensor_of(&shard_of(ShardPart::Params)?, device)?;
+                drop(fresh);
+                model.release_parameters();
+                return Ok((model, State::Sharded(Sharded { layout, full: None, shard, optimizer })));
+            }
+            // zero1/2: the whole model as one flat buffer the model's parameters view.
+            let mut values = match &fresh {
+                Some(flat) => flat.clone(),
+                None => read(ShardPart::Params, 0..numel)?,
+            };
+            values.resize(layout.padded_len(0), 0.0);
+            let full = tensor_of(&values, device)?;
+            let model = model.with_tensors(param_views(&full, &model.param_shapes())?)?;
+            let chunk = layout.chunk_len(0);
+            let shard = full.narrow(0, (rank as usize * chunk) as i64, chunk as i64);
+            Ok((model, State::Sharded(Sharded { layout, full: Some(full), shard, optimizer })))
+        }
     }
 }
 
@@ -360,15 +944,5 @@ impl Trainer {
         line.push('\n');
         let _ = file.write_all(line.as_bytes());
     }
-}
-
-fn write_json(path: &Path, bytes: &[u8]) -> Result<(), TrainerError> {
-    std::fs::write(path, bytes).map_err(|e| TrainerError::Other(format!("cannot write {}: {e}", path.display())))
-}
-
-pub fn read_state(dir: &Path) -> Result<TrainState, TrainerError> {
-    let path = dir.join(checkpoint::STATE_FILE);
-    let bytes = std::fs::read(&path).map_err(|e| TrainerError::Other(format!("cannot read {}: {e}", path.display())))?;
-    serde_json::from_slice(&bytes).map_err(|e| TrainerError::Other(format!("{} is not valid: {e}", path.display())))
 }
 

@@ -1,7 +1,8 @@
 //! Checkpointer: makes a checkpoint count once every rank has written its part.
 //!
-//! It re-hashes the files, renames the temporary folder into place, writes the MANIFEST last
-//! and applies retention — all on a blocking thread, so the coordinator's mailbox never waits
+//! It checks the files against the ranks' reports, renames the temporary folder into place,
+//! writes the MANIFEST last and applies retention (the newest `keep_last`, the best by
+//! validation loss, and those still in use are kept) — all on a blocking thread, so the coordinator's mailbox never waits
 //! on the disk. A failure here is reported to the core as `CheckpointCommitFailed`: the
 //! previous checkpoint stays the newest and training goes on.
 
@@ -18,14 +19,13 @@ pub struct Checkpointer;
 pub struct CheckpointerArgs {
     pub run_dir: PathBuf,
     pub keep_last: usize,
-    pub strategy: String,
     pub coordinator: ActorRef<CoordinatorMsg>,
     /// Steps whose checkpoints are still being evaluated or deployed: retention keeps them.
     pub pinned: std::sync::Arc<std::sync::Mutex<std::collections::BTreeSet<u64>>>,
 }
 
 pub enum CheckpointerMsg {
-    Commit { step: u64, world_size: u32, files: Vec<FileDigest> },
+    Commit { step: u64, generation: u64, world_size: u32, files: Vec<FileDigest> },
 }
 
 impl Actor for Checkpointer {
@@ -38,18 +38,17 @@ impl Actor for Checkpointer {
     }
 
     async fn handle(&self, _me: ActorRef<Self::Msg>, msg: Self::Msg, state: &mut Self::State) -> Result<(), ActorProcessingErr> {
-        let CheckpointerMsg::Commit { step, world_size, files } = msg;
+        let CheckpointerMsg::Commit { step, generation, world_size, files } = msg;
         static PANIC: FaultHook = FaultHook::new("TROUPE_FAULT_CHECKPOINTER_PANIC_AT_STEP");
         if PANIC.fires_at(step) {
             panic!("fault injection: Checkpointer panics while committing step {step}");
         }
         let run_dir = state.run_dir.clone();
-        let strategy = state.strategy.clone();
         let keep_last = state.keep_last;
         let pinned = state.pinned.lock().map(|p| p.clone()).unwrap_or_default();
         let result = tokio::task::spawn_blocking(move || {
-            let dest = checkpoint::commit(&run_dir, step, world_size, &strategy, &files)?;
-            if let Err(e) = checkpoint::apply_retention(&run_dir, keep_last, &pinned) {
+            let dest = checkpoint::commit(&run_dir, step, generation, world_size, &files)?;
+            if let Err(e) = checkpoint::apply_retention(&run_dir, step, keep_last, &pinned) {
                 tracing::warn!("checkpoint retention failed (the new checkpoint is committed): {e}");
             }
             Ok::<_, checkpoint::CheckpointError>(dest)

@@ -100,7 +100,7 @@ pub struct CoordinatorState {
     checkpointer: ActorRef<CheckpointerMsg>,
     checkpointer_restarts: u32,
     /// Commits sent to the Checkpointer and not answered yet, kept to resend after a crash.
-    commits_in_flight: BTreeMap<u64, (u32, Vec<FileDigest>)>,
+    commits_in_flight: BTreeMap<u64, (u64, u32, Vec<FileDigest>)>,
     evaluator: ActorRef<EvaluatorMsg>,
     deployer: ActorRef<DeployerMsg>,
     evaluator_restarts: u32,
@@ -150,7 +150,6 @@ async fn spawn_checkpointer(me: &ActorRef<CoordinatorMsg>, config: &Config, pinn
     let args = CheckpointerArgs {
         run_dir: config.run_dir(),
         keep_last: config.checkpoint.keep_last,
-        strategy: "ddp".into(),
         coordinator: me.clone(),
         pinned: pinned.clone(),
     };
@@ -428,9 +427,9 @@ impl CoordinatorState {
                     let _ = session.cast(SessionMsg::Disconnect(reason));
                 }
             }
-            Command::CommitCheckpoint { step, world_size, files } => {
-                self.commits_in_flight.insert(step, (world_size, files.clone()));
-                if self.checkpointer.cast(CheckpointerMsg::Commit { step, world_size, files }).is_err() {
+            Command::CommitCheckpoint { step, generation, world_size, files } => {
+                self.commits_in_flight.insert(step, (generation, world_size, files.clone()));
+                if self.checkpointer.cast(CheckpointerMsg::Commit { step, generation, world_size, files }).is_err() {
                     self.commits_in_flight.remove(&step);
                     let error = "the Checkpointer is not running".to_string();
                     let _ = me.cast(CoordinatorMsg::Core(Event::CheckpointCommitFailed { step, error }));
@@ -609,9 +608,9 @@ impl CoordinatorState {
             let error = format!("the Checkpointer crashed while committing this checkpoint ({reason})");
             self.apply(me, Event::CheckpointCommitFailed { step, error });
         }
-        for (step, (world_size, files)) in in_flight {
-            self.commits_in_flight.insert(step, (world_size, files.clone()));
-            let _ = self.checkpointer.cast(CheckpointerMsg::Commit { step, world_size, files });
+        for (step, (generation, world_size, files)) in in_flight {
+            self.commits_in_flight.insert(step, (generation, world_size, files.clone()));
+            let _ = self.checkpointer.cast(CheckpointerMsg::Commit { step, generation, world_size, files });
         }
         Ok(())
     }

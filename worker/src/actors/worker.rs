@@ -15,7 +15,7 @@
 //! tries to join a restarted coordinator for `cluster.rejoin_ms`, then exits.
 
 use super::collective::{CollectiveActor, CollectiveArgs, CollectiveMsg};
-use crate::trainer::{Trainer, TrainerError, TrainerSetup};
+use crate::trainer::{Comm, Footprint, Trainer, TrainerError, TrainerSetup};
 use ractor::{Actor, ActorProcessingErr, ActorRef, SupervisionEvent};
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -339,7 +339,9 @@ pub enum WorkerMsg {
 /// What the trainer thread reports back.
 pub enum TrainerReport {
     /// The model is built (and loaded); the thread now waits for its first `Regroup`.
-    Built,
+    Built(Footprint),
+    /// Training waited this long for the previous checkpoint write.
+    CheckpointWaited(f64),
     /// Took its place in `generation`, holding the state after `completed_steps` steps.
     Regrouped { generation: u64, completed_steps: u64 },
     Synced { generation: u64, step: u64 },
@@ -356,6 +358,9 @@ pub enum TrainerReport {
 /// Orders for the trainer thread, each tagged with the membership generation it belongs to:
 /// orders of a generation that is over are skipped.
 enum TrainerCmd {
+    /// Build the training state again for a new place in the run (sharded strategies, whose
+    /// state is split by world size, after a membership change: from the newest checkpoint).
+    Rebuild(Box<TrainerSetup>),
     Regroup { generation: u64, rank: u32, world_size: u32, ring: Option<ActorRef<CollectiveMsg>> },
     Sync { generation: u64, source_rank: u32, step: u64 },
     Step { generation: u64, step: u64 },
@@ -630,16 +635,21 @@ impl WorkerState {
         self.membership = Some(Membership { rank: a.rank, world_size: a.world_size, successor: a.successor });
         tracing::info!(rank = a.rank, world = a.world_size, generation = a.generation, "assigned");
 
-        if self.trainer.is_none() {
-            // The trainer thread builds the model (and loads the checkpoint) while the ring forms.
-            let setup = TrainerSetup {
-                config,
-                rank: a.rank as usize,
-                world_size: a.world_size as usize,
-                device: self.device,
-                resume_from: a.resume_from.map(PathBuf::from),
-                start_step: a.start_step,
-            };
+        // The trainer thread builds the model (and loads the checkpoint) while the ring forms.
+        let sharded = config.parallel.strategy != troupe_common::shard::Strategy::Ddp;
+        let setup = TrainerSetup {
+            config,
+            rank: a.rank as usize,
+            world_size: a.world_size as usize,
+            device: self.device,
+            resume_from: a.resume_from.map(PathBuf::from),
+            start_step: a.start_step,
+        };
+        if self.trainer.is_some() && sharded {
+            // A sharded state does not survive a new world size: every member reloads what
+            // the coordinator says (the newest checkpoint, or a fresh start).
+            self.trainer_cmd(me, TrainerCmd::Rebuild(Box::new(setup)));
+        } else if self.trainer.is_none() {
             let (cmd_tx, cmd_rx) = mpsc::channel();
             let reporter = me.clone();
             let latest = self.generation_watch.subscribe();
@@ -703,7 +713,19 @@ impl WorkerState {
 
     fn on_trainer(&mut self, me: &ActorRef<WorkerMsg>, report: TrainerReport) {
         match report {
-            TrainerReport::Built => {}
+            TrainerReport::Built(f) => {
+                for (kind, bytes) in [("params", f.params), ("grads", f.grads), ("optim", f.optim)] {
+                    self.metrics.memory_bytes.with_label_values(&[kind]).set(bytes as i64);
+                }
+                let mib = |b: u64| b as f64 / (1 << 20) as f64;
+                troupe_common::say!(
+                    "worker holds {:.1} MiB of parameters, {:.1} MiB of gradients, {:.1} MiB of optimizer state",
+                    mib(f.params),
+                    mib(f.grads),
+                    mib(f.optim)
+                );
+            }
+            TrainerReport::CheckpointWaited(seconds) => self.metrics.checkpoint_wait_seconds_total.inc_by(seconds),
             TrainerReport::Regrouped { generation, completed_steps } => {
                 if generation == self.generation() {
                     self.send(ToCoordinator::Ready { generation, completed_steps });
@@ -753,6 +775,21 @@ impl RingHandle {
     }
 }
 
+impl Comm for RingHandle {
+    fn all_reduce(&mut self, data: Vec<f32>, tag: CollectiveTag) -> Result<Vec<f32>, String> {
+        self.call(|reply| CollectiveMsg::AllReduce { data, tag, reply })
+    }
+    fn reduce_scatter(&mut self, data: Vec<f32>, tag: CollectiveTag) -> Result<Vec<f32>, String> {
+        self.call(|reply| CollectiveMsg::ReduceScatter { data, tag, reply })
+    }
+    fn all_gather(&mut self, data: Vec<f32>, tag: CollectiveTag) -> Result<Vec<f32>, String> {
+        self.call(|reply| CollectiveMsg::AllGather { data, tag, reply })
+    }
+    fn broadcast(&mut self, data: Vec<f32>, root: u32, tag: CollectiveTag) -> Result<Vec<f32>, String> {
+        self.call(|reply| CollectiveMsg::Broadcast { data, root, tag, reply })
+    }
+}
+
 /// The trainer thread: builds the model, then runs orders until Stop.
 fn trainer_thread(setup: TrainerSetup, cmds: mpsc::Receiver<TrainerCmd>, latest: watch::Receiver<u64>, reporter: ActorRef<WorkerMsg>) {
     let report = |r: TrainerReport| {
@@ -762,12 +799,12 @@ fn trainer_thread(setup: TrainerSetup, cmds: mpsc::Receiver<TrainerCmd>, latest:
         Ok(t) => t,
         Err(e) => return report(TrainerReport::Failed(format!("cannot start training: {e}"))),
     };
-    report(TrainerReport::Built);
+    report(TrainerReport::Built(trainer.footprint()));
     let mut ring = RingHandle { actor: None };
     while let Ok(cmd) = cmds.recv() {
         // libtorch reports some errors by panicking through tch; one must not take the
         // process down silently, so it becomes a reported failure.
-        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run_command(&mut trainer, &mut ring, cmd, &latest, &report)));
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run_command(&mut trainer, &mut ring, cmd, &latest, &report, &reporter)));
         match outcome {
             Ok(true) => {}
             Ok(false) => return,
@@ -784,14 +821,34 @@ fn trainer_thread(setup: TrainerSetup, cmds: mpsc::Receiver<TrainerCmd>, latest:
 }
 
 /// Runs one order; false when the thread should end.
-fn run_command(trainer: &mut Trainer, ring: &mut RingHandle, cmd: TrainerCmd, latest: &watch::Receiver<u64>, report: &dyn Fn(TrainerReport)) -> bool {
+fn run_command(
+    trainer: &mut Trainer,
+    ring: &mut RingHandle,
+    cmd: TrainerCmd,
+    latest: &watch::Receiver<u64>,
+    report: &dyn Fn(TrainerReport),
+    reporter: &ActorRef<WorkerMsg>,
+) -> bool {
     let stale = |generation: u64| generation < *latest.borrow();
     match cmd {
+        TrainerCmd::Rebuild(setup) => match Trainer::new(*setup) {
+            Ok(rebuilt) => {
+                *trainer = rebuilt;
+                report(TrainerReport::Built(trainer.footprint()));
+            }
+            Err(e) => {
+                report(TrainerReport::Failed(format!("cannot rebuild the training state: {e}")));
+                return false;
+            }
+        },
         TrainerCmd::Regroup { generation, rank, world_size, ring: actor } => {
             if stale(generation) {
                 return true;
             }
-            trainer.set_membership(generation, rank as usize, world_size as usize);
+            if let Err(e) = trainer.set_membership(generation, rank as usize, world_size as usize) {
+                report(TrainerReport::Failed(e.to_string()));
+                return false;
+            }
             ring.actor = actor;
             report(TrainerReport::Regrouped { generation, completed_steps: trainer.completed_steps() });
         }
@@ -799,11 +856,7 @@ fn run_command(trainer: &mut Trainer, ring: &mut RingHandle, cmd: TrainerCmd, la
             if stale(generation) {
                 return true;
             }
-            let mut broadcast = |data: &mut Vec<f32>, root: u32, tag: CollectiveTag| -> Result<(), String> {
-                *data = ring.call(|reply| CollectiveMsg::Broadcast { data: std::mem::take(data), root, tag, reply })?;
-                Ok(())
-            };
-            match trainer.sync_state(source_rank, step, &mut broadcast) {
+            match trainer.sync_state(source_rank, step, ring) {
                 Ok(()) => report(TrainerReport::Synced { generation, step }),
                 Err(e) => report(TrainerReport::SyncFailed { generation, error: e.to_string() }),
             }
@@ -812,11 +865,7 @@ fn run_command(trainer: &mut Trainer, ring: &mut RingHandle, cmd: TrainerCmd, la
             if stale(generation) {
                 return true;
             }
-            let mut reduce = |data: &mut Vec<f32>, tag: CollectiveTag| -> Result<(), String> {
-                *data = ring.call(|reply| CollectiveMsg::AllReduce { data: std::mem::take(data), tag, reply })?;
-                Ok(())
-            };
-            match trainer.step(step, &mut reduce) {
+            match trainer.step(step, ring) {
                 Ok(r) => report(TrainerReport::StepDone(r)),
                 Err(TrainerError::Collective { step, error }) => report(TrainerReport::StepAborted { generation, step, error }),
                 Err(e) => {
@@ -829,8 +878,11 @@ fn run_command(trainer: &mut Trainer, ring: &mut RingHandle, cmd: TrainerCmd, la
             if stale(generation) {
                 return true;
             }
-            match trainer.evaluate(step) {
+            match trainer.evaluate(step, ring) {
                 Ok(r) => report(TrainerReport::EvalDone(r)),
+                // Under zero3 evaluation gathers parameters: a failed gather is a ring
+                // failure like a failed step, and the generation is replaced.
+                Err(TrainerError::Collective { step, error }) => report(TrainerReport::StepAborted { generation, step, error }),
                 Err(e) => {
                     report(TrainerReport::Failed(e.to_string()));
                     return false;
@@ -841,8 +893,16 @@ fn run_command(trainer: &mut Trainer, ring: &mut RingHandle, cmd: TrainerCmd, la
             if stale(generation) {
                 return true;
             }
-            match trainer.save_checkpoint(step, &dir) {
-                Ok(files) => report(TrainerReport::CheckpointWritten { generation, step, files }),
+            let reporter = reporter.clone();
+            let done: crate::trainer::WriteDone = Box::new(move |result| {
+                let r = match result {
+                    Ok(files) => TrainerReport::CheckpointWritten { generation, step, files },
+                    Err(error) => TrainerReport::CheckpointFailed { generation, step, error },
+                };
+                let _ = reporter.cast(WorkerMsg::Trainer(r));
+            });
+            match trainer.save_checkpoint(step, &dir, done) {
+                Ok(waited) => report(TrainerReport::CheckpointWaited(waited)),
                 Err(e) => report(TrainerReport::CheckpointFailed { generation, step, error: e.to_string() }),
             }
         }
