@@ -53,6 +53,34 @@ if ! PYTHONPATH="$k8s_validate_dir" python3 -c 'import kubernetes_validate' >/de
 fi
 # shellcheck disable=SC1091
 source "${TROUPE_CACHE:-$HOME/.cache/troupe}/env.sh"
+# transformers and safetensors, for the test that loads `troupe export`'s folder with them
+# (tests/export.rs). Pinned; installed once into the cache like openai. Their torch is the
+# package setup.sh installed for LIBTORCH (the test puts both folders on PYTHONPATH), with only
+# its small pure-Python dependencies added here. That wheel is PyPI's CUDA build, which does
+# not import without NVIDIA's libraries (~3 GB, of which a CPU-only check uses nothing): where
+# they are missing, stand-ins are built — one small library per missing one, defining each
+# symbol torch links against as a function that aborts if ever called — into nvidia/cu13/lib
+# of this folder, where torch itself looks for them.
+hf_dir="${TROUPE_CACHE:-$HOME/.cache/troupe}/python-hf-export"
+torch_py="$(dirname "$LIBTORCH")"
+hf_check='import numpy, safetensors.numpy, torch, transformers'
+if ! PYTHONPATH="$torch_py:$hf_dir" python3 -c "$hf_check" >/dev/null 2>&1; then
+    echo "test: installing transformers and safetensors into $hf_dir (once)…" >&2
+    hf_partial="$hf_dir.partial.$$"
+    rm -rf "$hf_partial"
+    if python3 -m pip install --disable-pip-version-check --root-user-action=ignore --no-warn-conflicts --quiet --target "$hf_partial" \
+            transformers==4.57.6 safetensors==0.8.0 \
+            'typing-extensions>=4.10.0' 'sympy>=1.13.3' 'networkx>=2.5.1' jinja2 'fsspec>=0.8.5' filelock \
+        && { PYTHONPATH="$torch_py:$hf_partial" python3 -c 'import torch' >/dev/null 2>&1 \
+             || python3 tests/python/cuda_stand_ins.py "$torch_py/torch" "$hf_partial/nvidia/cu13/lib"; } \
+        && PYTHONPATH="$torch_py:$hf_partial" python3 -c "$hf_check" >/dev/null 2>&1; then
+        rm -rf "$hf_dir"
+        mv "$hf_partial" "$hf_dir"
+    else
+        rm -rf "$hf_partial"
+        echo "test: could not install transformers and safetensors; the Hugging Face half of tests/export.rs will be skipped" >&2
+    fi
+fi
 if cargo nextest --version >/dev/null 2>&1; then
     exec cargo nextest run --release --workspace --no-fail-fast "$@"
 else

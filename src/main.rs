@@ -1,6 +1,7 @@
 //! The `troupe` command line: parses arguments and hands over to the crates. Nothing else.
 
 mod deploy;
+mod export;
 mod http;
 mod local;
 mod status;
@@ -44,6 +45,10 @@ enum Command {
     /// Generate text from a checkpoint.
     #[command(after_help = "Examples:\n  troupe generate --checkpoint runs/shakespeare/checkpoints/step-000600 --prompt 'ROMEO.'\n  troupe generate --checkpoint DIR --prompt 'To be' --max-tokens 50 --temperature 0")]
     Generate(GenerateArgs),
+    /// Export a checkpoint as a Hugging Face GPT-2 model folder (model.safetensors, config.json,
+    /// tokenizer) that transformers loads as it is.
+    #[command(after_help = "Examples:\n  troupe export --checkpoint runs/shakespeare/checkpoints/step-000600 --out exports/shakespeare\n  troupe export --checkpoint runs/shakespeare/registry/v3 --out exports/shakespeare --force\n  python3 -c 'from transformers import GPT2LMHeadModel; GPT2LMHeadModel.from_pretrained(\"exports/shakespeare\")'")]
+    Export(ExportArgs),
     /// Serve a model registry's versions over HTTP: OpenAI-compatible completions with
     /// batching, hot swaps to new versions, canaries.
     #[command(after_help = "Examples:\n  troupe serve --registry runs/shakespeare/registry --listen 127.0.0.1:8000\n  TROUPE_API_KEY=secret troupe serve --registry /models/shakespeare --listen 0.0.0.0:8000\n  curl localhost:8000/v1/completions -H 'Content-Type: application/json' -d '{\"prompt\": \"ROMEO.\", \"max_tokens\": 40}'")]
@@ -336,6 +341,20 @@ struct GenerateArgs {
     seed: u64,
 }
 
+#[derive(Args)]
+struct ExportArgs {
+    /// A checkpoint folder (runs/<name>/checkpoints/step-NNNNNN) or a registry version
+    /// (runs/<name>/registry/vN); verified against its MANIFEST first.
+    #[arg(long, value_name = "DIR")]
+    checkpoint: PathBuf,
+    /// The folder to write (created; written as <out>.partial-<pid> and renamed into place).
+    #[arg(long, value_name = "DIR")]
+    out: PathBuf,
+    /// Replace an existing, non-empty --out (an earlier export).
+    #[arg(long)]
+    force: bool,
+}
+
 fn main() -> ExitCode {
     troupe_common::alloc::tune();
     tracing_subscriber::fmt()
@@ -447,6 +466,10 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Generate(args) => {
             let text = local::generate(&args.checkpoint, &args.prompt, args.max_tokens, args.temperature, args.top_k, args.seed)?;
             troupe_common::say!("{text}");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Export(args) => {
+            tokio::task::spawn_blocking(move || export::export(&args.checkpoint, &args.out, args.force)).await??;
             Ok(ExitCode::SUCCESS)
         }
     }
