@@ -202,6 +202,25 @@ fn host_vec(t: &Tensor) -> Vec<f32> {
     out
 }
 
+/// Overwrites the values of `t` (float32, `values.len()` scalars) with `values`. On the host
+/// this is one copy straight into the tensor's memory: the whole model, under zero1/2, would
+/// otherwise pass through a temporary tensor of its size every step.
+fn write_into(t: &Tensor, values: &[f32]) -> Result<(), TrainerError> {
+    let _no_grad = tch::no_grad_guard();
+    if t.numel() != values.len() || t.kind() != Kind::Float {
+        return Err(TrainerError::Other(format!("cannot write {} values into a {:?} tensor of {}", values.len(), t.kind(), t.numel())));
+    }
+    if t.device() == Device::Cpu && t.is_contiguous() {
+        // SAFETY: a contiguous float32 CPU tensor of values.len() elements owns that many
+        // initialised f32s at data_ptr; nothing else reads or writes it during the copy (the
+        // trainer thread is the only user of its tensors).
+        unsafe { std::slice::from_raw_parts_mut(t.data_ptr().cast::<f32>(), values.len()) }.copy_from_slice(values);
+    } else {
+        t.shallow_clone().f_copy_(&tensor_of(values, t.device())?)?;
+    }
+    Ok(())
+}
+
 fn tensor_of(values: &[f32], device: Device) -> Result<Tensor, TrainerError> {
     Ok(Tensor::f_from_slice(values)?.f_to_device(device)?)
 }
@@ -320,13 +339,11 @@ impl Trainer {
     /// `ddp` keeps its state across a change of world size (the sharded strategies are
     /// rebuilt from a checkpoint instead, see the Worker).
     pub fn set_membership(&mut self, generation: u64, rank: usize, world_size: usize) -> Result<(), TrainerError> {
-        if let State::Sharded(s) = &self.state {
-            if (rank, world_size) != (self.rank, self.world_size) && s.layout.world_size as usize != world_size {
-                return Err(TrainerError::Other(format!(
-                    "{} state is sharded over {} ranks and cannot move to {world_size} without a checkpoint",
-                    self.strategy, s.layout.world_size
-                )));
-            }
+        if matches!(self.state, State::Sharded(_)) && (rank, world_size) != (self.rank, self.world_size) {
+            return Err(TrainerError::Other(format!(
+                "a {} state is built for rank {} of {}; it cannot become rank {rank} of {world_size} without a rebuild",
+                self.strategy, self.rank, self.world_size
+            )));
         }
         self.generation = generation;
         self.rank = rank;
@@ -540,8 +557,7 @@ impl Trainer {
             gathered[r * chunk..(r + 1) * chunk].copy_from_slice(&mine);
             let tag = self.next_tag(step);
             let gathered = Self::collective(step, comm.all_gather(gathered, tag))?;
-            let _no_grad = tch::no_grad_guard();
-            full.shallow_clone().f_copy_(&tensor_of(&gathered, self.device)?)?;
+            write_into(&full, &gathered)?;
             times.comm += t.elapsed().as_secs_f64();
         }
         Ok((loss, norm))
@@ -787,7 +803,10 @@ impl Trainer {
         let dir = dir.to_path_buf();
         let writer = std::thread::Builder::new()
             .name("checkpoint-writer".into())
-            .spawn(move || done(write_checkpoint_part(&dir, &snapshot, &extra).map_err(|e| e.to_string())))
+            .spawn(move || {
+                checkpoint::lower_thread_priority();
+                done(write_checkpoint_part(&dir, &snapshot, &extra).map_err(|e| e.to_string()))
+            })
             .map_err(|e| TrainerError::Other(format!("cannot start the checkpoint writer: {e}")))?;
         self.writer = Some(writer);
         Ok(waited)
@@ -876,15 +895,16 @@ fn build_state(strategy: Strategy, mut model: Gpt, config: &Config, rank: u32, w
             };
             let layout = ShardLayout::new(world, units);
             let owned = layout.owned(rank);
-            // This rank's shard of a flat part: from the checkpoint, or from the fresh model.
-            let fresh = if reader.is_none() { Some(model::flatten(&model.parameter_tensors())) } else { None };
+            let params = model.parameter_tensors();
+            // This rank's shard of a flat part: from the checkpoint, or from the fresh model
+            // (whose moments are zero).
             let shard_of = |part: ShardPart| -> Result<Vec<f32>, TrainerError> {
                 let mut out = vec![0f32; layout.shard_len()];
                 for p in &owned {
-                    let values = match (&fresh, part) {
-                        (Some(flat), ShardPart::Params) => flat[p.global.clone()].to_vec(),
-                        (Some(_), _) => vec![0f32; p.global.len()],
-                        (None, _) => read(part, p.global.clone())?,
+                    let values = match (reader, part) {
+                        (Some(_), _) => read(part, p.global.clone())?,
+                        (None, ShardPart::Params) => flat_range(&params, p.global.clone()),
+                        (None, _) => continue,
                     };
                     out[p.local..p.local + values.len()].copy_from_slice(&values);
                 }
@@ -893,25 +913,35 @@ fn build_state(strategy: Strategy, mut model: Gpt, config: &Config, rank: u32, w
             let mut optimizer = ShardAdamW::new(adamw, layout.shard_len(), shard_segments(&layout, rank, &numels, &decay), device);
             if let Some(reader) = reader {
                 let (m, v) = optimizer.moments();
-                let _no_grad = tch::no_grad_guard();
-                m.shallow_clone().f_copy_(&tensor_of(&shard_of(ShardPart::ExpAvg)?, device)?)?;
-                v.shallow_clone().f_copy_(&tensor_of(&shard_of(ShardPart::ExpAvgSq)?, device)?)?;
+                write_into(m, &shard_of(ShardPart::ExpAvg)?)?;
+                write_into(v, &shard_of(ShardPart::ExpAvgSq)?)?;
                 optimizer.set_step_count(reader.step());
             }
             if strategy == Strategy::Zero3 {
                 let shard = tensor_of(&shard_of(ShardPart::Params)?, device)?;
-                drop(fresh);
+                drop(params);
                 model.release_parameters();
                 return Ok((model, State::Sharded(Sharded { layout, full: None, shard, optimizer })));
             }
-            // zero1/2: the whole model as one flat buffer the model's parameters view.
-            let mut values = match &fresh {
-                Some(flat) => flat.clone(),
-                None => read(ShardPart::Params, 0..numel)?,
-            };
-            values.resize(layout.padded_len(0), 0.0);
-            let full = tensor_of(&values, device)?;
-            let model = model.with_tensors(param_views(&full, &model.param_shapes())?)?;
+            // zero1/2: the whole model as one flat buffer (padded) that the model's parameters
+            // view. Filled without a host copy of the whole model in between, so that building
+            // needs no more than twice the parameters' size.
+            let full = Tensor::f_zeros([layout.padded_len(0) as i64], (Kind::Float, device))?;
+            let views = param_views(&full, &model.param_shapes())?;
+            match reader {
+                None => {
+                    let _no_grad = tch::no_grad_guard();
+                    for (view, param) in views.iter().zip(&params) {
+                        view.shallow_clone().f_copy_(param)?;
+                    }
+                }
+                Some(_) => {
+                    drop(params);
+                    model.release_parameters();
+                    write_into(&full.narrow(0, 0, numel as i64), &read(ShardPart::Params, 0..numel)?)?;
+                }
+            }
+            let model = model.with_tensors(views)?;
             let chunk = layout.chunk_len(0);
             let shard = full.narrow(0, (rank as usize * chunk) as i64, chunk as i64);
             Ok((model, State::Sharded(Sharded { layout, full: Some(full), shard, optimizer })))
