@@ -104,7 +104,7 @@ fn train(out: &Path) -> anyhow::Result<PathBuf> {
         .status()?;
     let checkpoints = out.join("shakespeare/checkpoints");
     let mut found: Vec<PathBuf> = std::fs::read_dir(&checkpoints)
-        .map(|d| d.filter_map(|e| e.ok()).map(|e| e.path()).filter(|p| p.join("model.safetensors").is_file()).collect())
+        .map(|d| d.filter_map(|e| e.ok()).map(|e| e.path()).filter(|p| p.join(troupe_common::checkpoint::MANIFEST).is_file()).collect())
         .unwrap_or_default();
     found.sort();
     match found.pop() {

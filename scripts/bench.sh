@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs troupe's benchmarks and gathers their tables into one report:
 #
-#   scripts/bench.sh                      # every benchmark (about 10 minutes on 2 cores)
+#   scripts/bench.sh                      # every benchmark (about 20 minutes on 2 cores)
 #   scripts/bench.sh peers allreduce      # only these
 #
 # Writes target/bench/report.md (each benchmark's table, with the machine, the commit and the
@@ -42,7 +42,7 @@ if [ -z "${TROUPE_TORCH_PY:-}" ]; then
     fi
 fi
 
-all=(allreduce peers scaling step_overhead recovery serving)
+all=(allreduce peers scaling step_overhead recovery serving checkpoint memory)
 if [ "$#" -gt 0 ]; then benches=("$@"); else benches=("${all[@]}"); fi
 for b in "${benches[@]}"; do
     [ -f "benches/$b.rs" ] || { echo "bench: no benchmark named $b (have: ${all[*]})" >&2; exit 2; }
@@ -89,9 +89,6 @@ for b in "${benches[@]}"; do
     fi
 done
 
-if [ ! -f benches/checkpoint.rs ]; then
-    printf '\n## checkpoint\n\nNo checkpoint benchmark yet: sharded, asynchronous checkpoints and their benchmark are issue 6.\n' >>"$report"
-fi
 echo "bench: report in $report and $csv" >&2
 cat "$report"
 if [ "${#failed[@]}" -gt 0 ]; then
