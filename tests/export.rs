@@ -202,20 +202,6 @@ fn an_export_loads_in_transformers_with_troupes_logits() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// Copies a folder's files (recursively).
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for entry in std::fs::read_dir(from).unwrap() {
-        let entry = entry.unwrap();
-        let dest = to.join(entry.file_name());
-        if entry.file_type().unwrap().is_dir() {
-            copy_dir(&entry.path(), &dest);
-        } else {
-            std::fs::copy(entry.path(), dest).unwrap();
-        }
-    }
-}
-
 #[test]
 fn export_refuses_corrupted_checkpoints_and_models_without_biases() {
     let dir = scratch("export-refusals");

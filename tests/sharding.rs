@@ -108,17 +108,7 @@ fn with_3_workers_zero_keeps_a_third_of_the_state_per_worker() {
     for strategy in ["ddp", "zero1", "zero2", "zero3"] {
         let here = dir.join(strategy);
         let config = config(&here, &data, 3, strategy, 1_000_000);
-        let mut child = KillOnDrop(
-            troupe()
-                .arg("local")
-                .arg("--config")
-                .arg(&config)
-                .args(["--sample-tokens", "0"])
-                .stdout(std::process::Stdio::null())
-                .stderr(std::process::Stdio::null())
-                .spawn()
-                .unwrap(),
-        );
+        let mut child = spawn_local(&config);
         let per_worker = exported_memory(&here, 3);
         assert!(per_worker.windows(2).all(|w| w[0] == w[1]), "{strategy}: every worker holds the same: {per_worker:?}");
         figures.insert(strategy, per_worker[0]);
@@ -233,17 +223,4 @@ fn a_flipped_byte_in_a_shard_is_named_and_the_previous_checkpoint_used() {
     let err = stderr(&out);
     assert!(err.contains("step-000015") && err.contains("shard-00002.safetensors is corrupted"), "{err}");
     assert!(stdout(&out).contains("training resumed at step 10"), "{}", stdout(&out));
-}
-
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for entry in std::fs::read_dir(from).unwrap() {
-        let entry = entry.unwrap();
-        let dest = to.join(entry.file_name());
-        if entry.file_type().unwrap().is_dir() {
-            copy_dir(&entry.path(), &dest);
-        } else {
-            std::fs::copy(entry.path(), dest).unwrap();
-        }
-    }
 }

@@ -76,16 +76,7 @@ fn resume_after_stop_continues_exactly() {
     // the step in flight, checkpoints and stops the workers.
     let config = tiny_config(&parts, &data, 2, 16);
     let run_dir = parts.join("runs/tiny");
-    let child = troupe()
-        .arg("local")
-        .arg("--config")
-        .arg(&config)
-        .args(["--sample-tokens", "0"])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut child = KillOnDrop(child);
+    let mut child = spawn_local(&config);
     wait_for_steps(&run_dir, 3, LIMIT);
     if let Some(status) = child.0.try_wait().unwrap() {
         panic!("the run ended before it could be interrupted: {status}");

@@ -202,6 +202,35 @@ pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
 }
 
+/// Copies a folder's files (recursively).
+pub fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let dest = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &dest);
+        } else {
+            std::fs::copy(entry.path(), dest).unwrap();
+        }
+    }
+}
+
+/// `troupe local --config CONFIG` in the background, its output discarded (the run's files
+/// are what the tests look at).
+pub fn spawn_local(config: &Path) -> KillOnDrop {
+    let child = troupe()
+        .arg("local")
+        .arg("--config")
+        .arg(config)
+        .args(["--sample-tokens", "0"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start troupe local");
+    KillOnDrop(child)
+}
+
 /// Kills the process when dropped, so a failing test leaves no process behind.
 pub struct KillOnDrop(pub std::process::Child);
 
