@@ -28,7 +28,7 @@ struct Cli {
 enum Command {
     /// Run a whole training job on this machine: prepare data, start a coordinator and worker
     /// processes on loopback, train, checkpoint, evaluate, and print a sample.
-    #[command(after_help = "Examples:\n  troupe local                       # the embedded default: Shakespeare, 2 workers\n  troupe local --workers 1 --steps 50\n  troupe local --config my.toml --out /tmp/runs\n  troupe local --resume              # continue from the newest complete checkpoint")]
+    #[command(after_help = "Examples:\n  troupe local                       # the embedded default: Shakespeare, 2 workers\n  troupe local --workers 1 --steps 50\n  troupe local --workers 3 --strategy zero3\n  troupe local --config my.toml --out /tmp/runs\n  troupe local --resume              # continue from the newest complete checkpoint")]
     Local(LocalArgs),
     /// Run the coordinator of a multi-node job; workers join it with `troupe worker --join`.
     #[command(after_help = "Examples:\n  troupe coordinator --config run.toml --listen 0.0.0.0:7070 --token $SECRET\n  troupe coordinator --config run.toml --resume")]
@@ -181,9 +181,17 @@ pub struct RunOverrides {
     /// Folder that holds runs (run.out_dir).
     #[arg(long, value_name = "DIR")]
     pub out: Option<PathBuf>,
+    /// What each worker keeps of the training state (parallel.strategy): ddp, zero1, zero2,
+    /// zero3.
+    #[arg(long, value_parser = parse_strategy)]
+    pub strategy: Option<troupe_common::shard::Strategy>,
     /// Continue from the newest complete checkpoint of the run.
     #[arg(long)]
     pub resume: bool,
+}
+
+fn parse_strategy(s: &str) -> Result<troupe_common::shard::Strategy, String> {
+    troupe_common::shard::Strategy::parse(s).ok_or_else(|| format!("unknown strategy {s:?}: use ddp, zero1, zero2 or zero3"))
 }
 
 impl RunOverrides {
@@ -201,6 +209,9 @@ impl RunOverrides {
         }
         if let Some(dir) = &self.out {
             config.run.out_dir = dir.clone();
+        }
+        if let Some(strategy) = self.strategy {
+            config.parallel.strategy = strategy;
         }
         config.validate().context("after applying the command-line flags")?;
         Ok(config)

@@ -328,7 +328,8 @@ impl Default for ParallelConfig {
 pub struct CheckpointConfig {
     /// Write a checkpoint every this many steps (and at the end); 0 = only at the end.
     pub interval: u64,
-    /// Keep this many newest checkpoints; older ones are deleted after a newer one commits.
+    /// Keep this many newest checkpoints (and the one with the best validation loss); older
+    /// ones are deleted after a newer one commits.
     pub keep_last: usize,
 }
 
