@@ -240,7 +240,8 @@ fn a_killed_coordinator_restarted_with_resume_gets_its_workers_back() {
     std::fs::create_dir_all(&trace).unwrap();
     let mut workers: Vec<KillOnDrop> = (0..3).map(|i| start_worker(&addr, &trace, &dir.join(format!("worker-{i}.log")))).collect();
     let run_dir = dir.join("runs/tiny");
-    wait_for_steps(&run_dir, 12, Duration::from_secs(120));
+    // Checkpoints are written in the background: kill once the one of step 10 is committed.
+    wait_for_event(&run_dir, 0, Duration::from_secs(120), "the checkpoint of step 10", |e| matches!(e, RunEvent::Checkpoint { step, .. } if *step >= 10));
     coordinator.process.0.kill().unwrap();
     let _ = coordinator.process.0.wait();
     let killed_at = Instant::now();

@@ -249,20 +249,16 @@ impl ShardPart {
     }
 }
 
-/// Makes the calling thread a background one: the idle scheduling class (it runs only on a
-/// core nothing else wants) and the lowest best-effort I/O priority. A checkpoint writer runs
-/// beside training on the same cores; this way it takes the time training leaves idle (waits
-/// on the ring, step boundaries, other cores) instead of slowing the step — and if it cannot
-/// finish before the next checkpoint, training waits for it, counted in a metric. Best effort:
-/// a refusal (e.g. in a restricted container) changes nothing else.
+/// Makes the calling thread a background one: CPU nice +10 and the lowest best-effort I/O
+/// priority. A checkpoint writer runs beside training on the same cores; this way it yields to
+/// the step while still finishing well before the next checkpoint (the idle class, tried too,
+/// starved it on a busy machine: a crash then lost checkpoints that training had long
+/// "written"). Best effort: a refusal (e.g. in a restricted container) changes nothing else.
 pub fn lower_thread_priority() {
-    // SAFETY: plain syscalls on this thread's own id; `param` lives across the call.
+    // SAFETY: plain syscalls on this thread's own id; no memory is passed.
     unsafe {
-        let tid = libc::syscall(libc::SYS_gettid) as libc::pid_t;
-        let param = libc::sched_param { sched_priority: 0 };
-        if libc::sched_setscheduler(tid, libc::SCHED_IDLE, &param) != 0 {
-            let _ = libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, 19);
-        }
+        let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
+        let _ = libc::setpriority(libc::PRIO_PROCESS, tid, 10);
         // ioprio_set(IOPRIO_WHO_PROCESS, tid, IOPRIO_CLASS_BE << 13 | 7)
         let _ = libc::syscall(libc::SYS_ioprio_set, 1, tid, (2 << 13) | 7);
     }
