@@ -489,7 +489,7 @@ pub fn load_model(dir: &Path, device: tch::Device) -> anyhow::Result<crate::mode
     let bytes = fs::read(&path)
         .with_context(|| format!("cannot read {}; is {} a troupe checkpoint or model version?", path.display(), dir.display()))?;
     let config: crate::model::GptConfig = serde_json::from_slice(&bytes).with_context(|| format!("{} is not valid", path.display()))?;
-    let mut model = crate::model::Gpt::new(&config, device, 0)?;
+    let mut model = crate::model::Gpt::for_loading(&config, device)?;
     if dir.join(MODEL_FILE).is_file() {
         model.load_safetensors(dir.join(MODEL_FILE))?;
     } else {

@@ -281,7 +281,8 @@ enum Init {
 
 /// Creates parameters in canonical order, drawing initial values from one seeded stream.
 struct Builder<'a> {
-    rng: Rng,
+    /// None: every weight is zero (a model about to be loaded from a file needs no draws).
+    rng: Option<Rng>,
     device: Device,
     root: nn::Path<'a>,
     params: Vec<Param>,
@@ -294,7 +295,10 @@ impl Builder<'_> {
         // Values are made on the host in plain Rust (see rng.rs), then moved to the device,
         // so the same seed gives the same bits on CPU and GPU workers alike.
         let values: Vec<f32> = match init {
-            Init::Normal(std) => (0..n).map(|_| (self.rng.normal() * std) as f32).collect(),
+            Init::Normal(std) => match &mut self.rng {
+                Some(rng) => (0..n).map(|_| (rng.normal() * std) as f32).collect(),
+                None => vec![0.0; n as usize],
+            },
             Init::Zeros => vec![0.0; n as usize],
             Init::Ones => vec![1.0; n as usize],
         };
@@ -358,11 +362,21 @@ impl Gpt {
     /// does not grow with depth), zero biases, LayerNorm weights 1. The same seed gives
     /// bit-identical parameters in every process, on any device.
     pub fn new(cfg: &GptConfig, device: Device, seed: i64) -> Result<Gpt> {
+        Gpt::build(cfg, device, Some(Rng::new(seed as u64)))
+    }
+
+    /// A model of this shape whose weights are zero (no random draws: about a second less per
+    /// 100 M parameters), for loading weights into right away.
+    pub fn for_loading(cfg: &GptConfig, device: Device) -> Result<Gpt> {
+        Gpt::build(cfg, device, None)
+    }
+
+    fn build(cfg: &GptConfig, device: Device, rng: Option<Rng>) -> Result<Gpt> {
         cfg.validate()?;
         let c = cfg.n_embd;
         let vs = nn::VarStore::new(device);
         let root = vs.root() / "transformer";
-        let mut b = Builder { rng: Rng::new(seed as u64), device, root, params: Vec::new() };
+        let mut b = Builder { rng, device, root, params: Vec::new() };
         let resid_std = INIT_STD / ((2 * cfg.n_layer) as f64).sqrt();
         b.var("wte.weight", &[cfg.vocab_size as i64, c as i64], Init::Normal(INIT_STD), false);
         b.var("wpe.weight", &[cfg.block_size as i64, c as i64], Init::Normal(INIT_STD), false);
