@@ -1147,6 +1147,33 @@ mod tests {
     }
 
     #[test]
+    fn under_a_sharded_strategy_a_new_generation_starts_from_the_newest_checkpoint() {
+        let mut c = config(3, 10);
+        c.parallel.strategy = troupe_common::shard::Strategy::Zero2;
+        let mut sim = Sim::new(c);
+        start(&mut sim, 3);
+        for step in 0..3 {
+            for id in [1, 2, 3] {
+                sim.step_done(id, step, 1.0);
+            }
+        }
+        // Step 2's checkpoint is committed; step 3 is done when rank 2 is lost.
+        for id in [1, 2, 3] {
+            sim.written(id, 2, vec![]);
+        }
+        sim.on(Event::CheckpointCommitted { step: 2, path: "c2".into() });
+        let cmds = sim.lose(3, "connection reset");
+        let a = assigns(&cmds);
+        assert_eq!(a.len(), 2);
+        // The survivors hold the state of step 3, but a third of it was on the lost rank.
+        assert!(a.iter().all(|(_, a)| a.world_size == 2 && a.resume_from.as_deref() == Some("c2") && a.start_step == 2), "{a:?}");
+        assert!(records(&cmds).iter().any(|e| matches!(e, RunEvent::Warning { message, .. } if message.contains("continuing from checkpoint c2"))));
+        sim.ready(1, 2);
+        let cmds = sim.ready(2, 2);
+        assert_eq!(steps_sent(&cmds), vec![(1, 2), (2, 2)], "step 2 again, resharded over 2 ranks");
+    }
+
+    #[test]
     fn a_worker_lost_mid_step_makes_the_survivors_regroup_and_redo_the_step() {
         let mut sim = Sim::new(config(3, 10));
         start(&mut sim, 3);
