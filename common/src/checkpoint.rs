@@ -355,6 +355,8 @@ pub struct ShardReader {
     layout: ShardLayout,
     step: u64,
     files: Vec<memmap2::Mmap>,
+    /// Per file, where each part's data starts in it (bytes), in [`ShardPart::ALL`]'s order.
+    starts: Vec<[usize; 3]>,
 }
 
 impl ShardReader {
@@ -365,6 +367,7 @@ impl ShardReader {
         let layout = state.layout;
         let invalid = |reason: String| CheckpointError::Invalid { dir: dir.to_path_buf(), reason };
         let mut files = Vec::with_capacity(layout.world_size as usize);
+        let mut starts = Vec::with_capacity(layout.world_size as usize);
         for rank in 0..layout.world_size {
             let path = dir.join(shard_file(rank));
             let file = File::open(&path).map_err(io(&path))?;
@@ -373,8 +376,10 @@ impl ShardReader {
             let map = unsafe { memmap2::Mmap::map(&file) }.map_err(io(&path))?;
             let st = safetensors::SafeTensors::deserialize(&map)
                 .map_err(|e| invalid(format!("{} is not a valid safetensors file: {e}", shard_file(rank))))?;
-            for part in ShardPart::ALL {
+            let mut part_starts = [0; 3];
+            for (i, part) in ShardPart::ALL.into_iter().enumerate() {
                 let view = st.tensor(part.name()).map_err(|_| invalid(format!("{} has no `{}` tensor", shard_file(rank), part.name())))?;
+                part_starts[i] = view.data().as_ptr() as usize - map.as_ptr() as usize;
                 if view.dtype() != safetensors::Dtype::F32 || view.shape() != [layout.shard_len()] {
                     return Err(invalid(format!(
                         "{}: `{}` is {:?} {:?}, the layout needs F32 [{}]",
@@ -393,8 +398,9 @@ impl ShardReader {
             }
             drop(st);
             files.push(map);
+            starts.push(part_starts);
         }
-        Ok(ShardReader { dir: dir.to_path_buf(), layout, step: state.step, files })
+        Ok(ShardReader { dir: dir.to_path_buf(), layout, step: state.step, files, starts })
     }
 
     pub fn layout(&self) -> &ShardLayout {
@@ -413,13 +419,10 @@ impl ShardReader {
                 reason: format!("asked for {range:?} of a state of {} scalars into {} values", self.layout.numel(), out.len()),
             });
         }
+        let part_index = ShardPart::ALL.iter().position(|p| *p == part).expect("one of ALL");
         for piece in self.layout.locate(range.clone()) {
-            let st = safetensors::SafeTensors::deserialize(&self.files[piece.rank as usize]).map_err(|e| CheckpointError::Invalid {
-                dir: self.dir.clone(),
-                reason: format!("{}: {e}", shard_file(piece.rank)),
-            })?;
-            let data = st.tensor(part.name()).expect("checked at open").data();
-            let src = &data[4 * piece.local..4 * (piece.local + piece.global.len())];
+            let start = self.starts[piece.rank as usize][part_index] + 4 * piece.local;
+            let src = &self.files[piece.rank as usize][start..start + 4 * piece.global.len()];
             let dst = &mut out[piece.global.start - range.start..piece.global.end - range.start];
             for (d, b) in dst.iter_mut().zip(src.chunks_exact(4)) {
                 *d = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
@@ -428,11 +431,16 @@ impl ShardReader {
         Ok(())
     }
 
+    /// `range` of the flat `part`, as a new vector.
+    pub fn read_range(&self, part: ShardPart, range: Range<usize>) -> Result<Vec<f32>, CheckpointError> {
+        let mut out = vec![0f32; range.len()];
+        self.read(part, range, &mut out)?;
+        Ok(out)
+    }
+
     /// The whole flat `part` (e.g. every parameter, to consolidate the model).
     pub fn read_all(&self, part: ShardPart) -> Result<Vec<f32>, CheckpointError> {
-        let mut out = vec![0f32; self.layout.numel()];
-        self.read(part, 0..self.layout.numel(), &mut out)?;
-        Ok(out)
+        self.read_range(part, 0..self.layout.numel())
     }
 }
 

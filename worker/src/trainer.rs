@@ -177,48 +177,14 @@ fn shard_segments(layout: &ShardLayout, rank: u32, numels: &[usize], decay: &[bo
     out
 }
 
-/// The values of `range` of the flat concatenation of `tensors`, on the host.
-fn flat_range(tensors: &[Tensor], range: std::ops::Range<usize>) -> Vec<f32> {
-    let _no_grad = tch::no_grad_guard();
-    let mut out = vec![0f32; range.len()];
-    let mut offset = 0;
-    for t in tensors {
-        let n = t.numel();
-        let (lo, hi) = (range.start.max(offset), range.end.min(offset + n));
-        if lo < hi {
-            let part = t.detach().reshape([-1]).narrow(0, (lo - offset) as i64, (hi - lo) as i64).to_device(Device::Cpu).to_kind(Kind::Float).contiguous();
-            part.copy_data(&mut out[lo - range.start..hi - range.start], hi - lo);
-        }
-        offset += n;
-    }
-    out
-}
-
+/// A tensor's values on the host, as float32.
 fn host_vec(t: &Tensor) -> Vec<f32> {
-    let t = t.detach().to_device(Device::Cpu).to_kind(Kind::Float).contiguous();
-    let n = t.numel();
-    let mut out = vec![0f32; n];
-    t.copy_data(&mut out, n);
-    out
+    model::flatten(std::slice::from_ref(t))
 }
 
-/// Overwrites the values of `t` (float32, `values.len()` scalars) with `values`. On the host
-/// this is one copy straight into the tensor's memory: the whole model, under zero1/2, would
-/// otherwise pass through a temporary tensor of its size every step.
+/// Overwrites the values of `t` with `values` (see [`model::unflatten_into`]).
 fn write_into(t: &Tensor, values: &[f32]) -> Result<(), TrainerError> {
-    let _no_grad = tch::no_grad_guard();
-    if t.numel() != values.len() || t.kind() != Kind::Float {
-        return Err(TrainerError::Other(format!("cannot write {} values into a {:?} tensor of {}", values.len(), t.kind(), t.numel())));
-    }
-    if t.device() == Device::Cpu && t.is_contiguous() {
-        // SAFETY: a contiguous float32 CPU tensor of values.len() elements owns that many
-        // initialised f32s at data_ptr; nothing else reads or writes it during the copy (the
-        // trainer thread is the only user of its tensors).
-        unsafe { std::slice::from_raw_parts_mut(t.data_ptr().cast::<f32>(), values.len()) }.copy_from_slice(values);
-    } else {
-        t.shallow_clone().f_copy_(&tensor_of(values, t.device())?)?;
-    }
-    Ok(())
+    Ok(model::unflatten_into(std::slice::from_ref(t), values)?)
 }
 
 fn tensor_of(values: &[f32], device: Device) -> Result<Tensor, TrainerError> {
@@ -307,10 +273,6 @@ impl Trainer {
 
     pub fn completed_steps(&self) -> u64 {
         self.step
-    }
-
-    pub fn strategy(&self) -> Strategy {
-        self.strategy
     }
 
     /// Training tokens consumed by the whole run: every step takes the global batch.
@@ -517,8 +479,7 @@ impl Trainer {
         let (w, r) = (self.world_size, self.rank);
         let chunk = layout.chunk_len(0);
         let numel = layout.numel();
-        let clip = self.config.train.grad_clip;
-        let (loss, norm, mut grad) = if self.strategy == Strategy::Zero1 || w == 1 {
+        let (loss, norm, grad) = if self.strategy == Strategy::Zero1 || w == 1 {
             let t = Instant::now();
             let mut flat = flat;
             let mut loss = loss_share;
@@ -530,25 +491,20 @@ impl Trainer {
             }
             times.comm += t.elapsed().as_secs_f64();
             // The norm of the whole reduced gradient, exactly as ddp computes it.
-            let norm = norm_by_params(&flat[..numel], &self.model.param_numels());
+            let norm = model::flat_grad_norm(&flat[..numel], &self.model.param_numels());
             (loss, norm, flat[r * chunk..(r + 1) * chunk].to_vec())
         } else {
             let t = Instant::now();
             let tag = self.next_tag(step);
             let reduced = Self::collective(step, comm.reduce_scatter(flat, tag))?;
             let mine = reduced[r * chunk..(r + 1) * chunk].to_vec();
-            let tag = self.next_tag(step);
-            let totals = Self::collective(step, comm.all_reduce(vec![loss_share as f32, model::sum_of_squares(&mine) as f32], tag))?;
+            let (loss, norm) = self.loss_and_norm_over_shards(step, loss_share, &mine, comm)?;
             times.comm += t.elapsed().as_secs_f64();
-            (f64::from(totals[0]), f64::from(totals[1]).sqrt(), mine)
+            (loss, norm, mine)
         };
         let t = Instant::now();
-        if let Some(scale) = model::clip_scale(norm, clip) {
-            let scale = scale as f32;
-            grad.iter_mut().for_each(|g| *g *= scale);
-        }
-        let State::Sharded(s) = &mut self.state else { unreachable!() };
-        s.optimizer.step(&s.shard, &tensor_of(&grad, self.device)?, lr);
+        self.update_shard(grad, norm, lr)?;
+        let State::Sharded(s) = &self.state else { unreachable!() };
         let mine = host_vec(&s.shard);
         times.compute += t.elapsed().as_secs_f64();
         if w > 1 {
@@ -678,20 +634,30 @@ impl Trainer {
         drop(leaf);
         times.compute += t.elapsed().as_secs_f64();
 
-        let (loss, norm) = if self.world_size > 1 {
-            let tag = self.next_tag(step);
-            let totals = Self::collective(step, comm.all_reduce(vec![loss_share as f32, model::sum_of_squares(&acc) as f32], tag))?;
-            (f64::from(totals[0]), f64::from(totals[1]).sqrt())
-        } else {
-            (loss_share, model::sum_of_squares(&acc).sqrt())
-        };
-        if let Some(scale) = model::clip_scale(norm, self.config.train.grad_clip) {
-            let scale = scale as f32;
-            acc.iter_mut().for_each(|g| *g *= scale);
-        }
-        let State::Sharded(s) = &mut self.state else { unreachable!() };
-        s.optimizer.step(&s.shard, &tensor_of(&acc, self.device)?, lr);
+        let (loss, norm) = self.loss_and_norm_over_shards(step, loss_share, &acc, comm)?;
+        self.update_shard(acc, norm, lr)?;
         Ok((loss, norm))
+    }
+
+    /// The step's loss and the gradient's global norm from every rank's loss share and shard
+    /// of the gradient `grad` (one small all-reduce of both; none in a world of one).
+    fn loss_and_norm_over_shards(&mut self, step: u64, loss_share: f64, grad: &[f32], comm: &mut dyn Comm) -> Result<(f64, f64), TrainerError> {
+        let sum_sq = model::sum_of_squares(grad);
+        if self.world_size == 1 {
+            return Ok((loss_share, sum_sq.sqrt()));
+        }
+        let tag = self.next_tag(step);
+        let totals = Self::collective(step, comm.all_reduce(vec![loss_share as f32, sum_sq as f32], tag))?;
+        Ok((f64::from(totals[0]), f64::from(totals[1]).sqrt()))
+    }
+
+    /// Clips this rank's shard of the gradient by the global `norm` and applies AdamW to this
+    /// rank's shard of the parameters.
+    fn update_shard(&mut self, mut grad: Vec<f32>, norm: f64, lr: f64) -> Result<(), TrainerError> {
+        model::clip_flat(&mut grad, norm, self.config.train.grad_clip);
+        let State::Sharded(s) = &mut self.state else { unreachable!("only sharded states have a shard") };
+        s.optimizer.step(&s.shard, &tensor_of(&grad, self.device)?, lr);
+        Ok(())
     }
 
     fn batch(&self, tokens: &TokenFile, ids: &[u64]) -> Result<(Tensor, Tensor), TrainerError> {
@@ -768,7 +734,7 @@ impl Trainer {
                 let mut parts = [vec![0f32; layout.shard_len()], vec![0f32; layout.shard_len()], vec![0f32; layout.shard_len()]];
                 for piece in layout.owned(rank) {
                     for (out, tensors) in parts.iter_mut().zip([params.as_slice(), &m, &v]) {
-                        let values = flat_range(tensors, piece.global.clone());
+                        let values = model::flatten_range(tensors, piece.global.clone());
                         out[piece.local..piece.local + values.len()].copy_from_slice(&values);
                     }
                 }
@@ -825,18 +791,6 @@ fn json<T: serde::Serialize>(value: &T) -> Vec<u8> {
     serde_json::to_vec_pretty(value).expect("plain data serialises")
 }
 
-/// The global gradient norm of a flat gradient, summed per parameter in f64 and in order:
-/// bit for bit what `ddp` computes ([`model::clip_flat_grads`]).
-fn norm_by_params(flat: &[f32], numels: &[usize]) -> f64 {
-    let mut offset = 0;
-    let mut sum_sq = 0.0;
-    for &n in numels {
-        sum_sq += model::sum_of_squares(&flat[offset..offset + n]);
-        offset += n;
-    }
-    sum_sq.sqrt()
-}
-
 /// The background half of [`Trainer::save_checkpoint`]: this rank's shard file and (rank 0)
 /// the small files, each fsynced, then the folder.
 fn write_checkpoint_part(dir: &Path, snapshot: &ShardSnapshot, extra: &[(String, Vec<u8>)]) -> Result<Vec<FileDigest>, TrainerError> {
@@ -869,10 +823,7 @@ fn build_state(strategy: Strategy, mut model: Gpt, config: &Config, rank: u32, w
     let adamw = AdamWConfig::from_train_config(&config.train);
     let numel = model.num_params();
     let read = |part: ShardPart, range: std::ops::Range<usize>| -> Result<Vec<f32>, TrainerError> {
-        let reader = reader.expect("only called when resuming");
-        let mut out = vec![0f32; range.len()];
-        reader.read(part, range, &mut out)?;
-        Ok(out)
+        Ok(reader.expect("only called when resuming").read_range(part, range)?)
     };
     match strategy {
         Strategy::Ddp => {
@@ -903,7 +854,7 @@ fn build_state(strategy: Strategy, mut model: Gpt, config: &Config, rank: u32, w
                 for p in &owned {
                     let values = match (reader, part) {
                         (Some(_), _) => read(part, p.global.clone())?,
-                        (None, ShardPart::Params) => flat_range(&params, p.global.clone()),
+                        (None, ShardPart::Params) => model::flatten_range(&params, p.global.clone()),
                         (None, _) => continue,
                     };
                     out[p.local..p.local + values.len()].copy_from_slice(&values);

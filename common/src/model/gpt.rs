@@ -426,21 +426,30 @@ impl Gpt {
     /// the embeddings (wte, wpe), each block, the final LayerNorm. ZeRO-3 gathers one stage's
     /// parameters at a time.
     pub fn stage_params(&self) -> Vec<std::ops::Range<usize>> {
-        let per_block = if self.cfg.bias { 12 } else { 8 };
-        let mut out = vec![0..2];
-        for i in 0..self.cfg.n_layer {
-            out.push(2 + i * per_block..2 + (i + 1) * per_block);
+        // A parameter's stage, from its name: transformer.h.<i>.… is block i's.
+        let stage = |name: &str| match name.strip_prefix("transformer.h.").and_then(|rest| rest.split('.').next()?.parse::<usize>().ok()) {
+            Some(block) => 1 + block,
+            None if name.starts_with("transformer.ln_f.") => 1 + self.cfg.n_layer,
+            None => 0,
+        };
+        let mut out: Vec<std::ops::Range<usize>> = Vec::with_capacity(self.cfg.n_layer + 2);
+        for (i, p) in self.params.iter().enumerate() {
+            let k = stage(&p.name);
+            match out.get_mut(k) {
+                Some(range) => range.end = i + 1,
+                None => {
+                    debug_assert_eq!(k, out.len(), "parameters come in stage order");
+                    out.push(i..i + 1)
+                }
+            }
         }
-        let end = 2 + self.cfg.n_layer * per_block;
-        out.push(end..self.params.len());
         out
     }
 
     /// Stage 0: token plus position embeddings of `idx` [B, T] (with dropout when training).
     pub fn embed_stage(&self, wte: &Tensor, wpe: &Tensor, idx: &Tensor, train: bool) -> Tensor {
         let pos = Tensor::arange(idx.size()[1], (Kind::Int64, self.device));
-        let tok = Tensor::embedding(wte, &idx.to_device(self.device), -1, false, false);
-        dropout(tok + Tensor::embedding(wpe, &pos, -1, false, false), self.cfg.dropout, train)
+        dropout(self.embed_with(wte, wpe, idx, &pos), self.cfg.dropout, train)
     }
 
     /// A block's forward pass with `tensors` (that block's parameters, canonical order).
@@ -489,9 +498,14 @@ impl Gpt {
 
     /// Token plus position embeddings: `idx` [B, T] at `positions` ([T], or [B, T]).
     fn embed(&self, idx: &Tensor, positions: &Tensor) -> Tensor {
+        self.embed_with(&self.wte, &self.wpe, idx, positions)
+    }
+
+    /// Token plus position embeddings from the tables `wte` and `wpe`.
+    fn embed_with(&self, wte: &Tensor, wpe: &Tensor, idx: &Tensor, positions: &Tensor) -> Tensor {
         // padding_idx -1: no padding token.
-        let tok_emb = Tensor::embedding(&self.wte, &idx.to_device(self.device), -1, false, false); // [B, T, C]
-        tok_emb + Tensor::embedding(&self.wpe, positions, -1, false, false)
+        let tok_emb = Tensor::embedding(wte, &idx.to_device(self.device), -1, false, false); // [B, T, C]
+        tok_emb + Tensor::embedding(wpe, positions, -1, false, false)
     }
 
     /// The final hidden states [B, T, C] (after ln_f), before the output head.

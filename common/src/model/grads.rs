@@ -62,13 +62,23 @@ fn ensure_grads(params: &[Tensor]) -> Result<()> {
 /// The values of `tensors` (parameters, optimizer moments) concatenated as f32 on the host,
 /// in order: what a broadcast of the training state sends.
 pub fn flatten(tensors: &[Tensor]) -> Vec<f32> {
+    flatten_range(tensors, 0..total_numel(tensors))
+}
+
+/// `range` of what [`flatten`] would return, copying only that range to the host (a rank's
+/// shard of the state, for a checkpoint).
+pub fn flatten_range(tensors: &[Tensor], range: std::ops::Range<usize>) -> Vec<f32> {
     let _no_grad = tch::no_grad_guard();
-    let mut out = vec![0f32; total_numel(tensors)];
+    let mut out = vec![0f32; range.len()];
     let mut offset = 0;
     for t in tensors {
         let n = t.numel();
-        let host = t.detach().to_device(Device::Cpu).to_kind(Kind::Float).contiguous();
-        host.copy_data(&mut out[offset..offset + n], n);
+        let (lo, hi) = (range.start.max(offset), range.end.min(offset + n));
+        if lo < hi {
+            let part = t.detach().reshape([-1]).narrow(0, (lo - offset) as i64, (hi - lo) as i64);
+            let host = part.to_device(Device::Cpu).to_kind(Kind::Float).contiguous();
+            host.copy_data(&mut out[lo - range.start..hi - range.start], hi - lo);
+        }
         offset += n;
     }
     out
@@ -84,11 +94,17 @@ pub fn unflatten_into(tensors: &[Tensor], flat: &[f32]) -> Result<()> {
     let mut offset = 0;
     for t in tensors {
         let n = t.numel();
-        let src = Tensor::f_from_slice(&flat[offset..offset + n])?
-            .f_view(t.size().as_slice())?
-            .f_to_device(t.device())?
-            .f_to_kind(t.kind())?;
-        t.shallow_clone().f_copy_(&src)?;
+        let values = &flat[offset..offset + n];
+        if t.device() == Device::Cpu && t.kind() == Kind::Float && t.is_contiguous() {
+            // One copy straight into the tensor's memory, without a temporary tensor of its
+            // size (the whole model, under zero1/2, every step).
+            // SAFETY: a contiguous float32 CPU tensor of n elements owns n initialised f32s at
+            // data_ptr, and the caller's thread is the only one using it during the copy.
+            unsafe { std::slice::from_raw_parts_mut(t.data_ptr().cast::<f32>(), n) }.copy_from_slice(values);
+        } else {
+            let src = Tensor::f_from_slice(values)?.f_view(t.size().as_slice())?.f_to_device(t.device())?.f_to_kind(t.kind())?;
+            t.shallow_clone().f_copy_(&src)?;
+        }
         offset += n;
     }
     Ok(())
@@ -138,14 +154,27 @@ pub fn sum_of_squares(values: &[f32]) -> f64 {
 /// bit, without reading the gradient tensors again.
 pub fn clip_flat_grads(params: &[Tensor], flat: &mut [f32], max_norm: f64) -> Result<f64> {
     check_flat_grads_len(params, flat)?;
+    let numels: Vec<usize> = params.iter().map(|p| p.numel()).collect();
+    let norm = flat_grad_norm(flat, &numels);
+    clip_flat(flat, norm, max_norm);
+    Ok(norm)
+}
+
+/// The global norm of a flat gradient whose parameters hold `numels` scalars each, summed per
+/// parameter in f64 and in order (what [`grad_norm`] computes from the tensors, bit for bit).
+pub fn flat_grad_norm(flat: &[f32], numels: &[usize]) -> f64 {
     let mut sum_sq = 0f64;
     let mut offset = 0;
-    for p in params {
-        let n = p.numel();
+    for &n in numels {
         sum_sq += sum_of_squares(&flat[offset..offset + n]);
         offset += n;
     }
-    let norm = sum_sq.sqrt();
+    sum_sq.sqrt()
+}
+
+/// Scales `flat` (a gradient, or a rank's shard of one, whose global norm is `norm`) down to
+/// `max_norm`, as [`clip_scale`] says.
+pub fn clip_flat(flat: &mut [f32], norm: f64, max_norm: f64) {
     if let Some(scale) = clip_scale(norm, max_norm) {
         // libtorch multiplies a float tensor by a double scalar in float, as here.
         let scale = scale as f32;
@@ -153,13 +182,12 @@ pub fn clip_flat_grads(params: &[Tensor], flat: &mut [f32], max_norm: f64) -> Re
             *x *= scale;
         }
     }
-    Ok(norm)
 }
 
 /// The factor that brings a gradient of global norm `norm` down to `max_norm` (PyTorch's
 /// `clip_grad_norm_`, with its 1e-6 guard), or None when it needs no clipping: below the
 /// threshold, clipping disabled (`max_norm` <= 0), or a non-finite norm (left for the caller).
-pub fn clip_scale(norm: f64, max_norm: f64) -> Option<f64> {
+fn clip_scale(norm: f64, max_norm: f64) -> Option<f64> {
     (max_norm > 0.0 && norm.is_finite() && norm > max_norm).then(|| max_norm / (norm + 1e-6))
 }
 

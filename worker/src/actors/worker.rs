@@ -792,9 +792,7 @@ impl Comm for RingHandle {
 
 /// The trainer thread: builds the model, then runs orders until Stop.
 fn trainer_thread(setup: TrainerSetup, cmds: mpsc::Receiver<TrainerCmd>, latest: watch::Receiver<u64>, reporter: ActorRef<WorkerMsg>) {
-    let report = |r: TrainerReport| {
-        let _ = reporter.cast(WorkerMsg::Trainer(r));
-    };
+    let report = |r| send_report(&reporter, r);
     let mut trainer = match Trainer::new(setup) {
         Ok(t) => t,
         Err(e) => return report(TrainerReport::Failed(format!("cannot start training: {e}"))),
@@ -804,7 +802,7 @@ fn trainer_thread(setup: TrainerSetup, cmds: mpsc::Receiver<TrainerCmd>, latest:
     while let Ok(cmd) = cmds.recv() {
         // libtorch reports some errors by panicking through tch; one must not take the
         // process down silently, so it becomes a reported failure.
-        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run_command(&mut trainer, &mut ring, cmd, &latest, &report, &reporter)));
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run_command(&mut trainer, &mut ring, cmd, &latest, &reporter)));
         match outcome {
             Ok(true) => {}
             Ok(false) => return,
@@ -820,15 +818,14 @@ fn trainer_thread(setup: TrainerSetup, cmds: mpsc::Receiver<TrainerCmd>, latest:
     }
 }
 
+/// Hands a report from the trainer thread (or its checkpoint writer) to the Worker.
+fn send_report(reporter: &ActorRef<WorkerMsg>, report: TrainerReport) {
+    let _ = reporter.cast(WorkerMsg::Trainer(report));
+}
+
 /// Runs one order; false when the thread should end.
-fn run_command(
-    trainer: &mut Trainer,
-    ring: &mut RingHandle,
-    cmd: TrainerCmd,
-    latest: &watch::Receiver<u64>,
-    report: &dyn Fn(TrainerReport),
-    reporter: &ActorRef<WorkerMsg>,
-) -> bool {
+fn run_command(trainer: &mut Trainer, ring: &mut RingHandle, cmd: TrainerCmd, latest: &watch::Receiver<u64>, reporter: &ActorRef<WorkerMsg>) -> bool {
+    let report = |r| send_report(reporter, r);
     let stale = |generation: u64| generation < *latest.borrow();
     match cmd {
         TrainerCmd::Rebuild(setup) => match Trainer::new(*setup) {
@@ -899,7 +896,7 @@ fn run_command(
                     Ok(files) => TrainerReport::CheckpointWritten { generation, step, files },
                     Err(error) => TrainerReport::CheckpointFailed { generation, step, error },
                 };
-                let _ = reporter.cast(WorkerMsg::Trainer(r));
+                send_report(&reporter, r);
             });
             match trainer.save_checkpoint(step, &dir, done) {
                 Ok(waited) => report(TrainerReport::CheckpointWaited(waited)),
