@@ -7,7 +7,6 @@ mod common;
 use common::*;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
-use troupe_common::events::RunEvent;
 
 const LIMIT: Duration = Duration::from_secs(300);
 const STEPS: u64 = 20;
