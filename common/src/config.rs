@@ -157,6 +157,34 @@ pub struct TrainConfig {
     /// Intra-op threads per worker; 0 = the machine's cores divided by local workers.
     #[serde(default)]
     pub threads_per_worker: usize,
+    /// Arithmetic of the forward and backward passes: `auto` (bf16 autocast on CUDA, fp32 on
+    /// the CPU), `fp32`, or `bf16` (CUDA only). Weights, optimizer state and gradient
+    /// reduction stay fp32 in every case.
+    #[serde(default)]
+    pub precision: Precision,
+}
+
+/// `train.precision`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    #[default]
+    Auto,
+    Fp32,
+    Bf16,
+}
+
+impl Precision {
+    /// Whether the forward and backward passes run under bf16 autocast on `device`; an error
+    /// for bf16 asked on the CPU (libtorch's CPU autocast is slower than fp32 there).
+    pub fn bf16_on(self, device: tch::Device) -> Result<bool, String> {
+        match (self, device.is_cuda()) {
+            (Precision::Fp32, _) | (Precision::Auto, false) => Ok(false),
+            (Precision::Auto, true) | (Precision::Bf16, true) => Ok(true),
+            (Precision::Bf16, false) => Err("train.precision = \"bf16\" needs a CUDA device; this worker computes on the CPU \
+                 (use \"auto\" or \"fp32\", or start the worker with --device cuda:N)".into()),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -315,11 +343,39 @@ pub struct ParallelConfig {
     /// `ddp` (full replicas), `zero1` (optimizer state sharded), `zero2` (and gradients),
     /// `zero3` (and parameters). Checkpoints resume under any strategy and world size.
     pub strategy: crate::shard::Strategy,
+    /// How gradients travel between ranks: `auto` (NCCL when every member is a CUDA worker
+    /// that can use it, the QUIC ring otherwise), `ring` (always the QUIC ring) or `nccl`
+    /// (NCCL or nothing: a generation with a member that cannot use it fails the run).
+    #[serde(default)]
+    pub collective: CollectiveBackend,
+    /// Gradients travel in buckets of about this many MiB (NCCL; PyTorch DDP's default 25).
+    #[serde(default = "default_bucket_mb")]
+    pub bucket_mb: f64,
+}
+
+fn default_bucket_mb() -> f64 {
+    25.0
+}
+
+/// `parallel.collective`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CollectiveBackend {
+    #[default]
+    Auto,
+    Ring,
+    Nccl,
+}
+
+impl ParallelConfig {
+    pub fn bucket_bytes(&self) -> usize {
+        (self.bucket_mb * (1 << 20) as f64) as usize
+    }
 }
 
 impl Default for ParallelConfig {
     fn default() -> Self {
-        ParallelConfig { strategy: crate::shard::Strategy::Ddp }
+        ParallelConfig { strategy: crate::shard::Strategy::Ddp, collective: CollectiveBackend::Auto, bucket_mb: default_bucket_mb() }
     }
 }
 
@@ -481,6 +537,8 @@ impl Config {
         range("train.eps", t.eps, t.eps > 0.0 && t.eps < 1.0, "must be in (0, 1)")?;
         range("train.grad_clip", t.grad_clip, t.grad_clip >= 0.0 && t.grad_clip.is_finite(), "must be >= 0")?;
         range("train.threads_per_worker", t.threads_per_worker, t.threads_per_worker <= 1024, "must be 0..=1024")?;
+        let p = &self.parallel;
+        range("parallel.bucket_mb", p.bucket_mb, p.bucket_mb.is_finite() && p.bucket_mb > 0.0 && p.bucket_mb <= 4096.0, "must be in (0, 4096]")?;
         let e = &self.eval;
         range("eval.sequences", e.sequences, (1..=1_000_000).contains(&e.sequences), "must be 1..=1000000")?;
         range("eval.prompts", e.prompts.len(), e.prompts.len() <= 64 && e.prompts.iter().all(|p| !p.is_empty() && p.len() <= 4096),

@@ -19,6 +19,7 @@ pub mod collective;
 pub mod config;
 pub mod console;
 pub mod data;
+pub mod device;
 pub mod events;
 pub mod fault;
 pub mod metrics;

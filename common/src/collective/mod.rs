@@ -6,6 +6,7 @@
 //! is numbered so that it does, see `schedule`). An NCCL implementation (GPU workers, feature
 //! "cuda") implements the same trait later.
 
+pub mod bucket;
 mod ring;
 mod schedule;
 mod wire;
@@ -17,6 +18,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::net::NetError;
 
+pub use bucket::{gradient_buckets, DEFAULT_BUCKET_BYTES};
 pub use ring::{form_ring, RingCollective, DEFAULT_PIECE_BYTES};
 pub use wire::{HelloReply, PeerHello};
 

@@ -128,8 +128,12 @@ fn check_flat_grads_len(params: &[Tensor], flat: &[f32]) -> Result<()> {
 }
 
 /// Global L2 norm of all gradients (missing ones count as zero), accumulated in f64 on the host
-/// in parameter order so that every rank gets the same bits.
+/// in parameter order so that every rank gets the same bits. CUDA gradients are measured where
+/// they are (see [`device_grad_norm`]).
 pub fn grad_norm(params: &[Tensor]) -> f64 {
+    if params.first().is_some_and(|p| p.device().is_cuda()) {
+        return device_grad_norm(params);
+    }
     let mut sum_sq = 0f64;
     let mut buf = Vec::new();
     for p in params {
@@ -141,6 +145,26 @@ pub fn grad_norm(params: &[Tensor]) -> f64 {
         }
     }
     sum_sq.sqrt()
+}
+
+/// The global gradient norm computed on the GPU: each parameter's sum of squares in f64, added
+/// in parameter order, and one scalar copied to the host. Copying every gradient to the host
+/// instead would cost more than the optimizer step on a large model. Ranks holding the same
+/// (all-reduced) gradients on the same kind of GPU run the same kernels on the same values, so
+/// they agree on the norm and clip alike.
+fn device_grad_norm(params: &[Tensor]) -> f64 {
+    let _no_grad = tch::no_grad_guard();
+    let parts: Vec<Tensor> = params
+        .iter()
+        .filter_map(|p| {
+            let g = p.grad();
+            g.defined().then(|| g.detach().square().sum(Kind::Double))
+        })
+        .collect();
+    if parts.is_empty() {
+        return 0.0;
+    }
+    Tensor::stack(&parts, 0).sum(Kind::Double).sqrt().double_value(&[])
 }
 
 /// One parameter's share of the squared norm, in f64 and in order: the unit both norms add up,

@@ -12,6 +12,7 @@ pub mod gpt;
 pub mod grads;
 pub mod io;
 pub mod optim;
+pub mod precision;
 pub mod rng;
 
 pub use gpt::{Gpt, GptConfig, KvCache, Sampling};
