@@ -20,6 +20,7 @@ fn hello(version: u32, proof: [u8; 32]) -> ToCoordinator {
             pid: 1,
             threads: 1,
             device: "cpu".into(),
+            nccl: false,
             peer_addr: "127.0.0.1:9".parse().unwrap(),
             metrics_addr: None,
         },
@@ -172,7 +173,7 @@ fn a_corpus_path_that_does_not_exist_is_named() {
 
 #[test]
 fn every_command_has_help_with_examples() {
-    for sub in ["local", "coordinator", "worker", "prepare", "generate", "status"] {
+    for sub in ["local", "coordinator", "worker", "prepare", "generate", "status", "gpu-check"] {
         let mut cmd = troupe();
         cmd.args([sub, "--help"]);
         let out = run(cmd, Duration::from_secs(30));
@@ -190,4 +191,33 @@ fn generate_from_a_folder_that_is_not_a_checkpoint_says_so() {
     assert!(!out.status.success());
     let err = stderr(&out);
     assert!(err.contains("model.json") && err.contains("is") && err.contains("a troupe checkpoint"), "{err}");
+}
+
+/// Asking for a GPU where libtorch sees none (these machines) is a clear error, never a quiet
+/// run on the CPU; a malformed device is named.
+#[test]
+fn cuda_asked_where_there_is_none_is_refused_with_what_to_check() {
+    for (args, expected) in [
+        (vec!["worker", "--join", "127.0.0.1:9", "--device", "cuda:0"], "--device cuda:0: no CUDA device is visible to libtorch"),
+        (vec!["worker", "--join", "127.0.0.1:9", "--device", "gpu"], "expected auto, cpu or cuda:N"),
+        (vec!["local", "--gpus", "all"], "--gpus all: no CUDA device is visible to libtorch"),
+        (vec!["local", "--gpus", "0"], "expected all or a number of GPUs of at least 1"),
+    ] {
+        let mut cmd = troupe();
+        cmd.args(&args);
+        let out = run(cmd, Duration::from_secs(60));
+        assert!(!out.status.success(), "{args:?}");
+        let err = stderr(&out);
+        assert!(err.contains(expected), "{args:?}: {err}");
+    }
+    // The GPU check says the same and writes what it found.
+    let dir = scratch("gpucheck");
+    let figures = dir.join("figures.json");
+    let mut cmd = troupe();
+    cmd.args(["gpu-check", "--out"]).arg(&figures);
+    let out = run(cmd, Duration::from_secs(60));
+    assert!(!out.status.success());
+    assert!(stdout(&out).contains("FAIL cuda device: libtorch sees no CUDA device"), "{}", stdout(&out));
+    let written: serde_json::Value = serde_json::from_slice(&std::fs::read(&figures).unwrap()).unwrap();
+    assert_eq!(written["cuda_devices"], 0);
 }

@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use std::net::SocketAddr;
 
 /// Bumped on any incompatible change of a message below or of the bulk-data format.
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// The first frame on a worker's control stream.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -30,6 +30,9 @@ pub struct Capabilities {
     pub threads: u32,
     /// "cpu" or "cuda:N".
     pub device: String,
+    /// This worker can join an NCCL communicator: it computes on a CUDA device, was built
+    /// with the `cuda` feature, and loaded libnccl.
+    pub nccl: bool,
     /// Where ring peers reach this worker (QUIC).
     pub peer_addr: SocketAddr,
     /// Where this worker serves Prometheus `/metrics`, if it does.
@@ -68,6 +71,9 @@ pub enum ToCoordinator {
     Failed { error: String },
     /// The worker was asked to stop (SIGINT/SIGTERM) and will leave at the next step boundary.
     Leaving { reason: String },
+    /// Rank 0 of an NCCL generation: the `ncclUniqueId` (128 bytes) every rank needs to join
+    /// its communicator. The coordinator hands it to all ranks in [`ToWorker::NcclBootstrap`].
+    NcclUniqueId { generation: u64, id: Vec<u8> },
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -96,7 +102,24 @@ pub enum ToWorker {
     Checkpoint { step: u64, dir: String },
     /// Leave the run and exit.
     Stop { reason: String },
+    /// Join the NCCL communicator of `generation` (identified by rank 0's `ncclUniqueId`),
+    /// then answer `Ready` (or `CollectiveFailed` if NCCL cannot form it).
+    NcclBootstrap { generation: u64, id: Vec<u8> },
 }
+
+/// How a generation's ranks combine gradients.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum CollectiveKind {
+    /// The ring over QUIC between the workers' peer endpoints (any device; GPU workers stage
+    /// through host memory).
+    Ring,
+    /// NCCL between CUDA workers, bootstrapped through the coordinator: rank 0 sends
+    /// [`ToCoordinator::NcclUniqueId`], every rank gets [`ToWorker::NcclBootstrap`].
+    Nccl,
+}
+
+/// Bytes of an `ncclUniqueId`.
+pub const NCCL_UNIQUE_ID_BYTES: usize = 128;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Assignment {
@@ -106,6 +129,8 @@ pub struct Assignment {
     pub generation: u64,
     /// The ring successor's peer address (this worker's own when world_size is 1).
     pub successor: SocketAddr,
+    /// Ring or NCCL for this generation's collectives.
+    pub collective: CollectiveKind,
     /// The whole run configuration, as TOML (validated again by the worker).
     pub config_toml: String,
     /// The run folder; checkpoint folders below are given as paths too.
@@ -179,6 +204,7 @@ mod tests {
                 pid: 1,
                 threads: 1,
                 device: "cpu".into(),
+                nccl: false,
                 peer_addr: "127.0.0.1:9".parse().unwrap(),
                 metrics_addr: None,
             },
@@ -210,10 +236,29 @@ mod tests {
                 step: 4,
                 files: vec![FileDigest { name: "a".into(), size: 1, sha256: "ab".into() }],
             },
+            ToCoordinator::NcclUniqueId { generation: 3, id: (0..NCCL_UNIQUE_ID_BYTES as u8).collect() },
         ];
         for m in msgs {
             let bytes = postcard::to_allocvec(&m).unwrap();
             assert_eq!(postcard::from_bytes::<ToCoordinator>(&bytes).unwrap(), m);
+        }
+        let to_worker = vec![
+            ToWorker::NcclBootstrap { generation: 3, id: vec![0xab; NCCL_UNIQUE_ID_BYTES] },
+            ToWorker::Assign(Assignment {
+                rank: 1,
+                world_size: 2,
+                generation: 3,
+                successor: "127.0.0.1:9".parse().unwrap(),
+                collective: CollectiveKind::Nccl,
+                config_toml: String::new(),
+                run_dir: "runs/x".into(),
+                resume_from: None,
+                start_step: 0,
+            }),
+        ];
+        for m in to_worker {
+            let bytes = postcard::to_allocvec(&m).unwrap();
+            assert_eq!(postcard::from_bytes::<ToWorker>(&bytes).unwrap(), m);
         }
     }
 

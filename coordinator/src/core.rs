@@ -30,10 +30,11 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 use troupe_common::checkpoint;
-use troupe_common::config::Config;
+use troupe_common::config::{CollectiveBackend, Config};
 use troupe_common::events::RunEvent;
 use troupe_common::proto::{
-    Assignment, Capabilities, EvalReport, FileDigest, RefusalKind, StepReport, ToCoordinator, ToWorker,
+    Assignment, Capabilities, CollectiveKind, EvalReport, FileDigest, RefusalKind, StepReport, ToCoordinator, ToWorker,
+    NCCL_UNIQUE_ID_BYTES,
 };
 
 pub type WorkerId = u64;
@@ -160,6 +161,8 @@ pub struct Core {
     /// rank → worker, for the current generation.
     ranks: Vec<WorkerId>,
     generation: u64,
+    /// How the current generation's ranks combine gradients.
+    collective: CollectiveKind,
     /// The newest committed checkpoint (at first, the one this run resumes from).
     latest_checkpoint: Option<ResumeFrom>,
     /// Completed optimizer steps.
@@ -198,6 +201,7 @@ impl Core {
             config,
             phase: Phase::Gathering,
             workers: BTreeMap::new(),
+            collective: CollectiveKind::Ring,
             ranks: Vec::new(),
             generation: 0,
             latest_checkpoint: resume,
@@ -427,6 +431,10 @@ impl Core {
             }
         };
         let world = self.ranks.len() as u32;
+        self.collective = match self.choose_collective() {
+            Ok(kind) => kind,
+            Err(why) => return self.abort(why, out),
+        };
         for (rank, id) in self.ranks.iter().enumerate() {
             let successor_id = self.ranks[(rank + 1) % self.ranks.len()];
             let successor = self.workers[&successor_id].info.peer_addr;
@@ -443,6 +451,7 @@ impl Core {
                     world_size: world,
                     generation: self.generation,
                     successor,
+                    collective: self.collective,
                     config_toml: self.config.to_toml(),
                     run_dir: self.run_dir.display().to_string(),
                     resume_from: resume_from.clone(),
@@ -551,6 +560,33 @@ impl Core {
         match self.workers.get(&id) {
             Some(w) => format!("worker {id} (rank {}, {})", w.rank.map_or("-".into(), |r| r.to_string()), w.info.peer_addr),
             None => format!("worker {id}"),
+        }
+    }
+
+    /// NCCL when the configuration allows it and every member can join a communicator (a
+    /// CUDA worker built with NCCL); the QUIC ring otherwise. A world of one needs neither.
+    /// An error when `parallel.collective = "nccl"` and a member cannot use it.
+    fn choose_collective(&self) -> Result<CollectiveKind, String> {
+        let unable: Vec<String> = self
+            .ranks
+            .iter()
+            .filter_map(|id| {
+                let w = &self.workers[id];
+                (!w.info.nccl).then(|| format!("worker {id} on {} ({})", w.info.hostname, w.info.device))
+            })
+            .collect();
+        match self.config.parallel.collective {
+            CollectiveBackend::Ring => Ok(CollectiveKind::Ring),
+            _ if self.ranks.len() < 2 => Ok(CollectiveKind::Ring),
+            CollectiveBackend::Auto if unable.is_empty() => Ok(CollectiveKind::Nccl),
+            CollectiveBackend::Auto => Ok(CollectiveKind::Ring),
+            CollectiveBackend::Nccl if unable.is_empty() => Ok(CollectiveKind::Nccl),
+            CollectiveBackend::Nccl => Err(format!(
+                "parallel.collective = \"nccl\", but {} cannot use NCCL (it needs a CUDA device, \
+                 a troupe built with --features cuda, and libnccl); use \"auto\" to let such \
+                 members average over the QUIC ring",
+                unable.join(", ")
+            )),
         }
     }
 
@@ -683,6 +719,23 @@ impl Core {
                     step: self.completed,
                     message: format!("{who} is leaving ({reason}): it leaves the run at the next step boundary"),
                 }));
+            }
+            ToCoordinator::NcclUniqueId { generation, id: unique_id } => {
+                // Only rank 0 of the current NCCL generation hands out the id; anything else
+                // is an old generation's (ignored).
+                let current = generation == self.generation && self.phase == Phase::Forming && self.collective == CollectiveKind::Nccl;
+                if !current || self.rank_of(id) != Some(0) {
+                    return;
+                }
+                if unique_id.len() != NCCL_UNIQUE_ID_BYTES {
+                    let reason = format!("protocol error: an ncclUniqueId of {} bytes (expected {NCCL_UNIQUE_ID_BYTES})", unique_id.len());
+                    out.push(Command::Disconnect { id, reason: reason.clone() });
+                    self.on_lost(now, id, reason, out);
+                    return;
+                }
+                for to in &self.ranks {
+                    out.push(Command::Send { to: *to, msg: ToWorker::NcclBootstrap { generation, id: unique_id.clone() } });
+                }
             }
             ToCoordinator::Failed { error } => {
                 // Before training ever started, a failing member is a failing setup (bad
@@ -969,6 +1022,7 @@ mod tests {
             pid: port as u32,
             threads: 1,
             device: "cpu".into(),
+            nccl: false,
             peer_addr: SocketAddr::from(([127, 0, 0, 1], port)),
             metrics_addr: None,
         }
@@ -1520,5 +1574,78 @@ mod tests {
         fresh.on(t0, Event::WorkerJoined { id: 1, info: caps(1) });
         fresh.on(t0, Event::WorkerJoined { id: 2, info: caps(2) });
         assert!(assigns(&fresh.on(t0 + Duration::from_secs(600), Event::Tick)).is_empty());
+    }
+
+    fn join_gpu(sim: &mut Sim, id: WorkerId, nccl: bool) -> Vec<Command> {
+        let info = Capabilities { device: if nccl { format!("cuda:{id}") } else { "cpu".into() }, nccl, ..caps(1000 + id as u16) };
+        sim.on(Event::WorkerJoined { id, info })
+    }
+
+    #[test]
+    fn cuda_workers_get_nccl_and_rank_0s_unique_id_reaches_every_rank() {
+        let mut sim = Sim::new(config(2, 10));
+        join_gpu(&mut sim, 1, true);
+        let cmds = join_gpu(&mut sim, 2, true);
+        let a = assigns(&cmds);
+        assert_eq!(a.len(), 2);
+        assert!(a.iter().all(|(_, a)| a.collective == CollectiveKind::Nccl), "{a:?}");
+        let generation = sim.core.generation();
+        // Only rank 0 (worker 1) hands out the id; others and old generations are ignored.
+        assert!(sim.from(2, ToCoordinator::NcclUniqueId { generation, id: vec![2; NCCL_UNIQUE_ID_BYTES] }).is_empty());
+        assert!(sim.from(1, ToCoordinator::NcclUniqueId { generation: generation - 1, id: vec![1; NCCL_UNIQUE_ID_BYTES] }).is_empty());
+        let cmds = sim.from(1, ToCoordinator::NcclUniqueId { generation, id: vec![7; NCCL_UNIQUE_ID_BYTES] });
+        let boot: Vec<_> = sends(&cmds)
+            .into_iter()
+            .filter_map(|(to, m)| match m {
+                ToWorker::NcclBootstrap { generation: g, id } => Some((to, g, id)),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(boot.len(), 2);
+        assert!(boot.iter().all(|(_, g, id)| *g == generation && *id == vec![7; NCCL_UNIQUE_ID_BYTES]));
+        assert_eq!(boot.iter().map(|(to, _, _)| *to).collect::<Vec<_>>(), vec![1, 2]);
+    }
+
+    #[test]
+    fn a_malformed_unique_id_disconnects_its_sender() {
+        let mut sim = Sim::new(config(2, 10));
+        join_gpu(&mut sim, 1, true);
+        join_gpu(&mut sim, 2, true);
+        let generation = sim.core.generation();
+        let cmds = sim.from(1, ToCoordinator::NcclUniqueId { generation, id: vec![0; 5] });
+        assert!(cmds.iter().any(|c| matches!(c, Command::Disconnect { id: 1, reason } if reason.contains("ncclUniqueId of 5 bytes"))), "{cmds:?}");
+    }
+
+    #[test]
+    fn a_member_without_nccl_puts_the_generation_on_the_ring_or_fails_a_run_that_demands_nccl() {
+        let mut sim = Sim::new(config(2, 10));
+        join_gpu(&mut sim, 1, true);
+        let cmds = join_gpu(&mut sim, 2, false);
+        assert!(assigns(&cmds).iter().all(|(_, a)| a.collective == CollectiveKind::Ring));
+
+        let mut c = config(2, 10);
+        c.parallel.collective = CollectiveBackend::Ring;
+        let mut sim = Sim::new(c);
+        join_gpu(&mut sim, 1, true);
+        let cmds = join_gpu(&mut sim, 2, true);
+        assert!(assigns(&cmds).iter().all(|(_, a)| a.collective == CollectiveKind::Ring));
+
+        let mut c = config(2, 10);
+        c.parallel.collective = CollectiveBackend::Nccl;
+        let mut sim = Sim::new(c);
+        join_gpu(&mut sim, 1, true);
+        let cmds = join_gpu(&mut sim, 2, false);
+        let failed = cmds.iter().find_map(|c| match c {
+            Command::Finish { ok: false, error: Some(e) } => Some(e.clone()),
+            _ => None,
+        });
+        let failed = failed.expect("the run fails");
+        assert!(failed.contains("parallel.collective = \"nccl\"") && failed.contains("worker 2 on test (cpu)"), "{failed}");
+        // A world of one needs no collective at all.
+        let mut c = config(1, 10);
+        c.parallel.collective = CollectiveBackend::Nccl;
+        let mut sim = Sim::new(c);
+        let cmds = join_gpu(&mut sim, 1, false);
+        assert!(matches!(&assigns(&cmds)[..], [(1, Assignment { collective: CollectiveKind::Ring, .. })]));
     }
 }

@@ -2,8 +2,10 @@
 //!
 //! - [`trainer`]: the training loop on its own OS thread (libtorch calls block).
 //! - [`actors`]: the Worker (root; the coordinator link) and the Collective (owns the ring).
+//! - [`nccl`]: NCCL collectives on CUDA tensors (GPU workers, feature `cuda`).
 
 pub mod actors;
+pub mod nccl;
 pub mod trainer;
 
 pub use actors::{run_worker, WorkerOptions};

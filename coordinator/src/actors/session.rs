@@ -283,6 +283,7 @@ mod tests {
                 pid: 42,
                 threads: 2,
                 device: "cpu".into(),
+                nccl: false,
                 peer_addr: "10.0.0.2:7001".parse().unwrap(),
                 metrics_addr: Some("10.0.0.2:9100".parse().unwrap()),
             },

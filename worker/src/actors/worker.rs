@@ -15,21 +15,22 @@
 //! tries to join a restarted coordinator for `cluster.rejoin_ms`, then exits.
 
 use super::collective::{CollectiveActor, CollectiveArgs, CollectiveMsg};
-use crate::trainer::{Comm, Footprint, Trainer, TrainerError, TrainerSetup};
+use crate::nccl::{NcclComm, NcclError};
+use crate::trainer::{Alone, Comm, Footprint, Trainer, TrainerError, TrainerSetup};
 use ractor::{Actor, ActorProcessingErr, ActorRef, SupervisionEvent};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
-use tch::Device;
+use tch::{Device, Tensor};
 use tokio::sync::{mpsc as tmpsc, oneshot, watch};
 use troupe_common::collective::{form_ring, CollectiveTag, RingCollective};
 use troupe_common::config::Config;
 use troupe_common::metrics::{self, WorkerMetrics};
 use troupe_common::net::{self, close as close_code, NetOptions};
 use troupe_common::proto::{
-    Assignment, Capabilities, EvalReport, FileDigest, Hello, StepReport, ToCoordinator, ToWorker, PROTOCOL_VERSION,
+    Assignment, Capabilities, CollectiveKind, EvalReport, FileDigest, Hello, StepReport, ToCoordinator, ToWorker, PROTOCOL_VERSION,
 };
 
 #[derive(Debug, Clone)]
@@ -82,7 +83,8 @@ pub async fn run_worker(opts: WorkerOptions) -> anyhow::Result<WorkerExit> {
         hostname: hostname(),
         pid: std::process::id(),
         threads: threads as u32,
-        device: format!("{:?}", opts.device).to_lowercase(),
+        device: troupe_common::device::device_name(opts.device),
+        nccl: nccl_capable(opts.device),
         peer_addr,
         metrics_addr,
     };
@@ -299,6 +301,20 @@ fn hostname() -> String {
         .unwrap_or_else(|_| "unknown".into())
 }
 
+/// Whether this worker can join an NCCL communicator; says why not when it computes on CUDA.
+fn nccl_capable(device: Device) -> bool {
+    if !device.is_cuda() {
+        return false;
+    }
+    match crate::nccl::available() {
+        Ok(()) => true,
+        Err(e) => {
+            tracing::warn!("this CUDA worker cannot use NCCL, so its gradients go over the QUIC ring: {e}");
+            false
+        }
+    }
+}
+
 pub struct Worker;
 
 pub struct WorkerArgs {
@@ -346,6 +362,8 @@ pub enum TrainerReport {
     Regrouped { generation: u64, completed_steps: u64 },
     Synced { generation: u64, step: u64 },
     SyncFailed { generation: u64, error: String },
+    /// The generation's collectives could not be set up (NCCL could not form its communicator).
+    LinkFailed { generation: u64, error: String },
     StepDone(StepReport),
     /// The step's collective failed: nothing was applied.
     StepAborted { generation: u64, step: u64, error: String },
@@ -361,12 +379,22 @@ enum TrainerCmd {
     /// Build the training state again for a new place in the run (sharded strategies, whose
     /// state is split by world size, after a membership change: from the newest checkpoint).
     Rebuild(Box<TrainerSetup>),
-    Regroup { generation: u64, rank: u32, world_size: u32, ring: Option<ActorRef<CollectiveMsg>> },
+    Regroup { generation: u64, rank: u32, world_size: u32, link: LinkPlan },
     Sync { generation: u64, source_rank: u32, step: u64 },
     Step { generation: u64, step: u64 },
     Evaluate { generation: u64, step: u64 },
     Checkpoint { generation: u64, step: u64, dir: PathBuf },
     Stop,
+}
+
+/// How the trainer of a generation reaches the other ranks.
+enum LinkPlan {
+    /// A world of one.
+    Alone,
+    /// The generation's QUIC ring, through its collective actor.
+    Ring(ActorRef<CollectiveMsg>),
+    /// An NCCL communicator, joined with rank 0's unique id; operations give up after `timeout`.
+    Nccl { id: Vec<u8>, timeout: Duration },
 }
 
 /// This worker's place in the current generation.
@@ -375,6 +403,7 @@ struct Membership {
     rank: u32,
     world_size: u32,
     successor: SocketAddr,
+    collective: CollectiveKind,
 }
 
 pub struct WorkerState {
@@ -609,6 +638,13 @@ impl WorkerState {
                 tracing::info!("stopping: {reason}");
                 self.stop(me, Outcome::Stopped(reason));
             }
+            ToWorker::NcclBootstrap { generation, id } => {
+                let current = self.membership.filter(|m| m.collective == CollectiveKind::Nccl && generation == self.generation());
+                if let Some(m) = current {
+                    let link = LinkPlan::Nccl { id, timeout: self.collective_timeout };
+                    self.trainer_cmd(me, TrainerCmd::Regroup { generation, rank: m.rank, world_size: m.world_size, link });
+                }
+            }
             ToWorker::Heartbeat => {}
             ToWorker::Welcome { .. } | ToWorker::Refused { .. } => {
                 self.fail(me, "protocol error: a second Welcome/Refused".into());
@@ -632,8 +668,8 @@ impl WorkerState {
         let config = Config::from_toml_str(&a.config_toml, "the coordinator's assignment").map_err(|e| e.to_string())?;
         self.enter_generation(a.generation);
         self.collective_timeout = Duration::from_millis(config.cluster.collective_timeout_ms);
-        self.membership = Some(Membership { rank: a.rank, world_size: a.world_size, successor: a.successor });
-        tracing::info!(rank = a.rank, world = a.world_size, generation = a.generation, "assigned");
+        self.membership = Some(Membership { rank: a.rank, world_size: a.world_size, successor: a.successor, collective: a.collective });
+        tracing::info!(rank = a.rank, world = a.world_size, generation = a.generation, collective = ?a.collective, "assigned");
 
         // The trainer thread builds the model (and loads the checkpoint) while the ring forms.
         let sharded = config.parallel.strategy != troupe_common::shard::Strategy::Ddp;
@@ -661,7 +697,22 @@ impl WorkerState {
         }
 
         if a.world_size == 1 {
-            self.trainer_cmd(me, TrainerCmd::Regroup { generation: a.generation, rank: a.rank, world_size: 1, ring: None });
+            self.trainer_cmd(me, TrainerCmd::Regroup { generation: a.generation, rank: a.rank, world_size: 1, link: LinkPlan::Alone });
+            return Ok(());
+        }
+        if a.collective == CollectiveKind::Nccl {
+            // Rank 0 makes the communicator's id; the coordinator hands it to every rank
+            // (NcclBootstrap), and each then joins on its trainer thread.
+            if a.rank == 0 {
+                match crate::nccl::unique_id() {
+                    Ok(id) => self.send(ToCoordinator::NcclUniqueId { generation: a.generation, id }),
+                    Err(e) => {
+                        let error = format!("rank 0 cannot create the NCCL unique id: {e}");
+                        tracing::warn!("{error}");
+                        self.send(ToCoordinator::CollectiveFailed { generation: a.generation, step: None, error });
+                    }
+                }
+            }
             return Ok(());
         }
         // Formed off the mailbox, so that a newer generation (which cancels it) or a Stop is
@@ -705,7 +756,7 @@ impl WorkerState {
         match Actor::spawn_linked(None, CollectiveActor, args, me.get_cell()).await {
             Ok((actor, _)) => {
                 self.collective = Some((generation, actor.clone()));
-                self.trainer_cmd(me, TrainerCmd::Regroup { generation, rank: m.rank, world_size: m.world_size, ring: Some(actor) });
+                self.trainer_cmd(me, TrainerCmd::Regroup { generation, rank: m.rank, world_size: m.world_size, link: LinkPlan::Ring(actor) });
             }
             Err(e) => self.fail(me, format!("cannot start the collective actor: {e}")),
         }
@@ -732,7 +783,7 @@ impl WorkerState {
                 }
             }
             TrainerReport::Synced { generation, step } => self.send(ToCoordinator::Synced { generation, step }),
-            TrainerReport::SyncFailed { generation, error } => {
+            TrainerReport::SyncFailed { generation, error } | TrainerReport::LinkFailed { generation, error } => {
                 self.send(ToCoordinator::CollectiveFailed { generation, step: None, error })
             }
             TrainerReport::StepDone(r) => {
@@ -763,12 +814,12 @@ impl WorkerState {
 
 /// Blocking calls from the trainer thread into the collective actor of its generation.
 struct RingHandle {
-    actor: Option<ActorRef<CollectiveMsg>>,
+    actor: ActorRef<CollectiveMsg>,
 }
 
 impl RingHandle {
     fn call(&self, make: impl FnOnce(std::sync::mpsc::SyncSender<Result<Vec<f32>, String>>) -> CollectiveMsg) -> Result<Vec<f32>, String> {
-        let Some(actor) = &self.actor else { return Err("no ring in this generation".into()) };
+        let actor = &self.actor;
         let (tx, rx) = mpsc::sync_channel(1);
         actor.cast(make(tx)).map_err(|_| "the ring of this generation is closed".to_string())?;
         rx.recv().map_err(|_| "the ring of this generation closed during the collective".to_string())?
@@ -790,6 +841,77 @@ impl Comm for RingHandle {
     }
 }
 
+/// The trainer's collectives over an NCCL communicator. Tensors on this worker's GPU are
+/// combined where they are; host buffers (the paths that stage through host memory: the
+/// sharded strategies and state sync) are copied to the GPU and back. NCCL has no tags: every
+/// rank issues the same calls in the same order, which the trainer guarantees.
+struct NcclLink {
+    comm: NcclComm,
+    device: Device,
+}
+
+impl NcclLink {
+    fn join(id: &[u8], rank: u32, world: u32, device: Device, timeout: Duration) -> Result<NcclLink, String> {
+        let Device::Cuda(index) = device else {
+            return Err(format!("NCCL needs a CUDA device, this worker computes on {}", troupe_common::device::device_name(device)));
+        };
+        let comm = NcclComm::init(id, rank, world, index, timeout).map_err(|e| e.to_string())?;
+        Ok(NcclLink { comm, device })
+    }
+
+    /// Runs `op` on a host buffer staged through the GPU.
+    fn staged(&mut self, mut data: Vec<f32>, tag: CollectiveTag, op: impl FnOnce(&mut NcclComm, &Tensor) -> Result<(), NcclError>) -> Result<Vec<f32>, String> {
+        let n = data.len();
+        let on_device = Tensor::f_from_slice(&data).and_then(|t| t.f_to_device(self.device)).map_err(|e| format!("{tag}: {e}"))?;
+        op(&mut self.comm, &on_device).map_err(|e| format!("{tag}: {e}"))?;
+        on_device.f_copy_data(&mut data, n).map_err(|e| format!("{tag}: {e}"))?;
+        Ok(data)
+    }
+}
+
+impl Comm for NcclLink {
+    fn all_reduce(&mut self, data: Vec<f32>, tag: CollectiveTag) -> Result<Vec<f32>, String> {
+        self.staged(data, tag, |c, t| c.all_reduce_sum(t))
+    }
+    fn reduce_scatter(&mut self, data: Vec<f32>, tag: CollectiveTag) -> Result<Vec<f32>, String> {
+        self.staged(data, tag, |c, t| c.reduce_scatter_sum(t))
+    }
+    fn all_gather(&mut self, data: Vec<f32>, tag: CollectiveTag) -> Result<Vec<f32>, String> {
+        self.staged(data, tag, |c, t| c.all_gather(t))
+    }
+    fn broadcast(&mut self, data: Vec<f32>, root: u32, tag: CollectiveTag) -> Result<Vec<f32>, String> {
+        self.staged(data, tag, |c, t| c.broadcast(t, root))
+    }
+    fn works_on_device(&self) -> bool {
+        true
+    }
+    fn all_reduce_tensor(&mut self, t: &Tensor, tag: CollectiveTag) -> Result<(), String> {
+        if t.device() != self.device {
+            let summed = self.all_reduce(troupe_common::model::flatten(std::slice::from_ref(t)), tag)?;
+            return troupe_common::model::unflatten_into(std::slice::from_ref(t), &summed).map_err(|e| e.to_string());
+        }
+        self.comm.all_reduce_sum(t).map_err(|e| format!("{tag}: {e}"))
+    }
+}
+
+/// The trainer's collectives in its current generation.
+enum Link {
+    /// Before the first generation, and in a world of one.
+    Alone(Alone),
+    Ring(RingHandle),
+    Nccl(NcclLink),
+}
+
+impl Link {
+    fn comm(&mut self) -> &mut dyn Comm {
+        match self {
+            Link::Alone(a) => a,
+            Link::Ring(r) => r,
+            Link::Nccl(n) => n,
+        }
+    }
+}
+
 /// The trainer thread: builds the model, then runs orders until Stop.
 fn trainer_thread(setup: TrainerSetup, cmds: mpsc::Receiver<TrainerCmd>, latest: watch::Receiver<u64>, reporter: ActorRef<WorkerMsg>) {
     let report = |r| send_report(&reporter, r);
@@ -798,11 +920,11 @@ fn trainer_thread(setup: TrainerSetup, cmds: mpsc::Receiver<TrainerCmd>, latest:
         Err(e) => return report(TrainerReport::Failed(format!("cannot start training: {e}"))),
     };
     report(TrainerReport::Built(trainer.footprint()));
-    let mut ring = RingHandle { actor: None };
+    let mut link = Link::Alone(Alone);
     while let Ok(cmd) = cmds.recv() {
         // libtorch reports some errors by panicking through tch; one must not take the
         // process down silently, so it becomes a reported failure.
-        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run_command(&mut trainer, &mut ring, cmd, &latest, &reporter)));
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run_command(&mut trainer, &mut link, cmd, &latest, &reporter)));
         match outcome {
             Ok(true) => {}
             Ok(false) => return,
@@ -824,7 +946,7 @@ fn send_report(reporter: &ActorRef<WorkerMsg>, report: TrainerReport) {
 }
 
 /// Runs one order; false when the thread should end.
-fn run_command(trainer: &mut Trainer, ring: &mut RingHandle, cmd: TrainerCmd, latest: &watch::Receiver<u64>, reporter: &ActorRef<WorkerMsg>) -> bool {
+fn run_command(trainer: &mut Trainer, link: &mut Link, cmd: TrainerCmd, latest: &watch::Receiver<u64>, reporter: &ActorRef<WorkerMsg>) -> bool {
     let report = |r| send_report(reporter, r);
     let stale = |generation: u64| generation < *latest.borrow();
     match cmd {
@@ -838,7 +960,7 @@ fn run_command(trainer: &mut Trainer, ring: &mut RingHandle, cmd: TrainerCmd, la
                 return false;
             }
         },
-        TrainerCmd::Regroup { generation, rank, world_size, ring: actor } => {
+        TrainerCmd::Regroup { generation, rank, world_size, link: plan } => {
             if stale(generation) {
                 return true;
             }
@@ -846,14 +968,28 @@ fn run_command(trainer: &mut Trainer, ring: &mut RingHandle, cmd: TrainerCmd, la
                 report(TrainerReport::Failed(e.to_string()));
                 return false;
             }
-            ring.actor = actor;
+            // The previous generation's link goes first: an NCCL communicator is aborted
+            // (never waited on: its peers may be gone) before the next one takes the GPU.
+            *link = Link::Alone(Alone);
+            *link = match plan {
+                LinkPlan::Alone => Link::Alone(Alone),
+                LinkPlan::Ring(actor) => Link::Ring(RingHandle { actor }),
+                LinkPlan::Nccl { id, timeout } => match NcclLink::join(&id, rank, world_size, trainer.device(), timeout) {
+                    Ok(n) => Link::Nccl(n),
+                    Err(error) => {
+                        tracing::warn!("cannot join the NCCL communicator of generation {generation}: {error}");
+                        report(TrainerReport::LinkFailed { generation, error });
+                        return true;
+                    }
+                },
+            };
             report(TrainerReport::Regrouped { generation, completed_steps: trainer.completed_steps() });
         }
         TrainerCmd::Sync { generation, source_rank, step } => {
             if stale(generation) {
                 return true;
             }
-            match trainer.sync_state(source_rank, step, ring) {
+            match trainer.sync_state(source_rank, step, link.comm()) {
                 Ok(()) => report(TrainerReport::Synced { generation, step }),
                 Err(e) => report(TrainerReport::SyncFailed { generation, error: e.to_string() }),
             }
@@ -862,7 +998,7 @@ fn run_command(trainer: &mut Trainer, ring: &mut RingHandle, cmd: TrainerCmd, la
             if stale(generation) {
                 return true;
             }
-            match trainer.step(step, ring) {
+            match trainer.step(step, link.comm()) {
                 Ok(r) => report(TrainerReport::StepDone(r)),
                 Err(TrainerError::Collective { step, error }) => report(TrainerReport::StepAborted { generation, step, error }),
                 Err(e) => {
@@ -875,7 +1011,7 @@ fn run_command(trainer: &mut Trainer, ring: &mut RingHandle, cmd: TrainerCmd, la
             if stale(generation) {
                 return true;
             }
-            match trainer.evaluate(step, ring) {
+            match trainer.evaluate(step, link.comm()) {
                 Ok(r) => report(TrainerReport::EvalDone(r)),
                 // Under zero3 evaluation gathers parameters: a failed gather is a ring
                 // failure like a failed step, and the generation is replaced.
