@@ -6,5 +6,5 @@ cd "$(dirname "$0")/.."
 scripts/setup.sh
 # shellcheck disable=SC1091
 source "${TROUPE_CACHE:-$HOME/.cache/troupe}/env.sh"
-cargo build --release --quiet --bin troupe
+cargo build --release --quiet --bin troupe ${TROUPE_FEATURES:+--features "$TROUPE_FEATURES"}
 exec target/release/troupe local "$@"

@@ -32,9 +32,28 @@ if [ ! -f "$dest/torch/lib/libtorch_cpu.so" ]; then
     mv "$partial" "$dest"
 fi
 
-# What builds and runs need; sourced by the other scripts.
+# On a GPU machine troupe is built with NCCL (the `cuda` feature). cudarc loads NCCL by the
+# name libnccl.so, which PyTorch's nvidia-nccl wheel does not ship (it has libnccl.so.2): a
+# link of that name, in a folder of its own on the library path, points at it.
+features=""
+library_path="$dest/torch/lib"
+if [ "$flavour" = cuda ]; then
+    nccl="$(find "$dest/nvidia" -name 'libnccl.so.2' -print -quit 2>/dev/null || true)"
+    if [ -n "$nccl" ]; then
+        mkdir -p "$cache/nccl-link"
+        ln -sfn "$nccl" "$cache/nccl-link/libnccl.so"
+        library_path="$library_path:$cache/nccl-link"
+        features="cuda"
+    else
+        echo "setup: torch's NCCL library (nvidia/nccl/lib/libnccl.so.2) is missing; GPU workers will average over the QUIC ring" >&2
+    fi
+fi
+
+# What builds and runs need; sourced by the other scripts. TROUPE_FEATURES: cargo features
+# for this machine (cuda where a GPU and NCCL are present).
 cat > "$cache/env.sh" <<ENV
 export LIBTORCH="$dest/torch"
-export LD_LIBRARY_PATH="$dest/torch/lib\${LD_LIBRARY_PATH:+:\$LD_LIBRARY_PATH}"
+export LD_LIBRARY_PATH="$library_path\${LD_LIBRARY_PATH:+:\$LD_LIBRARY_PATH}"
 export TROUPE_CACHE="$cache"
+export TROUPE_FEATURES="$features"
 ENV

