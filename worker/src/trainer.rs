@@ -84,11 +84,23 @@ pub trait Comm {
         false
     }
 
-    /// Sums a contiguous float32 tensor over the ranks, in place. The default goes through
-    /// host memory.
+    /// Sums a contiguous float32 tensor over the ranks, in place. The defaults of the tensor
+    /// methods go through host memory.
     fn all_reduce_tensor(&mut self, t: &Tensor, tag: CollectiveTag) -> Result<(), String> {
         let summed = self.all_reduce(host_vec(t), tag)?;
         write_into(t, &summed).map_err(|e| e.to_string())
+    }
+
+    /// [`Comm::reduce_scatter`] of a contiguous float32 tensor, in place.
+    fn reduce_scatter_tensor(&mut self, t: &Tensor, tag: CollectiveTag) -> Result<(), String> {
+        let reduced = self.reduce_scatter(host_vec(t), tag)?;
+        write_into(t, &reduced).map_err(|e| e.to_string())
+    }
+
+    /// [`Comm::all_gather`] of a contiguous float32 tensor, in place.
+    fn all_gather_tensor(&mut self, t: &Tensor, tag: CollectiveTag) -> Result<(), String> {
+        let gathered = self.all_gather(host_vec(t), tag)?;
+        write_into(t, &gathered).map_err(|e| e.to_string())
     }
 }
 
@@ -194,6 +206,16 @@ fn shard_segments(layout: &ShardLayout, rank: u32, numels: &[usize], decay: &[bo
         }
     }
     out
+}
+
+/// Σ x² of a shard of the gradient in f64: on the host in order for CPU tensors (the figure
+/// the CPU ranks' bit-for-bit agreement rests on, see [`model::sum_of_squares`]), where it is
+/// for GPU tensors (one scalar copied instead of the shard).
+fn sum_of_squares(t: &Tensor) -> Result<f64, TrainerError> {
+    if t.device().is_cuda() {
+        return Ok(t.f_square()?.f_sum(Kind::Double)?.f_double_value(&[])?);
+    }
+    Ok(model::sum_of_squares(&host_vec(t)))
 }
 
 /// A tensor's values on the host, as float32.
@@ -541,6 +563,12 @@ impl Trainer {
             }
         }
         let loss_share = share.value()?;
+        if self.shards_on_device(comm) {
+            let grad = leaf.grad();
+            drop(leaf);
+            times.compute += t.elapsed().as_secs_f64();
+            return self.zero12_on_device(step, &full, &grad, loss_share, lr, comm, times);
+        }
         let flat = host_vec(&leaf.grad());
         drop(leaf);
         times.compute += t.elapsed().as_secs_f64();
@@ -567,12 +595,12 @@ impl Trainer {
             let tag = self.next_tag(step);
             let reduced = Self::collective(step, comm.reduce_scatter(flat, tag))?;
             let mine = reduced[r * chunk..(r + 1) * chunk].to_vec();
-            let (loss, norm) = self.loss_and_norm_over_shards(step, loss_share, &mine, comm)?;
+            let (loss, norm) = self.loss_and_norm_over_shards(step, loss_share, model::sum_of_squares(&mine), comm)?;
             times.comm += t.elapsed().as_secs_f64();
             (loss, norm, mine)
         };
         let t = Instant::now();
-        self.update_shard(grad, norm, lr)?;
+        self.update_shard(&tensor_of(&grad, self.device)?, norm, lr)?;
         let State::Sharded(s) = &self.state else { unreachable!() };
         let mine = host_vec(&s.shard);
         times.compute += t.elapsed().as_secs_f64();
@@ -588,36 +616,78 @@ impl Trainer {
         Ok((loss, norm))
     }
 
+    /// Whether the sharded strategies keep every buffer on the device: with collectives that
+    /// work there (NCCL), or on a GPU (where the ring's tensor methods stage through the host
+    /// once per collective). On the CPU with the ring, buffers live in host memory and the
+    /// host path below keeps zero1 bit-identical to ddp.
+    fn shards_on_device(&self, comm: &dyn Comm) -> bool {
+        comm.works_on_device() || self.device.is_cuda()
+    }
+
+    /// `zero1`/`zero2` without leaving the device: the flat gradient `grad` is all-reduced
+    /// (zero1) or reduce-scattered (zero2) in place, this rank's chunk of it updates its shard,
+    /// which is a view into `full`, and `full` is all-gathered in place.
+    #[allow(clippy::too_many_arguments)]
+    fn zero12_on_device(&mut self, step: u64, full: &Tensor, grad: &Tensor, loss_share: f64, lr: f64, comm: &mut dyn Comm, times: &mut Times) -> Result<(f64, f64), TrainerError> {
+        let State::Sharded(s) = &self.state else { unreachable!("zero1/2 keep a shard") };
+        let (chunk, numel) = (s.layout.chunk_len(0) as i64, s.layout.numel() as i64);
+        let (w, r) = (self.world_size, self.rank as i64);
+        let mine = grad.narrow(0, r * chunk, chunk);
+        let t = Instant::now();
+        let (loss, norm) = if self.strategy == Strategy::Zero1 || w == 1 {
+            if w > 1 {
+                let tag = self.next_tag(step);
+                Self::collective(step, comm.all_reduce_tensor(grad, tag))?;
+            }
+            let sum_sq = sum_of_squares(&grad.narrow(0, 0, numel))?;
+            // The loss shares still need summing (the gradient's norm is already global).
+            let (loss, _) = self.loss_and_norm_over_shards(step, loss_share, 0.0, comm)?;
+            (loss, sum_sq.sqrt())
+        } else {
+            let tag = self.next_tag(step);
+            Self::collective(step, comm.reduce_scatter_tensor(grad, tag))?;
+            self.loss_and_norm_over_shards(step, loss_share, sum_of_squares(&mine)?, comm)?
+        };
+        times.comm += t.elapsed().as_secs_f64();
+        let t = Instant::now();
+        self.update_shard(&mine, norm, lr)?;
+        times.compute += t.elapsed().as_secs_f64();
+        if w > 1 {
+            let t = Instant::now();
+            let tag = self.next_tag(step);
+            Self::collective(step, comm.all_gather_tensor(full, tag))?;
+            times.comm += t.elapsed().as_secs_f64();
+        }
+        Ok((loss, norm))
+    }
+
     /// All-gathers stage `unit`'s parameters (`zero3`) into a fresh flat leaf (padded) that
     /// records gradients, and returns it with its per-parameter views.
     fn gather_unit(&mut self, unit: usize, step: u64, comm: &mut dyn Comm, grad: bool) -> Result<(Tensor, Vec<Tensor>), TrainerError> {
         let State::Sharded(s) = &self.state else { unreachable!("zero3 keeps a shard") };
-        let (chunk, at) = (s.layout.chunk_len(unit), s.layout.shard_offset(unit));
-        let mine = host_vec(&s.shard.narrow(0, at as i64, chunk as i64));
-        let mut flat = vec![0f32; s.layout.padded_len(unit)];
-        flat[self.rank * chunk..(self.rank + 1) * chunk].copy_from_slice(&mine);
+        let (chunk, at) = (s.layout.chunk_len(unit) as i64, s.layout.shard_offset(unit) as i64);
+        let flat = Tensor::f_zeros([s.layout.padded_len(unit) as i64], (Kind::Float, self.device))?;
+        flat.narrow(0, self.rank as i64 * chunk, chunk).f_copy_(&s.shard.narrow(0, at, chunk))?;
         if self.world_size > 1 {
             let tag = self.next_tag(step);
-            flat = Self::collective(step, comm.all_gather(flat, tag))?;
+            Self::collective(step, comm.all_gather_tensor(&flat, tag))?;
         }
-        let leaf = tensor_of(&flat, self.device)?.f_set_requires_grad(grad)?;
+        let leaf = flat.f_set_requires_grad(grad)?;
         let range = self.model.stage_params()[unit].clone();
         let views = param_views(&leaf, &self.model.param_shapes()[range])?;
         Ok((leaf, views))
     }
 
     /// Reduce-scatters stage `unit`'s gradient (`zero3`) and adds this rank's chunk to `acc`.
-    fn scatter_unit_grad(&mut self, unit: usize, leaf: &Tensor, acc: &mut [f32], step: u64, comm: &mut dyn Comm) -> Result<(), TrainerError> {
+    fn scatter_unit_grad(&mut self, unit: usize, leaf: &Tensor, acc: &Tensor, step: u64, comm: &mut dyn Comm) -> Result<(), TrainerError> {
         let State::Sharded(s) = &self.state else { unreachable!() };
-        let (chunk, at) = (s.layout.chunk_len(unit), s.layout.shard_offset(unit));
-        let mut flat = host_vec(&leaf.grad());
+        let (chunk, at) = (s.layout.chunk_len(unit) as i64, s.layout.shard_offset(unit) as i64);
+        let grad = leaf.grad().f_contiguous()?;
         if self.world_size > 1 {
             let tag = self.next_tag(step);
-            flat = Self::collective(step, comm.reduce_scatter(flat, tag))?;
+            Self::collective(step, comm.reduce_scatter_tensor(&grad, tag))?;
         }
-        for (a, g) in acc[at..at + chunk].iter_mut().zip(&flat[self.rank * chunk..(self.rank + 1) * chunk]) {
-            *a += g;
-        }
+        let _ = acc.narrow(0, at, chunk).f_add_(&grad.narrow(0, self.rank as i64 * chunk, chunk))?;
         Ok(())
     }
 
@@ -657,7 +727,7 @@ impl Trainer {
     fn zero3_step(&mut self, step: u64, batches: &[(Tensor, Tensor, f64)], lr: f64, comm: &mut dyn Comm, times: &mut Times) -> Result<(f64, f64), TrainerError> {
         let t = Instant::now();
         let State::Sharded(s) = &self.state else { unreachable!() };
-        let mut acc = vec![0f32; s.layout.shard_len()];
+        let acc = Tensor::f_zeros([s.layout.shard_len() as i64], (Kind::Float, self.device))?;
         let stages = self.model.stage_params().len();
         let (inputs, head_inputs) = self.zero3_forward(step, batches, true, comm)?;
 
@@ -675,8 +745,8 @@ impl Trainer {
         }
         let loss_share = share.value()?;
         drop((e, f));
-        self.scatter_unit_grad(0, &e_leaf, &mut acc, step, comm)?;
-        self.scatter_unit_grad(stages - 1, &f_leaf, &mut acc, step, comm)?;
+        self.scatter_unit_grad(0, &e_leaf, &acc, step, comm)?;
+        self.scatter_unit_grad(stages - 1, &f_leaf, &acc, step, comm)?;
         drop((e_leaf, f_leaf));
 
         // Blocks, last to first: gather, recompute from the kept input, back-propagate.
@@ -690,7 +760,7 @@ impl Trainer {
                 upstream[m] = x.grad();
             }
             drop(p);
-            self.scatter_unit_grad(unit, &leaf, &mut acc, step, comm)?;
+            self.scatter_unit_grad(unit, &leaf, &acc, step, comm)?;
         }
         // The embeddings.
         let (leaf, e) = self.gather_unit(0, step, comm, true)?;
@@ -700,19 +770,18 @@ impl Trainer {
             y.f_mul(&upstream[m])?.f_sum(Kind::Float)?.f_backward()?;
         }
         drop(e);
-        self.scatter_unit_grad(0, &leaf, &mut acc, step, comm)?;
+        self.scatter_unit_grad(0, &leaf, &acc, step, comm)?;
         drop(leaf);
         times.compute += t.elapsed().as_secs_f64();
 
-        let (loss, norm) = self.loss_and_norm_over_shards(step, loss_share, &acc, comm)?;
-        self.update_shard(acc, norm, lr)?;
+        let (loss, norm) = self.loss_and_norm_over_shards(step, loss_share, sum_of_squares(&acc)?, comm)?;
+        self.update_shard(&acc, norm, lr)?;
         Ok((loss, norm))
     }
 
-    /// The step's loss and the gradient's global norm from every rank's loss share and shard
-    /// of the gradient `grad` (one small all-reduce of both; none in a world of one).
-    fn loss_and_norm_over_shards(&mut self, step: u64, loss_share: f64, grad: &[f32], comm: &mut dyn Comm) -> Result<(f64, f64), TrainerError> {
-        let sum_sq = model::sum_of_squares(grad);
+    /// The step's loss and the gradient's global norm from every rank's loss share and its
+    /// shard's sum of squares `sum_sq` (one small all-reduce of both; none in a world of one).
+    fn loss_and_norm_over_shards(&mut self, step: u64, loss_share: f64, sum_sq: f64, comm: &mut dyn Comm) -> Result<(f64, f64), TrainerError> {
         if self.world_size == 1 {
             return Ok((loss_share, sum_sq.sqrt()));
         }
@@ -721,12 +790,12 @@ impl Trainer {
         Ok((f64::from(totals[0]), f64::from(totals[1]).sqrt()))
     }
 
-    /// Clips this rank's shard of the gradient by the global `norm` and applies AdamW to this
-    /// rank's shard of the parameters.
-    fn update_shard(&mut self, mut grad: Vec<f32>, norm: f64, lr: f64) -> Result<(), TrainerError> {
-        model::clip_flat(&mut grad, norm, self.config.train.grad_clip);
+    /// Clips this rank's shard of the gradient `grad` (in place) by the global `norm` and
+    /// applies AdamW to this rank's shard of the parameters.
+    fn update_shard(&mut self, grad: &Tensor, norm: f64, lr: f64) -> Result<(), TrainerError> {
+        model::clip_tensor(grad, norm, self.config.train.grad_clip);
         let State::Sharded(s) = &mut self.state else { unreachable!("only sharded states have a shard") };
-        s.optimizer.step(&s.shard, &tensor_of(&grad, self.device)?, lr);
+        s.optimizer.step(&s.shard, grad, lr);
         Ok(())
     }
 
@@ -1038,26 +1107,34 @@ mod tests {
         on_device: bool,
     }
 
-    impl Comm for InMemory {
-        fn all_reduce(&mut self, data: Vec<f32>, _: CollectiveTag) -> Result<Vec<f32>, String> {
+    impl InMemory {
+        /// Deposits `data`, then combines both ranks' buffers with `f` once both are there.
+        fn exchange(&mut self, data: Vec<f32>, f: impl FnOnce(&[Vec<f32>; 2]) -> Vec<f32>) -> Vec<f32> {
             self.slots.lock().unwrap()[self.rank] = data;
             self.barrier.wait();
-            let sum = {
-                let slots = self.slots.lock().unwrap();
-                slots[0].iter().zip(&slots[1]).map(|(a, b)| a + b).collect()
-            };
-            // Both have read the sum before either deposits its next buffer.
+            let out = f(&self.slots.lock().unwrap());
+            // Both have read before either deposits its next buffer.
             self.barrier.wait();
-            Ok(sum)
+            out
         }
-        fn reduce_scatter(&mut self, _: Vec<f32>, _: CollectiveTag) -> Result<Vec<f32>, String> {
-            Err("not used by ddp".into())
+    }
+
+    impl Comm for InMemory {
+        fn all_reduce(&mut self, data: Vec<f32>, _: CollectiveTag) -> Result<Vec<f32>, String> {
+            Ok(self.exchange(data, |s| s[0].iter().zip(&s[1]).map(|(a, b)| a + b).collect()))
         }
-        fn all_gather(&mut self, _: Vec<f32>, _: CollectiveTag) -> Result<Vec<f32>, String> {
-            Err("not used by ddp".into())
+        fn reduce_scatter(&mut self, data: Vec<f32>, tag: CollectiveTag) -> Result<Vec<f32>, String> {
+            // Every chunk summed: chunk `rank` is what the caller keeps.
+            self.all_reduce(data, tag)
+        }
+        fn all_gather(&mut self, data: Vec<f32>, _: CollectiveTag) -> Result<Vec<f32>, String> {
+            Ok(self.exchange(data, |s| {
+                let half = s[0].len() / 2;
+                s[0][..half].iter().chain(&s[1][half..]).copied().collect()
+            }))
         }
         fn broadcast(&mut self, _: Vec<f32>, _: u32, _: CollectiveTag) -> Result<Vec<f32>, String> {
-            Err("not used by ddp".into())
+            Err("not used".into())
         }
         fn works_on_device(&self) -> bool {
             self.on_device
@@ -1088,7 +1165,7 @@ mod tests {
         .clone()
     }
 
-    fn config(bucket_mb: f64) -> Config {
+    fn config(bucket_mb: f64, strategy: Strategy) -> Config {
         let mut config = Config::default_config();
         config.data.dir = data_dir();
         config.model.n_layer = 2;
@@ -1099,20 +1176,21 @@ mod tests {
         config.train.micro_batch = 2;
         config.train.warmup_steps = 1;
         // Clipping takes part: the norm of this tiny model's gradient is above it.
-        config.train.grad_clip = 0.5;
+        config.train.grad_clip = 0.05;
         config.parallel.bucket_mb = bucket_mb;
+        config.parallel.strategy = strategy;
         config
     }
 
     /// Trains `steps` steps with two ranks; returns each rank's parameters and the losses.
-    fn train_pair(on_device: bool, bucket_mb: f64, steps: u64) -> Vec<(Vec<f32>, Vec<f64>, usize)> {
+    fn train_pair(on_device: bool, bucket_mb: f64, strategy: Strategy, steps: u64) -> Vec<(Vec<f32>, Vec<f64>, usize)> {
         let slots = Arc::new(Mutex::new([Vec::new(), Vec::new()]));
         let barrier = Arc::new(Barrier::new(2));
         let ranks: Vec<_> = (0..2)
             .map(|rank| {
                 let mut comm = InMemory { rank, slots: slots.clone(), barrier: barrier.clone(), on_device };
                 let setup = TrainerSetup {
-                    config: config(bucket_mb),
+                    config: config(bucket_mb, strategy),
                     rank,
                     world_size: 2,
                     device: Device::Cpu,
@@ -1122,8 +1200,15 @@ mod tests {
                 std::thread::spawn(move || {
                     let mut trainer = Trainer::new(setup).expect("trainer");
                     trainer.set_membership(1, rank, 2).unwrap();
-                    let losses: Vec<f64> = (0..steps).map(|s| trainer.step(s, &mut comm).expect("step").loss).collect();
-                    (model::flatten(&trainer.model().parameter_tensors()), losses, trainer.buckets.len())
+                    let reports: Vec<StepReport> = (0..steps).map(|s| trainer.step(s, &mut comm).expect("step")).collect();
+                    // Clipping takes part: every step's norm is above train.grad_clip.
+                    assert!(reports.iter().all(|r| r.grad_norm > 0.05), "{reports:?}");
+                    let losses: Vec<f64> = reports.iter().map(|r| r.loss).collect();
+                    let params = match &trainer.state {
+                        State::Replica { params, .. } => model::flatten(params),
+                        State::Sharded(s) => host_vec(&s.shard),
+                    };
+                    (params, losses, trainer.buckets.len())
                 })
             })
             .collect();
@@ -1133,22 +1218,42 @@ mod tests {
     #[test]
     fn gradients_reduced_in_buckets_as_tensors_train_exactly_like_the_host_path() {
         // 16 KiB buckets: the 2-layer model's ~30 parameters fall into several.
-        let bucketed = train_pair(true, 1.0 / 64.0, 3);
-        let host = train_pair(false, 1.0 / 64.0, 3);
+        let bucketed = train_pair(true, 1.0 / 64.0, Strategy::Ddp, 3);
+        let host = train_pair(false, 1.0 / 64.0, Strategy::Ddp, 3);
         assert!(bucketed[0].2 > 3, "{} buckets", bucketed[0].2);
         assert_eq!(bucketed[0].0, bucketed[1].0, "both ranks hold the same parameters");
         assert_eq!(bucketed[0].1, bucketed[1].1, "and report the same losses");
         assert_eq!(bucketed[0].0, host[0].0, "the bucketed path gives the host path's parameters, bit for bit");
         assert_eq!(bucketed[0].1, host[0].1);
         // One bucket for the whole model gives the same too.
-        let one = train_pair(true, 1024.0, 3);
+        let one = train_pair(true, 1024.0, Strategy::Ddp, 3);
         assert_eq!(one[0].2, 1);
         assert_eq!(one[0].0, bucketed[0].0);
     }
 
+    /// The sharded strategies' device path (flat buffers reduced, scattered and gathered in
+    /// place, as under NCCL) against their host path: the same training, up to the order in
+    /// which the gradient's norm is summed.
+    #[test]
+    fn sharded_strategies_train_alike_on_the_device_path_and_the_host_path() {
+        for strategy in [Strategy::Zero1, Strategy::Zero2, Strategy::Zero3] {
+            let device = train_pair(true, 25.0, strategy, 3);
+            let host = train_pair(false, 25.0, strategy, 3);
+            for rank in 0..2 {
+                let (a, b) = (&device[rank], &host[rank]);
+                let diff = a.0.iter().zip(&b.0).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+                println!("{strategy} rank {rank}: parameters differ by {diff} after 3 steps");
+                assert!(diff < 1e-5, "{strategy} rank {rank}: parameters differ by {diff}");
+                for (x, y) in a.1.iter().zip(&b.1) {
+                    assert!((x - y).abs() < 1e-6, "{strategy}: losses {:?} and {:?}", a.1, b.1);
+                }
+            }
+        }
+    }
+
     #[test]
     fn bf16_is_refused_on_the_cpu_with_the_fix() {
-        let mut config = config(25.0);
+        let mut config = config(25.0, Strategy::Ddp);
         config.train.precision = troupe_common::config::Precision::Bf16;
         let setup = TrainerSetup { config, rank: 0, world_size: 1, device: Device::Cpu, resume_from: None, start_step: 0 };
         let err = Trainer::new(setup).err().expect("refused").to_string();

@@ -208,6 +208,16 @@ pub fn clip_flat(flat: &mut [f32], norm: f64, max_norm: f64) {
     }
 }
 
+/// As [`clip_flat`], on a tensor (a rank's shard of the gradient, on any device), in place:
+/// libtorch multiplies a float tensor by the scale in float, so on the CPU the values are
+/// those of [`clip_flat`].
+pub fn clip_tensor(t: &Tensor, norm: f64, max_norm: f64) {
+    if let Some(scale) = clip_scale(norm, max_norm) {
+        let _no_grad = tch::no_grad_guard();
+        let _ = t.shallow_clone().g_mul_scalar_(scale);
+    }
+}
+
 /// The factor that brings a gradient of global norm `norm` down to `max_norm` (PyTorch's
 /// `clip_grad_norm_`, with its 1e-6 guard), or None when it needs no clipping: below the
 /// threshold, clipping disabled (`max_norm` <= 0), or a non-finite norm (left for the caller).

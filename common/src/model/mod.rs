@@ -17,7 +17,7 @@ pub mod rng;
 
 pub use gpt::{Gpt, GptConfig, KvCache, Sampling};
 pub use rng::Rng;
-pub use grads::{clip_flat, clip_flat_grads, clip_grad_norm, flat_grad_norm, flat_grads, flatten, flatten_range, sum_of_squares, grad_norm, set_flat_grads, total_numel, unflatten_into, zero_grads};
+pub use grads::{clip_flat, clip_flat_grads, clip_tensor, clip_grad_norm, flat_grad_norm, flat_grads, flatten, flatten_range, sum_of_squares, grad_norm, set_flat_grads, total_numel, unflatten_into, zero_grads};
 pub use optim::{lr_at, AdamW, AdamWConfig, ShardAdamW};
 
 use std::path::PathBuf;

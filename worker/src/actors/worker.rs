@@ -892,6 +892,20 @@ impl Comm for NcclLink {
         }
         self.comm.all_reduce_sum(t).map_err(|e| format!("{tag}: {e}"))
     }
+    fn reduce_scatter_tensor(&mut self, t: &Tensor, tag: CollectiveTag) -> Result<(), String> {
+        if t.device() != self.device {
+            let reduced = self.reduce_scatter(troupe_common::model::flatten(std::slice::from_ref(t)), tag)?;
+            return troupe_common::model::unflatten_into(std::slice::from_ref(t), &reduced).map_err(|e| e.to_string());
+        }
+        self.comm.reduce_scatter_sum(t).map_err(|e| format!("{tag}: {e}"))
+    }
+    fn all_gather_tensor(&mut self, t: &Tensor, tag: CollectiveTag) -> Result<(), String> {
+        if t.device() != self.device {
+            let gathered = self.all_gather(troupe_common::model::flatten(std::slice::from_ref(t)), tag)?;
+            return troupe_common::model::unflatten_into(std::slice::from_ref(t), &gathered).map_err(|e| e.to_string());
+        }
+        self.comm.all_gather(t).map_err(|e| format!("{tag}: {e}"))
+    }
 }
 
 /// The trainer's collectives in its current generation.
