@@ -69,6 +69,11 @@ say "gpu: $(head -n1 "$out/nvidia-smi.txt")"
 if [ -n "$binary" ]; then
     binary="$(cd "$(dirname "$binary")" && pwd)/$(basename "$binary")"
     torch_dir="$(python3 -c 'import os, torch; print(os.path.dirname(torch.__file__))')"
+    torch_version="$(python3 -c 'import torch; print(torch.__version__)')"
+    case "$torch_version" in
+        2.11.0*) ;;
+        *) echo "gpu-check: python3's torch is $torch_version; troupe (tch 0.24) needs PyTorch 2.11.0" >&2; exit 1 ;;
+    esac
     # cudarc loads NCCL as libnccl.so; the wheel ships libnccl.so.2: link it in a folder of
     # its own on the library path (the process then shares torch's copy).
     nccl="$(find "$(dirname "$torch_dir")/nvidia" -name libnccl.so.2 -print -quit 2>/dev/null || true)"

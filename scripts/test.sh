@@ -92,7 +92,7 @@ else
     cargo test --release --quiet -p troupe-worker --features cuda --lib nccl
 fi
 if cargo nextest --version >/dev/null 2>&1; then
-    exec cargo nextest run --release --workspace "${features[@]}" --no-fail-fast "$@"
+    exec cargo nextest run --release --workspace ${features[@]+"${features[@]}"} --no-fail-fast "$@"
 else
-    exec cargo test --release --workspace "${features[@]}" --no-fail-fast "$@"
+    exec cargo test --release --workspace ${features[@]+"${features[@]}"} --no-fail-fast "$@"
 fi

@@ -67,11 +67,15 @@ pub fn run(args: GpuCheckArgs) -> anyhow::Result<ExitCode> {
         report.check("bf16 autocast", check_autocast(gpu));
         report.check("model on cuda matches cpu", check_model(gpu));
         report.check("nccl available", nccl::available().map(|()| "libnccl and libcuda load".to_string()).map_err(Into::into));
-        match NcclComm::init(&nccl::unique_id()?, 0, 1, 0, Duration::from_secs(60)) {
+        // Every failure below is a failed check, reported with the others, never an early exit.
+        match nccl::unique_id().and_then(|id| NcclComm::init(&id, 0, 1, 0, Duration::from_secs(60))) {
             Ok(mut comm) => {
                 report.check("nccl collectives (world 1)", check_collectives(&mut comm, gpu));
                 report.check("nccl refuses a cpu tensor", check_refusal(&mut comm));
-                timings = time_collectives(&mut comm, gpu, args.nccl_max_mib, args.repeats.max(1))?;
+                match time_collectives(&mut comm, gpu, args.nccl_max_mib, args.repeats.max(1)) {
+                    Ok(t) => timings = t,
+                    Err(e) => report.check("nccl timings", Err(e)),
+                }
             }
             Err(e) => report.check("nccl communicator (world 1)", Err(e.into())),
         }

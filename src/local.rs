@@ -136,6 +136,7 @@ pub async fn run_local(args: LocalArgs) -> anyhow::Result<ExitCode> {
             }
             config.cluster.workers = devices.len();
             config.cluster.min_workers = config.cluster.min_workers.min(devices.len());
+            config.validate().with_context(|| format!("with one worker per GPU ({} GPUs)", devices.len()))?;
             devices.into_iter().map(troupe_common::device::device_name).collect()
         }
         None => vec!["cpu".to_string(); config.cluster.workers],

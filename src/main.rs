@@ -550,10 +550,11 @@ async fn run_worker(args: WorkerArgs) -> anyhow::Result<ExitCode> {
         "auto" => Some(format!("{default_ip}:0").parse().expect("constant address")),
         other => Some(other.parse().with_context(|| format!("--metrics-listen {other:?} is not an IP:port address"))?),
     };
-    let device = args
-        .device
-        .parse::<troupe_common::device::DeviceRequest>()
-        .and_then(|request| request.resolve(troupe_common::device::cuda_device_count()))?;
+    let device = match args.device.parse::<troupe_common::device::DeviceRequest>()? {
+        // A CPU worker on a GPU machine does not start the CUDA driver.
+        troupe_common::device::DeviceRequest::Cpu => tch::Device::Cpu,
+        request => request.resolve(troupe_common::device::cuda_device_count())?,
+    };
     tracing::info!("computing on {}", troupe_common::device::device_name(device));
     let tls = match &args.tls_dir {
         None => troupe_common::net::TlsSetup::default(),

@@ -163,6 +163,9 @@ pub struct Core {
     generation: u64,
     /// How the current generation's ranks combine gradients.
     collective: CollectiveKind,
+    /// NCCL could not form a communicator in this run (`parallel.collective = "auto"`): the
+    /// rest of the run uses the ring rather than fail the same way again.
+    nccl_failed: bool,
     /// The newest committed checkpoint (at first, the one this run resumes from).
     latest_checkpoint: Option<ResumeFrom>,
     /// Completed optimizer steps.
@@ -202,6 +205,7 @@ impl Core {
             phase: Phase::Gathering,
             workers: BTreeMap::new(),
             collective: CollectiveKind::Ring,
+            nccl_failed: false,
             ranks: Vec::new(),
             generation: 0,
             latest_checkpoint: resume,
@@ -578,7 +582,7 @@ impl Core {
         match self.config.parallel.collective {
             CollectiveBackend::Ring => Ok(CollectiveKind::Ring),
             _ if self.ranks.len() < 2 => Ok(CollectiveKind::Ring),
-            CollectiveBackend::Auto if unable.is_empty() => Ok(CollectiveKind::Nccl),
+            CollectiveBackend::Auto if unable.is_empty() && !self.nccl_failed => Ok(CollectiveKind::Nccl),
             CollectiveBackend::Auto => Ok(CollectiveKind::Ring),
             CollectiveBackend::Nccl if unable.is_empty() => Ok(CollectiveKind::Nccl),
             CollectiveBackend::Nccl => Err(format!(
@@ -646,8 +650,21 @@ impl Core {
                 if generation != self.generation || !matches!(self.phase, Phase::Forming | Phase::Syncing | Phase::Training) {
                     return;
                 }
-                let at = step.map_or("forming the ring".to_string(), |s| format!("step {s}"));
+                let forming = match self.collective {
+                    CollectiveKind::Ring => "forming the ring",
+                    CollectiveKind::Nccl => "forming the NCCL communicator",
+                };
+                let at = step.map_or(forming.to_string(), |s| format!("step {s}"));
                 let why = format!("{} reports a failed collective ({at}): {error}", self.describe(id));
+                if step.is_none() && self.collective == CollectiveKind::Nccl && self.config.parallel.collective == CollectiveBackend::Auto {
+                    // NCCL that cannot even form (two ranks on one GPU, no route between the
+                    // hosts, a library problem) would fail the same way again: fall back.
+                    self.nccl_failed = true;
+                    out.push(Command::Record(RunEvent::Warning {
+                        step: self.completed,
+                        message: format!("{why}; the rest of the run averages over the QUIC ring (parallel.collective = \"auto\")"),
+                    }));
+                }
                 self.failed_regroups += 1;
                 if self.failed_regroups > MAX_FAILED_REGROUPS {
                     self.abort(format!("{why}; {MAX_FAILED_REGROUPS} new rings in a row failed without completing a step"), out);
@@ -1647,5 +1664,26 @@ mod tests {
         let mut sim = Sim::new(c);
         let cmds = join_gpu(&mut sim, 1, false);
         assert!(matches!(&assigns(&cmds)[..], [(1, Assignment { collective: CollectiveKind::Ring, .. })]));
+    }
+
+    #[test]
+    fn under_auto_an_nccl_communicator_that_cannot_form_falls_back_to_the_ring() {
+        let mut sim = Sim::new(config(2, 10));
+        join_gpu(&mut sim, 1, true);
+        join_gpu(&mut sim, 2, true);
+        let generation = sim.core.generation();
+        let cmds = sim.from(2, ToCoordinator::CollectiveFailed { generation, step: None, error: "ncclInvalidUsage: duplicate GPU".into() });
+        assert!(records(&cmds).iter().any(|e| matches!(e, RunEvent::Warning { message, .. }
+            if message.contains("forming the NCCL communicator") && message.contains("duplicate GPU") && message.contains("averages over the QUIC ring"))), "{cmds:?}");
+        let a = assigns(&cmds);
+        assert_eq!(a.len(), 2);
+        assert!(a.iter().all(|(_, a)| a.collective == CollectiveKind::Ring), "{a:?}");
+        // A failed step (not formation) is no reason to give NCCL up.
+        let mut sim = Sim::new(config(2, 10));
+        join_gpu(&mut sim, 1, true);
+        join_gpu(&mut sim, 2, true);
+        let generation = sim.core.generation();
+        let cmds = sim.from(2, ToCoordinator::CollectiveFailed { generation, step: Some(0), error: "timed out".into() });
+        assert!(assigns(&cmds).iter().all(|(_, a)| a.collective == CollectiveKind::Nccl));
     }
 }

@@ -64,6 +64,13 @@ pub enum NcclError {
         rank: u32,
         after: Duration,
     },
+    /// The worker abandoned the operation (or joining) because its membership generation
+    /// ended; the communicator was aborted.
+    #[error(
+        "rank {rank}: NCCL {op} abandoned: the coordinator started a new membership generation \
+         (a rank failed or left, or one joined); this rank aborted its communicator"
+    )]
+    Cancelled { op: &'static str, rank: u32 },
     /// A CUDA driver call made around an NCCL operation failed.
     #[error(
         "rank {rank}: {what} failed on CUDA device {device}: {message}; a CUDA call failed on \
@@ -293,8 +300,14 @@ pub struct NcclComm {
     timeout: Duration,
     /// The text of the failure that aborted the communicator; once set, every call fails.
     first_failure: Option<String>,
+    /// Asked while waiting on NCCL: true once the wait should be given up (the membership
+    /// generation ended), which aborts the communicator at once instead of at the timeout.
+    cancelled: Cancel,
     handle: backend::Handle,
 }
+
+/// Whether to give up a wait on NCCL now (see [`NcclComm::init_cancellable`]).
+pub type Cancel = Box<dyn Fn() -> bool + Send>;
 
 // The communicator is used by one thread at a time (`&mut self`), and every call binds the
 // CUDA context to the calling thread first, so moving it to another thread is sound.
@@ -315,18 +328,37 @@ impl NcclComm {
         device: usize,
         timeout: Duration,
     ) -> Result<NcclComm, NcclError> {
+        Self::init_cancellable(id, rank, world, device, timeout, timeout, Box::new(|| false))
+    }
+
+    /// As [`NcclComm::init`], waiting up to `join_timeout` for the other ranks to join (they
+    /// may still be loading a checkpoint), and every wait (joining, each operation) also ends
+    /// as soon as `cancelled` returns true: the communicator is then aborted and the call
+    /// returns [`NcclError::Cancelled`]. A worker passes "my membership generation is over", so
+    /// that a rank blocked in a collective whose peer died is released when the coordinator
+    /// re-forms the group rather than at the timeout.
+    pub fn init_cancellable(
+        id: &[u8],
+        rank: u32,
+        world: u32,
+        device: usize,
+        timeout: Duration,
+        join_timeout: Duration,
+        cancelled: Cancel,
+    ) -> Result<NcclComm, NcclError> {
         let id: &[u8; UNIQUE_ID_BYTES] = id
             .try_into()
             .map_err(|_| NcclError::BadId { len: id.len() })?;
         check_membership(rank, world)?;
         available()?;
-        let handle = backend::init(id, rank, world, device, timeout)?;
+        let handle = backend::init(id, rank, world, device, join_timeout, &*cancelled)?;
         Ok(NcclComm {
             rank,
             world,
             device,
             timeout,
             first_failure: None,
+            cancelled,
             handle,
         })
     }
@@ -422,6 +454,7 @@ impl NcclComm {
             self.rank,
             self.device,
             self.timeout,
+            &*self.cancelled,
             coll,
         );
         if let Err(e) = &result {
@@ -483,6 +516,7 @@ mod backend {
         _world: u32,
         _device: usize,
         _timeout: Duration,
+        _cancelled: &dyn Fn() -> bool,
     ) -> Result<Handle, NcclError> {
         Err(NcclError::Unavailable(NOT_BUILT.to_string()))
     }
@@ -493,6 +527,7 @@ mod backend {
         _rank: u32,
         _device: usize,
         _timeout: Duration,
+        _cancelled: &dyn Fn() -> bool,
         _coll: Coll,
     ) -> Result<(), NcclError> {
         match *handle {}
@@ -659,6 +694,7 @@ mod backend {
         world: u32,
         device: usize,
         timeout: Duration,
+        cancelled: &dyn Fn() -> bool,
     ) -> Result<Handle, NcclError> {
         let cuda = |what: &'static str| {
             move |e: DriverError| NcclError::Cuda {
@@ -712,7 +748,7 @@ mod backend {
         ) {
             return Err(failed(comm, code));
         }
-        match poll(comm, None, deadline) {
+        match poll(comm, None, deadline, cancelled) {
             Poll::Done => Ok(Handle {
                 comm,
                 event,
@@ -732,6 +768,10 @@ mod backend {
                 abort(comm);
                 Err(cuda("waiting for init")(e))
             }
+            Poll::Cancelled => {
+                abort(comm);
+                Err(NcclError::Cancelled { op: "init", rank })
+            }
         }
     }
 
@@ -741,6 +781,7 @@ mod backend {
         rank: u32,
         device: usize,
         timeout: Duration,
+        cancelled: &dyn Fn() -> bool,
         coll: Coll,
     ) -> Result<(), NcclError> {
         let cuda = |what: &'static str, e: DriverError| NcclError::Cuda {
@@ -771,7 +812,7 @@ mod backend {
             sys::ncclResult_t::ncclSuccess => {}
             // Non-blocking communicator: the operation is being enqueued in the background;
             // it is on the stream once the communicator's state is success again.
-            sys::ncclResult_t::ncclInProgress => match poll(h.comm, None, deadline) {
+            sys::ncclResult_t::ncclInProgress => match poll(h.comm, None, deadline, cancelled) {
                 Poll::Done => {}
                 Poll::Failed(code) => {
                     let e = op_failed(h.comm, code);
@@ -788,6 +829,7 @@ mod backend {
                     )
                 }
                 Poll::Cuda(e) => return fail(h, cuda("enqueueing the collective", e)),
+                Poll::Cancelled => return fail(h, NcclError::Cancelled { op, rank }),
             },
             code => {
                 let e = op_failed(h.comm, code);
@@ -797,7 +839,7 @@ mod backend {
         if let Err(e) = h.event.record(&h.stream) {
             return fail(h, cuda("recording a CUDA event after the collective", e));
         }
-        match poll(h.comm, Some(&h.event), deadline) {
+        match poll(h.comm, Some(&h.event), deadline, cancelled) {
             Poll::Done => Ok(()),
             Poll::Failed(code) => {
                 let e = op_failed(h.comm, code);
@@ -812,6 +854,7 @@ mod backend {
                 },
             ),
             Poll::Cuda(e) => fail(h, cuda("waiting for the collective", e)),
+            Poll::Cancelled => fail(h, NcclError::Cancelled { op, rank }),
         }
     }
 
@@ -849,11 +892,12 @@ mod backend {
         Failed(sys::ncclResult_t),
         TimedOut,
         Cuda(DriverError),
+        Cancelled,
     }
 
     /// Waits until the communicator's state is success and, if given, `event` has completed;
-    /// gives up on an NCCL error, a CUDA error, or at `deadline`.
-    fn poll(comm: sys::ncclComm_t, event: Option<&CudaEvent>, deadline: Instant) -> Poll {
+    /// gives up on an NCCL error, a CUDA error, at `deadline`, or once `cancelled()`.
+    fn poll(comm: sys::ncclComm_t, event: Option<&CudaEvent>, deadline: Instant, cancelled: &dyn Fn() -> bool) -> Poll {
         let mut pause = FIRST_PAUSE;
         loop {
             let mut state = sys::ncclResult_t::ncclSuccess;
@@ -876,6 +920,9 @@ mod backend {
             }
             if Instant::now() >= deadline {
                 return Poll::TimedOut;
+            }
+            if cancelled() {
+                return Poll::Cancelled;
             }
             std::thread::sleep(pause);
             pause = (pause * 2).min(MAX_PAUSE);
@@ -1025,6 +1072,8 @@ mod tests {
             message: String::new(),
         };
         assert_eq!(e.to_string(), describe("init", 2, 3, ""));
+        let e = NcclError::Cancelled { op: "all_gather", rank: 4 };
+        assert!(e.to_string().starts_with("rank 4: NCCL all_gather abandoned: the coordinator started a new membership generation"), "{e}");
     }
 
     #[test]
@@ -1155,7 +1204,7 @@ mod gpu_tests {
 
     /// True when a CUDA device is present; panics if none is but one is required.
     fn have_cuda(devices: i64) -> bool {
-        let found = tch::Cuda::device_count();
+        let found = troupe_common::device::cuda_device_count() as i64;
         if found >= devices {
             return true;
         }
@@ -1243,7 +1292,7 @@ mod gpu_tests {
     /// Two ranks on two GPUs of this machine (NCCL refuses two ranks on one GPU).
     #[test]
     fn two_ranks_sum_scatter_gather_and_broadcast() {
-        if tch::Cuda::device_count() < 2 {
+        if troupe_common::device::cuda_device_count() < 2 {
             println!("skipped: fewer than 2 CUDA devices");
             return;
         }

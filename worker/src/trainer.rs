@@ -617,11 +617,12 @@ impl Trainer {
     }
 
     /// Whether the sharded strategies keep every buffer on the device: with collectives that
-    /// work there (NCCL), or on a GPU (where the ring's tensor methods stage through the host
-    /// once per collective). On the CPU with the ring, buffers live in host memory and the
-    /// host path below keeps zero1 bit-identical to ddp.
+    /// work there (NCCL), or alone on a GPU. Otherwise (the ring) buffers go through host
+    /// memory, and the host path keeps zero1 bit-identical to ddp. The choice must be the same
+    /// on every rank, since the two zero1 paths issue different collectives: it depends on the
+    /// generation's backend and world size only, never on this rank's device.
     fn shards_on_device(&self, comm: &dyn Comm) -> bool {
-        comm.works_on_device() || self.device.is_cuda()
+        comm.works_on_device() || (self.world_size == 1 && self.device.is_cuda())
     }
 
     /// `zero1`/`zero2` without leaving the device: the flat gradient `grad` is all-reduced

@@ -841,6 +841,9 @@ impl Comm for RingHandle {
     }
 }
 
+/// Joining an NCCL communicator may take this many collective timeouts.
+const NCCL_JOIN_TIMEOUTS: u32 = 10;
+
 /// The trainer's collectives over an NCCL communicator. Tensors on this worker's GPU are
 /// combined where they are; host buffers (the paths that stage through host memory: the
 /// sharded strategies and state sync) are copied to the GPU and back. NCCL has no tags: every
@@ -851,11 +854,21 @@ struct NcclLink {
 }
 
 impl NcclLink {
-    fn join(id: &[u8], rank: u32, world: u32, device: Device, timeout: Duration) -> Result<NcclLink, String> {
+    /// Joins generation `generation`'s communicator. Every wait on it (joining, each
+    /// collective) ends at once when `latest` moves past that generation, as the ring's
+    /// collectives do: a rank blocked on a dead peer is released when the coordinator re-forms
+    /// the group, not at the timeout.
+    fn join(id: &[u8], rank: u32, world: u32, device: Device, timeout: Duration, generation: u64, latest: &watch::Receiver<u64>) -> Result<NcclLink, String> {
         let Device::Cuda(index) = device else {
             return Err(format!("NCCL needs a CUDA device, this worker computes on {}", troupe_common::device::device_name(device)));
         };
-        let comm = NcclComm::init(id, rank, world, index, timeout).map_err(|e| e.to_string())?;
+        let latest = latest.clone();
+        let cancelled = Box::new(move || *latest.borrow() != generation);
+        // Joining waits for the slowest rank to build its model (or load a checkpoint), so it
+        // gets longer than one collective; a rank that died is noticed by the coordinator,
+        // whose new generation cancels the wait.
+        let join_timeout = timeout * NCCL_JOIN_TIMEOUTS;
+        let comm = NcclComm::init_cancellable(id, rank, world, index, timeout, join_timeout, cancelled).map_err(|e| e.to_string())?;
         Ok(NcclLink { comm, device })
     }
 
@@ -988,7 +1001,7 @@ fn run_command(trainer: &mut Trainer, link: &mut Link, cmd: TrainerCmd, latest: 
             *link = match plan {
                 LinkPlan::Alone => Link::Alone(Alone),
                 LinkPlan::Ring(actor) => Link::Ring(RingHandle { actor }),
-                LinkPlan::Nccl { id, timeout } => match NcclLink::join(&id, rank, world_size, trainer.device(), timeout) {
+                LinkPlan::Nccl { id, timeout } => match NcclLink::join(&id, rank, world_size, trainer.device(), timeout, generation, latest) {
                     Ok(n) => Link::Nccl(n),
                     Err(error) => {
                         tracing::warn!("cannot join the NCCL communicator of generation {generation}: {error}");
