@@ -900,24 +900,31 @@ impl Comm for NcclLink {
     }
     fn all_reduce_tensor(&mut self, t: &Tensor, tag: CollectiveTag) -> Result<(), String> {
         if t.device() != self.device {
-            let summed = self.all_reduce(troupe_common::model::flatten(std::slice::from_ref(t)), tag)?;
-            return troupe_common::model::unflatten_into(std::slice::from_ref(t), &summed).map_err(|e| e.to_string());
+            return self.via_host(t, tag, Self::all_reduce);
         }
         self.comm.all_reduce_sum(t).map_err(|e| format!("{tag}: {e}"))
     }
     fn reduce_scatter_tensor(&mut self, t: &Tensor, tag: CollectiveTag) -> Result<(), String> {
         if t.device() != self.device {
-            let reduced = self.reduce_scatter(troupe_common::model::flatten(std::slice::from_ref(t)), tag)?;
-            return troupe_common::model::unflatten_into(std::slice::from_ref(t), &reduced).map_err(|e| e.to_string());
+            return self.via_host(t, tag, Self::reduce_scatter);
         }
         self.comm.reduce_scatter_sum(t).map_err(|e| format!("{tag}: {e}"))
     }
     fn all_gather_tensor(&mut self, t: &Tensor, tag: CollectiveTag) -> Result<(), String> {
         if t.device() != self.device {
-            let gathered = self.all_gather(troupe_common::model::flatten(std::slice::from_ref(t)), tag)?;
-            return troupe_common::model::unflatten_into(std::slice::from_ref(t), &gathered).map_err(|e| e.to_string());
+            return self.via_host(t, tag, Self::all_gather);
         }
         self.comm.all_gather(t).map_err(|e| format!("{tag}: {e}"))
+    }
+}
+
+impl NcclLink {
+    /// A tensor that is not on this worker's GPU (none of the trainer's are) goes through a
+    /// host buffer and the staged collective `op`.
+    fn via_host(&mut self, t: &Tensor, tag: CollectiveTag, op: fn(&mut Self, Vec<f32>, CollectiveTag) -> Result<Vec<f32>, String>) -> Result<(), String> {
+        let one = std::slice::from_ref(t);
+        let result = op(self, troupe_common::model::flatten(one), tag)?;
+        troupe_common::model::unflatten_into(one, &result).map_err(|e| e.to_string())
     }
 }
 
