@@ -1096,7 +1096,32 @@ impl Trainer {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::{Arc, Barrier, Mutex};
+    use std::sync::{Arc, Condvar, Mutex};
+    use std::time::Duration;
+
+    /// A barrier for two threads that gives up (panics) after a minute, so that a rank that
+    /// failed cannot leave the other waiting until the test runner's kill.
+    #[derive(Default)]
+    struct Barrier {
+        /// (threads arrived in this round, rounds completed)
+        state: Mutex<(usize, u64)>,
+        turned: Condvar,
+    }
+
+    impl Barrier {
+        fn wait(&self) {
+            let mut state = self.state.lock().unwrap();
+            let round = state.1;
+            state.0 += 1;
+            if state.0 == 2 {
+                *state = (0, round + 1);
+                self.turned.notify_all();
+                return;
+            }
+            let (state, timeout) = self.turned.wait_timeout_while(state, Duration::from_secs(60), |s| s.1 == round).unwrap();
+            assert!(!timeout.timed_out(), "the other rank never reached the barrier (round {})", state.1);
+        }
+    }
 
     /// Two ranks in one process, summing through shared memory. With `on_device` the trainer
     /// takes the path it takes with NCCL (gradients reduced as tensors, bucket by bucket),
@@ -1186,7 +1211,7 @@ mod tests {
     /// Trains `steps` steps with two ranks; returns each rank's parameters and the losses.
     fn train_pair(on_device: bool, bucket_mb: f64, strategy: Strategy, steps: u64) -> Vec<(Vec<f32>, Vec<f64>, usize)> {
         let slots = Arc::new(Mutex::new([Vec::new(), Vec::new()]));
-        let barrier = Arc::new(Barrier::new(2));
+        let barrier = Arc::new(Barrier::default());
         let ranks: Vec<_> = (0..2)
             .map(|rank| {
                 let mut comm = InMemory { rank, slots: slots.clone(), barrier: barrier.clone(), on_device };
