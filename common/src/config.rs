@@ -343,9 +343,10 @@ pub struct ParallelConfig {
     /// `ddp` (full replicas), `zero1` (optimizer state sharded), `zero2` (and gradients),
     /// `zero3` (and parameters). Checkpoints resume under any strategy and world size.
     pub strategy: crate::shard::Strategy,
-    /// How gradients travel between ranks: `auto` (NCCL when every member is a CUDA worker
-    /// that can use it, the QUIC ring otherwise), `ring` (always the QUIC ring) or `nccl`
-    /// (NCCL or nothing: a generation with a member that cannot use it fails the run).
+    /// How gradients travel between ranks: `auto` (NCCL among the CUDA workers that can use
+    /// it, the QUIC ring between them and the others; only the ring when fewer than two can),
+    /// `ring` (always the QUIC ring) or `nccl` (NCCL or nothing: a generation with a member
+    /// that cannot use it fails the run).
     #[serde(default)]
     pub collective: CollectiveBackend,
     /// Gradients travel in buckets of about this many MiB (NCCL; PyTorch DDP's default 25).

@@ -113,9 +113,42 @@ pub enum CollectiveKind {
     /// The ring over QUIC between the workers' peer endpoints (any device; GPU workers stage
     /// through host memory).
     Ring,
-    /// NCCL between CUDA workers, bootstrapped through the coordinator: rank 0 sends
-    /// [`ToCoordinator::NcclUniqueId`], every rank gets [`ToWorker::NcclBootstrap`].
+    /// NCCL between CUDA workers, bootstrapped through the coordinator: the group's rank 0
+    /// sends [`ToCoordinator::NcclUniqueId`], every member gets [`ToWorker::NcclBootstrap`].
     Nccl,
+    /// Both: NCCL inside the group of workers that can use it, the QUIC ring between that
+    /// group (its rank 0) and the other workers. A sum is reduced in the group, then over the
+    /// ring, then broadcast in the group.
+    Mixed,
+}
+
+/// A worker's place in a generation's QUIC ring (ring ranks number the ring's members only).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RingPlace {
+    pub rank: u32,
+    pub world_size: u32,
+    /// The next member's peer address (this worker's own in a ring of one).
+    pub successor: SocketAddr,
+}
+
+/// A worker's place in a generation's NCCL group.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NcclPlace {
+    pub rank: u32,
+    pub world_size: u32,
+}
+
+impl Assignment {
+    /// How this assignment's generation combines gradients.
+    pub fn collective(&self) -> CollectiveKind {
+        // In a mixed generation neither the group nor the ring holds every rank.
+        let partial = self.nccl.is_some_and(|n| n.world_size < self.world_size) || self.ring.is_some_and(|r| r.world_size < self.world_size);
+        match (&self.ring, &self.nccl) {
+            _ if partial => CollectiveKind::Mixed,
+            (_, Some(_)) => CollectiveKind::Nccl,
+            _ => CollectiveKind::Ring,
+        }
+    }
 }
 
 /// Bytes of an `ncclUniqueId`.
@@ -127,10 +160,13 @@ pub struct Assignment {
     pub world_size: u32,
     /// Changes whenever membership changes; ring peers must agree on it.
     pub generation: u64,
-    /// The ring successor's peer address (this worker's own when world_size is 1).
-    pub successor: SocketAddr,
-    /// Ring or NCCL for this generation's collectives.
-    pub collective: CollectiveKind,
+    /// This worker's place in the generation's QUIC ring, if it is in one: every rank of a
+    /// ring generation (a world of one is a ring of one); in a mixed generation, the workers
+    /// that cannot use NCCL and the NCCL group's rank 0.
+    pub ring: Option<RingPlace>,
+    /// This worker's place in the generation's NCCL group, if it is in one: every rank of an
+    /// NCCL generation; in a mixed generation, the CUDA workers that can use NCCL.
+    pub nccl: Option<NcclPlace>,
     /// The whole run configuration, as TOML (validated again by the worker).
     pub config_toml: String,
     /// The run folder; checkpoint folders below are given as paths too.
@@ -248,8 +284,8 @@ mod tests {
                 rank: 1,
                 world_size: 2,
                 generation: 3,
-                successor: "127.0.0.1:9".parse().unwrap(),
-                collective: CollectiveKind::Nccl,
+                ring: Some(RingPlace { rank: 0, world_size: 2, successor: "127.0.0.1:9".parse().unwrap() }),
+                nccl: Some(NcclPlace { rank: 1, world_size: 2 }),
                 config_toml: String::new(),
                 run_dir: "runs/x".into(),
                 resume_from: None,

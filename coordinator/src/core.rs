@@ -33,8 +33,8 @@ use troupe_common::checkpoint;
 use troupe_common::config::{CollectiveBackend, Config};
 use troupe_common::events::RunEvent;
 use troupe_common::proto::{
-    Assignment, Capabilities, CollectiveKind, EvalReport, FileDigest, RefusalKind, StepReport, ToCoordinator, ToWorker,
-    NCCL_UNIQUE_ID_BYTES,
+    Assignment, Capabilities, CollectiveKind, EvalReport, FileDigest, NcclPlace, RefusalKind, RingPlace, StepReport, ToCoordinator,
+    ToWorker, NCCL_UNIQUE_ID_BYTES,
 };
 
 pub type WorkerId = u64;
@@ -163,6 +163,8 @@ pub struct Core {
     generation: u64,
     /// How the current generation's ranks combine gradients.
     collective: CollectiveKind,
+    /// The current generation's NCCL group (workers in rank order; empty for a ring).
+    nccl_group: Vec<WorkerId>,
     /// NCCL could not form a communicator in this run (`parallel.collective = "auto"`): the
     /// rest of the run uses the ring rather than fail the same way again.
     nccl_failed: bool,
@@ -205,6 +207,7 @@ impl Core {
             phase: Phase::Gathering,
             workers: BTreeMap::new(),
             collective: CollectiveKind::Ring,
+            nccl_group: Vec::new(),
             nccl_failed: false,
             ranks: Vec::new(),
             generation: 0,
@@ -439,9 +442,33 @@ impl Core {
             Ok(kind) => kind,
             Err(why) => return self.abort(why, out),
         };
+        // Who is in the NCCL group and who in the ring: everyone in the ring for a ring
+        // generation; nobody for NCCL; for a mixed one, the group's rank 0 stands in the ring
+        // for the whole group.
+        let nccl_capable = |id: &WorkerId| self.workers[id].info.nccl;
+        self.nccl_group = match self.collective {
+            CollectiveKind::Ring => Vec::new(),
+            CollectiveKind::Nccl => self.ranks.clone(),
+            CollectiveKind::Mixed => self.ranks.iter().copied().filter(nccl_capable).collect(),
+        };
+        let ring_members: Vec<WorkerId> = match self.collective {
+            CollectiveKind::Ring => self.ranks.clone(),
+            CollectiveKind::Nccl => Vec::new(),
+            CollectiveKind::Mixed => {
+                self.ranks.iter().copied().filter(|id| !nccl_capable(id) || Some(id) == self.nccl_group.first()).collect()
+            }
+        };
         for (rank, id) in self.ranks.iter().enumerate() {
-            let successor_id = self.ranks[(rank + 1) % self.ranks.len()];
-            let successor = self.workers[&successor_id].info.peer_addr;
+            let ring = ring_members.iter().position(|m| m == id).map(|r| RingPlace {
+                rank: r as u32,
+                world_size: ring_members.len() as u32,
+                successor: self.workers[&ring_members[(r + 1) % ring_members.len()]].info.peer_addr,
+            });
+            let nccl = self
+                .nccl_group
+                .iter()
+                .position(|m| m == id)
+                .map(|r| NcclPlace { rank: r as u32, world_size: self.nccl_group.len() as u32 });
             if let Some(w) = self.workers.get_mut(id) {
                 w.rank = Some(rank as u32);
                 w.ready = false;
@@ -454,8 +481,8 @@ impl Core {
                     rank: rank as u32,
                     world_size: world,
                     generation: self.generation,
-                    successor,
-                    collective: self.collective,
+                    ring,
+                    nccl,
                     config_toml: self.config.to_toml(),
                     run_dir: self.run_dir.display().to_string(),
                     resume_from: resume_from.clone(),
@@ -568,8 +595,10 @@ impl Core {
     }
 
     /// NCCL when the configuration allows it and every member can join a communicator (a
-    /// CUDA worker built with NCCL); the QUIC ring otherwise. A world of one needs neither.
-    /// An error when `parallel.collective = "nccl"` and a member cannot use it.
+    /// CUDA worker built with NCCL); with `auto`, mixed when at least two members can and
+    /// others cannot (NCCL among those, the ring with the rest); the QUIC ring otherwise. A
+    /// world of one needs neither. An error when `parallel.collective = "nccl"` and a member
+    /// cannot use it.
     fn choose_collective(&self) -> Result<CollectiveKind, String> {
         let unable: Vec<String> = self
             .ranks
@@ -582,7 +611,9 @@ impl Core {
         match self.config.parallel.collective {
             CollectiveBackend::Ring => Ok(CollectiveKind::Ring),
             _ if self.ranks.len() < 2 => Ok(CollectiveKind::Ring),
-            CollectiveBackend::Auto if unable.is_empty() && !self.nccl_failed => Ok(CollectiveKind::Nccl),
+            CollectiveBackend::Auto if self.nccl_failed => Ok(CollectiveKind::Ring),
+            CollectiveBackend::Auto if unable.is_empty() => Ok(CollectiveKind::Nccl),
+            CollectiveBackend::Auto if self.ranks.len() - unable.len() >= 2 => Ok(CollectiveKind::Mixed),
             CollectiveBackend::Auto => Ok(CollectiveKind::Ring),
             CollectiveBackend::Nccl if unable.is_empty() => Ok(CollectiveKind::Nccl),
             CollectiveBackend::Nccl => Err(format!(
@@ -653,10 +684,11 @@ impl Core {
                 let forming = match self.collective {
                     CollectiveKind::Ring => "forming the ring",
                     CollectiveKind::Nccl => "forming the NCCL communicator",
+                    CollectiveKind::Mixed => "forming the NCCL communicator and the ring",
                 };
                 let at = step.map_or(forming.to_string(), |s| format!("step {s}"));
                 let why = format!("{} reports a failed collective ({at}): {error}", self.describe(id));
-                if step.is_none() && self.collective == CollectiveKind::Nccl && self.config.parallel.collective == CollectiveBackend::Auto {
+                if step.is_none() && self.collective != CollectiveKind::Ring && self.config.parallel.collective == CollectiveBackend::Auto {
                     // NCCL that cannot even form (two ranks on one GPU, no route between the
                     // hosts, a library problem) would fail the same way again: fall back.
                     self.nccl_failed = true;
@@ -738,10 +770,10 @@ impl Core {
                 }));
             }
             ToCoordinator::NcclUniqueId { generation, id: unique_id } => {
-                // Only rank 0 of the current NCCL generation hands out the id; anything else
-                // is an old generation's (ignored).
-                let current = generation == self.generation && self.phase == Phase::Forming && self.collective == CollectiveKind::Nccl;
-                if !current || self.rank_of(id) != Some(0) {
+                // Only the current NCCL group's rank 0 hands out the id; anything else is an
+                // old generation's (ignored).
+                let current = generation == self.generation && self.phase == Phase::Forming && self.collective != CollectiveKind::Ring;
+                if !current || self.nccl_group.first() != Some(&id) {
                     return;
                 }
                 if unique_id.len() != NCCL_UNIQUE_ID_BYTES {
@@ -750,7 +782,7 @@ impl Core {
                     self.on_lost(now, id, reason, out);
                     return;
                 }
-                for to in &self.ranks {
+                for to in &self.nccl_group {
                     out.push(Command::Send { to: *to, msg: ToWorker::NcclBootstrap { generation, id: unique_id.clone() } });
                 }
             }
@@ -1164,7 +1196,7 @@ mod tests {
             assert_eq!(a.world_size, 3);
             assert_eq!(a.generation, 1);
             let successor_port = 1000 + ((a.rank as u16 + 1) % 3) + 1;
-            assert_eq!(a.successor.port(), successor_port);
+            assert_eq!(a.ring.unwrap().successor.port(), successor_port);
         }
         assert_eq!(sim.core.phase(), Phase::Forming);
         // A fourth worker is refused: the run has its workers (max_workers = workers).
@@ -1262,8 +1294,8 @@ mod tests {
         assert_eq!(a.len(), 2);
         assert!(a.iter().all(|(_, a)| a.world_size == 2 && a.generation == 2 && a.resume_from.is_none()));
         // The survivors form a ring of two: each is the other's successor.
-        assert_eq!(a[0].1.successor.port(), 1002);
-        assert_eq!(a[1].1.successor.port(), 1001);
+        assert_eq!(a[0].1.ring.unwrap().successor.port(), 1002);
+        assert_eq!(a[1].1.ring.unwrap().successor.port(), 1001);
         assert_eq!(sim.core.phase(), Phase::Forming);
         // Rank 0's old report for step 1 belonged to generation 1 and counts for nothing.
         sim.advance(700);
@@ -1605,7 +1637,7 @@ mod tests {
         let cmds = join_gpu(&mut sim, 2, true);
         let a = assigns(&cmds);
         assert_eq!(a.len(), 2);
-        assert!(a.iter().all(|(_, a)| a.collective == CollectiveKind::Nccl), "{a:?}");
+        assert!(a.iter().all(|(_, a)| a.collective() == CollectiveKind::Nccl), "{a:?}");
         let generation = sim.core.generation();
         // Only rank 0 (worker 1) hands out the id; others and old generations are ignored.
         assert!(sim.from(2, ToCoordinator::NcclUniqueId { generation, id: vec![2; NCCL_UNIQUE_ID_BYTES] }).is_empty());
@@ -1638,14 +1670,14 @@ mod tests {
         let mut sim = Sim::new(config(2, 10));
         join_gpu(&mut sim, 1, true);
         let cmds = join_gpu(&mut sim, 2, false);
-        assert!(assigns(&cmds).iter().all(|(_, a)| a.collective == CollectiveKind::Ring));
+        assert!(assigns(&cmds).iter().all(|(_, a)| a.collective() == CollectiveKind::Ring));
 
         let mut c = config(2, 10);
         c.parallel.collective = CollectiveBackend::Ring;
         let mut sim = Sim::new(c);
         join_gpu(&mut sim, 1, true);
         let cmds = join_gpu(&mut sim, 2, true);
-        assert!(assigns(&cmds).iter().all(|(_, a)| a.collective == CollectiveKind::Ring));
+        assert!(assigns(&cmds).iter().all(|(_, a)| a.collective() == CollectiveKind::Ring));
 
         let mut c = config(2, 10);
         c.parallel.collective = CollectiveBackend::Nccl;
@@ -1663,7 +1695,7 @@ mod tests {
         c.parallel.collective = CollectiveBackend::Nccl;
         let mut sim = Sim::new(c);
         let cmds = join_gpu(&mut sim, 1, false);
-        assert!(matches!(&assigns(&cmds)[..], [(1, Assignment { collective: CollectiveKind::Ring, .. })]));
+        assert!(matches!(&assigns(&cmds)[..], [(1, a)] if a.collective() == CollectiveKind::Ring));
     }
 
     #[test]
@@ -1677,13 +1709,38 @@ mod tests {
             if message.contains("forming the NCCL communicator") && message.contains("duplicate GPU") && message.contains("averages over the QUIC ring"))), "{cmds:?}");
         let a = assigns(&cmds);
         assert_eq!(a.len(), 2);
-        assert!(a.iter().all(|(_, a)| a.collective == CollectiveKind::Ring), "{a:?}");
+        assert!(a.iter().all(|(_, a)| a.collective() == CollectiveKind::Ring), "{a:?}");
         // A failed step (not formation) is no reason to give NCCL up.
         let mut sim = Sim::new(config(2, 10));
         join_gpu(&mut sim, 1, true);
         join_gpu(&mut sim, 2, true);
         let generation = sim.core.generation();
         let cmds = sim.from(2, ToCoordinator::CollectiveFailed { generation, step: Some(0), error: "timed out".into() });
-        assert!(assigns(&cmds).iter().all(|(_, a)| a.collective == CollectiveKind::Nccl));
+        assert!(assigns(&cmds).iter().all(|(_, a)| a.collective() == CollectiveKind::Nccl));
+    }
+
+    #[test]
+    fn a_mixed_generation_puts_the_cuda_workers_in_an_nccl_group_whose_rank_0_joins_the_ring() {
+        let mut sim = Sim::new(config(5, 10));
+        let mut cmds = Vec::new();
+        for (id, gpu) in [(1, true), (2, false), (3, true), (4, false), (5, true)] {
+            cmds = join_gpu(&mut sim, id, gpu);
+        }
+        let a: BTreeMap<WorkerId, Assignment> = assigns(&cmds).into_iter().collect();
+        assert_eq!(a.len(), 5);
+        assert!(a.values().all(|a| a.collective() == CollectiveKind::Mixed && a.world_size == 5));
+        // The NCCL group: workers 1, 3, 5 in rank order.
+        let nccl: Vec<(WorkerId, NcclPlace)> = a.iter().filter_map(|(id, a)| a.nccl.map(|n| (*id, n))).collect();
+        assert_eq!(nccl, vec![(1, NcclPlace { rank: 0, world_size: 3 }), (3, NcclPlace { rank: 1, world_size: 3 }), (5, NcclPlace { rank: 2, world_size: 3 })]);
+        // The ring: the group's rank 0 (worker 1) and the CPU workers 2 and 4, each pointing at the next.
+        let ring: Vec<(WorkerId, u32, u32, u16)> =
+            a.iter().filter_map(|(id, a)| a.ring.map(|r| (*id, r.rank, r.world_size, r.successor.port()))).collect();
+        assert_eq!(ring, vec![(1, 0, 3, 1002), (2, 1, 3, 1004), (4, 2, 3, 1001)]);
+        // Only the group's rank 0 hands out the id, and only the group gets it.
+        let generation = sim.core.generation();
+        assert!(sim.from(3, ToCoordinator::NcclUniqueId { generation, id: vec![3; NCCL_UNIQUE_ID_BYTES] }).is_empty());
+        let cmds = sim.from(1, ToCoordinator::NcclUniqueId { generation, id: vec![1; NCCL_UNIQUE_ID_BYTES] });
+        let to: Vec<WorkerId> = sends(&cmds).into_iter().filter(|(_, m)| matches!(m, ToWorker::NcclBootstrap { .. })).map(|(to, _)| to).collect();
+        assert_eq!(to, vec![1, 3, 5]);
     }
 }

@@ -31,7 +31,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 use tch::{Device, Kind, Tensor};
 use troupe_common::checkpoint::{self, ShardPart, ShardReader, ShardSnapshot, TrainState};
-use troupe_common::collective::CollectiveTag;
+use troupe_common::collective::{check_chunked_len, CollectiveTag};
 use troupe_common::config::Config;
 use troupe_common::data::{self, Meta, SamplerMemo, TokenFile};
 use troupe_common::model::precision::with_autocast;
@@ -119,6 +119,61 @@ impl Comm for Alone {
     }
     fn broadcast(&mut self, data: Vec<f32>, _: u32, _: CollectiveTag) -> Result<Vec<f32>, String> {
         Ok(data)
+    }
+}
+
+/// The collectives of a mixed generation: NCCL inside the group of CUDA workers that can use
+/// it, the QUIC ring between that group's rank 0 and the workers that cannot. Every operation
+/// is a sum: reduced in the group, then over the ring (by the group's rank 0, for the whole
+/// group), then broadcast in the group. A reduce-scatter is that sum (each rank keeps its
+/// chunk) and an all-gather sums each rank's own chunk with zeros (exact): an all-reduce's
+/// traffic each, but chunks stay numbered by the trainer's ranks, which neither the group nor
+/// the ring numbers alike. Every rank of the generation uses one, whatever it is part of.
+pub struct Mixed {
+    /// This rank's NCCL group, if it is in one.
+    pub group: Option<Box<dyn Comm>>,
+    /// The ring, if this rank is in it (the group's rank 0 and the other workers).
+    pub ring: Option<Box<dyn Comm>>,
+    pub rank: u32,
+    pub world_size: u32,
+}
+
+impl Comm for Mixed {
+    fn all_reduce(&mut self, mut data: Vec<f32>, tag: CollectiveTag) -> Result<Vec<f32>, String> {
+        if let Some(group) = &mut self.group {
+            data = group.all_reduce(data, tag)?;
+        }
+        if let Some(ring) = &mut self.ring {
+            data = ring.all_reduce(data, tag)?;
+        }
+        if let Some(group) = &mut self.group {
+            data = group.broadcast(data, 0, tag)?;
+        }
+        Ok(data)
+    }
+    fn reduce_scatter(&mut self, data: Vec<f32>, tag: CollectiveTag) -> Result<Vec<f32>, String> {
+        check_chunked_len("reduce_scatter", data.len(), self.world_size).map_err(|e| e.to_string())?;
+        self.all_reduce(data, tag)
+    }
+    fn all_gather(&mut self, mut data: Vec<f32>, tag: CollectiveTag) -> Result<Vec<f32>, String> {
+        check_chunked_len("all_gather", data.len(), self.world_size).map_err(|e| e.to_string())?;
+        let chunk = data.len() / self.world_size as usize;
+        let mine = self.rank as usize * chunk..(self.rank as usize + 1) * chunk;
+        for (i, x) in data.iter_mut().enumerate() {
+            if !mine.contains(&i) {
+                *x = 0.0;
+            }
+        }
+        self.all_reduce(data, tag)
+    }
+    fn broadcast(&mut self, mut data: Vec<f32>, root: u32, tag: CollectiveTag) -> Result<Vec<f32>, String> {
+        if root >= self.world_size {
+            return Err(format!("broadcast root {root} is not a rank of {}", self.world_size));
+        }
+        if self.rank != root {
+            data.fill(0.0);
+        }
+        self.all_reduce(data, tag)
     }
 }
 
@@ -1159,8 +1214,8 @@ mod tests {
                 s[0][..half].iter().chain(&s[1][half..]).copied().collect()
             }))
         }
-        fn broadcast(&mut self, _: Vec<f32>, _: u32, _: CollectiveTag) -> Result<Vec<f32>, String> {
-            Err("not used".into())
+        fn broadcast(&mut self, data: Vec<f32>, root: u32, _: CollectiveTag) -> Result<Vec<f32>, String> {
+            Ok(self.exchange(data, |s| s[root as usize].clone()))
         }
         fn works_on_device(&self) -> bool {
             self.on_device
@@ -1274,6 +1329,45 @@ mod tests {
                     assert!((x - y).abs() < 1e-6, "{strategy}: losses {:?} and {:?}", a.1, b.1);
                 }
             }
+        }
+    }
+
+    /// A mixed world of three: ranks 0 and 1 an NCCL group (here an in-memory pair), rank 2 a
+    /// CPU worker in a ring with the group's rank 0 (another pair). Every operation gives every
+    /// rank what a single group of three would.
+    #[test]
+    fn a_mixed_generation_sums_over_the_group_and_the_ring() {
+        type Pair = (Arc<Mutex<[Vec<f32>; 2]>>, Arc<Barrier>);
+        let pair = || -> Pair { (Arc::new(Mutex::new([Vec::new(), Vec::new()])), Arc::new(Barrier::default())) };
+        let (group, ring) = (pair(), pair());
+        // (rank in the group, rank in the ring) of each of the three ranks.
+        let places: Vec<(Option<(Pair, usize)>, Option<(Pair, usize)>)> =
+            vec![(Some((group.clone(), 0)), Some((ring.clone(), 0))), (Some((group, 1)), None), (None, Some((ring, 1)))];
+        let tag = |seq| CollectiveTag { step: 0, seq };
+        let ranks: Vec<_> = places
+            .into_iter()
+            .enumerate()
+            .map(|(rank, (group, ring))| {
+                std::thread::spawn(move || {
+                    let member = |place: Option<(Pair, usize)>| {
+                        place.map(|((slots, barrier), rank)| Box::new(InMemory { rank, slots, barrier, on_device: false }) as Box<dyn Comm>)
+                    };
+                    let mut m = Mixed { group: member(group), ring: member(ring), rank: rank as u32, world_size: 3 };
+                    let own = |v: f32| vec![v + rank as f32; 6];
+                    let sum = m.all_reduce(own(1.0), tag(1)).unwrap();
+                    let scattered = m.reduce_scatter(own(10.0), tag(2)).unwrap();
+                    let gathered = m.all_gather(vec![rank as f32 + 1.0; 6], tag(3)).unwrap();
+                    let broadcast = m.broadcast(own(100.0), 1, tag(4)).unwrap();
+                    (rank, sum, scattered, gathered, broadcast)
+                })
+            })
+            .collect();
+        for handle in ranks {
+            let (rank, sum, scattered, gathered, broadcast) = handle.join().unwrap();
+            assert_eq!(sum, vec![6.0; 6], "rank {rank}: 1 + 2 + 3");
+            assert_eq!(&scattered[rank * 2..rank * 2 + 2], &[33.0, 33.0], "rank {rank}: its chunk of 11 + 12 + 13");
+            assert_eq!(gathered, vec![1.0, 1.0, 2.0, 2.0, 3.0, 3.0], "rank {rank}: every rank's own chunk");
+            assert_eq!(broadcast, vec![101.0; 6], "rank {rank}: rank 1's values");
         }
     }
 

@@ -16,7 +16,7 @@
 
 use super::collective::{CollectiveActor, CollectiveArgs, CollectiveMsg};
 use crate::nccl::{NcclComm, NcclError};
-use crate::trainer::{Alone, Comm, Footprint, Trainer, TrainerError, TrainerSetup};
+use crate::trainer::{Alone, Comm, Footprint, Mixed, Trainer, TrainerError, TrainerSetup};
 use ractor::{Actor, ActorProcessingErr, ActorRef, SupervisionEvent};
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -30,7 +30,8 @@ use troupe_common::config::Config;
 use troupe_common::metrics::{self, WorkerMetrics};
 use troupe_common::net::{self, close as close_code, NetOptions};
 use troupe_common::proto::{
-    Assignment, Capabilities, CollectiveKind, EvalReport, FileDigest, Hello, StepReport, ToCoordinator, ToWorker, PROTOCOL_VERSION,
+    Assignment, Capabilities, CollectiveKind, EvalReport, FileDigest, Hello, NcclPlace, RingPlace, StepReport, ToCoordinator, ToWorker,
+    PROTOCOL_VERSION,
 };
 
 #[derive(Debug, Clone)]
@@ -393,8 +394,12 @@ enum LinkPlan {
     Alone,
     /// The generation's QUIC ring, through its collective actor.
     Ring(ActorRef<CollectiveMsg>),
-    /// An NCCL communicator, joined with rank 0's unique id; operations give up after `timeout`.
-    Nccl { id: Vec<u8>, timeout: Duration },
+    /// An NCCL communicator of every rank, joined with rank 0's unique id; operations give up
+    /// after `timeout`.
+    Nccl { id: Vec<u8>, place: NcclPlace, timeout: Duration },
+    /// A mixed generation: this worker's NCCL group (if it is in it) and ring (if it is in
+    /// it), see [`Mixed`].
+    Mixed { nccl: Option<(Vec<u8>, NcclPlace)>, ring: Option<ActorRef<CollectiveMsg>>, timeout: Duration },
 }
 
 /// This worker's place in the current generation.
@@ -402,8 +407,17 @@ enum LinkPlan {
 struct Membership {
     rank: u32,
     world_size: u32,
-    successor: SocketAddr,
-    collective: CollectiveKind,
+    kind: CollectiveKind,
+    ring: Option<RingPlace>,
+    nccl: Option<NcclPlace>,
+}
+
+/// The parts of a generation's link that have arrived (the ring formed, the NCCL id handed
+/// out); the trainer regroups once every part this worker needs is there.
+#[derive(Default)]
+struct PendingLink {
+    ring: Option<ActorRef<CollectiveMsg>>,
+    nccl_id: Option<Vec<u8>>,
 }
 
 pub struct WorkerState {
@@ -419,6 +433,7 @@ pub struct WorkerState {
     /// of an older one give up at once.
     generation_watch: watch::Sender<u64>,
     membership: Option<Membership>,
+    pending: PendingLink,
     collective_timeout: Duration,
     collective: Option<(u64, ActorRef<CollectiveMsg>)>,
     /// The coordinator is gone: nothing queued for it can be delivered.
@@ -499,6 +514,7 @@ impl Actor for Worker {
             trainer: None,
             generation_watch: watch::channel(0).0,
             membership: None,
+            pending: PendingLink::default(),
             collective_timeout: Duration::from_secs(60),
             collective: None,
             link_lost: false,
@@ -639,10 +655,9 @@ impl WorkerState {
                 self.stop(me, Outcome::Stopped(reason));
             }
             ToWorker::NcclBootstrap { generation, id } => {
-                let current = self.membership.filter(|m| m.collective == CollectiveKind::Nccl && generation == self.generation());
-                if let Some(m) = current {
-                    let link = LinkPlan::Nccl { id, timeout: self.collective_timeout };
-                    self.trainer_cmd(me, TrainerCmd::Regroup { generation, rank: m.rank, world_size: m.world_size, link });
+                if generation == self.generation() && self.membership.is_some_and(|m| m.nccl.is_some()) {
+                    self.pending.nccl_id = Some(id);
+                    self.regroup_when_linked(me, generation);
                 }
             }
             ToWorker::Heartbeat => {}
@@ -668,8 +683,10 @@ impl WorkerState {
         let config = Config::from_toml_str(&a.config_toml, "the coordinator's assignment").map_err(|e| e.to_string())?;
         self.enter_generation(a.generation);
         self.collective_timeout = Duration::from_millis(config.cluster.collective_timeout_ms);
-        self.membership = Some(Membership { rank: a.rank, world_size: a.world_size, successor: a.successor, collective: a.collective });
-        tracing::info!(rank = a.rank, world = a.world_size, generation = a.generation, collective = ?a.collective, "assigned");
+        let kind = a.collective();
+        self.membership = Some(Membership { rank: a.rank, world_size: a.world_size, kind, ring: a.ring, nccl: a.nccl });
+        self.pending = PendingLink::default();
+        tracing::info!(rank = a.rank, world = a.world_size, generation = a.generation, collective = ?kind, "assigned");
 
         // The trainer thread builds the model (and loads the checkpoint) while the ring forms.
         let sharded = config.parallel.strategy != troupe_common::shard::Strategy::Ddp;
@@ -700,21 +717,19 @@ impl WorkerState {
             self.trainer_cmd(me, TrainerCmd::Regroup { generation: a.generation, rank: a.rank, world_size: 1, link: LinkPlan::Alone });
             return Ok(());
         }
-        if a.collective == CollectiveKind::Nccl {
-            // Rank 0 makes the communicator's id; the coordinator hands it to every rank
-            // (NcclBootstrap), and each then joins on its trainer thread.
-            if a.rank == 0 {
-                match crate::nccl::unique_id() {
-                    Ok(id) => self.send(ToCoordinator::NcclUniqueId { generation: a.generation, id }),
-                    Err(e) => {
-                        let error = format!("rank 0 cannot create the NCCL unique id: {e}");
-                        tracing::warn!("{error}");
-                        self.send(ToCoordinator::CollectiveFailed { generation: a.generation, step: None, error });
-                    }
+        // The NCCL group's rank 0 makes the communicator's id; the coordinator hands it to every
+        // member (NcclBootstrap), and each then joins on its trainer thread.
+        if a.nccl.is_some_and(|n| n.rank == 0) {
+            match crate::nccl::unique_id() {
+                Ok(id) => self.send(ToCoordinator::NcclUniqueId { generation: a.generation, id }),
+                Err(e) => {
+                    let error = format!("the NCCL group's rank 0 cannot create the NCCL unique id: {e}");
+                    tracing::warn!("{error}");
+                    self.send(ToCoordinator::CollectiveFailed { generation: a.generation, step: None, error });
                 }
             }
-            return Ok(());
         }
+        let Some(place) = a.ring else { return Ok(()) };
         // Formed off the mailbox, so that a newer generation (which cancels it) or a Stop is
         // not held up behind it.
         let endpoint = self.endpoint.clone();
@@ -725,7 +740,7 @@ impl WorkerState {
         let me = me.clone();
         tokio::spawn(async move {
             let formed = tokio::select! {
-                r = form_ring(&endpoint, a.rank, a.world_size, generation, a.successor, &token, timeout) => r.map_err(|e| e.to_string()),
+                r = form_ring(&endpoint, place.rank, place.world_size, generation, place.successor, &token, timeout) => r.map_err(|e| e.to_string()),
                 _ = watch.wait_for(|g| *g != generation) => return,
             };
             let _ = me.cast(WorkerMsg::RingFormed { generation, ring: formed });
@@ -746,7 +761,9 @@ impl WorkerState {
                 return;
             }
         };
-        tracing::info!(rank = m.rank, world = m.world_size, generation, successor = %m.successor, "ring formed");
+        if let Some(place) = m.ring {
+            tracing::info!(rank = m.rank, ring_rank = place.rank, ring_world = place.world_size, generation, successor = %place.successor, "ring formed");
+        }
         let args = CollectiveArgs {
             ring,
             generation,
@@ -756,10 +773,32 @@ impl WorkerState {
         match Actor::spawn_linked(None, CollectiveActor, args, me.get_cell()).await {
             Ok((actor, _)) => {
                 self.collective = Some((generation, actor.clone()));
-                self.trainer_cmd(me, TrainerCmd::Regroup { generation, rank: m.rank, world_size: m.world_size, link: LinkPlan::Ring(actor) });
+                self.pending.ring = Some(actor);
+                self.regroup_when_linked(me, generation);
             }
             Err(e) => self.fail(me, format!("cannot start the collective actor: {e}")),
         }
+    }
+
+    /// Hands the trainer its link for `generation` once every part this worker needs has
+    /// arrived: the ring (if it is in the ring) and the NCCL id (if it is in the NCCL group).
+    fn regroup_when_linked(&mut self, me: &ActorRef<WorkerMsg>, generation: u64) {
+        let Some(m) = self.membership else { return };
+        let ring_ready = m.ring.is_none() || self.pending.ring.is_some();
+        let nccl_ready = m.nccl.is_none() || self.pending.nccl_id.is_some();
+        if !ring_ready || !nccl_ready {
+            return;
+        }
+        let pending = std::mem::take(&mut self.pending);
+        let timeout = self.collective_timeout;
+        let nccl = m.nccl.zip(pending.nccl_id).map(|(place, id)| (id, place));
+        let link = match (m.kind, nccl, pending.ring) {
+            (CollectiveKind::Ring, _, Some(actor)) => LinkPlan::Ring(actor),
+            (CollectiveKind::Nccl, Some((id, place)), _) => LinkPlan::Nccl { id, place, timeout },
+            (CollectiveKind::Mixed, nccl, ring) => LinkPlan::Mixed { nccl, ring, timeout },
+            (kind, _, _) => return self.fail(me, format!("protocol error: a {kind:?} generation without its ring or NCCL group")),
+        };
+        self.trainer_cmd(me, TrainerCmd::Regroup { generation, rank: m.rank, world_size: m.world_size, link });
     }
 
     fn on_trainer(&mut self, me: &ActorRef<WorkerMsg>, report: TrainerReport) {
@@ -858,7 +897,7 @@ impl NcclLink {
     /// collective) ends at once when `latest` moves past that generation, as the ring's
     /// collectives do: a rank blocked on a dead peer is released when the coordinator re-forms
     /// the group, not at the timeout.
-    fn join(id: &[u8], rank: u32, world: u32, device: Device, timeout: Duration, generation: u64, latest: &watch::Receiver<u64>) -> Result<NcclLink, String> {
+    fn join(id: &[u8], place: NcclPlace, device: Device, timeout: Duration, generation: u64, latest: &watch::Receiver<u64>) -> Result<NcclLink, String> {
         let Device::Cuda(index) = device else {
             return Err(format!("NCCL needs a CUDA device, this worker computes on {}", troupe_common::device::device_name(device)));
         };
@@ -868,7 +907,7 @@ impl NcclLink {
         // gets longer than one collective; a rank that died is noticed by the coordinator,
         // whose new generation cancels the wait.
         let join_timeout = timeout * NCCL_JOIN_TIMEOUTS;
-        let comm = NcclComm::init_cancellable(id, rank, world, index, timeout, join_timeout, cancelled).map_err(|e| e.to_string())?;
+        let comm = NcclComm::init_cancellable(id, place.rank, place.world_size, index, timeout, join_timeout, cancelled).map_err(|e| e.to_string())?;
         Ok(NcclLink { comm, device })
     }
 
@@ -934,6 +973,7 @@ enum Link {
     Alone(Alone),
     Ring(RingHandle),
     Nccl(NcclLink),
+    Mixed(Mixed),
 }
 
 impl Link {
@@ -942,6 +982,7 @@ impl Link {
             Link::Alone(a) => a,
             Link::Ring(r) => r,
             Link::Nccl(n) => n,
+            Link::Mixed(m) => m,
         }
     }
 }
@@ -998,6 +1039,11 @@ fn run_command(trainer: &mut Trainer, link: &mut Link, cmd: TrainerCmd, latest: 
             if stale(generation) {
                 return true;
             }
+            let link_failed = |error: String| {
+                tracing::warn!("cannot join the NCCL communicator of generation {generation}: {error}");
+                report(TrainerReport::LinkFailed { generation, error });
+                true
+            };
             if let Err(e) = trainer.set_membership(generation, rank as usize, world_size as usize) {
                 report(TrainerReport::Failed(e.to_string()));
                 return false;
@@ -1008,14 +1054,21 @@ fn run_command(trainer: &mut Trainer, link: &mut Link, cmd: TrainerCmd, latest: 
             *link = match plan {
                 LinkPlan::Alone => Link::Alone(Alone),
                 LinkPlan::Ring(actor) => Link::Ring(RingHandle { actor }),
-                LinkPlan::Nccl { id, timeout } => match NcclLink::join(&id, rank, world_size, trainer.device(), timeout, generation, latest) {
+                LinkPlan::Nccl { id, place, timeout } => match NcclLink::join(&id, place, trainer.device(), timeout, generation, latest) {
                     Ok(n) => Link::Nccl(n),
-                    Err(error) => {
-                        tracing::warn!("cannot join the NCCL communicator of generation {generation}: {error}");
-                        report(TrainerReport::LinkFailed { generation, error });
-                        return true;
-                    }
+                    Err(error) => return link_failed(error),
                 },
+                LinkPlan::Mixed { nccl, ring, timeout } => {
+                    let group = match nccl {
+                        Some((id, place)) => match NcclLink::join(&id, place, trainer.device(), timeout, generation, latest) {
+                            Ok(n) => Some(Box::new(n) as Box<dyn Comm>),
+                            Err(error) => return link_failed(error),
+                        },
+                        None => None,
+                    };
+                    let ring = ring.map(|actor| Box::new(RingHandle { actor }) as Box<dyn Comm>);
+                    Link::Mixed(Mixed { group, ring, rank, world_size })
+                }
             };
             report(TrainerReport::Regrouped { generation, completed_steps: trainer.completed_steps() });
         }
