@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use std::net::SocketAddr;
 
 /// Bumped on any incompatible change of a message below or of the bulk-data format.
-pub const PROTOCOL_VERSION: u32 = 3;
+pub const PROTOCOL_VERSION: u32 = 4;
 
 /// The first frame on a worker's control stream.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -71,9 +71,12 @@ pub enum ToCoordinator {
     Failed { error: String },
     /// The worker was asked to stop (SIGINT/SIGTERM) and will leave at the next step boundary.
     Leaving { reason: String },
-    /// Rank 0 of an NCCL generation: the `ncclUniqueId` (128 bytes) every rank needs to join
-    /// its communicator. The coordinator hands it to all ranks in [`ToWorker::NcclBootstrap`].
+    /// The NCCL group's rank 0: the `ncclUniqueId` (128 bytes) every member needs to join its
+    /// communicator. The coordinator hands it to the group in [`ToWorker::NcclBootstrap`].
     NcclUniqueId { generation: u64, id: Vec<u8> },
+    /// NCCL itself failed to set up in `generation` (creating the unique id, joining the
+    /// communicator): a reason to stop trying NCCL, unlike a ring or a peer failing.
+    NcclFailed { generation: u64, error: String },
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -273,6 +276,7 @@ mod tests {
                 files: vec![FileDigest { name: "a".into(), size: 1, sha256: "ab".into() }],
             },
             ToCoordinator::NcclUniqueId { generation: 3, id: (0..NCCL_UNIQUE_ID_BYTES as u8).collect() },
+            ToCoordinator::NcclFailed { generation: 3, error: "ncclSystemError".into() },
         ];
         for m in msgs {
             let bytes = postcard::to_allocvec(&m).unwrap();

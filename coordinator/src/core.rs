@@ -165,6 +165,8 @@ pub struct Core {
     collective: CollectiveKind,
     /// The current generation's NCCL group (workers in rank order; empty for a ring).
     nccl_group: Vec<WorkerId>,
+    /// The group's unique id went out for the current generation (a second is ignored).
+    nccl_id_forwarded: bool,
     /// NCCL could not form a communicator in this run (`parallel.collective = "auto"`): the
     /// rest of the run uses the ring rather than fail the same way again.
     nccl_failed: bool,
@@ -208,6 +210,7 @@ impl Core {
             workers: BTreeMap::new(),
             collective: CollectiveKind::Ring,
             nccl_group: Vec::new(),
+            nccl_id_forwarded: false,
             nccl_failed: false,
             ranks: Vec::new(),
             generation: 0,
@@ -446,6 +449,7 @@ impl Core {
         // generation; nobody for NCCL; for a mixed one, the group's rank 0 stands in the ring
         // for the whole group.
         let nccl_capable = |id: &WorkerId| self.workers[id].info.nccl;
+        self.nccl_id_forwarded = false;
         self.nccl_group = match self.collective {
             CollectiveKind::Ring => Vec::new(),
             CollectiveKind::Nccl => self.ranks.clone(),
@@ -625,6 +629,17 @@ impl Core {
         }
     }
 
+    /// A new generation after a failed collective, unless too many in a row failed.
+    fn regroup_after_failure(&mut self, now: Instant, why: String, out: &mut Vec<Command>) {
+        self.failed_regroups += 1;
+        if self.failed_regroups > MAX_FAILED_REGROUPS {
+            self.abort(format!("{why}; {MAX_FAILED_REGROUPS} new rings in a row failed without completing a step"), out);
+            return;
+        }
+        self.note_change(now, why, out);
+        self.form(now, out);
+    }
+
     fn on_message(&mut self, now: Instant, id: WorkerId, msg: ToCoordinator, out: &mut Vec<Command>) {
         match msg {
             ToCoordinator::Hello(_) => {
@@ -681,29 +696,22 @@ impl Core {
                 if generation != self.generation || !matches!(self.phase, Phase::Forming | Phase::Syncing | Phase::Training) {
                     return;
                 }
-                let forming = match self.collective {
-                    CollectiveKind::Ring => "forming the ring",
-                    CollectiveKind::Nccl => "forming the NCCL communicator",
-                    CollectiveKind::Mixed => "forming the NCCL communicator and the ring",
-                };
-                let at = step.map_or(forming.to_string(), |s| format!("step {s}"));
+                let at = step.map_or("forming the ring".to_string(), |s| format!("step {s}"));
                 let why = format!("{} reports a failed collective ({at}): {error}", self.describe(id));
-                if step.is_none() && self.collective != CollectiveKind::Ring && self.config.parallel.collective == CollectiveBackend::Auto {
+                self.regroup_after_failure(now, why, out);
+            }
+            ToCoordinator::NcclFailed { generation, error } => {
+                if generation != self.generation || self.collective == CollectiveKind::Ring || self.phase != Phase::Forming {
+                    return;
+                }
+                let mut why = format!("{} could not set up NCCL: {error}", self.describe(id));
+                if self.config.parallel.collective == CollectiveBackend::Auto {
                     // NCCL that cannot even form (two ranks on one GPU, no route between the
                     // hosts, a library problem) would fail the same way again: fall back.
                     self.nccl_failed = true;
-                    out.push(Command::Record(RunEvent::Warning {
-                        step: self.completed,
-                        message: format!("{why}; the rest of the run averages over the QUIC ring (parallel.collective = \"auto\")"),
-                    }));
+                    why.push_str("; the rest of the run averages over the QUIC ring (parallel.collective = \"auto\")");
                 }
-                self.failed_regroups += 1;
-                if self.failed_regroups > MAX_FAILED_REGROUPS {
-                    self.abort(format!("{why}; {MAX_FAILED_REGROUPS} new rings in a row failed without completing a step"), out);
-                    return;
-                }
-                self.note_change(now, why, out);
-                self.form(now, out);
+                self.regroup_after_failure(now, why, out);
             }
             ToCoordinator::EvalDone(report) => {
                 if report.generation != self.generation {
@@ -773,9 +781,10 @@ impl Core {
                 // Only the current NCCL group's rank 0 hands out the id; anything else is an
                 // old generation's (ignored).
                 let current = generation == self.generation && self.phase == Phase::Forming && self.collective != CollectiveKind::Ring;
-                if !current || self.nccl_group.first() != Some(&id) {
+                if !current || self.nccl_group.first() != Some(&id) || self.nccl_id_forwarded {
                     return;
                 }
+                self.nccl_id_forwarded = true;
                 if unique_id.len() != NCCL_UNIQUE_ID_BYTES {
                     let reason = format!("protocol error: an ncclUniqueId of {} bytes (expected {NCCL_UNIQUE_ID_BYTES})", unique_id.len());
                     out.push(Command::Disconnect { id, reason: reason.clone() });
@@ -1704,18 +1713,21 @@ mod tests {
         join_gpu(&mut sim, 1, true);
         join_gpu(&mut sim, 2, true);
         let generation = sim.core.generation();
-        let cmds = sim.from(2, ToCoordinator::CollectiveFailed { generation, step: None, error: "ncclInvalidUsage: duplicate GPU".into() });
+        let cmds = sim.from(2, ToCoordinator::NcclFailed { generation, error: "ncclInvalidUsage: duplicate GPU".into() });
         assert!(records(&cmds).iter().any(|e| matches!(e, RunEvent::Warning { message, .. }
-            if message.contains("forming the NCCL communicator") && message.contains("duplicate GPU") && message.contains("averages over the QUIC ring"))), "{cmds:?}");
+            if message.contains("could not set up NCCL") && message.contains("duplicate GPU") && message.contains("averages over the QUIC ring"))), "{cmds:?}");
         let a = assigns(&cmds);
         assert_eq!(a.len(), 2);
         assert!(a.iter().all(|(_, a)| a.collective() == CollectiveKind::Ring), "{a:?}");
-        // A failed step (not formation) is no reason to give NCCL up.
+        // A failed step, or a ring that did not form, is no reason to give NCCL up.
         let mut sim = Sim::new(config(2, 10));
         join_gpu(&mut sim, 1, true);
         join_gpu(&mut sim, 2, true);
         let generation = sim.core.generation();
         let cmds = sim.from(2, ToCoordinator::CollectiveFailed { generation, step: Some(0), error: "timed out".into() });
+        assert!(assigns(&cmds).iter().all(|(_, a)| a.collective() == CollectiveKind::Nccl));
+        let generation = sim.core.generation();
+        let cmds = sim.from(1, ToCoordinator::CollectiveFailed { generation, step: None, error: "ring peer unreachable".into() });
         assert!(assigns(&cmds).iter().all(|(_, a)| a.collective() == CollectiveKind::Nccl));
     }
 
@@ -1742,5 +1754,7 @@ mod tests {
         let cmds = sim.from(1, ToCoordinator::NcclUniqueId { generation, id: vec![1; NCCL_UNIQUE_ID_BYTES] });
         let to: Vec<WorkerId> = sends(&cmds).into_iter().filter(|(_, m)| matches!(m, ToWorker::NcclBootstrap { .. })).map(|(to, _)| to).collect();
         assert_eq!(to, vec![1, 3, 5]);
+        // Forwarded once per generation.
+        assert!(sim.from(1, ToCoordinator::NcclUniqueId { generation, id: vec![1; NCCL_UNIQUE_ID_BYTES] }).is_empty());
     }
 }

@@ -363,7 +363,7 @@ pub enum TrainerReport {
     Regrouped { generation: u64, completed_steps: u64 },
     Synced { generation: u64, step: u64 },
     SyncFailed { generation: u64, error: String },
-    /// The generation's collectives could not be set up (NCCL could not form its communicator).
+    /// NCCL could not form the generation's communicator.
     LinkFailed { generation: u64, error: String },
     StepDone(StepReport),
     /// The step's collective failed: nothing was applied.
@@ -725,7 +725,7 @@ impl WorkerState {
                 Err(e) => {
                     let error = format!("the NCCL group's rank 0 cannot create the NCCL unique id: {e}");
                     tracing::warn!("{error}");
-                    self.send(ToCoordinator::CollectiveFailed { generation: a.generation, step: None, error });
+                    self.send(ToCoordinator::NcclFailed { generation: a.generation, error });
                 }
             }
         }
@@ -822,9 +822,10 @@ impl WorkerState {
                 }
             }
             TrainerReport::Synced { generation, step } => self.send(ToCoordinator::Synced { generation, step }),
-            TrainerReport::SyncFailed { generation, error } | TrainerReport::LinkFailed { generation, error } => {
+            TrainerReport::SyncFailed { generation, error } => {
                 self.send(ToCoordinator::CollectiveFailed { generation, step: None, error })
             }
+            TrainerReport::LinkFailed { generation, error } => self.send(ToCoordinator::NcclFailed { generation, error }),
             TrainerReport::StepDone(r) => {
                 self.metrics.step.set(r.step as i64 + 1);
                 let phases = [("compute", r.compute_seconds), ("communication", r.comm_seconds), ("data", r.data_seconds)];
@@ -1059,8 +1060,11 @@ fn run_command(trainer: &mut Trainer, link: &mut Link, cmd: TrainerCmd, latest: 
                     Err(error) => return link_failed(error),
                 },
                 LinkPlan::Mixed { nccl, ring, timeout } => {
+                    // The group's members wait in its broadcast while its rank 0 runs the ring's
+                    // all-reduce: the group gets twice the ring's limit, so that a slow or dead
+                    // ring peer is reported by the ring, which names it.
                     let group = match nccl {
-                        Some((id, place)) => match NcclLink::join(&id, place, trainer.device(), timeout, generation, latest) {
+                        Some((id, place)) => match NcclLink::join(&id, place, trainer.device(), timeout * 2, generation, latest) {
                             Ok(n) => Some(Box::new(n) as Box<dyn Comm>),
                             Err(error) => return link_failed(error),
                         },
