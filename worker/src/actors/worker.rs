@@ -547,13 +547,16 @@ impl Actor for Worker {
     async fn handle_supervisor_evt(&self, _me: ActorRef<WorkerMsg>, event: SupervisionEvent, state: &mut WorkerState) -> Result<(), ActorProcessingErr> {
         // A collective actor that dies (a panic) takes its generation's ring with it: the
         // coordinator hears of it and forms a new one.
-        let (cell, reason) = match event {
-            SupervisionEvent::ActorFailed(cell, e) => (cell, format!("the collective failed: {e}")),
-            SupervisionEvent::ActorTerminated(cell, _, reason) => (cell, format!("the collective stopped: {}", reason.unwrap_or_default())),
+        let (cell, reason, panicked) = match event {
+            SupervisionEvent::ActorFailed(cell, e) => (cell, format!("the collective failed: {e}"), true),
+            SupervisionEvent::ActorTerminated(cell, _, reason) => (cell, format!("the collective stopped: {}", reason.unwrap_or_default()), false),
             _ => return Ok(()),
         };
-        if let Some((generation, actor)) = &state.collective {
-            if actor.get_id() == cell.get_id() && state.outcome.is_none() {
+        if state.outcome.is_some() {
+            return Ok(());
+        }
+        match &state.collective {
+            Some((generation, actor)) if actor.get_id() == cell.get_id() => {
                 let generation = *generation;
                 state.collective = None;
                 // Replaced by the next generation's actor, which the coordinator starts now.
@@ -563,6 +566,13 @@ impl Actor for Worker {
                     state.send(ToCoordinator::CollectiveFailed { generation, step: None, error: reason });
                 }
             }
+            // A panic noticed after the coordinator had already moved on (the trainer's aborted
+            // collective reached it first): still a failure, counted and logged.
+            _ if panicked => {
+                state.metrics.actor_restarts_total.with_label_values(&["collective"]).inc();
+                tracing::warn!("{reason}; the coordinator re-forms the ring (already under way)");
+            }
+            _ => {}
         }
         Ok(())
     }
