@@ -895,8 +895,8 @@ impl Comm for RingHandle {
 const NCCL_JOIN_TIMEOUTS: u32 = 10;
 
 /// The trainer's collectives over an NCCL communicator. Tensors on this worker's GPU are
-/// combined where they are; host buffers (the paths that stage through host memory: the
-/// sharded strategies and state sync) are copied to the GPU and back. NCCL has no tags: every
+/// combined where they are; host buffers (the small sums of loss and norm, state sync, and
+/// every collective of a mixed generation) are copied to the GPU and back. NCCL has no tags: every
 /// rank issues the same calls in the same order, which the trainer guarantees.
 struct NcclLink {
     comm: NcclComm,
