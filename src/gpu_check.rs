@@ -122,17 +122,26 @@ fn check_model(gpu: Device) -> anyhow::Result<String> {
     Ok(format!("loss cpu {cpu_loss:.6} / cuda {gpu_loss:.6} / cuda bf16 {bf16_loss:.6}; grad norm {cpu_norm:.6} / {gpu_norm:.6} / {bf16_norm:.6}"))
 }
 
+/// The collectives checked and timed, by name.
+const COLLECTIVES: [&str; 4] = ["all_reduce", "reduce_scatter", "all_gather", "broadcast"];
+
+/// Runs the collective named `op` (one of [`COLLECTIVES`]; broadcast from rank 0) on `t`.
+fn run_collective(comm: &mut NcclComm, op: &str, t: &Tensor) -> anyhow::Result<()> {
+    match op {
+        "all_reduce" => comm.all_reduce_sum(t)?,
+        "reduce_scatter" => comm.reduce_scatter_sum(t)?,
+        "all_gather" => comm.all_gather(t)?,
+        _ => comm.broadcast(t, 0)?,
+    }
+    Ok(())
+}
+
 /// With one rank every collective leaves its buffer as it was.
 fn check_collectives(comm: &mut NcclComm, gpu: Device) -> anyhow::Result<String> {
     let values = Tensor::arange(1 << 20, (Kind::Float, gpu));
-    for op in ["all_reduce", "reduce_scatter", "all_gather", "broadcast"] {
+    for op in COLLECTIVES {
         let t = values.copy();
-        match op {
-            "all_reduce" => comm.all_reduce_sum(&t)?,
-            "reduce_scatter" => comm.reduce_scatter_sum(&t)?,
-            "all_gather" => comm.all_gather(&t)?,
-            _ => comm.broadcast(&t, 0)?,
-        }
+        run_collective(comm, op, &t)?;
         anyhow::ensure!(t.equal(&values), "{op} changed the values of a world of one");
     }
     Ok("all_reduce, reduce_scatter, all_gather and broadcast leave 2^20 floats exact".into())
@@ -152,21 +161,12 @@ fn time_collectives(comm: &mut NcclComm, gpu: Device, max_mib: usize, repeats: u
     let mut mib = 64;
     while mib <= max_mib.max(64) {
         let t = Tensor::zeros([(mib << 20) as i64 / 4], (Kind::Float, gpu));
-        for op in ["all_reduce", "reduce_scatter", "all_gather", "broadcast"] {
-            let call = |comm: &mut NcclComm| -> anyhow::Result<()> {
-                match op {
-                    "all_reduce" => comm.all_reduce_sum(&t)?,
-                    "reduce_scatter" => comm.reduce_scatter_sum(&t)?,
-                    "all_gather" => comm.all_gather(&t)?,
-                    _ => comm.broadcast(&t, 0)?,
-                }
-                Ok(())
-            };
-            call(comm)?;
-            call(comm)?;
+        for op in COLLECTIVES {
+            run_collective(comm, op, &t)?;
+            run_collective(comm, op, &t)?;
             let start = Instant::now();
             for _ in 0..repeats {
-                call(comm)?;
+                run_collective(comm, op, &t)?;
             }
             let seconds = start.elapsed().as_secs_f64() / repeats as f64;
             let gbps = (mib << 20) as f64 / seconds / 1e9;

@@ -85,23 +85,27 @@ pub trait Comm {
     }
 
     /// Sums a contiguous float32 tensor over the ranks, in place. The defaults of the tensor
-    /// methods go through host memory.
+    /// methods go through host memory ([`through_host`]).
     fn all_reduce_tensor(&mut self, t: &Tensor, tag: CollectiveTag) -> Result<(), String> {
-        let summed = self.all_reduce(host_vec(t), tag)?;
-        write_into(t, &summed).map_err(|e| e.to_string())
+        through_host(t, |values| self.all_reduce(values, tag))
     }
 
     /// [`Comm::reduce_scatter`] of a contiguous float32 tensor, in place.
     fn reduce_scatter_tensor(&mut self, t: &Tensor, tag: CollectiveTag) -> Result<(), String> {
-        let reduced = self.reduce_scatter(host_vec(t), tag)?;
-        write_into(t, &reduced).map_err(|e| e.to_string())
+        through_host(t, |values| self.reduce_scatter(values, tag))
     }
 
     /// [`Comm::all_gather`] of a contiguous float32 tensor, in place.
     fn all_gather_tensor(&mut self, t: &Tensor, tag: CollectiveTag) -> Result<(), String> {
-        let gathered = self.all_gather(host_vec(t), tag)?;
-        write_into(t, &gathered).map_err(|e| e.to_string())
+        through_host(t, |values| self.all_gather(values, tag))
     }
+}
+
+/// Runs the host-memory collective `op` on the values of `t` and writes its result back into
+/// `t`: how a [`Comm`] combines a tensor it cannot work on where it is.
+pub fn through_host(t: &Tensor, op: impl FnOnce(Vec<f32>) -> Result<Vec<f32>, String>) -> Result<(), String> {
+    let result = op(host_vec(t))?;
+    write_into(t, &result).map_err(|e| e.to_string())
 }
 
 /// The collectives of a world of one: nothing to combine (the trainer never calls them then).

@@ -16,7 +16,7 @@
 
 use super::collective::{CollectiveActor, CollectiveArgs, CollectiveMsg};
 use crate::nccl::{NcclComm, NcclError};
-use crate::trainer::{Alone, Comm, Footprint, Mixed, Trainer, TrainerError, TrainerSetup};
+use crate::trainer::{through_host, Alone, Comm, Footprint, Mixed, Trainer, TrainerError, TrainerSetup};
 use ractor::{Actor, ActorProcessingErr, ActorRef, SupervisionEvent};
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -948,33 +948,25 @@ impl Comm for NcclLink {
     fn works_on_device(&self) -> bool {
         true
     }
+    // A tensor that is not on this worker's GPU (none of the trainer's are) goes through a
+    // host buffer and the staged collective.
     fn all_reduce_tensor(&mut self, t: &Tensor, tag: CollectiveTag) -> Result<(), String> {
         if t.device() != self.device {
-            return self.via_host(t, tag, Self::all_reduce);
+            return through_host(t, |values| self.all_reduce(values, tag));
         }
         self.comm.all_reduce_sum(t).map_err(|e| format!("{tag}: {e}"))
     }
     fn reduce_scatter_tensor(&mut self, t: &Tensor, tag: CollectiveTag) -> Result<(), String> {
         if t.device() != self.device {
-            return self.via_host(t, tag, Self::reduce_scatter);
+            return through_host(t, |values| self.reduce_scatter(values, tag));
         }
         self.comm.reduce_scatter_sum(t).map_err(|e| format!("{tag}: {e}"))
     }
     fn all_gather_tensor(&mut self, t: &Tensor, tag: CollectiveTag) -> Result<(), String> {
         if t.device() != self.device {
-            return self.via_host(t, tag, Self::all_gather);
+            return through_host(t, |values| self.all_gather(values, tag));
         }
         self.comm.all_gather(t).map_err(|e| format!("{tag}: {e}"))
-    }
-}
-
-impl NcclLink {
-    /// A tensor that is not on this worker's GPU (none of the trainer's are) goes through a
-    /// host buffer and the staged collective `op`.
-    fn via_host(&mut self, t: &Tensor, tag: CollectiveTag, op: fn(&mut Self, Vec<f32>, CollectiveTag) -> Result<Vec<f32>, String>) -> Result<(), String> {
-        let one = std::slice::from_ref(t);
-        let result = op(self, troupe_common::model::flatten(one), tag)?;
-        troupe_common::model::unflatten_into(one, &result).map_err(|e| e.to_string())
     }
 }
 
