@@ -65,9 +65,7 @@ impl ChildOpts {
             let i = a.iter().position(|x| x == k).ok_or_else(|| anyhow!("missing {k}"))?;
             a.get(i + 1).map(|s| s.as_str()).ok_or_else(|| anyhow!("missing value of {k}"))
         };
-        let list = |s: &str| -> Result<Vec<usize>> {
-            s.split(',').map(|x| x.parse::<usize>().map_err(|e| anyhow!("{x}: {e}"))).collect()
-        };
+        let list = |s: &str| -> Result<Vec<usize>> { s.split(',').map(|x| x.parse::<usize>().map_err(|e| anyhow!("{x}: {e}"))).collect() };
         Ok(ChildOpts {
             rank: get("--rank")?.parse()?,
             world: get("--world")?.parse()?,

@@ -517,13 +517,7 @@ fn run_local(config_path: &Path, config: &Config) -> Result<TrainRun> {
     // The checkpoints are not needed any more (the events and logs are kept).
     let _ = fs::remove_dir_all(checkpoint::checkpoints_dir(&run_dir));
     let _ = fs::remove_dir_all(config.registry_dir());
-    Ok(TrainRun {
-        step_seconds,
-        checkpoint_seconds,
-        wait_seconds: (!waits.is_empty()).then(|| waits.values().sum()),
-        wall_seconds,
-        others,
-    })
+    Ok(TrainRun { step_seconds, checkpoint_seconds, wait_seconds: (!waits.is_empty()).then(|| waits.values().sum()), wall_seconds, others })
 }
 
 fn part_b(bench_dir: &Path, rounds: usize, md: &mut String, csv: &mut String) -> Result<()> {
@@ -682,7 +676,12 @@ fn part_b(bench_dir: &Path, rounds: usize, md: &mut String, csv: &mut String) ->
             (ratio - 1.0) * 100.0
         ));
         for (i, r) in eval_ratios.iter().enumerate() {
-            csv.push_str(&format!("step_seconds_eval_only,{},{:.5},{:.5},{r:.4},,,\n", i + 1, median(&eval_only[i].step_seconds), median(&end[i].step_seconds)));
+            csv.push_str(&format!(
+                "step_seconds_eval_only,{},{:.5},{:.5},{r:.4},,,\n",
+                i + 1,
+                median(&eval_only[i].step_seconds),
+                median(&end[i].step_seconds)
+            ));
         }
         csv.push_str(&format!("step_seconds_eval_only,median_of_round_ratios,,,{eval_ratio:.4},,,\n"));
     }
@@ -703,7 +702,8 @@ fn main() -> Result<()> {
     let bench_dir = Path::new(&target).join("bench");
     fs::create_dir_all(&bench_dir)?;
     let bench_dir = bench_dir.canonicalize()?;
-    let mut md = String::from("Sharded asynchronous checkpoints: what a checkpoint write costs against the disk, and against training.\n\n");
+    let mut md =
+        String::from("Sharded asynchronous checkpoints: what a checkpoint write costs against the disk, and against training.\n\n");
     // One schema for both parts: `checkpoint` and `baseline` are the measured values (MB/s for
     // the write, seconds for the step), `ratio` is checkpoint/baseline for throughput and
     // checkpoint-every-step/no-checkpoint for step time; `extra`: bytes written (A), the

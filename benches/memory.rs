@@ -170,7 +170,12 @@ fn run(strategy: Strategy, base: &Config, out: &Path) -> Result<StrategyRun> {
                 if steps_done >= 1 && steps_done < steps {
                     p.floor_rss = Some(p.floor_rss.map_or(rss, |f| f.min(rss)));
                 }
-                timeline.push_str(&format!("{:.2},{pid},{steps_done},{:.1},{:.1}\n", started.elapsed().as_secs_f64(), rss as f64 / 1024.0, hwm as f64 / 1024.0));
+                timeline.push_str(&format!(
+                    "{:.2},{pid},{steps_done},{:.1},{:.1}\n",
+                    started.elapsed().as_secs_f64(),
+                    rss as f64 / 1024.0,
+                    hwm as f64 / 1024.0
+                ));
             }
         }
         std::thread::sleep(Duration::from_millis(100));
@@ -267,7 +272,9 @@ fn main() -> Result<()> {
     ensure!(params >= 50_000_000, "the model has {params} parameters, fewer than 50 M");
     let mem_total = fs::read_to_string("/proc/meminfo")
         .ok()
-        .and_then(|t| t.lines().find_map(|l| l.strip_prefix("MemAvailable:").and_then(|r| r.split_whitespace().next()?.parse::<u64>().ok())))
+        .and_then(|t| {
+            t.lines().find_map(|l| l.strip_prefix("MemAvailable:").and_then(|r| r.split_whitespace().next()?.parse::<u64>().ok()))
+        })
         .unwrap_or(0);
     eprintln!(
         "memory bench: {params} parameters ({:.0} MiB of float32), {workers} workers, {steps} steps, {:.1} GiB available …",

@@ -363,7 +363,8 @@ fn main() -> Result<()> {
     let troupe_tps = troupe.tokens_per_sec(tokens_per_step, 0.5);
     let fmt_val = |v: Option<f64>| v.map_or("n/a".to_string(), |v| format!("{v:.4}"));
     let n_last = troupe.last_losses().len();
-    let rounds_text = if rounds == 1 { "one run of each".to_string() } else { format!("{rounds} alternating runs of each, timed steps pooled") };
+    let rounds_text =
+        if rounds == 1 { "one run of each".to_string() } else { format!("{rounds} alternating runs of each, timed steps pooled") };
     let mut md = format!(
         "Training throughput, default model ({} layers, {} heads, n_embd {}, block {}), global batch {} × {} = {} tokens/step, micro-batch {}, {steps} steps (first {WARMUP} warm-up), {rounds_text}, {WORKERS} processes × {threads} intra-op thread(s) each, CPU, this machine ({cores} cores).\n\n",
         config.model.n_layer,
@@ -375,7 +376,9 @@ fn main() -> Result<()> {
         tokens_per_step,
         config.train.micro_batch,
     );
-    md.push_str(&format!("| system | median tokens/s | p25–p75 | loss at step 0 | train loss (mean of last {n_last}) | final val loss | troupe / DDP |\n"));
+    md.push_str(&format!(
+        "| system | median tokens/s | p25–p75 | loss at step 0 | train loss (mean of last {n_last}) | final val loss | troupe / DDP |\n"
+    ));
     md.push_str("|---|---:|---:|---:|---:|---:|---:|\n");
     md.push_str(&format!(
         "| troupe local (QUIC ring) | {troupe_tps:.0} | {} | {:.4} | {:.4} ± {:.4} | {} | |\n",
@@ -427,7 +430,8 @@ fn main() -> Result<()> {
             let noise = troupe.last_loss_stderr().max(d.last_loss_stderr());
             let same = if delta.abs() <= noise { "same within noise" } else { "differs by more than the noise" };
             let n = troupe.losses.len().min(d.losses.len());
-            let (max_diff, at) = (0..n).map(|i| ((troupe.losses[i] - d.losses[i]).abs(), i)).fold((0.0, 0), |a, b| if b.0 > a.0 { b } else { a });
+            let (max_diff, at) =
+                (0..n).map(|i| ((troupe.losses[i] - d.losses[i]).abs(), i)).fold((0.0, 0), |a, b| if b.0 > a.0 { b } else { a });
             md.push_str(&format!(
                 "Loss: Δ(last-{n_last} mean train loss) = {delta:+.4} vs noise (standard error of that mean) {noise:.4}: **{same}**. Both runs start from the same weights and see the same sequences each step, so the per-step losses can be compared directly: largest |Δ| {max_diff:.2e} (step {at}); val loss Δ {}.\n\n",
                 match (troupe.val_loss, d.val_loss) {
@@ -459,10 +463,7 @@ fn main() -> Result<()> {
             md.push_str(&format!("PyTorch DDP column missing: {why}. Target ≥ {TARGET_RATIO}× not measured.\n"));
             csv.push_str(&format!("pytorch_ddp_gloo,,,,,,,,,{TARGET_RATIO},{steps},{rounds},{threads},\n"));
             for i in 0..troupe.losses.len() {
-                steps_csv.push_str(&format!(
-                    "{i},{:.7},{:.5},{:.5},,\n",
-                    troupe.losses[i], troupe.seconds[i], troupe.comm_seconds[i]
-                ));
+                steps_csv.push_str(&format!("{i},{:.7},{:.5},{:.5},,\n", troupe.losses[i], troupe.seconds[i], troupe.comm_seconds[i]));
             }
         }
     }

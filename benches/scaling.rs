@@ -47,11 +47,8 @@ fn run(workers: usize, steps: u64, out: &std::path::Path) -> anyhow::Result<(f64
 
 fn main() -> anyhow::Result<()> {
     let steps: u64 = std::env::var("TROUPE_BENCH_STEPS").ok().and_then(|s| s.parse().ok()).unwrap_or(40);
-    let worker_counts: Vec<usize> = std::env::var("TROUPE_BENCH_WORKERS")
-        .unwrap_or_else(|_| "1,2,3".into())
-        .split(',')
-        .filter_map(|s| s.trim().parse().ok())
-        .collect();
+    let worker_counts: Vec<usize> =
+        std::env::var("TROUPE_BENCH_WORKERS").unwrap_or_else(|_| "1,2,3".into()).split(',').filter_map(|s| s.trim().parse().ok()).collect();
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let out = std::path::PathBuf::from("target/bench/scaling");
     let _ = std::fs::remove_dir_all(&out);

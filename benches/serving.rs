@@ -251,7 +251,16 @@ where
 /// (a) The bound at concurrency 1: `Gpt::generate`, one 64-token completion after another.
 fn bound_sequential(model: &Gpt, prompt: &[i64], window: Duration) -> anyhow::Result<Row> {
     model.generate(prompt, MAX_TOKENS, TEMPERATURE, Some(TOP_K), 0)?; // warm-up
-    let mut row = Row { mode: SEQUENTIAL, concurrency: 1, seconds: 0.0, completions: 0.0, tokens: 0.0, errors: 0, latencies: Vec::new(), mean_batch: Some(1.0) };
+    let mut row = Row {
+        mode: SEQUENTIAL,
+        concurrency: 1,
+        seconds: 0.0,
+        completions: 0.0,
+        tokens: 0.0,
+        errors: 0,
+        latencies: Vec::new(),
+        mean_batch: Some(1.0),
+    };
     let start = Instant::now();
     for seed in 1u64.. {
         let t = Instant::now();
@@ -285,7 +294,16 @@ fn bound_lockstep(model: &Gpt, prompt: &[i64], size: usize, window: Duration) ->
         Ok(size * MAX_TOKENS)
     };
     batch(0)?; // warm-up
-    let mut row = Row { mode: LOCKSTEP, concurrency: size, seconds: 0.0, completions: 0.0, tokens: 0.0, errors: 0, latencies: Vec::new(), mean_batch: Some(size as f64) };
+    let mut row = Row {
+        mode: LOCKSTEP,
+        concurrency: size,
+        seconds: 0.0,
+        completions: 0.0,
+        tokens: 0.0,
+        errors: 0,
+        latencies: Vec::new(),
+        mean_batch: Some(size as f64),
+    };
     let start = Instant::now();
     for seed in 1u64.. {
         let t = Instant::now();
@@ -315,7 +333,10 @@ fn report(row: &Row) {
 
 /// The 1-minute load average: on a 2-core machine anything else running shows in the numbers.
 fn load_average() -> String {
-    std::fs::read_to_string("/proc/loadavg").ok().and_then(|s| s.split_whitespace().next().map(str::to_string)).unwrap_or_else(|| "?".into())
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|s| s.split_whitespace().next().map(str::to_string))
+        .unwrap_or_else(|| "?".into())
 }
 
 fn main() -> anyhow::Result<()> {
@@ -348,7 +369,11 @@ fn main() -> anyhow::Result<()> {
         max_tokens: 512,
         max_queue: 4096,
     }))?;
-    anyhow::ensure!(server.deployment.live().stable.is_some(), "the server does not serve the published version: {:?}", server.deployment.load_error());
+    anyhow::ensure!(
+        server.deployment.live().stable.is_some(),
+        "the server does not serve the published version: {:?}",
+        server.deployment.load_error()
+    );
 
     let load_before = load_average();
     let mut rows = Vec::new();
@@ -382,7 +407,11 @@ fn main() -> anyhow::Result<()> {
     // The server's threads stay, idle, while the bound runs.
     let (model, _) = load_for_inference(&version_dir, tch::Device::Cpu)?;
     let half = window / 2;
-    for row in [bound_sequential(&model, &prompt, half)?, bound_lockstep(&model, &prompt, 1, half)?, bound_lockstep(&model, &prompt, MAX_BATCH, half)?] {
+    for row in [
+        bound_sequential(&model, &prompt, half)?,
+        bound_lockstep(&model, &prompt, 1, half)?,
+        bound_lockstep(&model, &prompt, MAX_BATCH, half)?,
+    ] {
         report(&row);
         rows.push(row);
     }
@@ -402,7 +431,8 @@ fn main() -> anyhow::Result<()> {
         warmup.as_secs_f64(),
         load_average()
     );
-    let mut csv = String::from("mode,concurrency,seconds,completions,errors,tokens,tokens_per_s,completions_per_s,p50_s,p95_s,mean_batch\n");
+    let mut csv =
+        String::from("mode,concurrency,seconds,completions,errors,tokens,tokens_per_s,completions_per_s,p50_s,p95_s,mean_batch\n");
     for r in &rows {
         let batch = r.mean_batch.map_or("–".into(), |b| format!("{b:.1}"));
         let errors = if r.errors > 0 { format!(" ({} errors)", r.errors) } else { String::new() };

@@ -101,7 +101,8 @@ fn deploy_on_registry(dir: &Path, action: DeployAction) -> anyhow::Result<ExitCo
             troupe_common::say!("stable: {}", state.stable.map_or("-".into(), version_name));
         }
         DeployAction::Publish { checkpoint, canary, canary_requests } => {
-            let eval = std::fs::read(checkpoint.join(troupe_common::registry::EVAL_FILE)).ok().and_then(|b| serde_json::from_slice(&b).ok());
+            let eval =
+                std::fs::read(checkpoint.join(troupe_common::registry::EVAL_FILE)).ok().and_then(|b| serde_json::from_slice(&b).ok());
             let run = std::fs::canonicalize(&checkpoint)
                 .ok()
                 .and_then(|p| p.parent()?.parent()?.file_name().map(|n| n.to_string_lossy().into_owned()))
@@ -115,7 +116,12 @@ fn deploy_on_registry(dir: &Path, action: DeployAction) -> anyhow::Result<ExitCo
                         bail!("--canary-requests {canary_requests}: the canary must answer 1..=10000000 requests before it is judged");
                     }
                     let d = troupe_common::config::DeployConfig::default();
-                    Rollout::Canary { fraction, requests: canary_requests, max_error_rate_increase: d.canary_max_error_rate_increase, max_p95_ratio: d.canary_max_p95_ratio }
+                    Rollout::Canary {
+                        fraction,
+                        requests: canary_requests,
+                        max_error_rate_increase: d.canary_max_error_rate_increase,
+                        max_p95_ratio: d.canary_max_p95_ratio,
+                    }
                 }
                 None => Rollout::Direct,
             };
@@ -164,10 +170,18 @@ fn print_status(report: &serde_json::Value, json: bool) -> anyhow::Result<()> {
         "stable {} | canary {} | rollback stack {}",
         name(&state["stable"]),
         name(&state["canary"]["version"]),
-        state["previous"].as_array().map(|p| p.iter().map(name).collect::<Vec<_>>().join(", ")).filter(|s| !s.is_empty()).unwrap_or_else(|| "-".into())
+        state["previous"]
+            .as_array()
+            .map(|p| p.iter().map(name).collect::<Vec<_>>().join(", "))
+            .filter(|s| !s.is_empty())
+            .unwrap_or_else(|| "-".into())
     );
     if let Some(live) = report.get("live") {
-        troupe_common::say!("this server serves: stable {} canary {}", live["stable"].as_str().unwrap_or("-"), live["canary"].as_str().unwrap_or("-"));
+        troupe_common::say!(
+            "this server serves: stable {} canary {}",
+            live["stable"].as_str().unwrap_or("-"),
+            live["canary"].as_str().unwrap_or("-")
+        );
     }
     troupe_common::say!("{:>8} {:>8} {:>10}  source", "version", "step", "val loss");
     for v in report["versions"].as_array().into_iter().flatten() {

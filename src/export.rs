@@ -41,11 +41,7 @@ pub fn export(checkpoint_dir: &Path, out: &Path, force: bool) -> anyhow::Result<
         let value: serde_json::Value = serde_json::from_slice(&manifest).unwrap_or_default();
         value.get("step").and_then(|s| s.as_u64())
     } else {
-        troupe_common::say_err!(
-            "warning: {} has no {}: its files cannot be verified",
-            checkpoint_dir.display(),
-            checkpoint::MANIFEST
-        );
+        troupe_common::say_err!("warning: {} has no {}: its files cannot be verified", checkpoint_dir.display(), checkpoint::MANIFEST);
         None
     };
 
@@ -60,8 +56,7 @@ pub fn export(checkpoint_dir: &Path, out: &Path, force: bool) -> anyhow::Result<
         );
     }
     let tokenizer_path = checkpoint_dir.join(checkpoint::TOKENIZER_FILE);
-    let tokenizer_json =
-        std::fs::read(&tokenizer_path).with_context(|| format!("cannot read {}", tokenizer_path.display()))?;
+    let tokenizer_json = std::fs::read(&tokenizer_path).with_context(|| format!("cannot read {}", tokenizer_path.display()))?;
     let hf_tok = HfTokenizer::from_json(&tokenizer_json).with_context(|| format!("{} cannot be exported", tokenizer_path.display()))?;
     if hf_tok.vocab.len() != tokenizer.vocab_size() {
         bail!(
@@ -108,7 +103,11 @@ pub fn export(checkpoint_dir: &Path, out: &Path, force: bool) -> anyhow::Result<
             ),
         },
         OutFile { name: "tokenizer.json", bytes: tokenizer_json, what: "the fast tokenizer (byte-level BPE)".into() },
-        OutFile { name: "vocab.json", bytes: pretty(&Value::Object(hf_tok.vocab.clone()))?, what: format!("{} tokens", hf_tok.vocab.len()) },
+        OutFile {
+            name: "vocab.json",
+            bytes: pretty(&Value::Object(hf_tok.vocab.clone()))?,
+            what: format!("{} tokens", hf_tok.vocab.len()),
+        },
         OutFile { name: "merges.txt", bytes: hf_tok.merges_txt(), what: format!("{} merges", hf_tok.merges.len()) },
         OutFile {
             name: "tokenizer_config.json",
@@ -177,11 +176,7 @@ fn check_destination(source: &Path, out: &Path, force: bool) -> anyhow::Result<(
     }
     let dest = out.canonicalize().with_context(|| format!("cannot resolve {}", out.display()))?;
     if source.starts_with(&dest) || dest.starts_with(source) {
-        bail!(
-            "--out {} and the checkpoint {} overlap; export to a folder of its own",
-            out.display(),
-            source.display()
-        );
+        bail!("--out {} and the checkpoint {} overlap; export to a folder of its own", out.display(), source.display());
     }
     let mut entries = Vec::new();
     for entry in std::fs::read_dir(out).with_context(|| format!("cannot read --out {}", out.display()))? {
@@ -233,7 +228,8 @@ fn put_in_place(partial: &Path, out: &Path, out_name: &str) -> anyhow::Result<()
         let _ = std::fs::rename(&aside, out);
         return Err(e).with_context(|| format!("cannot rename {} to {}", partial.display(), out.display()));
     }
-    std::fs::remove_dir_all(&aside).with_context(|| format!("the export is in place, but the old folder {} could not be removed", aside.display()))?;
+    std::fs::remove_dir_all(&aside)
+        .with_context(|| format!("the export is in place, but the old folder {} could not be removed", aside.display()))?;
     Ok(())
 }
 

@@ -115,11 +115,17 @@ fn check_model(gpu: Device) -> anyhow::Result<String> {
     let (cpu_loss, cpu_norm) = run(Device::Cpu, false)?;
     let (gpu_loss, gpu_norm) = run(gpu, false)?;
     let (bf16_loss, bf16_norm) = std::thread::spawn(move || run(gpu, true)).join().map_err(|_| anyhow::anyhow!("panicked"))??;
-    anyhow::ensure!((cpu_loss - gpu_loss).abs() < 1e-3 && (cpu_norm - gpu_norm).abs() < 1e-3 * cpu_norm.max(1.0),
-        "fp32: cpu loss {cpu_loss} norm {cpu_norm}, cuda loss {gpu_loss} norm {gpu_norm}");
-    anyhow::ensure!((cpu_loss - bf16_loss).abs() < 5e-2 && (cpu_norm - bf16_norm).abs() < 5e-2 * cpu_norm.max(1.0),
-        "bf16: cpu loss {cpu_loss} norm {cpu_norm}, cuda bf16 loss {bf16_loss} norm {bf16_norm}");
-    Ok(format!("loss cpu {cpu_loss:.6} / cuda {gpu_loss:.6} / cuda bf16 {bf16_loss:.6}; grad norm {cpu_norm:.6} / {gpu_norm:.6} / {bf16_norm:.6}"))
+    anyhow::ensure!(
+        (cpu_loss - gpu_loss).abs() < 1e-3 && (cpu_norm - gpu_norm).abs() < 1e-3 * cpu_norm.max(1.0),
+        "fp32: cpu loss {cpu_loss} norm {cpu_norm}, cuda loss {gpu_loss} norm {gpu_norm}"
+    );
+    anyhow::ensure!(
+        (cpu_loss - bf16_loss).abs() < 5e-2 && (cpu_norm - bf16_norm).abs() < 5e-2 * cpu_norm.max(1.0),
+        "bf16: cpu loss {cpu_loss} norm {cpu_norm}, cuda bf16 loss {bf16_loss} norm {bf16_norm}"
+    );
+    Ok(format!(
+        "loss cpu {cpu_loss:.6} / cuda {gpu_loss:.6} / cuda bf16 {bf16_loss:.6}; grad norm {cpu_norm:.6} / {gpu_norm:.6} / {bf16_norm:.6}"
+    ))
 }
 
 /// The collectives checked and timed, by name.

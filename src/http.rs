@@ -5,7 +5,13 @@ use anyhow::Context;
 use std::time::Duration;
 
 /// A blocking HTTP call that returns the status and body whatever the status.
-pub fn call(method: &str, url: &str, body: Option<&serde_json::Value>, api_key: Option<&str>, timeout: Duration) -> anyhow::Result<(u16, String)> {
+pub fn call(
+    method: &str,
+    url: &str,
+    body: Option<&serde_json::Value>,
+    api_key: Option<&str>,
+    timeout: Duration,
+) -> anyhow::Result<(u16, String)> {
     let agent: ureq::Agent = ureq::Agent::config_builder().http_status_as_error(false).timeout_global(Some(timeout)).build().into();
     let mut response = match (method, body) {
         ("GET", _) => {
@@ -36,4 +42,3 @@ pub fn error_message(body: &str) -> String {
         .and_then(|v| v["error"]["message"].as_str().map(str::to_string))
         .unwrap_or_else(|| body.trim().to_string())
 }
-

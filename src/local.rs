@@ -14,12 +14,7 @@ use troupe_coordinator::{launch, run_coordinator, CoordinatorOptions, RunOutcome
 
 /// Runs a coordinator to the end of the run. `on_listening` gets the bound address (workers
 /// can be started from there).
-pub async fn coordinate(
-    config: Config,
-    resume: bool,
-    insecure: bool,
-    on_listening: impl FnOnce(SocketAddr),
-) -> anyhow::Result<RunOutcome> {
+pub async fn coordinate(config: Config, resume: bool, insecure: bool, on_listening: impl FnOnce(SocketAddr)) -> anyhow::Result<RunOutcome> {
     let resume_from = prepare_run(&config, resume)?;
     coordinate_prepared(config, resume_from, insecure, on_listening).await
 }
@@ -76,15 +71,11 @@ fn archive_previous_run(run_dir: &Path) -> anyhow::Result<()> {
     if !run_dir.exists() {
         return Ok(());
     }
-    let stamp = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
+    let stamp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
     let mut aside = run_dir.as_os_str().to_owned();
     aside.push(format!(".{stamp}"));
     let aside = PathBuf::from(aside);
-    std::fs::rename(run_dir, &aside)
-        .with_context(|| format!("cannot move the previous run {} aside", run_dir.display()))?;
+    std::fs::rename(run_dir, &aside).with_context(|| format!("cannot move the previous run {} aside", run_dir.display()))?;
     troupe_common::say!(
         "an earlier run was in {}; moved it to {} (use --resume to continue a run instead)",
         run_dir.display(),
@@ -132,7 +123,11 @@ pub async fn run_local(args: LocalArgs) -> anyhow::Result<ExitCode> {
         Some(gpus) => {
             let devices = gpus.devices(troupe_common::device::cuda_device_count())?;
             if args.run.workers.is_some_and(|n| n != devices.len()) {
-                anyhow::bail!("--workers {} and --gpus ({} GPUs) disagree: --gpus starts one worker per GPU", args.run.workers.unwrap_or(0), devices.len());
+                anyhow::bail!(
+                    "--workers {} and --gpus ({} GPUs) disagree: --gpus starts one worker per GPU",
+                    args.run.workers.unwrap_or(0),
+                    devices.len()
+                );
             }
             config.cluster.workers = devices.len();
             config.cluster.min_workers = config.cluster.min_workers.min(devices.len());
@@ -166,7 +161,10 @@ pub async fn run_local(args: LocalArgs) -> anyhow::Result<ExitCode> {
     })
     .await
     .context("cannot start the serving endpoint (serve.listen)")?;
-    troupe_common::say!("serving endpoint on {} (OpenAI-compatible /v1/completions; versions appear as checkpoints are promoted)", server.url());
+    troupe_common::say!(
+        "serving endpoint on {} (OpenAI-compatible /v1/completions; versions appear as checkpoints are promoted)",
+        server.url()
+    );
     config.deploy.notify.push(server.url());
 
     let (addr_tx, addr_rx) = tokio::sync::oneshot::channel();
@@ -252,8 +250,16 @@ pub async fn run_local(args: LocalArgs) -> anyhow::Result<ExitCode> {
 
 /// Asks the serving endpoint for a completion, as any client would; returns the version
 /// that answered and the text.
-fn complete_over_http(url: &str, model: &str, prompt: &str, max_tokens: usize, seed: u64, api_key: Option<&str>) -> anyhow::Result<(String, String)> {
-    let body = serde_json::json!({"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.8, "top_k": 40, "seed": seed});
+fn complete_over_http(
+    url: &str,
+    model: &str,
+    prompt: &str,
+    max_tokens: usize,
+    seed: u64,
+    api_key: Option<&str>,
+) -> anyhow::Result<(String, String)> {
+    let body =
+        serde_json::json!({"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.8, "top_k": 40, "seed": seed});
     let (status, text) = crate::http::call("POST", &format!("{url}/v1/completions"), Some(&body), api_key, Duration::from_secs(120))?;
     if status != 200 {
         anyhow::bail!("{url} answered {status}: {}", crate::http::error_message(&text));
@@ -302,9 +308,7 @@ async fn watch_children(children: &mut [(usize, PathBuf, tokio::process::Child)]
 fn random_token() -> anyhow::Result<String> {
     let mut bytes = [0u8; 16];
     use std::io::Read;
-    std::fs::File::open("/dev/urandom")
-        .and_then(|mut f| f.read_exact(&mut bytes))
-        .context("cannot read /dev/urandom for a join token")?;
+    std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut bytes)).context("cannot read /dev/urandom for a join token")?;
     Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
 }
 

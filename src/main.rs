@@ -16,10 +16,14 @@ use std::time::Duration;
 use troupe_common::config::Config;
 
 #[derive(Parser)]
-#[command(name = "troupe", version, about = "Train a GPT over a cluster of worker processes, and serve it.",
+#[command(
+    name = "troupe",
+    version,
+    about = "Train a GPT over a cluster of worker processes, and serve it.",
     long_about = "troupe trains GPT-style language models with data parallelism over worker processes that \
     talk QUIC: a coordinator forms the cluster and drives the steps, workers average gradients with a ring \
-    all-reduce. `troupe local` runs the whole loop on this machine.")]
+    all-reduce. `troupe local` runs the whole loop on this machine."
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -29,37 +33,57 @@ struct Cli {
 enum Command {
     /// Run a whole training job on this machine: prepare data, start a coordinator and worker
     /// processes on loopback, train, checkpoint, evaluate, and print a sample.
-    #[command(after_help = "Examples:\n  troupe local                       # the embedded default: Shakespeare, 2 workers\n  troupe local --workers 1 --steps 50\n  troupe local --workers 3 --strategy zero3\n  troupe local --config my.toml --out /tmp/runs\n  troupe local --resume              # continue from the newest complete checkpoint")]
+    #[command(
+        after_help = "Examples:\n  troupe local                       # the embedded default: Shakespeare, 2 workers\n  troupe local --workers 1 --steps 50\n  troupe local --workers 3 --strategy zero3\n  troupe local --config my.toml --out /tmp/runs\n  troupe local --resume              # continue from the newest complete checkpoint"
+    )]
     Local(LocalArgs),
     /// Run the coordinator of a multi-node job; workers join it with `troupe worker --join`.
-    #[command(after_help = "Examples:\n  troupe coordinator --config run.toml --listen 0.0.0.0:7070 --token $SECRET\n  troupe coordinator --config run.toml --resume")]
+    #[command(
+        after_help = "Examples:\n  troupe coordinator --config run.toml --listen 0.0.0.0:7070 --token $SECRET\n  troupe coordinator --config run.toml --resume"
+    )]
     Coordinator(CoordinatorArgs),
     /// Run a worker that joins a coordinator and trains.
-    #[command(after_help = "Examples:\n  troupe worker --join 10.0.0.1:7070 --token $SECRET\n  TROUPE_TOKEN=$SECRET troupe worker --join node1:7070 --threads 8")]
+    #[command(
+        after_help = "Examples:\n  troupe worker --join 10.0.0.1:7070 --token $SECRET\n  TROUPE_TOKEN=$SECRET troupe worker --join node1:7070 --threads 8"
+    )]
     Worker(WorkerArgs),
     /// Prepare a UTF-8 corpus: clean, train a byte-level BPE tokenizer, write token files.
-    #[command(after_help = "Examples:\n  troupe prepare --input books/ --out data/books\n  troupe prepare --input a.txt b.txt --out data/ab --vocab-size 4096 --val-fraction 0.05\n  troupe prepare --shakespeare --out data/shakespeare-gpt2 --vocab-size 50257")]
+    #[command(
+        after_help = "Examples:\n  troupe prepare --input books/ --out data/books\n  troupe prepare --input a.txt b.txt --out data/ab --vocab-size 4096 --val-fraction 0.05\n  troupe prepare --shakespeare --out data/shakespeare-gpt2 --vocab-size 50257"
+    )]
     Prepare(PrepareArgs),
     /// Create a cluster CA and certificates for mutual TLS (coordinator and workers).
-    #[command(after_help = "Examples:\n  troupe init-certs --out certs --workers 4 --hosts node1,node2,10.0.0.5\n  troupe coordinator --config run.toml --listen 0.0.0.0:7070 --tls-dir certs\n  troupe worker --join node1:7070 --tls-dir certs --tls-worker 0")]
+    #[command(
+        after_help = "Examples:\n  troupe init-certs --out certs --workers 4 --hosts node1,node2,10.0.0.5\n  troupe coordinator --config run.toml --listen 0.0.0.0:7070 --tls-dir certs\n  troupe worker --join node1:7070 --tls-dir certs --tls-worker 0"
+    )]
     InitCerts(InitCertsArgs),
     /// Generate text from a checkpoint.
-    #[command(after_help = "Examples:\n  troupe generate --checkpoint runs/shakespeare/checkpoints/step-000600 --prompt 'ROMEO.'\n  troupe generate --checkpoint DIR --prompt 'To be' --max-tokens 50 --temperature 0")]
+    #[command(
+        after_help = "Examples:\n  troupe generate --checkpoint runs/shakespeare/checkpoints/step-000600 --prompt 'ROMEO.'\n  troupe generate --checkpoint DIR --prompt 'To be' --max-tokens 50 --temperature 0"
+    )]
     Generate(GenerateArgs),
     /// Export a checkpoint as a Hugging Face GPT-2 model folder (model.safetensors, config.json,
     /// tokenizer) that transformers loads as it is.
-    #[command(after_help = "Examples:\n  troupe export --checkpoint runs/shakespeare/checkpoints/step-000600 --out exports/shakespeare\n  troupe export --checkpoint runs/shakespeare/registry/v3 --out exports/shakespeare --force\n  python3 -c 'from transformers import GPT2LMHeadModel; GPT2LMHeadModel.from_pretrained(\"exports/shakespeare\")'")]
+    #[command(
+        after_help = "Examples:\n  troupe export --checkpoint runs/shakespeare/checkpoints/step-000600 --out exports/shakespeare\n  troupe export --checkpoint runs/shakespeare/registry/v3 --out exports/shakespeare --force\n  python3 -c 'from transformers import GPT2LMHeadModel; GPT2LMHeadModel.from_pretrained(\"exports/shakespeare\")'"
+    )]
     Export(ExportArgs),
     /// Serve a model registry's versions over HTTP: OpenAI-compatible completions with
     /// batching, hot swaps to new versions, canaries.
-    #[command(after_help = "Examples:\n  troupe serve --registry runs/shakespeare/registry --listen 127.0.0.1:8000\n  TROUPE_API_KEY=secret troupe serve --registry /models/shakespeare --listen 0.0.0.0:8000\n  curl localhost:8000/v1/completions -H 'Content-Type: application/json' -d '{\"prompt\": \"ROMEO.\", \"max_tokens\": 40}'")]
+    #[command(
+        after_help = "Examples:\n  troupe serve --registry runs/shakespeare/registry --listen 127.0.0.1:8000\n  TROUPE_API_KEY=secret troupe serve --registry /models/shakespeare --listen 0.0.0.0:8000\n  curl localhost:8000/v1/completions -H 'Content-Type: application/json' -d '{\"prompt\": \"ROMEO.\", \"max_tokens\": 40}'"
+    )]
     Serve(ServeCliArgs),
     /// Inspect and change what a registry serves: status, promote, rollback, publish.
-    #[command(after_help = "Examples:\n  troupe deploy status --registry runs/shakespeare/registry\n  troupe deploy rollback --server http://127.0.0.1:8000\n  troupe deploy promote --registry DIR --to v3\n  troupe deploy publish --registry DIR --checkpoint runs/shakespeare/checkpoints/step-000600 --canary 0.2")]
+    #[command(
+        after_help = "Examples:\n  troupe deploy status --registry runs/shakespeare/registry\n  troupe deploy rollback --server http://127.0.0.1:8000\n  troupe deploy promote --registry DIR --to v3\n  troupe deploy publish --registry DIR --checkpoint runs/shakespeare/checkpoints/step-000600 --canary 0.2"
+    )]
     Deploy(DeployCliArgs),
     /// Show a running job: every worker (rank, address, state, last heartbeat, step time) and
     /// the run (step, loss, tokens/s, last checkpoint).
-    #[command(after_help = "Examples:\n  troupe status --coordinator 127.0.0.1:9090\n  troupe status --coordinator node1:9090 --json | jq .workers")]
+    #[command(
+        after_help = "Examples:\n  troupe status --coordinator 127.0.0.1:9090\n  troupe status --coordinator node1:9090 --json | jq .workers"
+    )]
     Status(StatusArgs),
     /// Check troupe's CUDA path on this machine (bf16 autocast, CUDA against CPU, NCCL) and time
     /// the NCCL collectives; scripts/gpu-check.sh runs it with a training run.
@@ -387,10 +411,9 @@ struct ExportArgs {
 fn main() -> ExitCode {
     troupe_common::alloc::tune();
     tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("TROUPE_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,troupe=info,troupe_worker=info,troupe_coordinator=info,troupe_common=info")),
-        )
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("TROUPE_LOG").unwrap_or_else(|_| {
+            tracing_subscriber::EnvFilter::new("warn,troupe=info,troupe_worker=info,troupe_coordinator=info,troupe_common=info")
+        }))
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
@@ -587,7 +610,12 @@ async fn run_worker(args: WorkerArgs) -> anyhow::Result<ExitCode> {
 fn init_certs(args: InitCertsArgs) -> anyhow::Result<ExitCode> {
     use troupe_common::net::certs;
     let hosts = if args.hosts.is_empty() { certs::default_hosts() } else { args.hosts };
-    let written = certs::write_cert_dir(&certs::CertDirOptions { out: args.out.clone(), workers: args.workers, hosts: hosts.clone(), force: args.force })?;
+    let written = certs::write_cert_dir(&certs::CertDirOptions {
+        out: args.out.clone(),
+        workers: args.workers,
+        hosts: hosts.clone(),
+        force: args.force,
+    })?;
     troupe_common::say!("cluster certificates for {} (subject alternative names of every certificate):", hosts.join(", "));
     for f in &written {
         troupe_common::say!("  wrote {}{}", f.path.display(), if f.private { "  (private key, mode 0600)" } else { "" });

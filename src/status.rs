@@ -34,7 +34,16 @@ pub fn print(status: &RunStatus) {
         status.generation,
         status.last_checkpoint.as_deref().unwrap_or("-")
     );
-    troupe_common::say!("{:>6} {:>4} {:<22} {:<16} {:<8} {:>12} {:>10}", "worker", "rank", "address", "host", "state", "heartbeat", "step (s)");
+    troupe_common::say!(
+        "{:>6} {:>4} {:<22} {:<16} {:<8} {:>12} {:>10}",
+        "worker",
+        "rank",
+        "address",
+        "host",
+        "state",
+        "heartbeat",
+        "step (s)"
+    );
     for w in &status.workers {
         troupe_common::say!(
             "{:>6} {:>4} {:<22} {:<16} {:<8} {:>10}ms {:>10}",

@@ -241,7 +241,13 @@ fn a_killed_coordinator_restarted_with_resume_gets_its_workers_back() {
     let mut workers: Vec<KillOnDrop> = (0..3).map(|i| start_worker(&addr, &trace, &dir.join(format!("worker-{i}.log")))).collect();
     let run_dir = dir.join("runs/tiny");
     // Checkpoints are written in the background: kill once the one of step 10 is committed.
-    wait_for_event(&run_dir, 0, Duration::from_secs(120), "the checkpoint of step 10", |e| matches!(e, RunEvent::Checkpoint { step, .. } if *step >= 10));
+    wait_for_event(
+        &run_dir,
+        0,
+        Duration::from_secs(120),
+        "the checkpoint of step 10",
+        |e| matches!(e, RunEvent::Checkpoint { step, .. } if *step >= 10),
+    );
     coordinator.process.0.kill().unwrap();
     let _ = coordinator.process.0.wait();
     let killed_at = Instant::now();
@@ -249,7 +255,8 @@ fn a_killed_coordinator_restarted_with_resume_gets_its_workers_back() {
     workers.pop(); // this one goes down with the coordinator
 
     let coordinator = CoordinatorProcess::start(&config, &["--listen", &listen, "--resume"]);
-    let stepped = wait_for_event(&run_dir, skip, Duration::from_secs(60), "a step after the restart", |e| matches!(e, RunEvent::Step { .. }));
+    let stepped =
+        wait_for_event(&run_dir, skip, Duration::from_secs(60), "a step after the restart", |e| matches!(e, RunEvent::Step { .. }));
     println!("coordinator killed -> first step after its restart {:?}", stepped.duration_since(killed_at));
     let (status, log) = coordinator.wait();
     assert!(status.success(), "{log}");
@@ -314,7 +321,12 @@ fn a_stalled_collective_times_out_is_named_and_the_ring_is_re_formed() {
     let cluster = Cluster::start_with("elastic-stall", 2, 2, &[("TROUPE_FAULT_COLLECTIVE_STALL_AT_STEP", "5")]);
     let run_dir = cluster.run_dir.clone();
     let (log, _) = cluster.finish();
-    assert!(log.contains("reports a failed collective (step 5)") && log.contains("timed out after 2s") && log.contains("waiting on predecessor rank"), "{log}");
+    assert!(
+        log.contains("reports a failed collective (step 5)")
+            && log.contains("timed out after 2s")
+            && log.contains("waiting on predecessor rank"),
+        "{log}"
+    );
     let events = events(&run_dir);
     assert!(events.iter().any(|e| matches!(e, RunEvent::Regrouped { world_size: 2, .. })));
 }

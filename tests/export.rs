@@ -47,11 +47,7 @@ fn python_path() -> OsString {
 }
 
 fn importable(pythonpath: &OsString, modules: &str) -> bool {
-    Command::new("python3")
-        .env("PYTHONPATH", pythonpath)
-        .args(["-c", &format!("import {modules}")])
-        .status()
-        .is_ok_and(|s| s.success())
+    Command::new("python3").env("PYTHONPATH", pythonpath).args(["-c", &format!("import {modules}")]).status().is_ok_and(|s| s.success())
 }
 
 fn train(dir: &Path, bias: bool, steps: u64) -> PathBuf {
@@ -101,7 +97,15 @@ fn an_export_loads_in_transformers_with_troupes_logits() {
     assert_success(&o);
     let printed = stdout(&o);
     println!("{printed}");
-    let files = ["config.json", "generation_config.json", "merges.txt", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "vocab.json"];
+    let files = [
+        "config.json",
+        "generation_config.json",
+        "merges.txt",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "vocab.json",
+    ];
     assert_eq!(names(&out), files, "the folder holds the Hugging Face files");
     assert_eq!(names(&exports), ["tiny"], "no partial folder left behind");
     for f in files {
@@ -154,7 +158,9 @@ fn an_export_loads_in_transformers_with_troupes_logits() {
     let with_transformers = importable(&pythonpath, "torch, transformers");
     if !with_transformers {
         assert!(!in_ci(), "torch or transformers is missing in CI: scripts/test.sh should have installed them ({pythonpath:?})");
-        eprintln!("SKIPPED the transformers half: torch and transformers do not import from {pythonpath:?} (scripts/test.sh installs them)");
+        eprintln!(
+            "SKIPPED the transformers half: torch and transformers do not import from {pythonpath:?} (scripts/test.sh installs them)"
+        );
     }
     let mut cmd = Command::new("python3");
     cmd.env("PYTHONPATH", &pythonpath)
@@ -196,7 +202,10 @@ fn an_export_loads_in_transformers_with_troupes_logits() {
     }
     println!(
         "transformers {} on torch {}: GPT2LMHeadModel logits over {} positions x {} tokens, max abs diff from troupe's {max_diff:e}",
-        hf["transformers"], hf["torch"], ids.len(), cfg.vocab_size
+        hf["transformers"],
+        hf["torch"],
+        ids.len(),
+        cfg.vocab_size
     );
     assert!(max_diff < 1e-4, "logits differ by {max_diff}");
     let _ = std::fs::remove_dir_all(&dir);

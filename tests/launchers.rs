@@ -83,13 +83,7 @@ fn shell_words(line: &str) -> Vec<String> {
 /// The value of `--name value` or `--name=value` in `args`.
 fn flag<'a>(args: &'a [String], name: &str) -> Option<&'a str> {
     let eq = format!("{name}=");
-    args.iter().enumerate().find_map(|(i, a)| {
-        if a == name {
-            args.get(i + 1).map(String::as_str)
-        } else {
-            a.strip_prefix(&eq)
-        }
-    })
+    args.iter().enumerate().find_map(|(i, a)| if a == name { args.get(i + 1).map(String::as_str) } else { a.strip_prefix(&eq) })
 }
 
 /// A folder of stand-in programs put first on PATH: `openssl` (prints a known token, so the
@@ -248,7 +242,10 @@ fn sbatch_dry_run_two_cpu_nodes_uses_scontrol() {
     let asked = dir.join("scontrol-asked");
     write_executable(
         &fake.dir.join("scontrol"),
-        &format!("#!/bin/sh\necho \"$*\" >> {}\n[ \"$1 $2 $3\" = 'show hostnames cpu-[a-b]' ] || exit 9\nprintf 'cpu-a\\ncpu-b\\n'\n", asked.display()),
+        &format!(
+            "#!/bin/sh\necho \"$*\" >> {}\n[ \"$1 $2 $3\" = 'show hostnames cpu-[a-b]' ] || exit 9\nprintf 'cpu-a\\ncpu-b\\n'\n",
+            asked.display()
+        ),
     );
     let (text, commands) = dry_run(
         &dir,
@@ -607,9 +604,7 @@ fn k8s_files() -> Vec<(String, Vec<Value>)> {
         .map(|path| {
             let text = std::fs::read_to_string(&path).unwrap();
             let docs: Vec<Value> = serde_norway::Deserializer::from_str(&text)
-                .map(|doc| {
-                    serde::Deserialize::deserialize(doc).unwrap_or_else(|e| panic!("{}: not YAML: {e}", path.display()))
-                })
+                .map(|doc| serde::Deserialize::deserialize(doc).unwrap_or_else(|e| panic!("{}: not YAML: {e}", path.display())))
                 .filter(|v: &Value| !v.is_null())
                 .collect();
             assert!(!docs.is_empty(), "{}: no document", path.display());
@@ -619,9 +614,7 @@ fn k8s_files() -> Vec<(String, Vec<Value>)> {
 }
 
 fn find<'a>(docs: &'a [Value], kind: &str, name: &str) -> &'a Value {
-    docs.iter()
-        .find(|d| d["kind"] == kind && d["metadata"]["name"] == name)
-        .unwrap_or_else(|| panic!("no {kind} {name} in deploy/k8s"))
+    docs.iter().find(|d| d["kind"] == kind && d["metadata"]["name"] == name).unwrap_or_else(|| panic!("no {kind} {name} in deploy/k8s"))
 }
 
 fn str_of(v: &Value) -> &str {
@@ -668,7 +661,10 @@ fn k8s_manifests_fit_together() {
     for doc in &objects {
         assert!(doc["apiVersion"].is_string() && doc["kind"].is_string(), "{doc}");
         let name = str_of(&doc["metadata"]["name"]);
-        assert!(!name.is_empty() && name.len() <= 63 && name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-'), "{name}");
+        assert!(
+            !name.is_empty() && name.len() <= 63 && name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-'),
+            "{name}"
+        );
         let pod = &doc["spec"]["template"]["spec"];
         for container in pod["containers"].as_array().into_iter().flatten() {
             assert!(str_of(&container["image"]).starts_with("troupe:"), "the image kustomization.yaml renames: {container}");
@@ -754,7 +750,10 @@ fn k8s_manifests_fit_together() {
         assert!(token["valueFrom"]["secretKeyRef"].is_object(), "the token comes from a Secret");
         let shared = container["volumeMounts"].as_array().unwrap().iter().find(|m| m["name"] == "shared").expect("/shared");
         let shared = Path::new(str_of(&shared["mountPath"]));
-        assert!(config.data.dir.starts_with(shared) && config.run.out_dir.starts_with(shared), "data.dir and run.out_dir on the shared volume");
+        assert!(
+            config.data.dir.starts_with(shared) && config.run.out_dir.starts_with(shared),
+            "data.dir and run.out_dir on the shared volume"
+        );
         let tls = container["volumeMounts"].as_array().unwrap().iter().find(|m| m["name"] == "tls").expect("certificates");
         assert_eq!(flag(&command_words(container), "--tls-dir"), tls["mountPath"].as_str());
     }
@@ -852,7 +851,8 @@ fn k8s_manifests_validate_against_the_kubernetes_schemas() {
         eprintln!("SKIPPED: kubernetes-validate is not installed in {} (scripts/test.sh installs it)", pythonpath.display());
         return;
     }
-    let mut files: Vec<PathBuf> = std::fs::read_dir(k8s_dir()).unwrap().flatten().map(|e| e.path()).filter(|p| p.extension().is_some_and(|e| e == "yaml")).collect();
+    let mut files: Vec<PathBuf> =
+        std::fs::read_dir(k8s_dir()).unwrap().flatten().map(|e| e.path()).filter(|p| p.extension().is_some_and(|e| e == "yaml")).collect();
     files.sort();
     let mut cmd = Command::new("python3");
     cmd.env("PYTHONPATH", &pythonpath).arg(root().join("tests/python/validate_k8s.py")).args(&files);
@@ -860,7 +860,8 @@ fn k8s_manifests_validate_against_the_kubernetes_schemas() {
     let text = stdout(&out);
     assert!(out.status.success(), "the manifests do not validate:\n{text}{}", stderr(&out));
     // Every API object was checked (twice: the oldest and the newest Kubernetes version).
-    let objects = k8s_files().iter().flat_map(|(_, d)| d.clone()).filter(|d| d["kind"] != "Kustomization" && d["kind"] != "ServiceMonitor").count();
+    let objects =
+        k8s_files().iter().flat_map(|(_, d)| d.clone()).filter(|d| d["kind"] != "Kustomization" && d["kind"] != "ServiceMonitor").count();
     assert_eq!(text.lines().filter(|l| l.starts_with("OK ")).count(), 2 * objects, "{text}");
     println!("{}", text.lines().last().unwrap_or_default());
 }

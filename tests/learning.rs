@@ -28,10 +28,7 @@ fn the_default_run_beats_the_unigram_baseline_by_far() {
         })
         .collect();
     let (last_step, final_val) = *val_losses.last().expect("evaluations ran");
-    println!(
-        "unigram entropy {:.3} nats; validation loss by step {:?}",
-        meta.unigram_entropy_nats, val_losses
-    );
+    println!("unigram entropy {:.3} nats; validation loss by step {:?}", meta.unigram_entropy_nats, val_losses);
     assert_eq!(last_step, troupe_common::config::Config::default_config().train.steps);
     assert!(
         final_val < meta.unigram_entropy_nats - 1.0,

@@ -69,10 +69,7 @@ fn coordinator_and_workers_export_metrics_during_a_run() {
             .map(|rest| rest.trim_end_matches("/metrics").to_string())
             .unwrap_or_else(|| panic!("worker {i} logs its metrics address:\n{log}"));
         let body = http_get(&addr, "/metrics");
-        let worker_label = body
-            .lines()
-            .find_map(|l| l.strip_prefix("troupe_worker_step{"))
-            .expect("troupe_worker_step");
+        let worker_label = body.lines().find_map(|l| l.strip_prefix("troupe_worker_step{")).expect("troupe_worker_step");
         assert!(worker_label.contains("worker="), "{worker_label}");
         assert!(body.contains("troupe_worker_step_seconds_count{phase=\"communication\""), "{body}");
         assert!(body.lines().any(|l| l.starts_with("troupe_bytes_sent_total") && !l.ends_with(" 0")), "{body}");

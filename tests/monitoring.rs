@@ -113,7 +113,10 @@ fn prometheus_scrapes_a_running_job_and_every_dashboard_query_has_data() {
     // Long enough to outlast the checks (it is stopped with Ctrl-C after them); checkpoints,
     // evaluations and deployments every 20 steps so that every panel has something to show.
     let config = tiny_config(&dir, &data, 2, 1_000_000);
-    let text = std::fs::read_to_string(&config).unwrap().replace("interval = 10\n", "interval = 20\n").replace("interval = 5\n", "interval = 20\n");
+    let text = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace("interval = 10\n", "interval = 20\n")
+        .replace("interval = 5\n", "interval = 20\n");
     std::fs::write(&config, text.replace("keep_last = 10", "keep_last = 2")).unwrap();
     let log = std::fs::File::create(dir.join("local.log")).unwrap();
     let mut local = KillOnDrop(
@@ -181,7 +184,12 @@ fn prometheus_scrapes_a_running_job_and_every_dashboard_query_has_data() {
     ] {
         assert!(used.contains(required), "the dashboard shows {required}");
     }
-    println!("dashboard: {} panels, {} queries over {} metrics, all exported", dashboard["panels"].as_array().unwrap().len(), queries.len(), used.len());
+    println!(
+        "dashboard: {} panels, {} queries over {} metrics, all exported",
+        dashboard["panels"].as_array().unwrap().len(),
+        queries.len(),
+        used.len()
+    );
 
     if !prometheus_installed() {
         assert!(std::env::var("CI").as_deref() != Ok("true"), "prometheus is missing in CI: scripts/test.sh should have installed it");

@@ -123,7 +123,24 @@ fn a_degraded_link_still_converges_and_a_cut_link_is_handled_like_a_lost_worker(
     };
     // 100 Mbit/s out of host B.
     let shaped = Command::new("ip")
-        .args(["netns", "exec", &hosts.b, "tc", "qdisc", "add", "dev", &hosts.veth_b, "root", "tbf", "rate", "100mbit", "burst", "32kbit", "latency", "400ms"])
+        .args([
+            "netns",
+            "exec",
+            &hosts.b,
+            "tc",
+            "qdisc",
+            "add",
+            "dev",
+            &hosts.veth_b,
+            "root",
+            "tbf",
+            "rate",
+            "100mbit",
+            "burst",
+            "32kbit",
+            "latency",
+            "400ms",
+        ])
         .status()
         .map(|s| s.success())
         .unwrap_or(false);
@@ -155,7 +172,9 @@ fn a_degraded_link_still_converges_and_a_cut_link_is_handled_like_a_lost_worker(
     );
 
     let log = |name: &str| std::fs::File::create(dir.join(name)).unwrap();
-    let spawn = |mut cmd: Command, name: &str| KillOnDrop(cmd.stdout(log(&format!("{name}.out"))).stderr(log(&format!("{name}.err"))).spawn().unwrap());
+    let spawn = |mut cmd: Command, name: &str| {
+        KillOnDrop(cmd.stdout(log(&format!("{name}.out"))).stderr(log(&format!("{name}.err"))).spawn().unwrap())
+    };
     let coordinator = spawn(hosts.troupe_in(&hosts.a, &["coordinator", "--config", config.to_str().unwrap()]), "coordinator");
     let mut worker_a = hosts.troupe_in(&hosts.a, &["worker", "--join", &listen, "--threads", "1"]);
     worker_a.env("TROUPE_TOKEN", "two-hosts");
@@ -172,7 +191,10 @@ fn a_degraded_link_still_converges_and_a_cut_link_is_handled_like_a_lost_worker(
     let run_dir = dir.join("runs/tiny");
     wait_for_steps(&run_dir, 20, Duration::from_secs(180));
     let losses = step_losses(&run_dir);
-    assert!(events(&run_dir).iter().all(|e| !matches!(e, troupe_common::events::RunEvent::Regrouped { .. })), "no regroup over the slow link");
+    assert!(
+        events(&run_dir).iter().all(|e| !matches!(e, troupe_common::events::RunEvent::Regrouped { .. })),
+        "no regroup over the slow link"
+    );
 
     // Cut host B off.
     assert!(ip(&["-n", &hosts.b, "link", "set", &hosts.veth_b, "down"]));

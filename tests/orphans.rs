@@ -19,12 +19,7 @@ fn a_worker_exits_when_its_coordinator_is_killed() {
 
     let mut coordinator = CoordinatorProcess::start(&config, &["--listen", "127.0.0.1:0"]);
     let addr = coordinator.addr.to_string();
-    let worker = troupe()
-        .args(["worker", "--join", &addr, "--threads", "1"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let worker = troupe().args(["worker", "--join", &addr, "--threads", "1"]).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
     let mut worker = KillOnDrop(worker);
 
     let run_dir = dir.join("runs/tiny");

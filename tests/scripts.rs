@@ -16,7 +16,8 @@ fn shell_scripts(dir: &Path, out: &mut Vec<PathBuf>) {
         }
         let head = std::fs::read(&path).map(|b| b.into_iter().take(64).collect::<Vec<u8>>()).unwrap_or_default();
         let head = String::from_utf8_lossy(&head);
-        let shebang = head.starts_with("#!") && (head.lines().next().unwrap_or("").contains("bash") || head.lines().next().unwrap_or("").ends_with("/sh"));
+        let shebang = head.starts_with("#!")
+            && (head.lines().next().unwrap_or("").contains("bash") || head.lines().next().unwrap_or("").ends_with("/sh"));
         if path.extension().is_some_and(|e| e == "sh") || shebang {
             out.push(path);
         }
@@ -58,11 +59,18 @@ fn gpu_mfu_counts_gpt2_124m_like_nanogpt() {
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(dir.join("data")).unwrap();
     std::fs::write(dir.join("data/meta.json"), r#"{"vocab_size": 50257}"#).unwrap();
-    let config = std::fs::read_to_string(root.join("configs/gpt2-124m.toml")).unwrap().replace("dir = \"data/shakespeare-gpt2\"", "dir = \"data\"");
+    let config =
+        std::fs::read_to_string(root.join("configs/gpt2-124m.toml")).unwrap().replace("dir = \"data/shakespeare-gpt2\"", "dir = \"data\"");
     std::fs::write(dir.join("run.toml"), config).unwrap();
     // Ten slow warm-up steps, then five at 100,000 tokens/s.
     let events: String = (0..15)
-        .map(|step| format!("{{\"event\":\"step\",\"step\":{step},\"loss\":{},\"tokens_per_sec\":{}}}\n", 10.0 - step as f64 * 0.1, if step < 10 { 1 } else { 100_000 }))
+        .map(|step| {
+            format!(
+                "{{\"event\":\"step\",\"step\":{step},\"loss\":{},\"tokens_per_sec\":{}}}\n",
+                10.0 - step as f64 * 0.1,
+                if step < 10 { 1 } else { 100_000 }
+            )
+        })
         .collect();
     std::fs::write(dir.join("events.jsonl"), events).unwrap();
     let out = Command::new("python3")

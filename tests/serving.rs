@@ -82,7 +82,8 @@ fn checkpoints(dir: &Path, steps: u64, interval: u64) -> Vec<PathBuf> {
     cmd.arg("local").arg("--config").arg(&config).args(["--sample-tokens", "0"]);
     assert_success(&run(cmd, Duration::from_secs(300)));
     let dir = dir.join("runs/tiny/checkpoints");
-    let mut found: Vec<PathBuf> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().path()).filter(|p| p.join("MANIFEST").is_file()).collect();
+    let mut found: Vec<PathBuf> =
+        std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().path()).filter(|p| p.join("MANIFEST").is_file()).collect();
     found.sort();
     assert!(found.iter().all(|p| p.join("eval.json").is_file()), "the Evaluator wrote eval.json into every checkpoint");
     found
@@ -111,18 +112,21 @@ fn troupe_local_publishes_only_checkpoints_that_beat_the_serving_one_and_answers
     // Every checkpoint was evaluated, and each deploy decision followed the policy.
     let run_dir = dir.join("runs/tiny");
     let events = events(&run_dir);
-    let evaluated: Vec<u64> = events.iter().filter_map(|e| if let RunEvent::Evaluated { step, .. } = e { Some(*step) } else { None }).collect();
+    let evaluated: Vec<u64> =
+        events.iter().filter_map(|e| if let RunEvent::Evaluated { step, .. } = e { Some(*step) } else { None }).collect();
     assert_eq!(evaluated, vec![5, 10, 15, 20, 25, 30, 35, 40], "{printed}");
     let loss_at = |s: u64| {
-        events.iter().find_map(|e| match e {
-            RunEvent::Evaluated { step, val_loss, perplexity, samples, .. } if *step == s => {
-                assert!((perplexity - val_loss.exp()).abs() < 1e-6 * perplexity);
-                assert_eq!(samples.len(), 2, "one sample per configured prompt");
-                Some(*val_loss)
-            }
-            _ => None,
-        })
-        .unwrap()
+        events
+            .iter()
+            .find_map(|e| match e {
+                RunEvent::Evaluated { step, val_loss, perplexity, samples, .. } if *step == s => {
+                    assert!((perplexity - val_loss.exp()).abs() < 1e-6 * perplexity);
+                    assert_eq!(samples.len(), 2, "one sample per configured prompt");
+                    Some(*val_loss)
+                }
+                _ => None,
+            })
+            .unwrap()
     };
     let mut bar: Option<f64> = None;
     let mut published = Vec::new();
@@ -138,12 +142,16 @@ fn troupe_local_publishes_only_checkpoints_that_beat_the_serving_one_and_answers
         }
     }
     assert!(published.len() >= 2, "training improves the model more than once: {published:?}");
-    assert!(events.iter().any(|e| matches!(e, RunEvent::Deployed { action, .. } if action == "skipped")), "some checkpoint did not beat its predecessor by {min_improvement}: {printed}");
+    assert!(
+        events.iter().any(|e| matches!(e, RunEvent::Deployed { action, .. } if action == "skipped")),
+        "some checkpoint did not beat its predecessor by {min_improvement}: {printed}"
+    );
 
     // The registry holds exactly those versions, each intact, losses strictly falling.
     let registry = Registry::open(&run_dir.join("registry")).unwrap();
     let summaries = registry.summaries().unwrap();
-    let in_registry: Vec<(u32, u64, f64)> = summaries.iter().map(|s| (s.version, s.source.as_ref().unwrap().step, s.val_loss.unwrap())).collect();
+    let in_registry: Vec<(u32, u64, f64)> =
+        summaries.iter().map(|s| (s.version, s.source.as_ref().unwrap().step, s.val_loss.unwrap())).collect();
     assert_eq!(in_registry, published);
     for (v, _, _) in &published {
         registry.verify(*v).unwrap();
@@ -237,7 +245,8 @@ fn a_failing_or_slow_canary_is_rolled_back_and_a_good_one_promoted() {
     let registry_dir = dir.join("registry");
     publish(&registry_dir, &ckpts[0], &[]);
     // Test-only hooks: every request v3 serves fails; v4 answers 300 ms late.
-    let server = ServeProcess::start(&registry_dir, &[("TROUPE_FAULT_SERVE_FAIL_VERSION", "3"), ("TROUPE_FAULT_SERVE_DELAY_VERSION", "4:300")], &[]);
+    let server =
+        ServeProcess::start(&registry_dir, &[("TROUPE_FAULT_SERVE_FAIL_VERSION", "3"), ("TROUPE_FAULT_SERVE_DELAY_VERSION", "4:300")], &[]);
     let registry = Registry::open(&registry_dir).unwrap();
     let agent = agent();
     let mut seed = 0;
@@ -275,7 +284,9 @@ fn a_failing_or_slow_canary_is_rolled_back_and_a_good_one_promoted() {
     assert_eq!(registry.state().unwrap().stable, Some(2));
 
     // After a rollback the stable version takes every request again.
-    wait_until("the server follows the rollback", Duration::from_secs(10), POLL, || get_text(&format!("{}/v1/models", server.url)).matches("tiny:v").count() == 1);
+    wait_until("the server follows the rollback", Duration::from_secs(10), POLL, || {
+        get_text(&format!("{}/v1/models", server.url)).matches("tiny:v").count() == 1
+    });
     for _ in 0..5 {
         seed += 1;
         let (status, body) = complete(&agent, &server.url, seed);
@@ -311,7 +322,11 @@ fn rollback_and_promote_through_a_running_server() {
     // The server answered only once it served v1.
     let agent = agent();
     let (status, body) = {
-        let mut r = agent.post(format!("{}/v1/completions", server.url)).header("Authorization", "Bearer sesame").send(json!({"prompt": "A", "max_tokens": 2}).to_string()).unwrap();
+        let mut r = agent
+            .post(format!("{}/v1/completions", server.url))
+            .header("Authorization", "Bearer sesame")
+            .send(json!({"prompt": "A", "max_tokens": 2}).to_string())
+            .unwrap();
         (r.status().as_u16(), serde_json::from_str::<Value>(&r.body_mut().read_to_string().unwrap()).unwrap())
     };
     assert_eq!((status, body["version"].as_str()), (200, Some("v1")));
@@ -378,7 +393,15 @@ fn bad_requests_get_openai_errors_are_counted_and_nothing_breaks() {
     let (status, body) = send(r#"{"prompt": "A", "max_tokens": 3, "model": "tiny"}"#, Some("sesame"));
     assert_eq!((status, body["usage"]["completion_tokens"].as_u64()), (200, Some(3)), "{body}");
     let metrics = get_text(&format!("{}/metrics", server.url));
-    for (reason, n) in [("invalid_api_key", 2), ("invalid_json", 1), ("invalid_type", 2), ("invalid_value", 2), ("model_not_found", 2), ("context_length_exceeded", 1), ("request_too_large", 1)] {
+    for (reason, n) in [
+        ("invalid_api_key", 2),
+        ("invalid_json", 1),
+        ("invalid_type", 2),
+        ("invalid_value", 2),
+        ("model_not_found", 2),
+        ("context_length_exceeded", 1),
+        ("request_too_large", 1),
+    ] {
         assert!(metrics.contains(&format!("troupe_serve_bad_requests_total{{reason=\"{reason}\"}} {n}")), "{reason}: {metrics}");
     }
     let _ = std::fs::remove_dir_all(&dir);
@@ -397,7 +420,9 @@ fn a_deployer_killed_mid_promotion_leaves_the_registry_consistent() {
     let events = events(&run_dir);
     let deployed: Vec<(u64, String, Option<u32>)> = events
         .iter()
-        .filter_map(|e| if let RunEvent::Deployed { step, action, version, .. } = e { Some((*step, action.clone(), *version)) } else { None })
+        .filter_map(
+            |e| if let RunEvent::Deployed { step, action, version, .. } = e { Some((*step, action.clone(), *version)) } else { None },
+        )
         .collect();
     assert_eq!(deployed[0], (5, "published".into(), Some(1)), "{deployed:?}");
     assert_eq!(deployed[1], (10, "failed".into(), None), "the promotion of step 10 died half-way: {deployed:?}");
@@ -416,7 +441,11 @@ fn a_deployer_killed_mid_promotion_leaves_the_registry_consistent() {
     for v in &versions {
         registry.verify(*v).unwrap();
     }
-    let leftovers: Vec<String> = std::fs::read_dir(registry.dir()).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).filter(|n| n.starts_with(".tmp")).collect();
+    let leftovers: Vec<String> = std::fs::read_dir(registry.dir())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with(".tmp"))
+        .collect();
     assert!(leftovers.is_empty(), "the next publish removed the half-made folder: {leftovers:?}");
     assert!(registry.history().unwrap().iter().all(|t| t.version.is_some_and(|v| versions.contains(&v))));
     assert!(stdout(&out).contains(&format!("completion from v{} over HTTP", versions.last().unwrap())), "{}", stdout(&out));
@@ -426,9 +455,12 @@ fn a_deployer_killed_mid_promotion_leaves_the_registry_consistent() {
 /// Where the `openai` package is installed for this test (scripts/test.sh installs it there
 /// first; the test installs it itself when run alone).
 fn openai_python() -> Option<PathBuf> {
-    let cache = std::env::var_os("TROUPE_CACHE").map(PathBuf::from).unwrap_or_else(|| PathBuf::from(std::env::var("HOME").unwrap()).join(".cache/troupe"));
+    let cache = std::env::var_os("TROUPE_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(std::env::var("HOME").unwrap()).join(".cache/troupe"));
     let target = cache.join("python-openai");
-    let importable = |t: &Path| Command::new("python3").env("PYTHONPATH", t).args(["-c", "import openai"]).status().is_ok_and(|s| s.success());
+    let importable =
+        |t: &Path| Command::new("python3").env("PYTHONPATH", t).args(["-c", "import openai"]).status().is_ok_and(|s| s.success());
     if importable(&target) {
         return Some(target);
     }

@@ -32,7 +32,12 @@ fn last_losses(run_dir: &Path) -> std::collections::BTreeMap<u64, f64> {
     step_losses(run_dir).into_iter().collect()
 }
 
-fn assert_same_losses(what: &str, a: &std::collections::BTreeMap<u64, f64>, b: &std::collections::BTreeMap<u64, f64>, steps: std::ops::Range<u64>) {
+fn assert_same_losses(
+    what: &str,
+    a: &std::collections::BTreeMap<u64, f64>,
+    b: &std::collections::BTreeMap<u64, f64>,
+    steps: std::ops::Range<u64>,
+) {
     for s in steps {
         let (x, y) = (a[&s], b[&s]);
         assert!((x - y).abs() < 1e-4, "{what}: step {s}: loss {x} vs {y}");
@@ -80,11 +85,14 @@ fn exported_memory(dir: &Path, workers: usize) -> Vec<[u64; 3]> {
         }
         out
     };
-    let agent: ureq::Agent = ureq::Agent::config_builder().http_status_as_error(false).timeout_global(Some(Duration::from_secs(10))).build().into();
+    let agent: ureq::Agent =
+        ureq::Agent::config_builder().http_status_as_error(false).timeout_global(Some(Duration::from_secs(10))).build().into();
     let read = |target: &str| -> Option<[u64; 3]> {
         let page = agent.get(&format!("http://{target}/metrics")).call().ok()?.body_mut().read_to_string().ok()?;
         let value = |kind: &str| {
-            page.lines().find(|l| l.starts_with("troupe_memory_bytes{") && l.contains(&format!("kind=\"{kind}\""))).and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            page.lines()
+                .find(|l| l.starts_with("troupe_memory_bytes{") && l.contains(&format!("kind=\"{kind}\"")))
+                .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         };
         Some([value("params")? as u64, value("grads")? as u64, value("optim")? as u64])
     };
@@ -188,10 +196,15 @@ fn a_rank_killed_mid_checkpoint_leaves_no_manifest_and_resume_uses_the_previous_
     let out = run(cmd, LIMIT);
     // `troupe local` supervises its workers: one that dies ends the local run.
     assert!(!out.status.success(), "the run cannot go on without rank 1");
-    assert!(stderr(&out).contains("exited early") && stderr(&out).contains("dies while writing its checkpoint shard of step 10"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("exited early") && stderr(&out).contains("dies while writing its checkpoint shard of step 10"),
+        "{}",
+        stderr(&out)
+    );
     let ckpts = run_dir.join("checkpoints");
     assert!(!ckpts.join("step-000010").exists(), "no committed checkpoint at step 10");
-    let partial: Vec<PathBuf> = std::fs::read_dir(&ckpts).unwrap().map(|e| e.unwrap().path()).filter(|p| p.to_string_lossy().contains("step-000010.")).collect();
+    let partial: Vec<PathBuf> =
+        std::fs::read_dir(&ckpts).unwrap().map(|e| e.unwrap().path()).filter(|p| p.to_string_lossy().contains("step-000010.")).collect();
     assert!(!partial.is_empty() && partial.iter().all(|p| !p.join("MANIFEST").exists()), "{partial:?}");
     let newest = troupe_common::checkpoint::find_resumable(&run_dir).unwrap().unwrap();
     assert_eq!(newest.manifest.step, 5);

@@ -70,7 +70,11 @@ fn start_sshd(dir: &Path) -> Option<Sshd> {
             if ok {
                 break;
             }
-            assert!(started.elapsed() < Duration::from_secs(30), "sshd does not answer:\n{}", std::fs::read_to_string(ssh.join("sshd.log")).unwrap_or_default());
+            assert!(
+                started.elapsed() < Duration::from_secs(30),
+                "sshd does not answer:\n{}",
+                std::fs::read_to_string(ssh.join("sshd.log")).unwrap_or_default()
+            );
             std::thread::sleep(Duration::from_millis(100));
         }
     }
@@ -79,10 +83,21 @@ fn start_sshd(dir: &Path) -> Option<Sshd> {
 
 fn ssh_options(sshd: &Sshd) -> Vec<String> {
     let key = sshd.key.display().to_string();
-    ["-p", &sshd.port.to_string(), "-i", &key, "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null", "-o", "LogLevel=ERROR"]
-        .iter()
-        .map(|s| s.to_string())
-        .collect()
+    [
+        "-p",
+        &sshd.port.to_string(),
+        "-i",
+        &key,
+        "-o",
+        "StrictHostKeyChecking=no",
+        "-o",
+        "UserKnownHostsFile=/dev/null",
+        "-o",
+        "LogLevel=ERROR",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
 }
 
 fn ssh_command(sshd: &Sshd) -> Command {
@@ -172,7 +187,8 @@ fn ctrl_c_stops_every_process_on_every_host() {
     // No periodic checkpoints: the only one must be written on the way out.
     let text = std::fs::read_to_string(&config).unwrap().replace("interval = 5\n", "interval = 1000000\n");
     std::fs::write(&config, text).unwrap();
-    let mut child = KillOnDrop(launcher(&sshd, &dir, &config, &["--grace", "60"]).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap());
+    let mut child =
+        KillOnDrop(launcher(&sshd, &dir, &config, &["--grace", "60"]).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap());
     wait_for_steps(&dir.join("runs/tiny"), 3, Duration::from_secs(180));
     assert_eq!(launched_pids(&dir).len(), 3, "a coordinator and two workers are running");
     // Ctrl-C in a terminal: SIGINT to the launcher's whole process group.

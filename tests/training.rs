@@ -51,7 +51,8 @@ fn two_workers_match_one_worker() {
 
     // Both runs evaluated and checkpointed on schedule: every 10 steps, and at every
     // checkpoint (every 5), which the Evaluator and Deployer need.
-    let evals: Vec<u64> = events(&run2).into_iter().filter_map(|e| if let RunEvent::Eval { step, .. } = e { Some(step) } else { None }).collect();
+    let evals: Vec<u64> =
+        events(&run2).into_iter().filter_map(|e| if let RunEvent::Eval { step, .. } = e { Some(step) } else { None }).collect();
     assert_eq!(evals, vec![5, 10, 15, 20]);
     let joined = events(&run2).into_iter().filter(|e| matches!(e, RunEvent::WorkerJoined { .. })).count();
     assert_eq!(joined, 2);
@@ -141,9 +142,20 @@ fn a_crashed_checkpointer_is_restarted_and_training_goes_on() {
     assert_success(&out);
     let run_dir = dir.join("runs/tiny");
     let events = events(&run_dir);
-    assert!(events.iter().any(|e| matches!(e, RunEvent::Warning { message, .. } if message.contains("Checkpointer") && message.contains("restarted"))), "{events:?}");
+    assert!(
+        events
+            .iter()
+            .any(|e| matches!(e, RunEvent::Warning { message, .. } if message.contains("Checkpointer") && message.contains("restarted"))),
+        "{events:?}"
+    );
     assert!(events.iter().any(|e| matches!(e, RunEvent::CheckpointFailed { step: 5, .. })), "{events:?}");
-    let committed: Vec<u64> = events.iter().filter_map(|e| match e { RunEvent::Checkpoint { step, .. } => Some(*step), _ => None }).collect();
+    let committed: Vec<u64> = events
+        .iter()
+        .filter_map(|e| match e {
+            RunEvent::Checkpoint { step, .. } => Some(*step),
+            _ => None,
+        })
+        .collect();
     assert_eq!(committed, vec![10, 15]);
     assert_eq!(step_losses(&run_dir).len(), 15);
     assert!(!run_dir.join("checkpoints/step-000005/MANIFEST").exists());

@@ -21,9 +21,8 @@ const TRIM_THRESHOLD: i32 = 1 << 30;
 pub fn tune() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     {
-        let user_set = ["MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES"]
-            .iter()
-            .any(|var| std::env::var_os(var).is_some());
+        let user_set =
+            ["MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES"].iter().any(|var| std::env::var_os(var).is_some());
         if user_set {
             return;
         }

@@ -118,10 +118,7 @@ pub fn digest_file(path: &Path) -> Result<FileDigest, CheckpointError> {
         size += n as u64;
         hasher.update(&buf[..n]);
     }
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     Ok(FileDigest { name, size, sha256: hex::encode(hasher.finalize()) })
 }
 
@@ -195,16 +192,11 @@ pub fn commit(run_dir: &Path, step: u64, generation: u64, world_size: u32, repor
         world_size,
         strategy: state.strategy,
         layout: state.layout,
-        created_unix_ms: std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_millis() as u64)
-            .unwrap_or(0),
+        created_unix_ms: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0),
         files,
     };
-    let text = serde_json::to_vec_pretty(&manifest).map_err(|e| CheckpointError::Invalid {
-        dir: dest.clone(),
-        reason: format!("cannot encode MANIFEST: {e}"),
-    })?;
+    let text = serde_json::to_vec_pretty(&manifest)
+        .map_err(|e| CheckpointError::Invalid { dir: dest.clone(), reason: format!("cannot encode MANIFEST: {e}") })?;
     write_atomic(&dest.join(MANIFEST), &text)?;
     Ok(dest)
 }
@@ -215,7 +207,10 @@ pub fn read_train_state(dir: &Path) -> Result<TrainState, CheckpointError> {
     let bytes = fs::read(&path).map_err(io(&path))?;
     let state: TrainState = serde_json::from_slice(&bytes)
         .map_err(|e| CheckpointError::Invalid { dir: dir.to_path_buf(), reason: format!("{STATE_FILE} is not valid: {e}") })?;
-    state.layout.validate().map_err(|e| CheckpointError::Invalid { dir: dir.to_path_buf(), reason: format!("{STATE_FILE}: bad layout: {e}") })?;
+    state
+        .layout
+        .validate()
+        .map_err(|e| CheckpointError::Invalid { dir: dir.to_path_buf(), reason: format!("{STATE_FILE}: bad layout: {e}") })?;
     Ok(state)
 }
 
@@ -291,7 +286,12 @@ impl HashingWriter {
                 use std::os::fd::AsRawFd;
                 // SAFETY: a plain syscall on our open file; a failure only loses the head start.
                 unsafe {
-                    libc::sync_file_range(self.file.as_raw_fd(), self.started as i64, (self.written - self.started) as i64, libc::SYNC_FILE_RANGE_WRITE);
+                    libc::sync_file_range(
+                        self.file.as_raw_fd(),
+                        self.started as i64,
+                        (self.written - self.started) as i64,
+                        libc::SYNC_FILE_RANGE_WRITE,
+                    );
                 }
                 self.started = self.written;
             }
@@ -503,7 +503,12 @@ pub fn load_model(dir: &Path, device: tch::Device) -> anyhow::Result<crate::mode
     } else {
         let reader = ShardReader::open(dir)?;
         if reader.layout().numel() != model.num_params() {
-            anyhow::bail!("{}: the shards hold {} parameters, model.json describes {}", dir.display(), reader.layout().numel(), model.num_params());
+            anyhow::bail!(
+                "{}: the shards hold {} parameters, model.json describes {}",
+                dir.display(),
+                reader.layout().numel(),
+                model.num_params()
+            );
         }
         crate::model::unflatten_into(&model.parameter_tensors(), &reader.read_all(ShardPart::Params)?)?;
     }
@@ -568,7 +573,12 @@ fn val_loss(dir: &Path) -> Option<f64> {
 /// the one with the best (lowest) validation loss, and those in `pinned` (still being evaluated
 /// or deployed); deletes the other checkpoints and the temporary folders of steps up to
 /// `committed` (writes abandoned by a membership change). Returns what it deleted.
-pub fn apply_retention(run_dir: &Path, committed: u64, keep_last: usize, pinned: &std::collections::BTreeSet<u64>) -> Result<Vec<PathBuf>, CheckpointError> {
+pub fn apply_retention(
+    run_dir: &Path,
+    committed: u64,
+    keep_last: usize,
+    pinned: &std::collections::BTreeSet<u64>,
+) -> Result<Vec<PathBuf>, CheckpointError> {
     let dir = checkpoints_dir(run_dir);
     let steps = list_steps(&dir)?;
     let best = steps
@@ -587,7 +597,11 @@ pub fn apply_retention(run_dir: &Path, committed: u64, keep_last: usize, pinned:
     }
     for entry in fs::read_dir(&dir).map_err(io(&dir))?.flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
-        let step = name.strip_suffix(".tmp").and_then(|n| n.strip_prefix("step-")).and_then(|n| n.split('.').next()).and_then(|n| n.parse::<u64>().ok());
+        let step = name
+            .strip_suffix(".tmp")
+            .and_then(|n| n.strip_prefix("step-"))
+            .and_then(|n| n.split('.').next())
+            .and_then(|n| n.parse::<u64>().ok());
         if step.is_some_and(|s| s <= committed) {
             fs::remove_dir_all(entry.path()).map_err(io(&entry.path()))?;
             removed.push(entry.path());
@@ -614,7 +628,13 @@ mod tests {
         let layout = ShardLayout::new(world, vec![6, 4]);
         let mut files = Vec::new();
         for rank in 0..world {
-            let mut shard = ShardSnapshot { rank, step, params: vec![0.0; layout.shard_len()], exp_avg: vec![0.0; layout.shard_len()], exp_avg_sq: vec![0.0; layout.shard_len()] };
+            let mut shard = ShardSnapshot {
+                rank,
+                step,
+                params: vec![0.0; layout.shard_len()],
+                exp_avg: vec![0.0; layout.shard_len()],
+                exp_avg_sq: vec![0.0; layout.shard_len()],
+            };
             for p in layout.owned(rank) {
                 for (k, g) in p.global.clone().enumerate() {
                     shard.params[p.local + k] = (step * 100 + g as u64) as f32;
@@ -624,7 +644,8 @@ mod tests {
             }
             files.push(write_shard(&tmp, &shard, &|| ()).unwrap());
         }
-        let state = TrainState { step, cursor: 0, seed: 1, world_size: world, strategy: "zero1".into(), tokens_seen: 0, vocab_size: 8, layout };
+        let state =
+            TrainState { step, cursor: 0, seed: 1, world_size: world, strategy: "zero1".into(), tokens_seen: 0, vocab_size: 8, layout };
         fs::write(tmp.join(STATE_FILE), serde_json::to_vec(&state).unwrap()).unwrap();
         files.push(digest_file(&tmp.join(STATE_FILE)).unwrap());
         commit(run, step, 1, world, &files).unwrap()

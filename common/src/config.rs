@@ -182,7 +182,8 @@ impl Precision {
             (Precision::Fp32, _) | (Precision::Auto, false) => Ok(false),
             (Precision::Auto, true) | (Precision::Bf16, true) => Ok(true),
             (Precision::Bf16, false) => Err("train.precision = \"bf16\" needs a CUDA device; this worker computes on the CPU \
-                 (use \"auto\" or \"fp32\", or start the worker with --device cuda:N)".into()),
+                 (use \"auto\" or \"fp32\", or start the worker with --device cuda:N)"
+                .into()),
         }
     }
 }
@@ -430,7 +431,11 @@ fn default_rejoin_ms() -> u64 {
 impl ClusterConfig {
     /// `max_workers`, with 0 meaning `workers`.
     pub fn max_workers(&self) -> usize {
-        if self.max_workers == 0 { self.workers } else { self.max_workers }
+        if self.max_workers == 0 {
+            self.workers
+        } else {
+            self.max_workers
+        }
     }
 }
 
@@ -455,17 +460,14 @@ impl Config {
     }
 
     pub fn from_file(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
         Config::from_toml_str(&text, &path.display().to_string())
     }
 
     /// Parses and validates. `origin` names the source in error messages.
     pub fn from_toml_str(text: &str, origin: &str) -> Result<Config, ConfigError> {
-        let config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
-            origin: format!(" in {origin}"),
-            message: e.to_string(),
-        })?;
+        let config: Config =
+            toml::from_str(text).map_err(|e| ConfigError::Parse { origin: format!(" in {origin}"), message: e.to_string() })?;
         config.validate()?;
         Ok(config)
     }
@@ -490,12 +492,7 @@ impl Config {
 
     /// Checks every value's range. Call again after applying CLI overrides.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        fn range<T: std::fmt::Display + PartialOrd>(
-            field: &'static str,
-            value: T,
-            ok: bool,
-            expected: &str,
-        ) -> Result<(), ConfigError> {
+        fn range<T: std::fmt::Display + PartialOrd>(field: &'static str, value: T, ok: bool, expected: &str) -> Result<(), ConfigError> {
             if ok {
                 Ok(())
             } else {
@@ -507,30 +504,41 @@ impl Config {
         // <out_dir>/prometheus/ holds every run's Prometheus targets file.
         range("run.name", &r.name, r.name != "prometheus", "\"prometheus\" is taken by the targets folder; pick another name")?;
         let d = &self.data;
-        range("data.source", &d.source, matches!(d.source.as_str(), "shakespeare" | "none"),
-            "use \"shakespeare\" or \"none\"")?;
-        range("data.vocab_size", d.vocab_size, (260..=65535).contains(&d.vocab_size),
-            "must be between 260 and 65535 (token files store u16)")?;
-        range("data.val_fraction", d.val_fraction, d.val_fraction > 0.0 && d.val_fraction < 0.5,
-            "must be in (0, 0.5)")?;
+        range("data.source", &d.source, matches!(d.source.as_str(), "shakespeare" | "none"), "use \"shakespeare\" or \"none\"")?;
+        range(
+            "data.vocab_size",
+            d.vocab_size,
+            (260..=65535).contains(&d.vocab_size),
+            "must be between 260 and 65535 (token files store u16)",
+        )?;
+        range("data.val_fraction", d.val_fraction, d.val_fraction > 0.0 && d.val_fraction < 0.5, "must be in (0, 0.5)")?;
         let m = &self.model;
         range("model.n_layer", m.n_layer, (1..=256).contains(&m.n_layer), "must be 1..=256")?;
         range("model.n_head", m.n_head, (1..=256).contains(&m.n_head), "must be 1..=256")?;
-        range("model.n_embd", m.n_embd, m.n_embd >= 1 && m.n_embd <= 65536 && m.n_embd % m.n_head.max(1) == 0,
-            "must be 1..=65536 and a multiple of model.n_head")?;
+        range(
+            "model.n_embd",
+            m.n_embd,
+            m.n_embd >= 1 && m.n_embd <= 65536 && m.n_embd % m.n_head.max(1) == 0,
+            "must be 1..=65536 and a multiple of model.n_head",
+        )?;
         range("model.block_size", m.block_size, (2..=65536).contains(&m.block_size), "must be 2..=65536")?;
         range("model.dropout", m.dropout, (0.0..1.0).contains(&m.dropout), "must be in [0, 1)")?;
         let t = &self.train;
         range("train.steps", t.steps, t.steps >= 1 && t.steps <= 100_000_000, "must be 1..=1e8")?;
-        range("train.global_batch", t.global_batch, (1..=1_000_000).contains(&t.global_batch),
-            "must be 1..=1000000")?;
-        range("train.micro_batch", t.micro_batch, t.micro_batch >= 1 && t.micro_batch <= t.global_batch,
-            "must be between 1 and train.global_batch")?;
-        range("train.learning_rate", t.learning_rate, t.learning_rate > 0.0 && t.learning_rate < 10.0,
-            "must be in (0, 10)")?;
-        range("train.min_learning_rate", t.min_learning_rate,
+        range("train.global_batch", t.global_batch, (1..=1_000_000).contains(&t.global_batch), "must be 1..=1000000")?;
+        range(
+            "train.micro_batch",
+            t.micro_batch,
+            t.micro_batch >= 1 && t.micro_batch <= t.global_batch,
+            "must be between 1 and train.global_batch",
+        )?;
+        range("train.learning_rate", t.learning_rate, t.learning_rate > 0.0 && t.learning_rate < 10.0, "must be in (0, 10)")?;
+        range(
+            "train.min_learning_rate",
+            t.min_learning_rate,
             t.min_learning_rate >= 0.0 && t.min_learning_rate <= t.learning_rate,
-            "must be between 0 and train.learning_rate")?;
+            "must be between 0 and train.learning_rate",
+        )?;
         range("train.warmup_steps", t.warmup_steps, t.warmup_steps <= t.steps, "must be at most train.steps")?;
         range("train.weight_decay", t.weight_decay, (0.0..=1.0).contains(&t.weight_decay), "must be in [0, 1]")?;
         range("train.beta1", t.beta1, (0.0..1.0).contains(&t.beta1), "must be in [0, 1)")?;
@@ -539,31 +547,53 @@ impl Config {
         range("train.grad_clip", t.grad_clip, t.grad_clip >= 0.0 && t.grad_clip.is_finite(), "must be >= 0")?;
         range("train.threads_per_worker", t.threads_per_worker, t.threads_per_worker <= 1024, "must be 0..=1024")?;
         let p = &self.parallel;
-        range("parallel.bucket_mb", p.bucket_mb, p.bucket_mb.is_finite() && p.bucket_mb > 0.0 && p.bucket_mb <= 4096.0, "must be in (0, 4096]")?;
+        range(
+            "parallel.bucket_mb",
+            p.bucket_mb,
+            p.bucket_mb.is_finite() && p.bucket_mb > 0.0 && p.bucket_mb <= 4096.0,
+            "must be in (0, 4096]",
+        )?;
         let e = &self.eval;
         range("eval.sequences", e.sequences, (1..=1_000_000).contains(&e.sequences), "must be 1..=1000000")?;
-        range("eval.prompts", e.prompts.len(), e.prompts.len() <= 64 && e.prompts.iter().all(|p| !p.is_empty() && p.len() <= 4096),
-            "at most 64 prompts, each 1-4096 bytes")?;
+        range(
+            "eval.prompts",
+            e.prompts.len(),
+            e.prompts.len() <= 64 && e.prompts.iter().all(|p| !p.is_empty() && p.len() <= 4096),
+            "at most 64 prompts, each 1-4096 bytes",
+        )?;
         range("eval.sample_tokens", e.sample_tokens, e.sample_tokens <= 4096, "must be 0..=4096")?;
         let dp = &self.deploy;
-        range("deploy.min_improvement", dp.min_improvement, dp.min_improvement.is_finite() && dp.min_improvement >= 0.0,
-            "must be a number >= 0 (nats of validation loss)")?;
-        range("deploy.strategy", &dp.strategy, matches!(dp.strategy.as_str(), "direct" | "canary"),
-            "use \"direct\" or \"canary\"")?;
-        range("deploy.canary_fraction", dp.canary_fraction, dp.canary_fraction > 0.0 && dp.canary_fraction < 1.0,
-            "must be in (0, 1)")?;
-        range("deploy.canary_requests", dp.canary_requests, (1..=10_000_000).contains(&dp.canary_requests),
-            "must be 1..=10000000")?;
-        range("deploy.canary_max_error_rate_increase", dp.canary_max_error_rate_increase,
-            (0.0..=1.0).contains(&dp.canary_max_error_rate_increase), "must be in [0, 1]")?;
-        range("deploy.canary_max_p95_ratio", dp.canary_max_p95_ratio,
-            dp.canary_max_p95_ratio >= 1.0 && dp.canary_max_p95_ratio.is_finite(), "must be a number >= 1")?;
+        range(
+            "deploy.min_improvement",
+            dp.min_improvement,
+            dp.min_improvement.is_finite() && dp.min_improvement >= 0.0,
+            "must be a number >= 0 (nats of validation loss)",
+        )?;
+        range("deploy.strategy", &dp.strategy, matches!(dp.strategy.as_str(), "direct" | "canary"), "use \"direct\" or \"canary\"")?;
+        range("deploy.canary_fraction", dp.canary_fraction, dp.canary_fraction > 0.0 && dp.canary_fraction < 1.0, "must be in (0, 1)")?;
+        range("deploy.canary_requests", dp.canary_requests, (1..=10_000_000).contains(&dp.canary_requests), "must be 1..=10000000")?;
+        range(
+            "deploy.canary_max_error_rate_increase",
+            dp.canary_max_error_rate_increase,
+            (0.0..=1.0).contains(&dp.canary_max_error_rate_increase),
+            "must be in [0, 1]",
+        )?;
+        range(
+            "deploy.canary_max_p95_ratio",
+            dp.canary_max_p95_ratio,
+            dp.canary_max_p95_ratio >= 1.0 && dp.canary_max_p95_ratio.is_finite(),
+            "must be a number >= 1",
+        )?;
         for url in &dp.notify {
             range("deploy.notify", url, url.starts_with("http://") && url.len() > 7, "each must be an http://host:port URL")?;
         }
         let sv = &self.serve;
-        range("serve.listen", &sv.listen, sv.listen.parse::<std::net::SocketAddr>().is_ok(),
-            "must be an IP:port socket address, e.g. 127.0.0.1:8000")?;
+        range(
+            "serve.listen",
+            &sv.listen,
+            sv.listen.parse::<std::net::SocketAddr>().is_ok(),
+            "must be an IP:port socket address, e.g. 127.0.0.1:8000",
+        )?;
         range("serve.max_batch", sv.max_batch, (1..=1024).contains(&sv.max_batch), "must be 1..=1024")?;
         range("serve.max_tokens", sv.max_tokens, (1..=65536).contains(&sv.max_tokens), "must be 1..=65536")?;
         range("serve.max_queue", sv.max_queue, (1..=1_000_000).contains(&sv.max_queue), "must be 1..=1000000")?;
@@ -572,25 +602,46 @@ impl Config {
         range("checkpoint.keep_last", c.keep_last, c.keep_last >= 1, "must be at least 1")?;
         let cl = &self.cluster;
         range("cluster.workers", cl.workers, (1..=4096).contains(&cl.workers), "must be 1..=4096")?;
-        range("cluster.workers", cl.workers, cl.workers <= t.global_batch,
-            "must not exceed train.global_batch (every worker needs at least one sequence per step)")?;
-        range("cluster.min_workers", cl.min_workers, cl.min_workers >= 1 && cl.min_workers <= cl.workers,
-            "must be 1..=cluster.workers")?;
-        range("cluster.max_workers", cl.max_workers, cl.max_workers == 0 || (cl.max_workers >= cl.workers && cl.max_workers <= t.global_batch),
-            "must be 0 (= cluster.workers) or cluster.workers..=train.global_batch")?;
+        range(
+            "cluster.workers",
+            cl.workers,
+            cl.workers <= t.global_batch,
+            "must not exceed train.global_batch (every worker needs at least one sequence per step)",
+        )?;
+        range("cluster.min_workers", cl.min_workers, cl.min_workers >= 1 && cl.min_workers <= cl.workers, "must be 1..=cluster.workers")?;
+        range(
+            "cluster.max_workers",
+            cl.max_workers,
+            cl.max_workers == 0 || (cl.max_workers >= cl.workers && cl.max_workers <= t.global_batch),
+            "must be 0 (= cluster.workers) or cluster.workers..=train.global_batch",
+        )?;
         range("cluster.rejoin_ms", cl.rejoin_ms, cl.rejoin_ms <= 86_400_000, "must be 0..=86400000")?;
-        range("cluster.listen", &cl.listen, cl.listen.parse::<std::net::SocketAddr>().is_ok(),
-            "must be an IP:port socket address, e.g. 0.0.0.0:7070")?;
-        range("cluster.heartbeat_ms", cl.heartbeat_ms, (10..=600_000).contains(&cl.heartbeat_ms),
-            "must be 10..=600000")?;
-        range("cluster.lease_ms", cl.lease_ms, cl.lease_ms >= 2 * cl.heartbeat_ms && cl.lease_ms <= 3_600_000,
-            "must be at least twice cluster.heartbeat_ms and at most 3600000")?;
-        range("cluster.collective_timeout_ms", cl.collective_timeout_ms,
-            (100..=86_400_000).contains(&cl.collective_timeout_ms), "must be 100..=86400000")?;
+        range(
+            "cluster.listen",
+            &cl.listen,
+            cl.listen.parse::<std::net::SocketAddr>().is_ok(),
+            "must be an IP:port socket address, e.g. 0.0.0.0:7070",
+        )?;
+        range("cluster.heartbeat_ms", cl.heartbeat_ms, (10..=600_000).contains(&cl.heartbeat_ms), "must be 10..=600000")?;
+        range(
+            "cluster.lease_ms",
+            cl.lease_ms,
+            cl.lease_ms >= 2 * cl.heartbeat_ms && cl.lease_ms <= 3_600_000,
+            "must be at least twice cluster.heartbeat_ms and at most 3600000",
+        )?;
+        range(
+            "cluster.collective_timeout_ms",
+            cl.collective_timeout_ms,
+            (100..=86_400_000).contains(&cl.collective_timeout_ms),
+            "must be 100..=86400000",
+        )?;
         let mt = &self.metrics;
-        range("metrics.listen", &mt.listen,
+        range(
+            "metrics.listen",
+            &mt.listen,
             mt.listen.is_empty() || mt.listen.parse::<std::net::SocketAddr>().is_ok(),
-            "must be empty or an IP:port socket address")?;
+            "must be empty or an IP:port socket address",
+        )?;
         if let Some(tls) = &self.tls {
             tls.validate()?;
         }
@@ -642,10 +693,8 @@ mod tests {
     fn tls_section_is_optional_and_its_files_must_exist() {
         assert!(Config::default_config().tls.is_none());
         let dir = std::env::temp_dir().join(format!("troupe-config-tls-{}", std::process::id()));
-        let text = format!(
-            "{DEFAULT_CONFIG_TOML}\n[tls]\nca = \"{d}/ca.pem\"\ncert = \"{d}/c.pem\"\nkey = \"{d}/k.pem\"\n",
-            d = dir.display()
-        );
+        let text =
+            format!("{DEFAULT_CONFIG_TOML}\n[tls]\nca = \"{d}/ca.pem\"\ncert = \"{d}/c.pem\"\nkey = \"{d}/k.pem\"\n", d = dir.display());
         let err = Config::from_toml_str(&text, "tls.toml").unwrap_err().to_string();
         assert!(err.contains("tls.ca") && err.contains("init-certs"), "{err}");
         std::fs::create_dir_all(&dir).unwrap();

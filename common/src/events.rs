@@ -9,9 +9,25 @@ use std::path::{Path, PathBuf};
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "event", rename_all = "snake_case")]
 pub enum RunEvent {
-    Started { step: u64, world_size: u32, resumed_from: Option<String>, config: String },
-    WorkerJoined { step: u64, rank: u32, worker_id: u64, addr: String, hostname: String },
-    WorkerLeft { step: u64, rank: Option<u32>, worker_id: u64, reason: String },
+    Started {
+        step: u64,
+        world_size: u32,
+        resumed_from: Option<String>,
+        config: String,
+    },
+    WorkerJoined {
+        step: u64,
+        rank: u32,
+        worker_id: u64,
+        addr: String,
+        hostname: String,
+    },
+    WorkerLeft {
+        step: u64,
+        rank: Option<u32>,
+        worker_id: u64,
+        reason: String,
+    },
     Step {
         step: u64,
         /// The membership generation whose ranks computed this step, and their number.
@@ -27,22 +43,66 @@ pub enum RunEvent {
         /// Slowest rank's time in the all-reduce this step.
         comm_seconds: f64,
     },
-    Eval { step: u64, val_loss: f64, sequences: u64 },
+    Eval {
+        step: u64,
+        val_loss: f64,
+        sequences: u64,
+    },
     /// The Evaluator's results for a committed checkpoint (also in its eval.json).
-    Evaluated { step: u64, checkpoint: String, val_loss: f64, perplexity: f64, samples: Vec<crate::registry::Sample> },
+    Evaluated {
+        step: u64,
+        checkpoint: String,
+        val_loss: f64,
+        perplexity: f64,
+        samples: Vec<crate::registry::Sample>,
+    },
     /// What the Deployer did with an evaluated checkpoint: `published` (as `version`) or
     /// `skipped`, and why; `failed` with the error.
-    Deployed { step: u64, action: String, version: Option<u32>, reason: String },
+    Deployed {
+        step: u64,
+        action: String,
+        version: Option<u32>,
+        reason: String,
+    },
     /// Membership changed (a worker lost, left or joined): the ranks of `generation` re-formed
     /// the ring and continue from `step`. `seconds`: from the change to training again.
-    Regrouped { step: u64, generation: u64, world_size: u32, seconds: f64, synced: bool },
+    Regrouped {
+        step: u64,
+        generation: u64,
+        world_size: u32,
+        seconds: f64,
+        synced: bool,
+    },
     /// Fewer than `cluster.min_workers` remain: training waits for workers to join.
-    Paused { step: u64, workers: u32, min_workers: u32, reason: String },
-    Checkpoint { step: u64, path: String, seconds: f64 },
-    CheckpointFailed { step: u64, error: String },
-    Warning { step: u64, message: String },
-    Failed { step: u64, error: String },
-    Finished { step: u64, final_loss: Option<f64>, final_val_loss: Option<f64>, seconds: f64 },
+    Paused {
+        step: u64,
+        workers: u32,
+        min_workers: u32,
+        reason: String,
+    },
+    Checkpoint {
+        step: u64,
+        path: String,
+        seconds: f64,
+    },
+    CheckpointFailed {
+        step: u64,
+        error: String,
+    },
+    Warning {
+        step: u64,
+        message: String,
+    },
+    Failed {
+        step: u64,
+        error: String,
+    },
+    Finished {
+        step: u64,
+        final_loss: Option<f64>,
+        final_val_loss: Option<f64>,
+        seconds: f64,
+    },
 }
 
 impl RunEvent {
@@ -95,8 +155,5 @@ impl EventLog {
 /// Reads every event of a run (for tests and tools); lines that do not parse are errors.
 pub fn read_events(run_dir: &Path) -> std::io::Result<Vec<RunEvent>> {
     let text = std::fs::read_to_string(run_dir.join("events.jsonl"))?;
-    text.lines()
-        .filter(|l| !l.trim().is_empty())
-        .map(|l| serde_json::from_str(l).map_err(std::io::Error::other))
-        .collect()
+    text.lines().filter(|l| !l.trim().is_empty()).map(|l| serde_json::from_str(l).map_err(std::io::Error::other)).collect()
 }

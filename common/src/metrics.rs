@@ -3,17 +3,15 @@
 //! Each process has its own registry; the coordinator's and every worker's are served on
 //! their own address so Prometheus scrapes them all.
 
-use prometheus::{
-    Counter, Encoder, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
-    IntGaugeVec, Opts, Registry, TextEncoder,
-};
 use crate::status::SharedStatus;
+use prometheus::{
+    Counter, Encoder, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    TextEncoder,
+};
 use std::net::SocketAddr;
 
 fn register<T: prometheus::core::Collector + Clone + 'static>(registry: &Registry, metric: T) -> T {
-    registry
-        .register(Box::new(metric.clone()))
-        .expect("metric names are unique constants within one registry");
+    registry.register(Box::new(metric.clone())).expect("metric names are unique constants within one registry");
     metric
 }
 
@@ -62,10 +60,7 @@ impl CoordinatorMetrics {
                 &r,
                 Gauge::new("troupe_tokens_per_second", "Training throughput over the last step, all workers").unwrap(),
             ),
-            workers: register(
-                &r,
-                IntGaugeVec::new(Opts::new("troupe_workers", "Workers by state"), &["state"]).unwrap(),
-            ),
+            workers: register(&r, IntGaugeVec::new(Opts::new("troupe_workers", "Workers by state"), &["state"]).unwrap()),
             step_seconds: register(
                 &r,
                 Histogram::with_opts(
@@ -84,42 +79,49 @@ impl CoordinatorMetrics {
             checkpoint_seconds: register(
                 &r,
                 Histogram::with_opts(
-                    HistogramOpts::new("troupe_checkpoint_seconds", "From checkpoint request to commit")
-                        .buckets(seconds_buckets()),
+                    HistogramOpts::new("troupe_checkpoint_seconds", "From checkpoint request to commit").buckets(seconds_buckets()),
                 )
                 .unwrap(),
             ),
             eval_loss: register(&r, Gauge::new("troupe_eval_loss", "Validation loss of the last evaluation").unwrap()),
             actor_restarts_total: register(
                 &r,
-                IntCounterVec::new(Opts::new("troupe_actor_restarts_total", "Supervised actor restarts"), &["actor"])
-                    .unwrap(),
+                IntCounterVec::new(Opts::new("troupe_actor_restarts_total", "Supervised actor restarts"), &["actor"]).unwrap(),
             ),
             refused_connections_total: register(
                 &r,
-                IntCounterVec::new(
-                    Opts::new("troupe_refused_connections_total", "Connections refused by the coordinator"),
-                    &["reason"],
-                )
-                .unwrap(),
+                IntCounterVec::new(Opts::new("troupe_refused_connections_total", "Connections refused by the coordinator"), &["reason"])
+                    .unwrap(),
             ),
             world_size: register(&r, IntGauge::new("troupe_world_size", "Ranks training in the current membership generation").unwrap()),
-            generation: register(&r, IntGauge::new("troupe_membership_generation", "Membership generation (bumped on every regroup)").unwrap()),
+            generation: register(
+                &r,
+                IntGauge::new("troupe_membership_generation", "Membership generation (bumped on every regroup)").unwrap(),
+            ),
             paused: register(&r, IntGauge::new("troupe_paused", "1 while the run waits for cluster.min_workers workers").unwrap()),
-            regroups_total: register(&r, IntCounter::new("troupe_regroups_total", "Membership changes after which training resumed").unwrap()),
+            regroups_total: register(
+                &r,
+                IntCounter::new("troupe_regroups_total", "Membership changes after which training resumed").unwrap(),
+            ),
             regroup_seconds: register(
                 &r,
                 Histogram::with_opts(
-                    HistogramOpts::new("troupe_regroup_seconds", "From a membership change to training again")
-                        .buckets(seconds_buckets()),
+                    HistogramOpts::new("troupe_regroup_seconds", "From a membership change to training again").buckets(seconds_buckets()),
                 )
                 .unwrap(),
             ),
-            eval_perplexity: register(&r, Gauge::new("troupe_eval_perplexity", "Validation perplexity of the last evaluated checkpoint").unwrap()),
-            deployed_version: register(&r, IntGauge::new("troupe_deployed_version", "Newest registry version the Deployer published (0 = none)").unwrap()),
+            eval_perplexity: register(
+                &r,
+                Gauge::new("troupe_eval_perplexity", "Validation perplexity of the last evaluated checkpoint").unwrap(),
+            ),
+            deployed_version: register(
+                &r,
+                IntGauge::new("troupe_deployed_version", "Newest registry version the Deployer published (0 = none)").unwrap(),
+            ),
             deploys_total: register(
                 &r,
-                IntCounterVec::new(Opts::new("troupe_deploys_total", "Evaluated checkpoints by the Deployer's decision"), &["action"]).unwrap(),
+                IntCounterVec::new(Opts::new("troupe_deploys_total", "Evaluated checkpoints by the Deployer's decision"), &["action"])
+                    .unwrap(),
             ),
             registry: r,
         }
@@ -171,7 +173,8 @@ impl WorkerMetrics {
             ),
             memory_bytes: register(
                 &r,
-                IntGaugeVec::new(Opts::new("troupe_memory_bytes", "Training state this worker holds between steps, by kind"), &["kind"]).unwrap(),
+                IntGaugeVec::new(Opts::new("troupe_memory_bytes", "Training state this worker holds between steps, by kind"), &["kind"])
+                    .unwrap(),
             ),
             checkpoint_wait_seconds_total: register(
                 &r,
@@ -199,9 +202,7 @@ pub async fn serve(registry: Registry, addr: SocketAddr, status: Option<SharedSt
     let bound = listener.local_addr()?;
     let mut app = axum::Router::new().route(
         "/metrics",
-        axum::routing::get(move || async move {
-            ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], render(&registry))
-        }),
+        axum::routing::get(move || async move { ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], render(&registry)) }),
     );
     if let Some(status) = status {
         app = app.route(

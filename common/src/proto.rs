@@ -55,28 +55,56 @@ pub enum ToCoordinator {
     Heartbeat,
     /// The model is built (and loaded, when resuming), the ring of `generation` is formed,
     /// and this worker's parameters are those after `completed_steps` optimizer steps.
-    Ready { generation: u64, completed_steps: u64 },
+    Ready {
+        generation: u64,
+        completed_steps: u64,
+    },
     /// The state from the sync source is in place: this rank is at `step` completed steps.
-    Synced { generation: u64, step: u64 },
+    Synced {
+        generation: u64,
+        step: u64,
+    },
     StepDone(StepReport),
     /// A collective of `generation` failed or timed out (or the ring could not be formed). The
     /// step it belonged to was not applied: parameters are as before it.
-    CollectiveFailed { generation: u64, step: Option<u64>, error: String },
+    CollectiveFailed {
+        generation: u64,
+        step: Option<u64>,
+        error: String,
+    },
     EvalDone(EvalReport),
     /// This rank's files for the checkpoint are written and fsynced in the temporary folder.
-    CheckpointWritten { generation: u64, step: u64, files: Vec<FileDigest> },
+    CheckpointWritten {
+        generation: u64,
+        step: u64,
+        files: Vec<FileDigest>,
+    },
     /// This rank could not write its part of the checkpoint.
-    CheckpointFailed { generation: u64, step: u64, error: String },
+    CheckpointFailed {
+        generation: u64,
+        step: u64,
+        error: String,
+    },
     /// The worker hit an error it cannot recover from and is about to exit.
-    Failed { error: String },
+    Failed {
+        error: String,
+    },
     /// The worker was asked to stop (SIGINT/SIGTERM) and will leave at the next step boundary.
-    Leaving { reason: String },
+    Leaving {
+        reason: String,
+    },
     /// The NCCL group's rank 0: the `ncclUniqueId` (128 bytes) every member needs to join its
     /// communicator. The coordinator hands it to the group in [`ToWorker::NcclBootstrap`].
-    NcclUniqueId { generation: u64, id: Vec<u8> },
+    NcclUniqueId {
+        generation: u64,
+        id: Vec<u8>,
+    },
     /// NCCL itself failed to set up in `generation` (creating the unique id, joining the
     /// communicator): a reason to stop trying NCCL, unlike a ring or a peer failing.
-    NcclFailed { generation: u64, error: String },
+    NcclFailed {
+        generation: u64,
+        error: String,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -84,30 +112,57 @@ pub enum ToWorker {
     /// Joined. Both sides send heartbeats every `heartbeat_ms` from now on; a side that hears
     /// nothing for `lease_ms` considers the other gone.
     /// A worker that loses its coordinator tries to rejoin (a restarted one) for `rejoin_ms`.
-    Welcome { worker_id: u64, heartbeat_ms: u64, lease_ms: u64, rejoin_ms: u64 },
+    Welcome {
+        worker_id: u64,
+        heartbeat_ms: u64,
+        lease_ms: u64,
+        rejoin_ms: u64,
+    },
     /// Liveness of the coordinator, so a worker can tell a long step from a dead coordinator.
     Heartbeat,
-    Refused { kind: RefusalKind, reason: String },
+    Refused {
+        kind: RefusalKind,
+        reason: String,
+    },
     /// Take part in membership generation `assignment.generation`: build the model (the first
     /// time), give up whatever the previous generation was doing, form the new ring, answer
     /// `Ready`. Sent again to every member whenever membership changes.
     Assign(Assignment),
     /// Too few workers remain: give up the current step and wait for the next `Assign`.
-    Pause { generation: u64, reason: String },
+    Pause {
+        generation: u64,
+        reason: String,
+    },
     /// Make every rank's parameters and optimizer state equal to `source_rank`'s, which is at
     /// `step` completed steps (a broadcast over the ring), then answer `Synced`.
-    Sync { generation: u64, source_rank: u32, step: u64 },
+    Sync {
+        generation: u64,
+        source_rank: u32,
+        step: u64,
+    },
     /// Run optimizer step `step` (0-based: the step after `step` completed steps).
-    Step { step: u64 },
+    Step {
+        step: u64,
+    },
     /// Compute this rank's share of the validation loss with the current parameters.
-    Evaluate { step: u64 },
+    Evaluate {
+        step: u64,
+    },
     /// Write this rank's part of the checkpoint after `step` completed steps into `dir`.
-    Checkpoint { step: u64, dir: String },
+    Checkpoint {
+        step: u64,
+        dir: String,
+    },
     /// Leave the run and exit.
-    Stop { reason: String },
+    Stop {
+        reason: String,
+    },
     /// Join the NCCL communicator of `generation` (identified by rank 0's `ncclUniqueId`),
     /// then answer `Ready` (or `CollectiveFailed` if NCCL cannot form it).
-    NcclBootstrap { generation: u64, id: Vec<u8> },
+    NcclBootstrap {
+        generation: u64,
+        id: Vec<u8>,
+    },
 }
 
 /// How a generation's ranks combine gradients.
@@ -145,7 +200,8 @@ impl Assignment {
     /// How this assignment's generation combines gradients.
     pub fn collective(&self) -> CollectiveKind {
         // In a mixed generation neither the group nor the ring holds every rank.
-        let partial = self.nccl.is_some_and(|n| n.world_size < self.world_size) || self.ring.is_some_and(|r| r.world_size < self.world_size);
+        let partial =
+            self.nccl.is_some_and(|n| n.world_size < self.world_size) || self.ring.is_some_and(|r| r.world_size < self.world_size);
         match (&self.ring, &self.nccl) {
             _ if partial => CollectiveKind::Mixed,
             (_, Some(_)) => CollectiveKind::Nccl,
@@ -267,8 +323,16 @@ mod tests {
             hello(PROTOCOL_VERSION),
             ToCoordinator::Heartbeat,
             ToCoordinator::StepDone(StepReport {
-                generation: 2, world_size: 2, step: 3, loss: 1.5, tokens: 10, grad_norm: 0.5, lr: 1e-3,
-                data_seconds: 0.1, compute_seconds: 0.2, comm_seconds: 0.3,
+                generation: 2,
+                world_size: 2,
+                step: 3,
+                loss: 1.5,
+                tokens: 10,
+                grad_norm: 0.5,
+                lr: 1e-3,
+                data_seconds: 0.1,
+                compute_seconds: 0.2,
+                comm_seconds: 0.3,
             }),
             ToCoordinator::CheckpointWritten {
                 generation: 1,

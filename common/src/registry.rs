@@ -204,8 +204,9 @@ impl Registry {
     pub fn state(&self) -> Result<DeployState> {
         let path = self.dir.join(STATE_FILE);
         match fs::read(&path) {
-            Ok(bytes) => serde_json::from_slice(&bytes)
-                .map_err(|e| RegistryError::Invalid(format!("{} is not valid: {e}", path.display()))),
+            Ok(bytes) => {
+                serde_json::from_slice(&bytes).map_err(|e| RegistryError::Invalid(format!("{} is not valid: {e}", path.display())))
+            }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(DeployState::default()),
             Err(e) => Err(RegistryError::Io { path, source: e }),
         }
@@ -288,13 +289,9 @@ impl Registry {
         let manifest = checkpoint::verify(checkpoint_dir)?;
         let _lock = self.lock()?;
         self.remove_stale_tmp();
-        let version = self
-            .versions()?
-            .last()
-            .copied()
-            .unwrap_or(0)
-            .checked_add(1)
-            .ok_or_else(|| RegistryError::Invalid(format!("{} has a version numbered {}: no number is left", self.dir.display(), u32::MAX)))?;
+        let version = self.versions()?.last().copied().unwrap_or(0).checked_add(1).ok_or_else(|| {
+            RegistryError::Invalid(format!("{} has a version numbered {}: no number is left", self.dir.display(), u32::MAX))
+        })?;
         let tmp = self.dir.join(format!("{TMP_PREFIX}{}-{}-{}", version_name(version), std::process::id(), now_unix_ms()));
         fs::create_dir(&tmp).map_err(io(&tmp))?;
         let made = (|| {
@@ -318,7 +315,10 @@ impl Registry {
                 // have changed since it was verified above).
                 if let Some(want) = manifest.files.iter().find(|f| f.name == name) {
                     if (want.size, &want.sha256) != (copied.size, &copied.sha256) {
-                        return Err(RegistryError::Invalid(format!("{} changed while it was copied (sha256 differs from the MANIFEST)", from.display())));
+                        return Err(RegistryError::Invalid(format!(
+                            "{} changed while it was copied (sha256 differs from the MANIFEST)",
+                            from.display()
+                        )));
                     }
                 }
                 digests.push(copied);
@@ -339,7 +339,8 @@ impl Registry {
                 checkpoint::write_atomic(&path, &bytes)?;
                 digests.push(checkpoint::digest_file(&path)?);
             }
-            let manifest = VersionManifest { format: VERSION_MANIFEST_FORMAT, step: manifest.step, created_unix_ms: now_unix_ms(), files: digests };
+            let manifest =
+                VersionManifest { format: VERSION_MANIFEST_FORMAT, step: manifest.step, created_unix_ms: now_unix_ms(), files: digests };
             let text = serde_json::to_vec_pretty(&manifest).expect("serializable");
             checkpoint::write_atomic(&tmp.join(checkpoint::MANIFEST), &text)?;
             Ok::<_, RegistryError>(())
@@ -436,7 +437,14 @@ impl Registry {
             state.previous.retain(|&v| v != target);
             state.stable = Some(target);
         }
-        let t = Transition { time_unix_ms: now_unix_ms(), action: "promote".into(), version: Some(target), from, by: by.into(), reason: reason.into() };
+        let t = Transition {
+            time_unix_ms: now_unix_ms(),
+            action: "promote".into(),
+            version: Some(target),
+            from,
+            by: by.into(),
+            reason: reason.into(),
+        };
         self.write_state(state, &[t])
     }
 
@@ -574,7 +582,12 @@ mod tests {
         assert_eq!(registry.versions().unwrap(), Vec::<u32>::new(), "the half-made version is invisible");
         assert_eq!(registry.state().unwrap(), DeployState::default());
         assert!(registry.history().unwrap().is_empty());
-        let leftovers = || fs::read_dir(registry.dir()).unwrap().filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().starts_with(TMP_PREFIX)).count();
+        let leftovers = || {
+            fs::read_dir(registry.dir())
+                .unwrap()
+                .filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().starts_with(TMP_PREFIX))
+                .count()
+        };
         assert_eq!(leftovers(), 1);
         let v = registry.publish(&ckpt, Some(&eval(5, 3.0)), "run", &Rollout::Direct, "test", || {}).unwrap();
         assert_eq!(v, 1);
@@ -614,7 +627,10 @@ mod tests {
         let actions: Vec<String> = registry.history().unwrap().into_iter().map(|t| t.action).collect();
         assert_eq!(
             actions,
-            ["publish", "promote", "publish", "promote", "publish", "promote", "rollback", "rollback", "promote", "publish", "canary", "rollback"]
+            [
+                "publish", "promote", "publish", "promote", "publish", "promote", "rollback", "rollback", "promote", "publish", "canary",
+                "rollback"
+            ]
         );
         let serial = registry.state().unwrap().serial;
         assert_eq!(serial, 8, "one state change per transition that changes what serves");

@@ -214,10 +214,7 @@ mod tests {
         assert_eq!(layout.shard_len(), 5);
         assert_eq!(layout.padded_len(0), 12);
         // Rank 2 holds 2 of unit 0 (8..10) and unit 1's third scalar.
-        assert_eq!(
-            layout.owned(2),
-            vec![Piece { rank: 2, global: 8..10, local: 0 }, Piece { rank: 2, global: 12..13, local: 4 }]
-        );
+        assert_eq!(layout.owned(2), vec![Piece { rank: 2, global: 8..10, local: 0 }, Piece { rank: 2, global: 12..13, local: 4 }]);
     }
 
     #[test]

@@ -47,13 +47,28 @@ pub const MAX_FAILED_REGROUPS: u32 = 5;
 #[derive(Debug, Clone)]
 pub enum Event {
     /// A worker passed the handshake (version and token checked by its session).
-    WorkerJoined { id: WorkerId, info: Capabilities },
+    WorkerJoined {
+        id: WorkerId,
+        info: Capabilities,
+    },
     /// A worker's connection ended or its session failed.
-    WorkerLost { id: WorkerId, reason: String },
+    WorkerLost {
+        id: WorkerId,
+        reason: String,
+    },
     /// A message from a joined worker.
-    FromWorker { id: WorkerId, msg: ToCoordinator },
-    CheckpointCommitted { step: u64, path: String },
-    CheckpointCommitFailed { step: u64, error: String },
+    FromWorker {
+        id: WorkerId,
+        msg: ToCoordinator,
+    },
+    CheckpointCommitted {
+        step: u64,
+        path: String,
+    },
+    CheckpointCommitFailed {
+        step: u64,
+        error: String,
+    },
     /// Periodic timer: leases are checked here.
     Tick,
     /// SIGINT/SIGTERM: finish the current step, checkpoint, stop.
@@ -63,15 +78,29 @@ pub enum Event {
 /// Something the actors must do.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Command {
-    Send { to: WorkerId, msg: ToWorker },
+    Send {
+        to: WorkerId,
+        msg: ToWorker,
+    },
     /// Close the worker's connection (after any `Send` before it).
-    Disconnect { id: WorkerId, reason: String },
+    Disconnect {
+        id: WorkerId,
+        reason: String,
+    },
     /// Check and commit the checkpoint the ranks wrote into its temporary folder.
-    CommitCheckpoint { step: u64, generation: u64, world_size: u32, files: Vec<FileDigest> },
+    CommitCheckpoint {
+        step: u64,
+        generation: u64,
+        world_size: u32,
+        files: Vec<FileDigest>,
+    },
     /// Append to events.jsonl, update metrics, show progress.
     Record(RunEvent),
     /// The run is over.
-    Finish { ok: bool, error: Option<String> },
+    Finish {
+        ok: bool,
+        error: Option<String>,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -333,11 +362,8 @@ impl Core {
             Phase::Finishing | Phase::Done => false,
         };
         if !room {
-            let reason = format!(
-                "the run already has its {} workers (phase {:?}); this worker is not needed",
-                self.workers.len(),
-                self.phase
-            );
+            let reason =
+                format!("the run already has its {} workers (phase {:?}); this worker is not needed", self.workers.len(), self.phase);
             out.push(Command::Send { to: id, msg: ToWorker::Refused { kind: RefusalKind::ClusterFull, reason: reason.clone() } });
             out.push(Command::Disconnect { id, reason });
             return;
@@ -419,10 +445,7 @@ impl Core {
                     if c.step != self.completed {
                         out.push(Command::Record(RunEvent::Warning {
                             step: self.completed,
-                            message: format!(
-                                "no worker holds the training state: continuing from checkpoint {} (step {})",
-                                c.dir, c.step
-                            ),
+                            message: format!("no worker holds the training state: continuing from checkpoint {} (step {})", c.dir, c.step),
                         }));
                     }
                     self.completed = c.step;
@@ -548,7 +571,9 @@ impl Core {
             self.redo_checkpoint = true;
             out.push(Command::Record(RunEvent::Warning {
                 step,
-                message: format!("the checkpoint at step {step} was not complete when membership changed: it is written again once training resumes"),
+                message: format!(
+                    "the checkpoint at step {step} was not complete when membership changed: it is written again once training resumes"
+                ),
             }));
         }
     }
@@ -557,11 +582,8 @@ impl Core {
         let Some(entry) = self.workers.remove(&id) else { return };
         out.push(Command::Record(RunEvent::WorkerLeft { step: self.completed, rank: entry.rank, worker_id: id, reason: reason.clone() }));
         let was_member = entry.rank.is_some() && self.ranks.contains(&id);
-        let why = format!(
-            "worker {id} (rank {}, {}) was lost: {reason}",
-            entry.rank.map_or("-".into(), |r| r.to_string()),
-            entry.info.peer_addr
-        );
+        let why =
+            format!("worker {id} (rank {}, {}) was lost: {reason}", entry.rank.map_or("-".into(), |r| r.to_string()), entry.info.peer_addr);
         match self.phase {
             Phase::Gathering | Phase::Done | Phase::Paused => {}
             // It owed nothing (a joiner waiting for the next step boundary).
@@ -852,10 +874,7 @@ impl Core {
         }
         let source_rank = held.iter().position(|&c| c == target).expect("the maximum is held by someone") as u32;
         for id in &self.ranks {
-            out.push(Command::Send {
-                to: *id,
-                msg: ToWorker::Sync { generation: self.generation, source_rank, step: target },
-            });
+            out.push(Command::Send { to: *id, msg: ToWorker::Sync { generation: self.generation, source_rank, step: target } });
         }
         self.phase = Phase::Syncing;
     }
@@ -977,10 +996,8 @@ impl Core {
             return;
         }
         let dir = checkpoint::tmp_dir(&self.run_dir, step, self.generation).display().to_string();
-        self.checkpoints.insert(
-            step,
-            PendingCheckpoint { requested_at: now, reported: BTreeSet::new(), files: Vec::new(), committing: false },
-        );
+        self.checkpoints
+            .insert(step, PendingCheckpoint { requested_at: now, reported: BTreeSet::new(), files: Vec::new(), committing: false });
         for id in &self.ranks {
             out.push(Command::Send { to: *id, msg: ToWorker::Checkpoint { step, dir: dir.clone() } });
         }
@@ -1042,12 +1059,8 @@ impl Core {
 
     fn check_leases(&mut self, now: Instant, out: &mut Vec<Command>) {
         let lease = Duration::from_millis(self.config.cluster.lease_ms);
-        let expired: Vec<WorkerId> = self
-            .workers
-            .iter()
-            .filter(|(_, w)| now.saturating_duration_since(w.last_seen) > lease)
-            .map(|(id, _)| *id)
-            .collect();
+        let expired: Vec<WorkerId> =
+            self.workers.iter().filter(|(_, w)| now.saturating_duration_since(w.last_seen) > lease).map(|(id, _)| *id).collect();
         for id in expired {
             let reason = format!("no heartbeat for longer than the lease ({} ms)", lease.as_millis());
             out.push(Command::Disconnect { id, reason: reason.clone() });
@@ -1235,15 +1248,28 @@ mod tests {
                     sim.from(id, ToCoordinator::EvalDone(EvalReport { generation: 1, step: completed, loss_sum: 4.0, sequences: 2 }));
                 }
                 if s.iter().any(|(_, m)| matches!(m, ToWorker::Checkpoint { .. })) {
-                    let files = if id == 1 { vec![FileDigest { name: "model.safetensors".into(), size: 1, sha256: "x".into() }] } else { vec![] };
+                    let files =
+                        if id == 1 { vec![FileDigest { name: "model.safetensors".into(), size: 1, sha256: "x".into() }] } else { vec![] };
                     let c = sim.written(id, completed, files);
                     commits.extend(c.into_iter().filter(|c| matches!(c, Command::CommitCheckpoint { .. })));
                 }
             }
         }
-        let steps: Vec<_> = events.iter().filter_map(|e| match e { RunEvent::Step { step, loss, world_size, .. } => Some((*step, *loss, *world_size)), _ => None }).collect();
+        let steps: Vec<_> = events
+            .iter()
+            .filter_map(|e| match e {
+                RunEvent::Step { step, loss, world_size, .. } => Some((*step, *loss, *world_size)),
+                _ => None,
+            })
+            .collect();
         assert_eq!(steps, vec![(0, 2.75, 2), (1, 2.75, 2), (2, 2.75, 2)]);
-        let tps = events.iter().find_map(|e| match e { RunEvent::Step { tokens_per_sec, .. } => Some(*tokens_per_sec), _ => None }).unwrap();
+        let tps = events
+            .iter()
+            .find_map(|e| match e {
+                RunEvent::Step { tokens_per_sec, .. } => Some(*tokens_per_sec),
+                _ => None,
+            })
+            .unwrap();
         assert!((tps - 400.0).abs() < 1e-9, "200 tokens in 0.5 s, got {tps}");
         assert_eq!(commits.len(), 2, "checkpoints after steps 2 and 3");
         assert_eq!(sim.core.phase(), Phase::Finishing, "waits for the last commit");
@@ -1279,7 +1305,9 @@ mod tests {
         assert_eq!(a.len(), 2);
         // The survivors hold the state of step 3, but a third of it was on the lost rank.
         assert!(a.iter().all(|(_, a)| a.world_size == 2 && a.resume_from.as_deref() == Some("c2") && a.start_step == 2), "{a:?}");
-        assert!(records(&cmds).iter().any(|e| matches!(e, RunEvent::Warning { message, .. } if message.contains("continuing from checkpoint c2"))));
+        assert!(records(&cmds)
+            .iter()
+            .any(|e| matches!(e, RunEvent::Warning { message, .. } if message.contains("continuing from checkpoint c2"))));
         sim.ready(1, 2);
         let cmds = sim.ready(2, 2);
         assert_eq!(steps_sent(&cmds), vec![(1, 2), (2, 2)], "step 2 again, resharded over 2 ranks");
@@ -1365,7 +1393,9 @@ mod tests {
         assert!(s.iter().any(|(to, m)| *to == 1 && matches!(m, ToWorker::Checkpoint { step: 2, .. })), "requested again");
         assert!(s.iter().any(|(to, m)| *to == 1 && matches!(m, ToWorker::Evaluate { step: 2 })), "the evaluation too");
         let cmds = sim.written(1, 2, vec![FileDigest { name: "model.safetensors".into(), size: 1, sha256: "y".into() }]);
-        assert!(cmds.iter().any(|c| matches!(c, Command::CommitCheckpoint { step: 2, world_size: 1, files, .. } if files.len() == 1 && files[0].sha256 == "y")));
+        assert!(cmds.iter().any(
+            |c| matches!(c, Command::CommitCheckpoint { step: 2, world_size: 1, files, .. } if files.len() == 1 && files[0].sha256 == "y")
+        ));
         // Reports from the old generation are ignored.
         assert!(sim.from(1, ToCoordinator::CheckpointWritten { generation: 1, step: 2, files: vec![] }).is_empty());
     }
@@ -1470,7 +1500,9 @@ mod tests {
                 2,
                 ToCoordinator::CollectiveFailed { generation, step: Some(0), error: "timed out waiting on predecessor rank 0".into() },
             );
-            assert!(records(&cmds).iter().any(|e| matches!(e, RunEvent::Warning { message, .. } if message.contains("rank 1") && message.contains("predecessor rank 0"))));
+            assert!(records(&cmds).iter().any(
+                |e| matches!(e, RunEvent::Warning { message, .. } if message.contains("rank 1") && message.contains("predecessor rank 0"))
+            ));
             assert_eq!(assigns(&cmds).len(), 2, "attempt {attempt}: a new ring");
             sim.ready(1, 0);
             sim.ready(2, 0);
@@ -1551,7 +1583,9 @@ mod tests {
         start(&mut sim, 2);
         sim.step_done(1, 0, 1.0);
         let cmds = sim.from(2, ToCoordinator::Leaving { reason: "SIGTERM".into() });
-        assert!(records(&cmds).iter().any(|e| matches!(e, RunEvent::Warning { message, .. } if message.contains("rank 1") && message.contains("SIGTERM"))));
+        assert!(records(&cmds)
+            .iter()
+            .any(|e| matches!(e, RunEvent::Warning { message, .. } if message.contains("rank 1") && message.contains("SIGTERM"))));
         let cmds = sim.step_done(2, 0, 1.0);
         let s = sends(&cmds);
         assert!(s.iter().any(|(to, m)| *to == 2 && matches!(m, ToWorker::Stop { .. })));
@@ -1671,7 +1705,10 @@ mod tests {
         join_gpu(&mut sim, 2, true);
         let generation = sim.core.generation();
         let cmds = sim.from(1, ToCoordinator::NcclUniqueId { generation, id: vec![0; 5] });
-        assert!(cmds.iter().any(|c| matches!(c, Command::Disconnect { id: 1, reason } if reason.contains("ncclUniqueId of 5 bytes"))), "{cmds:?}");
+        assert!(
+            cmds.iter().any(|c| matches!(c, Command::Disconnect { id: 1, reason } if reason.contains("ncclUniqueId of 5 bytes"))),
+            "{cmds:?}"
+        );
     }
 
     #[test]
@@ -1743,7 +1780,14 @@ mod tests {
         assert!(a.values().all(|a| a.collective() == CollectiveKind::Mixed && a.world_size == 5));
         // The NCCL group: workers 1, 3, 5 in rank order.
         let nccl: Vec<(WorkerId, NcclPlace)> = a.iter().filter_map(|(id, a)| a.nccl.map(|n| (*id, n))).collect();
-        assert_eq!(nccl, vec![(1, NcclPlace { rank: 0, world_size: 3 }), (3, NcclPlace { rank: 1, world_size: 3 }), (5, NcclPlace { rank: 2, world_size: 3 })]);
+        assert_eq!(
+            nccl,
+            vec![
+                (1, NcclPlace { rank: 0, world_size: 3 }),
+                (3, NcclPlace { rank: 1, world_size: 3 }),
+                (5, NcclPlace { rank: 2, world_size: 3 })
+            ]
+        );
         // The ring: the group's rank 0 (worker 1) and the CPU workers 2 and 4, each pointing at the next.
         let ring: Vec<(WorkerId, u32, u32, u16)> =
             a.iter().filter_map(|(id, a)| a.ring.map(|r| (*id, r.rank, r.world_size, r.successor.port()))).collect();
@@ -1752,7 +1796,8 @@ mod tests {
         let generation = sim.core.generation();
         assert!(sim.from(3, ToCoordinator::NcclUniqueId { generation, id: vec![3; NCCL_UNIQUE_ID_BYTES] }).is_empty());
         let cmds = sim.from(1, ToCoordinator::NcclUniqueId { generation, id: vec![1; NCCL_UNIQUE_ID_BYTES] });
-        let to: Vec<WorkerId> = sends(&cmds).into_iter().filter(|(_, m)| matches!(m, ToWorker::NcclBootstrap { .. })).map(|(to, _)| to).collect();
+        let to: Vec<WorkerId> =
+            sends(&cmds).into_iter().filter(|(_, m)| matches!(m, ToWorker::NcclBootstrap { .. })).map(|(to, _)| to).collect();
         assert_eq!(to, vec![1, 3, 5]);
         // Forwarded once per generation.
         assert!(sim.from(1, ToCoordinator::NcclUniqueId { generation, id: vec![1; NCCL_UNIQUE_ID_BYTES] }).is_empty());

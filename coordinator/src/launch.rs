@@ -39,7 +39,11 @@ pub fn ensure_data(config: &Config) -> anyhow::Result<data::Meta> {
             })?;
             troupe_common::say!(
                 "prepared {} documents: {} train / {} val tokens, vocabulary {}, unigram entropy {:.3} nats",
-                meta.documents, meta.train_tokens, meta.val_tokens, meta.vocab_size, meta.unigram_entropy_nats
+                meta.documents,
+                meta.train_tokens,
+                meta.val_tokens,
+                meta.vocab_size,
+                meta.unigram_entropy_nats
             );
             Ok(meta)
         }
@@ -54,8 +58,7 @@ pub fn ensure_data(config: &Config) -> anyhow::Result<data::Meta> {
 /// The newest complete checkpoint of the run, saying which newer ones were skipped and why.
 pub fn find_resume_point(config: &Config) -> anyhow::Result<Option<ResumeFrom>> {
     let run_dir = config.run_dir();
-    let point = checkpoint::find_resumable(&run_dir)
-        .with_context(|| format!("cannot resume run {}", run_dir.display()))?;
+    let point = checkpoint::find_resumable(&run_dir).with_context(|| format!("cannot resume run {}", run_dir.display()))?;
     let Some(point) = point else {
         troupe_common::say!("no checkpoint under {}: starting from scratch", run_dir.display());
         return Ok(None);
@@ -119,7 +122,12 @@ pub fn reset_key(run_dir: &Path) -> anyhow::Result<Vec<u8>> {
     let tmp = path.with_extension("key.tmp");
     {
         use std::io::Write;
-        let mut f = std::fs::OpenOptions::new().create(true).write(true).truncate(true).mode(0o600).open(&tmp)
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .write(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)
             .with_context(|| format!("cannot write {}", tmp.display()))?;
         f.write_all(&key)?;
         f.sync_all()?;

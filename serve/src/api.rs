@@ -107,14 +107,26 @@ pub fn parse(body: &[u8], max_tokens_limit: usize) -> Result<Checked, ApiError> 
         let path = e.path().to_string();
         let e = e.into_inner();
         if e.is_syntax() || e.is_eof() {
-            return ApiError { status: StatusCode::BAD_REQUEST, kind: "invalid_request_error", code: "invalid_json", param: None, message: format!("the body is not valid JSON: {e}") };
+            return ApiError {
+                status: StatusCode::BAD_REQUEST,
+                kind: "invalid_request_error",
+                code: "invalid_json",
+                param: None,
+                message: format!("the body is not valid JSON: {e}"),
+            };
         }
         let at = if path == "." || path.is_empty() { String::new() } else { format!(" (field `{path}`)") };
         let message = format!("the request does not match the completions API{at}: {e}");
         ApiError { status: StatusCode::BAD_REQUEST, kind: "invalid_request_error", code: "invalid_type", param: None, message }
     })?;
     if json.end().is_err() {
-        return Err(ApiError { status: StatusCode::BAD_REQUEST, kind: "invalid_request_error", code: "invalid_json", param: None, message: "the body holds more than one JSON value".into() });
+        return Err(ApiError {
+            status: StatusCode::BAD_REQUEST,
+            kind: "invalid_request_error",
+            code: "invalid_json",
+            param: None,
+            message: "the body holds more than one JSON value".into(),
+        });
     }
     let prompt = match req.prompt {
         None => String::new(),

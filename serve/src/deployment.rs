@@ -69,7 +69,11 @@ impl Outcomes {
     }
 
     pub fn error_rate(&self) -> f64 {
-        if self.requests == 0 { 0.0 } else { self.errors as f64 / self.requests as f64 }
+        if self.requests == 0 {
+            0.0
+        } else {
+            self.errors as f64 / self.requests as f64
+        }
     }
 
     /// 95th percentile of successful requests' latency (nearest rank); None without any.

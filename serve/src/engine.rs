@@ -14,9 +14,9 @@
 //! closed (the last `Arc<Engine>` dropped) and its active sequences are done.
 
 use crate::api::FinishReason;
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc};
-use std::path::Path;
 use tokio::sync::mpsc::UnboundedSender;
 use troupe_common::data::Tokenizer;
 use troupe_common::model::{Gpt, KvCache, Rng, Sampling};

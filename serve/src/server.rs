@@ -71,7 +71,8 @@ pub async fn start(options: ServeOptions) -> anyhow::Result<Server> {
     let deployment = Arc::new(Deployment::new(&options.registry, options.max_batch, options.max_queue, metrics.clone()));
     deployment.reconcile().await;
     tokio::spawn(deployment.clone().watch());
-    let listener = tokio::net::TcpListener::bind(options.listen).await.map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", options.listen))?;
+    let listener =
+        tokio::net::TcpListener::bind(options.listen).await.map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", options.listen))?;
     let addr = listener.local_addr()?;
     let state = Arc::new(AppState {
         deployment: deployment.clone(),
@@ -93,7 +94,13 @@ pub async fn start(options: ServeOptions) -> anyhow::Result<Server> {
         .route("/admin/deploy/rollback", post(deploy_rollback))
         .route("/admin/reload", post(reload))
         .fallback(|| async {
-            ApiError { status: StatusCode::NOT_FOUND, kind: "invalid_request_error", code: "unknown_url", param: None, message: "no such endpoint; see /v1/completions and /v1/models".into() }
+            ApiError {
+                status: StatusCode::NOT_FOUND,
+                kind: "invalid_request_error",
+                code: "unknown_url",
+                param: None,
+                message: "no such endpoint; see /v1/completions and /v1/models".into(),
+            }
         })
         .with_state(state)
         // Bodies are checked against 1 MiB by the parser; the transport refuses far larger
@@ -193,7 +200,12 @@ async fn completions(State(s): State<Arc<AppState>>, headers: HeaderMap, body: B
     let Some((engine, _role)) = s.deployment.route(pinned) else {
         return match pinned {
             Some(v) => s.refuse(s.model_not_found(&version_name(v))),
-            None => server_error(StatusCode::SERVICE_UNAVAILABLE, "model_not_ready", "no model version is being served yet (the registry has none; see /readyz)".into()).into_response(),
+            None => server_error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "model_not_ready",
+                "no model version is being served yet (the registry has none; see /readyz)".into(),
+            )
+            .into_response(),
         };
     };
     let version = engine.version;
@@ -222,7 +234,12 @@ async fn completions(State(s): State<Arc<AppState>>, headers: HeaderMap, body: B
     let id = format!("cmpl-{}{n:x}", s.id_prefix);
     if faults.fail_version == Some(version) {
         s.deployment.record(version, false, started.elapsed().as_secs_f64(), 0);
-        return server_error(StatusCode::INTERNAL_SERVER_ERROR, "fault_injection", format!("fault injection: {} fails every request", version_name(version))).into_response();
+        return server_error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "fault_injection",
+            format!("fault injection: {} fails every request", version_name(version)),
+        )
+        .into_response();
     }
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     let prompt_tokens = prompt.len();
@@ -243,7 +260,15 @@ async fn completions(State(s): State<Arc<AppState>>, headers: HeaderMap, body: B
         return server_error(StatusCode::SERVICE_UNAVAILABLE, code, e.to_string()).into_response();
     }
     s.metrics.queue_depth.set(engine.queue_depth() as i64);
-    let reply = Reply { s: s.clone(), include_usage: req.include_usage, id, version, prompt_tokens, started, created: registry::now_unix_ms() / 1000 };
+    let reply = Reply {
+        s: s.clone(),
+        include_usage: req.include_usage,
+        id,
+        version,
+        prompt_tokens,
+        started,
+        created: registry::now_unix_ms() / 1000,
+    };
     if req.stream {
         reply.stream(rx)
     } else {
@@ -303,7 +328,11 @@ impl Reply {
                 }
                 GenEvent::Done { finish_reason, completion_tokens } => {
                     self.done(true, completion_tokens);
-                    let usage = Usage { prompt_tokens: self.prompt_tokens, completion_tokens, total_tokens: self.prompt_tokens + completion_tokens };
+                    let usage = Usage {
+                        prompt_tokens: self.prompt_tokens,
+                        completion_tokens,
+                        total_tokens: self.prompt_tokens + completion_tokens,
+                    };
                     let body = self.body(text, Some(finish_reason), Some(usage));
                     return (self.version_header(), Json(body)).into_response();
                 }
@@ -341,7 +370,11 @@ impl Reply {
                             if reply.include_usage {
                                 // As OpenAI does with stream_options.include_usage: one more
                                 // chunk, with no choices, carrying the usage.
-                                let usage = Usage { prompt_tokens: reply.prompt_tokens, completion_tokens, total_tokens: reply.prompt_tokens + completion_tokens };
+                                let usage = Usage {
+                                    prompt_tokens: reply.prompt_tokens,
+                                    completion_tokens,
+                                    total_tokens: reply.prompt_tokens + completion_tokens,
+                                };
                                 let mut last = reply.body(String::new(), None, Some(usage));
                                 last.choices.clear();
                                 events.push(json_event(&last));
@@ -352,7 +385,10 @@ impl Reply {
                         Some(GenEvent::Failed(e)) => {
                             reply.done(false, 0);
                             let err = server_error(StatusCode::INTERNAL_SERVER_ERROR, "generation_failed", e);
-                            return Some((vec![Event::default().data(err.body().to_string()), Event::default().data("[DONE]")], (rx, seen, true)));
+                            return Some((
+                                vec![Event::default().data(err.body().to_string()), Event::default().data("[DONE]")],
+                                (rx, seen, true),
+                            ));
                         }
                         None => {
                             reply.done(false, 0);
@@ -417,7 +453,8 @@ async fn deploy_status(State(s): State<Arc<AppState>>, headers: HeaderMap) -> Re
         return s.refuse(e);
     }
     let dir = s.deployment.registry_dir().to_path_buf();
-    let report = tokio::task::spawn_blocking(move || Registry::open(&dir).map_err(anyhow::Error::from).and_then(|r| deploy_report(&r))).await;
+    let report =
+        tokio::task::spawn_blocking(move || Registry::open(&dir).map_err(anyhow::Error::from).and_then(|r| deploy_report(&r))).await;
     let mut report = match report {
         Ok(Ok(r)) => r,
         Ok(Err(e)) => return server_error(StatusCode::INTERNAL_SERVER_ERROR, "registry_error", format!("{e:#}")).into_response(),
@@ -481,11 +518,22 @@ async fn deploy_change(s: Arc<AppState>, headers: HeaderMap, body: Bytes, promot
             let serving = s.deployment.reconcile().await;
             if serving < state.serial {
                 let why = s.deployment.load_error().unwrap_or_else(|| "it is still loading".into());
-                return server_error(StatusCode::BAD_GATEWAY, "not_served", format!("the registry changed (state {}) but this server cannot serve it: {why}", state.serial)).into_response();
+                return server_error(
+                    StatusCode::BAD_GATEWAY,
+                    "not_served",
+                    format!("the registry changed (state {}) but this server cannot serve it: {why}", state.serial),
+                )
+                .into_response();
             }
             Json(state).into_response()
         }
-        Ok(Err(e)) => s.refuse(ApiError { status: StatusCode::CONFLICT, kind: "invalid_request_error", code: "deploy_refused", param: Some("to"), message: e.to_string() }),
+        Ok(Err(e)) => s.refuse(ApiError {
+            status: StatusCode::CONFLICT,
+            kind: "invalid_request_error",
+            code: "deploy_refused",
+            param: Some("to"),
+            message: e.to_string(),
+        }),
         Err(e) => server_error(StatusCode::INTERNAL_SERVER_ERROR, "registry_error", e.to_string()).into_response(),
     }
 }
@@ -510,7 +558,6 @@ impl Server {
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)
     }
-
 }
 
 #[cfg(test)]
@@ -519,7 +566,8 @@ mod tests {
 
     #[tokio::test]
     async fn the_transports_plain_refusals_get_openai_error_bodies() {
-        for (status, code) in [(StatusCode::PAYLOAD_TOO_LARGE, "request_too_large"), (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed")] {
+        for (status, code) in [(StatusCode::PAYLOAD_TOO_LARGE, "request_too_large"), (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed")]
+        {
             let plain = (status, "length limit exceeded").into_response();
             let shaped = openai_shaped_errors(plain).await;
             assert_eq!(shaped.status(), status);

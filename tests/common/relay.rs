@@ -117,7 +117,14 @@ impl UdpRelay {
 }
 
 /// Replies from the target to one client, through the relay's own address.
-fn spawn_return_path(upstream: Arc<UdpSocket>, front: Arc<UdpSocket>, client: SocketAddr, delayed: Delayed, delay: Duration, stop: Arc<AtomicBool>) {
+fn spawn_return_path(
+    upstream: Arc<UdpSocket>,
+    front: Arc<UdpSocket>,
+    client: SocketAddr,
+    delayed: Delayed,
+    delay: Duration,
+    stop: Arc<AtomicBool>,
+) {
     std::thread::spawn(move || {
         let mut buf = vec![0u8; 65536];
         while !stop.load(Ordering::SeqCst) {

@@ -39,19 +39,10 @@ pub enum NcclError {
     BadId { len: usize },
     /// Joining the communicator failed.
     #[error("{}", describe("init", *.rank, *.code, .message))]
-    Init {
-        rank: u32,
-        code: u32,
-        message: String,
-    },
+    Init { rank: u32, code: u32, message: String },
     /// NCCL returned an error for an operation (enqueueing it, or asynchronously while it ran).
     #[error("{}", describe(.op, *.rank, *.code, .message))]
-    Op {
-        op: &'static str,
-        rank: u32,
-        code: u32,
-        message: String,
-    },
+    Op { op: &'static str, rank: u32, code: u32, message: String },
     /// The operation (or joining) did not finish in time; the communicator was aborted.
     #[error(
         "rank {rank}: NCCL {op} did not finish within {after:?}: another rank never joined or \
@@ -59,11 +50,7 @@ pub enum NcclError {
          rank aborted its communicator. Check the other ranks' logs; if they are only slow, \
          raise the collective timeout"
     )]
-    Timeout {
-        op: &'static str,
-        rank: u32,
-        after: Duration,
-    },
+    Timeout { op: &'static str, rank: u32, after: Duration },
     /// The worker abandoned the operation (or joining) because its membership generation
     /// ended; the communicator was aborted.
     #[error(
@@ -76,12 +63,7 @@ pub enum NcclError {
         "rank {rank}: {what} failed on CUDA device {device}: {message}; a CUDA call failed on \
          this GPU (check nvidia-smi and the kernel log; an earlier kernel may have faulted)"
     )]
-    Cuda {
-        what: &'static str,
-        rank: u32,
-        device: usize,
-        message: String,
-    },
+    Cuda { what: &'static str, rank: u32, device: usize, message: String },
     /// A tensor or parameter NCCL cannot work with; nothing was enqueued.
     #[error("invalid NCCL argument: {0}")]
     Argument(String),
@@ -165,17 +147,9 @@ pub fn describe(op: &str, rank: u32, code: u32, nccl_message: &str) -> String {
 /// and all-gather), on CUDA device `device`. Returns the number of elements.
 ///
 /// The device is checked last so that every other refusal can be tested with CPU tensors.
-pub fn check_tensor(
-    op: &str,
-    t: &Tensor,
-    device: usize,
-    world: u32,
-    chunked: bool,
-) -> Result<usize, NcclError> {
+pub fn check_tensor(op: &str, t: &Tensor, device: usize, world: u32, chunked: bool) -> Result<usize, NcclError> {
     if !t.defined() {
-        return Err(NcclError::Argument(format!(
-            "NCCL {op} was given an undefined tensor"
-        )));
+        return Err(NcclError::Argument(format!("NCCL {op} was given an undefined tensor")));
     }
     // `kind()` panics on dtypes tch does not know; `f_kind` reports them.
     match t.f_kind() {
@@ -186,11 +160,7 @@ pub fn check_tensor(
                  .to_kind(Kind::Float) first"
             )))
         }
-        Err(e) => {
-            return Err(NcclError::Argument(format!(
-                "NCCL {op} works on float32 tensors, got an unsupported element type: {e}"
-            )))
-        }
+        Err(e) => return Err(NcclError::Argument(format!("NCCL {op} works on float32 tensors, got an unsupported element type: {e}"))),
     }
     // NCCL sees a pointer and a count, so the elements must be one dense run in memory.
     if !t.is_contiguous() {
@@ -204,9 +174,7 @@ pub fn check_tensor(
     let numel = t.numel();
     if chunked {
         troupe_common::collective::check_chunked_len(op, numel, world).map_err(|e| match e {
-            troupe_common::collective::CollectiveError::InvalidArgument(m) => {
-                NcclError::Argument(m)
-            }
+            troupe_common::collective::CollectiveError::InvalidArgument(m) => NcclError::Argument(m),
             other => NcclError::Argument(other.to_string()),
         })?;
     }
@@ -234,15 +202,10 @@ pub fn check_device(op: &str, found: Device, expected: usize) -> Result<(), Nccl
 fn check_membership(rank: u32, world: u32) -> Result<(), NcclError> {
     // NCCL takes ranks as C ints.
     if world == 0 || world > i32::MAX as u32 {
-        return Err(NcclError::Argument(format!(
-            "an NCCL communicator needs between 1 and {} ranks, got {world}",
-            i32::MAX
-        )));
+        return Err(NcclError::Argument(format!("an NCCL communicator needs between 1 and {} ranks, got {world}", i32::MAX)));
     }
     if rank >= world {
-        return Err(NcclError::Argument(format!(
-            "rank {rank} is out of range for a communicator of {world} ranks (0..{world})"
-        )));
+        return Err(NcclError::Argument(format!("rank {rank} is out of range for a communicator of {world} ranks (0..{world})")));
     }
     Ok(())
 }
@@ -252,10 +215,7 @@ fn check_membership(rank: u32, world: u32) -> Result<(), NcclError> {
 /// answer is computed once. Never panics.
 pub fn available() -> Result<(), NcclError> {
     static PROBE: OnceLock<Result<(), String>> = OnceLock::new();
-    PROBE
-        .get_or_init(backend::probe)
-        .clone()
-        .map_err(NcclError::Unavailable)
+    PROBE.get_or_init(backend::probe).clone().map_err(NcclError::Unavailable)
 }
 
 /// A fresh `ncclUniqueId`, [`UNIQUE_ID_BYTES`] long. Rank 0 calls this and hands the bytes to
@@ -270,25 +230,10 @@ pub fn unique_id() -> Result<Vec<u8>, NcclError> {
 #[derive(Clone, Copy)]
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 enum Coll {
-    AllReduce {
-        buf: *mut c_void,
-        count: usize,
-    },
-    ReduceScatter {
-        send: *const c_void,
-        recv: *mut c_void,
-        recv_count: usize,
-    },
-    AllGather {
-        send: *const c_void,
-        recv: *mut c_void,
-        send_count: usize,
-    },
-    Broadcast {
-        buf: *mut c_void,
-        count: usize,
-        root: u32,
-    },
+    AllReduce { buf: *mut c_void, count: usize },
+    ReduceScatter { send: *const c_void, recv: *mut c_void, recv_count: usize },
+    AllGather { send: *const c_void, recv: *mut c_void, send_count: usize },
+    Broadcast { buf: *mut c_void, count: usize, root: u32 },
 }
 
 /// This rank's membership in one NCCL communicator, on one GPU.
@@ -321,13 +266,7 @@ impl NcclComm {
     /// up after `timeout` if some ranks never join, aborting the half-built communicator.
     /// `timeout` is also the limit of each later operation; note that NCCL connects peers
     /// lazily, so the first operation takes longer than the rest.
-    pub fn init(
-        id: &[u8],
-        rank: u32,
-        world: u32,
-        device: usize,
-        timeout: Duration,
-    ) -> Result<NcclComm, NcclError> {
+    pub fn init(id: &[u8], rank: u32, world: u32, device: usize, timeout: Duration) -> Result<NcclComm, NcclError> {
         Self::init_cancellable(id, rank, world, device, timeout, timeout, Box::new(|| false))
     }
 
@@ -346,21 +285,11 @@ impl NcclComm {
         join_timeout: Duration,
         cancelled: Cancel,
     ) -> Result<NcclComm, NcclError> {
-        let id: &[u8; UNIQUE_ID_BYTES] = id
-            .try_into()
-            .map_err(|_| NcclError::BadId { len: id.len() })?;
+        let id: &[u8; UNIQUE_ID_BYTES] = id.try_into().map_err(|_| NcclError::BadId { len: id.len() })?;
         check_membership(rank, world)?;
         available()?;
         let handle = backend::init(id, rank, world, device, join_timeout, &*cancelled)?;
-        Ok(NcclComm {
-            rank,
-            world,
-            device,
-            timeout,
-            first_failure: None,
-            cancelled,
-            handle,
-        })
+        Ok(NcclComm { rank, world, device, timeout, first_failure: None, cancelled, handle })
     }
 
     pub fn rank(&self) -> u32 {
@@ -391,11 +320,7 @@ impl NcclComm {
         // NCCL's in-place reduce-scatter: the receive buffer is this rank's chunk of the send
         // buffer.
         let recv = chunk_ptr(base, self.rank, chunk);
-        let coll = Coll::ReduceScatter {
-            send: base,
-            recv,
-            recv_count: chunk,
-        };
+        let coll = Coll::ReduceScatter { send: base, recv, recv_count: chunk };
         self.run(OP, numel, coll)
     }
 
@@ -408,11 +333,7 @@ impl NcclComm {
         let base = t.data_ptr();
         // NCCL's in-place all-gather: the send buffer is this rank's chunk of the receive
         // buffer.
-        let coll = Coll::AllGather {
-            send: chunk_ptr(base, self.rank, chunk),
-            recv: base,
-            send_count: chunk,
-        };
+        let coll = Coll::AllGather { send: chunk_ptr(base, self.rank, chunk), recv: base, send_count: chunk };
         self.run(OP, numel, coll)
     }
 
@@ -420,10 +341,7 @@ impl NcclComm {
     pub fn broadcast(&mut self, t: &Tensor, root: u32) -> Result<(), NcclError> {
         const OP: &str = "broadcast";
         if root >= self.world {
-            return Err(NcclError::Argument(format!(
-                "broadcast from rank {root}, but the communicator has ranks 0..{}",
-                self.world
-            )));
+            return Err(NcclError::Argument(format!("broadcast from rank {root}, but the communicator has ranks 0..{}", self.world)));
         }
         let count = self.check(OP, t, false)?;
         let buf = t.data_ptr();
@@ -433,10 +351,7 @@ impl NcclComm {
     /// Refuses calls on an aborted communicator and tensors NCCL cannot take.
     fn check(&self, op: &str, t: &Tensor, chunked: bool) -> Result<usize, NcclError> {
         if let Some(first) = &self.first_failure {
-            return Err(NcclError::Aborted {
-                rank: self.rank,
-                first: first.clone(),
-            });
+            return Err(NcclError::Aborted { rank: self.rank, first: first.clone() });
         }
         check_tensor(op, t, self.device, self.world, chunked)
     }
@@ -448,15 +363,7 @@ impl NcclComm {
         if numel == 0 {
             return Ok(());
         }
-        let result = backend::run(
-            &mut self.handle,
-            op,
-            self.rank,
-            self.device,
-            self.timeout,
-            &*self.cancelled,
-            coll,
-        );
+        let result = backend::run(&mut self.handle, op, self.rank, self.device, self.timeout, &*self.cancelled, coll);
         if let Err(e) = &result {
             self.first_failure = Some(e.to_string());
         }
@@ -484,9 +391,7 @@ impl std::fmt::Debug for NcclComm {
 /// The address of chunk `rank` (of `chunk` float32 elements) of the buffer at `base`.
 fn chunk_ptr(base: *mut c_void, rank: u32, chunk: usize) -> *mut c_void {
     // Only pointer arithmetic; the chunk is inside the tensor because numel = world * chunk.
-    base.cast::<f32>()
-        .wrapping_add(rank as usize * chunk)
-        .cast()
+    base.cast::<f32>().wrapping_add(rank as usize * chunk).cast()
 }
 
 #[cfg(not(feature = "cuda"))]
@@ -611,11 +516,9 @@ mod backend {
         // so everything it will look up is checked first; the catch is only a backstop.
         match std::panic::catch_unwind(probe_libraries) {
             Ok(result) => result,
-            Err(_) => Err(
-                "loading the CUDA driver or NCCL library panicked (see the message \
+            Err(_) => Err("loading the CUDA driver or NCCL library panicked (see the message \
                            above); check LD_LIBRARY_PATH"
-                    .to_string(),
-            ),
+                .to_string()),
         }
     }
 
@@ -657,9 +560,7 @@ mod backend {
         for name in NCCL_SYMBOLS {
             // SAFETY: only looked up.
             if unsafe { nccl.get::<unsafe extern "C" fn()>(*name) }.is_err() {
-                return Err(format!(
-                    "the loaded NCCL library lacks {name}: troupe needs NCCL 2.14 or newer"
-                ));
+                return Err(format!("the loaded NCCL library lacks {name}: troupe needs NCCL 2.14 or newer"));
             }
         }
         cudarc::driver::result::init().map_err(|e| {
@@ -672,9 +573,7 @@ mod backend {
     }
 
     pub(super) fn unique_id() -> Result<Vec<u8>, NcclError> {
-        let mut id = sys::ncclUniqueId {
-            internal: [0; UNIQUE_ID_BYTES],
-        };
+        let mut id = sys::ncclUniqueId { internal: [0; UNIQUE_ID_BYTES] };
         // SAFETY: `id` is a valid ncclUniqueId to write into.
         let code = unsafe { sys::ncclGetUniqueId(&mut id) };
         if code != sys::ncclResult_t::ncclSuccess {
@@ -696,14 +595,7 @@ mod backend {
         timeout: Duration,
         cancelled: &dyn Fn() -> bool,
     ) -> Result<Handle, NcclError> {
-        let cuda = |what: &'static str| {
-            move |e: DriverError| NcclError::Cuda {
-                what,
-                rank,
-                device,
-                message: cuda_message(&e),
-            }
-        };
+        let cuda = |what: &'static str| move |e: DriverError| NcclError::Cuda { what, rank, device, message: cuda_message(&e) };
         // Retains the device's primary context and makes it current on this thread
         // (cudarc CudaContext::new). NCCL builds the communicator on the current device, and
         // libtorch's memory lives in the primary context.
@@ -711,9 +603,7 @@ mod backend {
         let event = ctx.new_event(None).map_err(cuda("creating a CUDA event"))?;
         let stream = ctx.default_stream();
 
-        let mut raw_id = sys::ncclUniqueId {
-            internal: [0; UNIQUE_ID_BYTES],
-        };
+        let mut raw_id = sys::ncclUniqueId { internal: [0; UNIQUE_ID_BYTES] };
         for (dst, &src) in raw_id.internal.iter_mut().zip(id.iter()) {
             *dst = src as _;
         }
@@ -724,45 +614,21 @@ mod backend {
         let mut comm: sys::ncclComm_t = std::ptr::null_mut();
         let deadline = Instant::now() + timeout;
         // SAFETY: `comm` and `config` are valid for writes and reads; ranks were checked.
-        let code = unsafe {
-            sys::ncclCommInitRankConfig(
-                &mut comm,
-                world as c_int,
-                raw_id,
-                rank as c_int,
-                &mut config,
-            )
-        };
+        let code = unsafe { sys::ncclCommInitRankConfig(&mut comm, world as c_int, raw_id, rank as c_int, &mut config) };
         let failed = |comm: sys::ncclComm_t, code: sys::ncclResult_t| {
             let message = nccl_message(comm, code);
             abort(comm);
-            NcclError::Init {
-                rank,
-                code: code as u32,
-                message,
-            }
+            NcclError::Init { rank, code: code as u32, message }
         };
-        if !matches!(
-            code,
-            sys::ncclResult_t::ncclSuccess | sys::ncclResult_t::ncclInProgress
-        ) {
+        if !matches!(code, sys::ncclResult_t::ncclSuccess | sys::ncclResult_t::ncclInProgress) {
             return Err(failed(comm, code));
         }
         match poll(comm, None, deadline, cancelled) {
-            Poll::Done => Ok(Handle {
-                comm,
-                event,
-                stream,
-                ctx,
-            }),
+            Poll::Done => Ok(Handle { comm, event, stream, ctx }),
             Poll::Failed(code) => Err(failed(comm, code)),
             Poll::TimedOut => {
                 abort(comm);
-                Err(NcclError::Timeout {
-                    op: "init",
-                    rank,
-                    after: timeout,
-                })
+                Err(NcclError::Timeout { op: "init", rank, after: timeout })
             }
             Poll::Cuda(e) => {
                 abort(comm);
@@ -784,12 +650,7 @@ mod backend {
         cancelled: &dyn Fn() -> bool,
         coll: Coll,
     ) -> Result<(), NcclError> {
-        let cuda = |what: &'static str, e: DriverError| NcclError::Cuda {
-            what,
-            rank,
-            device,
-            message: cuda_message(&e),
-        };
+        let cuda = |what: &'static str, e: DriverError| NcclError::Cuda { what, rank, device, message: cuda_message(&e) };
         let op_failed = |comm: sys::ncclComm_t, code: sys::ncclResult_t| NcclError::Op {
             op,
             rank,
@@ -818,16 +679,7 @@ mod backend {
                     let e = op_failed(h.comm, code);
                     return fail(h, e);
                 }
-                Poll::TimedOut => {
-                    return fail(
-                        h,
-                        NcclError::Timeout {
-                            op,
-                            rank,
-                            after: timeout,
-                        },
-                    )
-                }
+                Poll::TimedOut => return fail(h, NcclError::Timeout { op, rank, after: timeout }),
                 Poll::Cuda(e) => return fail(h, cuda("enqueueing the collective", e)),
                 Poll::Cancelled => return fail(h, NcclError::Cancelled { op, rank }),
             },
@@ -845,14 +697,7 @@ mod backend {
                 let e = op_failed(h.comm, code);
                 fail(h, e)
             }
-            Poll::TimedOut => fail(
-                h,
-                NcclError::Timeout {
-                    op,
-                    rank,
-                    after: timeout,
-                },
-            ),
+            Poll::TimedOut => fail(h, NcclError::Timeout { op, rank, after: timeout }),
             Poll::Cuda(e) => fail(h, cuda("waiting for the collective", e)),
             Poll::Cancelled => fail(h, NcclError::Cancelled { op, rank }),
         }
@@ -867,22 +712,10 @@ mod backend {
         // for the operation before returning, while it still borrows the tensor.
         unsafe {
             match coll {
-                Coll::AllReduce { buf, count } => {
-                    sys::ncclAllReduce(buf, buf, count, F32, SUM, comm, stream)
-                }
-                Coll::ReduceScatter {
-                    send,
-                    recv,
-                    recv_count,
-                } => sys::ncclReduceScatter(send, recv, recv_count, F32, SUM, comm, stream),
-                Coll::AllGather {
-                    send,
-                    recv,
-                    send_count,
-                } => sys::ncclAllGather(send, recv, send_count, F32, comm, stream),
-                Coll::Broadcast { buf, count, root } => {
-                    sys::ncclBroadcast(buf, buf, count, F32, root as c_int, comm, stream)
-                }
+                Coll::AllReduce { buf, count } => sys::ncclAllReduce(buf, buf, count, F32, SUM, comm, stream),
+                Coll::ReduceScatter { send, recv, recv_count } => sys::ncclReduceScatter(send, recv, recv_count, F32, SUM, comm, stream),
+                Coll::AllGather { send, recv, send_count } => sys::ncclAllGather(send, recv, send_count, F32, comm, stream),
+                Coll::Broadcast { buf, count, root } => sys::ncclBroadcast(buf, buf, count, F32, root as c_int, comm, stream),
             }
         }
     }
@@ -1043,14 +876,8 @@ mod tests {
     #[test]
     fn describe_names_rank_op_code_message_and_hint() {
         let text = describe("all_reduce_sum", 3, 6, "remote process exited\n");
-        assert!(
-            text.starts_with("rank 3: NCCL all_reduce_sum failed"),
-            "{text}"
-        );
-        assert!(
-            text.contains("ncclRemoteError (6): remote process exited;"),
-            "{text}"
-        );
+        assert!(text.starts_with("rank 3: NCCL all_reduce_sum failed"), "{text}");
+        assert!(text.contains("ncclRemoteError (6): remote process exited;"), "{text}");
         assert!(text.contains("a peer rank failed or was killed"), "{text}");
 
         let text = describe("init", 0, 2, "");
@@ -1059,18 +886,9 @@ mod tests {
         assert!(describe("x", 0, 1, "").contains("a CUDA call failed on this GPU"));
         assert!(describe("x", 0, 42, "").contains("unknown NCCL result"));
 
-        let e = NcclError::Op {
-            op: "broadcast",
-            rank: 1,
-            code: 5,
-            message: "bad order".into(),
-        };
+        let e = NcclError::Op { op: "broadcast", rank: 1, code: 5, message: "bad order".into() };
         assert_eq!(e.to_string(), describe("broadcast", 1, 5, "bad order"));
-        let e = NcclError::Init {
-            rank: 2,
-            code: 3,
-            message: String::new(),
-        };
+        let e = NcclError::Init { rank: 2, code: 3, message: String::new() };
         assert_eq!(e.to_string(), describe("init", 2, 3, ""));
         let e = NcclError::Cancelled { op: "all_gather", rank: 4 };
         assert!(e.to_string().starts_with("rank 4: NCCL all_gather abandoned: the coordinator started a new membership generation"), "{e}");
@@ -1081,65 +899,45 @@ mod tests {
         let err = check_tensor("all_reduce_sum", &cpu(&[1.0, 2.0]), 0, 1, false).unwrap_err();
         let text = err.to_string();
         assert!(matches!(err, NcclError::Argument(_)));
-        assert!(
-            text.contains("needs a tensor on the GPU (cuda:0)"),
-            "{text}"
-        );
+        assert!(text.contains("needs a tensor on the GPU (cuda:0)"), "{text}");
         assert!(text.contains("Cpu"), "{text}");
     }
 
     #[test]
     fn tensors_on_another_gpu_are_refused() {
         assert!(check_device("all_gather", Device::Cuda(1), 1).is_ok());
-        let text = check_device("all_gather", Device::Cuda(2), 0)
-            .unwrap_err()
-            .to_string();
-        assert!(
-            text.contains("on cuda:2 but this communicator drives cuda:0"),
-            "{text}"
-        );
+        let text = check_device("all_gather", Device::Cuda(2), 0).unwrap_err().to_string();
+        assert!(text.contains("on cuda:2 but this communicator drives cuda:0"), "{text}");
     }
 
     #[test]
     fn only_contiguous_float32_tensors_are_taken() {
         let ints = Tensor::from_slice(&[1i64, 2, 3]);
-        let text = check_tensor("broadcast", &ints, 0, 1, false)
-            .unwrap_err()
-            .to_string();
+        let text = check_tensor("broadcast", &ints, 0, 1, false).unwrap_err().to_string();
         assert!(text.contains("float32") && text.contains("Int64"), "{text}");
 
         let doubles = Tensor::from_slice(&[1f64, 2.0]);
         assert!(check_tensor("broadcast", &doubles, 0, 1, false).is_err());
 
         let strided = cpu(&[1.0, 2.0, 3.0, 4.0, 5.0, 6.0]).reshape([2, 3]).tr();
-        let text = check_tensor("all_reduce_sum", &strided, 0, 1, false)
-            .unwrap_err()
-            .to_string();
+        let text = check_tensor("all_reduce_sum", &strided, 0, 1, false).unwrap_err().to_string();
         assert!(text.contains("contiguous"), "{text}");
 
-        let text = check_tensor("all_reduce_sum", &Tensor::new(), 0, 1, false)
-            .unwrap_err()
-            .to_string();
+        let text = check_tensor("all_reduce_sum", &Tensor::new(), 0, 1, false).unwrap_err().to_string();
         assert!(text.contains("undefined"), "{text}");
     }
 
     #[test]
     fn chunked_ops_refuse_lengths_the_world_does_not_divide() {
         let t = cpu(&[0.0; 10]);
-        let text = check_tensor("reduce_scatter_sum", &t, 0, 3, true)
-            .unwrap_err()
-            .to_string();
+        let text = check_tensor("reduce_scatter_sum", &t, 0, 3, true).unwrap_err().to_string();
         assert!(text.contains("multiple of the world size"), "{text}");
         assert!(text.contains("10 elements over 3 ranks"), "{text}");
         // Divisible lengths pass the length check and stop at the device check.
-        let text = check_tensor("all_gather", &t, 0, 5, true)
-            .unwrap_err()
-            .to_string();
+        let text = check_tensor("all_gather", &t, 0, 5, true).unwrap_err().to_string();
         assert!(text.contains("on the GPU"), "{text}");
         // All-reduce does not split the tensor.
-        let text = check_tensor("all_reduce_sum", &t, 0, 3, false)
-            .unwrap_err()
-            .to_string();
+        let text = check_tensor("all_reduce_sum", &t, 0, 3, false).unwrap_err().to_string();
         assert!(text.contains("on the GPU"), "{text}");
     }
 
@@ -1248,10 +1046,7 @@ mod gpu_tests {
 
         // A CPU tensor is refused, and the refusal leaves the communicator usable.
         let err = comm.all_reduce_sum(&Tensor::from_slice(&data)).unwrap_err();
-        assert!(
-            err.to_string().contains("needs a tensor on the GPU"),
-            "{err}"
-        );
+        assert!(err.to_string().contains("needs a tensor on the GPU"), "{err}");
         let err = comm.broadcast(&t, 1).unwrap_err();
         assert!(matches!(err, NcclError::Argument(_)), "{err}");
         let big = Tensor::ones([1 << 20], (Kind::Float, Device::Cuda(0)));
@@ -1270,21 +1065,8 @@ mod gpu_tests {
         let err = NcclComm::init(&id, 0, 2, 0, timeout).unwrap_err();
         let took = start.elapsed();
         println!("init with a missing rank: {err} (after {took:?})");
-        assert!(
-            matches!(
-                err,
-                NcclError::Timeout {
-                    op: "init",
-                    rank: 0,
-                    ..
-                }
-            ),
-            "{err}"
-        );
-        assert!(
-            err.to_string().contains("did not finish within 2s"),
-            "{err}"
-        );
+        assert!(matches!(err, NcclError::Timeout { op: "init", rank: 0, .. }), "{err}");
+        assert!(err.to_string().contains("did not finish within 2s"), "{err}");
         // The timeout plus the abort, which must not wait for the missing rank.
         assert!(took < Duration::from_secs(10), "took {took:?}");
     }
@@ -1302,8 +1084,7 @@ mod gpu_tests {
                 let id = id.clone();
                 std::thread::spawn(move || {
                     let device = rank as usize;
-                    let mut comm =
-                        NcclComm::init(&id, rank, 2, device, Duration::from_secs(60)).unwrap();
+                    let mut comm = NcclComm::init(&id, rank, 2, device, Duration::from_secs(60)).unwrap();
                     let r = rank as f32;
                     // all-reduce: [r+1; 4] summed = [3; 4]
                     let t = on_gpu(&[r + 1.0; 4], device);

@@ -512,7 +512,14 @@ impl Trainer {
 
     /// `ddp`: per-parameter gradients, one all-reduce (the loss shares ride at its end), the
     /// same clipping and AdamW update on every rank.
-    fn ddp_step(&mut self, step: u64, batches: &[(Tensor, Tensor, f64)], lr: f64, comm: &mut dyn Comm, times: &mut Times) -> Result<(f64, f64), TrainerError> {
+    fn ddp_step(
+        &mut self,
+        step: u64,
+        batches: &[(Tensor, Tensor, f64)],
+        lr: f64,
+        comm: &mut dyn Comm,
+        times: &mut Times,
+    ) -> Result<(f64, f64), TrainerError> {
         let t = Instant::now();
         let mut share = LossShare::default();
         for (x, y, weight) in batches {
@@ -530,7 +537,8 @@ impl Trainer {
         if self.world_size > 1 && comm.works_on_device() {
             let t = Instant::now();
             if let Err(error) = self.reduce_grads_on_device(step, &params, comm).and_then(|()| {
-                let share = Tensor::f_from_slice(&[loss_share as f32]).and_then(|t| t.f_to_device(self.device)).map_err(|e| e.to_string())?;
+                let share =
+                    Tensor::f_from_slice(&[loss_share as f32]).and_then(|t| t.f_to_device(self.device)).map_err(|e| e.to_string())?;
                 let tag = self.next_tag(step);
                 comm.all_reduce_tensor(&share, tag)?;
                 loss = share.f_double_value(&[0]).map_err(|e| e.to_string())?;
@@ -606,7 +614,14 @@ impl Trainer {
     /// `zero1`/`zero2`: the model computes on a fresh leaf over the flat parameters, so the
     /// backward pass leaves one flat gradient (freed after the step). zero1 all-reduces it,
     /// zero2 reduce-scatters it; each rank updates its shard; the shards are all-gathered.
-    fn zero12_step(&mut self, step: u64, batches: &[(Tensor, Tensor, f64)], lr: f64, comm: &mut dyn Comm, times: &mut Times) -> Result<(f64, f64), TrainerError> {
+    fn zero12_step(
+        &mut self,
+        step: u64,
+        batches: &[(Tensor, Tensor, f64)],
+        lr: f64,
+        comm: &mut dyn Comm,
+        times: &mut Times,
+    ) -> Result<(f64, f64), TrainerError> {
         let t = Instant::now();
         let State::Sharded(s) = &self.state else { unreachable!("zero1/2 keep a shard") };
         let full = s.full.as_ref().expect("zero1/2 hold the flat parameters").shallow_clone();
@@ -688,7 +703,16 @@ impl Trainer {
     /// (zero1) or reduce-scattered (zero2) in place, this rank's chunk of it updates its shard,
     /// which is a view into `full`, and `full` is all-gathered in place.
     #[allow(clippy::too_many_arguments)]
-    fn zero12_on_device(&mut self, step: u64, full: &Tensor, grad: &Tensor, loss_share: f64, lr: f64, comm: &mut dyn Comm, times: &mut Times) -> Result<(f64, f64), TrainerError> {
+    fn zero12_on_device(
+        &mut self,
+        step: u64,
+        full: &Tensor,
+        grad: &Tensor,
+        loss_share: f64,
+        lr: f64,
+        comm: &mut dyn Comm,
+        times: &mut Times,
+    ) -> Result<(f64, f64), TrainerError> {
         let State::Sharded(s) = &self.state else { unreachable!("zero1/2 keep a shard") };
         let (chunk, numel) = (s.layout.chunk_len(0) as i64, s.layout.numel() as i64);
         let (w, r) = (self.world_size, self.rank as i64);
@@ -760,7 +784,13 @@ impl Trainer {
 
     /// The stage inputs of the forward pass under `zero3`: `inputs[u][m]` is what stage `u`
     /// received for micro-batch `m` (stage 0 takes token ids), and the head's input.
-    fn zero3_forward(&mut self, step: u64, batches: &[(Tensor, Tensor, f64)], train: bool, comm: &mut dyn Comm) -> Result<(Vec<Vec<Tensor>>, Vec<Tensor>), TrainerError> {
+    fn zero3_forward(
+        &mut self,
+        step: u64,
+        batches: &[(Tensor, Tensor, f64)],
+        train: bool,
+        comm: &mut dyn Comm,
+    ) -> Result<(Vec<Vec<Tensor>>, Vec<Tensor>), TrainerError> {
         let _no_grad = tch::no_grad_guard();
         let stages = self.model.stage_params().len();
         let (_, e) = self.gather_unit(0, step, comm, false)?;
@@ -784,7 +814,14 @@ impl Trainer {
     }
 
     /// `zero3`: see the module documentation.
-    fn zero3_step(&mut self, step: u64, batches: &[(Tensor, Tensor, f64)], lr: f64, comm: &mut dyn Comm, times: &mut Times) -> Result<(f64, f64), TrainerError> {
+    fn zero3_step(
+        &mut self,
+        step: u64,
+        batches: &[(Tensor, Tensor, f64)],
+        lr: f64,
+        comm: &mut dyn Comm,
+        times: &mut Times,
+    ) -> Result<(f64, f64), TrainerError> {
         let t = Instant::now();
         let State::Sharded(s) = &self.state else { unreachable!() };
         let acc = Tensor::f_zeros([s.layout.shard_len() as i64], (Kind::Float, self.device))?;
@@ -841,7 +878,13 @@ impl Trainer {
 
     /// The step's loss and the gradient's global norm from every rank's loss share and its
     /// shard's sum of squares `sum_sq` (one small all-reduce of both; none in a world of one).
-    fn loss_and_norm_over_shards(&mut self, step: u64, loss_share: f64, sum_sq: f64, comm: &mut dyn Comm) -> Result<(f64, f64), TrainerError> {
+    fn loss_and_norm_over_shards(
+        &mut self,
+        step: u64,
+        loss_share: f64,
+        sum_sq: f64,
+        comm: &mut dyn Comm,
+    ) -> Result<(f64, f64), TrainerError> {
         if self.world_size == 1 {
             return Ok((loss_share, sum_sq.sqrt()));
         }
@@ -1040,7 +1083,14 @@ fn write_checkpoint_part(dir: &Path, snapshot: &ShardSnapshot, extra: &[(String,
 }
 
 /// Builds the training state the strategy keeps, from the fresh model or from a checkpoint.
-fn build_state(strategy: Strategy, mut model: Gpt, config: &Config, rank: u32, world: u32, reader: Option<&ShardReader>) -> Result<(Gpt, State), TrainerError> {
+fn build_state(
+    strategy: Strategy,
+    mut model: Gpt,
+    config: &Config,
+    rank: u32,
+    world: u32,
+    reader: Option<&ShardReader>,
+) -> Result<(Gpt, State), TrainerError> {
     let numels = model.param_numels();
     let decay: Vec<bool> = model.param_shapes().iter().map(|s| s.len() >= 2).collect();
     let device = model.device();
@@ -1151,7 +1201,6 @@ impl Trainer {
     }
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1243,8 +1292,15 @@ mod tests {
             plays.truncate(2);
             let out = std::env::temp_dir().join(format!("troupe-trainer-test-{}", std::process::id()));
             let _ = std::fs::remove_dir_all(&out);
-            data::prepare(&data::PrepareOptions { inputs: plays, file_filter: None, out: out.clone(), vocab_size: 300, val_fraction: 0.2, seed: 3 })
-                .expect("prepare the test corpus");
+            data::prepare(&data::PrepareOptions {
+                inputs: plays,
+                file_filter: None,
+                out: out.clone(),
+                vocab_size: 300,
+                val_fraction: 0.2,
+                seed: 3,
+            })
+            .expect("prepare the test corpus");
             out
         })
         .clone()

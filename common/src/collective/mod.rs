@@ -44,19 +44,9 @@ impl std::fmt::Display for CollectiveTag {
 #[derive(Debug, thiserror::Error)]
 pub enum CollectiveError {
     #[error("rank {rank}: collective {tag} timed out after {after:?} in {phase}, waiting on {peer}")]
-    Timeout {
-        rank: u32,
-        tag: CollectiveTag,
-        phase: String,
-        peer: String,
-        after: Duration,
-    },
+    Timeout { rank: u32, tag: CollectiveTag, phase: String, peer: String, after: Duration },
     #[error("rank {rank}: forming the ring timed out after {after:?}: {waiting_for}")]
-    FormationTimeout {
-        rank: u32,
-        waiting_for: String,
-        after: Duration,
-    },
+    FormationTimeout { rank: u32, waiting_for: String, after: Duration },
     #[error("{peer}: connection closed: {reason}")]
     PeerClosed { peer: String, reason: String },
     #[error("{peer}: refused: {reason}")]
@@ -100,11 +90,7 @@ pub trait Collective: Send {
     fn world_size(&self) -> u32;
     /// Sum `data` element-wise over all ranks, in place; every rank ends with identical values.
     /// All ranks must pass slices of the same length.
-    fn all_reduce_sum(
-        &mut self,
-        data: &mut [f32],
-        tag: CollectiveTag,
-    ) -> impl Future<Output = Result<(), CollectiveError>> + Send;
+    fn all_reduce_sum(&mut self, data: &mut [f32], tag: CollectiveTag) -> impl Future<Output = Result<(), CollectiveError>> + Send;
 
     /// Sums `data` over all ranks and leaves chunk `rank` of the sum in place: `data.len()`
     /// must be a multiple of `world_size()` (otherwise [`CollectiveError::InvalidArgument`],
@@ -112,40 +98,24 @@ pub trait Collective: Send {
     /// chunks hold unspecified values afterwards. All ranks pass slices of the same length.
     /// With one rank it does nothing. This is NCCL's in-place `ncclReduceScatter` (whose
     /// receive buffer is chunk `rank` of the send buffer).
-    fn reduce_scatter_sum(
-        &mut self,
-        data: &mut [f32],
-        tag: CollectiveTag,
-    ) -> impl Future<Output = Result<(), CollectiveError>> + Send;
+    fn reduce_scatter_sum(&mut self, data: &mut [f32], tag: CollectiveTag) -> impl Future<Output = Result<(), CollectiveError>> + Send;
 
     /// Every rank contributes chunk `rank` of `data` (same chunking and length rule as
     /// [`Collective::reduce_scatter_sum`]); afterwards every rank holds all chunks, bit for
     /// bit as their owners had them. The other chunks' incoming values are ignored. With one
     /// rank it does nothing. This is NCCL's in-place `ncclAllGather`. A reduce-scatter followed
     /// by an all-gather of the same buffer is an all-reduce.
-    fn all_gather(
-        &mut self,
-        data: &mut [f32],
-        tag: CollectiveTag,
-    ) -> impl Future<Output = Result<(), CollectiveError>> + Send;
+    fn all_gather(&mut self, data: &mut [f32], tag: CollectiveTag) -> impl Future<Output = Result<(), CollectiveError>> + Send;
 
     /// Make every rank's `data` equal to rank `root`'s. All ranks pass slices of the same
     /// length. The default sums `root`'s values with zeros from every other rank: exact in
     /// IEEE arithmetic (`x + 0.0 == x`; only a negative zero turns positive, on every rank
     /// alike), at twice the traffic of a dedicated broadcast. It is used to hand the training
     /// state to ranks that join or fell behind, which is rare.
-    fn broadcast(
-        &mut self,
-        data: &mut [f32],
-        root: u32,
-        tag: CollectiveTag,
-    ) -> impl Future<Output = Result<(), CollectiveError>> + Send {
+    fn broadcast(&mut self, data: &mut [f32], root: u32, tag: CollectiveTag) -> impl Future<Output = Result<(), CollectiveError>> + Send {
         async move {
             if root >= self.world_size() {
-                return Err(CollectiveError::InvalidArgument(format!(
-                    "broadcast root {root} is not a rank of {}",
-                    self.world_size()
-                )));
+                return Err(CollectiveError::InvalidArgument(format!("broadcast root {root} is not a rank of {}", self.world_size())));
             }
             if self.rank() != root {
                 data.fill(0.0);

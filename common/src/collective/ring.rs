@@ -118,9 +118,7 @@ pub async fn form_ring(
     timeout: Duration,
 ) -> Result<RingCollective, CollectiveError> {
     if world == 0 || rank >= world {
-        return Err(CollectiveError::InvalidArgument(format!(
-            "rank {rank} is not in a ring of {world} ranks"
-        )));
+        return Err(CollectiveError::InvalidArgument(format!("rank {rank} is not in a ring of {world} ranks")));
     }
     let mut ring = RingCollective {
         rank,
@@ -134,7 +132,14 @@ pub async fn form_ring(
     if world == 1 {
         return Ok(ring);
     }
-    let me = Arc::new(Me { rank, world, generation, token: token.to_string(), abandoned: Mutex::new(None), successor_refusal: Mutex::new(None) });
+    let me = Arc::new(Me {
+        rank,
+        world,
+        generation,
+        token: token.to_string(),
+        abandoned: Mutex::new(None),
+        successor_refusal: Mutex::new(None),
+    });
     let succ_rank = (rank + 1) % world;
     let pred_rank = (rank + world - 1) % world;
     let refusals = Mutex::new(Vec::<String>::new());
@@ -239,12 +244,7 @@ impl Me {
     }
 
     /// Check a peer's hello; on failure, the close code to send and the reason.
-    fn check(
-        &self,
-        conn: &quinn::Connection,
-        h: &PeerHello,
-        expect_rank: u32,
-    ) -> Result<(), (VarInt, String)> {
+    fn check(&self, conn: &quinn::Connection, h: &PeerHello, expect_rank: u32) -> Result<(), (VarInt, String)> {
         // Version first: a peer of another version may compute its proof differently.
         if h.protocol_version != PROTOCOL_VERSION {
             return Err((
@@ -257,9 +257,7 @@ impl Me {
         }
         match verify_peer_join_proof(conn, &self.token, &h.proof) {
             Ok(true) => {}
-            Ok(false) => {
-                return Err((close::AUTH_FAILED, "join proof did not match: wrong cluster token".into()))
-            }
+            Ok(false) => return Err((close::AUTH_FAILED, "join proof did not match: wrong cluster token".into())),
             Err(e) => return Err((close::AUTH_FAILED, format!("cannot check join proof: {e}"))),
         }
         if h.generation != self.generation {
@@ -271,10 +269,7 @@ impl Me {
         if h.world_size != self.world || h.from_rank != expect_rank {
             return Err((
                 close::WRONG_RANK,
-                format!(
-                    "rank {} of {} but expected rank {expect_rank} of {}",
-                    h.from_rank, h.world_size, self.world
-                ),
+                format!("rank {} of {} but expected rank {expect_rank} of {}", h.from_rank, h.world_size, self.world),
             ));
         }
         Ok(())
@@ -283,9 +278,7 @@ impl Me {
 
 fn io_err(peer: &str, e: NetError) -> CollectiveError {
     match e {
-        NetError::Read(ReadError::ConnectionLost(ce)) | NetError::Write(WriteError::ConnectionLost(ce)) => {
-            conn_err(peer, &ce)
-        }
+        NetError::Read(ReadError::ConnectionLost(ce)) | NetError::Write(WriteError::ConnectionLost(ce)) => conn_err(peer, &ce),
         other => CollectiveError::Io { peer: peer.to_string(), source: other },
     }
 }
@@ -295,8 +288,7 @@ fn conn_err(peer: &str, ce: &ConnectionError) -> CollectiveError {
     let reason = describe_connection_error(ce);
     match ce {
         ConnectionError::ApplicationClosed(c)
-            if [close::AUTH_FAILED, close::VERSION_MISMATCH, close::GENERATION_MISMATCH, close::WRONG_RANK]
-                .contains(&c.error_code) =>
+            if [close::AUTH_FAILED, close::VERSION_MISMATCH, close::GENERATION_MISMATCH, close::WRONG_RANK].contains(&c.error_code) =>
         {
             CollectiveError::Refused { peer: peer.to_string(), reason }
         }
@@ -335,18 +327,12 @@ enum Attempt {
     NotYet(String),
 }
 
-async fn connect_successor_once(
-    endpoint: &quinn::Endpoint,
-    me: &Me,
-    succ_rank: u32,
-    addr: SocketAddr,
-) -> Result<Attempt, CollectiveError> {
+async fn connect_successor_once(endpoint: &quinn::Endpoint, me: &Me, succ_rank: u32, addr: SocketAddr) -> Result<Attempt, CollectiveError> {
     let peer = peer_desc("successor", succ_rank, addr);
     let conn = loop {
-        let connecting = endpoint.connect(addr, TLS_SERVER_NAME).map_err(|e| CollectiveError::PeerClosed {
-            peer: peer.clone(),
-            reason: format!("cannot start connection: {e}"),
-        })?;
+        let connecting = endpoint
+            .connect(addr, TLS_SERVER_NAME)
+            .map_err(|e| CollectiveError::PeerClosed { peer: peer.clone(), reason: format!("cannot start connection: {e}") })?;
         match connecting.await {
             Ok(c) => break c,
             // The successor may not be listening yet; the caller's timeout bounds the retries.
@@ -385,10 +371,7 @@ async fn connect_successor_once(
                 }
                 return Ok(Attempt::NotYet(reason));
             }
-            return Err(CollectiveError::Refused {
-                peer,
-                reason: format!("{}: {reason}", describe_close_code(code)),
-            });
+            return Err(CollectiveError::Refused { peer, reason: format!("{}: {reason}", describe_close_code(code)) });
         }
     };
     if let Err((code, reason)) = me.check(&conn, &welcome, succ_rank) {
@@ -485,16 +468,9 @@ async fn check_incoming_task(
 }
 
 /// Read and check the predecessor's hello, then answer with ours or with a refusal.
-async fn check_incoming(
-    conn: &quinn::Connection,
-    me: &Me,
-    pred_rank: u32,
-    peer: &str,
-) -> Result<(), (VarInt, String)> {
-    let (mut send, mut recv) = conn
-        .accept_bi()
-        .await
-        .map_err(|e| (close::PROTOCOL_ERROR, format!("no hello stream: {}", describe_connection_error(&e))))?;
+async fn check_incoming(conn: &quinn::Connection, me: &Me, pred_rank: u32, peer: &str) -> Result<(), (VarInt, String)> {
+    let (mut send, mut recv) =
+        conn.accept_bi().await.map_err(|e| (close::PROTOCOL_ERROR, format!("no hello stream: {}", describe_connection_error(&e))))?;
     let verdict = match read_frame::<PeerHello>(&mut recv, MAX_HELLO_FRAME).await {
         Ok(Some(h)) => me.check(conn, &h, pred_rank).and_then(|()| {
             // A valid peer, but this rank has given up: say so rather than welcome it into a
@@ -505,9 +481,7 @@ async fn check_incoming(
             }
         }),
         Ok(None) => Err((close::PROTOCOL_ERROR, "hello stream closed before a hello".into())),
-        Err(NetError::FrameTooLarge { len, max }) => {
-            Err((close::FRAME_TOO_LARGE, format!("hello of {len} bytes exceeds {max}")))
-        }
+        Err(NetError::FrameTooLarge { len, max }) => Err((close::FRAME_TOO_LARGE, format!("hello of {len} bytes exceeds {max}"))),
         Err(e) => Err((close::PROTOCOL_ERROR, format!("bad hello: {e}"))),
     };
     let reply = match &verdict {
@@ -584,33 +558,14 @@ impl RingCollective {
     /// here. A schedule that does not start at phase 0 (the all-gather) works the same way:
     /// its first phase sends from the local buffer (`Schedule::first_sends`), and whether a
     /// received value is added or overwrites depends on the phase, not on the operation.
-    async fn run(
-        &mut self,
-        op: Op,
-        data: &mut [f32],
-        tag: CollectiveTag,
-        sched: Schedule,
-    ) -> Result<(), CollectiveError> {
+    async fn run(&mut self, op: Op, data: &mut [f32], tag: CollectiveTag, sched: Schedule) -> Result<(), CollectiveError> {
         let Some(links) = &self.links else {
             return Ok(());
         };
         let deadline = Instant::now() + self.call_timeout;
-        let ctx = CallCtx {
-            rank: self.rank,
-            world: self.world,
-            tag,
-            after: self.call_timeout,
-            links,
-        };
+        let ctx = CallCtx { rank: self.rank, world: self.world, tag, after: self.call_timeout, links };
         let count = data.len() as u64;
-        let ours = StreamHeader {
-            version: PROTOCOL_VERSION,
-            op: op as u32,
-            from_rank: self.rank,
-            generation: self.generation,
-            tag,
-            count,
-        };
+        let ours = StreamHeader { version: PROTOCOL_VERSION, op: op as u32, from_rank: self.rank, generation: self.generation, tag, count };
         let expected = StreamHeader { from_rank: (self.rank + self.world - 1) % self.world, ..ours };
 
         // Open our stream and start the sender; it writes the header at once.
@@ -671,10 +626,7 @@ impl RingCollective {
         };
         if let Some(what) = mismatch {
             protocol_failure(&mut recv, &abort_code);
-            return Err(CollectiveError::Protocol(format!(
-                "rank {} running {tag} received from {}: {what}",
-                self.rank, links.pred_desc
-            )));
+            return Err(CollectiveError::Protocol(format!("rank {} running {tag} received from {}: {what}", self.rank, links.pred_desc)));
         }
 
         let mut bufs: [Bytes; READ_BATCH] = std::array::from_fn(|_| Bytes::new());
@@ -811,13 +763,7 @@ struct CallCtx<'a> {
 
 impl CallCtx<'_> {
     fn timeout(&self, phase: &str, peer: &str) -> CollectiveError {
-        CollectiveError::Timeout {
-            rank: self.rank,
-            tag: self.tag,
-            phase: phase.to_string(),
-            peer: peer.to_string(),
-            after: self.after,
-        }
+        CollectiveError::Timeout { rank: self.rank, tag: self.tag, phase: phase.to_string(), peer: peer.to_string(), after: self.after }
     }
 
     fn recv_phase(&self, sched: &Schedule, cursor: &Incoming) -> String {
@@ -867,20 +813,17 @@ impl CallCtx<'_> {
         let phase = self.send_phase(sched, written);
         match e {
             SendFailure::Write(WriteError::ConnectionLost(ce)) => conn_err(peer, ce),
-            SendFailure::Write(WriteError::Stopped(code)) if *code == close::PROTOCOL_ERROR => {
-                CollectiveError::Protocol(format!(
-                    "{peer} rejected our stream for {} during {phase} (see its log for the mismatch)",
-                    self.tag
-                ))
-            }
+            SendFailure::Write(WriteError::Stopped(code)) if *code == close::PROTOCOL_ERROR => CollectiveError::Protocol(format!(
+                "{peer} rejected our stream for {} during {phase} (see its log for the mismatch)",
+                self.tag
+            )),
             SendFailure::Write(w) => CollectiveError::PeerClosed {
                 peer: peer.clone(),
                 reason: format!("during {phase} of {}: {}", self.tag, close::describe_write_error(w)),
             },
-            SendFailure::Closed => CollectiveError::PeerClosed {
-                peer: peer.clone(),
-                reason: format!("stream closed during {phase} of {}", self.tag),
-            },
+            SendFailure::Closed => {
+                CollectiveError::PeerClosed { peer: peer.clone(), reason: format!("stream closed during {phase} of {}", self.tag) }
+            }
             SendFailure::Panicked(msg) => CollectiveError::Protocol(format!("sender task failed: {msg}")),
         }
     }
@@ -893,9 +836,7 @@ enum SendFailure {
     Panicked(String),
 }
 
-fn flatten_join(
-    r: Result<Result<quinn::SendStream, SendFailure>, tokio::task::JoinError>,
-) -> Result<quinn::SendStream, SendFailure> {
+fn flatten_join(r: Result<Result<quinn::SendStream, SendFailure>, tokio::task::JoinError>) -> Result<quinn::SendStream, SendFailure> {
     r.unwrap_or_else(|e| Err(SendFailure::Panicked(e.to_string())))
 }
 
@@ -1357,9 +1298,8 @@ mod tests {
             }
 
             // Reduce-scatter then all-gather == all-reduce, bit for bit (fractional values).
-            let frac: Vec<Vec<f32>> = (0..w)
-                .map(|r| odd_input(n, r, salt + 1).into_iter().map(|x| if x.is_nan() { 0.5 } else { x }).collect())
-                .collect();
+            let frac: Vec<Vec<f32>> =
+                (0..w).map(|r| odd_input(n, r, salt + 1).into_iter().map(|x| if x.is_nan() { 0.5 } else { x }).collect()).collect();
             let what = format!("W={w} n={n} all_reduce vs reduce_scatter + all_gather");
             let (rs, reduced) = call_ok(rings, frac.clone(), Call::AllReduce, tag(), &what).await;
             let (rs, scattered) = call_ok(rs, frac, Call::ReduceScatter, tag(), &what).await;

@@ -23,7 +23,10 @@ pub struct PeerHello {
 pub enum HelloReply {
     Welcome(PeerHello),
     /// `code` is one of `net::close`'s codes; `reason` says what did not match.
-    Refused { code: u64, reason: String },
+    Refused {
+        code: u64,
+        reason: String,
+    },
 }
 
 /// A hello is ~60 bytes; anything much larger is not a hello.
@@ -104,16 +107,10 @@ impl StreamHeader {
     /// `None` if `got` is the stream `self` expects; otherwise what differs, naming both sides.
     pub fn mismatch(&self, got: &StreamHeader) -> Option<String> {
         if got.version != self.version {
-            return Some(format!(
-                "protocol version {} but this rank speaks {}",
-                got.version, self.version
-            ));
+            return Some(format!("protocol version {} but this rank speaks {}", got.version, self.version));
         }
         if got.generation != self.generation {
-            return Some(format!(
-                "ring generation {} but this rank is in generation {}",
-                got.generation, self.generation
-            ));
+            return Some(format!("ring generation {} but this rank is in generation {}", got.generation, self.generation));
         }
         if got.from_rank != self.from_rank {
             return Some(format!("from rank {} but expected rank {}", got.from_rank, self.from_rank));
@@ -163,7 +160,8 @@ mod tests {
 
     #[test]
     fn hello_fits_its_limit() {
-        let h = PeerHello { protocol_version: u32::MAX, generation: u64::MAX, from_rank: u32::MAX, world_size: u32::MAX, proof: [0xff; 32] };
+        let h =
+            PeerHello { protocol_version: u32::MAX, generation: u64::MAX, from_rank: u32::MAX, world_size: u32::MAX, proof: [0xff; 32] };
         let f = crate::net::encode_frame(&HelloReply::Welcome(h)).unwrap();
         assert!(f.len() < MAX_HELLO_FRAME);
         let r = HelloReply::Refused { code: 2, reason: "x".repeat(768) }; // ring::MAX_REFUSAL_REASON

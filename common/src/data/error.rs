@@ -28,10 +28,7 @@ pub enum DataError {
          file filter",
         match filter { Some(f) => format!(" with names ending in {f:?}"), None => String::new() }
     )]
-    NoMatchingFiles {
-        path: PathBuf,
-        filter: Option<String>,
-    },
+    NoMatchingFiles { path: PathBuf, filter: Option<String> },
 
     #[error(
         "{path} is not valid UTF-8 (first bad byte at offset {offset}); convert it to UTF-8 \
@@ -39,9 +36,7 @@ pub enum DataError {
     )]
     NotUtf8 { path: PathBuf, offset: usize },
 
-    #[error(
-        "every input document is empty after cleaning ({files} files read); nothing to train on"
-    )]
+    #[error("every input document is empty after cleaning ({files} files read); nothing to train on")]
     NoDocuments { files: usize },
 
     #[error("invalid data option `{field}`: {reason}")]
@@ -60,29 +55,16 @@ pub enum DataError {
     ToolMissing { tool: String, hint: String },
 
     #[error("`{command}` failed ({status}); its last output:\n{stderr_tail}")]
-    ToolFailed {
-        command: String,
-        status: String,
-        stderr_tail: String,
-    },
+    ToolFailed { command: String, status: String, stderr_tail: String },
 
-    #[error(
-        "{path} is not a usable prepared data folder: {reason}; run the data preparation again"
-    )]
+    #[error("{path} is not a usable prepared data folder: {reason}; run the data preparation again")]
     BadPrepared { path: PathBuf, reason: String },
 
     #[error("{path} is not a token file: {reason}")]
     BadTokenFile { path: PathBuf, reason: String },
 
-    #[error(
-        "token window [{start}, {start}+{len}) is outside {path}, which holds {available} tokens"
-    )]
-    OutOfBounds {
-        path: PathBuf,
-        start: usize,
-        len: usize,
-        available: usize,
-    },
+    #[error("token window [{start}, {start}+{len}) is outside {path}, which holds {available} tokens")]
+    OutOfBounds { path: PathBuf, start: usize, len: usize, available: usize },
 
     #[error(
         "{tokens} tokens are too few for block size {block_size}: at least {} are needed for one \
@@ -93,23 +75,12 @@ pub enum DataError {
 }
 
 impl DataError {
-    pub(crate) fn io(
-        action: &'static str,
-        path: impl Into<PathBuf>,
-        source: std::io::Error,
-    ) -> Self {
-        DataError::Io {
-            action,
-            path: path.into(),
-            source,
-        }
+    pub(crate) fn io(action: &'static str, path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        DataError::Io { action, path: path.into(), source }
     }
 
     pub(crate) fn tokenizer(context: impl Into<String>, err: impl std::fmt::Display) -> Self {
-        DataError::Tokenizer {
-            context: context.into(),
-            message: err.to_string(),
-        }
+        DataError::Tokenizer { context: context.into(), message: err.to_string() }
     }
 }
 

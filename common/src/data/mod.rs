@@ -19,8 +19,8 @@ pub mod tokens;
 pub use corpus::{clean_text, fetch_shakespeare};
 pub use error::{DataError, DataResult};
 pub use prepare::{
-    is_prepared, load_meta, prepare, unigram_entropy_nats, verify_prepared, Meta, PrepareOptions,
-    FORMAT_VERSION, META_JSON, TOKENIZER_JSON, TRAIN_BIN, VAL_BIN,
+    is_prepared, load_meta, prepare, unigram_entropy_nats, verify_prepared, Meta, PrepareOptions, FORMAT_VERSION, META_JSON,
+    TOKENIZER_JSON, TRAIN_BIN, VAL_BIN,
 };
 pub use sampler::{eval_indices, load_batch, num_samples, rank_range, Sampler, SamplerMemo};
 pub use tokenizer::{Tokenizer, EOT_TOKEN, MAX_VOCAB_SIZE, MIN_VOCAB_SIZE};

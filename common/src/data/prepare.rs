@@ -83,9 +83,7 @@ struct Document {
 pub fn prepare(opts: &PrepareOptions) -> DataResult<Meta> {
     validate(opts)?;
     if opts.out.exists() {
-        return Err(DataError::OutputExists {
-            path: opts.out.clone(),
-        });
+        return Err(DataError::OutputExists { path: opts.out.clone() });
     }
     let started = Instant::now();
 
@@ -94,11 +92,7 @@ pub fn prepare(opts: &PrepareOptions) -> DataResult<Meta> {
     if docs.is_empty() {
         return Err(DataError::NoDocuments { files: files.len() });
     }
-    let is_val = split_documents(
-        &docs.iter().map(|d| d.hash).collect::<Vec<_>>(),
-        opts.val_fraction,
-        opts.seed,
-    );
+    let is_val = split_documents(&docs.iter().map(|d| d.hash).collect::<Vec<_>>(), opts.val_fraction, opts.seed);
     let (mut train, mut val) = (Vec::new(), Vec::new());
     for (doc, &held_out) in docs.iter().zip(&is_val) {
         if held_out {
@@ -144,29 +138,18 @@ pub fn prepare(opts: &PrepareOptions) -> DataResult<Meta> {
         train_sha256: hex::encode(Sha256::digest(&train_bin)),
         val_sha256: hex::encode(Sha256::digest(&val_bin)),
         unigram_entropy_nats: unigram_entropy_nats(&train_ids, tokenizer.vocab_size()),
-        sources: opts
-            .inputs
-            .iter()
-            .map(|p| p.display().to_string())
-            .collect(),
+        sources: opts.inputs.iter().map(|p| p.display().to_string()).collect(),
         files_read: files.len(),
         file_filter: opts.file_filter.clone(),
         val_fraction: opts.val_fraction,
         seed: opts.seed,
     };
-    let meta_json = serde_json::to_string_pretty(&meta).map_err(|e| DataError::BadPrepared {
-        path: opts.out.clone(),
-        reason: format!("could not serialise meta.json: {e}"),
-    })?;
+    let meta_json = serde_json::to_string_pretty(&meta)
+        .map_err(|e| DataError::BadPrepared { path: opts.out.clone(), reason: format!("could not serialise meta.json: {e}") })?;
 
     write_atomically(
         &opts.out,
-        &[
-            (TOKENIZER_JSON, tokenizer_json.as_bytes()),
-            (TRAIN_BIN, &train_bin),
-            (VAL_BIN, &val_bin),
-            (META_JSON, meta_json.as_bytes()),
-        ],
+        &[(TOKENIZER_JSON, tokenizer_json.as_bytes()), (TRAIN_BIN, &train_bin), (VAL_BIN, &val_bin), (META_JSON, meta_json.as_bytes())],
     )?;
     tracing::info!(
         out = %opts.out.display(),
@@ -180,18 +163,12 @@ pub fn prepare(opts: &PrepareOptions) -> DataResult<Meta> {
 
 fn validate(opts: &PrepareOptions) -> DataResult<()> {
     if opts.inputs.is_empty() {
-        return Err(DataError::InvalidOption {
-            field: "inputs",
-            reason: "no input files or folders given".into(),
-        });
+        return Err(DataError::InvalidOption { field: "inputs", reason: "no input files or folders given".into() });
     }
     if !(opts.val_fraction.is_finite() && (0.0..1.0).contains(&opts.val_fraction)) {
         return Err(DataError::InvalidOption {
             field: "val_fraction",
-            reason: format!(
-                "{} is not in [0, 1); 0.1 holds out a tenth of the documents",
-                opts.val_fraction
-            ),
+            reason: format!("{} is not in [0, 1); 0.1 holds out a tenth of the documents", opts.val_fraction),
         });
     }
     if !(MIN_VOCAB_SIZE..=MAX_VOCAB_SIZE).contains(&opts.vocab_size) {
@@ -205,10 +182,7 @@ fn validate(opts: &PrepareOptions) -> DataResult<()> {
         });
     }
     if opts.out.file_name().is_none() {
-        return Err(DataError::InvalidOption {
-            field: "out",
-            reason: format!("{} does not name a folder to create", opts.out.display()),
-        });
+        return Err(DataError::InvalidOption { field: "out", reason: format!("{} does not name a folder to create", opts.out.display()) });
     }
     Ok(())
 }
@@ -243,11 +217,7 @@ fn read_documents(files: &[PathBuf]) -> DataResult<(Vec<Document>, usize, usize)
 /// names or order, and adding a document moves few others between the splits.
 fn split_documents(doc_hashes: &[[u8; 32]], val_fraction: f64, seed: u64) -> Vec<bool> {
     let n = doc_hashes.len();
-    let n_val = if n < 2 || val_fraction <= 0.0 {
-        0
-    } else {
-        ((n as f64 * val_fraction).round() as usize).clamp(1, n - 1)
-    };
+    let n_val = if n < 2 || val_fraction <= 0.0 { 0 } else { ((n as f64 * val_fraction).round() as usize).clamp(1, n - 1) };
     let mut ranked: Vec<([u8; 32], usize)> = doc_hashes
         .iter()
         .enumerate()
@@ -269,23 +239,15 @@ fn split_documents(doc_hashes: &[[u8; 32]], val_fraction: f64, seed: u64) -> Vec
 /// Encodes documents into one stream with the separator after each. Documents are spread
 /// over the cores; the stream keeps document order whatever the thread count.
 fn encode_documents(tokenizer: &Tokenizer, texts: &[String]) -> DataResult<Vec<u16>> {
-    let threads = std::thread::available_parallelism()
-        .map_or(1, |n| n.get())
-        .min(texts.len().max(1));
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(texts.len().max(1));
     let chunk = texts.len().div_ceil(threads).max(1);
     let parts: Vec<DataResult<Vec<u16>>> = std::thread::scope(|scope| {
-        let handles: Vec<_> = texts
-            .chunks(chunk)
-            .map(|part| scope.spawn(move || encode_part(tokenizer, part)))
-            .collect();
+        let handles: Vec<_> = texts.chunks(chunk).map(|part| scope.spawn(move || encode_part(tokenizer, part))).collect();
         handles
             .into_iter()
             .map(|h| {
                 h.join().unwrap_or_else(|_| {
-                    Err(DataError::Tokenizer {
-                        context: "encoding documents".into(),
-                        message: "an encoder thread panicked".into(),
-                    })
+                    Err(DataError::Tokenizer { context: "encoding documents".into(), message: "an encoder thread panicked".into() })
                 })
             })
             .collect()
@@ -343,31 +305,21 @@ pub fn unigram_entropy_nats(ids: &[u16], vocab_size: usize) -> f64 {
 /// Writes the files into `<out>.tmp-<pid>`, flushes them to disk, and renames the folder to
 /// `out`. On failure the temporary folder is removed.
 fn write_atomically(out: &Path, files: &[(&str, &[u8])]) -> DataResult<()> {
-    let name = out
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
+    let name = out.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     let tmp = out.with_file_name(format!("{name}.tmp-{}", std::process::id()));
     let result = (|| {
         if tmp.exists() {
-            fs::remove_dir_all(&tmp)
-                .map_err(|e| DataError::io("remove the stale folder", &tmp, e))?;
+            fs::remove_dir_all(&tmp).map_err(|e| DataError::io("remove the stale folder", &tmp, e))?;
         }
         fs::create_dir_all(&tmp).map_err(|e| DataError::io("create the folder", &tmp, e))?;
         for (file_name, bytes) in files {
             let path = tmp.join(file_name);
             let mut file = File::create(&path).map_err(|e| DataError::io("create", &path, e))?;
-            file.write_all(bytes)
-                .map_err(|e| DataError::io("write", &path, e))?;
-            file.sync_all()
-                .map_err(|e| DataError::io("flush to disk", &path, e))?;
+            file.write_all(bytes).map_err(|e| DataError::io("write", &path, e))?;
+            file.sync_all().map_err(|e| DataError::io("flush to disk", &path, e))?;
         }
         fs::rename(&tmp, out).map_err(|e| match e.kind() {
-            std::io::ErrorKind::AlreadyExists | std::io::ErrorKind::DirectoryNotEmpty => {
-                DataError::OutputExists {
-                    path: out.to_owned(),
-                }
-            }
+            std::io::ErrorKind::AlreadyExists | std::io::ErrorKind::DirectoryNotEmpty => DataError::OutputExists { path: out.to_owned() },
             _ => DataError::io("move the prepared folder into place at", out, e),
         })?;
         // The rename itself must reach the disk too, or a crash could lose the whole folder.
@@ -387,32 +339,21 @@ fn write_atomically(out: &Path, files: &[(&str, &[u8])]) -> DataResult<()> {
 /// Reads `meta.json` of a prepared folder and checks that the files it describes are there
 /// with the sizes it records. Cheap: the contents are not hashed (see [`verify_prepared`]).
 pub fn load_meta(dir: &Path) -> DataResult<Meta> {
-    let bad = |reason: String| DataError::BadPrepared {
-        path: dir.to_owned(),
-        reason,
-    };
+    let bad = |reason: String| DataError::BadPrepared { path: dir.to_owned(), reason };
     let meta_path = dir.join(META_JSON);
     let text = fs::read_to_string(&meta_path).map_err(|e| DataError::io("read", &meta_path, e))?;
-    let meta: Meta =
-        serde_json::from_str(&text).map_err(|e| bad(format!("{META_JSON} is malformed: {e}")))?;
+    let meta: Meta = serde_json::from_str(&text).map_err(|e| bad(format!("{META_JSON} is malformed: {e}")))?;
     if meta.format_version != FORMAT_VERSION {
-        return Err(bad(format!(
-            "it has format version {}, this build reads version {FORMAT_VERSION}",
-            meta.format_version
-        )));
+        return Err(bad(format!("it has format version {}, this build reads version {FORMAT_VERSION}", meta.format_version)));
     }
     if !dir.join(TOKENIZER_JSON).is_file() {
         return Err(bad(format!("{TOKENIZER_JSON} is missing")));
     }
     for (file, tokens) in [(TRAIN_BIN, meta.train_tokens), (VAL_BIN, meta.val_tokens)] {
         let path = dir.join(file);
-        let len = fs::metadata(&path)
-            .map_err(|e| DataError::io("read", &path, e))?
-            .len();
+        let len = fs::metadata(&path).map_err(|e| DataError::io("read", &path, e))?.len();
         if Some(len) != tokens.checked_mul(2) {
-            return Err(bad(format!(
-                "{file} holds {len} bytes but {META_JSON} says {tokens} tokens"
-            )));
+            return Err(bad(format!("{file} holds {len} bytes but {META_JSON} says {tokens} tokens")));
         }
     }
     Ok(meta)
@@ -454,14 +395,7 @@ mod tests {
     }
 
     fn options(inputs: Vec<PathBuf>, out: PathBuf) -> PrepareOptions {
-        PrepareOptions {
-            inputs,
-            file_filter: Some(".txt".into()),
-            out,
-            vocab_size: 300,
-            val_fraction: 0.25,
-            seed: 7,
-        }
+        PrepareOptions { inputs, file_filter: Some(".txt".into()), out, vocab_size: 300, val_fraction: 0.25, seed: 7 }
     }
 
     const PLAYS: [&str; 5] = [
@@ -491,56 +425,35 @@ mod tests {
         assert_eq!(meta.empty_dropped, 1);
         assert_eq!((meta.train_documents, meta.val_documents), (4, 1));
         assert!(meta.vocab_size <= 300);
-        assert!(
-            meta.unigram_entropy_nats > 0.0
-                && meta.unigram_entropy_nats < (meta.vocab_size as f64).ln()
-        );
+        assert!(meta.unigram_entropy_nats > 0.0 && meta.unigram_entropy_nats < (meta.vocab_size as f64).ln());
         assert!(is_prepared(&out));
         assert_eq!(load_meta(&out)?, meta);
         assert_eq!(verify_prepared(&out)?, meta);
         assert!(!dir
             .read_dir()
             .map_err(|e| DataError::io("list", &dir, e))?
-            .any(|e| e
-                .map(|e| e.file_name().to_string_lossy().contains(".tmp-"))
-                .unwrap_or(false)));
+            .any(|e| e.map(|e| e.file_name().to_string_lossy().contains(".tmp-")).unwrap_or(false)));
 
         // The token files hold exactly the cleaned documents, each followed by the separator.
         let tok = Tokenizer::load(&out.join(TOKENIZER_JSON))?;
         assert_eq!(tok.eot_id(), meta.eot_id);
-        for (file, docs, bytes) in [
-            (TRAIN_BIN, meta.train_documents, meta.train_bytes),
-            (VAL_BIN, meta.val_documents, meta.val_bytes),
-        ] {
+        for (file, docs, bytes) in [(TRAIN_BIN, meta.train_documents, meta.train_bytes), (VAL_BIN, meta.val_documents, meta.val_bytes)] {
             let tokens = TokenFile::open(&out.join(file))?;
-            let ids: Vec<u32> = tokens
-                .window(0, tokens.len())?
-                .into_iter()
-                .map(|i| i as u32)
-                .collect();
+            let ids: Vec<u32> = tokens.window(0, tokens.len())?.into_iter().map(|i| i as u32).collect();
             assert_eq!(ids.last(), Some(&meta.eot_id));
-            let texts: Vec<String> = ids
-                .split(|&id| id == meta.eot_id)
-                .filter(|d| !d.is_empty())
-                .map(|d| tok.decode(d))
-                .collect::<DataResult<_>>()?;
+            let texts: Vec<String> =
+                ids.split(|&id| id == meta.eot_id).filter(|d| !d.is_empty()).map(|d| tok.decode(d)).collect::<DataResult<_>>()?;
             assert_eq!(texts.len(), docs);
             assert_eq!(texts.iter().map(|t| t.len() as u64).sum::<u64>(), bytes);
             for text in &texts {
-                assert!(
-                    PLAYS.iter().any(|p| clean_text(p) == *text),
-                    "{text:?} is not a cleaned input"
-                );
+                assert!(PLAYS.iter().any(|p| clean_text(p) == *text), "{text:?} is not a cleaned input");
             }
         }
         let sample = "Shall I compare thee to a summer's day?";
         assert_eq!(tok.decode(&tok.encode(sample)?)?, sample);
 
         // A second prepare into the same folder refuses rather than mixing outputs.
-        assert!(matches!(
-            prepare(&options(vec![corpus], out.clone())),
-            Err(DataError::OutputExists { .. })
-        ));
+        assert!(matches!(prepare(&options(vec![corpus], out.clone())), Err(DataError::OutputExists { .. })));
         let _ = fs::remove_dir_all(&dir);
         Ok(())
     }
@@ -553,10 +466,7 @@ mod tests {
         }
         let a = prepare(&options(vec![dir.join("in")], dir.join("a")))?;
         let b = prepare(&options(vec![dir.join("in")], dir.join("b")))?;
-        assert_eq!(
-            (a.train_sha256, a.val_sha256),
-            (b.train_sha256, b.val_sha256)
-        );
+        assert_eq!((a.train_sha256, a.val_sha256), (b.train_sha256, b.val_sha256));
         let _ = fs::remove_dir_all(&dir);
         Ok(())
     }
@@ -570,10 +480,7 @@ mod tests {
             panic!("a missing input must fail");
         };
         let msg = err.to_string();
-        assert!(
-            msg.contains(&missing.display().to_string()) && msg.contains("does not exist"),
-            "{msg}"
-        );
+        assert!(msg.contains(&missing.display().to_string()) && msg.contains("does not exist"), "{msg}");
         assert!(!out.exists());
         let _ = fs::remove_dir_all(&dir);
     }
@@ -583,31 +490,13 @@ mod tests {
         let out = PathBuf::from("/tmp/unused");
         let base = options(vec![PathBuf::from("/tmp")], out);
         for bad in [
-            PrepareOptions {
-                val_fraction: 1.0,
-                ..base.clone()
-            },
-            PrepareOptions {
-                val_fraction: f64::NAN,
-                ..base.clone()
-            },
-            PrepareOptions {
-                vocab_size: 10,
-                ..base.clone()
-            },
-            PrepareOptions {
-                vocab_size: 70_000,
-                ..base.clone()
-            },
-            PrepareOptions {
-                inputs: vec![],
-                ..base.clone()
-            },
+            PrepareOptions { val_fraction: 1.0, ..base.clone() },
+            PrepareOptions { val_fraction: f64::NAN, ..base.clone() },
+            PrepareOptions { vocab_size: 10, ..base.clone() },
+            PrepareOptions { vocab_size: 70_000, ..base.clone() },
+            PrepareOptions { inputs: vec![], ..base.clone() },
         ] {
-            assert!(
-                matches!(prepare(&bad), Err(DataError::InvalidOption { .. })),
-                "{bad:?}"
-            );
+            assert!(matches!(prepare(&bad), Err(DataError::InvalidOption { .. })), "{bad:?}");
         }
     }
 
@@ -616,10 +505,7 @@ mod tests {
         let dir = scratch_dir("prepare-empty");
         write(&dir.join("in/a.txt"), "\n \n");
         let result = prepare(&options(vec![dir.join("in")], dir.join("out")));
-        assert!(
-            matches!(result, Err(DataError::NoDocuments { files: 1 })),
-            "{result:?}"
-        );
+        assert!(matches!(result, Err(DataError::NoDocuments { files: 1 })), "{result:?}");
         let _ = fs::remove_dir_all(&dir);
     }
 
@@ -639,19 +525,12 @@ mod tests {
     }
 
     fn hashes(n: usize) -> Vec<[u8; 32]> {
-        (0..n)
-            .map(|i| Sha256::digest(i.to_le_bytes()).into())
-            .collect()
+        (0..n).map(|i| Sha256::digest(i.to_le_bytes()).into()).collect()
     }
 
     #[test]
     fn split_sizes() {
-        let count = |n, f| {
-            split_documents(&hashes(n), f, 1)
-                .iter()
-                .filter(|&&v| v)
-                .count()
-        };
+        let count = |n, f| split_documents(&hashes(n), f, 1).iter().filter(|&&v| v).count();
         assert_eq!(count(0, 0.1), 0);
         assert_eq!(count(1, 0.5), 0);
         assert_eq!(count(2, 0.01), 1, "at least one val document");
@@ -691,13 +570,9 @@ mod tests {
         prepare(&options(vec![dir.join("in")], out.clone()))?;
         let train = out.join(TRAIN_BIN);
         let bytes = fs::read(&train).map_err(|e| DataError::io("read", &train, e))?;
-        fs::write(&train, &bytes[..bytes.len() - 2])
-            .map_err(|e| DataError::io("write", &train, e))?;
+        fs::write(&train, &bytes[..bytes.len() - 2]).map_err(|e| DataError::io("write", &train, e))?;
         assert!(!is_prepared(&out));
-        assert!(matches!(
-            load_meta(&out),
-            Err(DataError::BadPrepared { .. })
-        ));
+        assert!(matches!(load_meta(&out), Err(DataError::BadPrepared { .. })));
         assert!(!is_prepared(&dir.join("nothing-here")));
         let _ = fs::remove_dir_all(&dir);
         Ok(())

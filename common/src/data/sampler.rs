@@ -36,10 +36,7 @@ impl Sampler {
     pub fn new(num_tokens: usize, block_size: usize, seed: u64) -> DataResult<Self> {
         let num_samples = num_samples(num_tokens, block_size);
         if num_samples == 0 {
-            return Err(DataError::TooFewTokens {
-                tokens: num_tokens,
-                block_size,
-            });
+            return Err(DataError::TooFewTokens { tokens: num_tokens, block_size });
         }
         Ok(Sampler { num_samples, seed })
     }
@@ -82,30 +79,19 @@ pub struct SamplerMemo {
 
 impl SamplerMemo {
     pub fn new(sampler: Sampler) -> Self {
-        SamplerMemo {
-            sampler,
-            cached: None,
-        }
+        SamplerMemo { sampler, cached: None }
     }
 
     pub fn sampler(&self) -> Sampler {
         self.sampler
     }
 
-    pub fn indices(
-        &mut self,
-        cursor: u64,
-        global_batch: usize,
-        rank: usize,
-        world: usize,
-    ) -> Vec<u64> {
+    pub fn indices(&mut self, cursor: u64, global_batch: usize, rank: usize, world: usize) -> Vec<u64> {
         if self.sampler.num_samples == 0 {
             return Vec::new();
         }
         let mine = rank_range(global_batch, rank, world);
-        (mine.start as u64..mine.end as u64)
-            .map(|offset| self.sample_at(cursor.saturating_add(offset)))
-            .collect()
+        (mine.start as u64..mine.end as u64).map(|offset| self.sample_at(cursor.saturating_add(offset))).collect()
     }
 
     /// The sample at stream position `position`; requires `num_samples > 0`.
@@ -150,20 +136,14 @@ pub fn eval_indices(num_val_samples: u64, sequences: usize, rank: usize, world: 
 
 /// Reads the samples `sample_ids` as row-major `[n, block_size]` inputs and targets (the
 /// targets are the inputs shifted left by one token).
-pub fn load_batch(
-    tokens: &TokenFile,
-    block_size: usize,
-    sample_ids: &[u64],
-) -> DataResult<(Vec<i64>, Vec<i64>)> {
+pub fn load_batch(tokens: &TokenFile, block_size: usize, sample_ids: &[u64]) -> DataResult<(Vec<i64>, Vec<i64>)> {
     let rows = sample_ids.len();
     let mut inputs = Vec::with_capacity(rows.saturating_mul(block_size));
     let mut targets = Vec::with_capacity(rows.saturating_mul(block_size));
     let mut window = Vec::with_capacity(block_size.saturating_add(1));
     for &id in sample_ids {
         // An id too large to address saturates, which the bounds check then reports.
-        let start = usize::try_from(id)
-            .unwrap_or(usize::MAX)
-            .saturating_mul(block_size);
+        let start = usize::try_from(id).unwrap_or(usize::MAX).saturating_mul(block_size);
         window.clear();
         tokens.extend_window(start, block_size.saturating_add(1), &mut window)?;
         inputs.extend_from_slice(&window[..block_size]);
@@ -184,9 +164,7 @@ impl SplitMix64 {
     /// Each epoch gets an unrelated stream: the epoch is mixed in, not added to the state,
     /// so epoch e+1 is not epoch e shifted by one draw.
     fn for_epoch(seed: u64, epoch: u64) -> Self {
-        SplitMix64 {
-            state: mix64(seed ^ mix64(epoch.wrapping_add(Self::GAMMA))),
-        }
+        SplitMix64 { state: mix64(seed ^ mix64(epoch.wrapping_add(Self::GAMMA))) }
     }
 
     fn next_u64(&mut self) -> u64 {
@@ -220,23 +198,13 @@ mod tests {
 
     /// Runs training steps of `global_batch` from `cursor` for `steps` steps with `world`
     /// ranks, returning the stream of samples in global order (ranks concatenated).
-    fn run(
-        sampler: &Sampler,
-        cursor: &mut u64,
-        global_batch: usize,
-        world: usize,
-        steps: usize,
-    ) -> Vec<u64> {
+    fn run(sampler: &Sampler, cursor: &mut u64, global_batch: usize, world: usize, steps: usize) -> Vec<u64> {
         let mut memos: Vec<SamplerMemo> = (0..world).map(|_| SamplerMemo::new(*sampler)).collect();
         let mut stream = Vec::new();
         for _ in 0..steps {
             for (rank, memo) in memos.iter_mut().enumerate() {
                 let ids = memo.indices(*cursor, global_batch, rank, world);
-                assert_eq!(
-                    ids,
-                    sampler.indices(*cursor, global_batch, rank, world),
-                    "memo must equal the pure function"
-                );
+                assert_eq!(ids, sampler.indices(*cursor, global_batch, rank, world), "memo must equal the pure function");
                 assert_eq!(ids.len(), rank_range(global_batch, rank, world).len());
                 stream.extend(ids);
             }
@@ -253,15 +221,9 @@ mod tests {
                 seen[id as usize] += 1;
             }
             if chunk.len() == n as usize {
-                assert!(
-                    seen.iter().all(|&c| c == 1),
-                    "epoch {epoch}: a sample was skipped or repeated"
-                );
+                assert!(seen.iter().all(|&c| c == 1), "epoch {epoch}: a sample was skipped or repeated");
             } else {
-                assert!(
-                    seen.iter().all(|&c| c <= 1),
-                    "partial epoch {epoch}: a sample repeated"
-                );
+                assert!(seen.iter().all(|&c| c <= 1), "partial epoch {epoch}: a sample repeated");
             }
         }
     }
@@ -343,14 +305,8 @@ mod tests {
 
     #[test]
     fn permutations_differ_across_epochs_and_seeds() {
-        let a = Sampler {
-            num_samples: 64,
-            seed: 1,
-        };
-        let b = Sampler {
-            num_samples: 64,
-            seed: 2,
-        };
+        let a = Sampler { num_samples: 64, seed: 1 };
+        let b = Sampler { num_samples: 64, seed: 2 };
         assert_ne!(a.permutation(0), a.permutation(1));
         assert_ne!(a.permutation(0), b.permutation(0));
         assert_eq!(a.permutation(3), a.permutation(3));
@@ -360,27 +316,16 @@ mod tests {
     fn the_order_is_pinned() {
         // Guards against an accidental change of the shuffle, which would silently change
         // which samples a resumed run sees.
-        let s = Sampler {
-            num_samples: 10,
-            seed: 1234,
-        };
+        let s = Sampler { num_samples: 10, seed: 1234 };
         assert_eq!(s.permutation(0), [3, 4, 0, 8, 7, 2, 6, 1, 5, 9]);
     }
 
     #[test]
     fn invalid_ranks_and_empty_samplers_get_nothing() {
-        let s = Sampler {
-            num_samples: 10,
-            seed: 0,
-        };
+        let s = Sampler { num_samples: 10, seed: 0 };
         assert!(s.indices(0, 8, 3, 3).is_empty());
         assert!(s.indices(0, 8, 0, 0).is_empty());
-        assert!(Sampler {
-            num_samples: 0,
-            seed: 0
-        }
-        .indices(0, 8, 0, 1)
-        .is_empty());
+        assert!(Sampler { num_samples: 0, seed: 0 }.indices(0, 8, 0, 1).is_empty());
         assert_eq!(rank_range(7, 0, 0), 7..7);
     }
 
@@ -391,10 +336,7 @@ mod tests {
         assert_eq!(num_samples(5, 4), 1);
         assert_eq!(num_samples(9, 4), 2);
         assert_eq!(num_samples(10, 0), 0);
-        assert!(matches!(
-            Sampler::new(4, 4, 0),
-            Err(DataError::TooFewTokens { .. })
-        ));
+        assert!(matches!(Sampler::new(4, 4, 0), Err(DataError::TooFewTokens { .. })));
         assert_eq!(Sampler::new(9, 4, 7).map(|s| s.num_samples).ok(), Some(2));
     }
 
@@ -403,22 +345,13 @@ mod tests {
         let dir = crate::data::corpus::tests::scratch_dir("batch");
         let path = dir.join("t.bin");
         let ids: Vec<u16> = (100..110).collect();
-        std::fs::write(
-            &path,
-            ids.iter()
-                .flat_map(|i| i.to_le_bytes())
-                .collect::<Vec<u8>>(),
-        )
-        .ok();
+        std::fs::write(&path, ids.iter().flat_map(|i| i.to_le_bytes()).collect::<Vec<u8>>()).ok();
         let tokens = TokenFile::open(&path)?;
         // 10 tokens, block 3: samples 0..3 start at 0, 3, 6.
         let (x, y) = load_batch(&tokens, 3, &[2, 0])?;
         assert_eq!(x, vec![106, 107, 108, 100, 101, 102]);
         assert_eq!(y, vec![107, 108, 109, 101, 102, 103]);
-        assert!(matches!(
-            load_batch(&tokens, 3, &[3]),
-            Err(DataError::OutOfBounds { .. })
-        ));
+        assert!(matches!(load_batch(&tokens, 3, &[3]), Err(DataError::OutOfBounds { .. })));
         assert!(load_batch(&tokens, 3, &[u64::MAX]).is_err());
         let _ = std::fs::remove_dir_all(&dir);
         Ok(())

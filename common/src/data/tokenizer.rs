@@ -6,8 +6,7 @@ use std::path::Path;
 use tokenizers::models::bpe::{BpeTrainerBuilder, BPE};
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::{
-    AddedToken, DecoderWrapper, NormalizerWrapper, PostProcessorWrapper, PreTokenizerWrapper,
-    TokenizerBuilder, TokenizerImpl,
+    AddedToken, DecoderWrapper, NormalizerWrapper, PostProcessorWrapper, PreTokenizerWrapper, TokenizerBuilder, TokenizerImpl,
 };
 
 use super::error::{DataError, DataResult};
@@ -31,43 +30,29 @@ pub struct Tokenizer {
 impl Tokenizer {
     pub fn load(path: &Path) -> DataResult<Self> {
         if !path.is_file() {
-            return Err(DataError::io(
-                "open the tokenizer",
-                path,
-                std::io::Error::new(std::io::ErrorKind::NotFound, "no such file"),
-            ));
+            return Err(DataError::io("open the tokenizer", path, std::io::Error::new(std::io::ErrorKind::NotFound, "no such file")));
         }
-        let inner = tokenizers::Tokenizer::from_file(path)
-            .map_err(|e| DataError::tokenizer(format!("loading {}", path.display()), e))?;
+        let inner = tokenizers::Tokenizer::from_file(path).map_err(|e| DataError::tokenizer(format!("loading {}", path.display()), e))?;
         Self::from_inner(inner, &path.display().to_string())
     }
 
     /// Builds the tokenizer from the JSON text of `tokenizer.json` (as shipped with a model).
     pub fn from_json(json: &str) -> DataResult<Self> {
-        let inner = json
-            .parse::<tokenizers::Tokenizer>()
-            .map_err(|e| DataError::tokenizer("parsing tokenizer JSON", e))?;
+        let inner = json.parse::<tokenizers::Tokenizer>().map_err(|e| DataError::tokenizer("parsing tokenizer JSON", e))?;
         Self::from_inner(inner, "tokenizer JSON")
     }
 
     fn from_inner(mut inner: tokenizers::Tokenizer, origin: &str) -> DataResult<Self> {
-        let eot_id = inner
-            .token_to_id(EOT_TOKEN)
-            .ok_or_else(|| DataError::Tokenizer {
-                context: format!("loading {origin}"),
-                message: format!(
-                    "it has no {EOT_TOKEN} token, so it was not made by troupe's prepare"
-                ),
-            })?;
+        let eot_id = inner.token_to_id(EOT_TOKEN).ok_or_else(|| DataError::Tokenizer {
+            context: format!("loading {origin}"),
+            message: format!("it has no {EOT_TOKEN} token, so it was not made by troupe's prepare"),
+        })?;
         inner.set_encode_special_tokens(true);
         Ok(Tokenizer { inner, eot_id })
     }
 
     pub fn encode(&self, text: &str) -> DataResult<Vec<u32>> {
-        let encoding = self
-            .inner
-            .encode_fast(text, false)
-            .map_err(|e| DataError::tokenizer("encoding text", e))?;
+        let encoding = self.inner.encode_fast(text, false).map_err(|e| DataError::tokenizer("encoding text", e))?;
         Ok(encoding.get_ids().to_vec())
     }
 
@@ -81,9 +66,7 @@ impl Tokenizer {
                 message: format!("id {bad} is outside the vocabulary of {vocab} tokens"),
             });
         }
-        self.inner
-            .decode(ids, false)
-            .map_err(|e| DataError::tokenizer("decoding ids", e))
+        self.inner.decode(ids, false).map_err(|e| DataError::tokenizer("decoding ids", e))
     }
 
     pub fn vocab_size(&self) -> usize {
@@ -97,20 +80,11 @@ impl Tokenizer {
 
 impl std::fmt::Debug for Tokenizer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Tokenizer")
-            .field("vocab_size", &self.vocab_size())
-            .field("eot_id", &self.eot_id)
-            .finish()
+        f.debug_struct("Tokenizer").field("vocab_size", &self.vocab_size()).field("eot_id", &self.eot_id).finish()
     }
 }
 
-type Trainable = TokenizerImpl<
-    BPE,
-    NormalizerWrapper,
-    PreTokenizerWrapper,
-    PostProcessorWrapper,
-    DecoderWrapper,
->;
+type Trainable = TokenizerImpl<BPE, NormalizerWrapper, PreTokenizerWrapper, PostProcessorWrapper, DecoderWrapper>;
 
 /// Trains a byte-level BPE on the given documents and returns the tokenizer's JSON.
 ///
@@ -144,12 +118,8 @@ pub(crate) fn train_bpe(documents: &[String], vocab_size: usize) -> DataResult<S
         .initial_alphabet(alphabet)
         .special_tokens(vec![AddedToken::from(EOT_TOKEN, true)])
         .build();
-    tokenizer
-        .train(&mut trainer, documents.iter())
-        .map_err(|e| DataError::tokenizer("training the BPE tokenizer", e))?;
-    tokenizer
-        .to_string(false)
-        .map_err(|e| DataError::tokenizer("serialising the trained tokenizer", e))
+    tokenizer.train(&mut trainer, documents.iter()).map_err(|e| DataError::tokenizer("training the BPE tokenizer", e))?;
+    tokenizer.to_string(false).map_err(|e| DataError::tokenizer("serialising the trained tokenizer", e))
 }
 
 #[cfg(test)]
@@ -170,13 +140,7 @@ mod tests {
         let tok = Tokenizer::from_json(&json)?;
         assert!(tok.vocab_size() <= 300);
         assert!(tok.vocab_size() >= MIN_VOCAB_SIZE);
-        for text in [
-            "To be, or not to be",
-            "  leading spaces",
-            "naïve café — 日本語 🎭",
-            "",
-            "\n\n",
-        ] {
+        for text in ["To be, or not to be", "  leading spaces", "naïve café — 日本語 🎭", "", "\n\n"] {
             let ids = tok.encode(text)?;
             assert_eq!(tok.decode(&ids)?, text);
         }
@@ -202,13 +166,7 @@ mod tests {
 
     #[test]
     fn vocab_size_is_validated() {
-        assert!(matches!(
-            train_bpe(&docs(), 100),
-            Err(DataError::InvalidOption { .. })
-        ));
-        assert!(matches!(
-            train_bpe(&docs(), 70_000),
-            Err(DataError::InvalidOption { .. })
-        ));
+        assert!(matches!(train_bpe(&docs(), 100), Err(DataError::InvalidOption { .. })));
+        assert!(matches!(train_bpe(&docs(), 70_000), Err(DataError::InvalidOption { .. })));
     }
 }

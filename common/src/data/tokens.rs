@@ -22,16 +22,10 @@ impl TokenFile {
         if map.len() % 2 != 0 {
             return Err(DataError::BadTokenFile {
                 path: path.to_owned(),
-                reason: format!(
-                    "its length {} bytes is odd, so it is not a whole number of u16 ids",
-                    map.len()
-                ),
+                reason: format!("its length {} bytes is odd, so it is not a whole number of u16 ids", map.len()),
             });
         }
-        Ok(TokenFile {
-            path: path.to_owned(),
-            map,
-        })
+        Ok(TokenFile { path: path.to_owned(), map })
     }
 
     /// Number of tokens.
@@ -54,28 +48,14 @@ impl TokenFile {
         Ok(out)
     }
 
-    pub(crate) fn extend_window(
-        &self,
-        start: usize,
-        len: usize,
-        out: &mut Vec<i64>,
-    ) -> DataResult<()> {
+    pub(crate) fn extend_window(&self, start: usize, len: usize, out: &mut Vec<i64>) -> DataResult<()> {
         let bytes = self.window_bytes(start, len)?;
-        out.extend(
-            bytes
-                .chunks_exact(2)
-                .map(|pair| i64::from(u16::from_le_bytes([pair[0], pair[1]]))),
-        );
+        out.extend(bytes.chunks_exact(2).map(|pair| i64::from(u16::from_le_bytes([pair[0], pair[1]]))));
         Ok(())
     }
 
     fn window_bytes(&self, start: usize, len: usize) -> DataResult<&[u8]> {
-        let out_of_bounds = || DataError::OutOfBounds {
-            path: self.path.clone(),
-            start,
-            len,
-            available: self.len(),
-        };
+        let out_of_bounds = || DataError::OutOfBounds { path: self.path.clone(), start, len, available: self.len() };
         let end = start.checked_add(len).ok_or_else(out_of_bounds)?;
         if end > self.len() {
             return Err(out_of_bounds());
@@ -87,10 +67,7 @@ impl TokenFile {
 
 impl std::fmt::Debug for TokenFile {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TokenFile")
-            .field("path", &self.path)
-            .field("tokens", &self.len())
-            .finish()
+        f.debug_struct("TokenFile").field("path", &self.path).field("tokens", &self.len()).finish()
     }
 }
 
@@ -124,22 +101,10 @@ mod tests {
         let path = dir.join("t.bin");
         write_tokens(&path, &[1, 2, 3]);
         let tokens = TokenFile::open(&path)?;
-        assert!(matches!(
-            tokens.window(2, 2),
-            Err(DataError::OutOfBounds { .. })
-        ));
-        assert!(matches!(
-            tokens.window(4, 0),
-            Err(DataError::OutOfBounds { .. })
-        ));
-        assert!(matches!(
-            tokens.window(usize::MAX, 2),
-            Err(DataError::OutOfBounds { .. })
-        ));
-        assert!(matches!(
-            tokens.window(1, usize::MAX),
-            Err(DataError::OutOfBounds { .. })
-        ));
+        assert!(matches!(tokens.window(2, 2), Err(DataError::OutOfBounds { .. })));
+        assert!(matches!(tokens.window(4, 0), Err(DataError::OutOfBounds { .. })));
+        assert!(matches!(tokens.window(usize::MAX, 2), Err(DataError::OutOfBounds { .. })));
+        assert!(matches!(tokens.window(1, usize::MAX), Err(DataError::OutOfBounds { .. })));
         let _ = std::fs::remove_dir_all(&dir);
         Ok(())
     }
@@ -149,19 +114,13 @@ mod tests {
         let dir = scratch_dir("tokens-odd");
         let odd = dir.join("odd.bin");
         std::fs::write(&odd, [1u8, 2, 3]).ok();
-        assert!(matches!(
-            TokenFile::open(&odd),
-            Err(DataError::BadTokenFile { .. })
-        ));
+        assert!(matches!(TokenFile::open(&odd), Err(DataError::BadTokenFile { .. })));
         let empty = dir.join("empty.bin");
         std::fs::write(&empty, []).ok();
         let tokens = TokenFile::open(&empty)?;
         assert!(tokens.is_empty());
         assert!(tokens.window(0, 1).is_err());
-        assert!(matches!(
-            TokenFile::open(&dir.join("missing.bin")),
-            Err(DataError::Io { .. })
-        ));
+        assert!(matches!(TokenFile::open(&dir.join("missing.bin")), Err(DataError::Io { .. })));
         let _ = std::fs::remove_dir_all(&dir);
         Ok(())
     }

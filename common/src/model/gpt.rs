@@ -71,10 +71,7 @@ impl GptConfig {
             }
         }
         if self.n_embd % self.n_head != 0 {
-            return fail(format!(
-                "n_embd = {} must be a multiple of n_head = {}",
-                self.n_embd, self.n_head
-            ));
+            return fail(format!("n_embd = {} must be a multiple of n_head = {}", self.n_embd, self.n_head));
         }
         if !(0.0..1.0).contains(&self.dropout) {
             return fail(format!("dropout = {} must be in [0, 1)", self.dropout));
@@ -159,16 +156,7 @@ impl CausalSelfAttention {
         let (q, k, v) = (heads(&qkv[0]), heads(&qkv[1]), heads(&qkv[2]));
         let attn_dropout = if train { self.dropout } else { 0.0 };
         // libtorch picks a fused kernel (flash attention on CPU); is_causal masks the future.
-        let y = Tensor::scaled_dot_product_attention(
-            &q,
-            &k,
-            &v,
-            None::<Tensor>,
-            attn_dropout,
-            true,
-            None,
-            false,
-        );
+        let y = Tensor::scaled_dot_product_attention(&q, &k, &v, None::<Tensor>, attn_dropout, true, None, false);
         let y = y.transpose(1, 2).contiguous().view([b, t, c]);
         (dropout(self.c_proj.forward(&y), self.dropout, train), k, v)
     }
@@ -189,7 +177,8 @@ impl CausalSelfAttention {
         // Each sequence attends to positions 0..=its own (the rest of the width is padding).
         let past_k = keys.f_narrow(2, 0, width)?.f_index_select(0, slots)?;
         let past_v = values.f_narrow(2, 0, width)?.f_index_select(0, slots)?;
-        let mask = Tensor::f_arange(width, (Kind::Int64, x.device()))?.f_view([1, 1, 1, width])?.f_le_tensor(&positions.f_view([b, 1, 1, 1])?)?;
+        let mask =
+            Tensor::f_arange(width, (Kind::Int64, x.device()))?.f_view([1, 1, 1, width])?.f_le_tensor(&positions.f_view([b, 1, 1, 1])?)?;
         let y = Tensor::f_scaled_dot_product_attention(&q, &past_k, &past_v, Some(mask), 0.0, false, None, false)?;
         let y = y.f_transpose(1, 2)?.f_contiguous()?.f_view([b, 1, c])?;
         Ok(self.c_proj.forward(&y))
@@ -528,8 +517,7 @@ impl Gpt {
         if contexts.is_empty() {
             return Ok(Vec::new());
         }
-        let cropped: Vec<&[i64]> =
-            contexts.iter().map(|c| &c[c.len().saturating_sub(self.cfg.block_size)..]).collect();
+        let cropped: Vec<&[i64]> = contexts.iter().map(|c| &c[c.len().saturating_sub(self.cfg.block_size)..]).collect();
         if let Some(bad) = cropped.iter().flat_map(|c| c.iter()).find(|&&t| t < 0 || t as usize >= vocab) {
             return Err(ModelError::InvalidArgument(format!("token {bad} is outside the vocabulary [0, {vocab})")));
         }
@@ -699,29 +687,16 @@ impl Gpt {
     /// restricted to the `top_k` most likely when given (`Some(0)` means no restriction).
     /// Sampling uses its own generator seeded by `seed`: the same inputs give the same tokens.
     /// Prompts come from users, so bad ones are errors, not panics.
-    pub fn generate(
-        &self,
-        prompt: &[i64],
-        max_new_tokens: usize,
-        temperature: f64,
-        top_k: Option<usize>,
-        seed: u64,
-    ) -> Result<Vec<i64>> {
+    pub fn generate(&self, prompt: &[i64], max_new_tokens: usize, temperature: f64, top_k: Option<usize>, seed: u64) -> Result<Vec<i64>> {
         let vocab = self.cfg.vocab_size;
         if prompt.is_empty() {
-            return Err(ModelError::InvalidArgument(
-                "the prompt must hold at least one token".into(),
-            ));
+            return Err(ModelError::InvalidArgument("the prompt must hold at least one token".into()));
         }
         if let Some(bad) = prompt.iter().find(|&&t| t < 0 || t as usize >= vocab) {
-            return Err(ModelError::InvalidArgument(format!(
-                "prompt token {bad} is outside the vocabulary [0, {vocab})"
-            )));
+            return Err(ModelError::InvalidArgument(format!("prompt token {bad} is outside the vocabulary [0, {vocab})")));
         }
         if !(temperature.is_finite() && temperature >= 0.0) {
-            return Err(ModelError::InvalidArgument(format!(
-                "temperature {temperature} must be a finite number >= 0"
-            )));
+            return Err(ModelError::InvalidArgument(format!("temperature {temperature} must be a finite number >= 0")));
         }
         let _no_grad = tch::no_grad_guard();
         let mut rng = Rng::new(seed);
@@ -828,8 +803,7 @@ fn sample(logits: &[f32], temperature: f64, top_k: Option<usize>, top_p: f64, rn
         }
     }
     // Unnormalised softmax over the kept tokens; subtracting the max avoids overflow.
-    let weights: Vec<f64> =
-        scaled.iter().map(|&s| if s >= threshold { (s - max).exp() } else { 0.0 }).collect();
+    let weights: Vec<f64> = scaled.iter().map(|&s| if s >= threshold { (s - max).exp() } else { 0.0 }).collect();
     let total: f64 = weights.iter().sum();
     if !(total.is_finite() && total > 0.0) {
         return argmax(logits); // degenerate logits (NaN/inf): fall back to greedy

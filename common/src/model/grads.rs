@@ -48,9 +48,7 @@ fn ensure_grads(params: &[Tensor]) -> Result<()> {
         let mut zeros = Vec::with_capacity(missing.len());
         for p in missing {
             if !p.requires_grad() {
-                return Err(ModelError::InvalidArgument(
-                    "cannot set the gradient of a tensor that does not require grad".into(),
-                ));
+                return Err(ModelError::InvalidArgument("cannot set the gradient of a tensor that does not require grad".into()));
             }
             zeros.push(p.f_sum(Kind::Float)?.f_mul_scalar(0.0)?.f_to_device(Device::Cpu)?);
         }

@@ -55,11 +55,7 @@ impl RawTensor {
                 t.f_copy_data(&mut v, n)?;
                 (Dtype::I64, v.iter().flat_map(|x| x.to_le_bytes()).collect())
             }
-            other => {
-                return Err(ModelError::InvalidArgument(format!(
-                    "only float32 and int64 tensors are saved, got {other:?}"
-                )))
-            }
+            other => return Err(ModelError::InvalidArgument(format!("only float32 and int64 tensors are saved, got {other:?}"))),
         };
         Ok(RawTensor { dtype, shape, data })
     }
@@ -68,18 +64,12 @@ impl RawTensor {
 /// Serializes named tensors. The `format: pt` metadata is what Hugging Face's loaders expect.
 pub(crate) fn serialize(tensors: Vec<(String, RawTensor)>) -> Result<Vec<u8>> {
     let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
-    safetensors::serialize(tensors, Some(metadata)).map_err(|e| ModelError::Format {
-        origin: "tensors to save".into(),
-        message: e.to_string(),
-    })
+    safetensors::serialize(tensors, Some(metadata))
+        .map_err(|e| ModelError::Format { origin: "tensors to save".into(), message: e.to_string() })
 }
 
 pub(crate) fn write_file(path: &Path, bytes: &[u8]) -> Result<()> {
-    std::fs::write(path, bytes).map_err(|source| ModelError::Io {
-        op: "write",
-        path: path.into(),
-        source,
-    })
+    std::fs::write(path, bytes).map_err(|source| ModelError::Io { op: "write", path: path.into(), source })
 }
 
 pub(crate) fn read_file(path: &Path) -> Result<Vec<u8>> {
@@ -95,13 +85,8 @@ pub(crate) struct Expected {
 
 /// Parses `bytes` and checks they hold exactly `expected` (names, dtypes, shapes). Returns the
 /// views in the order of `expected`.
-pub(crate) fn parse_checked<'a>(
-    bytes: &'a [u8],
-    origin: &str,
-    expected: &[Expected],
-) -> Result<Vec<TensorView<'a>>> {
-    let st = SafeTensors::deserialize(bytes)
-        .map_err(|e| ModelError::Format { origin: origin.into(), message: e.to_string() })?;
+pub(crate) fn parse_checked<'a>(bytes: &'a [u8], origin: &str, expected: &[Expected]) -> Result<Vec<TensorView<'a>>> {
+    let st = SafeTensors::deserialize(bytes).map_err(|e| ModelError::Format { origin: origin.into(), message: e.to_string() })?;
     let wanted: HashSet<&str> = expected.iter().map(|e| e.name.as_str()).collect();
     let mut extra: Vec<&str> = st.names().into_iter().filter(|n| !wanted.contains(n)).collect();
     extra.sort_unstable();
@@ -112,11 +97,7 @@ pub(crate) fn parse_checked<'a>(
             name: e.name.clone(),
             expected: e.shape.clone(),
             // A renamed tensor shows up as one missing and one unexpected name: say both.
-            hint: if extra.is_empty() {
-                String::new()
-            } else {
-                format!(" (the file has unexpected tensors: {})", extra.join(", "))
-            },
+            hint: if extra.is_empty() { String::new() } else { format!(" (the file has unexpected tensors: {})", extra.join(", ")) },
         })?;
         if view.dtype() != e.dtype {
             return Err(ModelError::WrongDtype {
@@ -145,8 +126,7 @@ pub(crate) fn parse_checked<'a>(
 /// A float32 view (already checked) as a host tensor of its shape.
 pub(crate) fn f32_tensor(view: &TensorView<'_>) -> Result<Tensor> {
     // The view's bytes may be unaligned for f32, so decode them rather than cast the slice.
-    let values: Vec<f32> =
-        view.data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
+    let values: Vec<f32> = view.data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
     let shape: Vec<i64> = view.shape().iter().map(|&d| d as i64).collect();
     Ok(Tensor::f_from_slice(&values)?.f_view(shape.as_slice())?)
 }
@@ -154,9 +134,10 @@ pub(crate) fn f32_tensor(view: &TensorView<'_>) -> Result<Tensor> {
 /// An int64 scalar view (already checked).
 pub(crate) fn i64_scalar(view: &TensorView<'_>) -> Result<i64> {
     let data = view.data();
-    let bytes: [u8; 8] = data.get(..8).and_then(|b| b.try_into().ok()).ok_or_else(|| {
-        ModelError::Format { origin: "int64 scalar".into(), message: "fewer than 8 bytes".into() }
-    })?;
+    let bytes: [u8; 8] = data
+        .get(..8)
+        .and_then(|b| b.try_into().ok())
+        .ok_or_else(|| ModelError::Format { origin: "int64 scalar".into(), message: "fewer than 8 bytes".into() })?;
     Ok(i64::from_le_bytes(bytes))
 }
 
@@ -204,11 +185,7 @@ impl Gpt {
         let expected: Vec<Expected> = self
             .params
             .iter()
-            .map(|p| Expected {
-                name: p.name.clone(),
-                dtype: Dtype::F32,
-                shape: file_shape(&p.tensor, p.conv1d),
-            })
+            .map(|p| Expected { name: p.name.clone(), dtype: Dtype::F32, shape: file_shape(&p.tensor, p.conv1d) })
             .collect();
         let views = parse_checked(bytes, origin, &expected)?;
         // Decode everything before writing anything, so a failure leaves the model unchanged.

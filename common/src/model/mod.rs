@@ -16,9 +16,12 @@ pub mod precision;
 pub mod rng;
 
 pub use gpt::{Gpt, GptConfig, KvCache, Sampling};
-pub use rng::Rng;
-pub use grads::{clip_flat, clip_flat_grads, clip_tensor, clip_grad_norm, flat_grad_norm, flat_grads, flatten, flatten_range, sum_of_squares, grad_norm, set_flat_grads, total_numel, unflatten_into, zero_grads};
+pub use grads::{
+    clip_flat, clip_flat_grads, clip_grad_norm, clip_tensor, flat_grad_norm, flat_grads, flatten, flatten_range, grad_norm, set_flat_grads,
+    sum_of_squares, total_numel, unflatten_into, zero_grads,
+};
 pub use optim::{lr_at, AdamW, AdamWConfig, ShardAdamW};
+pub use rng::Rng;
 
 use std::path::PathBuf;
 

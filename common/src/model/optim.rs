@@ -26,12 +26,7 @@ pub struct AdamWConfig {
 
 impl AdamWConfig {
     pub fn from_train_config(train: &TrainConfig) -> AdamWConfig {
-        AdamWConfig {
-            beta1: train.beta1,
-            beta2: train.beta2,
-            eps: train.eps,
-            weight_decay: train.weight_decay,
-        }
+        AdamWConfig { beta1: train.beta1, beta2: train.beta2, eps: train.eps, weight_decay: train.weight_decay }
     }
 }
 
@@ -81,10 +76,7 @@ impl AdamW {
     /// Both moments, one tensor per parameter each (sharing storage with the state: writing
     /// into them changes the optimizer).
     pub fn moments(&self) -> (Vec<Tensor>, Vec<Tensor>) {
-        (
-            self.exp_avg.iter().map(|t| t.shallow_clone()).collect(),
-            self.exp_avg_sq.iter().map(|t| t.shallow_clone()).collect(),
-        )
+        (self.exp_avg.iter().map(|t| t.shallow_clone()).collect(), self.exp_avg_sq.iter().map(|t| t.shallow_clone()).collect())
     }
 
     /// Sets the number of updates applied (with moments set from another replica).
@@ -138,20 +130,12 @@ impl AdamW {
         io::serialize(raw)
     }
 
-    pub fn save_safetensors<S: AsRef<str>>(
-        &self,
-        path: impl AsRef<Path>,
-        names: &[S],
-    ) -> Result<()> {
+    pub fn save_safetensors<S: AsRef<str>>(&self, path: impl AsRef<Path>, names: &[S]) -> Result<()> {
         io::write_file(path.as_ref(), &self.to_safetensors_bytes(names)?)
     }
 
     /// Restores the state saved by [`AdamW::save_safetensors`] for the same parameters.
-    pub fn load_safetensors<S: AsRef<str>>(
-        &mut self,
-        path: impl AsRef<Path>,
-        names: &[S],
-    ) -> Result<()> {
+    pub fn load_safetensors<S: AsRef<str>>(&mut self, path: impl AsRef<Path>, names: &[S]) -> Result<()> {
         let path = path.as_ref();
         let bytes = io::read_file(path)?;
         self.load_safetensors_bytes(&bytes, &path.display().to_string(), names)
@@ -159,12 +143,7 @@ impl AdamW {
 
     /// Like [`AdamW::load_safetensors`] from bytes in memory; `origin` names them in errors.
     /// Checks every name, dtype and shape first: a bad file leaves the state unchanged.
-    pub fn load_safetensors_bytes<S: AsRef<str>>(
-        &mut self,
-        bytes: &[u8],
-        origin: &str,
-        names: &[S],
-    ) -> Result<()> {
+    pub fn load_safetensors_bytes<S: AsRef<str>>(&mut self, bytes: &[u8], origin: &str, names: &[S]) -> Result<()> {
         self.check_names(names)?;
         let expected: Vec<Expected> = self
             .state_tensors(names)
@@ -178,19 +157,12 @@ impl AdamW {
         let views = io::parse_checked(bytes, origin, &expected)?;
         let n = names.len();
         let mut moments = Vec::with_capacity(2 * n);
-        for (view, current) in
-            views[..2 * n].iter().zip(self.exp_avg.iter().chain(&self.exp_avg_sq))
-        {
-            moments.push(
-                io::f32_tensor(view)?.f_to_device(current.device())?.f_to_kind(current.kind())?,
-            );
+        for (view, current) in views[..2 * n].iter().zip(self.exp_avg.iter().chain(&self.exp_avg_sq)) {
+            moments.push(io::f32_tensor(view)?.f_to_device(current.device())?.f_to_kind(current.kind())?);
         }
         let step = io::i64_scalar(&views[2 * n])?;
         if step < 0 {
-            return Err(ModelError::Format {
-                origin: origin.into(),
-                message: format!("negative step {step}"),
-            });
+            return Err(ModelError::Format { origin: origin.into(), message: format!("negative step {step}") });
         }
         let _no_grad = tch::no_grad_guard();
         for (dst, src) in self.exp_avg.iter_mut().chain(self.exp_avg_sq.iter_mut()).zip(&moments) {
@@ -202,11 +174,7 @@ impl AdamW {
 
     fn check_names<S: AsRef<str>>(&self, names: &[S]) -> Result<()> {
         if names.len() != self.exp_avg.len() {
-            return Err(ModelError::LengthMismatch {
-                what: "AdamW parameter names",
-                expected: self.exp_avg.len(),
-                found: names.len(),
-            });
+            return Err(ModelError::LengthMismatch { what: "AdamW parameter names", expected: self.exp_avg.len(), found: names.len() });
         }
         Ok(())
     }

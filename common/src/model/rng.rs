@@ -55,8 +55,7 @@ impl Rng {
 pub(crate) fn portable_ln(x: f64) -> f64 {
     debug_assert!(x > 0.0 && x.is_finite());
     // Split x = m * 2^e with m in [1, 2); scale subnormals into the normal range first.
-    let (x, extra_exp) =
-        if x < f64::MIN_POSITIVE { (x * (1u64 << 54) as f64, -54) } else { (x, 0) };
+    let (x, extra_exp) = if x < f64::MIN_POSITIVE { (x * (1u64 << 54) as f64, -54) } else { (x, 0) };
     let bits = x.to_bits();
     let mut e = ((bits >> 52) & 0x7ff) as i64 - 1023 + extra_exp;
     let mut m = f64::from_bits((bits & 0x000F_FFFF_FFFF_FFFF) | 0x3FF0_0000_0000_0000);

@@ -9,15 +9,7 @@ use std::path::PathBuf;
 use tch::{Device, Kind, Tensor};
 
 fn tiny() -> GptConfig {
-    GptConfig {
-        vocab_size: 64,
-        block_size: 16,
-        n_layer: 2,
-        n_head: 4,
-        n_embd: 32,
-        dropout: 0.0,
-        bias: true,
-    }
+    GptConfig { vocab_size: 64, block_size: 16, n_layer: 2, n_head: 4, n_embd: 32, dropout: 0.0, bias: true }
 }
 
 fn train_config() -> TrainConfig {
@@ -85,10 +77,8 @@ fn names_and_shapes_match_hugging_face_gpt2() {
     let cfg = tiny();
     let model = Gpt::new(&cfg, Device::Cpu, 1).unwrap();
     let (v, t, c) = (64usize, 16usize, 32usize);
-    let mut expected: Vec<(String, Vec<usize>)> = vec![
-        ("transformer.wte.weight".into(), vec![v, c]),
-        ("transformer.wpe.weight".into(), vec![t, c]),
-    ];
+    let mut expected: Vec<(String, Vec<usize>)> =
+        vec![("transformer.wte.weight".into(), vec![v, c]), ("transformer.wpe.weight".into(), vec![t, c])];
     for i in 0..2 {
         let h = format!("transformer.h.{i}");
         for (name, shape) in [
@@ -114,10 +104,7 @@ fn names_and_shapes_match_hugging_face_gpt2() {
     assert_eq!(model.file_layout(), expected);
     let names: Vec<String> = expected.iter().map(|(n, _)| n.clone()).collect();
     assert_eq!(model.parameter_names(), names);
-    assert_eq!(
-        model.num_params(),
-        expected.iter().map(|(_, s)| s.iter().product::<usize>()).sum::<usize>()
-    );
+    assert_eq!(model.num_params(), expected.iter().map(|(_, s)| s.iter().product::<usize>()).sum::<usize>());
     // Inside, linear weights are tch's [out, in].
     let params: HashMap<String, Tensor> = model.parameters().into_iter().collect();
     assert_eq!(params["transformer.h.0.attn.c_attn.weight"].size(), [3 * c as i64, c as i64]);
@@ -175,22 +162,14 @@ fn save_load_round_trip_is_bit_exact() {
 }
 
 /// Rewrites a model file through `edit` (name -> (dtype, shape, bytes)).
-fn edited_file(
-    model: &Gpt,
-    edit: impl FnOnce(&mut Vec<(String, Dtype, Vec<usize>, Vec<u8>)>),
-) -> Vec<u8> {
+fn edited_file(model: &Gpt, edit: impl FnOnce(&mut Vec<(String, Dtype, Vec<usize>, Vec<u8>)>)) -> Vec<u8> {
     let bytes = model.to_safetensors_bytes().unwrap();
     let st = SafeTensors::deserialize(&bytes).unwrap();
-    let mut entries: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = st
-        .tensors()
-        .into_iter()
-        .map(|(n, v)| (n, v.dtype(), v.shape().to_vec(), v.data().to_vec()))
-        .collect();
+    let mut entries: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> =
+        st.tensors().into_iter().map(|(n, v)| (n, v.dtype(), v.shape().to_vec(), v.data().to_vec())).collect();
     edit(&mut entries);
-    let views: Vec<(String, TensorView<'_>)> = entries
-        .iter()
-        .map(|(n, d, s, b)| (n.clone(), TensorView::new(*d, s.clone(), b).unwrap()))
-        .collect();
+    let views: Vec<(String, TensorView<'_>)> =
+        entries.iter().map(|(n, d, s, b)| (n.clone(), TensorView::new(*d, s.clone(), b).unwrap())).collect();
     safetensors::serialize(views, None).unwrap()
 }
 
@@ -200,43 +179,28 @@ fn bad_model_files_give_clear_errors_and_change_nothing() {
     let mut target = Gpt::new(&tiny(), Device::Cpu, 2).unwrap();
     let before = target.to_safetensors_bytes().unwrap();
     let name = "transformer.h.1.attn.c_proj.weight";
-    let mut load =
-        |bytes: &[u8]| target.load_safetensors_bytes(bytes, "test.safetensors").unwrap_err();
+    let mut load = |bytes: &[u8]| target.load_safetensors_bytes(bytes, "test.safetensors").unwrap_err();
 
     let missing = edited_file(&source, |e| e.retain(|t| t.0 != name));
     let err = load(&missing);
     assert!(matches!(&err, ModelError::MissingTensor { name: n, .. } if n == name), "{err}");
-    assert!(err
-        .to_string()
-        .contains("test.safetensors: missing tensor `transformer.h.1.attn.c_proj.weight`"));
+    assert!(err.to_string().contains("test.safetensors: missing tensor `transformer.h.1.attn.c_proj.weight`"));
 
-    let renamed = edited_file(&source, |e| {
-        e.iter_mut()
-            .filter(|t| t.0 == name)
-            .for_each(|t| t.0 = "transformer.h.1.attn.out.weight".into())
-    });
+    let renamed =
+        edited_file(&source, |e| e.iter_mut().filter(|t| t.0 == name).for_each(|t| t.0 = "transformer.h.1.attn.out.weight".into()));
     let msg = load(&renamed).to_string();
     assert!(msg.contains("missing tensor `transformer.h.1.attn.c_proj.weight`"), "{msg}");
     assert!(msg.contains("unexpected tensors: transformer.h.1.attn.out.weight"), "{msg}");
 
-    let extra = edited_file(&source, |e| {
-        e.push(("lm_head.weight".into(), Dtype::F32, vec![1], vec![0; 4]))
-    });
+    let extra = edited_file(&source, |e| e.push(("lm_head.weight".into(), Dtype::F32, vec![1], vec![0; 4])));
     let err = load(&extra);
-    assert!(
-        matches!(&err, ModelError::UnexpectedTensor { name, .. } if name == "lm_head.weight"),
-        "{err}"
-    );
+    assert!(matches!(&err, ModelError::UnexpectedTensor { name, .. } if name == "lm_head.weight"), "{err}");
 
     // A weight in tch's [out, in] layout instead of Conv1D's [in, out].
     let c_fc = "transformer.h.0.mlp.c_fc.weight";
-    let wrong_shape =
-        edited_file(&source, |e| e.iter_mut().filter(|t| t.0 == c_fc).for_each(|t| t.2.reverse()));
+    let wrong_shape = edited_file(&source, |e| e.iter_mut().filter(|t| t.0 == c_fc).for_each(|t| t.2.reverse()));
     let msg = load(&wrong_shape).to_string();
-    assert!(
-        msg.contains("`transformer.h.0.mlp.c_fc.weight` has shape [128, 32], expected [32, 128]"),
-        "{msg}"
-    );
+    assert!(msg.contains("`transformer.h.0.mlp.c_fc.weight` has shape [128, 32], expected [32, 128]"), "{msg}");
 
     let wrong_dtype = edited_file(&source, |e| {
         for t in e.iter_mut().filter(|t| t.0 == "transformer.ln_f.bias") {
@@ -256,11 +220,7 @@ fn bad_model_files_give_clear_errors_and_change_nothing() {
 
     let err = target.load_safetensors(tmp_path("does-not-exist")).unwrap_err().to_string();
     assert!(err.starts_with("cannot read ") && err.contains("does-not-exist"), "{err}");
-    assert_eq!(
-        target.to_safetensors_bytes().unwrap(),
-        before,
-        "failed loads must not touch the model"
-    );
+    assert_eq!(target.to_safetensors_bytes().unwrap(), before, "failed loads must not touch the model");
 }
 
 #[test]
@@ -382,12 +342,8 @@ fn adamw_state_round_trip_then_step_is_bit_identical() {
     assert!(matches!(err, ModelError::LengthMismatch { .. }), "{err}");
     let other = Gpt::new(&GptConfig { vocab_size: 80, ..tiny() }, Device::Cpu, 1).unwrap();
     let mut other_opt = AdamW::new(&other.parameter_tensors(), &train);
-    let msg =
-        other_opt.load_safetensors(&opt_path, &other.parameter_names()).unwrap_err().to_string();
-    assert!(
-        msg.contains("`exp_avg.transformer.wte.weight` has shape [64, 32], expected [80, 32]"),
-        "{msg}"
-    );
+    let msg = other_opt.load_safetensors(&opt_path, &other.parameter_names()).unwrap_err().to_string();
+    assert!(msg.contains("`exp_avg.transformer.wte.weight` has shape [64, 32], expected [80, 32]"), "{msg}");
     assert_eq!(other_opt.step_count(), 0);
     let mut renamed = names.clone();
     renamed[0] = "wte".into();
@@ -439,10 +395,7 @@ fn flat_grads_round_trip_and_length_check() {
     assert!(pairs.into_iter().all(|(a, b)| a.grad().equal(&b.grad())));
 
     let err = set_flat_grads(&fresh_params, &flat[1..]).unwrap_err().to_string();
-    assert_eq!(
-        err,
-        format!("flat gradient: expected {} values, got {}", flat.len(), flat.len() - 1)
-    );
+    assert_eq!(err, format!("flat gradient: expected {} values, got {}", flat.len(), flat.len() - 1));
     zero_grads(&fresh_params);
     assert!(flat_grads(&fresh_params).iter().all(|&g| g == 0.0));
 }
@@ -541,15 +494,7 @@ fn generate_is_deterministic_and_respects_max_new_tokens() {
 #[test]
 #[ignore]
 fn time_train_step() {
-    let cfg = GptConfig {
-        vocab_size: 2048,
-        block_size: 128,
-        n_layer: 4,
-        n_head: 4,
-        n_embd: 128,
-        dropout: 0.0,
-        bias: true,
-    };
+    let cfg = GptConfig { vocab_size: 2048, block_size: 128, n_layer: 4, n_head: 4, n_embd: 128, dropout: 0.0, bias: true };
     let model = Gpt::new(&cfg, Device::Cpu, 1).unwrap();
     let params = model.parameter_tensors();
     let mut opt = AdamW::new(&params, &train_config());
@@ -575,10 +520,7 @@ fn time_train_step() {
                 run(with_opt);
             }
             let ms = start.elapsed().as_secs_f64() * 1e3 / n as f64;
-            println!(
-                "threads {threads}: fwd+bwd{} {ms:.1} ms/step",
-                if with_opt { "+clip+adamw" } else { "" }
-            );
+            println!("threads {threads}: fwd+bwd{} {ms:.1} ms/step", if with_opt { "+clip+adamw" } else { "" });
         }
     }
 }

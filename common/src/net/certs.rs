@@ -9,9 +9,7 @@
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use rcgen::{
-    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose,
-};
+use rcgen::{BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose};
 
 use sha2::Digest;
 
@@ -58,10 +56,7 @@ fn gen_err(what: &str) -> impl FnOnce(rcgen::Error) -> NetError + '_ {
 
 /// The current UTC year (approximately; only used for validity windows with a year of slack).
 fn this_year() -> i32 {
-    let secs = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
+    let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
     1970 + (secs / 31_556_952) as i32
 }
 
@@ -99,17 +94,15 @@ impl ClusterCa {
     /// subject alternative names, usable as TLS server and TLS client.
     pub fn issue(&self, common_name: &str, sans: &[String]) -> Result<PemPair, NetError> {
         let key = KeyPair::generate().map_err(gen_err("generating a certificate key"))?;
-        let mut params = CertificateParams::new(sans.to_vec())
-            .map_err(|e| NetError::Tls(format!("invalid host name among {sans:?}: {e}")))?;
+        let mut params =
+            CertificateParams::new(sans.to_vec()).map_err(|e| NetError::Tls(format!("invalid host name among {sans:?}: {e}")))?;
         params.distinguished_name.push(DnType::CommonName, common_name);
         params.is_ca = IsCa::ExplicitNoCa;
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
         params.use_authority_key_identifier_extension = true;
         validity(&mut params, LEAF_VALIDITY_YEARS);
-        let cert = params
-            .signed_by(&key, &self.issuer)
-            .map_err(gen_err(&format!("signing the certificate of {common_name}")))?;
+        let cert = params.signed_by(&key, &self.issuer).map_err(gen_err(&format!("signing the certificate of {common_name}")))?;
         Ok(PemPair { cert_pem: cert.pem(), key_pem: key.serialize_pem() })
     }
 }
@@ -137,18 +130,11 @@ pub struct WrittenFile {
 /// `out` (see the `*_FILE` constants and [`worker_cert_files`]). Keys are written with mode
 /// 0600. Refuses, before writing anything, to overwrite an existing file unless `force`.
 pub fn write_cert_dir(opts: &CertDirOptions) -> Result<Vec<WrittenFile>, NetError> {
-    let mut names: Vec<(String, String)> = vec![
-        (CA_CERT_FILE.into(), CA_KEY_FILE.into()),
-        (COORDINATOR_CERT_FILE.into(), COORDINATOR_KEY_FILE.into()),
-    ];
+    let mut names: Vec<(String, String)> =
+        vec![(CA_CERT_FILE.into(), CA_KEY_FILE.into()), (COORDINATOR_CERT_FILE.into(), COORDINATOR_KEY_FILE.into())];
     names.extend((0..opts.workers).map(worker_cert_files));
     if !opts.force {
-        let existing: Vec<String> = names
-            .iter()
-            .flat_map(|(c, k)| [c, k])
-            .filter(|n| opts.out.join(n).exists())
-            .cloned()
-            .collect();
+        let existing: Vec<String> = names.iter().flat_map(|(c, k)| [c, k]).filter(|n| opts.out.join(n).exists()).cloned().collect();
         if !existing.is_empty() {
             return Err(NetError::Tls(format!(
                 "{} already holds {}: refusing to overwrite (pass --force to replace them, which invalidates \
@@ -158,8 +144,7 @@ pub fn write_cert_dir(opts: &CertDirOptions) -> Result<Vec<WrittenFile>, NetErro
             )));
         }
     }
-    std::fs::create_dir_all(&opts.out)
-        .map_err(|e| NetError::Tls(format!("cannot create {}: {e}", opts.out.display())))?;
+    std::fs::create_dir_all(&opts.out).map_err(|e| NetError::Tls(format!("cannot create {}: {e}", opts.out.display())))?;
 
     // Generate everything first so a failure leaves no half-written folder behind.
     let ca = ClusterCa::generate("troupe cluster CA")?;

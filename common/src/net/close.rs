@@ -63,11 +63,7 @@ pub fn describe_connection_error(err: &ConnectionError) -> String {
             if reason.is_empty() {
                 format!("closed by peer: {}", describe_close_code(close.error_code))
             } else {
-                format!(
-                    "closed by peer: {}: {}",
-                    describe_close_code(close.error_code),
-                    reason
-                )
+                format!("closed by peer: {}: {}", describe_close_code(close.error_code), reason)
             }
         }
         ConnectionError::ConnectionClosed(close) if is_tls_code(close.error_code) => {
@@ -87,10 +83,7 @@ pub fn describe_connection_error(err: &ConnectionError) -> String {
         ConnectionError::Reset => {
             "reset by peer: it no longer knows this connection (it restarted, or closed the connection and the close was lost)".into()
         }
-        ConnectionError::TimedOut => {
-            "timed out: no packets from the peer within the idle timeout (peer down or unreachable)"
-                .into()
-        }
+        ConnectionError::TimedOut => "timed out: no packets from the peer within the idle timeout (peer down or unreachable)".into(),
         ConnectionError::LocallyClosed => "closed by this process".into(),
         ConnectionError::CidsExhausted => "connection IDs exhausted".into(),
     }
@@ -156,16 +149,7 @@ mod tests {
 
     #[test]
     fn names_are_distinct_and_known() {
-        let codes = [
-            SHUTDOWN,
-            PROTOCOL_ERROR,
-            AUTH_FAILED,
-            VERSION_MISMATCH,
-            FRAME_TOO_LARGE,
-            GENERATION_MISMATCH,
-            WRONG_RANK,
-            ABORTED,
-        ];
+        let codes = [SHUTDOWN, PROTOCOL_ERROR, AUTH_FAILED, VERSION_MISMATCH, FRAME_TOO_LARGE, GENERATION_MISMATCH, WRONG_RANK, ABORTED];
         let names: std::collections::HashSet<_> = codes.iter().map(|c| close_code_name(*c)).collect();
         assert_eq!(names.len(), codes.len());
         assert!(!names.contains("UNKNOWN"));

@@ -111,18 +111,12 @@ impl Default for NetOptions {
 
 impl NetOptions {
     fn transport_config(&self) -> Result<TransportConfig, NetError> {
-        let varint = |name: &str, v: u64| {
-            VarInt::from_u64(v).map_err(|_| NetError::Config(format!("{name} = {v} is too large")))
-        };
-        let idle = IdleTimeout::try_from(self.idle_timeout).map_err(|_| {
-            NetError::Config(format!("idle_timeout {:?} is too large", self.idle_timeout))
-        })?;
+        let varint = |name: &str, v: u64| VarInt::from_u64(v).map_err(|_| NetError::Config(format!("{name} = {v} is too large")));
+        let idle = IdleTimeout::try_from(self.idle_timeout)
+            .map_err(|_| NetError::Config(format!("idle_timeout {:?} is too large", self.idle_timeout)))?;
         if let Some(k) = self.keep_alive {
             if k >= self.idle_timeout {
-                return Err(NetError::Config(format!(
-                    "keep_alive {k:?} must be shorter than idle_timeout {:?}",
-                    self.idle_timeout
-                )));
+                return Err(NetError::Config(format!("keep_alive {k:?} must be shorter than idle_timeout {:?}", self.idle_timeout)));
             }
         }
         let mut mtu = MtuDiscoveryConfig::default();
@@ -183,9 +177,7 @@ pub fn make_endpoint(bind: SocketAddr, opts: &NetOptions) -> Result<quinn::Endpo
     if let Some(key) = &opts.reset_key {
         endpoint_config.reset_key(Arc::new(ring::hmac::Key::new(ring::hmac::HMAC_SHA256, key)));
     }
-    endpoint_config
-        .max_udp_payload_size(MAX_UDP_PAYLOAD)
-        .map_err(|e| NetError::Config(format!("max_udp_payload_size: {e}")))?;
+    endpoint_config.max_udp_payload_size(MAX_UDP_PAYLOAD).map_err(|e| NetError::Config(format!("max_udp_payload_size: {e}")))?;
 
     let socket = std::net::UdpSocket::bind(bind).map_err(|source| NetError::Bind { addr: bind, source })?;
     set_socket_buffers(&socket, opts.socket_buffer_bytes);
@@ -263,10 +255,8 @@ fn self_signed_unverified() -> Result<(QuicServerConfig, QuicClientConfig), NetE
         .with_no_client_auth();
     client.alpn_protocols = vec![ALPN.to_vec()];
 
-    let server = QuicServerConfig::try_from(server)
-        .map_err(|e| NetError::Tls(format!("server config not usable for QUIC: {e}")))?;
-    let client = QuicClientConfig::try_from(client)
-        .map_err(|e| NetError::Tls(format!("client config not usable for QUIC: {e}")))?;
+    let server = QuicServerConfig::try_from(server).map_err(|e| NetError::Tls(format!("server config not usable for QUIC: {e}")))?;
+    let client = QuicClientConfig::try_from(client).map_err(|e| NetError::Tls(format!("client config not usable for QUIC: {e}")))?;
     Ok((server, client))
 }
 
@@ -288,9 +278,7 @@ fn load_cluster_pems(
     let mut n = 0;
     for c in CertificateDer::pem_file_iter(ca).map_err(|e| pem_err("cluster CA certificate", ca, e))? {
         let c = c.map_err(|e| pem_err("cluster CA certificate", ca, e))?;
-        roots
-            .add(c)
-            .map_err(|e| NetError::Tls(format!("{} is not a usable CA certificate: {e}", ca.display())))?;
+        roots.add(c).map_err(|e| NetError::Tls(format!("{} is not a usable CA certificate: {e}", ca.display())))?;
         n += 1;
     }
     if n == 0 {
@@ -342,10 +330,8 @@ fn cluster_ca(ca: &Path, cert: &Path, key: &Path) -> Result<(QuicServerConfig, Q
         .map_err(mismatch)?;
     client.alpn_protocols = vec![ALPN.to_vec()];
 
-    let server = QuicServerConfig::try_from(server)
-        .map_err(|e| NetError::Tls(format!("server config not usable for QUIC: {e}")))?;
-    let client = QuicClientConfig::try_from(client)
-        .map_err(|e| NetError::Tls(format!("client config not usable for QUIC: {e}")))?;
+    let server = QuicServerConfig::try_from(server).map_err(|e| NetError::Tls(format!("server config not usable for QUIC: {e}")))?;
+    let client = QuicClientConfig::try_from(client).map_err(|e| NetError::Tls(format!("client config not usable for QUIC: {e}")))?;
     Ok((server, client))
 }
 
@@ -445,12 +431,7 @@ impl ServerCertVerifier for UnverifiedServerCert {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
     }
 
     fn verify_tls13_signature(
@@ -459,12 +440,7 @@ impl ServerCertVerifier for UnverifiedServerCert {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
@@ -485,11 +461,7 @@ mod tests {
 
     #[test]
     fn keep_alive_must_be_below_idle_timeout() {
-        let opts = NetOptions {
-            keep_alive: Some(Duration::from_secs(10)),
-            idle_timeout: Duration::from_secs(5),
-            ..NetOptions::default()
-        };
+        let opts = NetOptions { keep_alive: Some(Duration::from_secs(10)), idle_timeout: Duration::from_secs(5), ..NetOptions::default() };
         assert!(matches!(opts.transport_config(), Err(NetError::Config(_))));
         assert!(NetOptions::default().transport_config().is_ok());
     }
@@ -620,8 +592,7 @@ mod tests {
     async fn cluster_ca_missing_files_are_clear_errors() {
         let missing = std::env::temp_dir().join("troupe-no-such-dir/ca.pem");
         let tls = TlsSetup::ClusterCa { ca: missing.clone(), cert: missing.clone(), key: missing.clone() };
-        let err = make_endpoint("127.0.0.1:0".parse().unwrap(), &NetOptions { tls, ..NetOptions::default() })
-            .expect_err("missing files");
+        let err = make_endpoint("127.0.0.1:0".parse().unwrap(), &NetOptions { tls, ..NetOptions::default() }).expect_err("missing files");
         let text = err.to_string();
         assert!(text.contains(&missing.display().to_string()) && text.contains("init-certs"), "{text}");
     }

@@ -63,10 +63,7 @@ pub async fn write_frame<T: Serialize>(send: &mut quinn::SendStream, msg: &T) ->
 /// `Ok(None)`: the stream ended cleanly before a frame started. A stream that ends inside a
 /// frame is [`NetError::Truncated`]; an over-long announcement is [`NetError::FrameTooLarge`]
 /// (nothing allocated); a body postcard cannot decode is [`NetError::Decode`].
-pub async fn read_frame<T: DeserializeOwned>(
-    recv: &mut quinn::RecvStream,
-    max_len: usize,
-) -> Result<Option<T>, NetError> {
+pub async fn read_frame<T: DeserializeOwned>(recv: &mut quinn::RecvStream, max_len: usize) -> Result<Option<T>, NetError> {
     match read_frame_bytes(recv, max_len).await? {
         Some(body) => decode_frame(&body).map(Some),
         None => Ok(None),
@@ -89,9 +86,7 @@ pub async fn read_frame_bytes(recv: &mut quinn::RecvStream, max_len: usize) -> R
     let mut body = vec![0u8; len];
     match recv.read_exact(&mut body).await {
         Ok(()) => {}
-        Err(quinn::ReadExactError::FinishedEarly(got)) => {
-            return Err(NetError::Truncated { part: "frame body", got, expected: len })
-        }
+        Err(quinn::ReadExactError::FinishedEarly(got)) => return Err(NetError::Truncated { part: "frame body", got, expected: len }),
         Err(quinn::ReadExactError::ReadError(e)) => return Err(e.into()),
     }
     Ok(Some(body))
@@ -160,9 +155,7 @@ impl FrameDecoder {
         }
         match self.buf.len() {
             0 => Ok(()),
-            n if n < FRAME_HEADER_LEN => {
-                Err(NetError::Truncated { part: "length prefix", got: n, expected: FRAME_HEADER_LEN })
-            }
+            n if n < FRAME_HEADER_LEN => Err(NetError::Truncated { part: "length prefix", got: n, expected: FRAME_HEADER_LEN }),
             n => {
                 let mut h = [0u8; FRAME_HEADER_LEN];
                 h.copy_from_slice(&self.buf[..FRAME_HEADER_LEN]);

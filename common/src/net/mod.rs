@@ -27,10 +27,7 @@ mod proof;
 
 pub use close::{describe_close_code, describe_connection_error, is_tls_handshake_failure};
 pub use endpoint::{make_endpoint, CongestionControl, NetOptions, TlsSetup, ALPN, TLS_SERVER_NAME};
-pub use frame::{
-    decode_frame, encode_frame, read_frame, read_frame_bytes, write_frame, FrameDecoder, FRAME_HEADER_LEN,
-    MAX_CONTROL_FRAME,
-};
+pub use frame::{decode_frame, encode_frame, read_frame, read_frame_bytes, write_frame, FrameDecoder, FRAME_HEADER_LEN, MAX_CONTROL_FRAME};
 pub use proof::{constant_time_eq, join_proof, peer_join_proof, verify_peer_join_proof, JOIN_PROOF_LABEL};
 
 use std::net::SocketAddr;
@@ -68,11 +65,7 @@ pub enum NetError {
     #[error("cannot encode frame: {0}")]
     Encode(#[source] postcard::Error),
     #[error("stream ended inside a frame: got {got} of {expected} bytes of the {part}")]
-    Truncated {
-        part: &'static str,
-        got: usize,
-        expected: usize,
-    },
+    Truncated { part: &'static str, got: usize, expected: usize },
     #[error("reading from stream: {}", close::describe_read_error(.0))]
     Read(#[source] quinn::ReadError),
     #[error("writing to stream: {}", close::describe_write_error(.0))]
@@ -112,10 +105,9 @@ pub(crate) mod test_util {
     /// A connection from `a` to `b`: (client side, server side).
     pub async fn connect(a: &quinn::Endpoint, b: &quinn::Endpoint) -> (quinn::Connection, quinn::Connection) {
         let addr = b.local_addr().expect("local addr");
-        let (ca, cb) = tokio::join!(
-            async { a.connect(addr, TLS_SERVER_NAME).expect("connect").await.expect("handshake") },
-            async { b.accept().await.expect("incoming").await.expect("accept") }
-        );
+        let (ca, cb) = tokio::join!(async { a.connect(addr, TLS_SERVER_NAME).expect("connect").await.expect("handshake") }, async {
+            b.accept().await.expect("incoming").await.expect("accept")
+        });
         (ca, cb)
     }
 }

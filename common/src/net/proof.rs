@@ -19,8 +19,7 @@ pub const JOIN_PROOF_LABEL: &[u8] = b"troupe join v1";
 
 fn proof_for_side(conn: &quinn::Connection, token: &str, side: quinn::Side) -> Result<[u8; 32], NetError> {
     let mut ekm = [0u8; 32];
-    conn.export_keying_material(&mut ekm, JOIN_PROOF_LABEL, b"")
-        .map_err(|_| NetError::KeyingMaterial)?;
+    conn.export_keying_material(&mut ekm, JOIN_PROOF_LABEL, b"").map_err(|_| NetError::KeyingMaterial)?;
     let side_tag: &[u8] = match side {
         quinn::Side::Client => b"client",
         quinn::Side::Server => b"server",

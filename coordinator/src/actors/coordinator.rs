@@ -61,15 +61,28 @@ pub struct RunOutcome {
 pub enum CoordinatorMsg {
     Core(Event),
     /// A session passed the handshake.
-    Joined { id: WorkerId, info: Capabilities, session: ActorRef<SessionMsg> },
+    Joined {
+        id: WorkerId,
+        info: Capabilities,
+        session: ActorRef<SessionMsg>,
+    },
     /// Drain time is up: stop even if some worker has not hung up.
     ForceStop,
     /// The Evaluator's results for a checkpoint.
-    Evaluated { job: EvalJob, results: EvalResults },
-    EvaluationFailed { step: u64, error: String },
+    Evaluated {
+        job: EvalJob,
+        results: EvalResults,
+    },
+    EvaluationFailed {
+        step: u64,
+        error: String,
+    },
     /// The Deployer's decision on an evaluated checkpoint.
     Deployed(Decision),
-    DeployFailed { step: u64, error: String },
+    DeployFailed {
+        step: u64,
+        error: String,
+    },
     /// The last evaluation and deployment took too long: stop without them.
     DeployDrainTimeout,
 }
@@ -130,8 +143,7 @@ pub struct CoordinatorState {
 pub async fn run_coordinator(options: CoordinatorOptions) -> anyhow::Result<RunOutcome> {
     let endpoint = options.endpoint.clone();
     let (done_tx, done_rx) = oneshot::channel();
-    let (coordinator, handle) =
-        Actor::spawn(Some("coordinator".into()), Coordinator, CoordinatorArgs { options, done: done_tx }).await?;
+    let (coordinator, handle) = Actor::spawn(Some("coordinator".into()), Coordinator, CoordinatorArgs { options, done: done_tx }).await?;
     let shutdown = coordinator.clone();
     let signals = tokio::spawn(async move {
         troupe_common::signals::shutdown_signal().await;
@@ -146,7 +158,11 @@ pub async fn run_coordinator(options: CoordinatorOptions) -> anyhow::Result<RunO
     Ok(outcome.map_err(|_| anyhow::anyhow!("the coordinator stopped without an outcome"))?)
 }
 
-async fn spawn_checkpointer(me: &ActorRef<CoordinatorMsg>, config: &Config, pinned: &Pinned) -> Result<ActorRef<CheckpointerMsg>, ActorProcessingErr> {
+async fn spawn_checkpointer(
+    me: &ActorRef<CoordinatorMsg>,
+    config: &Config,
+    pinned: &Pinned,
+) -> Result<ActorRef<CheckpointerMsg>, ActorProcessingErr> {
     let args = CheckpointerArgs {
         run_dir: config.run_dir(),
         keep_last: config.checkpoint.keep_last,
@@ -157,7 +173,11 @@ async fn spawn_checkpointer(me: &ActorRef<CoordinatorMsg>, config: &Config, pinn
     Ok(actor)
 }
 
-async fn spawn_evaluator(me: &ActorRef<CoordinatorMsg>, config: &Config, current: &Arc<AtomicU64>) -> Result<ActorRef<EvaluatorMsg>, ActorProcessingErr> {
+async fn spawn_evaluator(
+    me: &ActorRef<CoordinatorMsg>,
+    config: &Config,
+    current: &Arc<AtomicU64>,
+) -> Result<ActorRef<EvaluatorMsg>, ActorProcessingErr> {
     current.store(super::IDLE, Ordering::SeqCst);
     let args = EvaluatorArgs {
         prompts: config.eval.prompts.clone(),
@@ -169,9 +189,16 @@ async fn spawn_evaluator(me: &ActorRef<CoordinatorMsg>, config: &Config, current
     Ok(actor)
 }
 
-async fn spawn_deployer(me: &ActorRef<CoordinatorMsg>, config: &Config, current: &Arc<AtomicU64>) -> Result<ActorRef<DeployerMsg>, ActorProcessingErr> {
+async fn spawn_deployer(
+    me: &ActorRef<CoordinatorMsg>,
+    config: &Config,
+    current: &Arc<AtomicU64>,
+) -> Result<ActorRef<DeployerMsg>, ActorProcessingErr> {
     current.store(super::IDLE, Ordering::SeqCst);
-    let api_key = std::env::var("TROUPE_API_KEY").ok().filter(|k| !k.is_empty()).or_else(|| Some(config.serve.api_key.clone()).filter(|k| !k.is_empty()));
+    let api_key = std::env::var("TROUPE_API_KEY")
+        .ok()
+        .filter(|k| !k.is_empty())
+        .or_else(|| Some(config.serve.api_key.clone()).filter(|k| !k.is_empty()));
     let args = DeployerArgs {
         registry: config.registry_dir(),
         run: config.run.name.clone(),
@@ -247,7 +274,12 @@ impl Actor for Coordinator {
         })
     }
 
-    async fn handle(&self, me: ActorRef<CoordinatorMsg>, msg: CoordinatorMsg, state: &mut CoordinatorState) -> Result<(), ActorProcessingErr> {
+    async fn handle(
+        &self,
+        me: ActorRef<CoordinatorMsg>,
+        msg: CoordinatorMsg,
+        state: &mut CoordinatorState,
+    ) -> Result<(), ActorProcessingErr> {
         match msg {
             CoordinatorMsg::Core(event) => {
                 if let Event::CheckpointCommitted { step, .. } | Event::CheckpointCommitFailed { step, .. } = &event {
@@ -283,7 +315,15 @@ impl Actor for Coordinator {
                     state.releases.insert(step, Release::Deploying { job: job.clone(), results: results.clone() });
                     let candidate = DeployerMsg::Candidate { step, checkpoint: job.checkpoint, results };
                     if state.deployer.cast(candidate).is_err() {
-                        state.release_done(&me, RunEvent::Deployed { step, action: "failed".into(), version: None, reason: "the Deployer is not running".into() });
+                        state.release_done(
+                            &me,
+                            RunEvent::Deployed {
+                                step,
+                                action: "failed".into(),
+                                version: None,
+                                reason: "the Deployer is not running".into(),
+                            },
+                        );
                     }
                 } else {
                     state.releases.remove(&step);
@@ -295,7 +335,10 @@ impl Actor for Coordinator {
                 if !matches!(state.releases.get(&step), Some(Release::Evaluating(_))) {
                     return Ok(());
                 }
-                state.release_done(&me, RunEvent::Warning { step, message: format!("evaluating the checkpoint of step {step} failed: {error}") });
+                state.release_done(
+                    &me,
+                    RunEvent::Warning { step, message: format!("evaluating the checkpoint of step {step} failed: {error}") },
+                );
             }
             CoordinatorMsg::Deployed(d) => {
                 if !matches!(state.releases.get(&d.step), Some(Release::Deploying { .. })) {
@@ -321,7 +364,12 @@ impl Actor for Coordinator {
         Ok(())
     }
 
-    async fn handle_supervisor_evt(&self, me: ActorRef<CoordinatorMsg>, event: SupervisionEvent, state: &mut CoordinatorState) -> Result<(), ActorProcessingErr> {
+    async fn handle_supervisor_evt(
+        &self,
+        me: ActorRef<CoordinatorMsg>,
+        event: SupervisionEvent,
+        state: &mut CoordinatorState,
+    ) -> Result<(), ActorProcessingErr> {
         let (cell, reason): (ActorCell, String) = match event {
             SupervisionEvent::ActorTerminated(cell, _, reason) => (cell, reason.unwrap_or_else(|| "stopped".into())),
             SupervisionEvent::ActorFailed(cell, err) => (cell, format!("failed: {err}")),
@@ -369,12 +417,8 @@ impl CoordinatorState {
     }
 
     fn update_scrape_targets(&mut self) {
-        let workers: Vec<WorkerEndpoints> = self
-            .core
-            .workers()
-            .values()
-            .map(|w| WorkerEndpoints { metrics: w.info.metrics_addr, peer: w.info.peer_addr })
-            .collect();
+        let workers: Vec<WorkerEndpoints> =
+            self.core.workers().values().map(|w| WorkerEndpoints { metrics: w.info.metrics_addr, peer: w.info.peer_addr }).collect();
         self.scrape_targets.update(&workers);
     }
 
@@ -540,7 +584,12 @@ impl CoordinatorState {
     /// which) is given up and recorded; jobs after it were still queued in the dead actor's
     /// mailbox and are sent again; jobs before it were answered (their answers may still be
     /// in this mailbox, behind the supervision event) and are left alone.
-    async fn restart_release_actor(&mut self, me: &ActorRef<CoordinatorMsg>, actor: &'static str, reason: String) -> Result<(), ActorProcessingErr> {
+    async fn restart_release_actor(
+        &mut self,
+        me: &ActorRef<CoordinatorMsg>,
+        actor: &'static str,
+        reason: String,
+    ) -> Result<(), ActorProcessingErr> {
         self.metrics.actor_restarts_total.with_label_values(&[actor]).inc();
         let evaluator = actor == "evaluator";
         let restarts = if evaluator { &mut self.evaluator_restarts } else { &mut self.deployer_restarts };

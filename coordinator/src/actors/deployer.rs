@@ -78,7 +78,14 @@ impl Actor for Deployer {
     }
 }
 
-fn consider(registry_dir: &std::path::Path, run: &str, config: &DeployConfig, step: u64, checkpoint: &std::path::Path, results: &EvalResults) -> anyhow::Result<Decision> {
+fn consider(
+    registry_dir: &std::path::Path,
+    run: &str,
+    config: &DeployConfig,
+    step: u64,
+    checkpoint: &std::path::Path,
+    results: &EvalResults,
+) -> anyhow::Result<Decision> {
     let registry = Registry::create(registry_dir)?;
     let state = registry.state()?;
     let (bar_version, bar) = match state.canary.as_ref().map(|c| c.version).or(state.stable) {

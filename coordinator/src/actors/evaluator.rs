@@ -78,13 +78,7 @@ fn evaluate(job: &EvalJob, prompts: &[String], sample_tokens: usize) -> anyhow::
             samples.push(Sample { prompt: prompt.clone(), text });
         }
     }
-    let results = EvalResults {
-        step: job.step,
-        val_loss: job.val_loss,
-        perplexity: job.val_loss.exp(),
-        sequences: job.sequences,
-        samples,
-    };
+    let results = EvalResults { step: job.step, val_loss: job.val_loss, perplexity: job.val_loss.exp(), sequences: job.sequences, samples };
     let bytes = serde_json::to_vec_pretty(&results)?;
     checkpoint::write_atomic(&job.checkpoint.join(EVAL_FILE), &bytes)?;
     Ok(results)

@@ -58,9 +58,7 @@ impl Actor for Gateway {
             metrics: state.args.metrics.clone(),
         };
         // Spawning only starts the session's handshake task; it never waits on the peer.
-        if let Err(e) =
-            Actor::spawn_linked(None, WorkerSession, args, state.args.coordinator.get_cell()).await
-        {
+        if let Err(e) = Actor::spawn_linked(None, WorkerSession, args, state.args.coordinator.get_cell()).await {
             tracing::warn!("cannot start a session for an incoming connection: {e}");
         }
         Ok(())

@@ -31,7 +31,10 @@ pub struct SessionArgs {
 
 pub enum SessionMsg {
     /// Handshake done: keep the send side.
-    Established { conn: quinn::Connection, send: quinn::SendStream },
+    Established {
+        conn: quinn::Connection,
+        send: quinn::SendStream,
+    },
     Send(ToWorker),
     Disconnect(String),
 }
@@ -142,10 +145,8 @@ async fn serve_connection(me: &ActorRef<SessionMsg>, args: SessionArgs) -> Resul
                 format!("QUIC handshake with {remote} failed: {}", net::describe_connection_error(&e))
             }
         })?;
-        let (send, mut recv) = conn
-            .accept_bi()
-            .await
-            .map_err(|e| format!("{remote} opened no control stream: {}", net::describe_connection_error(&e)))?;
+        let (send, mut recv) =
+            conn.accept_bi().await.map_err(|e| format!("{remote} opened no control stream: {}", net::describe_connection_error(&e)))?;
         let frame = net::read_frame_bytes(&mut recv, net::MAX_CONTROL_FRAME)
             .await
             .map_err(|e| {
@@ -194,8 +195,7 @@ async fn serve_connection(me: &ActorRef<SessionMsg>, args: SessionArgs) -> Resul
         }
     };
 
-    me.cast(SessionMsg::Established { conn: conn.clone(), send })
-        .map_err(|_| "session stopped during the handshake".to_string())?;
+    me.cast(SessionMsg::Established { conn: conn.clone(), send }).map_err(|_| "session stopped during the handshake".to_string())?;
     coordinator
         .cast(CoordinatorMsg::Joined { id, info: hello.capabilities, session: me.clone() })
         .map_err(|_| "the coordinator is gone".to_string())?;
@@ -225,10 +225,7 @@ fn check_hello(frame: &[u8], conn: &quinn::Connection, token: &str) -> Result<He
         let valid = net::verify_peer_join_proof(conn, token, &hello.join_proof)
             .map_err(|e| (RefusalKind::Protocol, format!("cannot check the join token: {e}")))?;
         if !valid {
-            return Err((
-                RefusalKind::BadToken,
-                "wrong join token: pass the cluster's token with --token or TROUPE_TOKEN".into(),
-            ));
+            return Err((RefusalKind::BadToken, "wrong join token: pass the cluster's token with --token or TROUPE_TOKEN".into()));
         }
     }
     Ok(hello)

@@ -28,14 +28,31 @@ pub struct CollectiveArgs {
 pub type Reply = SyncSender<Result<Vec<f32>, String>>;
 
 pub enum CollectiveMsg {
-    AllReduce { data: Vec<f32>, tag: CollectiveTag, reply: Reply },
+    AllReduce {
+        data: Vec<f32>,
+        tag: CollectiveTag,
+        reply: Reply,
+    },
     /// Every rank ends with rank `root`'s data.
-    Broadcast { data: Vec<f32>, root: u32, tag: CollectiveTag, reply: Reply },
+    Broadcast {
+        data: Vec<f32>,
+        root: u32,
+        tag: CollectiveTag,
+        reply: Reply,
+    },
     /// The reply holds the sum over all ranks in chunk `rank` (of W equal chunks; the length
     /// must be a multiple of W); the other chunks are unspecified.
-    ReduceScatter { data: Vec<f32>, tag: CollectiveTag, reply: Reply },
+    ReduceScatter {
+        data: Vec<f32>,
+        tag: CollectiveTag,
+        reply: Reply,
+    },
     /// Every rank contributes chunk `rank` (same chunking); the reply holds all chunks.
-    AllGather { data: Vec<f32>, tag: CollectiveTag, reply: Reply },
+    AllGather {
+        data: Vec<f32>,
+        tag: CollectiveTag,
+        reply: Reply,
+    },
 }
 
 /// What a message asks the ring to do.
@@ -83,7 +100,12 @@ impl Actor for CollectiveActor {
         })
     }
 
-    async fn handle(&self, _me: ActorRef<CollectiveMsg>, msg: CollectiveMsg, state: &mut CollectiveState) -> Result<(), ActorProcessingErr> {
+    async fn handle(
+        &self,
+        _me: ActorRef<CollectiveMsg>,
+        msg: CollectiveMsg,
+        state: &mut CollectiveState,
+    ) -> Result<(), ActorProcessingErr> {
         let (mut data, tag, op, reply) = match msg {
             CollectiveMsg::AllReduce { data, tag, reply } => (data, tag, Op::AllReduce, reply),
             CollectiveMsg::Broadcast { data, root, tag, reply } => (data, tag, Op::Broadcast { root }, reply),

@@ -171,10 +171,7 @@ pub async fn run_worker(opts: WorkerOptions) -> anyhow::Result<WorkerExit> {
                 if window.is_zero() || signals.was_requested() {
                     break Err(anyhow::anyhow!("{reason}"));
                 }
-                troupe_common::say_err!(
-                    "lost the coordinator ({reason}); training stopped; trying to rejoin for {}s",
-                    window.as_secs()
-                );
+                troupe_common::say_err!("lost the coordinator ({reason}); training stopped; trying to rejoin for {}s", window.as_secs());
                 rejoin = Some((Instant::now() + window, format!("lost the coordinator at {} ({reason})", opts.coordinator)));
             }
         }
@@ -266,11 +263,8 @@ async fn connect_with_retry(endpoint: &quinn::Endpoint, addr: SocketAddr, timeou
         // One attempt at a silent address lasts until QUIC's idle timeout: bound it by what is
         // left of ours.
         let left = deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(100));
-        let attempt = async {
-            tokio::time::timeout(left, attempt)
-                .await
-                .unwrap_or_else(|_| Err(anyhow::anyhow!("no answer within {left:?}")))
-        };
+        let attempt =
+            async { tokio::time::timeout(left, attempt).await.unwrap_or_else(|_| Err(anyhow::anyhow!("no answer within {left:?}"))) };
         match attempt.await {
             Ok(conn) => return Ok(conn),
             // A refused certificate stays refused: fail now instead of retrying until the timeout.
@@ -297,9 +291,7 @@ fn local_ip_towards(remote: SocketAddr) -> anyhow::Result<std::net::IpAddr> {
 }
 
 fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|s| s.trim().to_string())
-        .unwrap_or_else(|_| "unknown".into())
+    std::fs::read_to_string("/proc/sys/kernel/hostname").map(|s| s.trim().to_string()).unwrap_or_else(|_| "unknown".into())
 }
 
 /// Whether this worker can join an NCCL communicator; says why not when it computes on CUDA.
@@ -348,7 +340,10 @@ pub enum WorkerMsg {
     LinkClosed(String),
     Trainer(TrainerReport),
     /// The ring of a generation is formed (or could not be).
-    RingFormed { generation: u64, ring: Result<RingCollective, String> },
+    RingFormed {
+        generation: u64,
+        ring: Result<RingCollective, String>,
+    },
     /// SIGINT/SIGTERM: leave at the next step boundary.
     LeaveRequested(String),
 }
@@ -360,17 +355,41 @@ pub enum TrainerReport {
     /// Training waited this long for the previous checkpoint write.
     CheckpointWaited(f64),
     /// Took its place in `generation`, holding the state after `completed_steps` steps.
-    Regrouped { generation: u64, completed_steps: u64 },
-    Synced { generation: u64, step: u64 },
-    SyncFailed { generation: u64, error: String },
+    Regrouped {
+        generation: u64,
+        completed_steps: u64,
+    },
+    Synced {
+        generation: u64,
+        step: u64,
+    },
+    SyncFailed {
+        generation: u64,
+        error: String,
+    },
     /// NCCL could not form the generation's communicator.
-    LinkFailed { generation: u64, error: String },
+    LinkFailed {
+        generation: u64,
+        error: String,
+    },
     StepDone(StepReport),
     /// The step's collective failed: nothing was applied.
-    StepAborted { generation: u64, step: u64, error: String },
+    StepAborted {
+        generation: u64,
+        step: u64,
+        error: String,
+    },
     EvalDone(EvalReport),
-    CheckpointWritten { generation: u64, step: u64, files: Vec<FileDigest> },
-    CheckpointFailed { generation: u64, step: u64, error: String },
+    CheckpointWritten {
+        generation: u64,
+        step: u64,
+        files: Vec<FileDigest>,
+    },
+    CheckpointFailed {
+        generation: u64,
+        step: u64,
+        error: String,
+    },
     Failed(String),
 }
 
@@ -380,11 +399,30 @@ enum TrainerCmd {
     /// Build the training state again for a new place in the run (sharded strategies, whose
     /// state is split by world size, after a membership change: from the newest checkpoint).
     Rebuild(Box<TrainerSetup>),
-    Regroup { generation: u64, rank: u32, world_size: u32, link: LinkPlan },
-    Sync { generation: u64, source_rank: u32, step: u64 },
-    Step { generation: u64, step: u64 },
-    Evaluate { generation: u64, step: u64 },
-    Checkpoint { generation: u64, step: u64, dir: PathBuf },
+    Regroup {
+        generation: u64,
+        rank: u32,
+        world_size: u32,
+        link: LinkPlan,
+    },
+    Sync {
+        generation: u64,
+        source_rank: u32,
+        step: u64,
+    },
+    Step {
+        generation: u64,
+        step: u64,
+    },
+    Evaluate {
+        generation: u64,
+        step: u64,
+    },
+    Checkpoint {
+        generation: u64,
+        step: u64,
+        dir: PathBuf,
+    },
     Stop,
 }
 
@@ -484,7 +522,8 @@ impl Actor for Worker {
         // (ICMP port unreachable); otherwise by its silence, after the lease.
         let probe = tokio::spawn(async move {
             let e = net::probe::until_port_closed(coordinator, net::probe::PROBE_PERIOD).await;
-            let _ = probe_me.cast(WorkerMsg::LinkClosed(format!("the coordinator's process is gone: its port {coordinator} is closed ({e})")));
+            let _ =
+                probe_me.cast(WorkerMsg::LinkClosed(format!("the coordinator's process is gone: its port {coordinator} is closed ({e})")));
         });
         let reader = tokio::spawn(async move {
             // Anything from the coordinator renews its lease; silence past the lease means it
@@ -544,12 +583,19 @@ impl Actor for Worker {
         Ok(())
     }
 
-    async fn handle_supervisor_evt(&self, _me: ActorRef<WorkerMsg>, event: SupervisionEvent, state: &mut WorkerState) -> Result<(), ActorProcessingErr> {
+    async fn handle_supervisor_evt(
+        &self,
+        _me: ActorRef<WorkerMsg>,
+        event: SupervisionEvent,
+        state: &mut WorkerState,
+    ) -> Result<(), ActorProcessingErr> {
         // A collective actor that dies (a panic) takes its generation's ring with it: the
         // coordinator hears of it and forms a new one.
         let (cell, reason, panicked) = match event {
             SupervisionEvent::ActorFailed(cell, e) => (cell, format!("the collective failed: {e}"), true),
-            SupervisionEvent::ActorTerminated(cell, _, reason) => (cell, format!("the collective stopped: {}", reason.unwrap_or_default()), false),
+            SupervisionEvent::ActorTerminated(cell, _, reason) => {
+                (cell, format!("the collective stopped: {}", reason.unwrap_or_default()), false)
+            }
             _ => return Ok(()),
         };
         if state.outcome.is_some() {
@@ -774,12 +820,8 @@ impl WorkerState {
         if let Some(place) = m.ring {
             tracing::info!(rank = m.rank, ring_rank = place.rank, ring_world = place.world_size, generation, successor = %place.successor, "ring formed");
         }
-        let args = CollectiveArgs {
-            ring,
-            generation,
-            metrics: self.metrics.clone(),
-            current_generation: self.generation_watch.subscribe(),
-        };
+        let args =
+            CollectiveArgs { ring, generation, metrics: self.metrics.clone(), current_generation: self.generation_watch.subscribe() };
         match Actor::spawn_linked(None, CollectiveActor, args, me.get_cell()).await {
             Ok((actor, _)) => {
                 self.collective = Some((generation, actor.clone()));
@@ -832,9 +874,7 @@ impl WorkerState {
                 }
             }
             TrainerReport::Synced { generation, step } => self.send(ToCoordinator::Synced { generation, step }),
-            TrainerReport::SyncFailed { generation, error } => {
-                self.send(ToCoordinator::CollectiveFailed { generation, step: None, error })
-            }
+            TrainerReport::SyncFailed { generation, error } => self.send(ToCoordinator::CollectiveFailed { generation, step: None, error }),
             TrainerReport::LinkFailed { generation, error } => self.send(ToCoordinator::NcclFailed { generation, error }),
             TrainerReport::StepDone(r) => {
                 self.metrics.step.set(r.step as i64 + 1);
@@ -908,7 +948,14 @@ impl NcclLink {
     /// collective) ends at once when `latest` moves past that generation, as the ring's
     /// collectives do: a rank blocked on a dead peer is released when the coordinator re-forms
     /// the group, not at the timeout.
-    fn join(id: &[u8], place: NcclPlace, device: Device, timeout: Duration, generation: u64, latest: &watch::Receiver<u64>) -> Result<NcclLink, String> {
+    fn join(
+        id: &[u8],
+        place: NcclPlace,
+        device: Device,
+        timeout: Duration,
+        generation: u64,
+        latest: &watch::Receiver<u64>,
+    ) -> Result<NcclLink, String> {
         let Device::Cuda(index) = device else {
             return Err(format!("NCCL needs a CUDA device, this worker computes on {}", troupe_common::device::device_name(device)));
         };
@@ -918,12 +965,18 @@ impl NcclLink {
         // gets longer than one collective; a rank that died is noticed by the coordinator,
         // whose new generation cancels the wait.
         let join_timeout = timeout * NCCL_JOIN_TIMEOUTS;
-        let comm = NcclComm::init_cancellable(id, place.rank, place.world_size, index, timeout, join_timeout, cancelled).map_err(|e| e.to_string())?;
+        let comm = NcclComm::init_cancellable(id, place.rank, place.world_size, index, timeout, join_timeout, cancelled)
+            .map_err(|e| e.to_string())?;
         Ok(NcclLink { comm, device })
     }
 
     /// Runs `op` on a host buffer staged through the GPU.
-    fn staged(&mut self, mut data: Vec<f32>, tag: CollectiveTag, op: impl FnOnce(&mut NcclComm, &Tensor) -> Result<(), NcclError>) -> Result<Vec<f32>, String> {
+    fn staged(
+        &mut self,
+        mut data: Vec<f32>,
+        tag: CollectiveTag,
+        op: impl FnOnce(&mut NcclComm, &Tensor) -> Result<(), NcclError>,
+    ) -> Result<Vec<f32>, String> {
         let n = data.len();
         let on_device = Tensor::f_from_slice(&data).and_then(|t| t.f_to_device(self.device)).map_err(|e| format!("{tag}: {e}"))?;
         op(&mut self.comm, &on_device).map_err(|e| format!("{tag}: {e}"))?;
@@ -1002,7 +1055,8 @@ fn trainer_thread(setup: TrainerSetup, cmds: mpsc::Receiver<TrainerCmd>, latest:
     while let Ok(cmd) = cmds.recv() {
         // libtorch reports some errors by panicking through tch; one must not take the
         // process down silently, so it becomes a reported failure.
-        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run_command(&mut trainer, &mut link, cmd, &latest, &reporter)));
+        let outcome =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run_command(&mut trainer, &mut link, cmd, &latest, &reporter)));
         match outcome {
             Ok(true) => {}
             Ok(false) => return,
@@ -1024,7 +1078,13 @@ fn send_report(reporter: &ActorRef<WorkerMsg>, report: TrainerReport) {
 }
 
 /// Runs one order; false when the thread should end.
-fn run_command(trainer: &mut Trainer, link: &mut Link, cmd: TrainerCmd, latest: &watch::Receiver<u64>, reporter: &ActorRef<WorkerMsg>) -> bool {
+fn run_command(
+    trainer: &mut Trainer,
+    link: &mut Link,
+    cmd: TrainerCmd,
+    latest: &watch::Receiver<u64>,
+    reporter: &ActorRef<WorkerMsg>,
+) -> bool {
     let report = |r| send_report(reporter, r);
     let stale = |generation: u64| generation < *latest.borrow();
     match cmd {
