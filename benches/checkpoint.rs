@@ -38,10 +38,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 use troupe_common::checkpoint::{self, ShardSnapshot, TrainState};
-use troupe_common::config::Config;
-use troupe_common::events::{read_events, RunEvent};
-use troupe_common::proto::FileDigest;
-use troupe_common::shard::ShardLayout;
+use troupe_core::config::Config;
+use troupe_core::events::{read_events, RunEvent};
+use troupe_core::proto::FileDigest;
+use troupe_core::shard::ShardLayout;
 
 const WRITE_TARGET: f64 = 0.8;
 const STEP_TARGET: f64 = 1.05;

@@ -28,8 +28,8 @@ use std::fs::{self, File};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
-use troupe_common::config::Config;
-use troupe_common::shard::Strategy;
+use troupe_core::config::Config;
+use troupe_core::shard::Strategy;
 
 const MIB: f64 = (1u64 << 20) as f64;
 
@@ -194,8 +194,8 @@ fn run(strategy: Strategy, base: &Config, out: &Path) -> Result<StrategyRun> {
         config.cluster.workers
     );
     let mut step_seconds = Vec::new();
-    for e in troupe_common::events::read_events(&run_dir)? {
-        if let troupe_common::events::RunEvent::Step { step, step_seconds: s, .. } = e {
+    for e in troupe_core::events::read_events(&run_dir)? {
+        if let troupe_core::events::RunEvent::Step { step, step_seconds: s, .. } = e {
             if step >= 1 {
                 step_seconds.push(s);
             }

@@ -28,8 +28,8 @@ use std::process::{Command, Stdio};
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use troupe_common::config::Config;
-use troupe_common::events::{read_events, RunEvent};
+use troupe_core::config::Config;
+use troupe_core::events::{read_events, RunEvent};
 
 const WORKERS: usize = 2;
 const WARMUP: usize = 5;

@@ -17,7 +17,7 @@
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
-use troupe_common::events::{read_events, RunEvent};
+use troupe_core::events::{read_events, RunEvent};
 
 const REPEATS: usize = 5;
 
@@ -37,7 +37,7 @@ fn troupe() -> Command {
 }
 
 fn config(out: &Path, name: &str, workers: usize, lease_ms: u64) -> anyhow::Result<PathBuf> {
-    let text = troupe_common::config::DEFAULT_CONFIG_TOML
+    let text = troupe_core::config::DEFAULT_CONFIG_TOML
         .replace("steps = 600", "steps = 100000")
         .replace("interval = 200\nsequences", "interval = 0\nsequences")
         .replace("[checkpoint]\ninterval = 200", "[checkpoint]\ninterval = 10")

@@ -9,13 +9,13 @@
 //! TROUPE_BENCH_WORKERS (default "1,2,3"). Output: target/bench/scaling.{md,csv}.
 
 use std::process::Command;
-use troupe_common::events::{read_events, RunEvent};
+use troupe_core::events::{read_events, RunEvent};
 
 /// Median tokens/s over the steps after warm-up, and the last step's loss.
 fn run(workers: usize, steps: u64, out: &std::path::Path) -> anyhow::Result<(f64, f64)> {
     // The embedded default; evaluation and the checkpoint at the end only (interval 0), no
     // deployment: this measures training steps.
-    let mut config = troupe_common::config::Config::default_config();
+    let mut config = troupe_core::config::Config::default_config();
     config.eval.interval = 0;
     config.checkpoint.interval = 0;
     config.deploy.enabled = false;

@@ -4,7 +4,7 @@
 
 use std::time::Instant;
 use tch::{nn::OptimizerConfig, Device, Tensor};
-use troupe_common::config::Config;
+use troupe_core::config::Config;
 use troupe_common::model::{Gpt, GptConfig};
 use troupe_worker::trainer::{Alone, Trainer, TrainerSetup};
 

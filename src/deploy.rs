@@ -18,7 +18,7 @@ pub struct ServeArgs {
     pub listen: std::net::SocketAddr,
     pub model_name: Option<String>,
     pub api_key: Option<String>,
-    pub serve: troupe_common::config::ServeConfig,
+    pub serve: troupe_core::config::ServeConfig,
 }
 
 /// The model name clients use: the run that produced the registry's versions.
@@ -115,7 +115,7 @@ fn deploy_on_registry(dir: &Path, action: DeployAction) -> anyhow::Result<ExitCo
                     if !(1..=10_000_000).contains(&canary_requests) {
                         bail!("--canary-requests {canary_requests}: the canary must answer 1..=10000000 requests before it is judged");
                     }
-                    let d = troupe_common::config::DeployConfig::default();
+                    let d = troupe_core::config::DeployConfig::default();
                     Rollout::Canary {
                         fraction,
                         requests: canary_requests,

@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{ExitCode, Stdio};
 use std::time::Duration;
-use troupe_common::config::Config;
+use troupe_core::config::Config;
 use troupe_common::metrics::{self, CoordinatorMetrics};
 use troupe_common::status::SharedStatus;
 use troupe_coordinator::{launch, run_coordinator, CoordinatorOptions, RunOutcome};
@@ -21,7 +21,7 @@ pub async fn coordinate(config: Config, resume: bool, insecure: bool, on_listeni
 
 /// Prepares the data, and finds the checkpoint to resume from (`resume`) or moves an earlier
 /// run of the same name aside (a fresh run).
-fn prepare_run(config: &Config, resume: bool) -> anyhow::Result<Option<troupe_coordinator::core::ResumeFrom>> {
+fn prepare_run(config: &Config, resume: bool) -> anyhow::Result<Option<troupe_core::cluster::ResumeFrom>> {
     launch::ensure_data(config)?;
     if resume {
         launch::find_resume_point(config)
@@ -34,7 +34,7 @@ fn prepare_run(config: &Config, resume: bool) -> anyhow::Result<Option<troupe_co
 /// As [`coordinate`], with the data prepared and the run folder settled by the caller.
 async fn coordinate_prepared(
     config: Config,
-    resume_from: Option<troupe_coordinator::core::ResumeFrom>,
+    resume_from: Option<troupe_core::cluster::ResumeFrom>,
     insecure: bool,
     on_listening: impl FnOnce(SocketAddr),
 ) -> anyhow::Result<RunOutcome> {

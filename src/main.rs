@@ -13,7 +13,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
-use troupe_common::config::Config;
+use troupe_core::config::Config;
 
 #[derive(Parser)]
 #[command(
@@ -213,14 +213,14 @@ pub struct RunOverrides {
     /// What each worker keeps of the training state (parallel.strategy): ddp, zero1, zero2,
     /// zero3.
     #[arg(long, value_parser = parse_strategy)]
-    pub strategy: Option<troupe_common::shard::Strategy>,
+    pub strategy: Option<troupe_core::shard::Strategy>,
     /// Continue from the newest complete checkpoint of the run.
     #[arg(long)]
     pub resume: bool,
 }
 
-fn parse_strategy(s: &str) -> Result<troupe_common::shard::Strategy, String> {
-    troupe_common::shard::Strategy::parse(s).ok_or_else(|| format!("unknown strategy {s:?}: use ddp, zero1, zero2 or zero3"))
+fn parse_strategy(s: &str) -> Result<troupe_core::shard::Strategy, String> {
+    troupe_core::shard::Strategy::parse(s).ok_or_else(|| format!("unknown strategy {s:?}: use ddp, zero1, zero2 or zero3"))
 }
 
 impl RunOverrides {
@@ -490,7 +490,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Serve(args) => {
             let mut serve = match &args.config {
                 Some(path) => Config::from_file(path)?.serve,
-                None => troupe_common::config::ServeConfig::default(),
+                None => troupe_core::config::ServeConfig::default(),
             };
             if let Some(n) = args.max_batch {
                 serve.max_batch = n;
@@ -543,7 +543,7 @@ async fn run_coordinator(args: CoordinatorArgs) -> anyhow::Result<ExitCode> {
         config.cluster.token = token;
     }
     if let Some(dir) = &args.tls_dir {
-        config.tls = Some(troupe_common::config::TlsConfig::coordinator_in(dir));
+        config.tls = Some(troupe_core::config::TlsConfig::coordinator_in(dir));
     }
     config.validate().context("check --tls-dir / [tls]")?;
     let join_hint = match &args.tls_dir {
@@ -582,13 +582,13 @@ async fn run_worker(args: WorkerArgs) -> anyhow::Result<ExitCode> {
     let tls = match &args.tls_dir {
         None => troupe_common::net::TlsSetup::default(),
         Some(dir) => {
-            let mut files = troupe_common::config::TlsConfig::worker_in(dir, args.tls_worker);
+            let mut files = troupe_core::config::TlsConfig::worker_in(dir, args.tls_worker);
             if let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) {
                 files.cert = cert.clone();
                 files.key = key.clone();
             }
             files.validate().context("--tls-dir / --tls-worker / --tls-cert / --tls-key")?;
-            files.setup()
+            troupe_common::net::TlsSetup::from_config(&files)
         }
     };
     let exit = troupe_worker::run_worker(troupe_worker::WorkerOptions {

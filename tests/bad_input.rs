@@ -7,7 +7,7 @@ use common::*;
 use std::net::SocketAddr;
 use std::time::Duration;
 use troupe_common::net::{self, NetOptions};
-use troupe_common::proto::{Capabilities, Hello, RefusalKind, ToCoordinator, ToWorker, PROTOCOL_VERSION};
+use troupe_core::proto::{Capabilities, Hello, RefusalKind, ToCoordinator, ToWorker, PROTOCOL_VERSION};
 
 const TOKEN: &str = "s3cret-token";
 

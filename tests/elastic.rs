@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
-use troupe_common::events::RunEvent;
+use troupe_core::events::RunEvent;
 
 const STEPS: u64 = 60;
 
@@ -101,7 +101,7 @@ impl Cluster {
 fn wait_for_event(run_dir: &Path, skip: usize, limit: Duration, what: &str, pred: impl Fn(&RunEvent) -> bool) -> Instant {
     let started = Instant::now();
     loop {
-        let found = troupe_common::events::read_events(run_dir).map(|e| e.iter().skip(skip).any(&pred)).unwrap_or(false);
+        let found = troupe_core::events::read_events(run_dir).map(|e| e.iter().skip(skip).any(&pred)).unwrap_or(false);
         if found {
             return Instant::now();
         }

@@ -20,8 +20,8 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
-use troupe_common::config::Config;
-use troupe_common::events::RunEvent;
+use troupe_core::config::Config;
+use troupe_core::events::RunEvent;
 
 fn root() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))

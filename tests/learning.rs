@@ -5,7 +5,7 @@ mod common;
 
 use common::*;
 use std::time::Duration;
-use troupe_common::events::RunEvent;
+use troupe_core::events::RunEvent;
 
 #[test]
 fn the_default_run_beats_the_unigram_baseline_by_far() {
@@ -29,7 +29,7 @@ fn the_default_run_beats_the_unigram_baseline_by_far() {
         .collect();
     let (last_step, final_val) = *val_losses.last().expect("evaluations ran");
     println!("unigram entropy {:.3} nats; validation loss by step {:?}", meta.unigram_entropy_nats, val_losses);
-    assert_eq!(last_step, troupe_common::config::Config::default_config().train.steps);
+    assert_eq!(last_step, troupe_core::config::Config::default_config().train.steps);
     assert!(
         final_val < meta.unigram_entropy_nats - 1.0,
         "final validation loss {final_val:.3} is not well below the unigram entropy {:.3}",

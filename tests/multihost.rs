@@ -14,7 +14,7 @@ use common::relay::UdpRelay;
 use common::*;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
-use troupe_common::events::RunEvent;
+use troupe_core::events::RunEvent;
 
 /// Two namespaces with a veth pair, removed on drop.
 struct Hosts {
@@ -192,7 +192,7 @@ fn a_degraded_link_still_converges_and_a_cut_link_is_handled_like_a_lost_worker(
     wait_for_steps(&run_dir, 20, Duration::from_secs(180));
     let losses = step_losses(&run_dir);
     assert!(
-        events(&run_dir).iter().all(|e| !matches!(e, troupe_common::events::RunEvent::Regrouped { .. })),
+        events(&run_dir).iter().all(|e| !matches!(e, troupe_core::events::RunEvent::Regrouped { .. })),
         "no regroup over the slow link"
     );
 
@@ -215,7 +215,7 @@ fn a_degraded_link_still_converges_and_a_cut_link_is_handled_like_a_lost_worker(
     assert!(!b_status.success() && b_log.contains("did not come back"), "host B's worker gives up on the coordinator: {b_log}");
 
     let events = events(&run_dir);
-    use troupe_common::events::RunEvent;
+    use troupe_core::events::RunEvent;
     assert!(events.iter().any(|e| matches!(e, RunEvent::WorkerLeft { reason, .. } if reason.contains("lease"))), "{coordinator_log}");
     assert!(events.iter().any(|e| matches!(e, RunEvent::Regrouped { world_size: 1, .. })), "{coordinator_log}");
     let all: Vec<(u64, f64)> = step_losses(&run_dir);

@@ -7,7 +7,7 @@ mod common;
 use common::*;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
-use troupe_common::events::RunEvent;
+use troupe_core::events::RunEvent;
 
 #[test]
 fn a_worker_exits_when_its_coordinator_is_killed() {

@@ -11,7 +11,7 @@ use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use troupe_common::events::RunEvent;
+use troupe_core::events::RunEvent;
 use troupe_common::registry::Registry;
 
 /// How often the waits below look again.

@@ -10,7 +10,7 @@ use common::*;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
-use troupe_common::events::RunEvent;
+use troupe_core::events::RunEvent;
 
 const HOSTS: [&str; 2] = ["127.0.0.2", "127.0.0.3"];
 

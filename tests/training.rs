@@ -5,7 +5,7 @@ mod common;
 
 use common::*;
 use std::time::Duration;
-use troupe_common::events::RunEvent;
+use troupe_core::events::RunEvent;
 
 const LIMIT: Duration = Duration::from_secs(300);
 

@@ -20,8 +20,8 @@
 //! files counts: a torn or corrupted checkpoint is skipped with a warning and resume falls back
 //! to the previous complete one.
 
-use crate::proto::FileDigest;
-use crate::shard::ShardLayout;
+use troupe_core::proto::FileDigest;
+use troupe_core::shard::ShardLayout;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::fs::{self, File};
@@ -85,24 +85,8 @@ pub struct TrainState {
     pub layout: ShardLayout,
 }
 
-pub fn checkpoints_dir(run_dir: &Path) -> PathBuf {
-    run_dir.join("checkpoints")
-}
-
-pub fn step_dir_name(step: u64) -> String {
-    format!("step-{step:06}")
-}
-
-pub fn final_dir(run_dir: &Path, step: u64) -> PathBuf {
-    checkpoints_dir(run_dir).join(step_dir_name(step))
-}
-
-/// Where the ranks of membership generation `generation` write checkpoint `step`: one folder
-/// per generation, so that a write abandoned by a membership change can never mix with the
-/// new generation's files.
-pub fn tmp_dir(run_dir: &Path, step: u64, generation: u64) -> PathBuf {
-    checkpoints_dir(run_dir).join(format!("{}.g{generation}.tmp", step_dir_name(step)))
-}
+/// Where checkpoints go in the run folder (the coordinator's core names them too).
+pub use troupe_core::run_dir::{checkpoints_dir, final_dir, step_dir_name, tmp_dir};
 
 /// sha256 and size of a file, streaming.
 pub fn digest_file(path: &Path) -> Result<FileDigest, CheckpointError> {

@@ -1,32 +1,24 @@
 //! troupe-common: what the coordinator and the workers both speak and compute.
 //!
-//! - [`config`]: the TOML run configuration, validated.
-//! - [`proto`]: every wire message and the versioned handshake.
 //! - [`net`]: QUIC endpoints, TLS, length-prefixed frames.
 //! - [`collective`]: the `Collective` trait and the ring all-reduce over QUIC.
 //! - [`model`]: the GPT (tch), AdamW, the learning-rate schedule, safetensors I/O.
 //! - [`data`]: corpus preparation, tokenizer, token files, the global-cursor sampler.
 //! - [`checkpoint`]: the on-disk checkpoint layout and its atomic commit.
-//! - [`shard`]: how ZeRO strategies split the flat training state over ranks.
 //! - [`metrics`]: Prometheus registry and the `/metrics` server.
 //! - [`registry`]: the model registry: served versions, their state and history.
-//! - [`events`]: the run history file `events.jsonl`.
 //! - [`fault`]: fault hooks for the failure tests.
 
 pub mod alloc;
 pub mod checkpoint;
 pub mod collective;
-pub mod config;
 pub mod console;
 pub mod data;
 pub mod device;
-pub mod events;
 pub mod fault;
 pub mod metrics;
 pub mod model;
 pub mod net;
-pub mod proto;
 pub mod registry;
-pub mod shard;
 pub mod signals;
 pub mod status;

@@ -18,7 +18,7 @@
 //! serving replica polls one small file to notice.
 
 use crate::checkpoint::{self, CheckpointError};
-use crate::proto::FileDigest;
+use troupe_core::proto::FileDigest;
 use serde::{Deserialize, Serialize};
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
@@ -75,11 +75,7 @@ pub struct EvalResults {
     pub samples: Vec<Sample>,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Sample {
-    pub prompt: String,
-    pub text: String,
-}
+pub use troupe_core::events::Sample;
 
 /// Where a version came from (`source.json`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -551,7 +547,7 @@ mod tests {
             step,
             world_size: 1,
             strategy: "ddp".into(),
-            layout: crate::shard::ShardLayout::new(1, vec![1]),
+            layout: troupe_core::shard::ShardLayout::new(1, vec![1]),
             created_unix_ms: 0,
             files,
         };

@@ -1,12 +1,12 @@
 //! Starting a coordinator: data preparation, the resume point, the listening endpoint — the
 //! I/O that happens before the actors take over. Used by `troupe coordinator` and `troupe local`.
 
-use crate::core::ResumeFrom;
+use troupe_core::cluster::ResumeFrom;
 use anyhow::{bail, Context};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use troupe_common::checkpoint;
-use troupe_common::config::Config;
+use troupe_core::config::Config;
 use troupe_common::data;
 use troupe_common::net::{self, NetOptions};
 
@@ -95,7 +95,7 @@ pub fn bind_endpoint(config: &Config, insecure: bool) -> anyhow::Result<quinn::E
     }
     let mut opts = NetOptions::default();
     if let Some(tls) = &config.tls {
-        opts.tls = tls.setup();
+        opts.tls = troupe_common::net::TlsSetup::from_config(tls);
     }
     opts.reset_key = Some(reset_key(&config.run_dir())?);
     let endpoint = net::make_endpoint(addr, &opts).with_context(|| format!("cannot listen on {addr} (cluster.listen)"))?;
@@ -139,7 +139,7 @@ pub fn reset_key(run_dir: &Path) -> anyhow::Result<Vec<u8>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use troupe_common::config::TlsConfig;
+    use troupe_core::config::TlsConfig;
     use troupe_common::net::certs;
 
     #[tokio::test]

@@ -1,10 +1,9 @@
 //! troupe-coordinator: forms the cluster, drives training steps, commits checkpoints.
 //!
-//! [`core`] is the sans-IO state machine; [`actors`] are thin ractor shells that turn network
+//! The sans-IO state machine is `troupe_core::cluster`; [`actors`] are thin ractor shells that turn network
 //! traffic and timers into core events and carry out the core's commands.
 
 pub mod actors;
-pub mod core;
 pub mod launch;
 pub mod scrape_targets;
 

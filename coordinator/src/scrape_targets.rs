@@ -9,7 +9,7 @@ use serde::Serialize;
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
-use troupe_common::config::Config;
+use troupe_core::config::Config;
 
 /// One `file_sd_configs` group: targets (`host:port`) sharing labels (`run`, `component`).
 #[derive(Debug, Serialize, PartialEq)]

@@ -6,7 +6,7 @@ pub mod relay;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
-use troupe_common::events::RunEvent;
+use troupe_core::events::RunEvent;
 
 pub fn troupe() -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_troupe"));
@@ -162,7 +162,7 @@ pub fn assert_success(o: &Output) {
 }
 
 pub fn events(run_dir: &Path) -> Vec<RunEvent> {
-    troupe_common::events::read_events(run_dir).expect("read events.jsonl")
+    troupe_core::events::read_events(run_dir).expect("read events.jsonl")
 }
 
 pub fn step_losses(run_dir: &Path) -> Vec<(u64, f64)> {
@@ -246,7 +246,7 @@ impl Drop for KillOnDrop {
 pub fn wait_for_steps(run_dir: &Path, n: usize, limit: Duration) {
     let started = std::time::Instant::now();
     loop {
-        let steps = troupe_common::events::read_events(run_dir)
+        let steps = troupe_core::events::read_events(run_dir)
             .map(|e| e.iter().filter(|e| matches!(e, RunEvent::Step { .. })).count())
             .unwrap_or(0);
         if steps >= n {

@@ -8,7 +8,7 @@
 //! computing the whole batch — whatever the world size.
 //!
 //! What a rank keeps of the training state depends on `parallel.strategy` (see
-//! [`troupe_common::shard`] for the layout):
+//! [`troupe_core::shard`] for the layout):
 //!
 //! - `ddp`: the whole model, its gradients and AdamW moments; gradients all-reduced; every rank
 //!   applies the same update, so replicas stay identical.
@@ -32,12 +32,12 @@ use std::time::Instant;
 use tch::{Device, Kind, Tensor};
 use troupe_common::checkpoint::{self, ShardPart, ShardReader, ShardSnapshot, TrainState};
 use troupe_common::collective::{check_chunked_len, CollectiveTag};
-use troupe_common::config::Config;
+use troupe_core::config::Config;
 use troupe_common::data::{self, Meta, SamplerMemo, TokenFile};
 use troupe_common::model::precision::with_autocast;
 use troupe_common::model::{self, AdamW, AdamWConfig, Gpt, GptConfig, ShardAdamW};
-use troupe_common::proto::{EvalReport, FileDigest, StepReport};
-use troupe_common::shard::{ShardLayout, Strategy};
+use troupe_core::proto::{EvalReport, FileDigest, StepReport};
+use troupe_core::shard::{ShardLayout, Strategy};
 
 pub use troupe_common::checkpoint::{MODEL_CONFIG_FILE, TOKENIZER_FILE};
 
@@ -324,7 +324,7 @@ impl Trainer {
                 val.len()
             )));
         }
-        let bf16 = config.train.precision.bf16_on(device).map_err(TrainerError::Other)?;
+        let bf16 = config.train.precision.bf16_on(device.is_cuda()).map_err(TrainerError::Other)?;
         let gpt_config = GptConfig::from_model_config(&config.model, meta.vocab_size);
         let model = Gpt::new(&gpt_config, device, config.run.seed as i64)?;
         let buckets = troupe_common::collective::gradient_buckets(&model.param_numels(), 4, config.parallel.bucket_bytes());
@@ -1434,7 +1434,7 @@ mod tests {
     #[test]
     fn bf16_is_refused_on_the_cpu_with_the_fix() {
         let mut config = config(25.0, Strategy::Ddp);
-        config.train.precision = troupe_common::config::Precision::Bf16;
+        config.train.precision = troupe_core::config::Precision::Bf16;
         let setup = TrainerSetup { config, rank: 0, world_size: 1, device: Device::Cpu, resume_from: None, start_step: 0 };
         let err = Trainer::new(setup).err().expect("refused").to_string();
         assert!(err.contains("train.precision = \"bf16\" needs a CUDA device") && err.contains("--device cuda:N"), "{err}");

@@ -37,7 +37,7 @@ use super::wire::{HelloReply, Op, PeerHello, StreamHeader, HEADER_LEN, MAX_HELLO
 use super::{check_chunked_len, Collective, CollectiveError, CollectiveTag};
 use crate::net::close::{self, describe_close_code, describe_connection_error, describe_read_error, reason_bytes};
 use crate::net::{join_proof, read_frame, verify_peer_join_proof, write_frame, NetError, TLS_SERVER_NAME};
-use crate::proto::PROTOCOL_VERSION;
+use troupe_core::proto::PROTOCOL_VERSION;
 
 /// Default size of a pipelined piece. Small enough that a 1 MB all-reduce still pipelines
 /// over a few pieces per phase, large enough that per-piece overhead is negligible.

@@ -17,7 +17,7 @@
 
 use super::rng::Rng;
 use super::{ModelError, Result};
-use crate::config::ModelConfig;
+use troupe_core::config::ModelConfig;
 use serde::{Deserialize, Serialize};
 use tch::nn::{self, Module};
 use tch::{Device, Kind, Reduction, Tensor};

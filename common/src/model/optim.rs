@@ -9,7 +9,7 @@
 
 use super::io::{self, Expected, RawTensor};
 use super::{ModelError, Result};
-use crate::config::TrainConfig;
+use troupe_core::config::TrainConfig;
 use safetensors::tensor::Dtype;
 use serde::{Deserialize, Serialize};
 use std::path::Path;

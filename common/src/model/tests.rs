@@ -2,7 +2,7 @@
 
 use super::rng::Rng;
 use super::*;
-use crate::config::{Config, TrainConfig};
+use troupe_core::config::{Config, TrainConfig};
 use safetensors::tensor::{Dtype, SafeTensors, TensorView};
 use std::collections::HashMap;
 use std::path::PathBuf;

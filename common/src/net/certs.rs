@@ -15,16 +15,8 @@ use sha2::Digest;
 
 use super::NetError;
 
-/// File names inside a cert folder written by [`write_cert_dir`].
-pub const CA_CERT_FILE: &str = "ca.pem";
-pub const CA_KEY_FILE: &str = "ca-key.pem";
-pub const COORDINATOR_CERT_FILE: &str = "coordinator.pem";
-pub const COORDINATOR_KEY_FILE: &str = "coordinator-key.pem";
-
-/// Certificate and key file names of worker `i`: `worker-<i>.pem`, `worker-<i>-key.pem`.
-pub fn worker_cert_files(i: usize) -> (String, String) {
-    (format!("worker-{i}.pem"), format!("worker-{i}-key.pem"))
-}
+/// File names inside a cert folder written by [`write_cert_dir`] (the config names them too).
+pub use troupe_core::config::{worker_cert_files, CA_CERT_FILE, CA_KEY_FILE, COORDINATOR_CERT_FILE, COORDINATOR_KEY_FILE};
 
 /// Leaf certificates are valid this many years (the CA one year longer, so that leaves
 /// re-issued late in the CA's life still chain).

@@ -53,6 +53,13 @@ pub enum TlsSetup {
     ClusterCa { ca: PathBuf, cert: PathBuf, key: PathBuf },
 }
 
+impl TlsSetup {
+    /// The endpoint setup that a config's `[tls]` files describe.
+    pub fn from_config(tls: &troupe_core::config::TlsConfig) -> TlsSetup {
+        TlsSetup::ClusterCa { ca: tls.ca.clone(), cert: tls.cert.clone(), key: tls.key.clone() }
+    }
+}
+
 /// Congestion controller of the endpoint's connections.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum CongestionControl {

@@ -12,7 +12,7 @@ use super::coordinator::CoordinatorMsg;
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use std::path::PathBuf;
 use std::time::Duration;
-use troupe_common::config::DeployConfig;
+use troupe_core::config::DeployConfig;
 use troupe_common::fault::FaultHook;
 use troupe_common::registry::{version_name, EvalResults, Registry, Rollout};
 

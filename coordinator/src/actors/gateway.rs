@@ -3,7 +3,7 @@
 
 use super::coordinator::CoordinatorMsg;
 use super::session::{SessionArgs, WorkerSession};
-use crate::core::WorkerId;
+use troupe_core::cluster::WorkerId;
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use troupe_common::metrics::CoordinatorMetrics;
 

@@ -7,13 +7,13 @@
 //! `WorkerLost`. Nothing a peer sends can panic the process.
 
 use super::coordinator::CoordinatorMsg;
-use crate::core::{Event, WorkerId};
+use troupe_core::cluster::{Event, WorkerId};
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use std::net::SocketAddr;
 use std::time::Duration;
 use troupe_common::metrics::CoordinatorMetrics;
 use troupe_common::net::{self, close as close_code};
-use troupe_common::proto::{self, Hello, RefusalKind, ToCoordinator, ToWorker, PROTOCOL_VERSION};
+use troupe_core::proto::{self, Hello, RefusalKind, ToCoordinator, ToWorker, PROTOCOL_VERSION};
 
 /// A peer has this long to complete the QUIC handshake and send its Hello.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -269,7 +269,7 @@ mod tests {
     //! coordinator answers with a refusal (or accepts a well-formed Hello) and never panics.
     use super::*;
     use proptest::prelude::*;
-    use troupe_common::proto::Capabilities;
+    use troupe_core::proto::Capabilities;
 
     fn valid_hello() -> Vec<u8> {
         let hello = ToCoordinator::Hello(Hello {

@@ -26,10 +26,10 @@ use std::time::{Duration, Instant};
 use tch::{Device, Tensor};
 use tokio::sync::{mpsc as tmpsc, oneshot, watch};
 use troupe_common::collective::{form_ring, CollectiveTag, RingCollective};
-use troupe_common::config::Config;
+use troupe_core::config::Config;
 use troupe_common::metrics::{self, WorkerMetrics};
 use troupe_common::net::{self, close as close_code, NetOptions};
-use troupe_common::proto::{
+use troupe_core::proto::{
     Assignment, Capabilities, CollectiveKind, EvalReport, FileDigest, Hello, NcclPlace, RingPlace, StepReport, ToCoordinator, ToWorker,
     PROTOCOL_VERSION,
 };
@@ -745,7 +745,7 @@ impl WorkerState {
         tracing::info!(rank = a.rank, world = a.world_size, generation = a.generation, collective = ?kind, "assigned");
 
         // The trainer thread builds the model (and loads the checkpoint) while the ring forms.
-        let sharded = config.parallel.strategy != troupe_common::shard::Strategy::Ddp;
+        let sharded = config.parallel.strategy != troupe_core::shard::Strategy::Ddp;
         let setup = TrainerSetup {
             config,
             rank: a.rank as usize,

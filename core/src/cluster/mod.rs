@@ -29,10 +29,10 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
-use troupe_common::checkpoint;
-use troupe_common::config::{CollectiveBackend, Config};
-use troupe_common::events::RunEvent;
-use troupe_common::proto::{
+use crate::run_dir;
+use crate::config::{CollectiveBackend, Config};
+use crate::events::RunEvent;
+use crate::proto::{
     Assignment, Capabilities, CollectiveKind, EvalReport, FileDigest, NcclPlace, RefusalKind, RingPlace, StepReport, ToCoordinator,
     ToWorker, NCCL_UNIQUE_ID_BYTES,
 };
@@ -435,7 +435,7 @@ impl Core {
         // Survivors carry the state on; only when none holds it does it come from disk. A
         // sharded state (zero1/2/3) is split by world size and one member's part is gone with
         // it: a new generation always starts from the newest checkpoint, resharded.
-        let replicas = self.config.parallel.strategy == troupe_common::shard::Strategy::Ddp;
+        let replicas = self.config.parallel.strategy == crate::shard::Strategy::Ddp;
         let holders = replicas && self.ranks.iter().any(|id| self.workers[id].holds_state);
         let (resume_from, start_step) = if holders {
             (None, self.completed)
@@ -995,7 +995,7 @@ impl Core {
         if self.checkpoints.contains_key(&step) {
             return;
         }
-        let dir = checkpoint::tmp_dir(&self.run_dir, step, self.generation).display().to_string();
+        let dir = run_dir::tmp_dir(&self.run_dir, step, self.generation).display().to_string();
         self.checkpoints
             .insert(step, PendingCheckpoint { requested_at: now, reported: BTreeSet::new(), files: Vec::new(), committing: false });
         for id in &self.ranks {
@@ -1073,7 +1073,7 @@ impl Core {
 mod tests {
     use super::*;
     use std::net::SocketAddr;
-    use troupe_common::proto::FileDigest;
+    use crate::proto::FileDigest;
 
     fn config(workers: usize, steps: u64) -> Config {
         let mut c = Config::default_config();
@@ -1287,7 +1287,7 @@ mod tests {
     #[test]
     fn under_a_sharded_strategy_a_new_generation_starts_from_the_newest_checkpoint() {
         let mut c = config(3, 10);
-        c.parallel.strategy = troupe_common::shard::Strategy::Zero2;
+        c.parallel.strategy = crate::shard::Strategy::Zero2;
         let mut sim = Sim::new(c);
         start(&mut sim, 3);
         for step in 0..3 {

@@ -54,7 +54,7 @@ pub enum RunEvent {
         checkpoint: String,
         val_loss: f64,
         perplexity: f64,
-        samples: Vec<crate::registry::Sample>,
+        samples: Vec<Sample>,
     },
     /// What the Deployer did with an evaluated checkpoint: `published` (as `version`) or
     /// `skipped`, and why; `failed` with the error.
@@ -103,6 +103,13 @@ pub enum RunEvent {
         final_val_loss: Option<f64>,
         seconds: f64,
     },
+}
+
+/// A continuation the Evaluator sampled from one of `eval.prompts`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Sample {
+    pub prompt: String,
+    pub text: String,
 }
 
 impl RunEvent {

@@ -10,6 +10,18 @@ use std::path::{Path, PathBuf};
 /// The configuration `troupe local` uses when no `--config` is given.
 pub const DEFAULT_CONFIG_TOML: &str = include_str!("../../configs/default.toml");
 
+/// File names in a folder written by `troupe init-certs`: the cluster CA, and each process'
+/// certificate and key.
+pub const CA_CERT_FILE: &str = "ca.pem";
+pub const CA_KEY_FILE: &str = "ca-key.pem";
+pub const COORDINATOR_CERT_FILE: &str = "coordinator.pem";
+pub const COORDINATOR_KEY_FILE: &str = "coordinator-key.pem";
+
+/// Certificate and key file names of worker `i`: `worker-<i>.pem`, `worker-<i>-key.pem`.
+pub fn worker_cert_files(i: usize) -> (String, String) {
+    (format!("worker-{i}.pem"), format!("worker-{i}-key.pem"))
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read config file {path}: {source}")]
@@ -64,21 +76,16 @@ impl TlsConfig {
     /// The files of a folder written by `troupe init-certs` for the coordinator.
     pub fn coordinator_in(dir: &Path) -> TlsConfig {
         TlsConfig {
-            ca: dir.join(crate::net::certs::CA_CERT_FILE),
-            cert: dir.join(crate::net::certs::COORDINATOR_CERT_FILE),
-            key: dir.join(crate::net::certs::COORDINATOR_KEY_FILE),
+            ca: dir.join(CA_CERT_FILE),
+            cert: dir.join(COORDINATOR_CERT_FILE),
+            key: dir.join(COORDINATOR_KEY_FILE),
         }
     }
 
     /// The files of a folder written by `troupe init-certs` for worker `i`.
     pub fn worker_in(dir: &Path, i: usize) -> TlsConfig {
-        let (cert, key) = crate::net::certs::worker_cert_files(i);
-        TlsConfig { ca: dir.join(crate::net::certs::CA_CERT_FILE), cert: dir.join(cert), key: dir.join(key) }
-    }
-
-    /// The endpoint setup these files describe.
-    pub fn setup(&self) -> crate::net::TlsSetup {
-        crate::net::TlsSetup::ClusterCa { ca: self.ca.clone(), cert: self.cert.clone(), key: self.key.clone() }
+        let (cert, key) = worker_cert_files(i);
+        TlsConfig { ca: dir.join(CA_CERT_FILE), cert: dir.join(cert), key: dir.join(key) }
     }
 
     /// Every file must exist (the contents are checked when the endpoint is built).
@@ -177,8 +184,8 @@ pub enum Precision {
 impl Precision {
     /// Whether the forward and backward passes run under bf16 autocast on `device`; an error
     /// for bf16 asked on the CPU (libtorch's CPU autocast is slower than fp32 there).
-    pub fn bf16_on(self, device: tch::Device) -> Result<bool, String> {
-        match (self, device.is_cuda()) {
+    pub fn bf16_on(self, on_cuda: bool) -> Result<bool, String> {
+        match (self, on_cuda) {
             (Precision::Fp32, _) | (Precision::Auto, false) => Ok(false),
             (Precision::Auto, true) | (Precision::Bf16, true) => Ok(true),
             (Precision::Bf16, false) => Err("train.precision = \"bf16\" needs a CUDA device; this worker computes on the CPU \
