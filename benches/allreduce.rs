@@ -25,7 +25,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
-use troupe_common::collective::{form_ring, Collective, CollectiveTag};
+use troupe_common::collective::{form_ring, CollectiveOp, CollectiveTag};
 use troupe_common::net::{make_endpoint, CongestionControl, NetOptions};
 
 const MIB: usize = 1 << 20;
@@ -140,9 +140,9 @@ fn quic_rank(o: &ChildOpts) -> Result<()> {
             for rep in 0..=reps {
                 fill(&mut data, o.rank, rep);
                 // A one-element all-reduce lines the ranks up so each timing starts together.
-                ring.all_reduce_sum(&mut token, tag(k as u64)).await?;
+                ring.run(CollectiveOp::AllReduce, &mut token, tag(k as u64)).await?;
                 let t0 = Instant::now();
-                ring.all_reduce_sum(&mut data, tag(k as u64)).await?;
+                ring.run(CollectiveOp::AllReduce, &mut data, tag(k as u64)).await?;
                 let dt = t0.elapsed().as_secs_f64();
                 for i in [0, data.len() / 3, data.len().saturating_sub(1)] {
                     if data.get(i).is_some_and(|&x| x != expected(i, rep, o.world)) {

@@ -4,9 +4,10 @@
 
 use std::time::Instant;
 use tch::{nn::OptimizerConfig, Device, Tensor};
-use troupe_core::config::Config;
 use troupe_common::model::{Gpt, GptConfig};
-use troupe_worker::trainer::{Alone, Trainer, TrainerSetup};
+use troupe_core::config::Config;
+use troupe_worker::comm::Alone;
+use troupe_worker::trainer::{Trainer, TrainerSetup};
 
 const WARMUP: u64 = 3;
 const STEPS: u64 = 12;

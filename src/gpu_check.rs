@@ -18,10 +18,11 @@ use anyhow::Context;
 use clap::Args;
 use serde_json::json;
 use tch::{Device, Kind, Tensor};
+use troupe_common::collective::CollectiveOp;
 use troupe_common::device::cuda_device_count;
 use troupe_common::model::precision::{cuda_autocast_kind, with_autocast};
 use troupe_common::model::{self, Gpt, GptConfig};
-use troupe_worker::nccl::{self, NcclComm};
+use troupe_worker::comm::nccl::{self, NcclComm};
 
 #[derive(Args)]
 pub struct GpuCheckArgs {
@@ -128,33 +129,23 @@ fn check_model(gpu: Device) -> anyhow::Result<String> {
     ))
 }
 
-/// The collectives checked and timed, by name.
-const COLLECTIVES: [&str; 4] = ["all_reduce", "reduce_scatter", "all_gather", "broadcast"];
-
-/// Runs the collective named `op` (one of [`COLLECTIVES`]; broadcast from rank 0) on `t`.
-fn run_collective(comm: &mut NcclComm, op: &str, t: &Tensor) -> anyhow::Result<()> {
-    match op {
-        "all_reduce" => comm.all_reduce_sum(t)?,
-        "reduce_scatter" => comm.reduce_scatter_sum(t)?,
-        "all_gather" => comm.all_gather(t)?,
-        _ => comm.broadcast(t, 0)?,
-    }
-    Ok(())
-}
+/// The collectives checked and timed (broadcast from rank 0).
+const COLLECTIVES: [CollectiveOp; 4] =
+    [CollectiveOp::AllReduce, CollectiveOp::ReduceScatter, CollectiveOp::AllGather, CollectiveOp::Broadcast { root: 0 }];
 
 /// With one rank every collective leaves its buffer as it was.
 fn check_collectives(comm: &mut NcclComm, gpu: Device) -> anyhow::Result<String> {
     let values = Tensor::arange(1 << 20, (Kind::Float, gpu));
     for op in COLLECTIVES {
         let t = values.copy();
-        run_collective(comm, op, &t)?;
+        comm.run(op, &t)?;
         anyhow::ensure!(t.equal(&values), "{op} changed the values of a world of one");
     }
     Ok("all_reduce, reduce_scatter, all_gather and broadcast leave 2^20 floats exact".into())
 }
 
 fn check_refusal(comm: &mut NcclComm) -> anyhow::Result<String> {
-    match comm.all_reduce_sum(&Tensor::ones([4], (Kind::Float, Device::Cpu))) {
+    match comm.run(CollectiveOp::AllReduce, &Tensor::ones([4], (Kind::Float, Device::Cpu))) {
         Ok(()) => anyhow::bail!("a CPU tensor was accepted"),
         Err(e) => Ok(format!("refused: {e}")),
     }
@@ -168,16 +159,16 @@ fn time_collectives(comm: &mut NcclComm, gpu: Device, max_mib: usize, repeats: u
     while mib <= max_mib.max(64) {
         let t = Tensor::zeros([(mib << 20) as i64 / 4], (Kind::Float, gpu));
         for op in COLLECTIVES {
-            run_collective(comm, op, &t)?;
-            run_collective(comm, op, &t)?;
+            comm.run(op, &t)?;
+            comm.run(op, &t)?;
             let start = Instant::now();
             for _ in 0..repeats {
-                run_collective(comm, op, &t)?;
+                comm.run(op, &t)?;
             }
             let seconds = start.elapsed().as_secs_f64() / repeats as f64;
             let gbps = (mib << 20) as f64 / seconds / 1e9;
             println!("{mib:>8} {op:>16} {:>10.3} {gbps:>12.1}", seconds * 1e3);
-            out.push(json!({ "mib": mib, "op": op, "seconds": seconds, "algbw_gb_per_s": gbps }));
+            out.push(json!({ "mib": mib, "op": op.name(), "seconds": seconds, "algbw_gb_per_s": gbps }));
         }
         mib *= 2;
     }

@@ -1,17 +1,17 @@
 //! Collective operations between the ranks of a training job.
 //!
-//! [`Collective`] is what the worker's collective actor drives; [`RingCollective`] implements
-//! it for CPU workers with a ring over QUIC: all-reduce, and the reduce-scatter and all-gather
-//! it is made of, with NCCL's in-place convention (rank `r` owns chunk `r`; the ring schedule
-//! is numbered so that it does, see `schedule`). An NCCL implementation (GPU workers, feature
-//! "cuda") implements the same trait later.
+//! [`CollectiveOp`] names the four operations every backend runs. [`RingCollective`] runs them
+//! over a ring of QUIC connections (CPU workers, and between hosts): all-reduce, and the
+//! reduce-scatter and all-gather it is made of, with NCCL's in-place convention (rank `r` owns
+//! chunk `r`; the ring schedule is numbered so that it does, see `schedule`). NCCL (GPU workers)
+//! lives in the worker crate (`troupe_worker::nccl`), and the trainer's view of both, the
+//! `Comm` trait, in `troupe_worker::comm`.
 
 pub mod bucket;
 mod ring;
 mod schedule;
 mod wire;
 
-use std::future::Future;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -78,49 +78,69 @@ pub fn check_chunked_len(op: &str, len: usize, world: u32) -> Result<(), Collect
     )))
 }
 
-/// A group of ranks that can combine tensors. Calls are made by every rank in the same order
-/// with the same tags; a call returns when this rank has its result.
-///
-/// Methods return `impl Future + Send` (rather than boxing) so an NCCL implementation, whose
-/// calls are mostly synchronous stream launches, pays nothing for the abstraction.
-pub trait Collective: Send {
-    /// This process's rank, `0..world_size()`.
-    fn rank(&self) -> u32;
-    /// Number of ranks.
-    fn world_size(&self) -> u32;
-    /// Sum `data` element-wise over all ranks, in place; every rank ends with identical values.
-    /// All ranks must pass slices of the same length.
-    fn all_reduce_sum(&mut self, data: &mut [f32], tag: CollectiveTag) -> impl Future<Output = Result<(), CollectiveError>> + Send;
-
-    /// Sums `data` over all ranks and leaves chunk `rank` of the sum in place: `data.len()`
-    /// must be a multiple of `world_size()` (otherwise [`CollectiveError::InvalidArgument`],
-    /// on every rank, before any traffic); chunk i is `data[i*len/W .. (i+1)*len/W]`. Other
-    /// chunks hold unspecified values afterwards. All ranks pass slices of the same length.
-    /// With one rank it does nothing. This is NCCL's in-place `ncclReduceScatter` (whose
-    /// receive buffer is chunk `rank` of the send buffer).
-    fn reduce_scatter_sum(&mut self, data: &mut [f32], tag: CollectiveTag) -> impl Future<Output = Result<(), CollectiveError>> + Send;
-
-    /// Every rank contributes chunk `rank` of `data` (same chunking and length rule as
-    /// [`Collective::reduce_scatter_sum`]); afterwards every rank holds all chunks, bit for
-    /// bit as their owners had them. The other chunks' incoming values are ignored. With one
-    /// rank it does nothing. This is NCCL's in-place `ncclAllGather`. A reduce-scatter followed
+/// One collective operation: what the QUIC ring, NCCL and every `Comm` of the trainer run.
+/// Every rank calls the same operations in the same order, on buffers of the same length;
+/// all work in place, with NCCL's convention for chunks (of W equal chunks, rank `r` owns
+/// chunk `r`: `data[r*len/W .. (r+1)*len/W]`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CollectiveOp {
+    /// Sums the buffers element-wise; every rank ends with the same sum.
+    AllReduce,
+    /// Sums the buffers and leaves chunk `rank` of the sum in place; the other chunks hold
+    /// unspecified values afterwards. NCCL's in-place `ncclReduceScatter`.
+    ReduceScatter,
+    /// Every rank contributes its chunk `rank`; afterwards every rank holds all chunks, bit for
+    /// bit as their owners had them. NCCL's in-place `ncclAllGather`. A reduce-scatter followed
     /// by an all-gather of the same buffer is an all-reduce.
-    fn all_gather(&mut self, data: &mut [f32], tag: CollectiveTag) -> impl Future<Output = Result<(), CollectiveError>> + Send;
+    AllGather,
+    /// Every rank ends with rank `root`'s buffer.
+    Broadcast { root: u32 },
+}
 
-    /// Make every rank's `data` equal to rank `root`'s. All ranks pass slices of the same
-    /// length. The default sums `root`'s values with zeros from every other rank: exact in
-    /// IEEE arithmetic (`x + 0.0 == x`; only a negative zero turns positive, on every rank
-    /// alike), at twice the traffic of a dedicated broadcast. It is used to hand the training
-    /// state to ranks that join or fell behind, which is rare.
-    fn broadcast(&mut self, data: &mut [f32], root: u32, tag: CollectiveTag) -> impl Future<Output = Result<(), CollectiveError>> + Send {
-        async move {
-            if root >= self.world_size() {
-                return Err(CollectiveError::InvalidArgument(format!("broadcast root {root} is not a rank of {}", self.world_size())));
+impl std::fmt::Display for CollectiveOp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl CollectiveOp {
+    /// The name in logs and errors.
+    pub fn name(self) -> &'static str {
+        match self {
+            CollectiveOp::AllReduce => "all_reduce_sum",
+            CollectiveOp::ReduceScatter => "reduce_scatter_sum",
+            CollectiveOp::AllGather => "all_gather",
+            CollectiveOp::Broadcast { .. } => "broadcast",
+        }
+    }
+
+    /// Whether the buffer is split into one chunk per rank (its length must be a multiple of
+    /// the world size).
+    pub fn is_chunked(self) -> bool {
+        matches!(self, CollectiveOp::ReduceScatter | CollectiveOp::AllGather)
+    }
+
+    /// Refuses what no rank can run: a chunked op on a length `world` does not divide, a
+    /// broadcast from a rank that does not exist. Every backend checks before any traffic, so
+    /// every rank refuses alike instead of some of them waiting for the others.
+    pub fn check(self, len: usize, world: u32) -> Result<(), CollectiveError> {
+        match self {
+            CollectiveOp::ReduceScatter | CollectiveOp::AllGather => check_chunked_len(self.name(), len, world),
+            CollectiveOp::Broadcast { root } if root >= world.max(1) => {
+                Err(CollectiveError::InvalidArgument(format!("broadcast root {root} is not a rank of {world}")))
             }
-            if self.rank() != root {
-                data.fill(0.0);
-            }
-            self.all_reduce_sum(data, tag).await
+            _ => Ok(()),
+        }
+    }
+
+    /// Bytes one rank sends for a buffer of `len` float32 over a ring of `world` ranks.
+    pub fn ring_bytes_sent(self, len: usize, world: u32) -> u64 {
+        let (bytes, world) = (len as u64 * 4, u64::from(world.max(1)));
+        match self {
+            // Ring all-reduce (and the broadcast built on it): 2(W-1)/W of the buffer.
+            CollectiveOp::AllReduce | CollectiveOp::Broadcast { .. } => bytes * 2 * (world - 1) / world,
+            // Each half of it: (W-1)/W.
+            CollectiveOp::ReduceScatter | CollectiveOp::AllGather => bytes * (world - 1) / world,
         }
     }
 }

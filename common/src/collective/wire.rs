@@ -3,7 +3,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::CollectiveTag;
+use super::{CollectiveOp, CollectiveTag};
 
 /// First frame on a new ring link, in both directions: the connecting rank sends its hello,
 /// the accepting rank checks it and answers with its own. `proof` is `net::join_proof` with
@@ -35,23 +35,23 @@ pub(crate) const MAX_HELLO_FRAME: usize = 1024;
 /// Identifies a troupe collective stream ("TRC1"); catches a peer that is not one.
 const MAGIC: [u8; 4] = *b"TRC1";
 
-/// Operation codes in the stream header, so a peer running another collective is caught.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[repr(u32)]
-pub(crate) enum Op {
-    AllReduceSum = 1,
-    ReduceScatterSum = 2,
-    AllGather = 3,
+/// The operation code in the stream header, so a peer running another collective is caught.
+/// A broadcast travels as the all-reduce it is made of (see `RingCollective::run`).
+pub(crate) fn op_code(op: CollectiveOp) -> u32 {
+    match op {
+        CollectiveOp::AllReduce | CollectiveOp::Broadcast { .. } => 1,
+        CollectiveOp::ReduceScatter => 2,
+        CollectiveOp::AllGather => 3,
+    }
 }
 
-impl Op {
-    fn name(code: u32) -> String {
-        match code {
-            1 => "all_reduce_sum".into(),
-            2 => "reduce_scatter_sum".into(),
-            3 => "all_gather".into(),
-            other => format!("unknown collective {other}"),
-        }
+/// The name of an operation code, for errors.
+fn op_name(code: u32) -> String {
+    match code {
+        1 => CollectiveOp::AllReduce.name().into(),
+        2 => CollectiveOp::ReduceScatter.name().into(),
+        3 => CollectiveOp::AllGather.name().into(),
+        other => format!("unknown collective {other}"),
     }
 }
 
@@ -118,10 +118,10 @@ impl StreamHeader {
         if got.op != self.op || got.tag != self.tag || got.count != self.count {
             return Some(format!(
                 "{} for {} with {} elements, but this rank is running {} for {} with {} elements",
-                Op::name(got.op),
+                op_name(got.op),
                 got.tag,
                 got.count,
-                Op::name(self.op),
+                op_name(self.op),
                 self.tag,
                 self.count
             ));
@@ -138,7 +138,7 @@ mod tests {
     fn header_round_trip_and_mismatch() {
         let h = StreamHeader {
             version: 1,
-            op: Op::AllReduceSum as u32,
+            op: op_code(CollectiveOp::AllReduce),
             from_rank: 2,
             generation: 9,
             tag: CollectiveTag { step: 5, seq: 6 },
@@ -150,8 +150,8 @@ mod tests {
         let other = StreamHeader { tag: CollectiveTag { step: 5, seq: 7 }, ..h };
         let msg = h.mismatch(&other).unwrap();
         assert!(msg.contains("step 5 seq 7") && msg.contains("step 5 seq 6"), "{msg}");
-        let gather = StreamHeader { op: Op::AllGather as u32, ..h };
-        let msg = gather.mismatch(&StreamHeader { op: Op::ReduceScatterSum as u32, ..h }).unwrap();
+        let gather = StreamHeader { op: op_code(CollectiveOp::AllGather), ..h };
+        let msg = gather.mismatch(&StreamHeader { op: op_code(CollectiveOp::ReduceScatter), ..h }).unwrap();
         assert!(msg.contains("reduce_scatter_sum for") && msg.contains("running all_gather for"), "{msg}");
         let mut bad = b;
         bad[0] = b'X';

@@ -1,6 +1,7 @@
 //! Training data: from raw text to the token windows each rank trains on.
 //!
-//! - [`corpus`]: fetching the Shakespeare corpus, finding input files, cleaning text.
+//! - [`corpus`]: fetching the Shakespeare corpus (or generating text), finding input files,
+//!   cleaning text.
 //! - [`prepare`](mod@prepare): cleaning, de-duplicating and splitting documents, training the
 //!   byte-level BPE tokenizer, writing `train.bin` / `val.bin` / `tokenizer.json` /
 //!   `meta.json` atomically.
@@ -16,7 +17,7 @@ pub mod sampler;
 pub mod tokenizer;
 pub mod tokens;
 
-pub use corpus::{clean_text, fetch_shakespeare};
+pub use corpus::{clean_text, fetch_shakespeare, generated_text};
 pub use error::{DataError, DataResult};
 pub use prepare::{
     is_prepared, load_meta, prepare, unigram_entropy_nats, verify_prepared, Meta, PrepareOptions, FORMAT_VERSION, META_JSON,

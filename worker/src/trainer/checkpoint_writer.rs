@@ -1,0 +1,116 @@
+//! A rank's part of a checkpoint: the training loop copies its shard of the state into host
+//! memory, and a background thread writes, fsyncs and hashes the files while training goes on.
+
+use std::path::Path;
+use std::time::Instant;
+
+use troupe_common::checkpoint::{self, ShardSnapshot, TrainState};
+use troupe_core::proto::FileDigest;
+
+use super::{Trainer, TrainerError, MODEL_CONFIG_FILE, TOKENIZER_FILE};
+
+/// Where a finished background checkpoint write reports: its files, or why it failed.
+pub type WriteDone = Box<dyn FnOnce(Result<Vec<FileDigest>, String>) + Send>;
+
+/// The background write in progress, if any.
+#[derive(Default)]
+pub(super) struct CheckpointWriter(Option<std::thread::JoinHandle<()>>);
+
+impl CheckpointWriter {
+    /// Waits for the write in progress to finish; returns the seconds waited.
+    fn wait(&mut self) -> f64 {
+        match self.0.take() {
+            Some(writer) => {
+                let t = Instant::now();
+                let _ = writer.join();
+                t.elapsed().as_secs_f64()
+            }
+            None => 0.0,
+        }
+    }
+}
+
+impl Drop for CheckpointWriter {
+    fn drop(&mut self) {
+        // A checkpoint being written is finished, not torn, when the trainer goes.
+        self.wait();
+    }
+}
+
+impl Trainer {
+    /// Starts writing this rank's part of the checkpoint into `dir` (a temporary folder the
+    /// coordinator commits later). The training loop pays only for copying its shard into host
+    /// memory: the files are written, fsynced and hashed by a background thread, which calls
+    /// `done` with what it wrote. If the previous write is still running, this waits for it
+    /// first; the seconds waited are returned (a metric counts them).
+    pub fn save_checkpoint(&mut self, step: u64, dir: &Path, done: WriteDone) -> Result<f64, TrainerError> {
+        if step != self.step {
+            return Err(TrainerError::OutOfOrder { what: "to checkpoint step", asked: step, completed: self.step });
+        }
+        let waited = self.writer.wait();
+        let cx = &self.cx;
+        let layout = self.state.checkpoint_layout(cx.world_size, cx.model.num_params());
+        let rank = cx.rank as u32;
+        let snapshot = self.state.snapshot(&layout, rank, step);
+        // Rank 0 also writes what is not sharded: counters and layout, the model's shape, the
+        // tokenizer.
+        let mut extra: Vec<(String, Vec<u8>)> = Vec::new();
+        if rank == 0 {
+            let state = TrainState {
+                step: self.step,
+                cursor: self.step * cx.config.train.global_batch as u64,
+                seed: cx.config.run.seed,
+                world_size: cx.world_size as u32,
+                strategy: self.state.strategy().name().into(),
+                tokens_seen: self.tokens_seen(),
+                vocab_size: self.meta.vocab_size,
+                layout,
+            };
+            extra.push((checkpoint::STATE_FILE.into(), json(&state)));
+            extra.push((MODEL_CONFIG_FILE.into(), json(&self.gpt_config)));
+            let path = cx.config.data.dir.join(TOKENIZER_FILE);
+            let tokenizer = std::fs::read(&path).map_err(|source| TrainerError::Io { what: "read the tokenizer", path, source })?;
+            extra.push((TOKENIZER_FILE.into(), tokenizer));
+        }
+        let dir = dir.to_path_buf();
+        let writer = std::thread::Builder::new()
+            .name("checkpoint-writer".into())
+            .spawn(move || {
+                checkpoint::lower_thread_priority();
+                done(write_part(&dir, &snapshot, &extra).map_err(|e| e.to_string()))
+            })
+            .map_err(TrainerError::WriterThread)?;
+        self.writer.0 = Some(writer);
+        Ok(waited)
+    }
+}
+
+fn json<T: serde::Serialize>(value: &T) -> Vec<u8> {
+    serde_json::to_vec_pretty(value).expect("plain data serialises")
+}
+
+/// The background half of [`Trainer::save_checkpoint`]: this rank's shard file and (rank 0)
+/// the small files, each fsynced, then the folder.
+fn write_part(dir: &Path, snapshot: &ShardSnapshot, extra: &[(String, Vec<u8>)]) -> Result<Vec<FileDigest>, TrainerError> {
+    std::fs::create_dir_all(dir).map_err(|source| TrainerError::Io { what: "create", path: dir.to_path_buf(), source })?;
+    // Test hook: `TROUPE_FAULT_KILL_DURING_CHECKPOINT=STEP:RANK` kills this process half-way
+    // through that rank's shard file of that step, as a machine failure would.
+    let fault = || {
+        let wanted = std::env::var("TROUPE_FAULT_KILL_DURING_CHECKPOINT").ok();
+        if wanted.as_deref() == Some(&format!("{}:{}", snapshot.step, snapshot.rank)) {
+            eprintln!("fault injection: rank {} dies while writing its checkpoint shard of step {}", snapshot.rank, snapshot.step);
+            std::process::abort();
+        }
+    };
+    let mut files = vec![checkpoint::write_shard(dir, snapshot, &fault)?];
+    for (name, bytes) in extra {
+        let path = dir.join(name);
+        if let Err(source) = std::fs::write(&path, bytes) {
+            return Err(TrainerError::Io { what: "write", path, source });
+        }
+        checkpoint::fsync_path(&path)?;
+        files.push(checkpoint::digest_file(&path)?);
+    }
+    checkpoint::fsync_path(dir)?;
+    Ok(files)
+}
