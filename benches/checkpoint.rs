@@ -1,5 +1,8 @@
 //! Sharded, asynchronous checkpoints (run: `cargo bench --bench checkpoint`).
 //!
+//! Why one file of ~700 lines: a bench is read as one report, claim by claim (A and B below),
+//! each with its setup, its measurement and its target side by side.
+//!
 //! - **A, write throughput**: a checkpoint written the way a run writes one — W threads (the
 //!   ranks, at the lowered priority of the trainer's writer thread) each call
 //!   `checkpoint::write_shard` on their `ShardSnapshot` (hashing while writing, fsync), rank 0

@@ -18,12 +18,12 @@
 //! serving replica polls one small file to notice.
 
 use crate::checkpoint::{self, CheckpointError};
-use troupe_core::proto::FileDigest;
 use serde::{Deserialize, Serialize};
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
+use troupe_core::proto::FileDigest;
 
 pub const STATE_FILE: &str = "state.json";
 pub const HISTORY_FILE: &str = "history.jsonl";

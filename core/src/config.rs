@@ -3,6 +3,10 @@
 //!
 //! The default configuration (`configs/default.toml`) is embedded in the binary, so
 //! `troupe local` runs without any file.
+//!
+//! Why one file of ~700 lines: it is the whole config file's schema, section by section, each
+//! field next to its check, so that one read shows everything a user can set;
+//! `docs/configuration.md` is checked against it by `core/tests/config_reference.rs`.
 
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};

@@ -167,4 +167,19 @@ mod tests {
         let r = HelloReply::Refused { code: 2, reason: "x".repeat(768) }; // ring::MAX_REFUSAL_REASON
         assert!(crate::net::encode_frame(&r).unwrap().len() < MAX_HELLO_FRAME);
     }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig { cases: 2000, ..Default::default() })]
+
+        /// A ring peer's hello and reply decode arbitrary bytes to a value or an error, never a
+        /// panic; so does a stream header.
+        #[test]
+        fn arbitrary_bytes_never_panic_a_ring_decoder(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..1024)) {
+            let _ = postcard::from_bytes::<PeerHello>(&bytes);
+            let _ = postcard::from_bytes::<HelloReply>(&bytes);
+            if let Ok(header) = <[u8; HEADER_LEN]>::try_from(&bytes[..bytes.len().min(HEADER_LEN)]) {
+                let _ = StreamHeader::decode(&header);
+            }
+        }
+    }
 }

@@ -10,16 +10,18 @@
 
 pub mod gpt;
 pub mod grads;
+pub mod inference;
 pub mod io;
 pub mod optim;
 pub mod precision;
 pub mod rng;
 
-pub use gpt::{Gpt, GptConfig, KvCache, Sampling};
+pub use gpt::{Gpt, GptConfig};
 pub use grads::{
     clip_flat, clip_flat_grads, clip_grad_norm, clip_tensor, flat_grad_norm, flat_grads, flatten, flatten_range, grad_norm, set_flat_grads,
     sum_of_squares, total_numel, unflatten_into, zero_grads,
 };
+pub use inference::{KvCache, Sampling};
 pub use optim::{lr_at, AdamW, AdamWConfig, ShardAdamW};
 pub use rng::Rng;
 

@@ -9,11 +9,11 @@
 
 use super::io::{self, Expected, RawTensor};
 use super::{ModelError, Result};
-use troupe_core::config::TrainConfig;
 use safetensors::tensor::Dtype;
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 use tch::Tensor;
+use troupe_core::config::TrainConfig;
 
 /// Hyper-parameters of [`AdamW`] that stay fixed for a run (the learning rate changes per step).
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]

@@ -2,11 +2,11 @@
 
 use super::rng::Rng;
 use super::*;
-use troupe_core::config::{Config, TrainConfig};
 use safetensors::tensor::{Dtype, SafeTensors, TensorView};
 use std::collections::HashMap;
 use std::path::PathBuf;
 use tch::{Device, Kind, Tensor};
+use troupe_core::config::{Config, TrainConfig};
 
 fn tiny() -> GptConfig {
     GptConfig { vocab_size: 64, block_size: 16, n_layer: 2, n_head: 4, n_embd: 32, dropout: 0.0, bias: true }
