@@ -81,6 +81,18 @@ if ! PYTHONPATH="$torch_py:$hf_dir" python3 -c "$hf_check" >/dev/null 2>&1; then
         echo "test: could not install transformers and safetensors; the Hugging Face half of tests/export.rs will be skipped" >&2
     fi
 fi
+# Style gates: one formatting (rustfmt.toml) and no clippy warnings, in every target and in
+# the NCCL code behind the `cuda` feature. rustfmt and clippy come with rustup's default
+# profile; a minimal toolchain gets them here.
+if ! cargo fmt --version >/dev/null 2>&1 || ! cargo clippy --version >/dev/null 2>&1; then
+    echo "test: adding rustfmt and clippy to the Rust toolchain (once)…" >&2
+    rustup component add rustfmt clippy
+fi
+echo "test: cargo fmt --check…" >&2
+cargo fmt --all -- --check
+echo "test: cargo clippy -D warnings (all targets, and the cuda feature)…" >&2
+cargo clippy --release --quiet --workspace --all-targets -- -D warnings
+cargo clippy --release --quiet -p troupe-worker --features cuda --all-targets -- -D warnings
 # On a GPU machine (setup.sh set TROUPE_FEATURES=cuda) the whole suite is built with NCCL.
 # Elsewhere the `cuda` feature must still build (it loads CUDA only at run time), and the NCCL
 # module's tests that need no GPU must pass: its argument checks and error texts.

@@ -9,11 +9,11 @@ use std::time::Duration;
 use troupe_common::registry::{parse_version, version_name, Registry, Rollout};
 
 /// The API key a client or server uses: the flag/env value, else the config's.
-pub fn api_key(explicit: Option<String>, configured: &str) -> Option<String> {
+pub(crate) fn api_key(explicit: Option<String>, configured: &str) -> Option<String> {
     explicit.filter(|k| !k.is_empty()).or_else(|| Some(configured.to_string()).filter(|k| !k.is_empty()))
 }
 
-pub struct ServeArgs {
+pub(crate) struct ServeArgs {
     pub registry: PathBuf,
     pub listen: std::net::SocketAddr,
     pub model_name: Option<String>,
@@ -22,7 +22,7 @@ pub struct ServeArgs {
 }
 
 /// The model name clients use: the run that produced the registry's versions.
-pub fn default_model_name(registry: &Path) -> String {
+pub(crate) fn default_model_name(registry: &Path) -> String {
     Registry::open(registry)
         .ok()
         .and_then(|r| r.summaries().ok())
@@ -30,7 +30,7 @@ pub fn default_model_name(registry: &Path) -> String {
         .unwrap_or_else(|| "troupe".into())
 }
 
-pub async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
+pub(crate) async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     Registry::open(&args.registry)?;
     let threads = if args.serve.threads > 0 { args.serve.threads } else { std::thread::available_parallelism().map_or(1, |n| n.get()) };
     tch::set_num_threads(threads as i32);
@@ -59,12 +59,12 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
 }
 
 /// Where `troupe deploy` acts: a registry folder, or a running server's admin API.
-pub enum Target {
+pub(crate) enum Target {
     Registry(PathBuf),
     Server { url: String, api_key: Option<String> },
 }
 
-pub enum DeployAction {
+pub(crate) enum DeployAction {
     Status { json: bool },
     Promote { to: Option<String> },
     Rollback { to: Option<String> },
@@ -78,7 +78,7 @@ fn version_arg(to: Option<&str>) -> anyhow::Result<Option<u32>> {
     }
 }
 
-pub fn deploy(target: Target, action: DeployAction) -> anyhow::Result<ExitCode> {
+pub(crate) fn deploy(target: Target, action: DeployAction) -> anyhow::Result<ExitCode> {
     match target {
         Target::Registry(dir) => deploy_on_registry(&dir, action),
         Target::Server { url, api_key } => deploy_on_server(&url, api_key.as_deref(), action),

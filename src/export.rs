@@ -20,7 +20,7 @@ struct OutFile {
 }
 
 /// Exports `checkpoint_dir` to `out`; prints what it wrote.
-pub fn export(checkpoint_dir: &Path, out: &Path, force: bool) -> anyhow::Result<()> {
+pub(crate) fn export(checkpoint_dir: &Path, out: &Path, force: bool) -> anyhow::Result<()> {
     if !checkpoint_dir.is_dir() {
         bail!("--checkpoint {}: no such folder", checkpoint_dir.display());
     }

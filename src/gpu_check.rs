@@ -25,7 +25,7 @@ use troupe_common::model::{self, Gpt, GptConfig};
 use troupe_worker::comm::nccl::{self, NcclComm};
 
 #[derive(Args)]
-pub struct GpuCheckArgs {
+pub(crate) struct GpuCheckArgs {
     /// Where to write the figures (JSON).
     #[arg(long, value_name = "FILE")]
     pub out: PathBuf,
@@ -55,7 +55,7 @@ impl Report {
     }
 }
 
-pub fn run(args: GpuCheckArgs) -> anyhow::Result<ExitCode> {
+pub(crate) fn run(args: GpuCheckArgs) -> anyhow::Result<ExitCode> {
     let mut report = Report { checks: Vec::new(), failed: 0 };
     let count = cuda_device_count();
     report.check(

@@ -5,7 +5,7 @@ use anyhow::Context;
 use std::time::Duration;
 
 /// A blocking HTTP call that returns the status and body whatever the status.
-pub fn call(
+pub(crate) fn call(
     method: &str,
     url: &str,
     body: Option<&serde_json::Value>,
@@ -36,7 +36,7 @@ pub fn call(
 }
 
 /// The message of an OpenAI-style error body, or the body itself.
-pub fn error_message(body: &str) -> String {
+pub(crate) fn error_message(body: &str) -> String {
     serde_json::from_str::<serde_json::Value>(body)
         .ok()
         .and_then(|v| v["error"]["message"].as_str().map(str::to_string))

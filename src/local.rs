@@ -7,14 +7,19 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{ExitCode, Stdio};
 use std::time::Duration;
-use troupe_core::config::Config;
 use troupe_common::metrics::{self, CoordinatorMetrics};
 use troupe_common::status::SharedStatus;
 use troupe_coordinator::{launch, run_coordinator, CoordinatorOptions, RunOutcome};
+use troupe_core::config::Config;
 
 /// Runs a coordinator to the end of the run. `on_listening` gets the bound address (workers
 /// can be started from there).
-pub async fn coordinate(config: Config, resume: bool, insecure: bool, on_listening: impl FnOnce(SocketAddr)) -> anyhow::Result<RunOutcome> {
+pub(crate) async fn coordinate(
+    config: Config,
+    resume: bool,
+    insecure: bool,
+    on_listening: impl FnOnce(SocketAddr),
+) -> anyhow::Result<RunOutcome> {
     let resume_from = prepare_run(&config, resume)?;
     coordinate_prepared(config, resume_from, insecure, on_listening).await
 }
@@ -84,7 +89,7 @@ fn archive_previous_run(run_dir: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-pub fn report_outcome(outcome: &RunOutcome) -> ExitCode {
+pub(crate) fn report_outcome(outcome: &RunOutcome) -> ExitCode {
     let s = &outcome.snapshot;
     if let Some(loss) = s.last_loss {
         troupe_common::say!("final train loss {loss:.4}");
@@ -105,7 +110,7 @@ pub fn report_outcome(outcome: &RunOutcome) -> ExitCode {
     }
 }
 
-pub async fn run_local(args: LocalArgs) -> anyhow::Result<ExitCode> {
+pub(crate) async fn run_local(args: LocalArgs) -> anyhow::Result<ExitCode> {
     let mut config = args.run.load()?;
     if config.cluster.token.is_empty() {
         // Even on loopback, only the processes we start may join.
@@ -313,7 +318,14 @@ fn random_token() -> anyhow::Result<String> {
 }
 
 /// Generates text from a checkpoint folder.
-pub fn generate(checkpoint: &Path, prompt: &str, max_tokens: usize, temperature: f64, top_k: usize, seed: u64) -> anyhow::Result<String> {
+pub(crate) fn generate(
+    checkpoint: &Path,
+    prompt: &str,
+    max_tokens: usize,
+    temperature: f64,
+    top_k: usize,
+    seed: u64,
+) -> anyhow::Result<String> {
     let (model, tokenizer) = troupe_common::model::load_for_inference(checkpoint, tch::Device::Cpu)?;
     let ids: Vec<i64> = tokenizer.encode(prompt)?.into_iter().map(i64::from).collect();
     if ids.is_empty() {

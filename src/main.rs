@@ -1,4 +1,5 @@
 //! The `troupe` command line: parses arguments and hands over to the crates. Nothing else.
+#![warn(unreachable_pub)]
 
 mod deploy;
 mod export;

@@ -6,7 +6,7 @@ use troupe_common::status::RunStatus;
 
 /// Fetches `/status` from the coordinator's HTTP address (the one it prints as
 /// "coordinator metrics on http://ADDR/metrics").
-pub fn fetch(addr: &str) -> anyhow::Result<RunStatus> {
+pub(crate) fn fetch(addr: &str) -> anyhow::Result<RunStatus> {
     let addr = addr.trim_start_matches("http://").trim_end_matches('/');
     let (status, body) = crate::http::call("GET", &format!("http://{addr}/status"), None, None, Duration::from_secs(10))
         .with_context(|| format!("cannot reach the coordinator's status endpoint at {addr} (its metrics.listen address)"))?;
@@ -16,7 +16,7 @@ pub fn fetch(addr: &str) -> anyhow::Result<RunStatus> {
     serde_json::from_str(&body).with_context(|| format!("{addr} did not answer with a troupe status"))
 }
 
-pub fn print(status: &RunStatus) {
+pub(crate) fn print(status: &RunStatus) {
     let opt = |v: Option<f64>, digits: usize| v.map_or("-".to_string(), |v| format!("{v:.digits$}"));
     troupe_common::say!(
         "run {} | {} | step {}/{} | loss {} | val loss {} | {} tok/s",

@@ -8,6 +8,7 @@
 //! - [`metrics`]: Prometheus registry and the `/metrics` server.
 //! - [`registry`]: the model registry: served versions, their state and history.
 //! - [`fault`]: fault hooks for the failure tests.
+#![warn(unreachable_pub)]
 
 pub mod alloc;
 pub mod checkpoint;

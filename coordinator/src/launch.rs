@@ -1,14 +1,14 @@
 //! Starting a coordinator: data preparation, the resume point, the listening endpoint — the
 //! I/O that happens before the actors take over. Used by `troupe coordinator` and `troupe local`.
 
-use troupe_core::cluster::ResumeFrom;
 use anyhow::{bail, Context};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use troupe_common::checkpoint;
-use troupe_core::config::Config;
 use troupe_common::data;
 use troupe_common::net::{self, NetOptions};
+use troupe_core::cluster::ResumeFrom;
+use troupe_core::config::Config;
 
 /// Where downloaded corpora are cached: `$TROUPE_CACHE`, else `~/.cache/troupe`.
 pub fn cache_dir() -> PathBuf {
@@ -139,8 +139,8 @@ pub fn reset_key(run_dir: &Path) -> anyhow::Result<Vec<u8>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use troupe_core::config::TlsConfig;
     use troupe_common::net::certs;
+    use troupe_core::config::TlsConfig;
 
     #[tokio::test]
     async fn mutual_tls_allows_a_public_address_without_a_token() {

@@ -2,6 +2,7 @@
 //!
 //! The sans-IO state machine is `troupe_core::cluster`; [`actors`] are thin ractor shells that turn network
 //! traffic and timers into core events and carry out the core's commands.
+#![warn(unreachable_pub)]
 
 pub mod actors;
 pub mod launch;

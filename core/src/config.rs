@@ -79,11 +79,7 @@ pub struct TlsConfig {
 impl TlsConfig {
     /// The files of a folder written by `troupe init-certs` for the coordinator.
     pub fn coordinator_in(dir: &Path) -> TlsConfig {
-        TlsConfig {
-            ca: dir.join(CA_CERT_FILE),
-            cert: dir.join(COORDINATOR_CERT_FILE),
-            key: dir.join(COORDINATOR_KEY_FILE),
-        }
+        TlsConfig { ca: dir.join(CA_CERT_FILE), cert: dir.join(COORDINATOR_CERT_FILE), key: dir.join(COORDINATOR_KEY_FILE) }
     }
 
     /// The files of a folder written by `troupe init-certs` for worker `i`.
@@ -529,7 +525,7 @@ impl Config {
         range(
             "model.n_embd",
             m.n_embd,
-            m.n_embd >= 1 && m.n_embd <= 65536 && m.n_embd % m.n_head.max(1) == 0,
+            m.n_embd >= 1 && m.n_embd <= 65536 && m.n_embd.is_multiple_of(m.n_head.max(1)),
             "must be 1..=65536 and a multiple of model.n_head",
         )?;
         range("model.block_size", m.block_size, (2..=65536).contains(&m.block_size), "must be 2..=65536")?;

@@ -6,6 +6,7 @@
 //!   judgement, hot swaps.
 //! - [`server`]: the axum HTTP server.
 //! - [`metrics`]: its Prometheus metrics.
+#![warn(unreachable_pub)]
 
 pub mod api;
 pub mod deployment;

@@ -115,7 +115,7 @@ pub fn write_shard(dir: &Path, shard: &ShardSnapshot, fault: &dyn Fn()) -> Resul
     header.insert("step".into(), serde_json::json!({"dtype": "I64", "shape": [], "data_offsets": [3 * bytes, 3 * bytes + 8]}));
     let mut text = serde_json::to_vec(&serde_json::Value::Object(header)).expect("plain JSON");
     // Data must start 8-byte aligned: pad the header with spaces, as the format allows.
-    while (8 + text.len()) % 8 != 0 {
+    while !(8 + text.len()).is_multiple_of(8) {
         text.push(b' ');
     }
     let file = File::create(&path).map_err(io(&path))?;

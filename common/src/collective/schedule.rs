@@ -73,7 +73,7 @@ pub(crate) struct Schedule {
 impl Schedule {
     /// The schedule of `phases` (a sub-range of `0..2(W-1)`) for `rank` over `n` elements,
     /// cut into pieces of at most `piece_elems` elements.
-    pub fn new(n: usize, world: u32, rank: u32, piece_elems: usize, phases: Range<u32>) -> Self {
+    pub(crate) fn new(n: usize, world: u32, rank: u32, piece_elems: usize, phases: Range<u32>) -> Self {
         let w = world.max(1) as usize;
         let r = rank as usize % w;
         let piece_elems = piece_elems.max(1);
@@ -102,7 +102,7 @@ impl Schedule {
     }
 
     /// Whether send piece `j` has its data, given how many receive pieces are complete.
-    pub fn send_ready(&self, j: usize, recvs_done: usize) -> bool {
+    pub(crate) fn send_ready(&self, j: usize, recvs_done: usize) -> bool {
         j < self.first_sends || recvs_done > j - self.first_sends
     }
 }
@@ -123,26 +123,26 @@ pub(crate) struct Incoming {
 pub(crate) struct ExcessBytes(pub usize);
 
 impl Incoming {
-    pub fn new(s: &Schedule) -> Self {
+    pub(crate) fn new(s: &Schedule) -> Self {
         Incoming { item: 0, pos: s.recvs.first().map_or(0, |i| i.range.start), carry: [0; 4], carry_len: 0 }
     }
 
     /// Receive pieces fully applied so far.
-    pub fn items_done(&self) -> usize {
+    pub(crate) fn items_done(&self) -> usize {
         self.item
     }
 
-    pub fn is_complete(&self, s: &Schedule) -> bool {
+    pub(crate) fn is_complete(&self, s: &Schedule) -> bool {
         self.item >= s.recvs.len()
     }
 
     /// The piece being received and how many of its elements arrived.
-    pub fn current(&self, s: &Schedule) -> Option<(Item, usize)> {
+    pub(crate) fn current(&self, s: &Schedule) -> Option<(Item, usize)> {
         s.recvs.get(self.item).map(|it| (it.clone(), self.pos - it.range.start))
     }
 
     /// Apply `bytes`. `data.len()` must be the schedule's `n`.
-    pub fn feed(&mut self, s: &Schedule, data: &mut [f32], mut bytes: &[u8]) -> Result<(), ExcessBytes> {
+    pub(crate) fn feed(&mut self, s: &Schedule, data: &mut [f32], mut bytes: &[u8]) -> Result<(), ExcessBytes> {
         debug_assert_eq!(data.len(), s.n);
         while !bytes.is_empty() {
             let Some(item) = s.recvs.get(self.item) else {

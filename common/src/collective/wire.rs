@@ -70,7 +70,7 @@ pub(crate) struct StreamHeader {
 }
 
 impl StreamHeader {
-    pub fn encode(&self) -> [u8; HEADER_LEN] {
+    pub(crate) fn encode(&self) -> [u8; HEADER_LEN] {
         let mut b = [0u8; HEADER_LEN];
         b[0..4].copy_from_slice(&MAGIC);
         b[4..8].copy_from_slice(&self.version.to_le_bytes());
@@ -84,7 +84,7 @@ impl StreamHeader {
     }
 
     /// Parse a header; `None` if the magic is wrong (not a troupe collective stream).
-    pub fn decode(b: &[u8; HEADER_LEN]) -> Option<Self> {
+    pub(crate) fn decode(b: &[u8; HEADER_LEN]) -> Option<Self> {
         if b[0..4] != MAGIC {
             return None;
         }
@@ -105,7 +105,7 @@ impl StreamHeader {
     }
 
     /// `None` if `got` is the stream `self` expects; otherwise what differs, naming both sides.
-    pub fn mismatch(&self, got: &StreamHeader) -> Option<String> {
+    pub(crate) fn mismatch(&self, got: &StreamHeader) -> Option<String> {
         if got.version != self.version {
             return Some(format!("protocol version {} but this rank speaks {}", got.version, self.version));
         }

@@ -221,6 +221,49 @@ fn collapse_blanks(line: &str) -> String {
     out
 }
 
+/// About `bytes` of English-like text (sentences of common words in paragraphs), the same for
+/// the same `seed`: a corpus for tests and benchmarks that must not download one.
+pub fn generated_text(bytes: usize, seed: u64) -> String {
+    const WORDS: &[&str] = &[
+        "the", "of", "and", "to", "a", "in", "that", "is", "was", "he", "for", "it", "with", "as", "his", "on", "be", "at", "by", "had",
+        "not", "are", "but", "from", "or", "have", "an", "they", "which", "one", "you", "were", "her", "all", "she", "there", "would",
+        "their", "we", "him", "been", "has", "when", "who", "will", "more", "no", "if", "out", "so", "said", "what", "up", "its", "about",
+        "into", "than", "them", "can", "only", "other", "new", "some", "could", "time", "these", "two", "may", "then", "do", "first",
+        "any", "my", "now", "such", "like", "our", "over", "man", "me", "even", "most", "made", "after", "also", "did", "many", "before",
+        "must", "through", "back", "years", "where", "much", "your", "way", "well", "down", "should", "because", "each", "just", "those",
+        "people", "how", "too", "little", "state", "good", "very", "make", "world", "still", "own", "see", "men", "work", "long", "get",
+        "here", "between", "both", "life", "being", "under", "never", "day", "same", "another", "know", "while", "last", "might", "us",
+        "great", "old", "year", "off", "come", "since", "against", "go", "came", "right", "used", "take", "three", "king", "queen",
+        "night", "love", "house", "light", "sea", "river",
+    ];
+    // A small LCG: reproducible on every platform, no dependency.
+    let mut state = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    let mut next = move |n: usize| {
+        state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        ((state >> 33) % n as u64) as usize
+    };
+    let mut text = String::with_capacity(bytes + 256);
+    while text.len() < bytes {
+        for _ in 0..3 + next(5) {
+            let words = 4 + next(12);
+            for w in 0..words {
+                let word = WORDS[next(WORDS.len())];
+                if w == 0 {
+                    let mut chars = word.chars();
+                    text.extend(chars.next().map(|c| c.to_ascii_uppercase()));
+                    text.push_str(chars.as_str());
+                } else {
+                    text.push(' ');
+                    text.push_str(word);
+                }
+            }
+            text.push_str(if next(6) == 0 { "? " } else { ". " });
+        }
+        text.push_str("\n\n");
+    }
+    text
+}
+
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
@@ -306,47 +349,4 @@ pub(crate) mod tests {
         let _ = fs::create_dir_all(&dir);
         dir
     }
-}
-
-/// About `bytes` of English-like text (sentences of common words in paragraphs), the same for
-/// the same `seed`: a corpus for tests and benchmarks that must not download one.
-pub fn generated_text(bytes: usize, seed: u64) -> String {
-    const WORDS: &[&str] = &[
-        "the", "of", "and", "to", "a", "in", "that", "is", "was", "he", "for", "it", "with", "as", "his", "on", "be", "at", "by", "had",
-        "not", "are", "but", "from", "or", "have", "an", "they", "which", "one", "you", "were", "her", "all", "she", "there", "would",
-        "their", "we", "him", "been", "has", "when", "who", "will", "more", "no", "if", "out", "so", "said", "what", "up", "its", "about",
-        "into", "than", "them", "can", "only", "other", "new", "some", "could", "time", "these", "two", "may", "then", "do", "first",
-        "any", "my", "now", "such", "like", "our", "over", "man", "me", "even", "most", "made", "after", "also", "did", "many", "before",
-        "must", "through", "back", "years", "where", "much", "your", "way", "well", "down", "should", "because", "each", "just", "those",
-        "people", "how", "too", "little", "state", "good", "very", "make", "world", "still", "own", "see", "men", "work", "long", "get",
-        "here", "between", "both", "life", "being", "under", "never", "day", "same", "another", "know", "while", "last", "might", "us",
-        "great", "old", "year", "off", "come", "since", "against", "go", "came", "right", "used", "take", "three", "king", "queen",
-        "night", "love", "house", "light", "sea", "river",
-    ];
-    // A small LCG: reproducible on every platform, no dependency.
-    let mut state = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-    let mut next = move |n: usize| {
-        state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-        ((state >> 33) % n as u64) as usize
-    };
-    let mut text = String::with_capacity(bytes + 256);
-    while text.len() < bytes {
-        for _ in 0..3 + next(5) {
-            let words = 4 + next(12);
-            for w in 0..words {
-                let word = WORDS[next(WORDS.len())];
-                if w == 0 {
-                    let mut chars = word.chars();
-                    text.extend(chars.next().map(|c| c.to_ascii_uppercase()));
-                    text.push_str(chars.as_str());
-                } else {
-                    text.push(' ');
-                    text.push_str(word);
-                }
-            }
-            text.push_str(if next(6) == 0 { "? " } else { ". " });
-        }
-        text.push_str("\n\n");
-    }
-    text
 }

@@ -72,7 +72,7 @@ impl GptConfig {
                 return fail(format!("{field} = {v} must be between 1 and {limit}"));
             }
         }
-        if self.n_embd % self.n_head != 0 {
+        if !self.n_embd.is_multiple_of(self.n_head) {
             return fail(format!("n_embd = {} must be a multiple of n_head = {}", self.n_embd, self.n_head));
         }
         if !(0.0..1.0).contains(&self.dropout) {

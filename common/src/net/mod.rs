@@ -98,12 +98,12 @@ impl From<quinn::ClosedStream> for NetError {
 pub(crate) mod test_util {
     use super::{make_endpoint, NetOptions, TLS_SERVER_NAME};
 
-    pub fn endpoint() -> quinn::Endpoint {
+    pub(crate) fn endpoint() -> quinn::Endpoint {
         make_endpoint("127.0.0.1:0".parse().expect("addr"), &NetOptions::default()).expect("endpoint")
     }
 
     /// A connection from `a` to `b`: (client side, server side).
-    pub async fn connect(a: &quinn::Endpoint, b: &quinn::Endpoint) -> (quinn::Connection, quinn::Connection) {
+    pub(crate) async fn connect(a: &quinn::Endpoint, b: &quinn::Endpoint) -> (quinn::Connection, quinn::Connection) {
         let addr = b.local_addr().expect("local addr");
         let (ca, cb) = tokio::join!(async { a.connect(addr, TLS_SERVER_NAME).expect("connect").await.expect("handshake") }, async {
             b.accept().await.expect("incoming").await.expect("accept")

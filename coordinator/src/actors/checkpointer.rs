@@ -7,11 +7,11 @@
 //! previous checkpoint stays the newest and training goes on.
 
 use super::coordinator::CoordinatorMsg;
-use troupe_core::cluster::Event;
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use std::path::PathBuf;
 use troupe_common::checkpoint;
 use troupe_common::fault::FaultHook;
+use troupe_core::cluster::Event;
 use troupe_core::proto::FileDigest;
 
 pub struct Checkpointer;

@@ -12,9 +12,9 @@ use super::coordinator::CoordinatorMsg;
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use std::path::PathBuf;
 use std::time::Duration;
-use troupe_core::config::DeployConfig;
 use troupe_common::fault::FaultHook;
 use troupe_common::registry::{version_name, EvalResults, Registry, Rollout};
+use troupe_core::config::DeployConfig;
 
 pub struct Deployer;
 

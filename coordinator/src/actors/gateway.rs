@@ -3,9 +3,9 @@
 
 use super::coordinator::CoordinatorMsg;
 use super::session::{SessionArgs, WorkerSession};
-use troupe_core::cluster::WorkerId;
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use troupe_common::metrics::CoordinatorMetrics;
+use troupe_core::cluster::WorkerId;
 
 pub struct Gateway;
 

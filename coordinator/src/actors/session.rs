@@ -7,12 +7,12 @@
 //! `WorkerLost`. Nothing a peer sends can panic the process.
 
 use super::coordinator::CoordinatorMsg;
-use troupe_core::cluster::{Event, WorkerId};
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use std::net::SocketAddr;
 use std::time::Duration;
 use troupe_common::metrics::CoordinatorMetrics;
 use troupe_common::net::{self, close as close_code};
+use troupe_core::cluster::{Event, WorkerId};
 use troupe_core::proto::{self, Hello, RefusalKind, ToCoordinator, ToWorker, PROTOCOL_VERSION};
 
 /// A peer has this long to complete the QUIC handshake and send its Hello.

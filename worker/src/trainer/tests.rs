@@ -200,7 +200,8 @@ fn a_mixed_generation_sums_over_the_group_and_the_ring() {
     let pair = || -> Pair { (Arc::new(Mutex::new([Vec::new(), Vec::new()])), Arc::new(Barrier::default())) };
     let (group, ring) = (pair(), pair());
     // (rank in the group, rank in the ring) of each of the three ranks.
-    let places: Vec<(Option<(Pair, usize)>, Option<(Pair, usize)>)> =
+    type Place = Option<(Pair, usize)>;
+    let places: Vec<(Place, Place)> =
         vec![(Some((group.clone(), 0)), Some((ring.clone(), 0))), (Some((group, 1)), None), (None, Some((ring, 1)))];
     let tag = |seq| CollectiveTag { step: 0, seq };
     let ranks: Vec<_> = places
