@@ -303,6 +303,13 @@ async fn connect_successor_once(endpoint: &quinn::Endpoint, me: &Me, succ_rank: 
     Ok(Attempt::Linked(conn))
 }
 
+/// What checking one incoming connection found: the predecessor, or a refusal, whose note
+/// (address and reason) goes into the error if the right predecessor never comes.
+enum Checked {
+    Accepted(quinn::Connection),
+    Refused(String),
+}
+
 async fn accept_predecessor(
     endpoint: &quinn::Endpoint,
     me: &Arc<Me>,
@@ -313,7 +320,7 @@ async fn accept_predecessor(
     // Each incoming connection is checked in its own task: a slow or silent peer cannot hold
     // up the right one, and a check in progress still ends with a clear refusal even if this
     // formation gives up meanwhile.
-    let (tx, mut rx) = mpsc::channel::<Result<quinn::Connection, String>>(4);
+    let (tx, mut rx) = mpsc::channel::<Checked>(4);
     loop {
         tokio::select! {
             incoming = endpoint.accept() => {
@@ -324,8 +331,8 @@ async fn accept_predecessor(
                 tokio::spawn(check_incoming_task(incoming, me.clone(), pred_rank, timeout, tx.clone()));
             }
             Some(checked) = rx.recv() => match checked {
-                Ok(conn) => return Ok(conn),
-                Err(note) => {
+                Checked::Accepted(conn) => return Ok(conn),
+                Checked::Refused(note) => {
                     if let Ok(mut v) = refusals.lock() {
                         v.push(note);
                     }
@@ -335,24 +342,18 @@ async fn accept_predecessor(
     }
 }
 
-async fn check_incoming_task(
-    incoming: quinn::Incoming,
-    me: Arc<Me>,
-    pred_rank: u32,
-    timeout: Duration,
-    tx: mpsc::Sender<Result<quinn::Connection, String>>,
-) {
+async fn check_incoming_task(incoming: quinn::Incoming, me: Arc<Me>, pred_rank: u32, timeout: Duration, tx: mpsc::Sender<Checked>) {
     let remote = incoming.remote_address();
     let conn = match tokio::time::timeout(timeout, incoming).await {
         Ok(Ok(c)) => c,
         Ok(Err(e)) => {
             let why = describe_connection_error(&e);
             tracing::warn!(%remote, %why, "incoming ring connection failed during handshake");
-            let _ = tx.send(Err(format!("{remote}: handshake failed: {why}"))).await;
+            let _ = tx.send(Checked::Refused(format!("{remote}: handshake failed: {why}"))).await;
             return;
         }
         Err(_) => {
-            let _ = tx.send(Err(format!("{remote}: handshake did not complete"))).await;
+            let _ = tx.send(Checked::Refused(format!("{remote}: handshake did not complete"))).await;
             return;
         }
     };
@@ -363,7 +364,7 @@ async fn check_incoming_task(
     };
     match checked {
         Ok(()) => {
-            if tx.send(Ok(conn.clone())).await.is_err() {
+            if tx.send(Checked::Accepted(conn.clone())).await.is_err() {
                 // This rank gave up after the peer was welcomed. Closing at once would discard
                 // the welcome still in flight (and, quinn#2785, maybe the close too); the peer
                 // would see a bare reset. Let the exchange settle, then close saying why.
@@ -374,7 +375,7 @@ async fn check_incoming_task(
         }
         Err((code, reason)) => {
             tracing::warn!(%remote, code = %describe_close_code(code), %reason, "refusing ring connection");
-            let _ = tx.send(Err(format!("{remote}: {} {reason}", close::close_code_name(code)))).await;
+            let _ = tx.send(Checked::Refused(format!("{remote}: {} {reason}", close::close_code_name(code)))).await;
             drop(tx);
             // The refusal went out as a reply frame; give the peer time to read it and close.
             // Closing first could lose it: quinn 0.11 does not send CONNECTION_CLOSE while the

@@ -65,23 +65,25 @@ pub(super) struct Handle {
     ctx: Arc<CudaContext>,
 }
 
-pub(super) fn probe() -> Result<(), String> {
+pub(super) fn probe() -> Result<(), NcclError> {
     // cudarc loads a library on its first call and panics if it (or a symbol) is missing,
     // so everything it will look up is checked first; the catch is only a backstop.
     match std::panic::catch_unwind(probe_libraries) {
         Ok(result) => result,
-        Err(_) => Err("loading the CUDA driver or NCCL library panicked (see the message \
-                       above); check LD_LIBRARY_PATH"
-            .to_string()),
+        Err(_) => Err(NcclError::Unavailable(
+            "loading the CUDA driver or NCCL library panicked (see the message above); check LD_LIBRARY_PATH".to_string(),
+        )),
     }
 }
 
-fn probe_libraries() -> Result<(), String> {
+/// Why NCCL cannot be used here, if it cannot (the text becomes [`NcclError::Unavailable`]).
+fn probe_libraries() -> Result<(), NcclError> {
+    let unavailable = |why: String| Err(NcclError::Unavailable(why));
     let search_path = std::env::var("LD_LIBRARY_PATH").unwrap_or_default();
     // SAFETY: loading the driver library runs its initializers, which is what any CUDA
     // program does.
     if !unsafe { cudarc::driver::sys::is_culib_present() } {
-        return Err(format!(
+        return unavailable(format!(
             "the CUDA driver library libcuda.so.1 could not be loaded: this machine needs \
              an NVIDIA GPU and driver; if the driver is installed, add the directory that \
              holds libcuda.so.1 to LD_LIBRARY_PATH (now {search_path:?})"
@@ -92,7 +94,7 @@ fn probe_libraries() -> Result<(), String> {
     for name in DRIVER_SYMBOLS {
         // SAFETY: the symbol is only looked up, never called through this type.
         if unsafe { driver.get::<unsafe extern "C" fn()>(*name) }.is_err() {
-            return Err(format!(
+            return unavailable(format!(
                 "the CUDA driver library lacks {name}: the NVIDIA driver is too old for \
                  troupe, update it"
             ));
@@ -101,7 +103,7 @@ fn probe_libraries() -> Result<(), String> {
     // SAFETY: as for the driver library.
     if !unsafe { sys::is_culib_present() } {
         let names = cudarc::get_lib_name_candidates("nccl");
-        return Err(format!(
+        return unavailable(format!(
             "the NCCL library could not be loaded (looked for {names:?} on the library \
              search path, LD_LIBRARY_PATH now {search_path:?}). Install NCCL 2.14 or newer \
              and add its lib directory to LD_LIBRARY_PATH; runtime-only packages (apt \
@@ -114,15 +116,15 @@ fn probe_libraries() -> Result<(), String> {
     for name in NCCL_SYMBOLS {
         // SAFETY: only looked up.
         if unsafe { nccl.get::<unsafe extern "C" fn()>(*name) }.is_err() {
-            return Err(format!("the loaded NCCL library lacks {name}: troupe needs NCCL 2.14 or newer"));
+            return unavailable(format!("the loaded NCCL library lacks {name}: troupe needs NCCL 2.14 or newer"));
         }
     }
     cudarc::driver::result::init().map_err(|e| {
-        format!(
+        NcclError::Unavailable(format!(
             "cuInit failed: {}; is a GPU visible to this process (CUDA_VISIBLE_DEVICES, \
              container runtime)?",
             cuda_message(&e)
-        )
+        ))
     })
 }
 

@@ -216,8 +216,8 @@ fn check_membership(rank: u32, world: u32) -> Result<(), NcclError> {
 /// (`libcuda.so.1`) and NCCL (`libnccl.so`) loadable with every function troupe calls? The
 /// answer is computed once. Never panics.
 pub fn available() -> Result<(), NcclError> {
-    static PROBE: OnceLock<Result<(), String>> = OnceLock::new();
-    PROBE.get_or_init(backend::probe).clone().map_err(NcclError::Unavailable)
+    static PROBE: OnceLock<Result<(), NcclError>> = OnceLock::new();
+    PROBE.get_or_init(backend::probe).clone()
 }
 
 /// A fresh `ncclUniqueId`, [`UNIQUE_ID_BYTES`] long. Rank 0 calls this and hands the bytes to
@@ -386,8 +386,8 @@ mod backend {
     /// Uninhabited: an `NcclComm` cannot be built in this configuration.
     pub(super) enum Handle {}
 
-    pub(super) fn probe() -> Result<(), String> {
-        Err(NOT_BUILT.to_string())
+    pub(super) fn probe() -> Result<(), NcclError> {
+        Err(NcclError::Unavailable(NOT_BUILT.to_string()))
     }
 
     pub(super) fn unique_id() -> Result<Vec<u8>, NcclError> {
