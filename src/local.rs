@@ -189,37 +189,56 @@ pub(crate) async fn run_local(args: LocalArgs) -> anyhow::Result<ExitCode> {
     std::fs::create_dir_all(&logs).with_context(|| format!("cannot create {}", logs.display()))?;
     let on = if args.gpus.is_some() { format!("on {}", devices.join(", ")) } else { "on the CPU".to_string() };
     troupe_common::say!("starting {workers} worker processes {on} ({threads} threads each), logs in {}", logs.display());
-    let mut children = Vec::new();
-    for (i, device) in devices.iter().enumerate() {
-        let log_path = logs.join(format!("worker-{i}.log"));
-        let log = std::fs::File::create(&log_path).with_context(|| format!("cannot create {}", log_path.display()))?;
-        let child = tokio::process::Command::new(&exe)
-            .args(["worker", "--join", &addr.to_string(), "--threads", &threads.to_string(), "--device", device])
-            .env("TROUPE_TOKEN", &token)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .kill_on_drop(true)
-            // Its own process group: a Ctrl-C in the terminal reaches only `troupe local`,
-            // which then checkpoints and stops the workers in order.
-            .process_group(0)
-            .spawn()
-            .with_context(|| format!("cannot start worker {i}"))?;
-        children.push((i, log_path, child));
-    }
+    let spawn: crate::supervise::Spawn = {
+        let (exe, addr, devices, token) = (exe.clone(), addr.to_string(), devices.clone(), token.clone());
+        Box::new(move |i, attempt, log_path| {
+            // Appended to: a restarted worker's log follows its predecessor's.
+            let mut log = std::fs::OpenOptions::new()
+                .create(true)
+                .write(true)
+                .append(attempt > 0)
+                .truncate(attempt == 0)
+                .open(log_path)
+                .with_context(|| format!("cannot open {}", log_path.display()))?;
+            if attempt > 0 {
+                use std::io::Write;
+                let _ = writeln!(log, "--- troupe local: restart {attempt} of worker {i} ---");
+            }
+            tokio::process::Command::new(&exe)
+                .args(["worker", "--join", &addr, "--threads", &threads.to_string(), "--device", &devices[i]])
+                .env("TROUPE_TOKEN", &token)
+                .stdin(Stdio::null())
+                .stdout(log.try_clone()?)
+                .stderr(log)
+                .kill_on_drop(true)
+                // Its own process group: a Ctrl-C in the terminal reaches only `troupe local`,
+                // which then checkpoints and stops the workers in order.
+                .process_group(0)
+                .spawn()
+                .with_context(|| format!("cannot start worker {i}"))
+        })
+    };
+    let logs_dir = logs.clone();
+    let mut workers_running = crate::supervise::Supervisor::start(
+        workers,
+        move |i| logs_dir.join(format!("worker-{i}.log")),
+        args.max_restarts,
+        config.cluster.min_workers,
+        spawn,
+    )?;
     let outcome = {
-        let watch = watch_children(&mut children);
-        tokio::pin!(watch);
+        let supervise = workers_running.supervise();
+        tokio::pin!(supervise);
         tokio::select! {
             outcome = &mut run => outcome?,
-            failure = &mut watch => anyhow::bail!("{failure}"),
+            failure = &mut supervise => anyhow::bail!("{failure}"),
         }
     };
     // Workers exit on Stop; give them a moment, then make sure none is left behind.
-    for (_, _, child) in children.iter_mut() {
-        if tokio::time::timeout(Duration::from_secs(10), child.wait()).await.is_err() {
-            let _ = child.kill().await;
-        }
+    workers_running.stop(Duration::from_secs(10)).await;
+    let restarts: u32 = workers_running.restarts().iter().sum();
+    if restarts > 0 {
+        troupe_common::say!("worker restarts during the run: {:?} (per worker)", workers_running.restarts());
     }
     let code = report_outcome(&outcome);
     if outcome.ok && args.sample_tokens > 0 {
@@ -273,41 +292,6 @@ fn complete_over_http(
     let version = value["version"].as_str().unwrap_or("?").to_string();
     let completion = value["choices"][0]["text"].as_str().context("the completion has no choices[0].text")?.to_string();
     Ok((version, completion))
-}
-
-/// Resolves when a worker process fails (exits with an error or a signal) before the run is
-/// over, with its log's tail. A worker that exits cleanly — stopped at the end of the run, or
-/// leaving on SIGTERM while the others go on — is not a failure; it is just no longer watched.
-async fn watch_children(children: &mut [(usize, PathBuf, tokio::process::Child)]) -> String {
-    let mut waits: Vec<_> = children
-        .iter_mut()
-        .map(|(i, log, child)| {
-            let i = *i;
-            let log = log.clone();
-            Box::pin(async move {
-                let status = child.wait().await;
-                if status.as_ref().is_ok_and(|s| s.success()) {
-                    return None;
-                }
-                let tail = std::fs::read_to_string(&log)
-                    .map(|t| t.lines().rev().take(15).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n"))
-                    .unwrap_or_default();
-                Some(format!(
-                    "worker {i} exited early ({}); the last lines of {}:\n{tail}",
-                    status.map(|s| s.to_string()).unwrap_or_else(|e| e.to_string()),
-                    log.display()
-                ))
-            })
-        })
-        .collect();
-    while !waits.is_empty() {
-        let (exited, _, rest) = futures::future::select_all(waits).await;
-        if let Some(failure) = exited {
-            return failure;
-        }
-        waits = rest;
-    }
-    std::future::pending().await
 }
 
 fn random_token() -> anyhow::Result<String> {

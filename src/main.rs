@@ -7,6 +7,7 @@ mod gpu_check;
 mod http;
 mod local;
 mod status;
+mod supervise;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
@@ -261,6 +262,10 @@ pub struct LocalArgs {
     /// After the run, keep serving the registry until Ctrl-C.
     #[arg(long)]
     pub serve: bool,
+    /// Restart a worker process that dies (a crash, a signal) up to this many times; it
+    /// rejoins the run. 0: never (the run goes on without it while cluster.min_workers remain).
+    #[arg(long, default_value_t = 3)]
+    pub max_restarts: u32,
     /// Train on GPUs: one worker per GPU (cuda:0, cuda:1, ...), "all" or a number; sets
     /// cluster.workers. Without it the workers compute on the CPU.
     #[arg(long, value_name = "all|N", value_parser = parse_gpus)]
