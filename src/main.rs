@@ -416,6 +416,8 @@ struct ExportArgs {
 
 fn main() -> ExitCode {
     troupe_common::alloc::tune();
+    // Servers and QUIC endpoints hold a socket per peer; the soft limit is often 1024.
+    troupe_common::http_server::raise_open_files_limit();
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("TROUPE_LOG").unwrap_or_else(|_| {
             tracing_subscriber::EnvFilter::new("warn,troupe=info,troupe_worker=info,troupe_coordinator=info,troupe_common=info")

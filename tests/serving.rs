@@ -11,8 +11,8 @@ use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use troupe_core::events::RunEvent;
 use troupe_common::registry::Registry;
+use troupe_core::events::RunEvent;
 
 /// How often the waits below look again.
 const POLL: Duration = Duration::from_millis(20);
@@ -502,5 +502,46 @@ fn the_official_openai_python_client_completes_streaming_and_not() {
     for refusal in ["wrong_key", "unknown_model", "too_many_tokens"] {
         assert!(seen[refusal].as_str().is_some_and(|r| r.starts_with("refused")), "{refusal}: {seen}");
     }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A thousand clients that open a connection, send half a request and go quiet (slowloris):
+/// `/healthz` and a completion still answer within 2 s, and the quiet connections are closed
+/// at the server's header timeout (10 s) instead of being held forever.
+#[test]
+fn slow_clients_neither_take_the_server_down_nor_stay_connected() {
+    use std::io::{Read, Write};
+    let dir = scratch("serving-slow-clients");
+    let ckpts = checkpoints(&dir, 5, 5);
+    let registry_dir = dir.join("registry");
+    publish(&registry_dir, &ckpts[0], &[]);
+    let server = ServeProcess::start(&registry_dir, &[], &[]);
+    troupe_common::http_server::raise_open_files_limit();
+    let addr = server.url.trim_start_matches("http://").to_string();
+    let slow: Vec<std::net::TcpStream> = (0..1000)
+        .map(|_| {
+            let mut s = std::net::TcpStream::connect(&addr).expect("connect");
+            s.write_all(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n").expect("half a request");
+            s
+        })
+        .collect();
+    let t = Instant::now();
+    assert_eq!(get_text(&format!("{}/healthz", server.url)), "ok\n");
+    let (status, body) = complete(&agent(), &server.url, 1);
+    let answered = t.elapsed();
+    assert_eq!(status, 200, "{body}");
+    println!("/healthz and a completion answered in {answered:?} with 1000 slow clients connected");
+    assert!(answered < Duration::from_secs(2), "{answered:?}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    for mut s in slow {
+        s.set_read_timeout(Some(deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1)))).unwrap();
+        let mut rest = Vec::new();
+        match s.read_to_end(&mut rest) {
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+            Err(e) => panic!("a slow client was still connected after {:?}: {e}", t.elapsed()),
+        }
+    }
+    println!("every slow client was closed within {:?}", t.elapsed());
     let _ = std::fs::remove_dir_all(&dir);
 }

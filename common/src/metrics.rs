@@ -198,8 +198,6 @@ pub fn render(registry: &Registry) -> String {
 /// Serves `GET /metrics` for `registry` on `addr` (port 0 picks one), and `GET /status` (JSON)
 /// when a status is given. Returns the bound address; the server runs until the process ends.
 pub async fn serve(registry: Registry, addr: SocketAddr, status: Option<SharedStatus>) -> std::io::Result<SocketAddr> {
-    let listener = tokio::net::TcpListener::bind(addr).await?;
-    let bound = listener.local_addr()?;
     let mut app = axum::Router::new().route(
         "/metrics",
         axum::routing::get(move || async move { ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], render(&registry)) }),
@@ -213,10 +211,5 @@ pub async fn serve(registry: Registry, addr: SocketAddr, status: Option<SharedSt
             }),
         );
     }
-    tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, app).await {
-            tracing::warn!("metrics server on {bound} stopped: {e}");
-        }
-    });
-    Ok(bound)
+    crate::http_server::bind_and_spawn(addr, app, crate::http_server::Limits::METRICS, "the metrics server").await
 }

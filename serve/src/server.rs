@@ -107,11 +107,7 @@ pub async fn start(options: ServeOptions) -> anyhow::Result<Server> {
         // ones before reading them. Its plain-text refusals get OpenAI's error shape.
         .layer(axum::extract::DefaultBodyLimit::max(2 << 20))
         .layer(axum::middleware::map_response(openai_shaped_errors));
-    tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, app).await {
-            tracing::error!("the completion server on {addr} stopped: {e}");
-        }
-    });
+    troupe_common::http_server::spawn(listener, app, troupe_common::http_server::Limits::SERVING, "the serving endpoint");
     Ok(Server { addr, deployment, metrics })
 }
 
