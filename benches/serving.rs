@@ -361,6 +361,7 @@ fn main() -> anyhow::Result<()> {
     tch::set_num_threads(2);
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     let server = runtime.block_on(troupe_serve::start(troupe_serve::ServeOptions {
+        admin_key: None,
         registry: registry.dir().to_path_buf(),
         listen: "127.0.0.1:0".parse()?,
         model_name: "shakespeare".into(),

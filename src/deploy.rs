@@ -8,9 +8,20 @@ use std::process::ExitCode;
 use std::time::Duration;
 use troupe_common::registry::{parse_version, version_name, Registry, Rollout};
 
-/// The API key a client or server uses: the flag/env value, else the config's.
+/// The API (or admin) key a client or server uses: the flag/env value, else the config's.
 pub(crate) fn api_key(explicit: Option<String>, configured: &str) -> Option<String> {
     explicit.filter(|k| !k.is_empty()).or_else(|| Some(configured.to_string()).filter(|k| !k.is_empty()))
+}
+
+/// A server reachable from other hosts must ask for a key, unless told `--insecure`.
+pub(crate) fn check_listen_is_guarded(listen: std::net::SocketAddr, api_key: Option<&str>, insecure: bool) -> anyhow::Result<()> {
+    if listen.ip().is_loopback() || api_key.is_some() || insecure {
+        return Ok(());
+    }
+    bail!(
+        "refusing to serve on {listen} without an API key: anyone who reaches it could use the model. \
+         Set serve.api_key (or TROUPE_API_KEY / --api-key), listen on 127.0.0.1, or pass --insecure"
+    )
 }
 
 pub(crate) struct ServeArgs {
@@ -18,6 +29,7 @@ pub(crate) struct ServeArgs {
     pub listen: std::net::SocketAddr,
     pub model_name: Option<String>,
     pub api_key: Option<String>,
+    pub admin_key: Option<String>,
     pub serve: troupe_core::config::ServeConfig,
 }
 
@@ -40,6 +52,7 @@ pub(crate) async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         listen: args.listen,
         model_name: model_name.clone(),
         api_key: args.api_key.clone(),
+        admin_key: args.admin_key.clone(),
         max_batch: args.serve.max_batch,
         max_tokens: args.serve.max_tokens,
         max_queue: args.serve.max_queue,

@@ -155,11 +155,15 @@ pub(crate) async fn run_local(args: LocalArgs) -> anyhow::Result<ExitCode> {
     // The serving endpoint runs from the start: the Deployer tells it about every version it
     // publishes, and it answers the completion at the end.
     let api_key = crate::deploy::api_key(std::env::var("TROUPE_API_KEY").ok(), &config.serve.api_key);
+    let admin_key = crate::deploy::api_key(std::env::var("TROUPE_ADMIN_KEY").ok(), &config.serve.admin_key);
+    let serve_listen = config.serve.listen.parse().context("serve.listen")?;
+    crate::deploy::check_listen_is_guarded(serve_listen, api_key.as_deref(), false).context("serve.listen")?;
     let server = troupe_serve::start(troupe_serve::ServeOptions {
         registry: config.registry_dir(),
-        listen: config.serve.listen.parse().context("serve.listen")?,
+        listen: serve_listen,
         model_name: config.run.name.clone(),
         api_key: api_key.clone(),
+        admin_key,
         max_batch: config.serve.max_batch,
         max_tokens: config.serve.max_tokens,
         max_queue: config.serve.max_queue,

@@ -107,6 +107,13 @@ struct ServeCliArgs {
     /// Clients must send `Authorization: Bearer <key>` (serve.api_key).
     #[arg(long, env = "TROUPE_API_KEY", hide_env_values = true)]
     api_key: Option<String>,
+    /// The admin API (/admin/*) takes this key (serve.admin_key); without one it answers
+    /// only on loopback.
+    #[arg(long, env = "TROUPE_ADMIN_KEY", hide_env_values = true)]
+    admin_key: Option<String>,
+    /// Allow listening on a non-loopback address without an API key.
+    #[arg(long)]
+    insecure: bool,
     /// Take [serve] settings from this run configuration.
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
@@ -136,6 +143,9 @@ struct DeployTarget {
     /// The server's API key.
     #[arg(long, env = "TROUPE_API_KEY", hide_env_values = true)]
     api_key: Option<String>,
+    /// The server's admin key (sent instead of the API key when given).
+    #[arg(long, env = "TROUPE_ADMIN_KEY", hide_env_values = true)]
+    admin_key: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -181,7 +191,7 @@ impl DeployTarget {
     fn resolve(self) -> deploy::Target {
         match (self.registry, self.server) {
             (Some(dir), _) => deploy::Target::Registry(dir),
-            (None, Some(url)) => deploy::Target::Server { url, api_key: self.api_key },
+            (None, Some(url)) => deploy::Target::Server { url, api_key: self.admin_key.filter(|k| !k.is_empty()).or(self.api_key) },
             (None, None) => unreachable!("clap requires --registry or --server"),
         }
     }
@@ -515,7 +525,10 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 None => "127.0.0.1:8000".parse().expect("constant address"),
             };
             let api_key = deploy::api_key(args.api_key, &serve.api_key);
-            deploy::serve(deploy::ServeArgs { registry: args.registry, listen, model_name: args.model_name, api_key, serve }).await
+            let admin_key = deploy::api_key(args.admin_key, &serve.admin_key);
+            deploy::check_listen_is_guarded(listen, api_key.as_deref(), args.insecure)?;
+            let model_name = args.model_name;
+            deploy::serve(deploy::ServeArgs { registry: args.registry, listen, model_name, api_key, admin_key, serve }).await
         }
         Command::Deploy(args) => {
             let blocking = tokio::task::spawn_blocking(move || match args.action {

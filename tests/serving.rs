@@ -545,3 +545,53 @@ fn slow_clients_neither_take_the_server_down_nor_stay_connected() {
     println!("every slow client was closed within {:?}", t.elapsed());
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The admin API has its own key: with one set, the completions key no longer opens it. A
+/// server on a non-loopback address without an API key is refused unless `--insecure`.
+#[test]
+fn the_admin_api_takes_its_own_key_and_an_open_listen_address_needs_one() {
+    let dir = scratch("serving-admin-key");
+    let ckpts = checkpoints(&dir, 5, 5);
+    let registry_dir = dir.join("registry");
+    publish(&registry_dir, &ckpts[0], &[]);
+    let server = ServeProcess::start(&registry_dir, &[("TROUPE_API_KEY", "sesame"), ("TROUPE_ADMIN_KEY", "root-key")], &[]);
+    let status_with = |env: &[(&str, &str)]| {
+        let mut cmd = troupe();
+        cmd.args(["deploy", "status", "--server", &server.url]).env_remove("TROUPE_API_KEY").env_remove("TROUPE_ADMIN_KEY");
+        cmd.envs(env.iter().copied());
+        run(cmd, Duration::from_secs(60))
+    };
+    let refused = status_with(&[("TROUPE_API_KEY", "sesame")]);
+    assert!(!refused.status.success() && stderr(&refused).contains("admin key"), "{}", stderr(&refused));
+    let admitted = status_with(&[("TROUPE_ADMIN_KEY", "root-key")]);
+    assert_success(&admitted);
+    assert!(stdout(&admitted).contains("this server serves: stable v1"), "{}", stdout(&admitted));
+    // Completions still take the API key (and only it).
+    let agent = agent();
+    let call = |key: &str| {
+        agent
+            .post(format!("{}/v1/completions", server.url))
+            .header("Authorization", &format!("Bearer {key}"))
+            .send(json!({"prompt": "A", "max_tokens": 2}).to_string())
+            .unwrap()
+            .status()
+            .as_u16()
+    };
+    assert_eq!((call("sesame"), call("root-key")), (200, 401));
+
+    // 0.0.0.0 without a key: refused, saying how to fix it; with --insecure it serves.
+    let mut open = troupe();
+    open.args(["serve", "--registry"]).arg(&registry_dir).args(["--listen", "0.0.0.0:0"]).env_remove("TROUPE_API_KEY");
+    let out = run(open, Duration::from_secs(60));
+    assert!(
+        !out.status.success() && stderr(&out).contains("without an API key") && stderr(&out).contains("--insecure"),
+        "{}",
+        stderr(&out)
+    );
+    let mut insecure = troupe();
+    insecure.args(["serve", "--registry"]).arg(&registry_dir).args(["--listen", "0.0.0.0:0", "--insecure", "--threads", "1"]);
+    let mut insecure = KillOnDrop(insecure.env_remove("TROUPE_API_KEY").stdout(Stdio::piped()).stderr(Stdio::null()).spawn().unwrap());
+    let first = std::io::BufRead::lines(std::io::BufReader::new(insecure.0.stdout.take().unwrap())).next().unwrap().unwrap();
+    assert!(first.starts_with("serving model") && first.contains("http://0.0.0.0:"), "{first}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

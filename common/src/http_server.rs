@@ -70,7 +70,8 @@ pub fn spawn(listener: TcpListener, app: Router, limits: Limits, name: &'static 
                     continue;
                 }
             };
-            let service = TowerToHyperService::new(app.clone());
+            // Handlers that care where a request comes from (the admin API) read it as ConnectInfo.
+            let service = TowerToHyperService::new(app.clone().layer(axum::Extension(axum::extract::ConnectInfo(peer))));
             tokio::spawn(async move {
                 let _slot = slot;
                 let mut http = hyper::server::conn::http1::Builder::new();

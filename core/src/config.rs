@@ -304,6 +304,11 @@ pub struct ServeConfig {
     /// environment variable TROUPE_API_KEY overrides it.
     #[serde(default)]
     pub api_key: String,
+    /// Bearer token of the admin API (`/admin/*`: promote, rollback, reload); empty = the
+    /// admin API answers only on loopback (with `api_key`, if set). The completions key never
+    /// opens it. The environment variable TROUPE_ADMIN_KEY overrides it.
+    #[serde(default)]
+    pub admin_key: String,
     /// Requests generated together in one forward pass, at most.
     #[serde(default = "default_max_batch")]
     pub max_batch: usize,
@@ -336,6 +341,7 @@ impl Default for ServeConfig {
         ServeConfig {
             listen: default_serve_listen(),
             api_key: String::new(),
+            admin_key: String::new(),
             max_batch: default_max_batch(),
             max_tokens: default_max_tokens(),
             max_queue: default_max_queue(),

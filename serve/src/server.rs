@@ -12,8 +12,10 @@
 //! POST /admin/deploy/rollback {"to": "v2"} (default: drop the canary, else the previous stable)
 //! POST /admin/reload          read the registry now (what the Deployer calls after publishing)
 //! ```
-//! With an API key set, everything but /healthz, /readyz and /metrics needs
-//! `Authorization: Bearer <key>`.
+//! With an API key set, everything but /healthz, /readyz, /metrics and /admin needs
+//! `Authorization: Bearer <key>`. The admin API takes its own key (`admin_key`); without one
+//! it answers only to loopback clients (which must still bring the API key, if one is set).
+//! Keys are compared in constant time.
 
 use crate::api::{self, ApiError, Choice, Completion, FinishReason, Usage};
 use crate::deployment::Deployment;
@@ -42,6 +44,8 @@ pub struct ServeOptions {
     pub model_name: String,
     /// Bearer token; None = no authentication.
     pub api_key: Option<String>,
+    /// Bearer token of `/admin/*`; None = loopback clients only.
+    pub admin_key: Option<String>,
     pub max_batch: usize,
     pub max_tokens: usize,
     pub max_queue: usize,
@@ -59,6 +63,7 @@ struct AppState {
     metrics: ServeMetrics,
     model_name: String,
     api_key: Option<String>,
+    admin_key: Option<String>,
     max_tokens: usize,
     next_id: AtomicU64,
     id_prefix: String,
@@ -79,20 +84,24 @@ pub async fn start(options: ServeOptions) -> anyhow::Result<Server> {
         metrics: metrics.clone(),
         model_name: options.model_name,
         api_key: options.api_key.filter(|k| !k.is_empty()),
+        admin_key: options.admin_key.filter(|k| !k.is_empty()),
         max_tokens: options.max_tokens,
         next_id: AtomicU64::new(0),
         id_prefix: format!("{:x}{:x}", std::process::id(), registry::now_unix_ms() & 0xffff_ffff),
     });
+    let admin = Router::new()
+        .route("/admin/deploy", get(deploy_status))
+        .route("/admin/deploy/promote", post(deploy_promote))
+        .route("/admin/deploy/rollback", post(deploy_rollback))
+        .route("/admin/reload", post(reload))
+        .route_layer(axum::middleware::from_fn_with_state(state.clone(), admin_guard));
     let app = Router::new()
         .route("/v1/completions", post(completions))
         .route("/v1/models", get(models))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics_text))
-        .route("/admin/deploy", get(deploy_status))
-        .route("/admin/deploy/promote", post(deploy_promote))
-        .route("/admin/deploy/rollback", post(deploy_rollback))
-        .route("/admin/reload", post(reload))
+        .merge(admin)
         .fallback(|| async {
             ApiError {
                 status: StatusCode::NOT_FOUND,
@@ -127,11 +136,52 @@ async fn openai_shaped_errors(response: Response) -> Response {
     ApiError { status, kind, code, param: None, message }.into_response()
 }
 
+/// Admits a request to `/admin/*` (see the module documentation).
+async fn admin_guard(State(s): State<Arc<AppState>>, request: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    let peer = request.extensions().get::<axum::extract::ConnectInfo<SocketAddr>>().map(|c| c.0);
+    match s.authorize_admin(request.headers(), peer) {
+        Ok(()) => next.run(request).await,
+        Err(e) => s.refuse(e),
+    }
+}
+
+/// The bearer token of a request, if it sends one.
+fn bearer(headers: &HeaderMap) -> Option<&str> {
+    headers.get("authorization").and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "))
+}
+
+/// Whether `given` is `key`, in time that does not depend on where they differ (both are
+/// hashed first, so neither the length nor a common prefix shows in the timing).
+fn key_matches(given: Option<&str>, key: &str) -> bool {
+    use sha2::{Digest, Sha256};
+    let Some(given) = given else { return false };
+    let (a, b) = (Sha256::digest(given.as_bytes()), Sha256::digest(key.as_bytes()));
+    a.iter().zip(b.iter()).fold(0u8, |diff, (x, y)| diff | (x ^ y)) == 0
+}
+
 impl AppState {
+    fn authorize_admin(&self, headers: &HeaderMap, peer: Option<SocketAddr>) -> Result<(), ApiError> {
+        let refused =
+            |status, code, message: &str| ApiError { status, kind: "invalid_request_error", code, param: None, message: message.into() };
+        match &self.admin_key {
+            Some(key) if key_matches(bearer(headers), key) => Ok(()),
+            Some(_) => Err(refused(
+                StatusCode::UNAUTHORIZED,
+                "invalid_admin_key",
+                "missing or wrong admin key: the admin API takes serve.admin_key (TROUPE_ADMIN_KEY) as Authorization: Bearer <key>, not the completions key",
+            )),
+            None if peer.is_some_and(|p| p.ip().is_loopback()) => self.authorize(headers),
+            None => Err(refused(
+                StatusCode::FORBIDDEN,
+                "admin_loopback_only",
+                "the admin API answers only on loopback unless the server has an admin key (serve.admin_key / TROUPE_ADMIN_KEY)",
+            )),
+        }
+    }
+
     fn authorize(&self, headers: &HeaderMap) -> Result<(), ApiError> {
         let Some(key) = &self.api_key else { return Ok(()) };
-        let given = headers.get("authorization").and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
-        if given == Some(key.as_str()) {
+        if key_matches(bearer(headers), key) {
             Ok(())
         } else {
             Err(ApiError {
@@ -444,10 +494,8 @@ pub fn deploy_report(registry: &Registry) -> anyhow::Result<serde_json::Value> {
     }))
 }
 
-async fn deploy_status(State(s): State<Arc<AppState>>, headers: HeaderMap) -> Response {
-    if let Err(e) = s.authorize(&headers) {
-        return s.refuse(e);
-    }
+async fn deploy_status(State(s): State<Arc<AppState>>) -> Response {
+    // Admitted by admin_guard.
     let dir = s.deployment.registry_dir().to_path_buf();
     let report =
         tokio::task::spawn_blocking(move || Registry::open(&dir).map_err(anyhow::Error::from).and_then(|r| deploy_report(&r))).await;
@@ -480,10 +528,8 @@ struct Target {
     reason: Option<String>,
 }
 
-async fn deploy_change(s: Arc<AppState>, headers: HeaderMap, body: Bytes, promote: bool) -> Response {
-    if let Err(e) = s.authorize(&headers) {
-        return s.refuse(e);
-    }
+async fn deploy_change(s: Arc<AppState>, body: Bytes, promote: bool) -> Response {
+    // Admitted by admin_guard.
     let target: Target = if body.is_empty() {
         Target::default()
     } else {
@@ -534,18 +580,16 @@ async fn deploy_change(s: Arc<AppState>, headers: HeaderMap, body: Bytes, promot
     }
 }
 
-async fn deploy_promote(State(s): State<Arc<AppState>>, headers: HeaderMap, body: Bytes) -> Response {
-    deploy_change(s, headers, body, true).await
+async fn deploy_promote(State(s): State<Arc<AppState>>, body: Bytes) -> Response {
+    deploy_change(s, body, true).await
 }
 
-async fn deploy_rollback(State(s): State<Arc<AppState>>, headers: HeaderMap, body: Bytes) -> Response {
-    deploy_change(s, headers, body, false).await
+async fn deploy_rollback(State(s): State<Arc<AppState>>, body: Bytes) -> Response {
+    deploy_change(s, body, false).await
 }
 
-async fn reload(State(s): State<Arc<AppState>>, headers: HeaderMap) -> Response {
-    if let Err(e) = s.authorize(&headers) {
-        return s.refuse(e);
-    }
+async fn reload(State(s): State<Arc<AppState>>) -> Response {
+    // Admitted by admin_guard.
     let serial = s.deployment.reconcile().await;
     Json(serde_json::json!({"serial": serial})).into_response()
 }
