@@ -566,7 +566,7 @@ async fn run_coordinator(args: CoordinatorArgs) -> anyhow::Result<ExitCode> {
     if let Some(dir) = &args.tls_dir {
         config.tls = Some(troupe_core::config::TlsConfig::coordinator_in(dir));
     }
-    config.validate().context("check --tls-dir / [tls]")?;
+    config.validate().context("check --token / --tls-dir / [tls]")?;
     let join_hint = match &args.tls_dir {
         Some(dir) => format!("--tls-dir {} --tls-worker <i>", dir.display()),
         None if config.tls.is_some() => "--tls-dir <certs> --tls-worker <i>".to_string(),

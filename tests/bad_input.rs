@@ -9,7 +9,7 @@ use std::time::Duration;
 use troupe_common::net::{self, NetOptions};
 use troupe_core::proto::{Capabilities, Hello, RefusalKind, ToCoordinator, ToWorker, PROTOCOL_VERSION};
 
-const TOKEN: &str = "s3cret-token";
+const TOKEN: &str = "s3cret-token-of-this-test";
 
 fn hello(version: u32, proof: [u8; 32]) -> ToCoordinator {
     ToCoordinator::Hello(Hello {
@@ -90,6 +90,11 @@ fn hostile_peers_are_refused_and_the_run_goes_on() {
         let (mut send, mut recv) = conn.open_bi().await.unwrap();
         let proof = net::join_proof(&conn, TOKEN).unwrap();
         net::write_frame(&mut send, &hello(PROTOCOL_VERSION, proof)).await.unwrap();
+        // The coordinator proves the token in turn, then welcomes.
+        match net::read_frame::<ToWorker>(&mut recv, net::MAX_CONTROL_FRAME).await.unwrap() {
+            Some(ToWorker::Authenticated { proof }) => assert!(net::verify_peer_join_proof(&conn, TOKEN, &proof).unwrap()),
+            other => panic!("expected the coordinator's proof, got {other:?}"),
+        }
         let welcome = net::read_frame::<ToWorker>(&mut recv, net::MAX_CONTROL_FRAME).await.unwrap();
         assert!(matches!(welcome, Some(ToWorker::Welcome { .. })), "{welcome:?}");
         send.write_all(&[0xde, 0xad, 0xbe, 0xef, 1, 2, 3]).await.unwrap();

@@ -88,14 +88,14 @@ fn workers_on_two_hosts_train_together() {
     let text = std::fs::read_to_string(&config)
         .unwrap()
         .replacen("listen = \"127.0.0.1:0\"", &format!("listen = \"{listen}\""), 1)
-        .replace("token = \"\"", "token = \"two-hosts\"");
+        .replace("token = \"\"", "token = \"two-hosts-join-token\"");
     std::fs::write(&config, text).unwrap();
 
     // The coordinator and both workers run together; each must end successfully.
     let mut processes = vec![hosts.troupe_in(&hosts.a, &["coordinator", "--config", config.to_str().unwrap()])];
     for ns in [&hosts.a, &hosts.b] {
         let mut w = hosts.troupe_in(ns, &["worker", "--join", &listen, "--threads", "1"]);
-        w.env("TROUPE_TOKEN", "two-hosts");
+        w.env("TROUPE_TOKEN", "two-hosts-join-token");
         processes.push(w);
     }
     for out in run_all(processes, Duration::from_secs(240)) {
@@ -156,7 +156,7 @@ fn a_degraded_link_still_converges_and_a_cut_link_is_handled_like_a_lost_worker(
     let text = std::fs::read_to_string(&config)
         .unwrap()
         .replacen("listen = \"127.0.0.1:0\"", &format!("listen = \"{listen}\""), 1)
-        .replace("token = \"\"", "token = \"two-hosts\"")
+        .replace("token = \"\"", "token = \"two-hosts-join-token\"")
         .replace("lease_ms = 5000", "lease_ms = 1500\nrejoin_ms = 2000");
     std::fs::write(&config, text).unwrap();
 
@@ -177,7 +177,7 @@ fn a_degraded_link_still_converges_and_a_cut_link_is_handled_like_a_lost_worker(
     };
     let coordinator = spawn(hosts.troupe_in(&hosts.a, &["coordinator", "--config", config.to_str().unwrap()]), "coordinator");
     let mut worker_a = hosts.troupe_in(&hosts.a, &["worker", "--join", &listen, "--threads", "1"]);
-    worker_a.env("TROUPE_TOKEN", "two-hosts");
+    worker_a.env("TROUPE_TOKEN", "two-hosts-join-token");
     let mut worker_a = spawn(worker_a, "worker-a");
     let coordinator_via_relay = to_coordinator.addr.to_string();
     let advertised = to_worker_b.addr.to_string();
@@ -185,7 +185,7 @@ fn a_degraded_link_still_converges_and_a_cut_link_is_handled_like_a_lost_worker(
         &hosts.b,
         &["worker", "--join", &coordinator_via_relay, "--listen", "0.0.0.0:7101", "--advertise", &advertised, "--threads", "1"],
     );
-    worker_b.env("TROUPE_TOKEN", "two-hosts").stdin(Stdio::null());
+    worker_b.env("TROUPE_TOKEN", "two-hosts-join-token").stdin(Stdio::null());
     let mut worker_b = spawn(worker_b, "worker-b");
 
     let run_dir = dir.join("runs/tiny");

@@ -11,6 +11,9 @@
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
+/// Fewest characters of a join token (`cluster.token`), e.g. `openssl rand -hex 16` (32).
+pub const MIN_TOKEN_CHARS: usize = 16;
+
 /// The configuration `troupe local` uses when no `--config` is given.
 pub const DEFAULT_CONFIG_TOML: &str = include_str!("../../configs/default.toml");
 
@@ -418,7 +421,9 @@ pub struct ClusterConfig {
     pub max_workers: usize,
     /// Address the coordinator listens on (QUIC, UDP).
     pub listen: String,
-    /// Shared secret a worker must prove to join; empty = no token (loopback only).
+    /// Shared secret a worker must prove to join (and the coordinator to the worker); empty =
+    /// no token (loopback only). At least [`MIN_TOKEN_CHARS`] characters: a proof seen by an
+    /// impostor can be tried against guesses offline, so a short token would be found.
     #[serde(default)]
     pub token: String,
     /// How often workers send heartbeats.
@@ -635,6 +640,14 @@ impl Config {
             cl.listen.parse::<std::net::SocketAddr>().is_ok(),
             "must be an IP:port socket address, e.g. 0.0.0.0:7070",
         )?;
+        if !cl.token.is_empty() && cl.token.chars().count() < MIN_TOKEN_CHARS {
+            // The value is a secret: its length is all the error says of it.
+            return Err(ConfigError::Range {
+                field: "cluster.token",
+                value: format!("(hidden, {} characters)", cl.token.chars().count()),
+                expected: format!("at least {MIN_TOKEN_CHARS} characters; make one with `openssl rand -hex 16`"),
+            });
+        }
         range("cluster.heartbeat_ms", cl.heartbeat_ms, (10..=600_000).contains(&cl.heartbeat_ms), "must be 10..=600000")?;
         range(
             "cluster.lease_ms",
@@ -720,5 +733,16 @@ mod tests {
         let typo = text.replace("key =", "kye =");
         assert!(Config::from_toml_str(&typo, "t").unwrap_err().to_string().contains("kye"));
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_short_join_token_is_refused_without_showing_it() {
+        let mut c = Config::default_config();
+        c.cluster.token = "short-secret".into();
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("cluster.token") && e.contains("at least 16 characters") && e.contains("(hidden, 12 characters)"), "{e}");
+        assert!(!e.contains("short-secret"), "the token must not appear in the error: {e}");
+        c.cluster.token = "a-long-enough-join-token".into();
+        c.validate().unwrap();
     }
 }

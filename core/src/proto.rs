@@ -1,15 +1,17 @@
 //! Every message on the control channel, worker ⇄ coordinator.
 //!
 //! Frames are `postcard`-encoded and length-prefixed (see [`crate::net`]). The first frame a
-//! worker sends is [`Hello`]; the coordinator answers [`ToWorker::Welcome`] or
-//! [`ToWorker::Refused`]. Tensors never ride here: gradients move on the ring's own streams.
+//! worker sends is [`Hello`]; the coordinator answers [`ToWorker::Authenticated`] (its own
+//! proof of the join token, which the worker checks before acting on anything) and then
+//! [`ToWorker::Welcome`], or [`ToWorker::Refused`]. Tensors never ride here: gradients move
+//! on the ring's own streams.
 //! Ordering is FIFO per connection; nothing assumes an order across workers.
 
 use serde::{Deserialize, Serialize};
 use std::net::SocketAddr;
 
 /// Bumped on any incompatible change of a message below or of the bulk-data format.
-pub const PROTOCOL_VERSION: u32 = 4;
+pub const PROTOCOL_VERSION: u32 = 5;
 
 /// The first frame on a worker's control stream.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -109,6 +111,13 @@ pub enum ToCoordinator {
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum ToWorker {
+    /// The coordinator's answer to a valid Hello, before anything else: its own
+    /// `net::join_proof` of the cluster token over this connection (all zeros without a
+    /// token). A worker with a token refuses a coordinator whose proof does not verify: only
+    /// the real coordinator knows the token.
+    Authenticated {
+        proof: [u8; 32],
+    },
     /// Joined. Both sides send heartbeats every `heartbeat_ms` from now on; a side that hears
     /// nothing for `lease_ms` considers the other gone.
     /// A worker that loses its coordinator tries to rejoin (a restarted one) for `rejoin_ms`.
@@ -348,6 +357,7 @@ mod tests {
         }
         let to_worker = vec![
             ToWorker::NcclBootstrap { generation: 3, id: vec![0xab; NCCL_UNIQUE_ID_BYTES] },
+            ToWorker::Authenticated { proof: [7; 32] },
             ToWorker::Assign(Assignment {
                 rank: 1,
                 world_size: 2,

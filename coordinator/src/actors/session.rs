@@ -195,6 +195,13 @@ async fn serve_connection(me: &ActorRef<SessionMsg>, args: SessionArgs) -> Resul
         }
     };
 
+    // The worker checks the coordinator too, before it acts on anything: this side's proof of
+    // the token goes first, ahead of anything the coordinator's core sends.
+    let proof = if token.is_empty() { Ok([0u8; 32]) } else { net::join_proof(&conn, &token) };
+    let proof = proof.map_err(|e| format!("cannot prove the join token to {remote}: {e}"))?;
+    net::write_frame(&mut send, &ToWorker::Authenticated { proof })
+        .await
+        .map_err(|e| format!("cannot answer the Hello of {remote}: {e}"))?;
     me.cast(SessionMsg::Established { conn: conn.clone(), send }).map_err(|_| "session stopped during the handshake".to_string())?;
     coordinator
         .cast(CoordinatorMsg::Joined { id, info: hello.capabilities, session: me.clone() })

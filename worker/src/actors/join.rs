@@ -228,6 +228,25 @@ async fn join(
     let join_proof = if opts.token.is_empty() { [0u8; 32] } else { net::join_proof(&conn, &opts.token)? };
     let hello = Hello { protocol_version: PROTOCOL_VERSION, join_proof, capabilities };
     net::write_frame(&mut send, &ToCoordinator::Hello(hello)).await?;
+    // The coordinator proves the token before this worker acts on anything it says: whoever
+    // else answers on its address (a spoofed name, a process that took the port while the
+    // workers retry) gets no obedience.
+    let addr = opts.coordinator;
+    match net::read_frame::<ToWorker>(&mut recv, net::MAX_CONTROL_FRAME).await {
+        Ok(Some(ToWorker::Authenticated { proof })) => {
+            if !opts.token.is_empty() && !net::verify_peer_join_proof(&conn, &opts.token, &proof)? {
+                conn.close(close_code::AUTH_FAILED, b"the coordinator did not prove the join token");
+                anyhow::bail!(
+                    "refusing the coordinator at {addr}: it did not prove the join token, so it is not the coordinator \
+                     this worker was told to join (or its token differs from this worker's); nothing it sent was acted on"
+                );
+            }
+        }
+        Ok(Some(ToWorker::Refused { kind, reason })) => anyhow::bail!("the coordinator refused this worker ({kind:?}): {reason}"),
+        Ok(Some(other)) => anyhow::bail!("protocol error: the coordinator at {addr} sent {other:?} before proving the join token"),
+        Ok(None) => anyhow::bail!("the coordinator closed the connection during the handshake"),
+        Err(e) => anyhow::bail!("the coordinator closed the connection during the handshake: {e}"),
+    }
     let welcome = match net::read_frame::<ToWorker>(&mut recv, net::MAX_CONTROL_FRAME).await {
         Ok(Some(ToWorker::Welcome { worker_id, heartbeat_ms, lease_ms, rejoin_ms })) => {
             Welcomed { worker_id, heartbeat_ms, lease_ms, rejoin_ms }

@@ -7,6 +7,8 @@
 //! in an NCCL group. The trainer regroups once every part it needs is there. Parts of a
 //! generation that is over are refused, so that a late ring or id never reaches the trainer.
 
+use std::path::{Component, Path};
+
 use troupe_core::proto::{Assignment, CollectiveKind, NcclPlace, RingPlace};
 
 /// How the trainer of a generation reaches the other ranks. `R` is the handle of the
@@ -123,6 +125,15 @@ impl<R> WorkerMembership<R> {
     }
 }
 
+/// Whether `path`, a folder named by the coordinator (a checkpoint to write or resume from),
+/// lies inside the run folder `run_dir` of the assignment: below it, with no `..` that could
+/// climb out. Anything else is refused, so that even a coordinator that goes wrong cannot
+/// make this worker write or read elsewhere.
+pub(crate) fn inside_run_dir(run_dir: &Path, path: &Path) -> bool {
+    let climbs = |p: &Path| p.components().any(|c| matches!(c, Component::ParentDir));
+    !run_dir.as_os_str().is_empty() && !climbs(run_dir) && !climbs(path) && path.starts_with(run_dir) && path != run_dir
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -223,5 +234,17 @@ mod tests {
         assert!(m.take_link().is_none());
         assert!(m.assign(&assignment(2, 0, 2, true, false)).is_err(), "the pause was generation 2");
         assert!(m.assign(&assignment(3, 0, 2, true, false)).is_ok());
+    }
+
+    #[test]
+    fn only_folders_below_the_run_folder_are_inside_it() {
+        let run = Path::new("/data/runs/tiny");
+        assert!(inside_run_dir(run, Path::new("/data/runs/tiny/checkpoints/step-000005.g2.tmp")));
+        assert!(inside_run_dir(Path::new("runs/tiny"), Path::new("runs/tiny/checkpoints/step-000010")));
+        for outside in ["/data/runs/tiny", "/data/runs/tinyx/checkpoints", "/etc", "/data/runs/tiny/../other", "runs/tiny/x"] {
+            assert!(!inside_run_dir(run, Path::new(outside)), "{outside}");
+        }
+        assert!(!inside_run_dir(Path::new(""), Path::new("checkpoints")), "no run folder: nothing is inside it");
+        assert!(!inside_run_dir(Path::new("/data/runs/../x"), Path::new("/data/runs/../x/y")));
     }
 }

@@ -9,7 +9,7 @@
 //! new rank, and answers `Ready` with the number of steps its state has completed.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::time::Duration;
 
@@ -24,7 +24,7 @@ use troupe_core::proto::{Assignment, ToCoordinator, ToWorker};
 
 use super::collective::{CollectiveActor, CollectiveArgs, CollectiveMsg};
 use super::join::hostname;
-use super::membership::{LinkPlan, WorkerMembership};
+use super::membership::{inside_run_dir, LinkPlan, WorkerMembership};
 use super::trainer_thread::{trainer_thread, TrainerCmd, TrainerReport};
 use crate::trainer::TrainerSetup;
 
@@ -82,6 +82,9 @@ pub struct WorkerState {
     generation_watch: watch::Sender<u64>,
     /// This worker's place in the current generation and the parts of its link that arrived.
     membership: WorkerMembership<ActorRef<CollectiveMsg>>,
+    /// The run folder of the current assignment: the only place checkpoints are written to or
+    /// resumed from.
+    run_dir: PathBuf,
     collective_timeout: Duration,
     collective: Option<(u64, ActorRef<CollectiveMsg>)>,
     /// The coordinator is gone: nothing queued for it can be delivered.
@@ -163,6 +166,7 @@ impl Actor for Worker {
             trainer: None,
             generation_watch: watch::channel(0).0,
             membership: WorkerMembership::default(),
+            run_dir: PathBuf::new(),
             collective_timeout: Duration::from_secs(60),
             collective: None,
             link_lost: false,
@@ -314,7 +318,20 @@ impl WorkerState {
             }
             ToWorker::Step { step } => self.trainer_cmd(me, TrainerCmd::Step { generation, step }),
             ToWorker::Evaluate { step } => self.trainer_cmd(me, TrainerCmd::Evaluate { generation, step }),
-            ToWorker::Checkpoint { step, dir } => self.trainer_cmd(me, TrainerCmd::Checkpoint { generation, step, dir: dir.into() }),
+            ToWorker::Checkpoint { step, dir } => {
+                let dir = PathBuf::from(dir);
+                if inside_run_dir(&self.run_dir, &dir) {
+                    self.trainer_cmd(me, TrainerCmd::Checkpoint { generation, step, dir });
+                } else {
+                    let error = format!(
+                        "refused to write a checkpoint to {}: it is not inside the run folder {}",
+                        dir.display(),
+                        self.run_dir.display()
+                    );
+                    tracing::error!("{error}");
+                    self.send(ToCoordinator::CheckpointFailed { generation, step, error });
+                }
+            }
             ToWorker::Stop { reason } => {
                 tracing::info!("stopping: {reason}");
                 self.stop(me, Outcome::Stopped(reason));
@@ -325,8 +342,8 @@ impl WorkerState {
                 }
             }
             ToWorker::Heartbeat => {}
-            ToWorker::Welcome { .. } | ToWorker::Refused { .. } => {
-                self.fail(me, "protocol error: a second Welcome/Refused".into());
+            ToWorker::Welcome { .. } | ToWorker::Refused { .. } | ToWorker::Authenticated { .. } => {
+                self.fail(me, "protocol error: a second Welcome/Refused/Authenticated".into());
             }
         }
     }
@@ -343,6 +360,11 @@ impl WorkerState {
 
     fn assign(&mut self, me: &ActorRef<WorkerMsg>, a: Assignment) -> Result<(), String> {
         let config = Config::from_toml_str(&a.config_toml, "the coordinator's assignment").map_err(|e| e.to_string())?;
+        let run_dir = PathBuf::from(&a.run_dir);
+        if let Some(resume) = a.resume_from.as_deref().filter(|r| !inside_run_dir(&run_dir, Path::new(r))) {
+            return Err(format!("refused to resume from {resume}: it is not inside the run folder {}", run_dir.display()));
+        }
+        self.run_dir = run_dir;
         let place = self.membership.assign(&a)?;
         self.enter_generation();
         self.collective_timeout = Duration::from_millis(config.cluster.collective_timeout_ms);

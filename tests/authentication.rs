@@ -1,0 +1,148 @@
+//! Authentication is mutual in token mode: a real `troupe worker` process against a fake
+//! coordinator on its coordinator's address. One that cannot prove the join token (it has a
+//! valid TLS certificate, as anyone can make) is refused before the worker acts on anything it
+//! says; one that can is still not obeyed when it names folders outside the run folder.
+
+mod common;
+
+use common::*;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+use troupe_common::net::{self, NetOptions};
+use troupe_core::proto::{Assignment, ToCoordinator, ToWorker};
+
+const TOKEN: &str = "the-real-cluster-join-token";
+
+/// Answers one worker's connection on `endpoint`: reads its Hello, proves `proof_token` (as an
+/// impostor would, with a token of its own guessing), then sends `orders` one by one, each
+/// after reading frames until the worker sends what `wait_for` accepts (or the connection
+/// ends). Returns every frame the worker sent.
+async fn fake_coordinator(
+    endpoint: quinn::Endpoint,
+    proof_token: &str,
+    orders: Vec<(ToWorker, fn(&ToCoordinator) -> bool)>,
+) -> Vec<ToCoordinator> {
+    let conn = endpoint.accept().await.expect("a worker connects").await.expect("TLS handshake");
+    let (mut send, mut recv) = conn.accept_bi().await.expect("the control stream");
+    let mut seen = Vec::new();
+    let hello = net::read_frame::<ToCoordinator>(&mut recv, net::MAX_CONTROL_FRAME).await.unwrap().expect("a Hello");
+    seen.push(hello);
+    let proof = net::join_proof(&conn, proof_token).unwrap();
+    net::write_frame(&mut send, &ToWorker::Authenticated { proof }).await.unwrap();
+    for (order, wait_for) in orders {
+        if net::write_frame(&mut send, &order).await.is_err() {
+            break;
+        }
+        loop {
+            match tokio::time::timeout(Duration::from_secs(60), net::read_frame::<ToCoordinator>(&mut recv, net::MAX_CONTROL_FRAME)).await {
+                Ok(Ok(Some(msg))) => {
+                    let done = wait_for(&msg);
+                    seen.push(msg);
+                    if done {
+                        break;
+                    }
+                }
+                _ => return seen,
+            }
+        }
+    }
+    seen
+}
+
+fn welcome() -> ToWorker {
+    ToWorker::Welcome { worker_id: 1, heartbeat_ms: 1000, lease_ms: 60_000, rejoin_ms: 0 }
+}
+
+fn assignment(config: &Path, run_dir: &Path, resume_from: Option<&str>) -> ToWorker {
+    ToWorker::Assign(Assignment {
+        rank: 0,
+        world_size: 1,
+        generation: 1,
+        ring: None,
+        nccl: None,
+        config_toml: std::fs::read_to_string(config).unwrap(),
+        run_dir: run_dir.display().to_string(),
+        resume_from: resume_from.map(str::to_string),
+        start_step: 0,
+    })
+}
+
+/// `troupe worker` joining `addr` with the real token; its exit status and stderr.
+fn worker(addr: std::net::SocketAddr) -> std::thread::JoinHandle<std::process::Output> {
+    let mut cmd = worker_command(&addr.to_string());
+    cmd.env("TROUPE_TOKEN", TOKEN);
+    std::thread::spawn(move || run(cmd, Duration::from_secs(120)))
+}
+
+fn fake_endpoint(rt: &tokio::runtime::Runtime) -> (quinn::Endpoint, std::net::SocketAddr) {
+    let endpoint = rt.block_on(async { net::make_endpoint("127.0.0.1:0".parse().unwrap(), &NetOptions::default()).unwrap() });
+    let addr = endpoint.local_addr().unwrap();
+    (endpoint, addr)
+}
+
+#[test]
+fn a_coordinator_that_cannot_prove_the_token_is_refused_before_anything_is_acted_on() {
+    let dir = scratch("auth-impostor");
+    let data = prepare_small_corpus(&dir);
+    let config = tiny_config(&dir, &data, 1, 4);
+    let run_dir = dir.join("impostor-run");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let (endpoint, addr) = fake_endpoint(&rt);
+    let worker = worker(addr);
+    // It guesses a token, then orders what a real coordinator would.
+    let checkpoint = run_dir.join("checkpoints/step-000000.g1.tmp");
+    let orders: Vec<(ToWorker, fn(&ToCoordinator) -> bool)> = vec![
+        (welcome(), |_| true),
+        (assignment(&config, &run_dir, None), |_| true),
+        (ToWorker::Checkpoint { step: 0, dir: checkpoint.display().to_string() }, |_| true),
+    ];
+    let seen = rt.block_on(fake_coordinator(endpoint, "a-guess-at-the-join-token", orders));
+    let out = worker.join().unwrap();
+    assert!(!out.status.success(), "the worker must refuse the impostor");
+    let err = stderr(&out);
+    assert!(err.contains("did not prove the join token") && err.contains(&addr.to_string()), "{err}");
+    assert_eq!(seen.len(), 1, "the worker said nothing after its Hello: {seen:?}");
+    assert!(!run_dir.exists(), "nothing was written for the impostor");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn folders_outside_the_run_folder_are_refused_even_from_the_real_coordinator() {
+    let dir = scratch("auth-paths");
+    let data = prepare_small_corpus(&dir);
+    let config = tiny_config(&dir, &data, 1, 4);
+    let run_dir = dir.join("runs/tiny");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+
+    // Resuming from a folder elsewhere: the assignment is refused, and the worker says why.
+    let (endpoint, addr) = fake_endpoint(&rt);
+    let worker_process = worker(addr);
+    let orders: Vec<(ToWorker, fn(&ToCoordinator) -> bool)> =
+        vec![(welcome(), |_| true), (assignment(&config, &run_dir, Some("/etc")), |m| matches!(m, ToCoordinator::Failed { .. }))];
+    let seen = rt.block_on(fake_coordinator(endpoint, TOKEN, orders));
+    let out = worker_process.join().unwrap();
+    assert!(!out.status.success());
+    let failed = seen.iter().find_map(|m| if let ToCoordinator::Failed { error } = m { Some(error.clone()) } else { None });
+    let failed = failed.unwrap_or_else(|| panic!("no Failed report: {seen:?}\n{}", stderr(&out)));
+    assert!(failed.contains("refused to resume from /etc") && failed.contains("not inside the run folder"), "{failed}");
+
+    // A checkpoint folder elsewhere: refused and reported; nothing is created there; the
+    // worker goes on and stops when told.
+    let elsewhere: PathBuf = dir.join("elsewhere/step-000000");
+    let (endpoint, addr) = fake_endpoint(&rt);
+    let worker_process = worker(addr);
+    let orders: Vec<(ToWorker, fn(&ToCoordinator) -> bool)> = vec![
+        (welcome(), |_| true),
+        (assignment(&config, &run_dir, None), |m| matches!(m, ToCoordinator::Ready { .. })),
+        (ToWorker::Checkpoint { step: 0, dir: elsewhere.display().to_string() }, |m| matches!(m, ToCoordinator::CheckpointFailed { .. })),
+        (ToWorker::Stop { reason: "test over".into() }, |_| false),
+    ];
+    let seen = rt.block_on(fake_coordinator(endpoint, TOKEN, orders));
+    let out = worker_process.join().unwrap();
+    let refusal = seen.iter().find_map(|m| if let ToCoordinator::CheckpointFailed { error, .. } = m { Some(error.clone()) } else { None });
+    let refusal = refusal.unwrap_or_else(|| panic!("no CheckpointFailed: {seen:?}\n{}", stderr(&out)));
+    assert!(refusal.contains("not inside the run folder"), "{refusal}");
+    assert!(!elsewhere.exists() && !dir.join("elsewhere").exists(), "nothing was written outside the run folder");
+    assert!(out.status.success(), "the worker stopped when told: {}", stderr(&out));
+    let _ = std::fs::remove_dir_all(&dir);
+}
