@@ -58,6 +58,28 @@ pub enum CheckpointError {
     Io { path: PathBuf, source: std::io::Error },
     #[error("checkpoint {dir} is not usable: {reason}")]
     Invalid { dir: PathBuf, reason: String },
+    #[error(
+        "no room for a checkpoint in {}: the disk mounted at {} has {} MiB free, {} MiB are needed; free space there \
+         (older runs, checkpoint.keep_last) or move run.out_dir to a larger disk",
+        path.display(), mount_point(path).display(), available >> 20, needed.div_ceil(1 << 20)
+    )]
+    NoSpace { path: PathBuf, needed: u64, available: u64 },
+}
+
+/// The mount point of the filesystem holding `path`: its highest ancestor on the same device.
+fn mount_point(path: &Path) -> PathBuf {
+    use std::os::unix::fs::MetadataExt;
+    let path = fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
+    let path = path.as_path();
+    let Ok(dev) = fs::metadata(path).map(|m| m.dev()) else { return path.to_path_buf() };
+    let mut mount = path.to_path_buf();
+    for ancestor in path.ancestors().skip(1) {
+        match fs::metadata(ancestor) {
+            Ok(m) if m.dev() == dev => mount = ancestor.to_path_buf(),
+            _ => break,
+        }
+    }
+    mount
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> CheckpointError + '_ {
@@ -172,12 +194,18 @@ pub fn commit(run_dir: &Path, step: u64, generation: u64, world_size: u32, repor
         }
     }
     fsync_path(&tmp)?;
-    if dest.exists() {
-        // A previous attempt at this step got as far as the rename but not the MANIFEST.
-        fs::remove_dir_all(&dest).map_err(io(&dest))?;
+    // A previous attempt at this step may have got as far as the rename but not the MANIFEST.
+    // It is moved aside, not deleted, until the new folder has taken its place: a failure in
+    // between leaves one of the two.
+    let replaced = dest.exists().then(|| dest.with_extension(format!("replaced.g{generation}.tmp")));
+    if let Some(aside) = &replaced {
+        fs::rename(&dest, aside).map_err(io(&dest))?;
     }
     fs::rename(&tmp, &dest).map_err(io(&dest))?;
     fsync_path(&checkpoints_dir(run_dir))?;
+    if let Some(aside) = &replaced {
+        fs::remove_dir_all(aside).map_err(io(aside))?;
+    }
     let manifest = Manifest {
         format: MANIFEST_FORMAT,
         step,
@@ -324,6 +352,38 @@ fn list_steps(dir: &Path) -> Result<Vec<(u64, PathBuf)>, CheckpointError> {
     Ok(steps)
 }
 
+/// Whether a checkpoint folder's MANIFEST parses and lists files of the sizes on disk: the
+/// cheap half of [`verify`] (no hashing), enough to tell a complete checkpoint from a torn one.
+fn looks_complete(dir: &Path) -> bool {
+    let Ok(bytes) = fs::read(dir.join(MANIFEST)) else { return false };
+    let Ok(list) = serde_json::from_slice::<FileList>(&bytes) else { return false };
+    list.files.iter().all(|f| fs::metadata(dir.join(&f.name)).is_ok_and(|m| m.len() == f.size))
+}
+
+/// Refuses to start writing `bytes` into `dir` when its filesystem has less room (with a
+/// margin for the small files and the filesystem's own use): failing before writing leaves
+/// nothing half-written, and the error says which disk is full and how much is missing.
+pub fn check_free_space(dir: &Path, bytes: u64) -> Result<(), CheckpointError> {
+    let Some(available) = available_bytes(dir) else { return Ok(()) };
+    let needed = bytes + bytes / 20 + (1 << 20);
+    if available >= needed {
+        return Ok(());
+    }
+    Err(CheckpointError::NoSpace { path: dir.to_path_buf(), needed, available })
+}
+
+/// Bytes an unprivileged writer may still use on the filesystem holding `dir` (statvfs).
+fn available_bytes(dir: &Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let path = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
+    let mut stat: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: a NUL-terminated path and a struct statvfs fills.
+    if unsafe { libc::statvfs(path.as_ptr(), &mut stat) } != 0 {
+        return None;
+    }
+    Some(stat.f_bavail as u64 * stat.f_frsize as u64)
+}
+
 /// The validation loss the Evaluator recorded for a checkpoint (its `eval.json`), if any.
 fn val_loss(dir: &Path) -> Option<f64> {
     let bytes = fs::read(dir.join("eval.json")).ok()?;
@@ -342,7 +402,9 @@ pub fn apply_retention(
     pinned: &std::collections::BTreeSet<u64>,
 ) -> Result<Vec<PathBuf>, CheckpointError> {
     let dir = checkpoints_dir(run_dir);
-    let steps = list_steps(&dir)?;
+    // Only complete checkpoints count towards keep_last (a folder without a MANIFEST that
+    // matches its files is a torn write, left for the operator to look at).
+    let steps: Vec<(u64, PathBuf)> = list_steps(&dir)?.into_iter().filter(|(_, path)| looks_complete(path)).collect();
     let best = steps
         .iter()
         .filter_map(|(step, path)| val_loss(path).map(|loss| (loss, *step)))

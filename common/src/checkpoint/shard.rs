@@ -118,21 +118,34 @@ pub fn write_shard(dir: &Path, shard: &ShardSnapshot, fault: &dyn Fn()) -> Resul
     while !(8 + text.len()).is_multiple_of(8) {
         text.push(b' ');
     }
-    let file = File::create(&path).map_err(io(&path))?;
+    let total = (8 + text.len() + 3 * bytes + 8) as u64;
+    super::check_free_space(dir, total)?;
+    let written = write_shard_file(&path, &text, shard, fault);
+    if written.is_err() {
+        // A half-written shard is useless and holds the space a retry needs.
+        let _ = std::fs::remove_file(&path);
+    }
+    let (size, sha256) = written?;
+    Ok(FileDigest { name, size, sha256 })
+}
+
+/// The body of [`write_shard`]: header, the three parts, the step; fsynced. Its size and sha256.
+fn write_shard_file(path: &Path, text: &[u8], shard: &ShardSnapshot, fault: &dyn Fn()) -> Result<(u64, String), CheckpointError> {
+    let file = File::create(path).map_err(io(path))?;
     let mut w = HashingWriter { file, hasher: Sha256::new(), written: 0, started: 0 };
     // The header is small: one buffer with the first tensor's start is one write.
     let mut head = (text.len() as u64).to_le_bytes().to_vec();
-    head.extend_from_slice(&text);
-    w.write_all(&head).map_err(io(&path))?;
+    head.extend_from_slice(text);
+    w.write_all(&head).map_err(io(path))?;
     for (i, values) in [&shard.params, &shard.exp_avg, &shard.exp_avg_sq].into_iter().enumerate() {
-        w.write_all(f32_bytes(values)).map_err(io(&path))?;
+        w.write_all(f32_bytes(values)).map_err(io(path))?;
         if i == 1 {
             fault();
         }
     }
-    w.write_all(&(shard.step as i64).to_le_bytes()).map_err(io(&path))?;
-    w.file.sync_all().map_err(io(&path))?;
-    Ok(FileDigest { name, size: w.written, sha256: hex::encode(w.hasher.finalize()) })
+    w.write_all(&(shard.step as i64).to_le_bytes()).map_err(io(path))?;
+    w.file.sync_all().map_err(io(path))?;
+    Ok((w.written, hex::encode(w.hasher.finalize())))
 }
 
 /// The bytes of `values` in little-endian order (the host's order: troupe runs on little-endian

@@ -130,3 +130,39 @@ fn retention_keeps_newest_and_best_and_clears_abandoned_writes() {
     assert!(!tmp_dir(&run, 4, 7).exists());
     assert!(tmp_dir(&run, 6, 7).exists());
 }
+
+#[test]
+fn a_torn_checkpoint_does_not_count_towards_keep_last() {
+    let run = scratch("retention-torn");
+    for s in [1, 2, 3] {
+        write_step(&run, s);
+    }
+    // Step 3's MANIFEST lists a shard that has since been cut short: it is not complete.
+    let shard = final_dir(&run, 3).join(shard_file(0));
+    let len = fs::metadata(&shard).unwrap().len();
+    fs::OpenOptions::new().write(true).open(&shard).unwrap().set_len(len / 2).unwrap();
+    apply_retention(&run, 3, 1, &Default::default()).unwrap();
+    let left: Vec<u64> = list_steps(&checkpoints_dir(&run)).unwrap().iter().map(|s| s.0).collect();
+    assert_eq!(left, vec![2, 3], "keep_last = 1 keeps the newest complete one (2); the torn one is left to look at");
+}
+
+#[test]
+fn a_commit_over_a_half_committed_step_replaces_it_without_deleting_it_first() {
+    let run = scratch("recommit");
+    write_step(&run, 1);
+    // As if an earlier attempt had renamed its folder into place and died before the MANIFEST.
+    fs::remove_file(final_dir(&run, 1).join(MANIFEST)).unwrap();
+    let again = write_step(&run, 1);
+    verify(&again).unwrap();
+    let names: Vec<String> =
+        fs::read_dir(checkpoints_dir(&run)).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into()).collect();
+    assert_eq!(names, vec!["step-000001".to_string()], "nothing left aside: {names:?}");
+}
+
+#[test]
+fn too_little_room_is_refused_before_writing_naming_the_disk() {
+    let run = scratch("no-space");
+    let e = check_free_space(&run, u64::MAX / 4).unwrap_err().to_string();
+    assert!(e.contains("no room for a checkpoint in") && e.contains("the disk mounted at /") && e.contains("MiB free"), "{e}");
+    check_free_space(&run, 1024).unwrap();
+}

@@ -2,9 +2,10 @@
 //!
 //! It checks the files against the ranks' reports, renames the temporary folder into place,
 //! writes the MANIFEST last and applies retention (the newest `keep_last`, the best by
-//! validation loss, and those still in use are kept) — all on a blocking thread, so the coordinator's mailbox never waits
-//! on the disk. A failure here is reported to the core as `CheckpointCommitFailed`: the
-//! previous checkpoint stays the newest and training goes on.
+//! validation loss, and those still in use are kept) — all on a blocking thread, so the
+//! coordinator's mailbox never waits on the disk. A failure here is reported to the core as
+//! `CheckpointCommitFailed` and the partial folder is removed: the previous checkpoint stays
+//! the newest and training goes on.
 
 use super::coordinator::CoordinatorMsg;
 use ractor::{Actor, ActorProcessingErr, ActorRef};
@@ -47,7 +48,14 @@ impl Actor for Checkpointer {
         let keep_last = state.keep_last;
         let pinned = state.pinned.lock().map(|p| p.clone()).unwrap_or_default();
         let result = tokio::task::spawn_blocking(move || {
-            let dest = checkpoint::commit(&run_dir, step, generation, world_size, &files)?;
+            let dest = checkpoint::commit(&run_dir, step, generation, world_size, &files).inspect_err(|_| {
+                // What the ranks wrote is of no use now and holds space a later checkpoint
+                // needs (a full disk is the usual cause).
+                let tmp = checkpoint::tmp_dir(&run_dir, step, generation);
+                if tmp.exists() {
+                    let _ = std::fs::remove_dir_all(&tmp);
+                }
+            })?;
             if let Err(e) = checkpoint::apply_retention(&run_dir, step, keep_last, &pinned) {
                 tracing::warn!("checkpoint retention failed (the new checkpoint is committed): {e}");
             }
