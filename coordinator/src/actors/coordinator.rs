@@ -12,7 +12,6 @@ use super::deployer::{Decision, Deployer, DeployerArgs, DeployerMsg};
 use super::evaluator::{EvalJob, Evaluator, EvaluatorArgs, EvaluatorMsg};
 use super::gateway::{Gateway, GatewayArgs};
 use super::session::SessionMsg;
-use troupe_core::cluster::{Command, Core, Event, Phase, ResumeFrom, Snapshot, WorkerId};
 use crate::scrape_targets::{ScrapeTargets, WorkerEndpoints};
 use ractor::{Actor, ActorCell, ActorId, ActorProcessingErr, ActorRef, SupervisionEvent};
 use std::collections::{BTreeMap, HashMap};
@@ -21,15 +20,14 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
-use troupe_core::config::Config;
-use troupe_core::events::{EventLog, RunEvent};
 use troupe_common::metrics::CoordinatorMetrics;
-use troupe_core::proto::{Capabilities, FileDigest};
 use troupe_common::registry::{version_name, EvalResults};
 use troupe_common::status::{RunStatus, SharedStatus, WorkerStatus};
+use troupe_core::cluster::{Command, Core, Event, Phase, ResumeFrom, Snapshot, WorkerId};
+use troupe_core::config::Config;
+use troupe_core::events::{EventLog, RunEvent};
+use troupe_core::proto::{Capabilities, FileDigest};
 
-/// How often the core's leases are checked.
-const TICK: Duration = Duration::from_millis(250);
 /// After the run finishes, how long to wait for workers to hang up before closing anyway.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 /// After the run finishes, how long the last evaluation and deployment may take.
@@ -60,6 +58,10 @@ pub struct RunOutcome {
 
 pub enum CoordinatorMsg {
     Core(Event),
+    /// The timer armed for the core's `deadline` (see `CoordinatorState::arm_timer`) fired.
+    Timeout {
+        deadline: Instant,
+    },
     /// A session passed the handshake.
     Joined {
         id: WorkerId,
@@ -137,6 +139,9 @@ pub struct CoordinatorState {
     done: Option<oneshot::Sender<RunOutcome>>,
     status: SharedStatus,
     scrape_targets: ScrapeTargets,
+    /// The deadline of the core's timer armed last (`None` once it fired): a timer is armed
+    /// again only for an earlier deadline.
+    timer: Option<Instant>,
 }
 
 /// Runs a whole training run; returns when it is finished (or failed).
@@ -243,7 +248,6 @@ impl Actor for Coordinator {
             me.get_cell(),
         )
         .await?;
-        me.send_interval(TICK, || CoordinatorMsg::Core(Event::Tick));
         let progress = show_progress.then(|| Progress::new(config.train.steps));
         Ok(CoordinatorState {
             core: Core::new(config.clone(), resume),
@@ -271,6 +275,7 @@ impl Actor for Coordinator {
             done: Some(args.done),
             status,
             scrape_targets,
+            timer: None,
         })
     }
 
@@ -286,6 +291,13 @@ impl Actor for Coordinator {
                     state.commits_in_flight.remove(step);
                 }
                 state.apply(&me, event);
+            }
+            CoordinatorMsg::Timeout { deadline } => {
+                if state.timer == Some(deadline) {
+                    state.timer = None;
+                }
+                // `apply` re-arms from the core's next deadline.
+                state.apply(&me, Event::Timeout);
             }
             CoordinatorMsg::Joined { id, info, session } => {
                 if let Some(p) = &state.progress {
@@ -414,6 +426,23 @@ impl CoordinatorState {
         self.update_worker_gauges();
         self.publish_status();
         self.update_scrape_targets();
+        self.arm_timer(me);
+    }
+
+    /// Arms a timer for the core's next deadline (a lease expiry, a gathering deadline), as
+    /// quinn-proto's `poll_timeout` is driven: no periodic tick. Only the core's events move
+    /// that deadline, and every one goes through `apply`, which calls this after it. One timer
+    /// is armed at a time, replaced (not cancelled) when the deadline comes earlier; a later
+    /// deadline keeps the armed one, which then fires early. Early or stale firings are
+    /// harmless: the core does nothing on a Timeout before its deadlines, and the firing
+    /// re-arms from the deadline it has then.
+    fn arm_timer(&mut self, me: &ActorRef<CoordinatorMsg>) {
+        let Some(deadline) = self.core.poll_timeout() else { return };
+        if self.timer.is_some_and(|armed| armed <= deadline) {
+            return;
+        }
+        self.timer = Some(deadline);
+        me.send_after(deadline.saturating_duration_since(Instant::now()), move || CoordinatorMsg::Timeout { deadline });
     }
 
     fn update_scrape_targets(&mut self) {
@@ -425,7 +454,7 @@ impl CoordinatorState {
     fn publish_status(&self) {
         let now = Instant::now();
         let snap = self.core.snapshot();
-        let phase = format!("{:?}", snap.phase).to_lowercase();
+        let phase = snap.phase.name().to_string();
         let workers = self
             .core
             .workers()
