@@ -18,7 +18,7 @@ losses can be compared step by step, not just "roughly":
   (SplitMix64 seeded by run.seed), and step s takes stream positions
   [s * global_batch, (s + 1) * global_batch), rank r its contiguous slice. Reproduced exactly,
   so both systems see the same sequences at every step;
-- step (worker/src/trainer.rs): micro-batches of train.micro_batch (gradient accumulation
+- step (worker/src/trainer/ddp.rs): micro-batches of train.micro_batch (gradient accumulation
   under no_sync), each loss scaled so the all-reduced gradient is that of the mean loss over
   the global batch; clip_grad_norm_ to train.grad_clip; AdamW with weight decay on tensors of
   dimension >= 2 only (matrices and both embeddings), lr from troupe's schedule (linear warmup

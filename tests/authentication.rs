@@ -13,15 +13,14 @@ use troupe_core::proto::{Assignment, ToCoordinator, ToWorker};
 
 const TOKEN: &str = "the-real-cluster-join-token";
 
+/// An order for the worker, and which of its answers to wait for before the next one.
+type Order = (ToWorker, fn(&ToCoordinator) -> bool);
+
 /// Answers one worker's connection on `endpoint`: reads its Hello, proves `proof_token` (as an
 /// impostor would, with a token of its own guessing), then sends `orders` one by one, each
 /// after reading frames until the worker sends what `wait_for` accepts (or the connection
 /// ends). Returns every frame the worker sent.
-async fn fake_coordinator(
-    endpoint: quinn::Endpoint,
-    proof_token: &str,
-    orders: Vec<(ToWorker, fn(&ToCoordinator) -> bool)>,
-) -> Vec<ToCoordinator> {
+async fn fake_coordinator(endpoint: quinn::Endpoint, proof_token: &str, orders: Vec<Order>) -> Vec<ToCoordinator> {
     let conn = endpoint.accept().await.expect("a worker connects").await.expect("TLS handshake");
     let (mut send, mut recv) = conn.accept_bi().await.expect("the control stream");
     let mut seen = Vec::new();
@@ -91,7 +90,7 @@ fn a_coordinator_that_cannot_prove_the_token_is_refused_before_anything_is_acted
     let worker = worker(addr);
     // It guesses a token, then orders what a real coordinator would.
     let checkpoint = run_dir.join("checkpoints/step-000000.g1.tmp");
-    let orders: Vec<(ToWorker, fn(&ToCoordinator) -> bool)> = vec![
+    let orders: Vec<Order> = vec![
         (welcome(), |_| true),
         (assignment(&config, &run_dir, None), |_| true),
         (ToWorker::Checkpoint { step: 0, dir: checkpoint.display().to_string() }, |_| true),
@@ -117,7 +116,7 @@ fn folders_outside_the_run_folder_are_refused_even_from_the_real_coordinator() {
     // Resuming from a folder elsewhere: the assignment is refused, and the worker says why.
     let (endpoint, addr) = fake_endpoint(&rt);
     let worker_process = worker(addr);
-    let orders: Vec<(ToWorker, fn(&ToCoordinator) -> bool)> =
+    let orders: Vec<Order> =
         vec![(welcome(), |_| true), (assignment(&config, &run_dir, Some("/etc")), |m| matches!(m, ToCoordinator::Failed { .. }))];
     let seen = rt.block_on(fake_coordinator(endpoint, TOKEN, orders));
     let out = worker_process.join().unwrap();
@@ -131,7 +130,7 @@ fn folders_outside_the_run_folder_are_refused_even_from_the_real_coordinator() {
     let elsewhere: PathBuf = dir.join("elsewhere/step-000000");
     let (endpoint, addr) = fake_endpoint(&rt);
     let worker_process = worker(addr);
-    let orders: Vec<(ToWorker, fn(&ToCoordinator) -> bool)> = vec![
+    let orders: Vec<Order> = vec![
         (welcome(), |_| true),
         (assignment(&config, &run_dir, None), |m| matches!(m, ToCoordinator::Ready { .. })),
         (ToWorker::Checkpoint { step: 0, dir: elsewhere.display().to_string() }, |m| matches!(m, ToCoordinator::CheckpointFailed { .. })),

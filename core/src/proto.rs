@@ -1,6 +1,6 @@
 //! Every message on the control channel, worker ⇄ coordinator.
 //!
-//! Frames are `postcard`-encoded and length-prefixed (see [`crate::net`]). The first frame a
+//! Frames are `postcard`-encoded and length-prefixed (see `troupe_common::net`). The first frame a
 //! worker sends is [`Hello`]; the coordinator answers [`ToWorker::Authenticated`] (its own
 //! proof of the join token, which the worker checks before acting on anything) and then
 //! [`ToWorker::Welcome`], or [`ToWorker::Refused`]. Tensors never ride here: gradients move

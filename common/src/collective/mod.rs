@@ -4,7 +4,7 @@
 //! over a ring of QUIC connections (CPU workers, and between hosts): all-reduce, and the
 //! reduce-scatter and all-gather it is made of, with NCCL's in-place convention (rank `r` owns
 //! chunk `r`; the ring schedule is numbered so that it does, see `schedule`). NCCL (GPU workers)
-//! lives in the worker crate (`troupe_worker::nccl`), and the trainer's view of both, the
+//! lives in the worker crate (`troupe_worker::comm::nccl`), and the trainer's view of both, the
 //! `Comm` trait, in `troupe_worker::comm`.
 
 pub mod bucket;

@@ -160,7 +160,7 @@ pub async fn run_coordinator(options: CoordinatorOptions) -> anyhow::Result<RunO
     let _ = handle.await;
     endpoint.close(troupe_common::net::close::SHUTDOWN, b"run finished");
     let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
-    Ok(outcome.map_err(|_| anyhow::anyhow!("the coordinator stopped without an outcome"))?)
+    outcome.map_err(|_| anyhow::anyhow!("the coordinator stopped without an outcome"))
 }
 
 async fn spawn_checkpointer(
