@@ -145,3 +145,81 @@ fn folders_outside_the_run_folder_are_refused_even_from_the_real_coordinator() {
     assert!(out.status.success(), "the worker stopped when told: {}", stderr(&out));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Peak resident memory of a process so far (VmHWM), in MiB.
+fn peak_rss_mib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse::<u64>().ok())
+        .unwrap_or(0)
+        / 1024
+}
+
+/// 300 connections that finish TLS and then never say Hello, and 20 that send garbage, while
+/// two workers train: the run goes on to its end, every one of them is closed (and counted in
+/// the coordinator's log), and the coordinator's memory stays bounded (printed).
+#[test]
+fn connections_that_never_authenticate_are_closed_and_training_goes_on() {
+    let dir = scratch("auth-flood");
+    let data = prepare_small_corpus(&dir);
+    let config = tiny_config(&dir, &data, 2, 1000);
+    let coordinator = CoordinatorProcess::start(&config, &[]);
+    let addr = coordinator.addr;
+    let pid = coordinator.process.0.id();
+    let workers = spawn_workers(&addr.to_string(), 2);
+    let run_dir = dir.join("runs/tiny");
+    wait_for_steps(&run_dir, 10, Duration::from_secs(120));
+    let before = peak_rss_mib(pid);
+
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let closed = rt.block_on(async move {
+        let endpoint = net::make_endpoint("127.0.0.1:0".parse().unwrap(), &NetOptions::default()).unwrap();
+        // Garbage first, so that its connections get through the handshake limit.
+        let mut garbage = Vec::new();
+        for i in 0..20u8 {
+            let conn = endpoint.connect(addr, net::TLS_SERVER_NAME).unwrap().await.expect("a handshake slot");
+            garbage.push(tokio::spawn(async move {
+                if let Ok((mut send, _recv)) = conn.open_bi().await {
+                    let _ = send.write_all(&[0xff, 0xff, 0x0f, 0x00, i, i, i, i]).await;
+                }
+                tokio::time::timeout(Duration::from_secs(60), conn.closed()).await.is_ok()
+            }));
+        }
+        let mut quiet = Vec::new();
+        for _ in 0..300 {
+            if let Ok(connecting) = endpoint.connect(addr, net::TLS_SERVER_NAME) {
+                quiet.push(tokio::spawn(async move {
+                    match connecting.await {
+                        // Connected, then silent: the coordinator must close it.
+                        Ok(conn) => tokio::time::timeout(Duration::from_secs(60), conn.closed()).await.is_ok(),
+                        // Refused while too many handshakes are in progress.
+                        Err(_) => true,
+                    }
+                }));
+            }
+        }
+        let mut closed = 0;
+        for task in garbage.into_iter().chain(quiet) {
+            closed += task.await.unwrap() as usize;
+        }
+        closed
+    });
+    let during = peak_rss_mib(pid);
+    println!("coordinator peak RSS: {before} MiB before, {during} MiB after 320 unauthenticated connections");
+    assert_eq!(closed, 320, "every unauthenticated connection was closed or refused");
+
+    let still_training = !events(&run_dir).iter().any(|e| matches!(e, troupe_core::events::RunEvent::Finished { .. }));
+    assert!(still_training, "the run ended during the flood: make it longer");
+    for mut w in workers {
+        assert!(w.0.wait().unwrap().success());
+    }
+    let (status, log) = coordinator.wait();
+    assert!(status.success(), "{log}");
+    let refused = log.matches("refused a connection").count();
+    println!("the coordinator logged {refused} refused connections");
+    assert!(refused >= 20, "{log}");
+    assert!(during < before + 200, "coordinator memory grew from {before} to {during} MiB");
+    let _ = std::fs::remove_dir_all(&dir);
+}

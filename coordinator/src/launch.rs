@@ -93,7 +93,7 @@ pub fn bind_endpoint(config: &Config, insecure: bool) -> anyhow::Result<quinn::E
              or pass --insecure if this network is trusted"
         );
     }
-    let mut opts = NetOptions::default();
+    let mut opts = NetOptions::control_plane();
     if let Some(tls) = &config.tls {
         opts.tls = troupe_common::net::TlsSetup::from_config(tls);
     }

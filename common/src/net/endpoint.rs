@@ -87,6 +87,9 @@ pub struct NetOptions {
     pub stream_receive_window: u64,
     /// How much unacknowledged data we buffer for sending on one connection.
     pub send_window: u64,
+    /// Streams a peer may have open towards us at once, bidirectional and unidirectional.
+    pub max_incoming_bidi_streams: u32,
+    pub max_incoming_uni_streams: u32,
     /// Requested SO_SNDBUF / SO_RCVBUF of the UDP socket (best effort: the kernel may cap it).
     pub socket_buffer_bytes: usize,
     pub congestion: CongestionControl,
@@ -108,6 +111,8 @@ impl Default for NetOptions {
             receive_window: 16 * MIB,
             stream_receive_window: 16 * MIB,
             send_window: 16 * MIB,
+            max_incoming_bidi_streams: 100,
+            max_incoming_uni_streams: 100,
             // 4 MiB helped a little; 32 MiB was slower.
             socket_buffer_bytes: 4 << 20,
             congestion: CongestionControl::default(),
@@ -117,6 +122,22 @@ impl Default for NetOptions {
 }
 
 impl NetOptions {
+    /// The coordinator's endpoint: it only ever carries control frames (at most
+    /// `MAX_CONTROL_FRAME` each) on the one bidirectional stream a worker opens, so a peer that
+    /// has proven nothing gets small windows and no stream beyond that one to fill.
+    pub fn control_plane() -> NetOptions {
+        const MIB: u64 = 1 << 20;
+        NetOptions {
+            receive_window: 2 * MIB,
+            stream_receive_window: 2 * MIB,
+            send_window: 4 * MIB,
+            max_incoming_bidi_streams: 1,
+            max_incoming_uni_streams: 0,
+            socket_buffer_bytes: 1 << 20,
+            ..NetOptions::default()
+        }
+    }
+
     fn transport_config(&self) -> Result<TransportConfig, NetError> {
         let varint = |name: &str, v: u64| VarInt::from_u64(v).map_err(|_| NetError::Config(format!("{name} = {v} is too large")));
         let idle = IdleTimeout::try_from(self.idle_timeout)
@@ -150,6 +171,8 @@ impl NetOptions {
             .receive_window(varint("receive_window", self.receive_window)?)
             .stream_receive_window(varint("stream_receive_window", self.stream_receive_window)?)
             .send_window(self.send_window)
+            .max_concurrent_bidi_streams(VarInt::from_u32(self.max_incoming_bidi_streams))
+            .max_concurrent_uni_streams(VarInt::from_u32(self.max_incoming_uni_streams))
             // Setting B of the notes: GSO batches up to 10 segments, and 10 x a large MTU
             // exceeds 64 KiB, which the kernel rejects (packets silently lost). Without GSO
             // each datagram can be as large as the path allows.

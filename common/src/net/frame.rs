@@ -72,6 +72,9 @@ pub async fn read_frame<T: DeserializeOwned>(recv: &mut quinn::RecvStream, max_l
 
 /// Like [`read_frame`] but returns the undecoded body, for callers that must look at a frame
 /// before trusting its layout (the handshake checks the protocol version first).
+/// Largest piece of a frame body read (and allocated) at once.
+const BODY_PIECE: usize = 64 << 10;
+
 pub async fn read_frame_bytes(recv: &mut quinn::RecvStream, max_len: usize) -> Result<Option<Vec<u8>>, NetError> {
     let mut header = [0u8; FRAME_HEADER_LEN];
     match recv.read_exact(&mut header).await {
@@ -83,11 +86,14 @@ pub async fn read_frame_bytes(recv: &mut quinn::RecvStream, max_len: usize) -> R
         Err(quinn::ReadExactError::ReadError(e)) => return Err(e.into()),
     }
     let len = parse_header(header, max_len)?;
-    let mut body = vec![0u8; len];
-    match recv.read_exact(&mut body).await {
-        Ok(()) => {}
-        Err(quinn::ReadExactError::FinishedEarly(got)) => return Err(NetError::Truncated { part: "frame body", got, expected: len }),
-        Err(quinn::ReadExactError::ReadError(e)) => return Err(e.into()),
+    // The body grows as it arrives: an announced length costs nothing until its bytes come.
+    let mut body = Vec::with_capacity(len.min(BODY_PIECE));
+    while body.len() < len {
+        match recv.read_chunk((len - body.len()).min(BODY_PIECE), true).await {
+            Ok(Some(chunk)) => body.extend_from_slice(&chunk.bytes),
+            Ok(None) => return Err(NetError::Truncated { part: "frame body", got: body.len(), expected: len }),
+            Err(e) => return Err(e.into()),
+        }
     }
     Ok(Some(body))
 }

@@ -27,6 +27,8 @@ pub struct SessionArgs {
     pub token: String,
     pub heartbeat: Duration,
     pub metrics: CoordinatorMetrics,
+    /// This connection's place among the handshakes in progress, freed once it is over.
+    pub handshake: super::gateway::HandshakeSlot,
 }
 
 pub enum SessionMsg {
@@ -130,7 +132,7 @@ fn refusal_code(kind: RefusalKind) -> quinn::VarInt {
 }
 
 async fn serve_connection(me: &ActorRef<SessionMsg>, args: SessionArgs) -> Result<(), String> {
-    let SessionArgs { id, incoming, coordinator, token, metrics, .. } = args;
+    let SessionArgs { id, incoming, coordinator, token, metrics, handshake: handshake_slot, .. } = args;
     let remote = incoming.remote_address();
     let refuse = |reason: &str| {
         metrics.refused_connections_total.with_label_values(&[reason]).inc();
@@ -202,6 +204,7 @@ async fn serve_connection(me: &ActorRef<SessionMsg>, args: SessionArgs) -> Resul
     net::write_frame(&mut send, &ToWorker::Authenticated { proof })
         .await
         .map_err(|e| format!("cannot answer the Hello of {remote}: {e}"))?;
+    drop(handshake_slot);
     me.cast(SessionMsg::Established { conn: conn.clone(), send }).map_err(|_| "session stopped during the handshake".to_string())?;
     coordinator
         .cast(CoordinatorMsg::Joined { id, info: hello.capabilities, session: me.clone() })
@@ -226,8 +229,23 @@ async fn serve_connection(me: &ActorRef<SessionMsg>, args: SessionArgs) -> Resul
     }
 }
 
+/// Longest hostname (as POSIX allows) and device name a Hello may carry.
+const MAX_HELLO_HOSTNAME: usize = 255;
+const MAX_HELLO_DEVICE: usize = 64;
+
 fn check_hello(frame: &[u8], conn: &quinn::Connection, token: &str) -> Result<Hello, (RefusalKind, String)> {
     let hello = parse_hello(frame)?;
+    let caps = &hello.capabilities;
+    if caps.hostname.len() > MAX_HELLO_HOSTNAME || caps.device.len() > MAX_HELLO_DEVICE {
+        return Err((
+            RefusalKind::Protocol,
+            format!(
+                "the Hello's hostname ({} bytes) or device name ({} bytes) is longer than {MAX_HELLO_HOSTNAME} / {MAX_HELLO_DEVICE}",
+                caps.hostname.len(),
+                caps.device.len()
+            ),
+        ));
+    }
     if !token.is_empty() {
         let valid = net::verify_peer_join_proof(conn, token, &hello.join_proof)
             .map_err(|e| (RefusalKind::Protocol, format!("cannot check the join token: {e}")))?;
