@@ -9,8 +9,8 @@ use std::time::Duration;
 use troupe_common::registry::{parse_version, version_name, Registry, Rollout};
 
 /// The API (or admin) key a client or server uses: the flag/env value, else the config's.
-pub(crate) fn api_key(explicit: Option<String>, configured: &str) -> Option<String> {
-    explicit.filter(|k| !k.is_empty()).or_else(|| Some(configured.to_string()).filter(|k| !k.is_empty()))
+pub(crate) fn api_key(explicit: Option<String>, configured: &troupe_core::secret::Secret) -> Option<String> {
+    explicit.filter(|k| !k.is_empty()).or_else(|| configured.non_empty().map(|k| k.expose().to_string()))
 }
 
 /// A server reachable from other hosts must ask for a key, unless told `--insecure`.

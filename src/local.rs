@@ -114,7 +114,7 @@ pub(crate) async fn run_local(args: LocalArgs) -> anyhow::Result<ExitCode> {
     let mut config = args.run.load()?;
     if config.cluster.token.is_empty() {
         // Even on loopback, only the processes we start may join.
-        config.cluster.token = random_token()?;
+        config.cluster.token = random_token()?.into();
     }
     config.cluster.listen = "127.0.0.1:0".into();
     if config.tls.take().is_some() {
@@ -210,7 +210,7 @@ pub(crate) async fn run_local(args: LocalArgs) -> anyhow::Result<ExitCode> {
             }
             tokio::process::Command::new(&exe)
                 .args(["worker", "--join", &addr, "--threads", &threads.to_string(), "--device", &devices[i]])
-                .env("TROUPE_TOKEN", &token)
+                .env("TROUPE_TOKEN", token.expose())
                 .stdin(Stdio::null())
                 .stdout(log.try_clone()?)
                 .stderr(log)

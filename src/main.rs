@@ -561,7 +561,7 @@ async fn run_coordinator(args: CoordinatorArgs) -> anyhow::Result<ExitCode> {
         config.cluster.listen = listen.to_string();
     }
     if let Some(token) = args.token {
-        config.cluster.token = token;
+        config.cluster.token = token.into();
     }
     if let Some(dir) = &args.tls_dir {
         config.tls = Some(troupe_core::config::TlsConfig::coordinator_in(dir));

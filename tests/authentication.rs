@@ -7,6 +7,7 @@ mod common;
 
 use common::*;
 use std::path::{Path, PathBuf};
+use std::process::Stdio;
 use std::time::Duration;
 use troupe_common::net::{self, NetOptions};
 use troupe_core::proto::{Assignment, ToCoordinator, ToWorker};
@@ -221,5 +222,75 @@ fn connections_that_never_authenticate_are_closed_and_training_goes_on() {
     println!("the coordinator logged {refused} refused connections");
     assert!(refused >= 20, "{log}");
     assert!(during < before + 200, "coordinator memory grew from {before} to {during} MiB");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Every file under `dir`, recursively.
+fn files_under(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            out.extend(files_under(&path));
+        } else {
+            out.push(path);
+        }
+    }
+    out
+}
+
+/// After a run with a join token and API keys, none of them appears in the run folder (events,
+/// logs, checkpoints, registry), in the output, in `/status` or in `/metrics`; the run folder
+/// is readable by its owner only.
+#[test]
+fn secrets_appear_in_no_file_log_or_endpoint_and_the_run_folder_is_private() {
+    use std::io::BufRead;
+    use std::os::unix::fs::PermissionsExt;
+    let (token, api_key, admin_key) =
+        ("join-token-that-must-stay-secret", "api-key-that-must-stay-secret", "admin-key-that-must-stay-secret");
+    let dir = scratch("auth-secrets");
+    let data = prepare_small_corpus(&dir);
+    let config = tiny_config(&dir, &data, 2, 40);
+    let text = std::fs::read_to_string(&config).unwrap().replace("token = \"\"", &format!("token = \"{token}\""));
+    std::fs::write(&config, format!("{text}\n[serve]\napi_key = \"{api_key}\"\nadmin_key = \"{admin_key}\"\n")).unwrap();
+    let mut local = troupe();
+    local.arg("local").arg("--config").arg(&config).args(["--sample-tokens", "8"]);
+    let mut child = KillOnDrop(local.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap());
+    let stderr_pipe = child.0.stderr.take().unwrap();
+    let stderr_text = std::thread::spawn(move || std::io::read_to_string(stderr_pipe).unwrap_or_default());
+    let mut stdout_lines = std::io::BufReader::new(child.0.stdout.take().unwrap()).lines();
+    let mut output = String::new();
+    let metrics_url = loop {
+        let line = stdout_lines.next().expect("troupe local prints its metrics address").unwrap();
+        output.push_str(&line);
+        output.push('\n');
+        if let Some(rest) = line.strip_prefix("coordinator metrics on ") {
+            break rest.trim().trim_end_matches("/metrics").to_string();
+        }
+    };
+    let run_dir = dir.join("runs/tiny");
+    wait_for_steps(&run_dir, 3, Duration::from_secs(120));
+    let agent: ureq::Agent = ureq::Agent::config_builder().timeout_global(Some(Duration::from_secs(30))).build().into();
+    for path in ["/status", "/metrics"] {
+        let body = agent.get(format!("{metrics_url}{path}")).call().unwrap().body_mut().read_to_string().unwrap();
+        output.push_str(&body);
+    }
+    for line in stdout_lines {
+        output.push_str(&line.unwrap_or_default());
+        output.push('\n');
+    }
+    assert!(child.0.wait().unwrap().success(), "{output}");
+    output.push_str(&stderr_text.join().unwrap());
+    let mode = std::fs::metadata(&run_dir).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o700, "the run folder is private");
+    let files = files_under(&run_dir);
+    assert!(files.iter().any(|f| f.ends_with("events.jsonl")) && files.len() > 5, "{files:?}");
+    for secret in [token, api_key, admin_key] {
+        assert!(!output.contains(secret), "a secret in the output, /status or /metrics");
+        for file in &files {
+            let bytes = std::fs::read(file).unwrap();
+            assert!(!bytes.windows(secret.len()).any(|w| w == secret.as_bytes()), "a secret in {}", file.display());
+        }
+    }
     let _ = std::fs::remove_dir_all(&dir);
 }

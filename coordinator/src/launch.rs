@@ -117,7 +117,7 @@ pub fn reset_key(run_dir: &Path) -> anyhow::Result<Vec<u8>> {
     let mut key = vec![0u8; LEN];
     ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut key)
         .map_err(|_| anyhow::anyhow!("the system random number generator failed"))?;
-    std::fs::create_dir_all(run_dir).with_context(|| format!("cannot create {}", run_dir.display()))?;
+    troupe_core::run_dir::create_private(run_dir).with_context(|| format!("cannot create {}", run_dir.display()))?;
     use std::os::unix::fs::OpenOptionsExt;
     let tmp = path.with_extension("key.tmp");
     {
@@ -151,7 +151,7 @@ mod tests {
         let mut config = Config::default_config();
         config.run.out_dir = dir.join("runs"); // the endpoint keeps its reset key in the run folder
         config.cluster.listen = "0.0.0.0:0".into();
-        config.cluster.token.clear();
+        config.cluster.token = Default::default();
         let err = bind_endpoint(&config, false).unwrap_err().to_string();
         assert!(err.contains("refusing to listen") && err.contains("--tls-dir"), "{err}");
         config.tls = Some(TlsConfig::coordinator_in(&dir));

@@ -9,6 +9,8 @@
 //! `docs/configuration.md` is checked against it by `core/tests/config_reference.rs`.
 
 use serde::{Deserialize, Serialize};
+
+pub use crate::secret::Secret;
 use std::path::{Path, PathBuf};
 
 /// Fewest characters of a join token (`cluster.token`), e.g. `openssl rand -hex 16` (32).
@@ -306,12 +308,12 @@ pub struct ServeConfig {
     /// Bearer token clients must send (`Authorization: Bearer …`); empty = none. The
     /// environment variable TROUPE_API_KEY overrides it.
     #[serde(default)]
-    pub api_key: String,
+    pub api_key: Secret,
     /// Bearer token of the admin API (`/admin/*`: promote, rollback, reload); empty = the
     /// admin API answers only on loopback (with `api_key`, if set). The completions key never
     /// opens it. The environment variable TROUPE_ADMIN_KEY overrides it.
     #[serde(default)]
-    pub admin_key: String,
+    pub admin_key: Secret,
     /// Requests generated together in one forward pass, at most.
     #[serde(default = "default_max_batch")]
     pub max_batch: usize,
@@ -343,8 +345,8 @@ impl Default for ServeConfig {
     fn default() -> Self {
         ServeConfig {
             listen: default_serve_listen(),
-            api_key: String::new(),
-            admin_key: String::new(),
+            api_key: Secret::default(),
+            admin_key: Secret::default(),
             max_batch: default_max_batch(),
             max_tokens: default_max_tokens(),
             max_queue: default_max_queue(),
@@ -425,7 +427,7 @@ pub struct ClusterConfig {
     /// no token (loopback only). At least [`MIN_TOKEN_CHARS`] characters: a proof seen by an
     /// impostor can be tried against guesses offline, so a short token would be found.
     #[serde(default)]
-    pub token: String,
+    pub token: Secret,
     /// How often workers send heartbeats.
     pub heartbeat_ms: u64,
     /// A worker (or coordinator) silent for this long is considered gone.
@@ -640,11 +642,11 @@ impl Config {
             cl.listen.parse::<std::net::SocketAddr>().is_ok(),
             "must be an IP:port socket address, e.g. 0.0.0.0:7070",
         )?;
-        if !cl.token.is_empty() && cl.token.chars().count() < MIN_TOKEN_CHARS {
+        if !cl.token.is_empty() && cl.token.chars() < MIN_TOKEN_CHARS {
             // The value is a secret: its length is all the error says of it.
             return Err(ConfigError::Range {
                 field: "cluster.token",
-                value: format!("(hidden, {} characters)", cl.token.chars().count()),
+                value: format!("(hidden, {} characters)", cl.token.chars()),
                 expected: format!("at least {MIN_TOKEN_CHARS} characters; make one with `openssl rand -hex 16`"),
             });
         }
@@ -738,11 +740,11 @@ mod tests {
     #[test]
     fn a_short_join_token_is_refused_without_showing_it() {
         let mut c = Config::default_config();
-        c.cluster.token = "short-secret".into();
+        c.cluster.token = Secret::new("short-secret");
         let e = c.validate().unwrap_err().to_string();
         assert!(e.contains("cluster.token") && e.contains("at least 16 characters") && e.contains("(hidden, 12 characters)"), "{e}");
         assert!(!e.contains("short-secret"), "the token must not appear in the error: {e}");
-        c.cluster.token = "a-long-enough-join-token".into();
+        c.cluster.token = Secret::new("a-long-enough-join-token");
         c.validate().unwrap();
     }
 }

@@ -141,7 +141,7 @@ pub struct EventLog {
 
 impl EventLog {
     pub fn open(run_dir: &Path) -> std::io::Result<EventLog> {
-        std::fs::create_dir_all(run_dir)?;
+        crate::run_dir::create_private(run_dir)?;
         let path = run_dir.join("events.jsonl");
         let file = OpenOptions::new().create(true).append(true).open(&path)?;
         Ok(EventLog { path, file })

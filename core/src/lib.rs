@@ -7,6 +7,7 @@
 //! - [`events`]: the run history `events.jsonl`.
 //! - [`shard`]: how the ZeRO strategies split the flat training state over ranks.
 //! - [`run_dir`]: where a run's checkpoints lie in its folder.
+//! - [`secret`]: join tokens and API keys, which never print or serialise their value.
 
 #![warn(unreachable_pub)]
 
@@ -15,4 +16,5 @@ pub mod config;
 pub mod events;
 pub mod proto;
 pub mod run_dir;
+pub mod secret;
 pub mod shard;

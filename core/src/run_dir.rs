@@ -4,6 +4,15 @@
 
 use std::path::{Path, PathBuf};
 
+/// Creates the run folder (and any missing parent) readable by its owner only (0700), or
+/// makes an existing one so: it holds the model, the run's history and the coordinator's
+/// keys, none of which is anyone else's business.
+pub fn create_private(run_dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(run_dir)?;
+    std::fs::set_permissions(run_dir, std::fs::Permissions::from_mode(0o700))
+}
+
 pub fn checkpoints_dir(run_dir: &Path) -> PathBuf {
     run_dir.join("checkpoints")
 }

@@ -27,6 +27,7 @@ use troupe_core::cluster::{Command, Core, Event, Phase, ResumeFrom, Snapshot, Wo
 use troupe_core::config::Config;
 use troupe_core::events::{EventLog, RunEvent};
 use troupe_core::proto::{Capabilities, FileDigest};
+use troupe_core::secret::Secret;
 
 /// After the run finishes, how long to wait for workers to hang up before closing anyway.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
@@ -200,15 +201,17 @@ async fn spawn_deployer(
     current: &Arc<AtomicU64>,
 ) -> Result<ActorRef<DeployerMsg>, ActorProcessingErr> {
     current.store(super::IDLE, Ordering::SeqCst);
-    let api_key = std::env::var("TROUPE_API_KEY")
-        .ok()
-        .filter(|k| !k.is_empty())
-        .or_else(|| Some(config.serve.api_key.clone()).filter(|k| !k.is_empty()));
+    // The replicas' admin API takes their admin key if they have one, else their API key.
+    let from_env = |name: &str| std::env::var(name).ok().filter(|k| !k.is_empty()).map(Secret::new);
+    let admin_key = from_env("TROUPE_ADMIN_KEY")
+        .or_else(|| config.serve.admin_key.non_empty().cloned())
+        .or_else(|| from_env("TROUPE_API_KEY"))
+        .or_else(|| config.serve.api_key.non_empty().cloned());
     let args = DeployerArgs {
         registry: config.registry_dir(),
         run: config.run.name.clone(),
         config: config.deploy.clone(),
-        api_key,
+        admin_key,
         coordinator: me.clone(),
         current: current.clone(),
     };

@@ -15,6 +15,7 @@ use std::time::Duration;
 use troupe_common::fault::FaultHook;
 use troupe_common::registry::{version_name, EvalResults, Registry, Rollout};
 use troupe_core::config::DeployConfig;
+use troupe_core::secret::Secret;
 
 pub struct Deployer;
 
@@ -22,8 +23,9 @@ pub struct DeployerArgs {
     pub registry: PathBuf,
     pub run: String,
     pub config: DeployConfig,
-    /// Bearer token of the serving replicas' admin API, if they need one.
-    pub api_key: Option<String>,
+    /// Bearer token of the serving replicas' admin API (their admin key, else their API key),
+    /// if they need one.
+    pub admin_key: Option<Secret>,
     pub coordinator: ActorRef<CoordinatorMsg>,
     /// The step of the candidate being handled (`super::IDLE` between candidates).
     pub current: std::sync::Arc<std::sync::atomic::AtomicU64>,
@@ -70,7 +72,7 @@ impl Actor for Deployer {
             Err(e) => std::panic::resume_unwind(e.into_panic()),
         };
         if decision.version.is_some() {
-            notify_replicas(&state.config.notify, state.api_key.as_deref()).await;
+            notify_replicas(&state.config.notify, state.admin_key.as_ref()).await;
         }
         state.coordinator.cast(CoordinatorMsg::Deployed(decision))?;
         state.current.store(super::IDLE, std::sync::atomic::Ordering::SeqCst);
@@ -134,10 +136,10 @@ fn consider(
 
 /// Tells each replica to read the registry now (`POST /admin/reload`). Best effort: replicas
 /// poll the registry anyway.
-async fn notify_replicas(urls: &[String], api_key: Option<&str>) {
+async fn notify_replicas(urls: &[String], admin_key: Option<&Secret>) {
     for url in urls {
         let endpoint = format!("{}/admin/reload", url.trim_end_matches('/'));
-        let key = api_key.map(str::to_string);
+        let key = admin_key.map(|k| k.expose().to_string());
         let result = tokio::task::spawn_blocking(move || {
             let agent: ureq::Agent = ureq::Agent::config_builder().timeout_global(Some(Duration::from_secs(30))).build().into();
             let mut request = agent.post(&endpoint);

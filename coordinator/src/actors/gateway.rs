@@ -63,7 +63,7 @@ pub struct Gateway;
 pub struct GatewayArgs {
     pub endpoint: quinn::Endpoint,
     pub coordinator: ActorRef<CoordinatorMsg>,
-    pub token: String,
+    pub token: troupe_core::secret::Secret,
     /// How often sessions send the coordinator's heartbeat to their worker.
     pub heartbeat: std::time::Duration,
     pub metrics: CoordinatorMetrics,

@@ -24,7 +24,7 @@ pub struct SessionArgs {
     pub id: WorkerId,
     pub incoming: quinn::Incoming,
     pub coordinator: ActorRef<CoordinatorMsg>,
-    pub token: String,
+    pub token: troupe_core::secret::Secret,
     pub heartbeat: Duration,
     pub metrics: CoordinatorMetrics,
     /// This connection's place among the handshakes in progress, freed once it is over.
@@ -179,7 +179,7 @@ async fn serve_connection(me: &ActorRef<SessionMsg>, args: SessionArgs) -> Resul
 
     // Check the version before decoding the rest: a peer of another version may lay out the
     // remaining fields differently.
-    let hello = match check_hello(frame.as_slice(), &conn, &token) {
+    let hello = match check_hello(frame.as_slice(), &conn, token.expose()) {
         Ok(hello) => hello,
         Err((kind, reason)) => {
             refuse(match kind {
@@ -199,7 +199,7 @@ async fn serve_connection(me: &ActorRef<SessionMsg>, args: SessionArgs) -> Resul
 
     // The worker checks the coordinator too, before it acts on anything: this side's proof of
     // the token goes first, ahead of anything the coordinator's core sends.
-    let proof = if token.is_empty() { Ok([0u8; 32]) } else { net::join_proof(&conn, &token) };
+    let proof = if token.is_empty() { Ok([0u8; 32]) } else { net::join_proof(&conn, token.expose()) };
     let proof = proof.map_err(|e| format!("cannot prove the join token to {remote}: {e}"))?;
     net::write_frame(&mut send, &ToWorker::Authenticated { proof })
         .await
