@@ -23,6 +23,26 @@ impl FaultHook {
     }
 }
 
+/// A hook whose variable names how many times it fires: the first N times it is asked, in
+/// this process (a supervised actor that crashes N times in a row, however often restarted).
+pub struct FaultCount {
+    var: &'static str,
+    times: OnceLock<u64>,
+    fired: std::sync::atomic::AtomicU64,
+}
+
+impl FaultCount {
+    pub const fn new(var: &'static str) -> FaultCount {
+        FaultCount { var, times: OnceLock::new(), fired: std::sync::atomic::AtomicU64::new(0) }
+    }
+
+    /// True for the first N calls (N from the variable; none without it).
+    pub fn fires(&self) -> bool {
+        let times = *self.times.get_or_init(|| std::env::var(self.var).ok().and_then(|v| v.parse().ok()).unwrap_or(0));
+        self.fired.fetch_add(1, Ordering::SeqCst) < times
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -49,6 +49,11 @@ impl Actor for Evaluator {
     async fn handle(&self, _me: ActorRef<Self::Msg>, msg: Self::Msg, state: &mut Self::State) -> Result<(), ActorProcessingErr> {
         let EvaluatorMsg::Evaluate(job) = msg;
         state.current.store(job.step, std::sync::atomic::Ordering::SeqCst);
+        // Test hook: the Evaluator crashes on its first N jobs, however often restarted.
+        static CRASHES: troupe_common::fault::FaultCount = troupe_common::fault::FaultCount::new("TROUPE_FAULT_EVALUATOR_CRASHES");
+        if CRASHES.fires() {
+            panic!("fault injection: the Evaluator crashes on the checkpoint of step {}", job.step);
+        }
         let prompts = state.prompts.clone();
         let sample_tokens = state.sample_tokens;
         let for_thread = job.clone();

@@ -2,10 +2,12 @@
 //! the Checkpointer and a timer) and carries out its commands: messages to workers, checkpoint
 //! commits, events.jsonl lines, metrics and the progress display.
 //!
-//! Supervision: a WorkerSession that ends becomes `WorkerLost`; a Checkpointer that fails is
-//! restarted with backoff (counted in `troupe_actor_restarts_total`) and its commit in flight
-//! is reported failed, so training goes on. ractor's default — stop the parent when a child
-//! exits — is overridden on purpose.
+//! Supervision: a WorkerSession that ends becomes `WorkerLost`; a Checkpointer, Evaluator or
+//! Deployer that fails is restarted after a backoff that doubles with each crash and starts
+//! over after a healthy minute, scheduled as a message rather than slept on (counted in
+//! `troupe_actor_restarts_total`; see `children`); the Checkpointer's commit in flight is
+//! reported failed, so training goes on. ractor's default — stop the parent when a child
+//! exits — is overridden on purpose. `progress` is the terminal display.
 
 use super::checkpointer::{Checkpointer, CheckpointerArgs, CheckpointerMsg};
 use super::deployer::{Decision, Deployer, DeployerArgs, DeployerMsg};
@@ -28,6 +30,13 @@ use troupe_core::config::Config;
 use troupe_core::events::{EventLog, RunEvent};
 use troupe_core::proto::{Capabilities, FileDigest};
 use troupe_core::secret::Secret;
+
+mod children;
+mod progress;
+
+pub use children::Supervised;
+use children::{spawn_checkpointer, spawn_deployer, spawn_evaluator, Restarts};
+use progress::Progress;
 
 /// After the run finishes, how long to wait for workers to hang up before closing anyway.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
@@ -59,6 +68,12 @@ pub struct RunOutcome {
 
 pub enum CoordinatorMsg {
     Core(Event),
+    /// A crashed child's backoff is over: start it again. Scheduled (never slept on in the
+    /// supervision handler, which would hold up every other message, heartbeats included).
+    Restart {
+        child: Supervised,
+        reason: String,
+    },
     /// The timer armed for the core's `deadline` (see `CoordinatorState::arm_timer`) fired.
     Timeout {
         deadline: Instant,
@@ -114,13 +129,13 @@ pub struct CoordinatorState {
     sessions: HashMap<WorkerId, ActorRef<SessionMsg>>,
     session_ids: HashMap<ActorId, WorkerId>,
     checkpointer: ActorRef<CheckpointerMsg>,
-    checkpointer_restarts: u32,
+    checkpointer_restarts: Restarts,
     /// Commits sent to the Checkpointer and not answered yet, kept to resend after a crash.
     commits_in_flight: BTreeMap<u64, (u64, u32, Vec<FileDigest>)>,
     evaluator: ActorRef<EvaluatorMsg>,
     deployer: ActorRef<DeployerMsg>,
-    evaluator_restarts: u32,
-    deployer_restarts: u32,
+    evaluator_restarts: Restarts,
+    deployer_restarts: Restarts,
     /// The step each of them is handling (see `super::IDLE`).
     evaluator_current: Arc<AtomicU64>,
     deployer_current: Arc<AtomicU64>,
@@ -164,65 +179,6 @@ pub async fn run_coordinator(options: CoordinatorOptions) -> anyhow::Result<RunO
     outcome.map_err(|_| anyhow::anyhow!("the coordinator stopped without an outcome"))
 }
 
-async fn spawn_checkpointer(
-    me: &ActorRef<CoordinatorMsg>,
-    config: &Config,
-    pinned: &Pinned,
-) -> Result<ActorRef<CheckpointerMsg>, ActorProcessingErr> {
-    let args = CheckpointerArgs {
-        run_dir: config.run_dir(),
-        keep_last: config.checkpoint.keep_last,
-        coordinator: me.clone(),
-        pinned: pinned.clone(),
-    };
-    let (actor, _) = Actor::spawn_linked(Some("checkpointer".into()), Checkpointer, args, me.get_cell()).await?;
-    Ok(actor)
-}
-
-async fn spawn_evaluator(
-    me: &ActorRef<CoordinatorMsg>,
-    config: &Config,
-    current: &Arc<AtomicU64>,
-) -> Result<ActorRef<EvaluatorMsg>, ActorProcessingErr> {
-    current.store(super::IDLE, Ordering::SeqCst);
-    let args = EvaluatorArgs {
-        prompts: config.eval.prompts.clone(),
-        sample_tokens: config.eval.sample_tokens,
-        coordinator: me.clone(),
-        current: current.clone(),
-    };
-    let (actor, _) = Actor::spawn_linked(Some("evaluator".into()), Evaluator, args, me.get_cell()).await?;
-    Ok(actor)
-}
-
-async fn spawn_deployer(
-    me: &ActorRef<CoordinatorMsg>,
-    config: &Config,
-    current: &Arc<AtomicU64>,
-) -> Result<ActorRef<DeployerMsg>, ActorProcessingErr> {
-    current.store(super::IDLE, Ordering::SeqCst);
-    // The replicas' admin API takes their admin key if they have one, else their API key.
-    let from_env = |name: &str| std::env::var(name).ok().filter(|k| !k.is_empty()).map(Secret::new);
-    let admin_key = from_env("TROUPE_ADMIN_KEY")
-        .or_else(|| config.serve.admin_key.non_empty().cloned())
-        .or_else(|| from_env("TROUPE_API_KEY"))
-        .or_else(|| config.serve.api_key.non_empty().cloned());
-    let args = DeployerArgs {
-        registry: config.registry_dir(),
-        run: config.run.name.clone(),
-        config: config.deploy.clone(),
-        admin_key,
-        coordinator: me.clone(),
-        current: current.clone(),
-    };
-    let (actor, _) = Actor::spawn_linked(Some("deployer".into()), Deployer, args, me.get_cell()).await?;
-    Ok(actor)
-}
-
-fn restart_backoff(restarts: u32) -> Duration {
-    Duration::from_millis(100 * 2u64.pow(restarts.min(6)))
-}
-
 impl Actor for Coordinator {
     type Msg = CoordinatorMsg;
     type State = CoordinatorState;
@@ -258,12 +214,12 @@ impl Actor for Coordinator {
             sessions: HashMap::new(),
             session_ids: HashMap::new(),
             checkpointer,
-            checkpointer_restarts: 0,
+            checkpointer_restarts: Restarts::default(),
             commits_in_flight: BTreeMap::new(),
             evaluator,
             deployer,
-            evaluator_restarts: 0,
-            deployer_restarts: 0,
+            evaluator_restarts: Restarts::default(),
+            deployer_restarts: Restarts::default(),
             evaluator_current,
             deployer_current,
             measured: BTreeMap::new(),
@@ -295,6 +251,12 @@ impl Actor for Coordinator {
                 }
                 state.apply(&me, event);
             }
+            CoordinatorMsg::Restart { child, reason } => match child {
+                Supervised::Checkpointer if state.outcome.is_none() => state.restart_checkpointer(&me, reason).await?,
+                Supervised::Checkpointer => {}
+                Supervised::Evaluator => state.restart_release_actor(&me, "evaluator", reason).await?,
+                Supervised::Deployer => state.restart_release_actor(&me, "deployer", reason).await?,
+            },
             CoordinatorMsg::Timeout { deadline } => {
                 if state.timer == Some(deadline) {
                     state.timer = None;
@@ -395,11 +357,11 @@ impl Actor for Coordinator {
             state.apply(&me, Event::WorkerLost { id, reason });
             state.maybe_stop(&me);
         } else if cell.get_id() == state.checkpointer.get_id() && state.outcome.is_none() {
-            state.restart_checkpointer(&me, reason).await?;
+            state.schedule_restart(&me, Supervised::Checkpointer, reason);
         } else if cell.get_id() == state.evaluator.get_id() {
-            state.restart_release_actor(&me, "evaluator", reason).await?;
+            state.schedule_restart(&me, Supervised::Evaluator, reason);
         } else if cell.get_id() == state.deployer.get_id() {
-            state.restart_release_actor(&me, "deployer", reason).await?;
+            state.schedule_restart(&me, Supervised::Deployer, reason);
         }
         Ok(())
     }
@@ -612,51 +574,6 @@ impl CoordinatorState {
         }
     }
 
-    /// Restarts a crashed Evaluator or Deployer. The job it was on (its `current` cell says
-    /// which) is given up and recorded; jobs after it were still queued in the dead actor's
-    /// mailbox and are sent again; jobs before it were answered (their answers may still be
-    /// in this mailbox, behind the supervision event) and are left alone.
-    async fn restart_release_actor(
-        &mut self,
-        me: &ActorRef<CoordinatorMsg>,
-        actor: &'static str,
-        reason: String,
-    ) -> Result<(), ActorProcessingErr> {
-        self.metrics.actor_restarts_total.with_label_values(&[actor]).inc();
-        let evaluator = actor == "evaluator";
-        let restarts = if evaluator { &mut self.evaluator_restarts } else { &mut self.deployer_restarts };
-        *restarts += 1;
-        let backoff = restart_backoff(*restarts);
-        tracing::warn!("{actor} {reason}; restarting it in {backoff:?}");
-        let current = if evaluator { &self.evaluator_current } else { &self.deployer_current }.load(Ordering::SeqCst);
-        tokio::time::sleep(backoff).await;
-        let mine = |r: &Release| if evaluator { matches!(r, Release::Evaluating(_)) } else { matches!(r, Release::Deploying { .. }) };
-        let queued: Vec<Release> = self
-            .releases
-            .iter()
-            .filter(|(step, r)| mine(r) && (current == super::IDLE || **step > current))
-            .map(|(_, r)| r.clone())
-            .collect();
-        if evaluator {
-            self.evaluator = spawn_evaluator(me, &self.config, &self.evaluator_current).await?;
-        } else {
-            self.deployer = spawn_deployer(me, &self.config, &self.deployer_current).await?;
-        }
-        if current != super::IDLE && self.releases.get(&current).is_some_and(mine) {
-            let message = format!("the {actor} crashed while handling the checkpoint of step {current} ({reason}); restarted");
-            self.release_done(me, RunEvent::Deployed { step: current, action: "failed".into(), version: None, reason: message });
-        }
-        for job in queued {
-            let _ = match job {
-                Release::Evaluating(job) => self.evaluator.cast(EvaluatorMsg::Evaluate(job)).map_err(|_| ()),
-                Release::Deploying { job, results } => {
-                    self.deployer.cast(DeployerMsg::Candidate { step: job.step, checkpoint: job.checkpoint, results }).map_err(|_| ())
-                }
-            };
-        }
-        Ok(())
-    }
-
     fn update_worker_gauges(&self) {
         let phase = self.core.phase();
         let mut by_state: BTreeMap<&'static str, i64> =
@@ -671,108 +588,5 @@ impl CoordinatorState {
         self.metrics.world_size.set(snap.world_size as i64);
         self.metrics.generation.set(snap.generation as i64);
         self.metrics.paused.set(i64::from(phase == Phase::Paused));
-    }
-
-    async fn restart_checkpointer(&mut self, me: &ActorRef<CoordinatorMsg>, reason: String) -> Result<(), ActorProcessingErr> {
-        self.metrics.actor_restarts_total.with_label_values(&["checkpointer"]).inc();
-        self.checkpointer_restarts += 1;
-        let backoff = restart_backoff(self.checkpointer_restarts);
-        tracing::warn!("Checkpointer {reason}; restarting it in {backoff:?}");
-        self.record(RunEvent::Warning { step: self.core.snapshot().completed_steps, message: format!("Checkpointer {reason}; restarted") });
-        tokio::time::sleep(backoff).await;
-        self.checkpointer = spawn_checkpointer(me, &self.config, &self.pinned).await?;
-        // Commits run in order, so the oldest one in flight is the one it crashed on: that
-        // checkpoint is given up (the previous one stays the newest). The others were still
-        // queued in the dead actor's mailbox; their files are intact, so they are sent again.
-        let mut in_flight = std::mem::take(&mut self.commits_in_flight).into_iter();
-        if let Some((step, _)) = in_flight.next() {
-            let error = format!("the Checkpointer crashed while committing this checkpoint ({reason})");
-            self.apply(me, Event::CheckpointCommitFailed { step, error });
-        }
-        for (step, (generation, world_size, files)) in in_flight {
-            self.commits_in_flight.insert(step, (generation, world_size, files.clone()));
-            let _ = self.checkpointer.cast(CheckpointerMsg::Commit { step, generation, world_size, files });
-        }
-        Ok(())
-    }
-}
-
-/// The terminal display: a line every few steps with loss, throughput and ETA.
-struct Progress {
-    total_steps: u64,
-    every: u64,
-    started: Instant,
-    first_step: Option<u64>,
-}
-
-impl Progress {
-    fn new(total_steps: u64) -> Progress {
-        Progress { total_steps, every: (total_steps / 30).max(1), started: Instant::now(), first_step: None }
-    }
-
-    fn line(&self, text: &str) {
-        troupe_common::say!("[{:>7.1}s] {text}", self.started.elapsed().as_secs_f64());
-    }
-
-    fn show(&mut self, event: &RunEvent) {
-        match event {
-            RunEvent::Step { step, loss, lr, tokens_per_sec, step_seconds, .. } => {
-                let first = *self.first_step.get_or_insert(*step);
-                let done = step + 1;
-                if done % self.every != 0 && done != self.total_steps && *step != first {
-                    return;
-                }
-                let per_step = self.started.elapsed().as_secs_f64() / (done - first).max(1) as f64;
-                let eta = per_step * self.total_steps.saturating_sub(done) as f64;
-                self.line(&format!(
-                    "step {done:>5}/{} | loss {loss:.4} | lr {lr:.2e} | {tokens_per_sec:>8.0} tok/s | {step_seconds:.3} s/step | ETA {}",
-                    self.total_steps,
-                    format_duration(eta)
-                ));
-            }
-            RunEvent::Eval { step, val_loss, sequences } => {
-                self.line(&format!("eval  after step {step}: val loss {val_loss:.4} over {sequences} sequences"))
-            }
-            RunEvent::Checkpoint { path, seconds, .. } => self.line(&format!("checkpoint {path} ({seconds:.2} s)")),
-            RunEvent::Evaluated { step, perplexity, samples, .. } => {
-                let first = samples.first().map(|s| format!(": {:?}", format!("{}{}", s.prompt, s.text))).unwrap_or_default();
-                self.line(&format!("evaluated step {step}: perplexity {perplexity:.1}{first}"))
-            }
-            RunEvent::Deployed { step, action, version, reason } => self.line(&format!(
-                "deploy step {step}: {action}{} ({reason})",
-                version.map(|v| format!(" as {}", version_name(v))).unwrap_or_default()
-            )),
-            RunEvent::CheckpointFailed { step, error } => self.line(&format!("checkpoint at step {step} FAILED: {error}")),
-            RunEvent::WorkerJoined { rank, addr, .. } => self.line(&format!("rank {rank} assigned to worker at {addr}")),
-            RunEvent::WorkerLeft { rank, reason, .. } => {
-                let rank = rank.map_or("-".to_string(), |r| r.to_string());
-                self.line(&format!("worker (rank {rank}) left: {reason}"))
-            }
-            RunEvent::Started { world_size, resumed_from, step, .. } => match resumed_from {
-                Some(dir) => self.line(&format!("training resumed at step {step} from {dir} on {world_size} workers")),
-                None => self.line(&format!("training started on {world_size} workers")),
-            },
-            RunEvent::Warning { message, .. } => self.line(&format!("warning: {message}")),
-            RunEvent::Regrouped { step, generation, world_size, seconds, synced } => self.line(&format!(
-                "regrouped: {world_size} workers (generation {generation}) continue at step {step} after {seconds:.2} s{}",
-                if *synced { ", state synced from a peer" } else { "" }
-            )),
-            RunEvent::Paused { reason, .. } => self.line(&format!("PAUSED: {reason}")),
-            RunEvent::Failed { error, .. } => self.line(&format!("run FAILED: {error}")),
-            RunEvent::Finished { step, seconds, .. } => {
-                self.line(&format!("finished at step {step} after {} of training", format_duration(*seconds)))
-            }
-        }
-    }
-}
-
-fn format_duration(seconds: f64) -> String {
-    let s = seconds.max(0.0).round() as u64;
-    if s >= 3600 {
-        format!("{}h{:02}m", s / 3600, (s % 3600) / 60)
-    } else if s >= 60 {
-        format!("{}m{:02}s", s / 60, s % 60)
-    } else {
-        format!("{s}s")
     }
 }
