@@ -67,21 +67,38 @@ fn count(run_dir: &Path) -> usize {
     read_events(run_dir).map(|e| e.len()).unwrap_or(0)
 }
 
-fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::UdpSocket::bind("127.0.0.1:0")?.local_addr()?.port())
-}
-
-fn coordinator(config: &Path, out: &Path, port: u16, resume: bool) -> anyhow::Result<Killed> {
+/// A coordinator listening on `listen` (port 0 for a fresh one), and the address it reports
+/// having bound (its "coordinator listening on ADDR; …" line).
+fn coordinator(config: &Path, out: &Path, listen: &str, resume: bool) -> anyhow::Result<(Killed, String)> {
+    use std::io::BufRead;
     let mut cmd = troupe();
-    cmd.args(["coordinator", "--listen", &format!("127.0.0.1:{port}")]).arg("--config").arg(config).arg("--out").arg(out);
+    cmd.args(["coordinator", "--listen", listen]).arg("--config").arg(config).arg("--out").arg(out).stdout(Stdio::piped());
     if resume {
         cmd.arg("--resume");
     }
-    Ok(Killed(cmd.spawn()?))
+    let mut child = Killed(cmd.spawn()?);
+    let stdout = child.0.stdout.take().expect("piped stdout");
+    let (tx, rx) = std::sync::mpsc::channel();
+    // Reads every line, so that the coordinator never blocks on a full pipe; sends the address.
+    std::thread::spawn(move || {
+        let mut tx = Some(tx);
+        for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+            if let Some(rest) = line.strip_prefix("coordinator listening on ") {
+                if let Some(tx) = tx.take() {
+                    let _ = tx.send(rest.split(';').next().unwrap_or_default().trim().to_string());
+                }
+            }
+        }
+    });
+    // The first start may prepare the corpus before it listens.
+    let limit = Duration::from_secs(600);
+    let addr =
+        rx.recv_timeout(limit).map_err(|_| anyhow::anyhow!("the coordinator exited or did not report its address within {limit:?}"))?;
+    Ok((child, addr))
 }
 
-fn worker(port: u16) -> anyhow::Result<Killed> {
-    Ok(Killed(troupe().args(["worker", "--join", &format!("127.0.0.1:{port}"), "--threads", "1"]).spawn()?))
+fn worker(addr: &str) -> anyhow::Result<Killed> {
+    Ok(Killed(troupe().args(["worker", "--join", addr, "--threads", "1"]).spawn()?))
 }
 
 /// Kill one of 3 workers; seconds to the survivors' first step, and the regroup's own share.
@@ -89,9 +106,8 @@ fn lost_worker(out: &Path, rep: usize, lease_ms: u64) -> anyhow::Result<(f64, f6
     let out = out.join(format!("worker-{rep}"));
     std::fs::create_dir_all(&out)?;
     let config = config(&out, "run", 3, lease_ms)?;
-    let port = free_port()?;
-    let _coordinator = coordinator(&config, &out, port, false)?;
-    let mut workers = (0..3).map(|_| worker(port)).collect::<anyhow::Result<Vec<_>>>()?;
+    let (_coordinator, addr) = coordinator(&config, &out, "127.0.0.1:0", false)?;
+    let mut workers = (0..3).map(|_| worker(&addr)).collect::<anyhow::Result<Vec<_>>>()?;
     let run_dir = out.join("shakespeare");
     wait_for(&run_dir, 0, Duration::from_secs(300), |e| matches!(e, RunEvent::Step { step, .. } if *step >= 10))?;
     let skip = count(&run_dir);
@@ -114,16 +130,16 @@ fn restarted_coordinator(out: &Path, rep: usize, lease_ms: u64) -> anyhow::Resul
     let out = out.join(format!("coordinator-{rep}"));
     std::fs::create_dir_all(&out)?;
     let config = config(&out, "run", 2, lease_ms)?;
-    let port = free_port()?;
-    let mut first = coordinator(&config, &out, port, false)?;
-    let _workers = (0..2).map(|_| worker(port)).collect::<anyhow::Result<Vec<_>>>()?;
+    let (mut first, addr) = coordinator(&config, &out, "127.0.0.1:0", false)?;
+    let _workers = (0..2).map(|_| worker(&addr)).collect::<anyhow::Result<Vec<_>>>()?;
     let run_dir = out.join("shakespeare");
     wait_for(&run_dir, 0, Duration::from_secs(300), |e| matches!(e, RunEvent::Checkpoint { step, .. } if *step >= 10))?;
     let skip = count(&run_dir);
     first.0.kill()?;
     let _ = first.0.wait();
     let killed = Instant::now();
-    let _second = coordinator(&config, &out, port, true)?;
+    // Again on the address the workers know.
+    let _second = coordinator(&config, &out, &addr, true)?;
     let stepped = wait_for(&run_dir, skip, Duration::from_secs(120), |e| matches!(e, RunEvent::Step { .. }))?;
     Ok(stepped.duration_since(killed).as_secs_f64())
 }

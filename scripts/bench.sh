@@ -42,7 +42,7 @@ if [ -z "${TROUPE_TORCH_PY:-}" ]; then
     fi
 fi
 
-all=(allreduce peers scaling step_overhead recovery serving checkpoint memory)
+all=(allreduce peers scaling step_overhead model_step recovery serving checkpoint memory)
 if [ "$#" -gt 0 ]; then benches=("$@"); else benches=("${all[@]}"); fi
 for b in "${benches[@]}"; do
     [ -f "benches/$b.rs" ] || { echo "bench: no benchmark named $b (have: ${all[*]})" >&2; exit 2; }

@@ -18,23 +18,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::Duration;
 
-const LIMIT: Duration = Duration::from_secs(300);
 /// Encoded, truncated to the block, and run through both models.
 const TEXT: &str = "ROMEO.\nBut soft, what light through yonder window breaks? It is the east, and Juliet is the sun.";
-
-fn in_ci() -> bool {
-    std::env::var("CI").as_deref() == Ok("true")
-}
-
-fn root() -> &'static Path {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-}
-
-fn cache() -> PathBuf {
-    std::env::var_os("TROUPE_CACHE")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(std::env::var("HOME").expect("HOME")).join(".cache/troupe"))
-}
 
 /// The Python path of the check: the torch package that LIBTORCH belongs to (scripts/setup.sh
 /// installs PyPI's torch wheel), then what scripts/test.sh installs for this test.
@@ -42,8 +27,8 @@ fn python_path() -> OsString {
     let torch = std::env::var_os("LIBTORCH")
         .map(PathBuf::from)
         .and_then(|t| t.parent().map(Path::to_path_buf))
-        .unwrap_or_else(|| cache().join("torch-2.11.0-cpu"));
-    std::env::join_paths([torch, cache().join("python-hf-export")]).expect("a PYTHONPATH")
+        .unwrap_or_else(|| troupe_cache().join("torch-2.11.0-cpu"));
+    std::env::join_paths([torch, troupe_cache().join("python-hf-export")]).expect("a PYTHONPATH")
 }
 
 fn importable(pythonpath: &OsString, modules: &str) -> bool {
@@ -58,9 +43,7 @@ fn train(dir: &Path, bias: bool, steps: u64) -> PathBuf {
         assert!(text.contains("bias = true"));
         std::fs::write(&config, text.replace("bias = true", "bias = false")).unwrap();
     }
-    let mut cmd = troupe();
-    cmd.arg("local").arg("--config").arg(&config).args(["--sample-tokens", "0"]);
-    assert_success(&run(cmd, LIMIT));
+    assert_success(&run_local(&config, &[]));
     // The newest complete checkpoint, found the way resume finds it.
     troupe_common::checkpoint::find_resumable(&dir.join("runs/tiny")).unwrap().expect("a complete checkpoint").dir
 }
@@ -151,16 +134,14 @@ fn an_export_loads_in_transformers_with_troupes_logits() {
     // The Hugging Face side.
     let pythonpath = python_path();
     if !importable(&pythonpath, "numpy, safetensors.numpy") {
-        assert!(!in_ci(), "safetensors is missing in CI: scripts/test.sh should have installed it ({pythonpath:?})");
-        eprintln!("SKIPPED the Python half: safetensors does not import from {pythonpath:?} (scripts/test.sh installs it)");
+        skip_or_fail(&format!("the Python half: safetensors does not import from {pythonpath:?} (scripts/test.sh installs it)"));
         return;
     }
     let with_transformers = importable(&pythonpath, "torch, transformers");
     if !with_transformers {
-        assert!(!in_ci(), "torch or transformers is missing in CI: scripts/test.sh should have installed them ({pythonpath:?})");
-        eprintln!(
-            "SKIPPED the transformers half: torch and transformers do not import from {pythonpath:?} (scripts/test.sh installs them)"
-        );
+        skip_or_fail(&format!(
+            "the transformers half: torch and transformers do not import from {pythonpath:?} (scripts/test.sh installs them)"
+        ));
     }
     let mut cmd = Command::new("python3");
     cmd.env("PYTHONPATH", &pythonpath)

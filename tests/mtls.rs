@@ -40,29 +40,29 @@ fn mutual_tls_cluster_trains_without_a_token_and_refuses_strangers() {
     let addr = coordinator.addr;
 
     // A worker whose certificate comes from another CA: refused at the handshake, exits
-    // non-zero at once (no retrying until --connect-timeout) and says why.
-    let stranger_port = free_udp_port();
+    // non-zero at once (no retrying until --connect-timeout) and says why. It binds port 0
+    // and reports the port; the coordinator's log must name this peer by that address.
     let mut stranger = troupe();
     stranger
         .args(["worker", "--join", &addr.to_string(), "--threads", "1", "--connect-timeout", "120"])
-        .args(["--listen", &format!("127.0.0.1:{stranger_port}")])
+        .args(["--listen", "127.0.0.1:0"])
         .arg("--tls-dir")
         .arg(&foreign);
     let started = std::time::Instant::now();
     let refused = run(stranger, Duration::from_secs(60));
     assert!(!refused.status.success());
     let err = stderr(&refused);
+    let stranger_port = bound_port(&err);
     assert!(err.contains("TLS handshake with the coordinator") && err.contains("invalid peer certificate: UnknownIssuer"), "{err}");
     assert!(started.elapsed() < Duration::from_secs(60), "a TLS refusal must not be retried");
 
-    // A worker without any certificate: the coordinator requires one.
-    let anonymous_port = free_udp_port();
+    // A worker without any certificate: the coordinator requires one. (Its port reported as
+    // above.)
     let mut anonymous = troupe();
-    anonymous
-        .args(["worker", "--join", &addr.to_string(), "--threads", "1", "--connect-timeout", "10"])
-        .args(["--listen", &format!("127.0.0.1:{anonymous_port}")]);
+    anonymous.args(["worker", "--join", &addr.to_string(), "--threads", "1", "--connect-timeout", "10"]).args(["--listen", "127.0.0.1:0"]);
     let refused = run(anonymous, Duration::from_secs(60));
     assert!(!refused.status.success());
+    let anonymous_port = bound_port(&stderr(&refused));
     assert!(stderr(&refused).contains("TLS"), "{}", stderr(&refused));
 
     // The members, without a token: the run completes over mutual TLS (coordinator links
@@ -86,4 +86,11 @@ fn mutual_tls_cluster_trains_without_a_token_and_refuses_strangers() {
         );
     }
     assert_eq!(step_losses(&dir.join("runs/tiny")).len(), 4);
+}
+
+/// The port a worker reported binding ("worker endpoint bound on ADDR").
+fn bound_port(log: &str) -> u16 {
+    let line =
+        log.lines().find_map(|l| l.split("worker endpoint bound on ").nth(1)).unwrap_or_else(|| panic!("no bound address in:\n{log}"));
+    line.trim().parse::<std::net::SocketAddr>().expect("a socket address").port()
 }

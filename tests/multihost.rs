@@ -1,7 +1,11 @@
 //! A real multi-host cluster on one machine: two network namespaces joined by a veth pair.
 //! Host A runs the coordinator and one worker, host B another worker; the workers bind all
 //! interfaces, advertise the address that reaches the coordinator, and form the ring across
-//! the veth link. Needs root (`ip netns`); skipped with a message otherwise.
+//! the veth link. Needs root and iproute2 (`ip netns`); skipped with a message otherwise, except
+//! under CI=true, where that fails the test.
+//!
+//! The ports are fixed (7070 and 71xx/72xx): each namespace is new and private to its test, so
+//! nothing else can hold them, and the relays must know their targets before those start.
 //!
 //! The second test degrades host B's link (100 Mbit/s with `tc` tbf, 20 ms each way through a
 //! delaying UDP relay: this kernel has no netem), checks that training still converges, then
@@ -32,8 +36,12 @@ fn ip(args: &[&str]) -> bool {
 
 impl Hosts {
     fn create() -> Option<Hosts> {
-        let tag = std::process::id() % 10_000;
-        let subnet = std::process::id() % 200 + 20;
+        // The tests of this file run at once in one process: each pair of namespaces (and
+        // the veth pair, named in the root namespace until it is moved) needs its own names.
+        static CREATED: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let nth = CREATED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let tag = format!("{}{nth}", std::process::id() % 10_000);
+        let subnet = (std::process::id() + nth) % 200 + 20;
         let h = Hosts {
             a: format!("troupe-a{tag}"),
             b: format!("troupe-b{tag}"),
@@ -78,7 +86,7 @@ impl Drop for Hosts {
 #[test]
 fn workers_on_two_hosts_train_together() {
     let Some(hosts) = Hosts::create() else {
-        eprintln!("SKIPPED: cannot create network namespaces here (needs root and iproute2)");
+        skip_or_fail("cannot create network namespaces here (`ip netns add` needs root and iproute2)");
         return;
     };
     let dir = scratch("multihost");
@@ -118,7 +126,7 @@ fn workers_on_two_hosts_train_together() {
 #[test]
 fn a_degraded_link_still_converges_and_a_cut_link_is_handled_like_a_lost_worker() {
     let Some(hosts) = Hosts::create() else {
-        eprintln!("SKIPPED: cannot create network namespaces here (needs root and iproute2)");
+        skip_or_fail("cannot create network namespaces here (`ip netns add` needs root and iproute2)");
         return;
     };
     // 100 Mbit/s out of host B.
@@ -145,7 +153,7 @@ fn a_degraded_link_still_converges_and_a_cut_link_is_handled_like_a_lost_worker(
         .map(|s| s.success())
         .unwrap_or(false);
     if !shaped {
-        eprintln!("SKIPPED: `tc qdisc add ... tbf` is not available here");
+        skip_or_fail("`tc qdisc add ... tbf` is not available here (needs the sch_tbf kernel module)");
         return;
     }
     let dir = scratch("multihost-degraded");

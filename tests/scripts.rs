@@ -2,6 +2,9 @@
 //! installs it where it can). Skipped with a message where it is not installed, except in CI,
 //! where a missing shellcheck is a failure rather than a silent pass.
 
+mod common;
+
+use common::*;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -26,7 +29,7 @@ fn shell_scripts(dir: &Path, out: &mut Vec<PathBuf>) {
 
 #[test]
 fn every_shell_script_passes_shellcheck() {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let root = root();
     let mut scripts = Vec::new();
     for dir in ["scripts", ".ci", "deploy", "benches"] {
         shell_scripts(&root.join(dir), &mut scripts);
@@ -35,8 +38,7 @@ fn every_shell_script_passes_shellcheck() {
     assert!(scripts.iter().any(|p| p.ends_with("scripts/test.sh")) && scripts.iter().any(|p| p.ends_with(".ci/run")), "{scripts:?}");
     let found = Command::new("shellcheck").arg("--version").output().map(|o| o.status.success()).unwrap_or(false);
     if !found {
-        assert!(std::env::var("CI").as_deref() != Ok("true"), "shellcheck is missing in CI: scripts/test.sh should have installed it");
-        eprintln!("SKIPPED: shellcheck is not installed (apt-get install shellcheck)");
+        skip_or_fail("shellcheck is not installed (scripts/test.sh installs it: apt-get install shellcheck)");
         return;
     }
     let out = Command::new("shellcheck").arg("--external-sources").args(&scripts).current_dir(root).output().unwrap();
@@ -54,7 +56,7 @@ fn every_shell_script_passes_shellcheck() {
 /// MFU: counted for GPT-2 124M the way nanoGPT does, and the warm-up steps left out.
 #[test]
 fn gpu_mfu_counts_gpt2_124m_like_nanogpt() {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let root = root();
     let dir = std::env::temp_dir().join(format!("troupe-gpu-mfu-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(dir.join("data")).unwrap();

@@ -78,9 +78,7 @@ fn checkpoints(dir: &Path, steps: u64, interval: u64) -> Vec<PathBuf> {
     let config = tiny_config(dir, &data, 1, steps);
     let text = std::fs::read_to_string(&config).unwrap().replace("interval = 5\n", &format!("interval = {interval}\n"));
     std::fs::write(&config, format!("{text}\n[deploy]\nenabled = false\n")).unwrap();
-    let mut cmd = troupe();
-    cmd.arg("local").arg("--config").arg(&config).args(["--sample-tokens", "0"]);
-    assert_success(&run(cmd, Duration::from_secs(300)));
+    assert_success(&run_local(&config, &[]));
     let dir = dir.join("runs/tiny/checkpoints");
     let mut found: Vec<PathBuf> =
         std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().path()).filter(|p| p.join("MANIFEST").is_file()).collect();
@@ -455,10 +453,7 @@ fn a_deployer_killed_mid_promotion_leaves_the_registry_consistent() {
 /// Where the `openai` package is installed for this test (scripts/test.sh installs it there
 /// first; the test installs it itself when run alone).
 fn openai_python() -> Option<PathBuf> {
-    let cache = std::env::var_os("TROUPE_CACHE")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(std::env::var("HOME").unwrap()).join(".cache/troupe"));
-    let target = cache.join("python-openai");
+    let target = troupe_cache().join("python-openai");
     let importable =
         |t: &Path| Command::new("python3").env("PYTHONPATH", t).args(["-c", "import openai"]).status().is_ok_and(|s| s.success());
     if importable(&target) {
@@ -475,7 +470,7 @@ fn openai_python() -> Option<PathBuf> {
 #[test]
 fn the_official_openai_python_client_completes_streaming_and_not() {
     let Some(pythonpath) = openai_python() else {
-        eprintln!("SKIPPED: the `openai` Python package cannot be installed here (no python3/pip or no PyPI)");
+        skip_or_fail("the `openai` Python package cannot be installed here (no python3/pip or no PyPI; scripts/test.sh installs it)");
         return;
     };
     let dir = scratch("serving-openai");
@@ -483,7 +478,7 @@ fn the_official_openai_python_client_completes_streaming_and_not() {
     let registry_dir = dir.join("registry");
     publish(&registry_dir, &ckpts[0], &[]);
     let server = ServeProcess::start(&registry_dir, &[("TROUPE_API_KEY", "sesame")], &[]);
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/python/openai_client.py");
+    let script = root().join("tests/python/openai_client.py");
     let mut cmd = Command::new("python3");
     cmd.env("PYTHONPATH", &pythonpath).arg(&script).args([&server.url, "sesame", "tiny"]);
     let out = run(cmd, Duration::from_secs(120));

@@ -21,12 +21,6 @@ fn config(dir: &Path, data: &Path, workers: usize, strategy: &str, steps: u64) -
     path
 }
 
-fn local(config: &Path, extra: &[&str]) -> std::process::Output {
-    let mut cmd = troupe();
-    cmd.arg("local").arg("--config").arg(config).args(["--sample-tokens", "0"]).args(extra);
-    run(cmd, LIMIT)
-}
-
 /// The loss of each step, the newest record of each (a resumed run records steps again).
 fn last_losses(run_dir: &Path) -> std::collections::BTreeMap<u64, f64> {
     step_losses(run_dir).into_iter().collect()
@@ -44,7 +38,7 @@ fn assert_same_losses(
     }
 }
 
-/// Must-show 1: zero1, zero2 and zero3 with 2 and 3 workers reach the same parameters as ddp
+/// zero1, zero2 and zero3 with 2 and 3 workers reach the same parameters as ddp
 /// after 20 steps (max abs difference < 1e-4) with the same losses.
 #[test]
 fn zero_strategies_train_exactly_like_ddp_with_2_and_3_workers() {
@@ -53,7 +47,7 @@ fn zero_strategies_train_exactly_like_ddp_with_2_and_3_workers() {
     for workers in [2, 3] {
         let run = |strategy: &str| {
             let here = dir.join(format!("{strategy}-{workers}"));
-            assert_success(&local(&config(&here, &data, workers, strategy, STEPS), &[]));
+            assert_success(&run_local(&config(&here, &data, workers, strategy, STEPS), &[]));
             here.join("runs/tiny")
         };
         let ddp = run("ddp");
@@ -105,7 +99,7 @@ fn exported_memory(dir: &Path, workers: usize) -> Vec<[u64; 3]> {
     figures
 }
 
-/// Must-show 2: with 3 workers, each worker's optimizer state under zero1 is at most a third
+/// With 3 workers, each worker's optimizer state under zero1 is at most a third
 /// of ddp's plus one slice, and its parameters under zero3 likewise — from the exported figures.
 #[test]
 fn with_3_workers_zero_keeps_a_third_of_the_state_per_worker() {
@@ -144,21 +138,21 @@ fn with_3_workers_zero_keeps_a_third_of_the_state_per_worker() {
     assert!(z3_grads <= ddp_grads / 3 + slice(4) && z3_optim <= ddp_optim / 3 + slice(8));
 }
 
-/// Must-show 3: checkpoints written by (ddp, 2), (zero2, 3) and (zero3, 2) resume under
+/// Checkpoints written by (ddp, 2), (zero2, 3) and (zero3, 2) resume under
 /// (ddp, 1), (zero1, 2) and (zero3, 3), and the losses after resuming match an uninterrupted run.
 #[test]
 fn checkpoints_reshard_to_any_strategy_and_world_size() {
     let dir = scratch("reshard");
     let data = prepare_small_corpus(&dir);
     let reference_dir = dir.join("reference");
-    assert_success(&local(&config(&reference_dir, &data, 1, "ddp", STEPS), &[]));
+    assert_success(&run_local(&config(&reference_dir, &data, 1, "ddp", STEPS), &[]));
     let reference_run = reference_dir.join("runs/tiny");
     let reference = last_losses(&reference_run);
     let reference_params = checkpoint_params(&reference_run.join("checkpoints/step-000020"));
 
     for (write_strategy, write_workers) in [("ddp", 2), ("zero2", 3), ("zero3", 2)] {
         let written = dir.join(format!("write-{write_strategy}-{write_workers}"));
-        assert_success(&local(&config(&written, &data, write_workers, write_strategy, STEPS), &[]));
+        assert_success(&run_local(&config(&written, &data, write_workers, write_strategy, STEPS), &[]));
         // As if the writer had stopped after step 10: its later checkpoints are gone.
         for step in [15, 20] {
             std::fs::remove_dir_all(written.join(format!("runs/tiny/checkpoints/step-{step:06}"))).unwrap();
@@ -167,7 +161,7 @@ fn checkpoints_reshard_to_any_strategy_and_world_size() {
             let here = dir.join(format!("{write_strategy}-{write_workers}-to-{strategy}-{workers}"));
             copy_dir(&written.join("runs"), &here.join("runs"));
             let config = config(&here, &data, workers, strategy, STEPS);
-            let out = local(&config, &["--resume"]);
+            let out = run_local(&config, &["--resume"]);
             assert_success(&out);
             assert!(stdout(&out).contains("training resumed at step 10"), "{}", stdout(&out));
             let run_dir = here.join("runs/tiny");
@@ -180,7 +174,7 @@ fn checkpoints_reshard_to_any_strategy_and_world_size() {
     }
 }
 
-/// Must-show 4: a rank killed in the middle of writing its shard leaves no MANIFEST for that
+/// A rank killed in the middle of writing its shard leaves no MANIFEST for that
 /// step, and resume uses the previous checkpoint.
 #[test]
 fn a_rank_killed_mid_checkpoint_leaves_no_manifest_and_resume_uses_the_previous_one() {
@@ -191,16 +185,13 @@ fn a_rank_killed_mid_checkpoint_leaves_no_manifest_and_resume_uses_the_previous_
     let text = std::fs::read_to_string(&config).unwrap().replace("[cluster]\n", "[cluster]\nmin_workers = 2\n");
     std::fs::write(&config, text).unwrap();
     let run_dir = dir.join("runs/tiny");
-    let mut cmd = troupe();
-    cmd.arg("local").arg("--config").arg(&config).args(["--sample-tokens", "0"]).env("TROUPE_FAULT_KILL_DURING_CHECKPOINT", "10:1");
+    // Not restarted (that is tests/supervision.rs): the run cannot go on without rank 1.
+    let mut cmd = local_command(&config);
+    cmd.args(["--max-restarts", "0"]).env("TROUPE_FAULT_KILL_DURING_CHECKPOINT", "10:1");
     let out = run(cmd, LIMIT);
-    // `troupe local` supervises its workers: one that dies ends the local run.
     assert!(!out.status.success(), "the run cannot go on without rank 1");
-    assert!(
-        stderr(&out).contains("exited early") && stderr(&out).contains("dies while writing its checkpoint shard of step 10"),
-        "{}",
-        stderr(&out)
-    );
+    let err = stderr(&out);
+    assert!(err.contains("fewer than cluster.min_workers") && err.contains("dies while writing its checkpoint shard of step 10"), "{err}");
     let ckpts = run_dir.join("checkpoints");
     assert!(!ckpts.join("step-000010").exists(), "no committed checkpoint at step 10");
     let partial: Vec<PathBuf> =
@@ -209,28 +200,28 @@ fn a_rank_killed_mid_checkpoint_leaves_no_manifest_and_resume_uses_the_previous_
     let newest = troupe_common::checkpoint::find_resumable(&run_dir).unwrap().unwrap();
     assert_eq!(newest.manifest.step, 5);
 
-    let out = local(&config, &["--resume"]);
+    let out = run_local(&config, &["--resume"]);
     assert_success(&out);
     assert!(stdout(&out).contains("training resumed at step 5"), "{}", stdout(&out));
     let reference_dir = dir.join("reference");
-    assert_success(&local(&self::config(&reference_dir, &data, 2, "zero2", STEPS), &[]));
+    assert_success(&run_local(&self::config(&reference_dir, &data, 2, "zero2", STEPS), &[]));
     assert_same_losses("killed at 10, resumed from 5", &last_losses(&reference_dir.join("runs/tiny")), &last_losses(&run_dir), 5..STEPS);
 }
 
-/// Must-show 5: a flipped byte in one rank's shard is caught by sha256 at resume, the file is
+/// A flipped byte in one rank's shard is caught by sha256 at resume, the file is
 /// named, and the previous checkpoint is used.
 #[test]
 fn a_flipped_byte_in_a_shard_is_named_and_the_previous_checkpoint_used() {
     let dir = scratch("flipped-shard");
     let data = prepare_small_corpus(&dir);
     let config = config(&dir, &data, 3, "zero3", 15);
-    assert_success(&local(&config, &[]));
+    assert_success(&run_local(&config, &[]));
     let shard = dir.join("runs/tiny/checkpoints/step-000015/shard-00002.safetensors");
     let mut bytes = std::fs::read(&shard).unwrap();
     let at = bytes.len() - 100;
     bytes[at] ^= 0x01;
     std::fs::write(&shard, bytes).unwrap();
-    let out = local(&config, &["--resume", "--steps", "20"]);
+    let out = run_local(&config, &["--resume", "--steps", "20"]);
     assert_success(&out);
     let err = stderr(&out);
     assert!(err.contains("step-000015") && err.contains("shard-00002.safetensors is corrupted"), "{err}");

@@ -20,13 +20,12 @@ struct Sshd {
     key: PathBuf,
 }
 
-/// An sshd on 127.0.0.2 and 127.0.0.3 that admits a key made here; None (the test skips) where
-/// OpenSSH is not installed.
+/// An sshd on 127.0.0.2 and 127.0.0.3 that admits a key made here; None where OpenSSH is not
+/// installed (the test then skips, or fails under CI=true).
 fn start_sshd(dir: &Path) -> Option<Sshd> {
     let installed = Path::new("/usr/sbin/sshd").exists() && Command::new("ssh-keygen").arg("-?").output().is_ok();
     if !installed {
-        assert!(std::env::var("CI").as_deref() != Ok("true"), "OpenSSH is missing in CI: scripts/test.sh should have installed it");
-        eprintln!("SKIPPED: OpenSSH (openssh-server, openssh-client) is not installed");
+        skip_or_fail("OpenSSH (openssh-server, openssh-client) is not installed (scripts/test.sh installs it)");
         return None;
     }
     let ssh = dir.join("ssh");
@@ -38,6 +37,8 @@ fn start_sshd(dir: &Path) -> Option<Sshd> {
     std::fs::copy(ssh.join("client_key.pub"), ssh.join("authorized_keys")).unwrap();
     // sshd insists on its privilege-separation folder.
     let _ = std::fs::create_dir_all("/run/sshd");
+    // Probed, not port 0: sshd refuses `Port 0` ("Badly formatted port number"), and both
+    // "hosts" must answer on the same port (the launcher passes one `-p PORT` to every ssh).
     let port = std::net::TcpListener::bind((HOSTS[0], 0)).unwrap().local_addr().unwrap().port();
     let config = format!(
         "Port {port}\nListenAddress {}\nListenAddress {}\nHostKey {}\nAuthorizedKeysFile {}\nPidFile {}\n\
@@ -110,8 +111,10 @@ fn ssh_command(sshd: &Sshd) -> Command {
 /// that Ctrl-C reaches the whole group).
 fn launcher(sshd: &Sshd, dir: &Path, config: &Path, extra: &[&str]) -> Command {
     use std::os::unix::process::CommandExt;
+    // Probed, not port 0: the launcher starts the workers with `--join HOST:PORT` alongside the
+    // coordinator, so the port must be known before anything listens on it.
     let port = free_udp_port();
-    let mut cmd = Command::new(Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/launch-ssh.sh"));
+    let mut cmd = Command::new(root().join("scripts/launch-ssh.sh"));
     cmd.arg("--hosts")
         .arg(HOSTS.join(","))
         .arg("--config")

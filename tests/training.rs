@@ -9,12 +9,6 @@ use troupe_core::events::RunEvent;
 
 const LIMIT: Duration = Duration::from_secs(300);
 
-fn local(config: &std::path::Path, extra: &[&str]) -> std::process::Output {
-    let mut cmd = troupe();
-    cmd.arg("local").arg("--config").arg(config).args(["--sample-tokens", "0"]).args(extra);
-    run(cmd, LIMIT)
-}
-
 /// The core correctness test: 2 workers with a ring all-reduce reach the same parameters and
 /// losses as 1 worker computing the whole global batch.
 #[test]
@@ -25,9 +19,9 @@ fn two_workers_match_one_worker() {
     let two = dir.join("two");
     std::fs::create_dir_all(&one).unwrap();
     std::fs::create_dir_all(&two).unwrap();
-    let out1 = local(&tiny_config(&one, &data, 1, 20), &[]);
+    let out1 = run_local(&tiny_config(&one, &data, 1, 20), &[]);
     assert_success(&out1);
-    let out2 = local(&tiny_config(&two, &data, 2, 20), &[]);
+    let out2 = run_local(&tiny_config(&two, &data, 2, 20), &[]);
     assert_success(&out2);
 
     let run1 = one.join("runs/tiny");
@@ -69,7 +63,7 @@ fn resume_after_stop_continues_exactly() {
     let parts = dir.join("parts");
     std::fs::create_dir_all(&whole).unwrap();
     std::fs::create_dir_all(&parts).unwrap();
-    let uninterrupted = local(&tiny_config(&whole, &data, 2, 16), &[]);
+    let uninterrupted = run_local(&tiny_config(&whole, &data, 2, 16), &[]);
     assert_success(&uninterrupted);
     let reference = step_losses(&whole.join("runs/tiny"));
 
@@ -90,7 +84,7 @@ fn resume_after_stop_continues_exactly() {
     let ckpt = run_dir.join(format!("checkpoints/step-{stopped_at:06}/MANIFEST"));
     assert!(ckpt.is_file(), "a checkpoint at the stop step {stopped_at}");
 
-    let resumed = local(&config, &["--resume"]);
+    let resumed = run_local(&config, &["--resume"]);
     assert_success(&resumed);
     assert!(stdout(&resumed).contains(&format!("training resumed at step {stopped_at}")), "{}", stdout(&resumed));
     let after = step_losses(&run_dir);
@@ -108,7 +102,7 @@ fn resume_falls_back_from_a_corrupted_checkpoint() {
     let dir = scratch("fallback");
     let data = prepare_small_corpus(&dir);
     let config = tiny_config(&dir, &data, 1, 15);
-    assert_success(&local(&config, &[]));
+    assert_success(&run_local(&config, &[]));
     let ckpts = dir.join("runs/tiny/checkpoints");
     // Corrupt the newest (15), delete a file of the one before (10): resume must use 5.
     let shard15 = ckpts.join("step-000015/shard-00000.safetensors");
@@ -118,7 +112,7 @@ fn resume_falls_back_from_a_corrupted_checkpoint() {
     std::fs::write(&shard15, bytes).unwrap();
     std::fs::remove_file(ckpts.join("step-000010/shard-00000.safetensors")).unwrap();
 
-    let out = local(&config, &["--resume", "--steps", "20"]);
+    let out = run_local(&config, &["--resume", "--steps", "20"]);
     assert_success(&out);
     let err = stderr(&out);
     assert!(err.contains("step-000015") && err.contains("shard-00000.safetensors is corrupted"), "{err}");
@@ -135,8 +129,7 @@ fn a_crashed_checkpointer_is_restarted_and_training_goes_on() {
     let dir = scratch("supervision");
     let data = prepare_small_corpus(&dir);
     let config = tiny_config(&dir, &data, 1, 15);
-    let mut cmd = troupe();
-    cmd.arg("local").arg("--config").arg(&config).args(["--sample-tokens", "0"]);
+    let mut cmd = local_command(&config);
     cmd.env("TROUPE_FAULT_CHECKPOINTER_PANIC_AT_STEP", "5");
     let out = run(cmd, LIMIT);
     assert_success(&out);

@@ -3,10 +3,39 @@
 
 pub mod relay;
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 use troupe_core::events::RunEvent;
+
+/// The repository's root (the `troupe` package's folder): its scripts, configs and deploy files.
+pub fn root() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// Whether this is CI (`CI=true`), where every test must really run: a missing program, missing
+/// privileges or a server that cannot start fails the test there instead of skipping it.
+pub fn in_ci() -> bool {
+    std::env::var("CI").as_deref() == Ok("true")
+}
+
+/// For a test (or part of one) that cannot run here, `reason` saying why: under `CI=true` it
+/// fails the test with that reason; elsewhere it prints "SKIPPED: reason" and returns, and the
+/// caller then returns (or leaves out the part).
+#[track_caller]
+pub fn skip_or_fail(reason: &str) {
+    assert!(!in_ci(), "{reason} (with CI=true this test must run, not skip)");
+    eprintln!("SKIPPED: {reason}");
+}
+
+/// troupe's cache folder ($TROUPE_CACHE, else ~/.cache/troupe): where scripts/setup.sh and
+/// scripts/test.sh put libtorch, the Python packages of some tests and the Shakespeare corpus.
+pub fn troupe_cache() -> PathBuf {
+    std::env::var_os("TROUPE_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(std::env::var("HOME").expect("HOME")).join(".cache/troupe"))
+}
 
 pub fn troupe() -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_troupe"));
@@ -24,10 +53,7 @@ pub fn scratch(name: &str) -> PathBuf {
 
 /// The Shakespeare texts, downloaded once into the cache (as `troupe local` does).
 pub fn shakespeare_texts() -> PathBuf {
-    let cache = std::env::var_os("TROUPE_CACHE")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(std::env::var("HOME").expect("HOME")).join(".cache/troupe"));
-    troupe_common::data::fetch_shakespeare(&cache).expect("fetch the Shakespeare corpus")
+    troupe_common::data::fetch_shakespeare(&troupe_cache()).expect("fetch the Shakespeare corpus")
 }
 
 /// A small corpus prepared with `troupe prepare`: eight plays, vocabulary 512.
@@ -113,14 +139,36 @@ listen = "127.0.0.1:0"
     path
 }
 
-/// A UDP port free on every interface right now, for a process the test starts next.
+// Ports. A server a test starts binds port 0 and the test reads the port it reports (the
+// coordinator's "coordinator listening on ADDR" line, see `CoordinatorProcess`; its metrics
+// line; Prometheus's log). The probes below are only for what must know its port before it
+// starts and cannot report it: a port handed to a launcher script whose contract is a fixed
+// port, or a worker's own QUIC port that the test must recognise in the coordinator's log.
+// Between the probe and the bind another process could take the port; that is their cost.
+
+/// A UDP port free on every interface right now, for a process the test starts next. Only
+/// where the port must be known in advance (see above); otherwise bind port 0.
 pub fn free_udp_port() -> u16 {
     std::net::UdpSocket::bind("0.0.0.0:0").expect("bind a UDP port").local_addr().expect("its address").port()
 }
 
-/// A loopback TCP port free right now, for a server the test starts next.
-pub fn free_tcp_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").expect("bind a TCP port").local_addr().expect("its address").port()
+/// The first of `n` consecutive TCP ports free on every interface right now, for a launcher
+/// that takes a first port and counts up from it. Only where the ports must be known in
+/// advance (see above); otherwise bind port 0.
+pub fn free_tcp_ports(n: u16) -> u16 {
+    'search: for _ in 0..100 {
+        let first = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a TCP port").local_addr().expect("its address").port();
+        if first > 65000 {
+            continue;
+        }
+        for p in first..first + n {
+            if std::net::TcpListener::bind(("0.0.0.0", p)).is_err() {
+                continue 'search;
+            }
+        }
+        return first;
+    }
+    panic!("no {n} free consecutive ports");
 }
 
 /// Polls `ok` every `poll` until it holds; fails the test, naming `what`, after `limit`.
@@ -216,18 +264,25 @@ pub fn copy_dir(from: &Path, to: &Path) {
     }
 }
 
+/// `troupe local --config CONFIG --sample-tokens 0`, to add flags or environment to.
+pub fn local_command(config: &Path) -> Command {
+    let mut cmd = troupe();
+    cmd.arg("local").arg("--config").arg(config).args(["--sample-tokens", "0"]);
+    cmd
+}
+
+/// `troupe local --config CONFIG EXTRA…` run to its end (killed, failing the test, after five
+/// minutes).
+pub fn run_local(config: &Path, extra: &[&str]) -> Output {
+    let mut cmd = local_command(config);
+    cmd.args(extra);
+    run(cmd, Duration::from_secs(300))
+}
+
 /// `troupe local --config CONFIG` in the background, its output discarded (the run's files
 /// are what the tests look at).
 pub fn spawn_local(config: &Path) -> KillOnDrop {
-    let child = troupe()
-        .arg("local")
-        .arg("--config")
-        .arg(config)
-        .args(["--sample-tokens", "0"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start troupe local");
+    let child = local_command(config).stdout(Stdio::null()).stderr(Stdio::null()).spawn().expect("start troupe local");
     KillOnDrop(child)
 }
 
@@ -246,9 +301,8 @@ impl Drop for KillOnDrop {
 pub fn wait_for_steps(run_dir: &Path, n: usize, limit: Duration) {
     let started = std::time::Instant::now();
     loop {
-        let steps = troupe_core::events::read_events(run_dir)
-            .map(|e| e.iter().filter(|e| matches!(e, RunEvent::Step { .. })).count())
-            .unwrap_or(0);
+        let steps =
+            troupe_core::events::read_events(run_dir).map(|e| e.iter().filter(|e| matches!(e, RunEvent::Step { .. })).count()).unwrap_or(0);
         if steps >= n {
             return;
         }
@@ -333,4 +387,47 @@ pub fn spawn_workers(addr: &str, n: usize) -> Vec<KillOnDrop> {
 pub fn run_all(cmds: Vec<Command>, limit: Duration) -> Vec<Output> {
     let handles: Vec<_> = cmds.into_iter().map(|cmd| std::thread::spawn(move || run(cmd, limit))).collect();
     handles.into_iter().map(|h| h.join().expect("a command runner panicked")).collect()
+}
+
+/// Every step of the run was recorded exactly once; returns each step's generation.
+pub fn steps_once(run_dir: &Path, total: u64) -> BTreeMap<u64, (u64, u32)> {
+    let mut seen: BTreeMap<u64, (u64, u32)> = BTreeMap::new();
+    for e in events(run_dir) {
+        if let RunEvent::Step { step, generation, world_size, .. } = e {
+            assert!(seen.insert(step, (generation, world_size)).is_none(), "step {step} was recorded twice");
+        }
+    }
+    assert_eq!(seen.keys().copied().collect::<Vec<_>>(), (0..total).collect::<Vec<_>>(), "every step once");
+    seen
+}
+
+/// From the workers' traces (`TROUPE_TRACE_SAMPLES`): the samples of each step, taken from the
+/// generation that completed it, are exactly the global batch an undisturbed run of
+/// [`tiny_config`] (block 32, seed 7, global batch 8) trains on in that step.
+pub fn assert_no_sample_lost_or_repeated(trace_dir: &Path, data: &Path, steps: &BTreeMap<u64, (u64, u32)>) {
+    let mut lines: BTreeMap<(u64, u64), BTreeMap<u64, Vec<u64>>> = BTreeMap::new();
+    for entry in std::fs::read_dir(trace_dir).unwrap() {
+        let text = std::fs::read_to_string(entry.unwrap().path()).unwrap();
+        for line in text.lines() {
+            let f: Vec<u64> = line.split_whitespace().map(|x| x.parse().unwrap()).collect();
+            if f.len() < 4 {
+                continue; // a line cut short by SIGKILL
+            }
+            let (generation, step, rank) = (f[0], f[1], f[2]);
+            lines.entry((generation, step)).or_default().insert(rank, f[4..].to_vec());
+        }
+    }
+    let train = troupe_common::data::TokenFile::open(&data.join("train.bin")).unwrap();
+    let sampler = troupe_common::data::Sampler::new(train.len(), 32, 7).unwrap();
+    let (mut consumed, mut undisturbed) = (Vec::new(), Vec::new());
+    for (&step, &(generation, world)) in steps {
+        let ranks = lines.get(&(generation, step)).unwrap_or_else(|| panic!("no trace of step {step} in generation {generation}"));
+        assert_eq!(ranks.len() as u32, world, "step {step}: every rank of generation {generation} traced its part");
+        consumed.extend(ranks.values().flatten().copied());
+        undisturbed.extend(sampler.indices(step * 8, 8, 0, 1));
+    }
+    consumed.sort_unstable();
+    undisturbed.sort_unstable();
+    assert_eq!(consumed.len(), undisturbed.len());
+    assert!(consumed == undisturbed, "the consumed samples differ from an undisturbed run's");
 }

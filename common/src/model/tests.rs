@@ -489,42 +489,6 @@ fn generate_is_deterministic_and_respects_max_new_tokens() {
     assert!(model.generate(&prompt, 5, f64::NAN, None, 1).is_err());
 }
 
-/// Time of one forward+backward of the default model (4 layers, 128 wide, vocab 2048,
-/// block 128) on a batch of 8 sequences. Run with `--ignored --nocapture`.
-#[test]
-#[ignore]
-fn time_train_step() {
-    let cfg = GptConfig { vocab_size: 2048, block_size: 128, n_layer: 4, n_head: 4, n_embd: 128, dropout: 0.0, bias: true };
-    let model = Gpt::new(&cfg, Device::Cpu, 1).unwrap();
-    let params = model.parameter_tensors();
-    let mut opt = AdamW::new(&params, &train_config());
-    let (x, y) = batch(1, 8, 128, 2048);
-    println!("params: {}", model.num_params());
-    for threads in [1, 2] {
-        tch::set_num_threads(threads);
-        let mut run = |with_opt: bool| {
-            zero_grads(&params);
-            backward(&model, &x, &y);
-            if with_opt {
-                clip_grad_norm(&params, 1.0);
-                opt.step(&params, 1e-3);
-            }
-        };
-        for _ in 0..3 {
-            run(true);
-        }
-        for with_opt in [false, true] {
-            let n = 20;
-            let start = std::time::Instant::now();
-            for _ in 0..n {
-                run(with_opt);
-            }
-            let ms = start.elapsed().as_secs_f64() * 1e3 / n as f64;
-            println!("threads {threads}: fwd+bwd{} {ms:.1} ms/step", if with_opt { "+clip+adamw" } else { "" });
-        }
-    }
-}
-
 #[test]
 fn dropout_only_in_training() {
     let model = Gpt::new(&GptConfig { dropout: 0.5, ..tiny() }, Device::Cpu, 71).unwrap();

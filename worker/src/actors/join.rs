@@ -52,6 +52,8 @@ pub async fn run_worker(opts: WorkerOptions) -> anyhow::Result<WorkerExit> {
 
     let endpoint = net::make_endpoint(opts.listen, &NetOptions { tls: opts.tls.clone(), ..NetOptions::default() })?;
     let bound = endpoint.local_addr()?;
+    // With --listen …:0 the port is the system's pick: say which (ring peers connect there).
+    tracing::info!("worker endpoint bound on {bound}");
     let peer_addr = match opts.advertise {
         Some(a) => a,
         None if bound.ip().is_unspecified() => SocketAddr::new(local_ip_towards(opts.coordinator)?, bound.port()),
