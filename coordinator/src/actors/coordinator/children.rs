@@ -60,7 +60,7 @@ pub(super) async fn spawn_deployer(
 }
 
 /// A supervised child of the coordinator that is restarted when it dies.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Supervised {
     Checkpointer,
     Evaluator,
@@ -99,6 +99,7 @@ impl CoordinatorState {
             Supervised::Deployer => ("deployer", &mut self.deployer_restarts),
         };
         let backoff = restarts.crashed(Instant::now());
+        self.restarting.insert(child);
         self.metrics.actor_restarts_total.with_label_values(&[name]).inc();
         tracing::warn!("{name} {reason}; restarting it in {backoff:?}");
         me.send_after(backoff, move || CoordinatorMsg::Restart { child, reason });

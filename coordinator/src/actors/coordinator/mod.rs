@@ -130,6 +130,8 @@ pub struct CoordinatorState {
     session_ids: HashMap<ActorId, WorkerId>,
     checkpointer: ActorRef<CheckpointerMsg>,
     checkpointer_restarts: Restarts,
+    /// Children that died and whose restart is scheduled: work for them waits for it.
+    restarting: std::collections::BTreeSet<Supervised>,
     /// Commits sent to the Checkpointer and not answered yet, kept to resend after a crash.
     commits_in_flight: BTreeMap<u64, (u64, u32, Vec<FileDigest>)>,
     evaluator: ActorRef<EvaluatorMsg>,
@@ -215,6 +217,7 @@ impl Actor for Coordinator {
             session_ids: HashMap::new(),
             checkpointer,
             checkpointer_restarts: Restarts::default(),
+            restarting: Default::default(),
             commits_in_flight: BTreeMap::new(),
             evaluator,
             deployer,
@@ -251,12 +254,15 @@ impl Actor for Coordinator {
                 }
                 state.apply(&me, event);
             }
-            CoordinatorMsg::Restart { child, reason } => match child {
-                Supervised::Checkpointer if state.outcome.is_none() => state.restart_checkpointer(&me, reason).await?,
-                Supervised::Checkpointer => {}
-                Supervised::Evaluator => state.restart_release_actor(&me, "evaluator", reason).await?,
-                Supervised::Deployer => state.restart_release_actor(&me, "deployer", reason).await?,
-            },
+            CoordinatorMsg::Restart { child, reason } => {
+                state.restarting.remove(&child);
+                match child {
+                    Supervised::Checkpointer if state.outcome.is_none() => state.restart_checkpointer(&me, reason).await?,
+                    Supervised::Checkpointer => {}
+                    Supervised::Evaluator => state.restart_release_actor(&me, "evaluator", reason).await?,
+                    Supervised::Deployer => state.restart_release_actor(&me, "deployer", reason).await?,
+                }
+            }
             CoordinatorMsg::Timeout { deadline } => {
                 if state.timer == Some(deadline) {
                     state.timer = None;
@@ -291,7 +297,9 @@ impl Actor for Coordinator {
                 if state.config.deploy.enabled {
                     state.releases.insert(step, Release::Deploying { job: job.clone(), results: results.clone() });
                     let candidate = DeployerMsg::Candidate { step, checkpoint: job.checkpoint, results };
-                    if state.deployer.cast(candidate).is_err() {
+                    // While the Deployer is being restarted, the candidate waits for it (the
+                    // restart sends every queued release again).
+                    if state.deployer.cast(candidate).is_err() && !state.restarting.contains(&Supervised::Deployer) {
                         state.release_done(
                             &me,
                             RunEvent::Deployed {
@@ -467,7 +475,10 @@ impl CoordinatorState {
             }
             Command::CommitCheckpoint { step, generation, world_size, files } => {
                 self.commits_in_flight.insert(step, (generation, world_size, files.clone()));
-                if self.checkpointer.cast(CheckpointerMsg::Commit { step, generation, world_size, files }).is_err() {
+                let sent = self.checkpointer.cast(CheckpointerMsg::Commit { step, generation, world_size, files }).is_ok();
+                // While the Checkpointer is being restarted, the commit waits in
+                // commits_in_flight (the restart sends them again).
+                if !sent && !self.restarting.contains(&Supervised::Checkpointer) {
                     self.commits_in_flight.remove(&step);
                     let error = "the Checkpointer is not running".to_string();
                     let _ = me.cast(CoordinatorMsg::Core(Event::CheckpointCommitFailed { step, error }));
@@ -545,7 +556,7 @@ impl CoordinatorState {
         self.committed.retain(|s, _| *s > step);
         self.releases.insert(step, Release::Evaluating(job.clone()));
         self.pin_releases();
-        if self.evaluator.cast(EvaluatorMsg::Evaluate(job)).is_err() {
+        if self.evaluator.cast(EvaluatorMsg::Evaluate(job)).is_err() && !self.restarting.contains(&Supervised::Evaluator) {
             self.releases.remove(&step);
             self.pin_releases();
             tracing::warn!("the Evaluator is not running; the checkpoint of step {step} is not evaluated");
