@@ -9,6 +9,10 @@
 //! validated against the Kubernetes API's schemas with kubernetes-validate (PyPI; installed by
 //! scripts/test.sh; skipped with a message where it is missing, except in CI). shellcheck is
 //! skipped the same way.
+//!
+//! Why one file of ~900 lines: every file under tests/ is a test binary of its own, linked
+//! against libtorch, so splitting this one by launcher would add links to every build of the
+//! suite; the three launchers are its sections (Slurm, then Kubernetes, then the image).
 
 mod common;
 
