@@ -155,8 +155,7 @@ fn bearer(headers: &HeaderMap) -> Option<&str> {
 fn key_matches(given: Option<&str>, key: &str) -> bool {
     use sha2::{Digest, Sha256};
     let Some(given) = given else { return false };
-    let (a, b) = (Sha256::digest(given.as_bytes()), Sha256::digest(key.as_bytes()));
-    a.iter().zip(b.iter()).fold(0u8, |diff, (x, y)| diff | (x ^ y)) == 0
+    troupe_common::net::constant_time_eq(&Sha256::digest(given.as_bytes()), &Sha256::digest(key.as_bytes()))
 }
 
 impl AppState {
