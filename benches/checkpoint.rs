@@ -511,7 +511,7 @@ fn run_local(config_path: &Path, config: &Config) -> Result<TrainRun> {
                 ensure!(steps.insert(*step, *step_seconds).is_none(), "step {step} ran twice (a regroup?)");
             }
             RunEvent::Checkpoint { seconds, .. } => checkpoint_seconds.push(*seconds),
-            RunEvent::CheckpointFailed { step, error } => bail!("checkpoint {step} failed: {error}"),
+            RunEvent::CheckpointFailed { step, error, .. } => bail!("checkpoint {step} failed: {error}"),
             _ => {}
         }
     }

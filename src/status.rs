@@ -34,6 +34,18 @@ pub(crate) fn print(status: &RunStatus) {
         status.generation,
         status.last_checkpoint.as_deref().unwrap_or("-")
     );
+    if status.checkpoint_failures_in_a_row > 0 {
+        troupe_common::say!(
+            "WARNING: the last {} checkpoint(s) FAILED: nothing is being saved (see events.jsonl; a full disk?)",
+            status.checkpoint_failures_in_a_row
+        );
+    }
+    if status.skipped_steps_in_a_row > 0 {
+        troupe_common::say!(
+            "WARNING: the last {} step(s) were skipped: their loss or gradient was not finite (see events.jsonl)",
+            status.skipped_steps_in_a_row
+        );
+    }
     troupe_common::say!(
         "{:>6} {:>4} {:<22} {:<16} {:<8} {:>12} {:>10}",
         "worker",

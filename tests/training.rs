@@ -153,3 +153,143 @@ fn a_crashed_checkpointer_is_restarted_and_training_goes_on() {
     assert_eq!(step_losses(&run_dir).len(), 15);
     assert!(!run_dir.join("checkpoints/step-000005/MANIFEST").exists());
 }
+
+/// Sets `key = value` in the `[section]` of a config file the fixtures wrote.
+fn set_in_config(config: &std::path::Path, section: &str, line: &str) {
+    let text = std::fs::read_to_string(config).unwrap();
+    let header = format!("[{section}]\n");
+    assert!(text.contains(&header), "no [{section}] in {}", config.display());
+    std::fs::write(config, text.replacen(&header, &format!("{header}{line}\n"), 1)).unwrap();
+}
+
+/// A NaN put into rank 1's gradient at step 6 (a fault hook, as bad data or a flaky GPU would):
+/// both ranks skip step 6, the run says so naming rank 1 and goes on, and its parameters at the
+/// end are exactly those of a run told to skip step 6. NaNs in a row stop the run with exit
+/// non-zero, naming the rank.
+#[test]
+fn a_nan_on_one_rank_is_skipped_everywhere_and_nans_in_a_row_stop_the_run() {
+    let dir = scratch("nonfinite");
+    let data = prepare_small_corpus(&dir);
+    let run_with = |name: &str, var: &str, value: &str, max_skipped: Option<u32>| {
+        let out_dir = dir.join(name);
+        std::fs::create_dir_all(&out_dir).unwrap();
+        let config = tiny_config(&out_dir, &data, 2, 12);
+        if let Some(max) = max_skipped {
+            set_in_config(&config, "train", &format!("max_skipped_steps = {max}"));
+        }
+        let mut cmd = local_command(&config);
+        cmd.env(var, value);
+        (run(cmd, LIMIT), out_dir.join("runs/tiny"))
+    };
+    let (nan, nan_run) = run_with("nan", "TROUPE_FAULT_NAN_GRAD", "1:6", None);
+    assert_success(&nan);
+    let (told, told_run) = run_with("told", "TROUPE_FAULT_SKIP_STEPS", "6", None);
+    assert_success(&told);
+
+    let events = events(&nan_run);
+    let skipped: Vec<_> = events.iter().filter(|e| matches!(e, RunEvent::StepSkipped { .. })).collect();
+    assert_eq!(skipped.len(), 1, "{skipped:?}");
+    assert!(
+        matches!(skipped[0], RunEvent::StepSkipped { step: 6, ranks, reason, in_a_row: 1, .. } if ranks == &vec![1] && reason == "nonfinite_gradient"),
+        "{skipped:?}"
+    );
+    let stepped: Vec<u64> = step_losses(&nan_run).iter().map(|(s, _)| *s).collect();
+    assert_eq!(stepped, (0..12).filter(|&s| s != 6).collect::<Vec<_>>(), "every other step is an ordinary one");
+    assert!(stdout(&nan).contains("step 6 SKIPPED on every rank (nonfinite_gradient; 1 in a row): non-finite values from rank(s) [1]"));
+    assert!(!events.iter().any(|e| matches!(e, RunEvent::RankDisagreed { .. })), "{events:?}");
+    let (a, b) =
+        (checkpoint_params(&nan_run.join("checkpoints/step-000012")), checkpoint_params(&told_run.join("checkpoints/step-000012")));
+    assert!(a.iter().all(|v| v.is_finite()));
+    assert!(a == b, "the parameters after a NaN at step 6 differ from a run told to skip step 6 by {}", max_abs_diff(&a, &b));
+
+    // NaNs from step 3 on, three allowed in a row: steps 3, 4, 5 are skipped and the run stops.
+    let (failed, failed_run) = run_with("streak", "TROUPE_FAULT_NAN_GRAD", "1:3-100", Some(3));
+    assert!(!failed.status.success(), "{}", stdout(&failed));
+    let said = format!("{}{}", stdout(&failed), stderr(&failed));
+    assert!(said.contains("3 steps in a row (3..=5) were skipped") && said.contains("rank 1 (worker"), "{said}");
+    assert_eq!(step_losses(&failed_run).len(), 3, "steps 0..3 trained");
+    assert!(!failed_run.join("checkpoints/step-000006").exists(), "nothing after the NaNs is saved");
+}
+
+/// Unmounts a tmpfs the test mounted, however the test ends.
+struct Mounted(std::path::PathBuf);
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+/// Checkpoints on a small tmpfs that fills up: the error names the disk and the folder, no
+/// partial folder is left, the committed checkpoints still verify, and the run exits non-zero
+/// saying what was lost when its final checkpoint cannot be committed; once space is freed,
+/// `--resume` continues from the newest good checkpoint.
+#[test]
+fn a_full_disk_fails_the_run_loudly_and_resume_continues_once_space_is_freed() {
+    let dir = scratch("fulldisk");
+    let data = prepare_small_corpus(&dir);
+    let config = tiny_config(&dir, &data, 1, 12);
+    set_in_config(&config, "checkpoint", "max_failures = 2");
+    let text = std::fs::read_to_string(&config).unwrap().replace("interval = 5\nkeep_last", "interval = 4\nkeep_last");
+    std::fs::write(&config, text).unwrap();
+    // The run folder (run.out_dir/tiny) on the small disk: a checkpoint of the tiny model is
+    // ~1.6 MB and a write needs its size plus 1 MiB free, so 5 MiB take two (steps 4 and 8)
+    // and the logs, not the third (12).
+    let mount_point = dir.join("runs");
+    std::fs::create_dir_all(&mount_point).unwrap();
+    let mounted = std::process::Command::new("mount").args(["-t", "tmpfs", "-o", "size=5m", "tmpfs"]).arg(&mount_point).output();
+    match mounted {
+        Ok(out) if out.status.success() => {}
+        Ok(out) => return skip_or_fail(&format!("cannot mount a tmpfs (needs root): {}", String::from_utf8_lossy(&out.stderr))),
+        Err(e) => return skip_or_fail(&format!("cannot run mount: {e}")),
+    }
+    let _unmount = Mounted(mount_point.clone());
+    let run_dir = mount_point.join("tiny");
+    let disk = run_dir.join("checkpoints");
+
+    let out = run(local_command(&config), LIMIT);
+    let said = format!("{}{}", stdout(&out), stderr(&out));
+    assert!(!out.status.success(), "a run whose final checkpoint is lost must not exit 0: {said}");
+    assert!(said.contains("the final checkpoint at step 12 could not be committed after 2 tries"), "{said}");
+    assert!(said.contains("step-000008") && said.contains("steps 8..12 are lost"), "{said}");
+    let events = events(&run_dir);
+    let failures: Vec<String> = events
+        .iter()
+        .filter_map(|e| match e {
+            RunEvent::CheckpointFailed { step: 12, error, .. } => Some(error.clone()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(failures.len(), 2, "{events:?}");
+    let named = format!("no room for a checkpoint in {}", disk.display());
+    assert!(failures[0].contains(&named), "{}", failures[0]);
+    assert!(failures[0].contains(&format!("the disk mounted at {}", mount_point.display())), "{}", failures[0]);
+    let left: Vec<String> = std::fs::read_dir(&disk).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    assert_eq!(
+        {
+            let mut l = left.clone();
+            l.sort();
+            l
+        },
+        vec!["step-000004".to_string(), "step-000008".to_string()],
+        "no partial folder is left"
+    );
+    for step in ["step-000004", "step-000008"] {
+        troupe_common::checkpoint::verify(&disk.join(step)).unwrap_or_else(|e| panic!("{step} no longer verifies: {e}"));
+    }
+
+    // Space added (the operator grows the volume): the run resumes from step 8 and finishes.
+    let grown = std::process::Command::new("mount").args(["-o", "remount,size=32m"]).arg(&mount_point).status().unwrap();
+    assert!(grown.success());
+    let resumed = run(
+        {
+            let mut cmd = local_command(&config);
+            cmd.arg("--resume");
+            cmd
+        },
+        LIMIT,
+    );
+    assert_success(&resumed);
+    assert!(stdout(&resumed).contains("training resumed at step 8"), "{}", stdout(&resumed));
+    troupe_common::checkpoint::verify(&disk.join("step-000012")).expect("the final checkpoint, written after the resume");
+}

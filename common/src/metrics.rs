@@ -47,6 +47,13 @@ pub struct CoordinatorMetrics {
     pub deployed_version: IntGauge,
     /// Evaluated checkpoints by what the Deployer did: published, skipped, failed.
     pub deploys_total: IntCounterVec,
+    /// Steps that applied no update, by reason (nonfinite_loss, nonfinite_gradient, injected).
+    pub steps_skipped_total: IntCounterVec,
+    /// Step reports of a rank that differed from the other ranks'.
+    pub rank_disagreements_total: IntCounter,
+    pub checkpoint_failures_total: IntCounter,
+    /// Checkpoints that failed in a row; anything above 0 means nothing is being saved.
+    pub checkpoint_failures_in_a_row: IntGauge,
 }
 
 impl CoordinatorMetrics {
@@ -122,6 +129,26 @@ impl CoordinatorMetrics {
                 &r,
                 IntCounterVec::new(Opts::new("troupe_deploys_total", "Evaluated checkpoints by the Deployer's decision"), &["action"])
                     .unwrap(),
+            ),
+            steps_skipped_total: register(
+                &r,
+                IntCounterVec::new(
+                    Opts::new("troupe_steps_skipped_total", "Steps that applied no update because their loss or gradient was not finite"),
+                    &["reason"],
+                )
+                .unwrap(),
+            ),
+            rank_disagreements_total: register(
+                &r,
+                IntCounter::new("troupe_rank_disagreements_total", "Step reports of a rank that differed from the other ranks'").unwrap(),
+            ),
+            checkpoint_failures_total: register(
+                &r,
+                IntCounter::new("troupe_checkpoint_failures_total", "Checkpoints that could not be written or committed").unwrap(),
+            ),
+            checkpoint_failures_in_a_row: register(
+                &r,
+                IntGauge::new("troupe_checkpoint_failures_in_a_row", "Checkpoints that failed in a row (0 once one commits)").unwrap(),
             ),
             registry: r,
         }

@@ -20,6 +20,12 @@ pub struct RunStatus {
     pub world_size: u32,
     #[serde(default)]
     pub generation: u64,
+    /// Checkpoints that failed in a row (0 once one commits): nothing is being saved.
+    #[serde(default)]
+    pub checkpoint_failures_in_a_row: u32,
+    /// Steps skipped in a row because their loss or gradient was not finite.
+    #[serde(default)]
+    pub skipped_steps_in_a_row: u32,
     pub workers: Vec<WorkerStatus>,
 }
 

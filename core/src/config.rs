@@ -174,6 +174,14 @@ pub struct TrainConfig {
     /// reduction stay fp32 in every case.
     #[serde(default)]
     pub precision: Precision,
+    /// Stop the run when this many steps in a row were skipped because their loss or
+    /// gradient was not finite (a skipped step applies no update on any rank).
+    #[serde(default = "default_max_skipped_steps")]
+    pub max_skipped_steps: u32,
+}
+
+fn default_max_skipped_steps() -> u32 {
+    5
 }
 
 /// `train.precision`.
@@ -407,6 +415,14 @@ pub struct CheckpointConfig {
     /// Keep this many newest checkpoints (and the one with the best validation loss); older
     /// ones are deleted after a newer one commits.
     pub keep_last: usize,
+    /// Stop the run when this many checkpoints in a row failed (a full disk does not empty
+    /// itself); the final checkpoint is retried with backoff up to this many times.
+    #[serde(default = "default_max_checkpoint_failures")]
+    pub max_failures: u32,
+}
+
+fn default_max_checkpoint_failures() -> u32 {
+    3
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -565,6 +581,7 @@ impl Config {
         range("train.beta2", t.beta2, (0.0..1.0).contains(&t.beta2), "must be in [0, 1)")?;
         range("train.eps", t.eps, t.eps > 0.0 && t.eps < 1.0, "must be in (0, 1)")?;
         range("train.grad_clip", t.grad_clip, t.grad_clip >= 0.0 && t.grad_clip.is_finite(), "must be >= 0")?;
+        range("train.max_skipped_steps", t.max_skipped_steps, t.max_skipped_steps >= 1, "must be at least 1")?;
         range("train.threads_per_worker", t.threads_per_worker, t.threads_per_worker <= 1024, "must be 0..=1024")?;
         let p = &self.parallel;
         range(
@@ -620,6 +637,7 @@ impl Config {
         range("serve.threads", sv.threads, sv.threads <= 1024, "must be 0..=1024")?;
         let c = &self.checkpoint;
         range("checkpoint.keep_last", c.keep_last, c.keep_last >= 1, "must be at least 1")?;
+        range("checkpoint.max_failures", c.max_failures, c.max_failures >= 1, "must be at least 1")?;
         let cl = &self.cluster;
         range("cluster.workers", cl.workers, (1..=4096).contains(&cl.workers), "must be 1..=4096")?;
         range(

@@ -43,6 +43,24 @@ pub enum RunEvent {
         /// Slowest rank's time in the all-reduce this step.
         comm_seconds: f64,
     },
+    /// No update was applied at this step (parameters and optimizer state untouched): its loss
+    /// or gradient norm was not finite. `ranks`: those whose own loss or gradient was already
+    /// not finite before the sum (empty when only the sum overflowed); `in_a_row`: skipped
+    /// steps in a row up to this one.
+    StepSkipped {
+        step: u64,
+        generation: u64,
+        reason: String,
+        ranks: Vec<u32>,
+        in_a_row: u32,
+    },
+    /// A rank's report of a step differs from the other ranks' (the loss, the gradient norm
+    /// and whether the step was skipped are the same on every rank by construction).
+    RankDisagreed {
+        step: u64,
+        rank: u32,
+        what: String,
+    },
     Eval {
         step: u64,
         val_loss: f64,
@@ -88,6 +106,9 @@ pub enum RunEvent {
     CheckpointFailed {
         step: u64,
         error: String,
+        /// Failed checkpoints in a row, this one included.
+        #[serde(default)]
+        in_a_row: u32,
     },
     Warning {
         step: u64,
@@ -119,6 +140,8 @@ impl RunEvent {
             | RunEvent::WorkerJoined { step, .. }
             | RunEvent::WorkerLeft { step, .. }
             | RunEvent::Step { step, .. }
+            | RunEvent::StepSkipped { step, .. }
+            | RunEvent::RankDisagreed { step, .. }
             | RunEvent::Eval { step, .. }
             | RunEvent::Evaluated { step, .. }
             | RunEvent::Deployed { step, .. }

@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use std::net::SocketAddr;
 
 /// Bumped on any incompatible change of a message below or of the bulk-data format.
-pub const PROTOCOL_VERSION: u32 = 5;
+pub const PROTOCOL_VERSION: u32 = 6;
 
 /// The first frame on a worker's control stream.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -264,6 +264,48 @@ pub struct StepReport {
     pub data_seconds: f64,
     pub compute_seconds: f64,
     pub comm_seconds: f64,
+    /// Why no update was applied at this step (parameters and optimizer state untouched), if
+    /// none was. Decided from the summed loss and the global norm, which every rank holds
+    /// alike, so every rank decides the same without another collective.
+    pub skipped: Option<SkipReason>,
+    /// Whether this rank's own loss and gradient, before they were summed with the others',
+    /// were finite: names the rank a non-finite step came from.
+    pub locally_finite: bool,
+}
+
+/// Why a step applied no update.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SkipReason {
+    /// The step's loss, summed over the ranks, is NaN or infinite.
+    NonFiniteLoss,
+    /// The gradient's global norm is NaN or infinite.
+    NonFiniteGradient,
+    /// A fault hook told every rank to skip this step (tests).
+    Injected,
+}
+
+impl SkipReason {
+    /// The `reason` label of `troupe_steps_skipped_total` and the events' text.
+    pub fn label(self) -> &'static str {
+        match self {
+            SkipReason::NonFiniteLoss => "nonfinite_loss",
+            SkipReason::NonFiniteGradient => "nonfinite_gradient",
+            SkipReason::Injected => "injected",
+        }
+    }
+
+    /// Whether a step with this (global) loss and gradient norm must be skipped. NaN and
+    /// infinities propagate through the sums, so a bad value on any one rank shows here on
+    /// every rank.
+    pub fn of_step(loss: f64, grad_norm: f64) -> Option<SkipReason> {
+        if !loss.is_finite() {
+            Some(SkipReason::NonFiniteLoss)
+        } else if !grad_norm.is_finite() {
+            Some(SkipReason::NonFiniteGradient)
+        } else {
+            None
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -342,6 +384,8 @@ mod tests {
                 data_seconds: 0.1,
                 compute_seconds: 0.2,
                 comm_seconds: 0.3,
+                skipped: Some(SkipReason::NonFiniteGradient),
+                locally_finite: false,
             }),
             ToCoordinator::CheckpointWritten {
                 generation: 1,

@@ -88,6 +88,9 @@ fn consider(
     checkpoint: &std::path::Path,
     results: &EvalResults,
 ) -> anyhow::Result<Decision> {
+    if !results.val_loss.is_finite() {
+        return Ok(Decision { step, action: "skipped", version: None, reason: format!("val loss {} is not finite", results.val_loss) });
+    }
     let registry = Registry::create(registry_dir)?;
     let state = registry.state()?;
     let (bar_version, bar) = match state.canary.as_ref().map(|c| c.version).or(state.stable) {

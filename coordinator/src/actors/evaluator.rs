@@ -69,6 +69,13 @@ impl Actor for Evaluator {
 }
 
 fn evaluate(job: &EvalJob, prompts: &[String], sample_tokens: usize) -> anyhow::Result<EvalResults> {
+    // A checkpoint whose loss is not finite is never recorded as evaluated, so it can be
+    // neither the best one retention keeps nor a version the Deployer publishes.
+    anyhow::ensure!(
+        job.val_loss.is_finite(),
+        "its validation loss is {}: not recorded and not published (see the run's skipped steps)",
+        job.val_loss
+    );
     let mut samples = Vec::new();
     if sample_tokens > 0 && !prompts.is_empty() {
         let (model, tokenizer) = troupe_common::model::load_for_inference(&job.checkpoint, tch::Device::Cpu)?;

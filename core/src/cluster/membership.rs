@@ -262,6 +262,9 @@ impl Core {
         if progress.eval.take().is_some() {
             progress.redo_eval = true;
         }
+        if progress.retry_checkpoint_at.take().is_some() {
+            progress.redo_checkpoint = true;
+        }
         let abandoned: Vec<u64> = progress.checkpoints.iter().filter(|(_, p)| !p.committing).map(|(s, _)| *s).collect();
         for step in abandoned {
             progress.checkpoints.remove(&step);

@@ -43,6 +43,7 @@
 
 mod membership;
 mod progress;
+mod step_health;
 mod topology;
 
 #[cfg(test)]
@@ -118,6 +119,12 @@ pub enum Command {
         world_size: u32,
         files: Vec<FileDigest>,
     },
+    /// Remove the temporary folder of a checkpoint some rank failed to write (every rank has
+    /// answered: nothing writes there any more).
+    DiscardCheckpoint {
+        step: u64,
+        generation: u64,
+    },
     /// Append to events.jsonl, update metrics, show progress.
     Record(RunEvent),
     /// The run is over.
@@ -174,6 +181,10 @@ pub struct Snapshot {
     pub last_val_loss: Option<f64>,
     pub last_checkpoint: Option<String>,
     pub last_tokens_per_second: Option<f64>,
+    /// Checkpoints that failed in a row (0 once one commits).
+    pub checkpoint_failures_in_a_row: u32,
+    /// Steps skipped in a row because their loss or gradient was not finite.
+    pub skipped_steps_in_a_row: u32,
 }
 
 pub struct Core {
@@ -239,6 +250,8 @@ impl Core {
             last_val_loss: self.latest.val_loss,
             last_checkpoint: self.latest.checkpoint.clone(),
             last_tokens_per_second: self.latest.tokens_per_second,
+            checkpoint_failures_in_a_row: self.progress.checkpoint_failures,
+            skipped_steps_in_a_row: self.progress.skips.in_a_row,
         }
     }
 
@@ -262,6 +275,7 @@ impl Core {
             Event::Timeout => {
                 self.check_leases(now, &mut out);
                 self.check_gathering(now, &mut out);
+                self.check_checkpoint_retry(now, &mut out);
             }
             Event::ShutdownRequested => self.request_stop(now, &mut out),
         }
@@ -270,12 +284,13 @@ impl Core {
 
     /// The earliest instant at which the core needs an [`Event::Timeout`]; `None` while
     /// nothing is timed. It is the earliest of every worker's lease expiry (last heard from +
-    /// `cluster.lease_ms`) and, for a resumed run gathering at least `min_workers`, the
-    /// gathering deadline. A Timeout before it does nothing; one at or after it acts. Any
-    /// event may move it, so the driver asks again after each.
+    /// `cluster.lease_ms`), for a resumed run gathering at least `min_workers` the gathering
+    /// deadline, and the retry of a failed final checkpoint. A Timeout before it does
+    /// nothing; one at or after it acts. Any event may move it, so the driver asks again
+    /// after each.
     pub fn poll_timeout(&self) -> Option<Instant> {
         let leases = self.members.workers.values().filter_map(|w| self.lease_deadline(w));
-        leases.chain(self.gather_due_at()).min()
+        leases.chain(self.gather_due_at()).chain(self.progress.retry_checkpoint_at).min()
     }
 
     fn on_message(&mut self, now: Instant, id: WorkerId, msg: ToCoordinator, out: &mut Vec<Command>) {
@@ -292,7 +307,9 @@ impl Core {
             ToCoordinator::CollectiveFailed { generation, step, error } => self.on_collective_failed(now, id, generation, step, error, out),
             ToCoordinator::NcclFailed { generation, error } => self.on_nccl_failed(now, id, generation, error, out),
             ToCoordinator::EvalDone(report) => self.on_eval_done(now, id, report, out),
-            ToCoordinator::CheckpointWritten { generation, step, files } => self.on_checkpoint_written(id, generation, step, files, out),
+            ToCoordinator::CheckpointWritten { generation, step, files } => {
+                self.on_checkpoint_written(now, id, generation, step, files, out)
+            }
             ToCoordinator::CheckpointFailed { generation, step, error } => {
                 self.on_checkpoint_write_failed(now, id, generation, step, error, out)
             }

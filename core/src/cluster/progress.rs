@@ -6,8 +6,9 @@
 //! requests it again once training resumes.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
+use super::step_health::SkipStreak;
 use super::{Command, Core, Phase, ResumeFrom, WorkerId};
 use crate::events::RunEvent;
 use crate::proto::{EvalReport, FileDigest, StepReport, ToWorker};
@@ -22,6 +23,9 @@ pub(super) struct PendingCheckpoint {
     files: Vec<FileDigest>,
     /// Every rank wrote its part; the commit is under way and survives membership changes.
     pub(super) committing: bool,
+    /// A rank could not write its part: once every rank has answered, the folder is removed
+    /// and the checkpoint counts as failed.
+    failed: Option<String>,
 }
 
 /// Steps, evaluations and checkpoints.
@@ -42,6 +46,14 @@ pub(super) struct Progress {
     pub(super) redo_checkpoint: bool,
     pub(super) stop_requested: bool,
     pub(super) started_at: Option<Instant>,
+    /// Steps skipped in a row (their loss or gradient was not finite).
+    pub(super) skips: SkipStreak,
+    /// Checkpoints that failed in a row (reset by a commit).
+    pub(super) checkpoint_failures: u32,
+    /// Tries of the final checkpoint that failed (it gets `checkpoint.max_failures` of its own).
+    final_failures: u32,
+    /// When to try the final checkpoint again after it failed.
+    pub(super) retry_checkpoint_at: Option<Instant>,
 }
 
 impl Progress {
@@ -58,6 +70,10 @@ impl Progress {
             redo_checkpoint: false,
             stop_requested: false,
             started_at: None,
+            skips: SkipStreak::default(),
+            checkpoint_failures: 0,
+            final_failures: 0,
+            retry_checkpoint_at: None,
         }
     }
 }
@@ -251,10 +267,24 @@ impl Core {
 
     fn complete_step(&mut self, now: Instant, out: &mut Vec<Command>) {
         let reports = std::mem::take(&mut self.progress.step_reports);
+        if !self.check_agreement(&reports, out) {
+            return;
+        }
         let tokens: u64 = reports.values().map(|r| r.tokens).sum();
         let comm_seconds = reports.values().map(|r| r.comm_seconds).fold(0.0, f64::max);
         let first = reports.values().next().expect("a completed step has reports").clone();
-        self.record_step(now, &first, tokens, comm_seconds, out);
+        match first.skipped {
+            // The step's data was consumed all the same: the run moves on to the next step.
+            Some(reason) => {
+                if !self.on_skipped_step(&reports, reason, out) {
+                    return;
+                }
+            }
+            None => {
+                self.progress.skips.in_a_row = 0;
+                self.record_step(now, &first, tokens, comm_seconds, out);
+            }
+        }
         self.progress.completed += 1;
         self.members.failed_regroups = 0;
 
@@ -327,8 +357,17 @@ impl Core {
             let loss_sum: f64 = reports.values().map(|r| r.loss_sum).sum();
             let sequences: u64 = reports.values().map(|r| r.sequences).sum();
             let val_loss = loss_sum / sequences.max(1) as f64;
-            self.latest.val_loss = Some(val_loss);
-            out.push(Command::Record(RunEvent::Eval { step, val_loss, sequences }));
+            if val_loss.is_finite() {
+                self.latest.val_loss = Some(val_loss);
+                out.push(Command::Record(RunEvent::Eval { step, val_loss, sequences }));
+            } else {
+                // Not an evaluation: its checkpoint is never evaluated, retained as the best, or
+                // published (and events.jsonl holds no NaN).
+                out.push(Command::Record(RunEvent::Warning {
+                    step,
+                    message: format!("the validation loss after step {step} is {val_loss}: not recorded, and its checkpoint not released"),
+                }));
+            }
             self.maybe_done(now, out);
         }
     }
@@ -339,9 +378,10 @@ impl Core {
             return;
         }
         let dir = run_dir::tmp_dir(&self.settings.run_dir, step, self.members.generation).display().to_string();
-        self.progress
-            .checkpoints
-            .insert(step, PendingCheckpoint { requested_at: now, reported: BTreeSet::new(), files: Vec::new(), committing: false });
+        self.progress.checkpoints.insert(
+            step,
+            PendingCheckpoint { requested_at: now, reported: BTreeSet::new(), files: Vec::new(), committing: false, failed: None },
+        );
         for id in &self.members.ranks {
             out.push(Command::Send { to: *id, msg: ToWorker::Checkpoint { step, dir: dir.clone() } });
         }
@@ -350,27 +390,14 @@ impl Core {
     /// A rank wrote its part of a checkpoint; with every part in, the checkpoint is committed.
     pub(super) fn on_checkpoint_written(
         &mut self,
+        now: Instant,
         id: WorkerId,
         generation: u64,
         step: u64,
         files: Vec<FileDigest>,
         out: &mut Vec<Command>,
     ) {
-        if generation != self.members.generation {
-            return;
-        }
-        let Some(rank) = self.members.rank_of(id) else { return };
-        let world = self.members.ranks.len();
-        let Some(p) = self.progress.checkpoints.get_mut(&step) else { return };
-        if p.committing || !p.reported.insert(rank) {
-            return;
-        }
-        p.files.extend(files);
-        if p.reported.len() == world {
-            p.committing = true;
-            let files = p.files.clone();
-            out.push(Command::CommitCheckpoint { step, generation, world_size: world as u32, files });
-        }
+        self.on_checkpoint_part(now, id, generation, step, Ok(files), out);
     }
 
     pub(super) fn on_checkpoint_write_failed(
@@ -382,16 +409,50 @@ impl Core {
         error: String,
         out: &mut Vec<Command>,
     ) {
+        self.on_checkpoint_part(now, id, generation, step, Err(error), out);
+    }
+
+    /// A rank's answer to `Checkpoint`. Once every rank has answered, the checkpoint is
+    /// committed, or, if any rank failed, its folder is removed and it counts as failed
+    /// (waiting for all of them first, so that no rank is still writing into the folder).
+    fn on_checkpoint_part(
+        &mut self,
+        now: Instant,
+        id: WorkerId,
+        generation: u64,
+        step: u64,
+        part: Result<Vec<FileDigest>, String>,
+        out: &mut Vec<Command>,
+    ) {
         if generation != self.members.generation {
             return;
         }
-        if self.progress.checkpoints.remove(&step).is_some() {
-            let rank = self.members.rank_of(id);
-            out.push(Command::Record(RunEvent::CheckpointFailed {
-                step,
-                error: format!("rank {rank:?} could not write its part: {error}"),
-            }));
-            self.maybe_done(now, out);
+        let Some(rank) = self.members.rank_of(id) else { return };
+        let world = self.members.ranks.len();
+        let Some(p) = self.progress.checkpoints.get_mut(&step) else { return };
+        if p.committing || !p.reported.insert(rank) {
+            return;
+        }
+        match part {
+            Ok(files) => p.files.extend(files),
+            Err(error) => {
+                p.failed.get_or_insert(format!("rank {rank} could not write its part: {error}"));
+            }
+        }
+        if p.reported.len() < world {
+            return;
+        }
+        match p.failed.clone() {
+            None => {
+                p.committing = true;
+                let files = p.files.clone();
+                out.push(Command::CommitCheckpoint { step, generation, world_size: world as u32, files });
+            }
+            Some(error) => {
+                self.progress.checkpoints.remove(&step);
+                out.push(Command::DiscardCheckpoint { step, generation });
+                self.checkpoint_failed(now, step, error, out);
+            }
         }
     }
 
@@ -400,17 +461,80 @@ impl Core {
             let seconds = now.saturating_duration_since(p.requested_at).as_secs_f64();
             self.latest.checkpoint = Some(path.clone());
             self.progress.latest_checkpoint = Some(ResumeFrom { dir: path.clone(), step });
+            self.progress.checkpoint_failures = 0;
             out.push(Command::Record(RunEvent::Checkpoint { step, path, seconds }));
         }
         self.maybe_done(now, out);
     }
 
     pub(super) fn on_checkpoint_commit_failed(&mut self, now: Instant, step: u64, error: String, out: &mut Vec<Command>) {
-        // The previous checkpoint stays the newest; training goes on.
         if self.progress.checkpoints.remove(&step).is_some() {
-            out.push(Command::Record(RunEvent::CheckpointFailed { step, error }));
+            self.checkpoint_failed(now, step, error, out);
+        } else {
+            self.maybe_done(now, out);
         }
-        self.maybe_done(now, out);
+    }
+
+    /// A checkpoint failed. While training, the previous checkpoint stays the newest and
+    /// training goes on, up to `checkpoint.max_failures` failures in a row (a full disk does
+    /// not empty itself). The final checkpoint is tried again with backoff while the workers
+    /// wait; if it cannot be committed, the run fails saying what was lost.
+    fn checkpoint_failed(&mut self, now: Instant, step: u64, error: String, out: &mut Vec<Command>) {
+        let p = &mut self.progress;
+        p.checkpoint_failures += 1;
+        let in_a_row = p.checkpoint_failures;
+        out.push(Command::Record(RunEvent::CheckpointFailed { step, error: error.clone(), in_a_row }));
+        let max = self.settings.config.checkpoint.max_failures;
+        let newest = match &p.latest_checkpoint {
+            Some(c) => format!("the newest committed checkpoint is {} (step {})", c.dir, c.step),
+            None => "no checkpoint of this run was committed".to_string(),
+        };
+        let since = p.latest_checkpoint.as_ref().map_or(0, |c| c.step);
+        if self.phase == Phase::Finishing {
+            p.final_failures += 1;
+            let tries = p.final_failures;
+            if tries < max {
+                let backoff = Duration::from_secs(1 << (tries - 1).min(5));
+                p.retry_checkpoint_at = Some(now + backoff);
+                out.push(Command::Record(RunEvent::Warning {
+                    step,
+                    message: format!(
+                        "the final checkpoint at step {step} failed (try {tries} of checkpoint.max_failures = {max}): \
+                         trying again in {} s",
+                        backoff.as_secs()
+                    ),
+                }));
+                return;
+            }
+            let error = format!(
+                "the final checkpoint at step {step} could not be committed after {tries} tries (last: {error}); \
+                 {newest}, so steps {since}..{step} are lost. Make room on that disk (or fix it) and run again with `--resume`"
+            );
+            return self.abort(error, out);
+        }
+        if in_a_row >= max {
+            let error = format!(
+                "{in_a_row} checkpoints in a row failed (checkpoint.max_failures = {max}), the last at step {step}: {error}. \
+                 Stopping rather than training on with nothing saved; {newest}. Make room on that disk (or fix it) and \
+                 run again with `--resume`"
+            );
+            return self.abort(error, out);
+        }
+        out.push(Command::Record(RunEvent::Warning {
+            step,
+            message: format!(
+                "checkpoint at step {step} failed ({in_a_row} in a row; the run stops at checkpoint.max_failures = {max}); \
+                 {newest}"
+            ),
+        }));
+    }
+
+    /// The final checkpoint's retry is due (see `checkpoint_failed`).
+    pub(super) fn check_checkpoint_retry(&mut self, now: Instant, out: &mut Vec<Command>) {
+        if self.progress.retry_checkpoint_at.is_some_and(|at| now >= at) {
+            self.progress.retry_checkpoint_at = None;
+            self.request_checkpoint(now, out);
+        }
     }
 
     fn next_step(&mut self, now: Instant, out: &mut Vec<Command>) {
@@ -426,7 +550,8 @@ impl Core {
     }
 
     pub(super) fn maybe_done(&mut self, now: Instant, out: &mut Vec<Command>) {
-        if self.phase == Phase::Finishing && self.progress.eval.is_none() && self.progress.checkpoints.is_empty() {
+        let p = &self.progress;
+        if self.phase == Phase::Finishing && p.eval.is_none() && p.checkpoints.is_empty() && p.retry_checkpoint_at.is_none() {
             // A stop on request is a clean finish too: the last checkpoint has been written.
             self.finish(now, true, None, out);
         }

@@ -92,6 +92,15 @@ fn json<T: serde::Serialize>(value: &T) -> Vec<u8> {
 /// The background half of [`Trainer::save_checkpoint`]: this rank's shard file and (rank 0)
 /// the small files, each fsynced, then the folder.
 fn write_part(dir: &Path, snapshot: &ShardSnapshot, extra: &[(String, Vec<u8>)]) -> Result<Vec<FileDigest>, TrainerError> {
+    // Skipped steps keep NaN out of the state; this is the last line before the disk, so that
+    // nothing non-finite is ever committed, retained or published.
+    for (what, values) in [("parameters", &snapshot.params), ("AdamW moments", &snapshot.exp_avg), ("AdamW moments", &snapshot.exp_avg_sq)]
+    {
+        let count = values.iter().filter(|v| !v.is_finite()).count();
+        if count > 0 {
+            return Err(TrainerError::NonFinite { rank: snapshot.rank, step: snapshot.step, what, count });
+        }
+    }
     std::fs::create_dir_all(dir).map_err(|source| TrainerError::Io { what: "create", path: dir.to_path_buf(), source })?;
     // Test hook: `TROUPE_FAULT_KILL_DURING_CHECKPOINT=STEP:RANK` kills this process half-way
     // through that rank's shard file of that step, as a machine failure would.

@@ -11,7 +11,7 @@ use troupe_common::collective::CollectiveOp;
 use troupe_common::model::precision::with_autocast;
 use troupe_common::model::{self, AdamW};
 
-use super::{Batch, LossShare, StepContext, Times, TrainerError};
+use super::{Batch, LossShare, StepContext, StepOutcome, Times, TrainerError};
 use crate::comm::{Comm, CommError};
 
 pub(super) struct Ddp {
@@ -23,7 +23,7 @@ pub(super) struct Ddp {
 }
 
 impl Ddp {
-    /// One step: returns the step's loss and the gradient's norm before clipping.
+    /// One step: the update is applied unless the step's loss or gradient is not finite.
     pub(super) fn step(
         &mut self,
         cx: &mut StepContext,
@@ -32,7 +32,7 @@ impl Ddp {
         lr: f64,
         comm: &mut dyn Comm,
         times: &mut Times,
-    ) -> Result<(f64, f64), TrainerError> {
+    ) -> Result<StepOutcome, TrainerError> {
         let t = Instant::now();
         let mut share = LossShare::default();
         for (x, y, weight) in batches {
@@ -41,6 +41,10 @@ impl Ddp {
             share.add(&loss, *weight)?;
         }
         let loss_share = share.value()?;
+        cx.local.set_loss_share(loss_share);
+        for p in &self.params {
+            cx.note_local_grad(step, &p.grad())?;
+        }
         times.compute += t.elapsed().as_secs_f64();
         let clip = cx.config.train.grad_clip;
         let mut loss = loss_share;
@@ -87,10 +91,16 @@ impl Ddp {
             Some(norm) => norm,
             None => model::clip_grad_norm(&self.params, clip),
         };
-        self.optimizer.step(&self.params, lr);
+        let skipped = cx.skip_reason(step, loss, grad_norm);
+        match skipped {
+            None => self.optimizer.step(&self.params, lr),
+            // Nothing applied. The optimizer's count moves on with the step all the same, as
+            // it would in a run resumed after this step (whose count is the step's).
+            Some(_) => self.optimizer.set_step_count(step + 1),
+        }
         model::zero_grads(&self.params);
         times.compute += t.elapsed().as_secs_f64();
-        Ok((loss, grad_norm))
+        Ok(StepOutcome { loss, grad_norm, skipped })
     }
 
     /// Sums the gradients over the ranks where they are (NCCL), bucket by bucket in the order

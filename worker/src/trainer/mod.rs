@@ -23,9 +23,16 @@
 //! checkpoint in the background. Clipping uses the global norm over all shards, so it is the
 //! same under every strategy. The trainer reaches the other ranks through a
 //! [`Comm`](crate::comm::Comm).
+//!
+//! A step whose summed loss or global gradient norm is NaN or infinite applies no update
+//! ([`SkipReason`]): both figures are the same on every rank (NaN and infinities survive the
+//! sums), so every rank skips the same steps without another collective, and parameters and
+//! optimizer state stay those before the step. [`LocalCheck`] tells which rank the bad values
+//! came from.
 
 mod checkpoint_writer;
 mod ddp;
+mod local_check;
 mod state;
 #[cfg(test)]
 mod tests;
@@ -42,11 +49,12 @@ use troupe_common::data::{self, Meta, SamplerMemo, TokenFile};
 use troupe_common::model::precision::with_autocast;
 use troupe_common::model::{self, Gpt, GptConfig};
 use troupe_core::config::Config;
-use troupe_core::proto::{EvalReport, StepReport};
+use troupe_core::proto::{EvalReport, SkipReason, StepReport};
 use troupe_core::shard::Strategy;
 
 use crate::comm::{Comm, CommError};
 use checkpoint_writer::CheckpointWriter;
+use local_check::{LocalCheck, StepFaults};
 use state::StrategyState;
 
 pub use checkpoint_writer::WriteDone;
@@ -94,6 +102,10 @@ pub enum TrainerError {
     Io { what: &'static str, path: PathBuf, source: std::io::Error },
     #[error("cannot start the checkpoint writer: {0}")]
     WriterThread(std::io::Error),
+    /// The state to be checkpointed holds NaN or infinite values: it is not written, so that
+    /// it can never be resumed from, retained or published.
+    #[error("rank {rank}'s {what} at step {step} hold {count} non-finite values; the checkpoint is not written")]
+    NonFinite { rank: u32, step: u64, what: &'static str, count: usize },
 }
 
 /// What the trainer needs to know about its place in the run.
@@ -121,6 +133,18 @@ struct StepContext {
     /// Membership generation this rank trains in; collective tags restart with each one.
     generation: u64,
     collective_seq: u64,
+    /// This rank's own loss and gradient in the current step, before the sums.
+    local: LocalCheck,
+    /// Test hooks: a NaN put into this rank's gradient, steps every rank is told to skip.
+    faults: StepFaults,
+}
+
+/// What a strategy's step computed: the step's loss and the gradient's global norm before
+/// clipping (both the same on every rank), and why no update was applied, if none was.
+struct StepOutcome {
+    loss: f64,
+    grad_norm: f64,
+    skipped: Option<SkipReason>,
 }
 
 impl StepContext {
@@ -161,6 +185,21 @@ impl StepContext {
         }
         let totals = self.collective(step, comm, CollectiveOp::AllReduce, vec![loss_share as f32, sum_sq as f32])?;
         Ok((f64::from(totals[0]), f64::from(totals[1]).sqrt()))
+    }
+
+    /// Whether step `step`, whose global loss and gradient norm are these, applies its update.
+    /// Every rank holds the same figures, so every rank decides alike.
+    fn skip_reason(&self, step: u64, loss: f64, grad_norm: f64) -> Option<SkipReason> {
+        SkipReason::of_step(loss, grad_norm).or(self.faults.told_to_skip(step).then_some(SkipReason::Injected))
+    }
+
+    /// Notes a gradient of this rank's own, before it is summed with the other ranks' (and
+    /// puts the fault hook's NaN into it when one is due).
+    fn note_local_grad(&mut self, step: u64, grad: &Tensor) -> Result<(), TrainerError> {
+        if self.faults.nan_due(step, self.rank) && self.local.first_grad_of(step) {
+            let _ = grad.f_view([-1])?.f_narrow(0, 0, 1)?.f_fill_(f64::NAN)?;
+        }
+        self.local.add_grad(grad)
     }
 
     fn batch(&self, tokens: &TokenFile, ids: &[u64]) -> Result<(Tensor, Tensor), TrainerError> {
@@ -229,7 +268,18 @@ impl Trainer {
         };
         let (model, state) = state::build(model, &config, rank as u32, world_size as u32, reader.as_ref())?;
         Ok(Trainer {
-            cx: StepContext { config, rank, world_size, device, model, bf16, generation: 0, collective_seq: 0 },
+            cx: StepContext {
+                config,
+                rank,
+                world_size,
+                device,
+                model,
+                bf16,
+                generation: 0,
+                collective_seq: 0,
+                local: LocalCheck::default(),
+                faults: StepFaults::from_env(),
+            },
             state,
             meta,
             gpt_config,
@@ -326,11 +376,22 @@ impl Trainer {
 
         let lr = model::lr_at(step, &train);
         let cx = &mut self.cx;
-        let (loss, grad_norm) = match &mut self.state {
+        cx.local.start(step);
+        let StepOutcome { loss, grad_norm, skipped } = match &mut self.state {
             StrategyState::Ddp(ddp) => ddp.step(cx, step, &batches, lr, comm, &mut times)?,
             StrategyState::Zero12(z) => z.step(cx, step, &batches, lr, comm, &mut times)?,
             StrategyState::Zero3(z) => z.step(cx, step, &batches, lr, comm, &mut times)?,
         };
+        // Read only for a skipped step: on a GPU, reading it waits for the device.
+        let locally_finite = skipped.is_none() || cx.local.finite()?;
+        if let Some(reason) = skipped {
+            let whose = if locally_finite { "not" } else { "" };
+            tracing::warn!(
+                "step {step} skipped on rank {} ({}): no update applied; this rank's own values were {whose} among the non-finite ones",
+                cx.rank,
+                reason.label()
+            );
+        }
         let tokens = (ids.len() * self.cx.config.model.block_size) as u64;
         self.step += 1;
         Ok(StepReport {
@@ -344,6 +405,8 @@ impl Trainer {
             data_seconds: times.data,
             compute_seconds: times.compute,
             comm_seconds: times.comm,
+            skipped,
+            locally_finite,
         })
     }
 

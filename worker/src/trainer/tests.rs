@@ -1,6 +1,7 @@
 //! Two ranks in one process: the device and host paths of every strategy train alike, and
 //! a mixed generation sums over its group and its ring.
 
+use super::local_check::StepFaults;
 use super::state::StrategyState;
 use super::*;
 use crate::comm::{Comm, CommError, Mixed};
@@ -123,11 +124,24 @@ fn config(bucket_mb: f64, strategy: Strategy) -> Config {
 
 /// Trains `steps` steps with two ranks; returns each rank's parameters and the losses.
 fn train_pair(on_device: bool, bucket_mb: f64, strategy: Strategy, steps: u64) -> Vec<(Vec<f32>, Vec<f64>, usize)> {
+    train_pair_with(StepFaults::default(), on_device, bucket_mb, strategy, steps)
+        .into_iter()
+        .map(|(params, _, reports, buckets)| (params, reports.iter().map(|r| r.loss).collect(), buckets))
+        .collect()
+}
+
+/// A rank's parameters, its part of the AdamW moments, its reports and its bucket count.
+type RankResult = (Vec<f32>, Vec<f32>, Vec<StepReport>, usize);
+
+/// [`train_pair`] with fault hooks; returns each rank's parameters, its part of the AdamW
+/// moments (as its checkpoint shard holds them), its reports and its bucket count.
+fn train_pair_with(faults: StepFaults, on_device: bool, bucket_mb: f64, strategy: Strategy, steps: u64) -> Vec<RankResult> {
     let slots = Arc::new(Mutex::new([Vec::new(), Vec::new()]));
     let barrier = Arc::new(Barrier::default());
     let ranks: Vec<_> = (0..2)
         .map(|rank| {
             let mut comm = InMemory { rank, slots: slots.clone(), barrier: barrier.clone(), on_device };
+            let faults = faults.clone();
             let setup = TrainerSetup {
                 config: config(bucket_mb, strategy),
                 rank,
@@ -138,17 +152,21 @@ fn train_pair(on_device: bool, bucket_mb: f64, strategy: Strategy, steps: u64) -
             };
             std::thread::spawn(move || {
                 let mut trainer = Trainer::new(setup).expect("trainer");
+                trainer.cx.faults = faults;
                 trainer.set_membership(1, rank, 2).unwrap();
                 let reports: Vec<StepReport> = (0..steps).map(|s| trainer.step(s, &mut comm).expect("step")).collect();
                 // Clipping takes part: every step's norm is above train.grad_clip.
-                assert!(reports.iter().all(|r| r.grad_norm > 0.05), "{reports:?}");
-                let losses: Vec<f64> = reports.iter().map(|r| r.loss).collect();
+                assert!(reports.iter().filter(|r| r.skipped.is_none()).all(|r| r.grad_norm > 0.05), "{reports:?}");
                 let (params, buckets) = match &trainer.state {
                     StrategyState::Ddp(ddp) => (model::flatten(&ddp.params), ddp.buckets.len()),
                     StrategyState::Zero12(z) => (host_vec(&z.shard.params), 0),
                     StrategyState::Zero3(z) => (host_vec(&z.shard.params), 0),
                 };
-                (params, losses, buckets)
+                // The optimizer's moments too: a NaN must not have reached them either.
+                let layout = trainer.state.checkpoint_layout(2, trainer.cx.model.num_params());
+                let snapshot = trainer.state.snapshot(&layout, rank as u32, steps);
+                let moments: Vec<f32> = snapshot.exp_avg.iter().chain(&snapshot.exp_avg_sq).copied().collect();
+                (params, moments, reports, buckets)
             })
         })
         .collect();
@@ -238,4 +256,39 @@ fn bf16_is_refused_on_the_cpu_with_the_fix() {
     let setup = TrainerSetup { config, rank: 0, world_size: 1, device: Device::Cpu, resume_from: None, start_step: 0 };
     let err = Trainer::new(setup).err().expect("refused").to_string();
     assert!(err.contains("train.precision = \"bf16\" needs a CUDA device") && err.contains("--device cuda:N"), "{err}");
+}
+
+/// A NaN in one rank's gradient at step 1: under every strategy and path, both ranks skip
+/// step 1 (rank 1 named as where it came from), and the parameters and AdamW moments after
+/// the run are exactly those of a run told to skip step 1 — no NaN got anywhere.
+#[test]
+fn a_nan_on_one_rank_is_skipped_by_every_rank_and_changes_nothing_else() {
+    let nan = StepFaults { nan_grad: Some((1, 1..=1)), skip: None };
+    let told = StepFaults { nan_grad: None, skip: Some(1..=1) };
+    for (strategy, on_device) in [
+        (Strategy::Ddp, false),
+        (Strategy::Ddp, true),
+        (Strategy::Zero1, false),
+        (Strategy::Zero2, false),
+        (Strategy::Zero2, true),
+        (Strategy::Zero3, false),
+    ] {
+        let with_nan = train_pair_with(nan.clone(), on_device, 25.0, strategy, 3);
+        let skipped = train_pair_with(told.clone(), on_device, 25.0, strategy, 3);
+        let plain = train_pair_with(StepFaults::default(), on_device, 25.0, strategy, 3);
+        for rank in 0..2 {
+            let reports = &with_nan[rank].2;
+            assert_eq!(reports[1].skipped, Some(SkipReason::NonFiniteGradient), "{strategy} rank {rank}: {reports:?}");
+            assert_eq!(reports[1].locally_finite, rank != 1, "{strategy} rank {rank}: the NaN came from rank 1");
+            assert!(reports[0].skipped.is_none() && reports[2].skipped.is_none(), "{strategy} rank {rank}: {reports:?}");
+            assert_eq!(skipped[rank].2[1].skipped, Some(SkipReason::Injected));
+            let (state, told_state) = ((&with_nan[rank].0, &with_nan[rank].1), (&skipped[rank].0, &skipped[rank].1));
+            assert!(state.0.iter().chain(state.1).all(|v| v.is_finite()), "{strategy} rank {rank}: a NaN reached the state");
+            // Compared without printing: a failure would print a million floats.
+            assert!(state == told_state, "{strategy} on_device={on_device} rank {rank}: not the state of a run told to skip step 1");
+            assert!(state.0 != &plain[rank].0, "{strategy} rank {rank}: skipping step 1 changed nothing?");
+            // The step after the skip is an ordinary one, with the same loss as the told run's.
+            assert_eq!(with_nan[rank].2[2].loss, skipped[rank].2[2].loss, "{strategy} rank {rank}");
+        }
+    }
 }

@@ -16,7 +16,7 @@ use troupe_common::model;
 use troupe_common::model::precision::with_autocast;
 
 use super::state::{param_views, Shard};
-use super::{host_vec, write_into, Batch, LossShare, StepContext, Times, TrainerError};
+use super::{host_vec, write_into, Batch, LossShare, StepContext, StepOutcome, Times, TrainerError};
 use crate::comm::Comm;
 
 pub(super) struct Zero12 {
@@ -29,7 +29,8 @@ pub(super) struct Zero12 {
 }
 
 impl Zero12 {
-    /// One step: returns the step's loss and the gradient's norm before clipping.
+    /// One step: the update is applied unless the step's loss or gradient is not finite (then
+    /// no rank updates its shard, and no rank all-gathers).
     pub(super) fn step(
         &mut self,
         cx: &mut StepContext,
@@ -38,7 +39,7 @@ impl Zero12 {
         lr: f64,
         comm: &mut dyn Comm,
         times: &mut Times,
-    ) -> Result<(f64, f64), TrainerError> {
+    ) -> Result<StepOutcome, TrainerError> {
         let t = Instant::now();
         let full = self.full.shallow_clone();
         let leaf = full.f_detach()?.f_set_requires_grad(true)?;
@@ -52,6 +53,8 @@ impl Zero12 {
             }
         }
         let loss_share = share.value()?;
+        cx.local.set_loss_share(loss_share);
+        cx.note_local_grad(step, &leaf.grad())?;
         // The choice must be the same on every rank, since the two paths issue different
         // collectives: it depends on the generation's backend and world size only, never on
         // this rank's device.
@@ -90,6 +93,9 @@ impl Zero12 {
             times.comm += t.elapsed().as_secs_f64();
             (loss, norm, mine)
         };
+        if let Some(skipped) = self.skip(cx, step, loss, norm) {
+            return Ok(skipped);
+        }
         let t = Instant::now();
         let grad = Tensor::f_from_slice(&grad)?.f_to_device(cx.device)?;
         self.shard.update(&grad, norm, lr, cx.config.train.grad_clip);
@@ -103,7 +109,16 @@ impl Zero12 {
             write_into(&full, &gathered)?;
             times.comm += t.elapsed().as_secs_f64();
         }
-        Ok((loss, norm))
+        Ok(StepOutcome { loss, grad_norm: norm, skipped: None })
+    }
+
+    /// The outcome of a step that applies no update, if this one must not (every rank decides
+    /// alike: `loss` and `norm` are global).
+    fn skip(&mut self, cx: &StepContext, step: u64, loss: f64, norm: f64) -> Option<StepOutcome> {
+        let skipped = cx.skip_reason(step, loss, norm)?;
+        // The count moves on with the step, as in a run resumed after it.
+        self.shard.optimizer.set_step_count(step + 1);
+        Some(StepOutcome { loss, grad_norm: norm, skipped: Some(skipped) })
     }
 
     /// The step without leaving the device: the flat gradient `grad` is all-reduced (zero1)
@@ -119,7 +134,7 @@ impl Zero12 {
         lr: f64,
         comm: &mut dyn Comm,
         times: &mut Times,
-    ) -> Result<(f64, f64), TrainerError> {
+    ) -> Result<StepOutcome, TrainerError> {
         let (chunk, numel) = (self.shard.layout.chunk_len(0) as i64, self.shard.layout.numel() as i64);
         let (w, r) = (cx.world_size, cx.rank as i64);
         let mine = grad.narrow(0, r * chunk, chunk);
@@ -137,6 +152,9 @@ impl Zero12 {
             cx.loss_and_norm_over_shards(step, loss_share, sum_of_squares(&mine)?, comm)?
         };
         times.comm += t.elapsed().as_secs_f64();
+        if let Some(skipped) = self.skip(cx, step, loss, norm) {
+            return Ok(skipped);
+        }
         let t = Instant::now();
         self.shard.update(&mine, norm, lr, cx.config.train.grad_clip);
         times.compute += t.elapsed().as_secs_f64();
@@ -145,7 +163,7 @@ impl Zero12 {
             cx.collective_tensor(step, comm, CollectiveOp::AllGather, &self.full)?;
             times.comm += t.elapsed().as_secs_f64();
         }
-        Ok((loss, norm))
+        Ok(StepOutcome { loss, grad_norm: norm, skipped: None })
     }
 }
 

@@ -12,7 +12,7 @@ use troupe_common::model::precision::with_autocast;
 
 use super::state::{param_views, Shard};
 use super::zero12::sum_of_squares;
-use super::{Batch, LossShare, StepContext, Times, TrainerError};
+use super::{Batch, LossShare, StepContext, StepOutcome, Times, TrainerError};
 use crate::comm::Comm;
 
 pub(super) struct Zero3 {
@@ -21,7 +21,7 @@ pub(super) struct Zero3 {
 }
 
 impl Zero3 {
-    /// One step: returns the step's loss and the gradient's norm before clipping.
+    /// One step: the update is applied unless the step's loss or gradient is not finite.
     pub(super) fn step(
         &mut self,
         cx: &mut StepContext,
@@ -30,7 +30,7 @@ impl Zero3 {
         lr: f64,
         comm: &mut dyn Comm,
         times: &mut Times,
-    ) -> Result<(f64, f64), TrainerError> {
+    ) -> Result<StepOutcome, TrainerError> {
         let t = Instant::now();
         let acc = Tensor::f_zeros([self.shard.layout.shard_len() as i64], (Kind::Float, cx.device))?;
         let stages = cx.model.stage_params().len();
@@ -49,6 +49,7 @@ impl Zero3 {
             upstream.push(x.grad());
         }
         let loss_share = share.value()?;
+        cx.local.set_loss_share(loss_share);
         drop((e, f));
         self.scatter_unit_grad(cx, 0, &e_leaf, &acc, step, comm)?;
         self.scatter_unit_grad(cx, stages - 1, &f_leaf, &acc, step, comm)?;
@@ -80,8 +81,13 @@ impl Zero3 {
         times.compute += t.elapsed().as_secs_f64();
 
         let (loss, norm) = cx.loss_and_norm_over_shards(step, loss_share, sum_of_squares(&acc)?, comm)?;
-        self.shard.update(&acc, norm, lr, cx.config.train.grad_clip);
-        Ok((loss, norm))
+        let skipped = cx.skip_reason(step, loss, norm);
+        match skipped {
+            None => self.shard.update(&acc, norm, lr, cx.config.train.grad_clip),
+            // The count moves on with the step, as in a run resumed after it.
+            Some(_) => self.shard.optimizer.set_step_count(step + 1),
+        }
+        Ok(StepOutcome { loss, grad_norm: norm, skipped })
     }
 
     /// The validation loss of each micro-batch (every rank takes part in the gathers).
@@ -170,6 +176,7 @@ impl Zero3 {
     ) -> Result<(), TrainerError> {
         let (chunk, at) = (self.shard.layout.chunk_len(unit) as i64, self.shard.layout.shard_offset(unit) as i64);
         let grad = leaf.grad().f_contiguous()?;
+        cx.note_local_grad(step, &grad)?;
         if cx.world_size > 1 {
             cx.collective_tensor(step, comm, CollectiveOp::ReduceScatter, &grad)?;
         }

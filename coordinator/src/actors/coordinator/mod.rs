@@ -454,6 +454,8 @@ impl CoordinatorState {
             last_checkpoint: snap.last_checkpoint,
             world_size: snap.world_size as u32,
             generation: snap.generation,
+            checkpoint_failures_in_a_row: snap.checkpoint_failures_in_a_row,
+            skipped_steps_in_a_row: snap.skipped_steps_in_a_row,
             workers,
         };
         if let Ok(mut shared) = self.status.write() {
@@ -483,6 +485,14 @@ impl CoordinatorState {
                     let error = "the Checkpointer is not running".to_string();
                     let _ = me.cast(CoordinatorMsg::Core(Event::CheckpointCommitFailed { step, error }));
                 }
+            }
+            Command::DiscardCheckpoint { step, generation } => {
+                let tmp = troupe_common::checkpoint::tmp_dir(&self.config.run_dir(), step, generation);
+                tokio::task::spawn_blocking(move || match std::fs::remove_dir_all(&tmp) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => tracing::warn!("cannot remove {} of a failed checkpoint: {e}", tmp.display()),
+                });
             }
             Command::Record(event) => self.record(event),
             Command::Finish { ok, error } => {
@@ -526,7 +536,23 @@ impl CoordinatorState {
                 m.regroups_total.inc();
                 m.regroup_seconds.observe(*seconds);
             }
-            RunEvent::Checkpoint { seconds, .. } => m.checkpoint_seconds.observe(*seconds),
+            RunEvent::Checkpoint { seconds, .. } => {
+                m.checkpoint_seconds.observe(*seconds);
+                m.checkpoint_failures_in_a_row.set(0);
+            }
+            RunEvent::CheckpointFailed { step, error, in_a_row } => {
+                m.checkpoint_failures_total.inc();
+                m.checkpoint_failures_in_a_row.set(i64::from(*in_a_row));
+                tracing::error!("checkpoint at step {step} failed ({in_a_row} in a row): {error}");
+            }
+            RunEvent::StepSkipped { step, reason, ranks, in_a_row, .. } => {
+                m.steps_skipped_total.with_label_values(&[reason.as_str()]).inc();
+                tracing::warn!("step {step} skipped on every rank ({reason}, {in_a_row} in a row); non-finite values from ranks {ranks:?}");
+            }
+            RunEvent::RankDisagreed { step, rank, what } => {
+                m.rank_disagreements_total.inc();
+                tracing::warn!("rank {rank} disagrees with the other ranks about step {step}: {what}");
+            }
             _ => {}
         }
         if let Some(p) = self.progress.as_mut() {

@@ -47,7 +47,14 @@ impl Progress {
                 "deploy step {step}: {action}{} ({reason})",
                 version.map(|v| format!(" as {}", version_name(v))).unwrap_or_default()
             )),
-            RunEvent::CheckpointFailed { step, error } => self.line(&format!("checkpoint at step {step} FAILED: {error}")),
+            RunEvent::CheckpointFailed { step, error, in_a_row } => {
+                self.line(&format!("checkpoint at step {step} FAILED ({in_a_row} in a row): {error}"))
+            }
+            RunEvent::StepSkipped { step, reason, ranks, in_a_row, .. } => self.line(&format!(
+                "step {step} SKIPPED on every rank ({reason}; {in_a_row} in a row): non-finite values from {}",
+                if ranks.is_empty() { "no single rank (the sum overflowed)".to_string() } else { format!("rank(s) {ranks:?}") }
+            )),
+            RunEvent::RankDisagreed { step, rank, what } => self.line(&format!("rank {rank} DISAGREES about step {step}: {what}")),
             RunEvent::WorkerJoined { rank, addr, .. } => self.line(&format!("rank {rank} assigned to worker at {addr}")),
             RunEvent::WorkerLeft { rank, reason, .. } => {
                 let rank = rank.map_or("-".to_string(), |r| r.to_string());

@@ -1,16 +1,18 @@
 //! Scenario tests of the cluster core on a simulated clock: a `Sim` plays the workers' part
 //! and the tests check the commands the core answers with. Split by concern: `run` (a run's
 //! course from start to finish), `elastic` (losses, joins, leaves, regroups), `collective`
-//! (NCCL, the ring, mixed generations) and `timeouts` (leases, gathering, `poll_timeout`).
+//! (NCCL, the ring, mixed generations), `timeouts` (leases, gathering, `poll_timeout`) and
+//! `failures` (non-finite steps, ranks that disagree, checkpoints that cannot be written).
 
 mod collective;
 mod elastic;
+mod failures;
 mod run;
 mod timeouts;
 
 use super::*;
 use crate::config::CollectiveBackend;
-use crate::proto::{Assignment, CollectiveKind, EvalReport, NcclPlace, RefusalKind, StepReport, NCCL_UNIQUE_ID_BYTES};
+use crate::proto::{Assignment, CollectiveKind, EvalReport, NcclPlace, RefusalKind, SkipReason, StepReport, NCCL_UNIQUE_ID_BYTES};
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -86,8 +88,42 @@ impl Sim {
                 data_seconds: 0.0,
                 compute_seconds: 0.1,
                 comm_seconds: 0.01,
+                skipped: None,
+                locally_finite: true,
             }),
         )
+    }
+    /// A step report whose figures are given: `skipped` and whether the rank's own values were
+    /// finite.
+    fn step_report(
+        &mut self,
+        id: WorkerId,
+        step: u64,
+        loss: f64,
+        grad_norm: f64,
+        skipped: Option<SkipReason>,
+        locally_finite: bool,
+    ) -> Vec<Command> {
+        let (generation, world_size) = (self.core.generation(), self.core.snapshot().world_size as u32);
+        let report = StepReport {
+            generation,
+            world_size,
+            step,
+            loss,
+            tokens: 100,
+            grad_norm,
+            lr: 0.1,
+            data_seconds: 0.0,
+            compute_seconds: 0.1,
+            comm_seconds: 0.01,
+            skipped,
+            locally_finite,
+        };
+        self.from(id, ToCoordinator::StepDone(report))
+    }
+    fn write_failed(&mut self, id: WorkerId, step: u64, error: &str) -> Vec<Command> {
+        let generation = self.core.generation();
+        self.from(id, ToCoordinator::CheckpointFailed { generation, step, error: error.into() })
     }
     fn written(&mut self, id: WorkerId, step: u64, files: Vec<FileDigest>) -> Vec<Command> {
         let generation = self.core.generation();
