@@ -41,12 +41,12 @@ enum Command {
     Local(LocalArgs),
     /// Run the coordinator of a multi-node job; workers join it with `troupe worker --join`.
     #[command(
-        after_help = "Examples:\n  troupe coordinator --config run.toml --listen 0.0.0.0:7070 --token $SECRET\n  troupe coordinator --config run.toml --resume"
+        after_help = "Examples:\n  troupe coordinator --config run.toml --listen 0.0.0.0:7070 --token-file ~/.troupe/join.token\n  troupe coordinator --config run.toml --listen 0.0.0.0:7070 --token $SECRET\n  troupe coordinator --config run.toml --resume"
     )]
     Coordinator(CoordinatorArgs),
     /// Run a worker that joins a coordinator and trains.
     #[command(
-        after_help = "Examples:\n  troupe worker --join 10.0.0.1:7070 --token $SECRET\n  TROUPE_TOKEN=$SECRET troupe worker --join node1:7070 --threads 8"
+        after_help = "Examples:\n  troupe worker --join 10.0.0.1:7070 --token-file ~/.troupe/join.token\n  troupe worker --join 10.0.0.1:7070 --token $SECRET\n  TROUPE_TOKEN=$SECRET troupe worker --join node1:7070 --threads 8"
     )]
     Worker(WorkerArgs),
     /// Prepare a UTF-8 corpus: clean, train a byte-level BPE tokenizer, write token files.
@@ -294,8 +294,12 @@ struct CoordinatorArgs {
     #[arg(long)]
     listen: Option<SocketAddr>,
     /// Join token workers must prove (cluster.token).
-    #[arg(long, env = "TROUPE_TOKEN", hide_env_values = true)]
+    #[arg(long, env = "TROUPE_TOKEN", hide_env_values = true, conflicts_with = "token_file")]
     token: Option<String>,
+    /// Read the join token from this file (0600); if it does not exist, make a strong one
+    /// there first. Give the same file to the workers.
+    #[arg(long, value_name = "FILE")]
+    token_file: Option<PathBuf>,
     /// Allow a non-loopback address without a join token.
     #[arg(long)]
     insecure: bool,
@@ -332,6 +336,10 @@ struct WorkerArgs {
     /// The cluster's join token.
     #[arg(long, env = "TROUPE_TOKEN", hide_env_values = true, default_value = "")]
     token: String,
+    /// Read the join token from this file (0600), e.g. the one `troupe coordinator
+    /// --token-file` made.
+    #[arg(long, value_name = "FILE", conflicts_with = "token")]
+    token_file: Option<PathBuf>,
     /// Address ring peers connect to; default: port 0 on loopback when the coordinator is on
     /// loopback, else on all interfaces.
     #[arg(long)]
@@ -563,6 +571,13 @@ async fn run_coordinator(args: CoordinatorArgs) -> anyhow::Result<ExitCode> {
     if let Some(token) = args.token {
         config.cluster.token = token.into();
     }
+    if let Some(path) = &args.token_file {
+        let (token, created) = troupe_common::net::token_file::read_or_create(path)?;
+        if created {
+            troupe_common::say!("made a new join token in {} (readable by you only); give workers --token-file with a copy of it", path.display());
+        }
+        config.cluster.token = token;
+    }
     if let Some(dir) = &args.tls_dir {
         config.tls = Some(troupe_core::config::TlsConfig::coordinator_in(dir));
     }
@@ -570,7 +585,10 @@ async fn run_coordinator(args: CoordinatorArgs) -> anyhow::Result<ExitCode> {
     let join_hint = match &args.tls_dir {
         Some(dir) => format!("--tls-dir {} --tls-worker <i>", dir.display()),
         None if config.tls.is_some() => "--tls-dir <certs> --tls-worker <i>".to_string(),
-        None => "--token …".to_string(),
+        None => match &args.token_file {
+            Some(path) => format!("--token-file {}", path.display()),
+            None => "--token …".to_string(),
+        },
     };
     let outcome = local::coordinate(config, args.run.resume, args.insecure, |addr| {
         troupe_common::say!("coordinator listening on {addr}; start workers with: troupe worker --join {addr} {join_hint}");
@@ -612,9 +630,13 @@ async fn run_worker(args: WorkerArgs) -> anyhow::Result<ExitCode> {
             troupe_common::net::TlsSetup::from_config(&files)
         }
     };
+    let token = match &args.token_file {
+        Some(path) => troupe_common::net::token_file::read(path)?.expose().to_string(),
+        None => args.token,
+    };
     let exit = troupe_worker::run_worker(troupe_worker::WorkerOptions {
         coordinator,
-        token: args.token,
+        token,
         listen,
         advertise: args.advertise,
         metrics_listen,

@@ -294,3 +294,44 @@ fn secrets_appear_in_no_file_log_or_endpoint_and_the_run_folder_is_private() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `troupe coordinator --token-file F` makes a strong token in F (0600) when F does not exist;
+/// a worker given the file joins, and a token file others may read is refused with the fix.
+#[test]
+fn the_coordinator_makes_a_private_token_file_that_workers_join_with() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = scratch("auth-token-file");
+    let data = prepare_small_corpus(&dir);
+    let config = tiny_config(&dir, &data, 1, 6);
+    let token_file = dir.join("secrets/join.token");
+    let coordinator = CoordinatorProcess::start(&config, &["--token-file", token_file.to_str().unwrap()]);
+    let mode = std::fs::metadata(&token_file).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "the token file is private");
+    let token = std::fs::read_to_string(&token_file).unwrap();
+    assert_eq!(token.trim().len(), 64, "32 random bytes in hex");
+
+    // A copy others may read is refused before anything is sent.
+    let shared = dir.join("shared.token");
+    std::fs::write(&shared, &token).unwrap();
+    std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let refused = run(
+        {
+            let mut cmd = worker_command(&coordinator.addr.to_string());
+            cmd.arg("--token-file").arg(&shared);
+            cmd
+        },
+        Duration::from_secs(60),
+    );
+    assert!(!refused.status.success());
+    assert!(stderr(&refused).contains(&format!("chmod 600 {}", shared.display())), "{}", stderr(&refused));
+
+    let mut worker = worker_command(&coordinator.addr.to_string());
+    worker.arg("--token-file").arg(&token_file);
+    let worker = run(worker, Duration::from_secs(120));
+    assert_success(&worker);
+    let (status, output) = coordinator.wait();
+    assert!(status.success(), "{output}");
+    assert!(output.contains("made a new join token in") && !output.contains(token.trim()), "{output}");
+    // Started again, it reads the same token instead of making another.
+    assert_eq!(std::fs::read_to_string(&token_file).unwrap(), token);
+}

@@ -9,6 +9,7 @@
 //!   never crosses the wire and a proof cannot be replayed on another connection.
 //! - [`close`]: application close codes and readable descriptions of connection errors.
 //! - [`probe`]: notices within a heartbeat that the process behind a peer's port is gone.
+//! - [`token_file`]: the join token in a private file, made strong by the coordinator.
 //!
 //! Authentication model: with [`TlsSetup::SelfSignedUnverified`] (the default) TLS gives
 //! confidentiality and integrity, but the client does not verify the server certificate
@@ -24,6 +25,7 @@ pub mod endpoint;
 mod frame;
 pub mod probe;
 mod proof;
+pub mod token_file;
 
 pub use close::{describe_close_code, describe_connection_error, is_tls_handshake_failure};
 pub use endpoint::{make_endpoint, CongestionControl, NetOptions, TlsSetup, ALPN, TLS_SERVER_NAME};
