@@ -574,7 +574,10 @@ async fn run_coordinator(args: CoordinatorArgs) -> anyhow::Result<ExitCode> {
     if let Some(path) = &args.token_file {
         let (token, created) = troupe_common::net::token_file::read_or_create(path)?;
         if created {
-            troupe_common::say!("made a new join token in {} (readable by you only); give workers --token-file with a copy of it", path.display());
+            troupe_common::say!(
+                "made a new join token in {} (readable by you only); give workers --token-file with a copy of it",
+                path.display()
+            );
         }
         config.cluster.token = token;
     }

@@ -165,7 +165,7 @@ fn peak_rss_mib(pid: u32) -> u64 {
 fn connections_that_never_authenticate_are_closed_and_training_goes_on() {
     let dir = scratch("auth-flood");
     let data = prepare_small_corpus(&dir);
-    let config = tiny_config(&dir, &data, 2, 1000);
+    let config = tiny_config(&dir, &data, 2, 100_000);
     let coordinator = CoordinatorProcess::start(&config, &[]);
     let addr = coordinator.addr;
     let pid = coordinator.process.0.id();
@@ -173,6 +173,7 @@ fn connections_that_never_authenticate_are_closed_and_training_goes_on() {
     let run_dir = dir.join("runs/tiny");
     wait_for_steps(&run_dir, 10, Duration::from_secs(120));
     let before = peak_rss_mib(pid);
+    let flood_from = step_losses(&run_dir).len() as u64;
 
     let rt = tokio::runtime::Runtime::new().unwrap();
     let closed = rt.block_on(async move {
@@ -208,11 +209,34 @@ fn connections_that_never_authenticate_are_closed_and_training_goes_on() {
         closed
     });
     let during = peak_rss_mib(pid);
+    let flood_to = step_losses(&run_dir).len() as u64;
     println!("coordinator peak RSS: {before} MiB before, {during} MiB after 320 unauthenticated connections");
+    // Training speed under the flood, against the steps before it (a figure, not a timed
+    // assertion: tests run side by side on shared cores).
+    let tokens_per_sec = |from: u64, to: u64| {
+        let rates: Vec<f64> = events(&run_dir)
+            .iter()
+            .filter_map(|e| match e {
+                troupe_core::events::RunEvent::Step { step, tokens_per_sec, .. } if (from..to).contains(step) => Some(*tokens_per_sec),
+                _ => None,
+            })
+            .collect();
+        rates.iter().sum::<f64>() / rates.len().max(1) as f64
+    };
+    // The same number of steps after the flood, undisturbed, is the reference.
+    let after_to = flood_to + (flood_to - flood_from);
+    wait_for_steps(&run_dir, after_to as usize, Duration::from_secs(120));
+    let (flooded, undisturbed) = (tokens_per_sec(flood_from, flood_to), tokens_per_sec(flood_to, after_to));
+    println!(
+        "tokens/s: {flooded:.0} during the flood (steps {flood_from}..{flood_to}), {undisturbed:.0} after it (steps {flood_to}..{after_to}): {:.0} %",
+        100.0 * flooded / undisturbed.max(1.0)
+    );
     assert_eq!(closed, 320, "every unauthenticated connection was closed or refused");
 
     let still_training = !events(&run_dir).iter().any(|e| matches!(e, troupe_core::events::RunEvent::Finished { .. }));
     assert!(still_training, "the run ended during the flood: make it longer");
+    // Measured: stop the run (a stop on request is a clean finish).
+    std::process::Command::new("kill").args(["-INT", &pid.to_string()]).status().unwrap();
     for mut w in workers {
         assert!(w.0.wait().unwrap().success());
     }

@@ -101,6 +101,20 @@ fn hostile_peers_are_refused_and_the_run_goes_on() {
         let closed = tokio::time::timeout(Duration::from_secs(20), conn.closed()).await.expect("closed");
         let why = net::describe_connection_error(&closed);
         assert!(why.contains("PROTOCOL_ERROR") || why.contains("reset by peer"), "{why}");
+
+        // An authenticated peer that floods well-formed messages is cut off.
+        let (_endpoint, conn) = connect(addr).await;
+        let (mut send, mut recv) = conn.open_bi().await.unwrap();
+        let proof = net::join_proof(&conn, TOKEN).unwrap();
+        net::write_frame(&mut send, &hello(PROTOCOL_VERSION, proof)).await.unwrap();
+        for _ in 0..2 {
+            net::read_frame::<ToWorker>(&mut recv, net::MAX_CONTROL_FRAME).await.unwrap().expect("proof, then welcome");
+        }
+        let heartbeats: Vec<u8> = (0..100_000).flat_map(|_| net::encode_frame(&ToCoordinator::Heartbeat).unwrap()).collect();
+        let _ = send.write_all(&heartbeats).await;
+        let closed = tokio::time::timeout(Duration::from_secs(20), conn.closed()).await.expect("a flood is closed");
+        let why = net::describe_connection_error(&closed);
+        assert!(why.contains("PROTOCOL_ERROR") || why.contains("reset by peer"), "{why}");
     });
 
     // A worker process with the wrong token is told why and exits with an error.
@@ -128,6 +142,7 @@ fn hostile_peers_are_refused_and_the_run_goes_on() {
     assert!(log.contains("frame of 4294967295 bytes exceeds the limit"), "{log}");
     assert!(log.contains("the first frame is not a Hello"), "{log}");
     assert!(log.contains("bad frame from worker"), "{log}");
+    assert!(log.contains("messages a second (bursts of 20000): no honest worker does"), "{log}");
     let steps = step_losses(&dir.join("runs/tiny"));
     assert_eq!(steps.len(), 4);
 }

@@ -210,9 +210,20 @@ async fn serve_connection(me: &ActorRef<SessionMsg>, args: SessionArgs) -> Resul
         .cast(CoordinatorMsg::Joined { id, info: hello.capabilities, session: me.clone() })
         .map_err(|_| "the coordinator is gone".to_string())?;
 
+    let mut budget = FrameBudget::new(std::time::Instant::now());
     loop {
         match net::read_frame::<ToCoordinator>(&mut recv, net::MAX_CONTROL_FRAME).await {
             Ok(Some(msg)) => {
+                if !budget.take(std::time::Instant::now()) {
+                    let reason = format!(
+                        "worker {id} at {remote} sent more than {} messages a second (bursts of {}): no honest worker does",
+                        FrameBudget::PER_SECOND,
+                        FrameBudget::BURST
+                    );
+                    tracing::warn!("{reason}; closing its connection");
+                    conn.close(close_code::PROTOCOL_ERROR, &close_code::reason_bytes(&reason));
+                    return Err(reason);
+                }
                 if coordinator.cast(CoordinatorMsg::Core(Event::FromWorker { id, msg })).is_err() {
                     return Err("the coordinator is gone".into());
                 }
@@ -226,6 +237,37 @@ async fn serve_connection(me: &ActorRef<SessionMsg>, args: SessionArgs) -> Resul
                 return Err(reason);
             }
         }
+    }
+}
+
+/// How many messages an authenticated worker may send. An honest worker sends a heartbeat
+/// every few hundred milliseconds and a few reports per step, and no step takes under a
+/// millisecond; a worker far above that (broken, or in hostile hands) would only fill the
+/// coordinator's mailbox, so its connection is closed. A token bucket: `BURST` at once,
+/// refilled at `PER_SECOND`.
+struct FrameBudget {
+    tokens: f64,
+    refilled_at: std::time::Instant,
+}
+
+impl FrameBudget {
+    const PER_SECOND: u32 = 5_000;
+    const BURST: u32 = 20_000;
+
+    fn new(now: std::time::Instant) -> FrameBudget {
+        FrameBudget { tokens: f64::from(Self::BURST), refilled_at: now }
+    }
+
+    /// Spends one message; false when the budget is exhausted.
+    fn take(&mut self, now: std::time::Instant) -> bool {
+        let elapsed = now.saturating_duration_since(self.refilled_at).as_secs_f64();
+        self.tokens = (self.tokens + elapsed * f64::from(Self::PER_SECOND)).min(f64::from(Self::BURST));
+        self.refilled_at = now;
+        if self.tokens < 1.0 {
+            return false;
+        }
+        self.tokens -= 1.0;
+        true
     }
 }
 
@@ -311,6 +353,21 @@ mod tests {
             },
         });
         postcard::to_allocvec(&hello).unwrap()
+    }
+
+    #[test]
+    fn a_worker_may_burst_then_send_at_the_budget_rate_but_no_faster() {
+        let start = std::time::Instant::now();
+        let mut budget = FrameBudget::new(start);
+        assert!((0..FrameBudget::BURST).all(|_| budget.take(start)), "a burst passes");
+        assert!(!budget.take(start), "then the bucket is empty");
+        // One second later: PER_SECOND more, not one more.
+        let later = start + std::time::Duration::from_secs(1);
+        assert!((0..FrameBudget::PER_SECOND).all(|_| budget.take(later)));
+        assert!(!budget.take(later));
+        // A steady honest rate (a message every millisecond) never runs out.
+        let mut budget = FrameBudget::new(start);
+        assert!((0..100_000u64).all(|i| budget.take(start + std::time::Duration::from_millis(i))));
     }
 
     #[test]
