@@ -490,7 +490,10 @@ impl Core {
             None => "no checkpoint of this run was committed".to_string(),
         };
         let since = p.latest_checkpoint.as_ref().map_or(0, |c| c.step);
-        if self.phase == Phase::Finishing {
+        // The final checkpoint is the one at the last step; an earlier one's failure can be
+        // reported late, while finishing, and is only counted.
+        let is_final = self.phase == Phase::Finishing && step == p.completed;
+        if is_final {
             p.final_failures += 1;
             let tries = p.final_failures;
             if tries < max {
@@ -533,6 +536,10 @@ impl Core {
     pub(super) fn check_checkpoint_retry(&mut self, now: Instant, out: &mut Vec<Command>) {
         if self.progress.retry_checkpoint_at.is_some_and(|at| now >= at) {
             self.progress.retry_checkpoint_at = None;
+            let p = &self.progress;
+            if p.latest_checkpoint.as_ref().is_some_and(|c| c.step == p.completed) {
+                return self.maybe_done(now, out);
+            }
             self.request_checkpoint(now, out);
         }
     }

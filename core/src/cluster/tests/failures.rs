@@ -181,3 +181,26 @@ fn the_final_checkpoint_is_retried_with_backoff_and_the_run_fails_saying_what_wa
     let cmds = sim.on(Event::CheckpointCommitted { step: 2, path: "p".into() });
     assert_eq!(finish_of(&cmds), Some((true, None)));
 }
+
+#[test]
+fn an_earlier_checkpoint_failing_late_while_finishing_is_not_taken_for_the_final_one() {
+    let mut sim = Sim::new(config(1, 4));
+    start(&mut sim, 1);
+    sim.step_done(1, 0, 2.0);
+    sim.step_done(1, 1, 2.0);
+    sim.written(1, 2, vec![]);
+    sim.step_done(1, 2, 2.0);
+    sim.step_done(1, 3, 2.0);
+    sim.written(1, 4, vec![]);
+    assert_eq!(sim.core.phase(), Phase::Finishing);
+    // Step 2's commit fails only now (a Checkpointer that crashed and was restarted).
+    let cmds = sim.on(Event::CheckpointCommitFailed { step: 2, error: "the Checkpointer crashed".into() });
+    assert!(records(&cmds).iter().any(|e| matches!(e, RunEvent::CheckpointFailed { step: 2, .. })), "{cmds:?}");
+    sim.advance(1000);
+    sim.from(1, ToCoordinator::Heartbeat);
+    let cmds = sim.on(Event::Timeout);
+    assert!(!sends(&cmds).iter().any(|(_, m)| matches!(m, ToWorker::Checkpoint { .. })), "no retry: {cmds:?}");
+    sim.on(Event::CheckpointCommitted { step: 4, path: "p4".into() });
+    let cmds = sim.from(1, ToCoordinator::EvalDone(EvalReport { generation: 1, step: 4, loss_sum: 1.0, sequences: 1 }));
+    assert_eq!(finish_of(&cmds), Some((true, None)), "finished once, with no retry of step 4: {cmds:?}");
+}
