@@ -127,7 +127,16 @@ fn tail(text: &str, lines: usize) -> String {
 /// required name suffix) applies to files found in folders; a file named directly is always
 /// taken, since naming it is a choice. Hidden entries (names starting with '.') are skipped in
 /// folders, and symlinked folders are not followed, so a link cycle cannot loop the walk.
+#[cfg(test)]
 pub(crate) fn collect_files(inputs: &[PathBuf], filter: Option<&str>) -> DataResult<Vec<PathBuf>> {
+    collect_files_where(inputs, filter, &|path: &Path| {
+        filter.is_none_or(|suffix| path.file_name().is_some_and(|n| n.to_string_lossy().ends_with(suffix)))
+    })
+}
+
+/// [`collect_files`] with the test for files found in folders given: `take` (the `filter` is
+/// only named in the error when a folder yields nothing).
+pub(crate) fn collect_files_where(inputs: &[PathBuf], filter: Option<&str>, take: &dyn Fn(&Path) -> bool) -> DataResult<Vec<PathBuf>> {
     let mut files = Vec::new();
     for input in inputs {
         let meta = fs::metadata(input).map_err(|e| match e.kind() {
@@ -136,7 +145,7 @@ pub(crate) fn collect_files(inputs: &[PathBuf], filter: Option<&str>) -> DataRes
         })?;
         if meta.is_dir() {
             let before = files.len();
-            walk(input, filter, &mut files)?;
+            walk(input, take, &mut files)?;
             if files.len() == before {
                 return Err(DataError::NoMatchingFiles { path: input.clone(), filter: filter.map(str::to_owned) });
             }
@@ -147,7 +156,7 @@ pub(crate) fn collect_files(inputs: &[PathBuf], filter: Option<&str>) -> DataRes
     Ok(files)
 }
 
-fn walk(dir: &Path, filter: Option<&str>, out: &mut Vec<PathBuf>) -> DataResult<()> {
+fn walk(dir: &Path, take: &dyn Fn(&Path) -> bool, out: &mut Vec<PathBuf>) -> DataResult<()> {
     let mut entries = Vec::new();
     for entry in fs::read_dir(dir).map_err(|e| DataError::io("list the folder", dir, e))? {
         let entry = entry.map_err(|e| DataError::io("list the folder", dir, e))?;
@@ -163,8 +172,8 @@ fn walk(dir: &Path, filter: Option<&str>, out: &mut Vec<PathBuf>) -> DataResult<
         }
         let link_meta = fs::symlink_metadata(&path).map_err(|e| DataError::io("read", &path, e))?;
         if link_meta.is_dir() {
-            walk(&path, filter, out)?;
-        } else if path.is_file() && filter.is_none_or(|suffix| name.ends_with(suffix)) {
+            walk(&path, take, out)?;
+        } else if path.is_file() && take(&path) {
             out.push(path);
         }
     }
@@ -172,6 +181,7 @@ fn walk(dir: &Path, filter: Option<&str>, out: &mut Vec<PathBuf>) -> DataResult<
 }
 
 /// Reads a file as UTF-8, naming the file and the first bad byte if it is not.
+#[cfg(test)]
 pub(crate) fn read_utf8(path: &Path) -> DataResult<String> {
     let bytes = fs::read(path).map_err(|e| DataError::io("read", path, e))?;
     String::from_utf8(bytes).map_err(|e| DataError::NotUtf8 { path: path.to_owned(), offset: e.utf8_error().valid_up_to() })

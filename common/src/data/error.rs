@@ -36,8 +36,23 @@ pub enum DataError {
     )]
     NotUtf8 { path: PathBuf, offset: usize },
 
-    #[error("every input document is empty after cleaning ({files} files read); nothing to train on")]
-    NoDocuments { files: usize },
+    #[error("no document is left to train on ({files} files read{}); loosen [data.filters] or check the inputs", if dropped.is_empty() { String::new() } else { format!("; dropped: {dropped}") })]
+    NoDocuments { files: usize, dropped: String },
+
+    #[error(
+        "{path}: cannot tell its format from its name; troupe reads .jsonl, .jsonl.gz, .jsonl.zst, .parquet and text \
+         (.txt, .md, no extension); rename it or pass --file-filter to read it as text"
+    )]
+    UnknownFormat { path: PathBuf },
+
+    #[error("{path}: {reason}")]
+    BadInput { path: PathBuf, reason: String },
+
+    #[error(
+        "{count} records are not documents (over the limit of {limit}); the first ones:\n{examples}\nfix the inputs, \
+         name the text field with --text-field, or raise --max-bad-records"
+    )]
+    TooManyBadRecords { count: u64, limit: u64, examples: String },
 
     #[error("invalid data option `{field}`: {reason}")]
     InvalidOption { field: &'static str, reason: String },

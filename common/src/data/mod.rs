@@ -1,28 +1,39 @@
-//! Training data: from raw text to the token windows each rank trains on.
+//! Training data: from raw documents to the token windows each rank trains on.
 //!
-//! - [`corpus`]: fetching the Shakespeare corpus (or generating text), finding input files,
-//!   cleaning text.
-//! - [`prepare`](mod@prepare): cleaning, de-duplicating and splitting documents, training the
-//!   byte-level BPE tokenizer, writing `train.bin` / `val.bin` / `tokenizer.json` /
-//!   `meta.json` atomically.
+//! - [`sources`]: reading text files and folders, JSONL (plain, gzip, zstd) and Parquet.
+//! - [`filters`]: cleaning (Unicode, whitespace, PII scrubbing) and the content filters.
+//! - [`dedup`]: exact and near-duplicate (MinHash LSH) detection.
+//! - [`pipeline`]: the streaming, multi-threaded read → filter → encode pass.
+//! - [`prepare`](mod@prepare): the whole preparation, from sources to a prepared folder.
+//! - [`mixture`]: mixing sources by weight into one train stream.
+//! - [`shards`] and [`meta`]: the prepared folder — token shards and `meta.json`.
+//! - [`corpus`]: fetching the Shakespeare corpus (or generating text), finding input files.
 //! - [`tokenizer`]: the trained tokenizer as troupe uses it.
-//! - [`tokens`]: memory-mapped u16 token files.
+//! - [`tokens`]: memory-mapped token streams over one or more shards.
 //! - [`sampler`]: the global-cursor sampler that makes data parallel training resumable and
 //!   elastic without skipping or repeating samples.
 
 pub mod corpus;
+pub mod dedup;
 mod error;
+pub mod filters;
+pub mod meta;
+mod mixture;
+mod pipeline;
 pub mod prepare;
 pub mod sampler;
+pub mod shards;
+pub mod sources;
 pub mod tokenizer;
 pub mod tokens;
 
 pub use corpus::{clean_text, fetch_shakespeare, generated_text};
 pub use error::{DataError, DataResult};
-pub use prepare::{
-    is_prepared, load_meta, prepare, unigram_entropy_nats, verify_prepared, Meta, PrepareOptions, FORMAT_VERSION, META_JSON,
-    TOKENIZER_JSON, TRAIN_BIN, VAL_BIN,
+pub use meta::{
+    is_prepared, load_meta, open_train, open_val, verify_prepared, Meta, SourceReport, ValSplit, FORMAT_VERSION, META_JSON, TOKENIZER_JSON,
+    TRAIN_BIN, VAL_BIN,
 };
+pub use prepare::{prepare, PrepareOptions, Source};
 pub use sampler::{eval_indices, load_batch, num_samples, rank_range, Sampler, SamplerMemo};
 pub use tokenizer::{Tokenizer, EOT_TOKEN, MAX_VOCAB_SIZE, MIN_VOCAB_SIZE};
-pub use tokens::TokenFile;
+pub use tokens::{TokenDtype, TokenFile};

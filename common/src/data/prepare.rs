@@ -1,82 +1,100 @@
-//! Corpus preparation: raw text files in, a folder of token files, tokenizer and metadata out.
+//! Corpus preparation: raw documents in (text, JSONL, Parquet, from one or more named
+//! sources), a folder of token shards, tokenizer and metadata out (see [`super::meta`] for
+//! the layout).
 //!
-//! ```text
-//! out/
-//!   tokenizer.json   byte-level BPE trained on the train documents only
-//!   train.bin        u16 little-endian ids, <|endoftext|> after every document
-//!   val.bin          the same for the held-out documents
-//!   meta.json        Meta: counts, hashes, entropy baseline, provenance
-//! ```
-//! The folder is built under a temporary name and renamed into place at the end, so a folder
-//! called `out` is always complete.
+//! 1. The tokenizer: a given `tokenizer.json`, or a byte-level BPE trained on a bounded,
+//!    seeded sample of the cleaned train documents (`tokenizer_sample_mb`).
+//! 2. One streaming pass ([`super::pipeline`]): every document is cleaned and filtered
+//!    (`[data.filters]`), de-duplicated (exact, and near-duplicates by MinHash LSH; the first
+//!    copy is kept), assigned to train or validation by a seeded hash of its content, encoded
+//!    and appended to its shards. Memory does not grow with the corpus, but for the dedup
+//!    indexes (16 bytes per document for exact dedup, ~200 for near dedup).
+//! 3. With several sources, their train documents are mixed by weight ([`super::mixture`]);
+//!    each source keeps its own validation shards.
+//!
+//! Everything is written into `<out>.tmp-<pid>` and renamed into place at the end, so a folder
+//! called `out` is always complete, and a failure leaves nothing behind.
 
+use std::collections::{BTreeMap, BinaryHeap, HashSet};
 use std::fs::{self, File};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
+use troupe_core::config::FilterConfig;
 
-use super::corpus::{clean_text, collect_files, read_utf8};
+use super::dedup::{MinHasher, NearDedupIndex};
 use super::error::{DataError, DataResult};
+use super::filters::DropReason;
+use super::meta::{Meta, SourceReport, ValSplit, FORMAT_VERSION, META_JSON, TOKENIZER_JSON};
+use super::mixture::{mix, MixInput};
+use super::pipeline::{self, InputFile, Outcome, Work};
+use super::shards::ShardWriter;
+use super::sources::source_files;
 use super::tokenizer::{train_bpe, Tokenizer, MAX_VOCAB_SIZE, MIN_VOCAB_SIZE};
+use super::tokens::{TokenDtype, TokenFile};
 
-pub const TRAIN_BIN: &str = "train.bin";
-pub const VAL_BIN: &str = "val.bin";
-pub const TOKENIZER_JSON: &str = "tokenizer.json";
-pub const META_JSON: &str = "meta.json";
-
-/// Bumped whenever the layout or meaning of a prepared folder changes.
-pub const FORMAT_VERSION: u32 = 1;
+/// A named source of documents and its share of the train stream.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Source {
+    /// Used in file names and reports: letters, digits, `-` and `_`.
+    pub name: String,
+    /// Files or folders; folders are walked recursively in sorted order.
+    pub inputs: Vec<PathBuf>,
+    /// Relative weight in the train stream (normalised over the sources).
+    pub weight: f64,
+}
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct PrepareOptions {
-    /// Files or folders; folders are walked recursively in sorted order.
-    pub inputs: Vec<PathBuf>,
-    /// A required file-name suffix for files found in folders, e.g. `"_gut.txt"`.
+    pub sources: Vec<Source>,
+    /// A required file-name suffix for files found in folders, e.g. `"_gut.txt"` (they are
+    /// then read as text whatever their extension).
     pub file_filter: Option<String>,
+    /// The field (JSONL) or column (Parquet) holding a document's text.
+    pub text_field: String,
     pub out: PathBuf,
+    /// Vocabulary of the tokenizer to train (ignored with `tokenizer`).
     pub vocab_size: usize,
+    /// A tokenizer to use instead of training one (a previous run's, a Hugging Face model's).
+    pub tokenizer: Option<PathBuf>,
+    /// Megabytes of cleaned train text the tokenizer is trained on (a seeded sample).
+    pub tokenizer_sample_mb: u64,
     /// Share of documents held out for validation, in `[0, 1)`.
     pub val_fraction: f64,
     pub seed: u64,
+    pub filters: FilterConfig,
+    /// Worker threads (0: every core).
+    pub threads: usize,
+    /// Tokens per shard file.
+    pub shard_tokens: u64,
+    /// Records that are not documents (bad JSON, no text field) tolerated before stopping.
+    pub max_bad_records: u64,
+    /// Print progress lines and the final report.
+    pub progress: bool,
 }
 
-/// What `prepare` made, stored as `meta.json`.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct Meta {
-    pub format_version: u32,
-    /// The tokenizer's actual vocabulary size (it can come out below the requested one on a
-    /// small corpus).
-    pub vocab_size: usize,
-    pub eot_id: u32,
-    /// Documents kept (after dropping empty ones and duplicates).
-    pub documents: usize,
-    pub duplicates_dropped: usize,
-    pub empty_dropped: usize,
-    pub train_documents: usize,
-    pub val_documents: usize,
-    pub train_tokens: u64,
-    pub val_tokens: u64,
-    /// UTF-8 bytes of cleaned text in each split (for bytes-per-token and bits-per-byte).
-    pub train_bytes: u64,
-    pub val_bytes: u64,
-    pub train_sha256: String,
-    pub val_sha256: String,
-    /// Entropy of the train stream's token frequencies, in nats: the loss of the best model
-    /// that ignores context, so a trained model's loss must end up well below it.
-    pub unigram_entropy_nats: f64,
-    pub sources: Vec<String>,
-    pub files_read: usize,
-    pub file_filter: Option<String>,
-    pub val_fraction: f64,
-    pub seed: u64,
-}
-
-struct Document {
-    text: String,
-    hash: [u8; 32],
+impl PrepareOptions {
+    /// One source named `corpus` reading `inputs`, with `troupe prepare`'s defaults.
+    pub fn new(inputs: Vec<PathBuf>, out: PathBuf) -> PrepareOptions {
+        PrepareOptions {
+            sources: vec![Source { name: "corpus".into(), inputs, weight: 1.0 }],
+            file_filter: None,
+            text_field: "text".into(),
+            out,
+            vocab_size: 8192,
+            tokenizer: None,
+            tokenizer_sample_mb: 256,
+            val_fraction: 0.1,
+            seed: 1337,
+            filters: FilterConfig::default(),
+            threads: 0,
+            shard_tokens: 256 << 20,
+            max_bad_records: 1000,
+            progress: false,
+        }
+    }
 }
 
 /// Prepares a corpus; see the module documentation for what it writes.
@@ -85,72 +103,252 @@ pub fn prepare(opts: &PrepareOptions) -> DataResult<Meta> {
     if opts.out.exists() {
         return Err(DataError::OutputExists { path: opts.out.clone() });
     }
-    let started = Instant::now();
-
-    let files = collect_files(&opts.inputs, opts.file_filter.as_deref())?;
-    let (docs, empty_dropped, duplicates_dropped) = read_documents(&files)?;
-    if docs.is_empty() {
-        return Err(DataError::NoDocuments { files: files.len() });
+    let name = opts.out.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let tmp = opts.out.with_file_name(format!("{name}.tmp-{}", std::process::id()));
+    if tmp.exists() {
+        fs::remove_dir_all(&tmp).map_err(|e| DataError::io("remove the stale folder", &tmp, e))?;
     }
-    let is_val = split_documents(&docs.iter().map(|d| d.hash).collect::<Vec<_>>(), opts.val_fraction, opts.seed);
-    let (mut train, mut val) = (Vec::new(), Vec::new());
-    for (doc, &held_out) in docs.iter().zip(&is_val) {
-        if held_out {
-            val.push(doc)
-        } else {
-            train.push(doc)
+    fs::create_dir_all(&tmp).map_err(|e| DataError::io("create the folder", &tmp, e))?;
+    let result = prepare_into(opts, &tmp).and_then(|meta| {
+        fs::rename(&tmp, &opts.out).map_err(|e| match e.kind() {
+            std::io::ErrorKind::AlreadyExists | std::io::ErrorKind::DirectoryNotEmpty => DataError::OutputExists { path: opts.out.clone() },
+            _ => DataError::io("move the prepared folder into place at", &opts.out, e),
+        })?;
+        // The rename itself must reach the disk too, or a crash could lose the whole folder.
+        if let Some(parent) = opts.out.parent().filter(|p| !p.as_os_str().is_empty()) {
+            if let Ok(dir) = File::open(parent) {
+                let _ = dir.sync_all();
+            }
+        }
+        Ok(meta)
+    });
+    if result.is_err() {
+        let _ = fs::remove_dir_all(&tmp);
+    }
+    result
+}
+
+fn validate(opts: &PrepareOptions) -> DataResult<()> {
+    let invalid = |field: &'static str, reason: String| Err(DataError::InvalidOption { field, reason });
+    if opts.sources.is_empty() || opts.sources.iter().any(|s| s.inputs.is_empty()) {
+        return invalid("inputs", "no input files or folders given".into());
+    }
+    let mut names = HashSet::new();
+    for s in &opts.sources {
+        if s.name.is_empty() || s.name.len() > 64 || !s.name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
+            return invalid("sources", format!("source name {:?}: use 1-64 letters, digits, '-' or '_'", s.name));
+        }
+        if !names.insert(s.name.as_str()) {
+            return invalid("sources", format!("source name {:?} is given twice", s.name));
+        }
+        if !(s.weight.is_finite() && s.weight >= 0.0) {
+            return invalid("sources", format!("source {:?} has weight {}; weights are >= 0", s.name, s.weight));
         }
     }
-    tracing::info!(
-        files = files.len(),
-        documents = docs.len(),
-        train = train.len(),
-        val = val.len(),
-        duplicates_dropped,
-        empty_dropped,
-        "corpus read"
-    );
+    if opts.sources.iter().all(|s| s.weight == 0.0) {
+        return invalid("sources", "every source has weight 0: nothing would be trained on".into());
+    }
+    if !(opts.val_fraction.is_finite() && (0.0..1.0).contains(&opts.val_fraction)) {
+        return invalid("val_fraction", format!("{} is not in [0, 1); 0.1 holds out a tenth of the documents", opts.val_fraction));
+    }
+    if opts.tokenizer.is_none() && !(MIN_VOCAB_SIZE..=MAX_VOCAB_SIZE).contains(&opts.vocab_size) {
+        return invalid(
+            "vocab_size",
+            format!("{} is outside {MIN_VOCAB_SIZE}..={MAX_VOCAB_SIZE} (256 byte tokens plus the separator at least)", opts.vocab_size),
+        );
+    }
+    if opts.out.file_name().is_none() {
+        return invalid("out", format!("{} does not name a folder to create", opts.out.display()));
+    }
+    if let Err((field, reason)) = opts.filters.validate() {
+        return Err(DataError::InvalidOption { field: "filters", reason: format!("{field}: {reason}") });
+    }
+    Ok(())
+}
 
-    let train_texts: Vec<String> = train.iter().map(|d| d.text.clone()).collect();
-    let tokenizer_json = train_bpe(&train_texts, opts.vocab_size)?;
+fn threads(opts: &PrepareOptions) -> usize {
+    if opts.threads > 0 {
+        opts.threads
+    } else {
+        std::thread::available_parallelism().map_or(1, |n| n.get())
+    }
+}
+
+fn prepare_into(opts: &PrepareOptions, dir: &Path) -> DataResult<Meta> {
+    let started = Instant::now();
+    let mut files = Vec::new();
+    for (source, s) in opts.sources.iter().enumerate() {
+        for (path, format) in source_files(&s.inputs, opts.file_filter.as_deref())? {
+            files.push(InputFile { source, path, format });
+        }
+    }
+    let val_threshold = (opts.val_fraction * u64::MAX as f64) as u64;
+    let (tokenizer_json, tokenizer_origin) = match &opts.tokenizer {
+        Some(path) => {
+            let json = fs::read_to_string(path).map_err(|e| DataError::io("read the tokenizer", path, e))?;
+            (json, format!("given: {}", path.display()))
+        }
+        None => {
+            let (sample, dropped) = tokenizer_sample(opts, &files, val_threshold)?;
+            let mb = sample.iter().map(|t| t.len()).sum::<usize>() as f64 / 1e6;
+            if sample.is_empty() {
+                return Err(no_documents(files.len(), &dropped));
+            }
+            (train_bpe(&sample, opts.vocab_size)?, format!("byte-level BPE trained on a {mb:.1} MB sample of the train documents"))
+        }
+    };
     let tokenizer = Tokenizer::from_json(&tokenizer_json)?;
-    tracing::info!(vocab_size = tokenizer.vocab_size(), elapsed = ?started.elapsed(), "tokenizer trained");
+    let dtype = TokenDtype::for_vocab(tokenizer.vocab_size());
+    if opts.progress {
+        crate::say!("tokenizer: {tokenizer_origin}; {} ids, stored as {dtype:?}", tokenizer.vocab_size());
+    }
 
-    let train_ids = encode_documents(&tokenizer, &train_texts)?;
-    let val_texts: Vec<String> = val.iter().map(|d| d.text.clone()).collect();
-    let val_ids = encode_documents(&tokenizer, &val_texts)?;
-    let train_bin = to_le_bytes(&train_ids);
-    let val_bin = to_le_bytes(&val_ids);
+    let mixing = opts.sources.len() > 1;
+    let vocab = tokenizer.vocab_size();
+    let mut sink = Sink {
+        sources: opts
+            .sources
+            .iter()
+            .map(|s| SourceSink {
+                report: SourceReport {
+                    name: s.name.clone(),
+                    inputs: s.inputs.iter().map(|p| p.display().to_string()).collect(),
+                    weight: s.weight,
+                    ..SourceReport::default()
+                },
+                train: if mixing {
+                    ShardWriter::new(dir, &format!("mix-{}", s.name), dtype, opts.shard_tokens)
+                } else {
+                    ShardWriter::new(dir, "train", dtype, opts.shard_tokens).counting(vocab)
+                },
+                val: ShardWriter::new(dir, &format!("val-{}", s.name), dtype, opts.shard_tokens),
+                doc_ends: Vec::new(),
+            })
+            .collect(),
+        exact: opts.filters.exact_dedup.then(HashSet::new),
+        near: if opts.filters.near_dedup {
+            Some(NearDedupIndex::new(&opts.filters.minhash, dir).map_err(|e| DataError::io("create the dedup index in", dir, e))?)
+        } else {
+            None
+        },
+        seed: opts.seed,
+        val_threshold,
+        eot: tokenizer.eot_id(),
+        mixing,
+        held_train: None,
+        held_val: None,
+        wrote_train: false,
+        wrote_val: false,
+    };
+    let minhasher = opts.filters.near_dedup.then(|| MinHasher::new(&opts.filters.minhash, opts.seed));
+    let work = Work {
+        files: &files,
+        sources: opts.sources.len(),
+        text_field: &opts.text_field,
+        filters: &opts.filters,
+        tokenizer: Some(&tokenizer),
+        keep_text: false,
+        minhasher: minhasher.as_ref(),
+        threads: threads(opts),
+        max_bad_records: opts.max_bad_records,
+        progress: opts.progress.then_some("preparing"),
+    };
+    let counts = pipeline::run(&work, &mut |source, outcome| sink.take(source, outcome))?;
+    sink.release_held(opts.val_fraction)?;
+    let near_memory = sink.near.as_ref().map_or(0, |n| n.memory_bytes());
+    drop(sink.near.take());
 
+    let mut reports = Vec::new();
+    let mut val = Vec::new();
+    let mut mix_inputs = Vec::new();
+    let mut train_writer = ShardWriter::new(dir, "train", dtype, opts.shard_tokens).counting(vocab);
+    for (s, (source, read)) in sink.sources.into_iter().zip(&counts).enumerate() {
+        let mut report = source.report;
+        (report.files, report.bytes_read, report.records, report.bad_records) =
+            (read.files, read.bytes_read, read.records, read.bad_records);
+        val.push(ValSplit { source: report.name.clone(), shards: source.val.finish()? });
+        if mixing {
+            let shards = source.train.finish()?;
+            let paths: Vec<PathBuf> = shards.iter().map(|sh| dir.join(&sh.file)).collect();
+            mix_inputs.push(MixInput {
+                name: report.name.clone(),
+                weight: opts.sources[s].weight,
+                tokens: TokenFile::open_shards(&paths, dtype)?,
+                doc_ends: source.doc_ends,
+            });
+        } else {
+            train_writer = source.train;
+        }
+        reports.push(report);
+    }
+    let documents: u64 = reports.iter().map(|r| r.documents_kept).sum();
+    let mut dropped: BTreeMap<String, u64> = BTreeMap::new();
+    for r in &reports {
+        for (reason, n) in &r.dropped {
+            *dropped.entry(reason.clone()).or_default() += n;
+        }
+    }
+    if reports.iter().map(|r| r.train_documents).sum::<u64>() == 0 {
+        return Err(no_documents(files.len(), &dropped));
+    }
+    if mixing {
+        let contributed = mix(&mix_inputs, &mut train_writer, opts.seed)?;
+        for ((report, input), tokens) in reports.iter_mut().zip(&mix_inputs).zip(contributed) {
+            report.mixed_tokens = tokens;
+            report.epochs = tokens as f64 / input.doc_ends.last().copied().unwrap_or(1).max(1) as f64;
+        }
+        drop(mix_inputs);
+        for entry in fs::read_dir(dir).map_err(|e| DataError::io("list", dir, e))?.flatten() {
+            if entry.file_name().to_string_lossy().starts_with("mix-") {
+                fs::remove_file(entry.path()).map_err(|e| DataError::io("remove", entry.path(), e))?;
+            }
+        }
+    } else {
+        for r in &mut reports {
+            r.mixed_tokens = r.train_tokens;
+            r.epochs = 1.0;
+        }
+    }
+    let weights: f64 = opts.sources.iter().map(|s| s.weight).sum();
+    for r in &mut reports {
+        r.weight /= weights;
+    }
+    let unigram_entropy_nats = train_writer.unigram_entropy_nats();
+    let train = train_writer.finish()?;
     let meta = Meta {
         format_version: FORMAT_VERSION,
-        vocab_size: tokenizer.vocab_size(),
+        vocab_size: vocab,
         eot_id: tokenizer.eot_id(),
-        documents: docs.len(),
-        duplicates_dropped,
-        empty_dropped,
-        train_documents: train.len(),
-        val_documents: val.len(),
-        train_tokens: train_ids.len() as u64,
-        val_tokens: val_ids.len() as u64,
-        train_bytes: train.iter().map(|d| d.text.len() as u64).sum(),
-        val_bytes: val.iter().map(|d| d.text.len() as u64).sum(),
-        train_sha256: hex::encode(Sha256::digest(&train_bin)),
-        val_sha256: hex::encode(Sha256::digest(&val_bin)),
-        unigram_entropy_nats: unigram_entropy_nats(&train_ids, tokenizer.vocab_size()),
-        sources: opts.inputs.iter().map(|p| p.display().to_string()).collect(),
-        files_read: files.len(),
-        file_filter: opts.file_filter.clone(),
+        dtype,
+        train_tokens: train.iter().map(|s| s.tokens).sum(),
+        val_tokens: val.iter().flat_map(|v| v.shards.iter()).map(|s| s.tokens).sum(),
+        train,
+        val,
+        documents,
+        train_documents: reports.iter().map(|r| r.train_documents).sum(),
+        val_documents: reports.iter().map(|r| r.val_documents).sum(),
+        train_bytes: reports.iter().map(|r| r.train_bytes).sum(),
+        val_bytes: reports.iter().map(|r| r.val_bytes).sum(),
+        unigram_entropy_nats,
+        sources: reports,
+        dropped,
+        files_read: files.len() as u64,
         val_fraction: opts.val_fraction,
         seed: opts.seed,
+        tokenizer: tokenizer_origin,
+        filters: opts.filters.clone(),
     };
     let meta_json = serde_json::to_string_pretty(&meta)
         .map_err(|e| DataError::BadPrepared { path: opts.out.clone(), reason: format!("could not serialise meta.json: {e}") })?;
-
-    write_atomically(
-        &opts.out,
-        &[(TOKENIZER_JSON, tokenizer_json.as_bytes()), (TRAIN_BIN, &train_bin), (VAL_BIN, &val_bin), (META_JSON, meta_json.as_bytes())],
-    )?;
+    for (file, bytes) in [(TOKENIZER_JSON, tokenizer_json.as_bytes()), (META_JSON, meta_json.as_bytes())] {
+        let path = dir.join(file);
+        let mut f = File::create(&path).map_err(|e| DataError::io("create", &path, e))?;
+        f.write_all(bytes).map_err(|e| DataError::io("write", &path, e))?;
+        f.sync_all().map_err(|e| DataError::io("flush to disk", &path, e))?;
+    }
+    if opts.progress {
+        print_report(&meta, started.elapsed().as_secs_f64(), near_memory);
+    }
     tracing::info!(
         out = %opts.out.display(),
         train_tokens = meta.train_tokens,
@@ -161,420 +359,258 @@ pub fn prepare(opts: &PrepareOptions) -> DataResult<Meta> {
     Ok(meta)
 }
 
-fn validate(opts: &PrepareOptions) -> DataResult<()> {
-    if opts.inputs.is_empty() {
-        return Err(DataError::InvalidOption { field: "inputs", reason: "no input files or folders given".into() });
-    }
-    if !(opts.val_fraction.is_finite() && (0.0..1.0).contains(&opts.val_fraction)) {
-        return Err(DataError::InvalidOption {
-            field: "val_fraction",
-            reason: format!("{} is not in [0, 1); 0.1 holds out a tenth of the documents", opts.val_fraction),
-        });
-    }
-    if !(MIN_VOCAB_SIZE..=MAX_VOCAB_SIZE).contains(&opts.vocab_size) {
-        return Err(DataError::InvalidOption {
-            field: "vocab_size",
-            reason: format!(
-                "{} is outside {MIN_VOCAB_SIZE}..={MAX_VOCAB_SIZE} (256 byte tokens plus the \
-                 separator at least; ids are stored as u16)",
-                opts.vocab_size
-            ),
-        });
-    }
-    if opts.out.file_name().is_none() {
-        return Err(DataError::InvalidOption { field: "out", reason: format!("{} does not name a folder to create", opts.out.display()) });
-    }
-    Ok(())
+fn no_documents(files: usize, dropped: &BTreeMap<String, u64>) -> DataError {
+    let dropped: Vec<String> = dropped.iter().filter(|(_, &n)| n > 0).map(|(reason, n)| format!("{n} {reason}")).collect();
+    DataError::NoDocuments { files, dropped: dropped.join(", ") }
 }
 
-/// Reads and cleans every file, returning the kept documents with the numbers of empty and
-/// duplicate ones dropped. The first copy of a duplicate is kept, so the result follows the
-/// input order.
-fn read_documents(files: &[PathBuf]) -> DataResult<(Vec<Document>, usize, usize)> {
-    let mut docs = Vec::with_capacity(files.len());
-    let mut seen = std::collections::HashSet::new();
-    let (mut empty, mut duplicates) = (0, 0);
-    for path in files {
-        let text = clean_text(&read_utf8(path)?);
-        if text.is_empty() {
-            empty += 1;
-            continue;
+/// The split a document goes to: its content hashed with the seed, against the validation
+/// share. It depends on the seed and the content only, not on file names or order.
+fn split_key(seed: u64, hash: &[u8; 32]) -> u64 {
+    let mut key = Sha256::new();
+    key.update(seed.to_le_bytes());
+    key.update(hash);
+    u64::from_le_bytes(key.finalize()[..8].try_into().expect("8 bytes"))
+}
+
+/// A seeded sample of the cleaned train documents, at most `tokenizer_sample_mb`: the ones
+/// with the smallest sampling keys (a bottom-k sketch), so the sample is uniform over the
+/// whole corpus and the same for the same seed. Also returns the documents the filters
+/// dropped, by reason (what to say when nothing is left).
+fn tokenizer_sample(opts: &PrepareOptions, files: &[InputFile], val_threshold: u64) -> DataResult<(Vec<String>, BTreeMap<String, u64>)> {
+    let mut dropped: BTreeMap<String, u64> = BTreeMap::new();
+    let budget = opts.tokenizer_sample_mb.saturating_mul(1 << 20);
+    let mut heap: BinaryHeap<(u64, String)> = BinaryHeap::new();
+    let mut bytes = 0u64;
+    let work = Work {
+        files,
+        sources: opts.sources.len(),
+        text_field: &opts.text_field,
+        filters: &opts.filters,
+        tokenizer: None,
+        keep_text: true,
+        minhasher: None,
+        threads: threads(opts),
+        max_bad_records: opts.max_bad_records,
+        progress: opts.progress.then_some("sampling for the tokenizer"),
+    };
+    pipeline::run(&work, &mut |_, outcome| {
+        let doc = match outcome {
+            Outcome::Kept(doc) => doc,
+            Outcome::Dropped(reason) => {
+                *dropped.entry(reason.label().to_string()).or_default() += 1;
+                return Ok(());
+            }
+        };
+        if opts.val_fraction > 0.0 && split_key(opts.seed, &doc.hash) < val_threshold {
+            return Ok(());
         }
-        let hash: [u8; 32] = Sha256::digest(text.as_bytes()).into();
-        if !seen.insert(hash) {
-            duplicates += 1;
-            continue;
+        let key = split_key(opts.seed.wrapping_add(1), &doc.hash);
+        if bytes >= budget && heap.peek().is_some_and(|(top, _)| key >= *top) {
+            return Ok(());
         }
-        docs.push(Document { text, hash });
-    }
-    Ok((docs, empty, duplicates))
-}
-
-/// Chooses the validation documents: `is_val[i]` for document `i`.
-///
-/// Documents are ranked by a hash of (seed, document hash) and the first ones in that order go
-/// to validation. The choice depends only on the seed and the documents' content, not on file
-/// names or order, and adding a document moves few others between the splits.
-fn split_documents(doc_hashes: &[[u8; 32]], val_fraction: f64, seed: u64) -> Vec<bool> {
-    let n = doc_hashes.len();
-    let n_val = if n < 2 || val_fraction <= 0.0 { 0 } else { ((n as f64 * val_fraction).round() as usize).clamp(1, n - 1) };
-    let mut ranked: Vec<([u8; 32], usize)> = doc_hashes
-        .iter()
-        .enumerate()
-        .map(|(i, h)| {
-            let mut key = Sha256::new();
-            key.update(seed.to_le_bytes());
-            key.update(h);
-            (key.finalize().into(), i)
-        })
-        .collect();
-    ranked.sort();
-    let mut is_val = vec![false; n];
-    for &(_, i) in &ranked[..n_val] {
-        is_val[i] = true;
-    }
-    is_val
-}
-
-/// Encodes documents into one stream with the separator after each. Documents are spread
-/// over the cores; the stream keeps document order whatever the thread count.
-fn encode_documents(tokenizer: &Tokenizer, texts: &[String]) -> DataResult<Vec<u16>> {
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(texts.len().max(1));
-    let chunk = texts.len().div_ceil(threads).max(1);
-    let parts: Vec<DataResult<Vec<u16>>> = std::thread::scope(|scope| {
-        let handles: Vec<_> = texts.chunks(chunk).map(|part| scope.spawn(move || encode_part(tokenizer, part))).collect();
-        handles
-            .into_iter()
-            .map(|h| {
-                h.join().unwrap_or_else(|_| {
-                    Err(DataError::Tokenizer { context: "encoding documents".into(), message: "an encoder thread panicked".into() })
-                })
-            })
-            .collect()
-    });
-    let mut stream = Vec::new();
-    for part in parts {
-        stream.extend(part?);
-    }
-    Ok(stream)
-}
-
-fn encode_part(tokenizer: &Tokenizer, texts: &[String]) -> DataResult<Vec<u16>> {
-    let eot = narrow(tokenizer.eot_id())?;
-    let mut stream = Vec::new();
-    for text in texts {
-        for id in tokenizer.encode(text)? {
-            stream.push(narrow(id)?);
-        }
-        stream.push(eot);
-    }
-    Ok(stream)
-}
-
-fn narrow(id: u32) -> DataResult<u16> {
-    u16::try_from(id).map_err(|_| DataError::Tokenizer {
-        context: "writing token files".into(),
-        message: format!("token id {id} does not fit the u16 token format"),
-    })
-}
-
-fn to_le_bytes(ids: &[u16]) -> Vec<u8> {
-    ids.iter().flat_map(|id| id.to_le_bytes()).collect()
-}
-
-/// Shannon entropy (nats) of the empirical token distribution.
-pub fn unigram_entropy_nats(ids: &[u16], vocab_size: usize) -> f64 {
-    if ids.is_empty() {
-        return 0.0;
-    }
-    let mut counts = vec![0u64; vocab_size.max(1 << 16)];
-    for &id in ids {
-        counts[id as usize] += 1;
-    }
-    let total = ids.len() as f64;
-    counts
-        .iter()
-        .filter(|&&c| c > 0)
-        .map(|&c| {
-            let p = c as f64 / total;
-            -p * p.ln()
-        })
-        .sum()
-}
-
-/// Writes the files into `<out>.tmp-<pid>`, flushes them to disk, and renames the folder to
-/// `out`. On failure the temporary folder is removed.
-fn write_atomically(out: &Path, files: &[(&str, &[u8])]) -> DataResult<()> {
-    let name = out.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    let tmp = out.with_file_name(format!("{name}.tmp-{}", std::process::id()));
-    let result = (|| {
-        if tmp.exists() {
-            fs::remove_dir_all(&tmp).map_err(|e| DataError::io("remove the stale folder", &tmp, e))?;
-        }
-        fs::create_dir_all(&tmp).map_err(|e| DataError::io("create the folder", &tmp, e))?;
-        for (file_name, bytes) in files {
-            let path = tmp.join(file_name);
-            let mut file = File::create(&path).map_err(|e| DataError::io("create", &path, e))?;
-            file.write_all(bytes).map_err(|e| DataError::io("write", &path, e))?;
-            file.sync_all().map_err(|e| DataError::io("flush to disk", &path, e))?;
-        }
-        fs::rename(&tmp, out).map_err(|e| match e.kind() {
-            std::io::ErrorKind::AlreadyExists | std::io::ErrorKind::DirectoryNotEmpty => DataError::OutputExists { path: out.to_owned() },
-            _ => DataError::io("move the prepared folder into place at", out, e),
-        })?;
-        // The rename itself must reach the disk too, or a crash could lose the whole folder.
-        if let Some(parent) = out.parent().filter(|p| !p.as_os_str().is_empty()) {
-            if let Ok(dir) = File::open(parent) {
-                let _ = dir.sync_all();
+        bytes += doc.bytes;
+        heap.push((key, doc.text.unwrap_or_default()));
+        while bytes > budget && heap.len() > 1 {
+            if let Some((_, text)) = heap.pop() {
+                bytes -= text.len() as u64;
             }
         }
         Ok(())
-    })();
-    if result.is_err() {
-        let _ = fs::remove_dir_all(&tmp);
-    }
-    result
+    })?;
+    // In key order: the sample does not depend on the input order either.
+    Ok((heap.into_sorted_vec().into_iter().map(|(_, text)| text).collect(), dropped))
 }
 
-/// Reads `meta.json` of a prepared folder and checks that the files it describes are there
-/// with the sizes it records. Cheap: the contents are not hashed (see [`verify_prepared`]).
-pub fn load_meta(dir: &Path) -> DataResult<Meta> {
-    let bad = |reason: String| DataError::BadPrepared { path: dir.to_owned(), reason };
-    let meta_path = dir.join(META_JSON);
-    let text = fs::read_to_string(&meta_path).map_err(|e| DataError::io("read", &meta_path, e))?;
-    let meta: Meta = serde_json::from_str(&text).map_err(|e| bad(format!("{META_JSON} is malformed: {e}")))?;
-    if meta.format_version != FORMAT_VERSION {
-        return Err(bad(format!("it has format version {}, this build reads version {FORMAT_VERSION}", meta.format_version)));
+struct SourceSink {
+    report: SourceReport,
+    train: ShardWriter,
+    val: ShardWriter,
+    /// Where each train document ends in `train` (for mixing).
+    doc_ends: Vec<u64>,
+}
+
+/// A document kept back until the end, in case a split would otherwise be empty.
+struct Held {
+    key: u64,
+    source: usize,
+    ids: Vec<u32>,
+    bytes: u64,
+}
+
+/// Where the pipeline's documents go, in input order: dedup decisions, the split, the shards.
+struct Sink {
+    sources: Vec<SourceSink>,
+    exact: Option<HashSet<u128>>,
+    near: Option<NearDedupIndex>,
+    seed: u64,
+    val_threshold: u64,
+    eot: u32,
+    mixing: bool,
+    /// The train document with the smallest split key (the first to move to validation if
+    /// none went there) and the validation one with the largest (the other way round).
+    held_train: Option<Held>,
+    held_val: Option<Held>,
+    wrote_train: bool,
+    wrote_val: bool,
+}
+
+impl Sink {
+    fn drop_doc(&mut self, source: usize, reason: DropReason) {
+        *self.sources[source].report.dropped.entry(reason.label().to_string()).or_default() += 1;
     }
-    if !dir.join(TOKENIZER_JSON).is_file() {
-        return Err(bad(format!("{TOKENIZER_JSON} is missing")));
-    }
-    for (file, tokens) in [(TRAIN_BIN, meta.train_tokens), (VAL_BIN, meta.val_tokens)] {
-        let path = dir.join(file);
-        let len = fs::metadata(&path).map_err(|e| DataError::io("read", &path, e))?.len();
-        if Some(len) != tokens.checked_mul(2) {
-            return Err(bad(format!("{file} holds {len} bytes but {META_JSON} says {tokens} tokens")));
+
+    fn take(&mut self, source: usize, outcome: Outcome) -> DataResult<()> {
+        let doc = match outcome {
+            Outcome::Dropped(reason) => {
+                self.drop_doc(source, reason);
+                return Ok(());
+            }
+            Outcome::Kept(doc) => doc,
+        };
+        if let Some(seen) = self.exact.as_mut() {
+            if !seen.insert(u128::from_le_bytes(doc.hash[..16].try_into().expect("16 bytes"))) {
+                self.drop_doc(source, DropReason::ExactDuplicate);
+                return Ok(());
+            }
+        }
+        if let (Some(index), Some(signature)) = (self.near.as_mut(), doc.signature.as_ref()) {
+            let duplicate =
+                index.is_duplicate_or_insert(signature).map_err(|e| DataError::io("use the dedup index in", PathBuf::from("."), e))?;
+            if duplicate {
+                self.drop_doc(source, DropReason::NearDuplicate);
+                return Ok(());
+            }
+        }
+        self.sources[source].report.documents_kept += 1;
+        let key = split_key(self.seed, &doc.hash);
+        let held = Held { key, source, ids: doc.ids, bytes: doc.bytes };
+        if key < self.val_threshold {
+            // Keep back the validation document with the largest key.
+            let write = match self.held_val.take() {
+                Some(h) if h.key >= held.key => {
+                    self.held_val = Some(h);
+                    held
+                }
+                previous => {
+                    self.held_val = Some(held);
+                    match previous {
+                        Some(h) => h,
+                        None => return Ok(()),
+                    }
+                }
+            };
+            self.write(write, true)
+        } else {
+            let write = match self.held_train.take() {
+                Some(h) if h.key <= held.key => {
+                    self.held_train = Some(h);
+                    held
+                }
+                previous => {
+                    self.held_train = Some(held);
+                    match previous {
+                        Some(h) => h,
+                        None => return Ok(()),
+                    }
+                }
+            };
+            self.write(write, false)
         }
     }
-    Ok(meta)
-}
 
-/// [`load_meta`] plus a check of the token files' sha256 against the recorded ones.
-pub fn verify_prepared(dir: &Path) -> DataResult<Meta> {
-    let meta = load_meta(dir)?;
-    for (file, expected) in [(TRAIN_BIN, &meta.train_sha256), (VAL_BIN, &meta.val_sha256)] {
-        let path = dir.join(file);
-        let bytes = fs::read(&path).map_err(|e| DataError::io("read", &path, e))?;
-        let actual = hex::encode(Sha256::digest(&bytes));
-        if &actual != expected {
-            return Err(DataError::BadPrepared {
-                path: dir.to_owned(),
-                reason: format!("{file} has sha256 {actual}, but {META_JSON} records {expected}"),
-            });
+    fn write(&mut self, doc: Held, val: bool) -> DataResult<()> {
+        let s = &mut self.sources[doc.source];
+        let (writer, report) = (if val { &mut s.val } else { &mut s.train }, &mut s.report);
+        writer.write(&doc.ids)?;
+        writer.write(&[self.eot])?;
+        let tokens = doc.ids.len() as u64 + 1;
+        if val {
+            self.wrote_val = true;
+            report.val_documents += 1;
+            report.val_tokens += tokens;
+            report.val_bytes += doc.bytes;
+        } else {
+            self.wrote_train = true;
+            report.train_documents += 1;
+            report.train_tokens += tokens;
+            report.train_bytes += doc.bytes;
+            if self.mixing {
+                s.doc_ends.push(s.train.tokens());
+            }
+        }
+        Ok(())
+    }
+
+    /// The documents kept back go where they were meant to, unless a split would be empty:
+    /// validation gets at least one document when asked for, train always at least one.
+    fn release_held(&mut self, val_fraction: f64) -> DataResult<()> {
+        let (held_train, held_val) = (self.held_train.take(), self.held_val.take());
+        let (train_then, val_then) = (self.wrote_train || held_train.is_some(), self.wrote_val || held_val.is_some());
+        match (held_train, held_val) {
+            (Some(t), Some(v)) => {
+                self.write(t, false)?;
+                self.write(v, true)
+            }
+            // Nothing went to validation: the train document with the smallest key does, if
+            // another train document remains.
+            (Some(t), None) if val_fraction > 0.0 && !val_then && self.wrote_train => self.write(t, true),
+            (Some(t), None) => self.write(t, false),
+            // Nothing went to train: the validation document with the largest key does.
+            (None, Some(v)) if !train_then => self.write(v, false),
+            (None, Some(v)) => self.write(v, true),
+            (None, None) => Ok(()),
         }
     }
-    Ok(meta)
 }
 
-/// Whether `dir` is a complete prepared folder (by [`load_meta`]'s checks).
-pub fn is_prepared(dir: &Path) -> bool {
-    load_meta(dir).is_ok()
+/// The table at the end of `troupe prepare`: documents and tokens kept and dropped, per
+/// source and per reason.
+fn print_report(meta: &Meta, seconds: f64, near_memory: usize) {
+    let mb: f64 = meta.sources.iter().map(|s| s.bytes_read).sum::<u64>() as f64 / 1e6;
+    crate::say!(
+        "prepared {mb:.1} MB in {seconds:.1} s ({:.1} MB/s): {} documents kept, {} train / {} val tokens ({:?}), vocabulary {}",
+        mb / seconds.max(1e-9),
+        meta.documents,
+        meta.train_tokens,
+        meta.val_tokens,
+        meta.dtype,
+        meta.vocab_size
+    );
+    crate::say!(
+        "{:<16} {:>9} {:>9} {:>9} {:>9} {:>13} {:>12} {:>8} {:>7}",
+        "source",
+        "records",
+        "bad",
+        "kept",
+        "dropped",
+        "train tokens",
+        "val tokens",
+        "share",
+        "epochs"
+    );
+    for s in &meta.sources {
+        crate::say!(
+            "{:<16} {:>9} {:>9} {:>9} {:>9} {:>13} {:>12} {:>7.1}% {:>7.2}",
+            s.name,
+            s.records,
+            s.bad_records,
+            s.documents_kept,
+            s.dropped.values().sum::<u64>(),
+            s.mixed_tokens,
+            s.val_tokens,
+            100.0 * s.mixed_tokens as f64 / meta.train_tokens.max(1) as f64,
+            s.epochs
+        );
+    }
+    if !meta.dropped.is_empty() {
+        let reasons: Vec<String> = meta.dropped.iter().map(|(reason, n)| format!("{reason} {n}")).collect();
+        crate::say!("dropped by reason: {}", reasons.join(", "));
+    }
+    if near_memory > 0 {
+        crate::say!("near-duplicate index: {:.1} MB", near_memory as f64 / 1e6);
+    }
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::data::corpus::tests::scratch_dir;
-    use crate::data::TokenFile;
-
-    fn write(path: &Path, text: &str) {
-        if let Some(parent) = path.parent() {
-            let _ = fs::create_dir_all(parent);
-        }
-        let _ = fs::write(path, text);
-    }
-
-    fn options(inputs: Vec<PathBuf>, out: PathBuf) -> PrepareOptions {
-        PrepareOptions { inputs, file_filter: Some(".txt".into()), out, vocab_size: 300, val_fraction: 0.25, seed: 7 }
-    }
-
-    const PLAYS: [&str; 5] = [
-        "To be, or not to be, that is the question:\r\nWhether 'tis nobler in the mind to suffer",
-        "Now is the winter of our discontent\n\n\n\nMade glorious summer by this sun of York;",
-        "Friends, Romans, countrymen,   lend me your ears;\nI come to bury Caesar, not to praise him.",
-        "All the world's a stage,\nAnd all the men and women merely players;",
-        "If music be the food of love, play on;\nGive me excess of it, that, surfeiting,",
-    ];
-
-    #[test]
-    fn end_to_end_prepare_then_reload() -> DataResult<()> {
-        let dir = scratch_dir("prepare");
-        let corpus = dir.join("corpus");
-        for (i, play) in PLAYS.iter().enumerate() {
-            write(&corpus.join(format!("play{i}.txt")), play);
-        }
-        write(&corpus.join("nested/dup.txt"), &format!("{}\n\n", PLAYS[0])); // equal once cleaned
-        write(&corpus.join("blank.txt"), " \n\t\n");
-        write(&corpus.join("notes.md"), "filtered out");
-        let out = dir.join("prepared");
-
-        let meta = prepare(&options(vec![corpus.clone()], out.clone()))?;
-        assert_eq!(meta.files_read, 7);
-        assert_eq!(meta.documents, 5);
-        assert_eq!(meta.duplicates_dropped, 1);
-        assert_eq!(meta.empty_dropped, 1);
-        assert_eq!((meta.train_documents, meta.val_documents), (4, 1));
-        assert!(meta.vocab_size <= 300);
-        assert!(meta.unigram_entropy_nats > 0.0 && meta.unigram_entropy_nats < (meta.vocab_size as f64).ln());
-        assert!(is_prepared(&out));
-        assert_eq!(load_meta(&out)?, meta);
-        assert_eq!(verify_prepared(&out)?, meta);
-        assert!(!dir
-            .read_dir()
-            .map_err(|e| DataError::io("list", &dir, e))?
-            .any(|e| e.map(|e| e.file_name().to_string_lossy().contains(".tmp-")).unwrap_or(false)));
-
-        // The token files hold exactly the cleaned documents, each followed by the separator.
-        let tok = Tokenizer::load(&out.join(TOKENIZER_JSON))?;
-        assert_eq!(tok.eot_id(), meta.eot_id);
-        for (file, docs, bytes) in [(TRAIN_BIN, meta.train_documents, meta.train_bytes), (VAL_BIN, meta.val_documents, meta.val_bytes)] {
-            let tokens = TokenFile::open(&out.join(file))?;
-            let ids: Vec<u32> = tokens.window(0, tokens.len())?.into_iter().map(|i| i as u32).collect();
-            assert_eq!(ids.last(), Some(&meta.eot_id));
-            let texts: Vec<String> =
-                ids.split(|&id| id == meta.eot_id).filter(|d| !d.is_empty()).map(|d| tok.decode(d)).collect::<DataResult<_>>()?;
-            assert_eq!(texts.len(), docs);
-            assert_eq!(texts.iter().map(|t| t.len() as u64).sum::<u64>(), bytes);
-            for text in &texts {
-                assert!(PLAYS.iter().any(|p| clean_text(p) == *text), "{text:?} is not a cleaned input");
-            }
-        }
-        let sample = "Shall I compare thee to a summer's day?";
-        assert_eq!(tok.decode(&tok.encode(sample)?)?, sample);
-
-        // A second prepare into the same folder refuses rather than mixing outputs.
-        assert!(matches!(prepare(&options(vec![corpus], out.clone())), Err(DataError::OutputExists { .. })));
-        let _ = fs::remove_dir_all(&dir);
-        Ok(())
-    }
-
-    #[test]
-    fn prepare_is_deterministic() -> DataResult<()> {
-        let dir = scratch_dir("prepare-det");
-        for (i, play) in PLAYS.iter().enumerate() {
-            write(&dir.join(format!("in/{i}.txt")), play);
-        }
-        let a = prepare(&options(vec![dir.join("in")], dir.join("a")))?;
-        let b = prepare(&options(vec![dir.join("in")], dir.join("b")))?;
-        assert_eq!((a.train_sha256, a.val_sha256), (b.train_sha256, b.val_sha256));
-        let _ = fs::remove_dir_all(&dir);
-        Ok(())
-    }
-
-    #[test]
-    fn missing_input_is_named_and_leaves_no_output() {
-        let dir = scratch_dir("prepare-missing");
-        let missing = dir.join("no-such-corpus");
-        let out = dir.join("out");
-        let Err(err) = prepare(&options(vec![missing.clone()], out.clone())) else {
-            panic!("a missing input must fail");
-        };
-        let msg = err.to_string();
-        assert!(msg.contains(&missing.display().to_string()) && msg.contains("does not exist"), "{msg}");
-        assert!(!out.exists());
-        let _ = fs::remove_dir_all(&dir);
-    }
-
-    #[test]
-    fn bad_options_are_refused() {
-        let out = PathBuf::from("/tmp/unused");
-        let base = options(vec![PathBuf::from("/tmp")], out);
-        for bad in [
-            PrepareOptions { val_fraction: 1.0, ..base.clone() },
-            PrepareOptions { val_fraction: f64::NAN, ..base.clone() },
-            PrepareOptions { vocab_size: 10, ..base.clone() },
-            PrepareOptions { vocab_size: 70_000, ..base.clone() },
-            PrepareOptions { inputs: vec![], ..base.clone() },
-        ] {
-            assert!(matches!(prepare(&bad), Err(DataError::InvalidOption { .. })), "{bad:?}");
-        }
-    }
-
-    #[test]
-    fn all_empty_inputs_are_an_error() {
-        let dir = scratch_dir("prepare-empty");
-        write(&dir.join("in/a.txt"), "\n \n");
-        let result = prepare(&options(vec![dir.join("in")], dir.join("out")));
-        assert!(matches!(result, Err(DataError::NoDocuments { files: 1 })), "{result:?}");
-        let _ = fs::remove_dir_all(&dir);
-    }
-
-    #[test]
-    fn duplicates_are_dropped_keeping_the_first() -> DataResult<()> {
-        let dir = scratch_dir("dups");
-        let (a, b, c) = (dir.join("a.txt"), dir.join("b.txt"), dir.join("c.txt"));
-        write(&a, "same  text\n");
-        write(&b, "other text");
-        write(&c, "same text");
-        let (docs, empty, dups) = read_documents(&[a, b, c])?;
-        assert_eq!((docs.len(), empty, dups), (2, 0, 1));
-        assert_eq!(docs[0].text, "same text");
-        assert_eq!(docs[1].text, "other text");
-        let _ = fs::remove_dir_all(&dir);
-        Ok(())
-    }
-
-    fn hashes(n: usize) -> Vec<[u8; 32]> {
-        (0..n).map(|i| Sha256::digest(i.to_le_bytes()).into()).collect()
-    }
-
-    #[test]
-    fn split_sizes() {
-        let count = |n, f| split_documents(&hashes(n), f, 1).iter().filter(|&&v| v).count();
-        assert_eq!(count(0, 0.1), 0);
-        assert_eq!(count(1, 0.5), 0);
-        assert_eq!(count(2, 0.01), 1, "at least one val document");
-        assert_eq!(count(2, 0.99), 1, "at least one train document");
-        assert_eq!(count(42, 0.1), 4);
-        assert_eq!(count(100, 0.1), 10);
-        assert_eq!(count(100, 0.0), 0, "no val when none is asked for");
-    }
-
-    #[test]
-    fn split_depends_on_seed_and_content_only() {
-        let h = hashes(50);
-        let a = split_documents(&h, 0.2, 1);
-        assert_eq!(a, split_documents(&h, 0.2, 1));
-        assert_ne!(a, split_documents(&h, 0.2, 2));
-        // Reordering the documents moves no document between the splits.
-        let reversed: Vec<_> = h.iter().rev().copied().collect();
-        let b = split_documents(&reversed, 0.2, 1);
-        assert_eq!(a, b.into_iter().rev().collect::<Vec<_>>());
-    }
-
-    #[test]
-    fn entropy_of_known_distributions() {
-        assert_eq!(unigram_entropy_nats(&[], 300), 0.0);
-        assert!(unigram_entropy_nats(&[5, 5, 5], 300).abs() < 1e-12);
-        let uniform: Vec<u16> = (0..256).collect();
-        assert!((unigram_entropy_nats(&uniform, 300) - (256f64).ln()).abs() < 1e-9);
-    }
-
-    #[test]
-    fn load_meta_notices_truncated_files() -> DataResult<()> {
-        let dir = scratch_dir("prepare-trunc");
-        for (i, play) in PLAYS.iter().enumerate() {
-            write(&dir.join(format!("in/{i}.txt")), play);
-        }
-        let out = dir.join("out");
-        prepare(&options(vec![dir.join("in")], out.clone()))?;
-        let train = out.join(TRAIN_BIN);
-        let bytes = fs::read(&train).map_err(|e| DataError::io("read", &train, e))?;
-        fs::write(&train, &bytes[..bytes.len() - 2]).map_err(|e| DataError::io("write", &train, e))?;
-        assert!(!is_prepared(&out));
-        assert!(matches!(load_meta(&out), Err(DataError::BadPrepared { .. })));
-        assert!(!is_prepared(&dir.join("nothing-here")));
-        let _ = fs::remove_dir_all(&dir);
-        Ok(())
-    }
-}
+mod tests;

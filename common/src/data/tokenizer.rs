@@ -14,8 +14,8 @@ use super::error::{DataError, DataResult};
 /// The document separator, as in GPT-2: appended after every document in the token files.
 pub const EOT_TOKEN: &str = "<|endoftext|>";
 
-/// Every id must fit the u16 token files, and the byte alphabet plus the separator must fit.
-pub const MAX_VOCAB_SIZE: usize = 1 << 16;
+/// The byte alphabet plus the separator must fit; above 65,536 ids the token shards hold u32.
+pub const MAX_VOCAB_SIZE: usize = 1 << 20;
 pub const MIN_VOCAB_SIZE: usize = 256 + 1;
 
 /// A trained tokenizer as the rest of troupe uses it: text to ids and back.
@@ -97,7 +97,7 @@ pub(crate) fn train_bpe(documents: &[String], vocab_size: usize) -> DataResult<S
             field: "vocab_size",
             reason: format!(
                 "{vocab_size} is outside {MIN_VOCAB_SIZE}..={MAX_VOCAB_SIZE} (the 256 byte \
-                 tokens plus {EOT_TOKEN} are the minimum; token files store ids as u16)"
+                 tokens plus {EOT_TOKEN} are the minimum)"
             ),
         });
     }
@@ -167,6 +167,6 @@ mod tests {
     #[test]
     fn vocab_size_is_validated() {
         assert!(matches!(train_bpe(&docs(), 100), Err(DataError::InvalidOption { .. })));
-        assert!(matches!(train_bpe(&docs(), 70_000), Err(DataError::InvalidOption { .. })));
+        assert!(matches!(train_bpe(&docs(), 2_000_000), Err(DataError::InvalidOption { .. })));
     }
 }
