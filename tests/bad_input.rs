@@ -241,3 +241,61 @@ fn cuda_asked_where_there_is_none_is_refused_with_what_to_check() {
     let written: serde_json::Value = serde_json::from_slice(&std::fs::read(&figures).unwrap()).unwrap();
     assert_eq!(written["cuda_devices"], 0);
 }
+
+/// `troupe prepare` on bad input says what is wrong and where, and leaves nothing behind.
+#[test]
+fn prepare_names_the_bad_file_and_line_and_leaves_nothing_half_written() {
+    let dir = scratch("prepare-bad-input");
+    let attempt = |args: &[&str], out: &str| {
+        let mut cmd = troupe();
+        cmd.current_dir(&dir).arg("prepare").args(["--out", out, "--vocab-size", "300"]).args(args);
+        let output = run(cmd, Duration::from_secs(60));
+        assert!(!output.status.success(), "{args:?} must fail");
+        assert!(!dir.join(out).exists(), "{args:?} left {out} behind");
+        let left: Vec<String> = std::fs::read_dir(&dir)
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.contains(".tmp-"))
+            .collect();
+        assert!(left.is_empty(), "{args:?} left {left:?}");
+        stderr(&output)
+    };
+    std::fs::write(dir.join("table.csv"), "a,b\n").unwrap();
+    let err = attempt(&["--input", "table.csv"], "out1");
+    assert!(err.contains("table.csv") && err.contains(".jsonl.zst"), "{err}");
+
+    std::fs::write(dir.join("docs.jsonl"), "{\"text\": \"fine\"}\n{\"text\": 3}\nnot json at all\n").unwrap();
+    let err = attempt(&["--input", "docs.jsonl", "--max-bad-records", "1"], "out2");
+    assert!(err.contains("docs.jsonl:2: field \"text\" is not a string") && err.contains("docs.jsonl:3: not JSON"), "{err}");
+
+    std::fs::write(dir.join("other.jsonl"), "{\"body\": \"a\"}\n").unwrap();
+    let err = attempt(&["--input", "other.jsonl"], "out3");
+    assert!(err.contains("no document is left"), "{err}");
+
+    let err = attempt(&["--input", "missing-folder"], "out4");
+    assert!(err.contains("missing-folder") && err.contains("does not exist"), "{err}");
+}
+
+/// A config file that names only what it changes is a whole configuration; `--set` overrides
+/// any field; `troupe config show` says where each value came from; unknown keys are named.
+#[test]
+fn a_config_file_names_only_what_it_changes_and_set_overrides_any_field() {
+    let dir = scratch("config-layers");
+    let partial = dir.join("partial.toml");
+    std::fs::write(&partial, "[train]\nlearning_rate = 1e-3\n").unwrap();
+    let mut show = troupe();
+    show.args(["config", "show", "--config"]).arg(&partial).args(["--set", "train.steps=70", "--set", "parallel.strategy=zero2"]);
+    let out = run(show, Duration::from_secs(30));
+    assert_success(&out);
+    let text = stdout(&out);
+    assert!(text.contains(&format!("learning_rate = 0.001  # {}", partial.display())), "{text}");
+    assert!(text.contains("steps = 70  # --set") && text.contains("strategy = \"zero2\"  # --set"), "{text}");
+    assert!(text.contains("[model]") && text.contains("n_layer = "), "the whole configuration: {text}");
+
+    let mut typo = troupe();
+    typo.args(["config", "show", "--set", "train.lerning_rate=1"]);
+    let out = run(typo, Duration::from_secs(30));
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("lerning_rate"), "{}", stderr(&out));
+}

@@ -293,3 +293,67 @@ fn a_full_disk_fails_the_run_loudly_and_resume_continues_once_space_is_freed() {
     assert!(stdout(&resumed).contains("training resumed at step 8"), "{}", stdout(&resumed));
     troupe_common::checkpoint::verify(&disk.join("step-000012")).expect("the final checkpoint, written after the resume");
 }
+
+/// A word-level tokenizer.json with `n` words (`w0` …) and the separator: a vocabulary above
+/// 65,536 ids without training one.
+fn word_tokenizer(n: usize) -> String {
+    let mut vocab = serde_json::Map::new();
+    vocab.insert("<|endoftext|>".into(), 0.into());
+    vocab.insert("[UNK]".into(), 1.into());
+    for i in 0..n {
+        vocab.insert(format!("w{i}"), (i + 2).into());
+    }
+    serde_json::json!({
+        "version": "1.0", "truncation": null, "padding": null,
+        "added_tokens": [{"id": 0, "content": "<|endoftext|>", "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": true}],
+        "normalizer": null, "pre_tokenizer": {"type": "WhitespaceSplit"}, "post_processor": null, "decoder": null,
+        "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "[UNK]"}
+    })
+    .to_string()
+}
+
+/// `troupe prepare` mixing a JSONL source and a folder of text 3:1 with a given tokenizer of
+/// 100,000 ids: the shards hold u32 ids, the report names both sources and the bad line, and
+/// `troupe local` trains a few steps on them.
+#[test]
+fn a_mixture_with_a_100k_vocabulary_is_prepared_into_u32_shards_and_trains() {
+    let dir = scratch("u32-mixture");
+    std::fs::write(dir.join("tokenizer.json"), word_tokenizer(100_000)).unwrap();
+    let words = |seed: u64, n: u64| -> String {
+        (0..n).map(|j| format!("w{}", 50_000 + (seed * 7919 + j * 104_729) % 50_000)).collect::<Vec<_>>().join(" ")
+    };
+    let mut jsonl = String::new();
+    for i in 0..300 {
+        jsonl.push_str(&serde_json::json!({ "text": words(i, 80) }).to_string());
+        jsonl.push('\n');
+    }
+    jsonl.push_str("{\"not_text\": 1}\n");
+    std::fs::write(dir.join("web.jsonl"), jsonl).unwrap();
+    std::fs::create_dir_all(dir.join("books")).unwrap();
+    for i in 0..30 {
+        std::fs::write(dir.join(format!("books/{i}.txt")), words(1000 + i, 400)).unwrap();
+    }
+    let data = dir.join("data");
+    let mut prepare = troupe();
+    prepare.arg("prepare").arg("--out").arg(&data).arg("--tokenizer").arg(dir.join("tokenizer.json"));
+    prepare.arg("--source").arg(format!("web={}:0.75", dir.join("web.jsonl").display()));
+    prepare.arg("--source").arg(format!("books={}:0.25", dir.join("books").display()));
+    prepare.args(["--shard-tokens", "4000", "--val-fraction", "0.1"]);
+    let out = run(prepare, Duration::from_secs(120));
+    assert_success(&out);
+    let said = stdout(&out);
+    assert!(said.contains("U32") && said.contains("web") && said.contains("books"), "{said}");
+    let meta = troupe_common::data::verify_prepared(&data).unwrap();
+    assert_eq!(meta.dtype, troupe_common::data::TokenDtype::U32);
+    assert!(meta.train.len() > 2, "several shards");
+    assert_eq!(meta.sources[0].bad_records, 1);
+    let web_share = meta.sources[0].mixed_tokens as f64 / meta.train_tokens as f64;
+    assert!((web_share - 0.75).abs() < 0.01, "web's share {web_share}");
+
+    let config = tiny_config(&dir, &data, 1, 6);
+    let out = run_local(&config, &[]);
+    assert_success(&out);
+    let losses = step_losses(&dir.join("runs/tiny"));
+    assert_eq!(losses.len(), 6);
+    assert!(losses.iter().all(|(_, l)| l.is_finite() && *l > 5.0), "{losses:?}");
+}
