@@ -92,6 +92,31 @@ enum Command {
     /// the NCCL collectives; scripts/gpu-check.sh runs it with a training run.
     #[command(after_help = "Examples:\n  troupe gpu-check --out gpu-figures.json\n  scripts/gpu-check.sh --binary target/release/troupe")]
     GpuCheck(gpu_check::GpuCheckArgs),
+    /// Print the resolved run configuration: the embedded default, a config file that names
+    /// only what it changes, and --set overrides, each value marked with where it came from.
+    #[command(
+        after_help = "Examples:\n  troupe config show\n  troupe config show --config my.toml --set train.learning_rate=3e-4 --set parallel.strategy=zero2"
+    )]
+    Config(ConfigCliArgs),
+}
+
+#[derive(Args)]
+struct ConfigCliArgs {
+    #[command(subcommand)]
+    action: ConfigAction,
+}
+
+#[derive(Subcommand)]
+enum ConfigAction {
+    /// Print the resolved configuration as TOML.
+    Show {
+        /// A config file over the embedded default.
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+        /// Override one field: KEY=VALUE with a dotted key (repeatable).
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        set: Vec<String>,
+    },
 }
 
 #[derive(Args)]
@@ -211,9 +236,13 @@ struct StatusArgs {
 /// Settings shared by `local` and `coordinator` that override the config file.
 #[derive(Args, Clone)]
 pub struct RunOverrides {
-    /// Run configuration (TOML); the embedded default when omitted.
+    /// Run configuration (TOML) over the embedded default: it names only what it changes.
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
+    /// Override one config field: KEY=VALUE with a dotted key, e.g. train.learning_rate=3e-4
+    /// (repeatable; checked like the file).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub set: Vec<String>,
     /// Number of workers (cluster.workers).
     #[arg(long)]
     pub workers: Option<usize>,
@@ -238,10 +267,7 @@ fn parse_strategy(s: &str) -> Result<troupe_core::shard::Strategy, String> {
 
 impl RunOverrides {
     pub fn load(&self) -> anyhow::Result<Config> {
-        let mut config = match &self.config {
-            Some(path) => Config::from_file(path)?,
-            None => Config::default_config(),
-        };
+        let mut config = Config::layered(self.config.as_deref(), &self.set)?.config;
         if let Some(n) = self.workers {
             config.cluster.workers = n;
         }
@@ -630,6 +656,11 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::GpuCheck(args) => tokio::task::spawn_blocking(move || gpu_check::run(args)).await?,
+        Command::Config(ConfigCliArgs { action: ConfigAction::Show { config, set } }) => {
+            let layered = Config::layered(config.as_deref(), &set)?;
+            print!("{}", Config::show(&layered));
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Export(args) => {
             tokio::task::spawn_blocking(move || export::export(&args.checkpoint, &args.out, args.force)).await??;
             Ok(ExitCode::SUCCESS)

@@ -11,7 +11,9 @@
 use serde::{Deserialize, Serialize};
 
 mod filters;
+mod layers;
 pub use filters::{FilterConfig, GopherRules, MinHashConfig};
+pub use layers::{Layered, Origin};
 
 pub use crate::secret::Secret;
 use std::path::{Path, PathBuf};
@@ -504,9 +506,10 @@ impl Config {
             .expect("the embedded default config is valid (checked by a unit test)")
     }
 
+    /// A config file over the embedded default: the file names only what it changes (see
+    /// [`Config::layered`]).
     pub fn from_file(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
-        Config::from_toml_str(&text, &path.display().to_string())
+        Ok(Config::layered(Some(path), &[])?.config)
     }
 
     /// Parses and validates. `origin` names the source in error messages.
