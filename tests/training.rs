@@ -356,4 +356,13 @@ fn a_mixture_with_a_100k_vocabulary_is_prepared_into_u32_shards_and_trains() {
     let losses = step_losses(&dir.join("runs/tiny"));
     assert_eq!(losses.len(), 6);
     assert!(losses.iter().all(|(_, l)| l.is_finite() && *l > 5.0), "{losses:?}");
+    // Each source's validation loss is reported on its own.
+    let per_source: Vec<Vec<String>> = events(&dir.join("runs/tiny"))
+        .into_iter()
+        .filter_map(|e| match e {
+            RunEvent::Eval { per_source, .. } => Some(per_source.keys().cloned().collect()),
+            _ => None,
+        })
+        .collect();
+    assert!(!per_source.is_empty() && per_source.iter().all(|s| s == &vec!["books".to_string(), "web".to_string()]), "{per_source:?}");
 }

@@ -47,6 +47,8 @@ pub struct CoordinatorMetrics {
     pub deployed_version: IntGauge,
     /// Evaluated checkpoints by what the Deployer did: published, skipped, failed.
     pub deploys_total: IntCounterVec,
+    /// Validation loss per data source, when the data has several.
+    pub eval_loss_by_source: prometheus::GaugeVec,
     /// Steps that applied no update, by reason (nonfinite_loss, nonfinite_gradient, injected).
     pub steps_skipped_total: IntCounterVec,
     /// Step reports of a rank that differed from the other ranks'.
@@ -129,6 +131,14 @@ impl CoordinatorMetrics {
                 &r,
                 IntCounterVec::new(Opts::new("troupe_deploys_total", "Evaluated checkpoints by the Deployer's decision"), &["action"])
                     .unwrap(),
+            ),
+            eval_loss_by_source: register(
+                &r,
+                prometheus::GaugeVec::new(
+                    Opts::new("troupe_eval_loss_by_source", "Validation loss of the last evaluation, per data source"),
+                    &["source"],
+                )
+                .unwrap(),
             ),
             steps_skipped_total: register(
                 &r,

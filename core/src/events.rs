@@ -65,6 +65,9 @@ pub enum RunEvent {
         step: u64,
         val_loss: f64,
         sequences: u64,
+        /// Validation loss per source, when the data has several.
+        #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+        per_source: std::collections::BTreeMap<String, f64>,
     },
     /// The Evaluator's results for a committed checkpoint (also in its eval.json).
     Evaluated {

@@ -315,6 +315,17 @@ pub struct EvalReport {
     /// Σ over this rank's validation sequences of their mean token loss.
     pub loss_sum: f64,
     pub sequences: u64,
+    /// The same per source, when the data has several (each source's share of the
+    /// sequences; their sums are `loss_sum` and `sequences`).
+    pub per_source: Vec<SourceLoss>,
+}
+
+/// One source's part of an evaluation.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SourceLoss {
+    pub source: String,
+    pub loss_sum: f64,
+    pub sequences: u64,
 }
 
 /// A file of a checkpoint, as its writer saw it after fsync.

@@ -261,6 +261,17 @@ pub fn open_train(dir: &Path, meta: &Meta) -> DataResult<TokenFile> {
     TokenFile::open_shards(&paths, meta.dtype)
 }
 
+/// Each source's validation documents as a stream of its own, with the source's name.
+pub fn open_val_sources(dir: &Path, meta: &Meta) -> DataResult<Vec<(String, TokenFile)>> {
+    meta.val
+        .iter()
+        .map(|v| {
+            let paths: Vec<PathBuf> = v.shards.iter().map(|s| dir.join(&s.file)).collect();
+            Ok((v.source.clone(), TokenFile::open_shards(&paths, meta.dtype)?))
+        })
+        .collect()
+}
+
 /// Every source's validation documents as one stream (sources in order).
 pub fn open_val(dir: &Path, meta: &Meta) -> DataResult<TokenFile> {
     let paths: Vec<PathBuf> = meta.val.iter().flat_map(|v| v.shards.iter()).map(|s| dir.join(&s.file)).collect();

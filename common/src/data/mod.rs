@@ -30,8 +30,8 @@ pub mod tokens;
 pub use corpus::{clean_text, fetch_shakespeare, generated_text};
 pub use error::{DataError, DataResult};
 pub use meta::{
-    is_prepared, load_meta, open_train, open_val, verify_prepared, Meta, SourceReport, ValSplit, FORMAT_VERSION, META_JSON, TOKENIZER_JSON,
-    TRAIN_BIN, VAL_BIN,
+    is_prepared, load_meta, open_train, open_val, open_val_sources, verify_prepared, Meta, SourceReport, ValSplit, FORMAT_VERSION,
+    META_JSON, TOKENIZER_JSON, TRAIN_BIN, VAL_BIN,
 };
 pub use prepare::{prepare, PrepareOptions, Source};
 pub use sampler::{eval_indices, load_batch, num_samples, rank_range, Sampler, SamplerMemo};

@@ -357,9 +357,17 @@ impl Core {
             let loss_sum: f64 = reports.values().map(|r| r.loss_sum).sum();
             let sequences: u64 = reports.values().map(|r| r.sequences).sum();
             let val_loss = loss_sum / sequences.max(1) as f64;
+            let mut by_source: BTreeMap<String, (f64, u64)> = BTreeMap::new();
+            for part in reports.values().flat_map(|r| r.per_source.iter()) {
+                let entry = by_source.entry(part.source.clone()).or_default();
+                entry.0 += part.loss_sum;
+                entry.1 += part.sequences;
+            }
+            let per_source: BTreeMap<String, f64> =
+                by_source.into_iter().filter(|(_, (_, n))| *n > 0).map(|(source, (sum, n))| (source, sum / n as f64)).collect();
             if val_loss.is_finite() {
                 self.latest.val_loss = Some(val_loss);
-                out.push(Command::Record(RunEvent::Eval { step, val_loss, sequences }));
+                out.push(Command::Record(RunEvent::Eval { step, val_loss, sequences, per_source }));
             } else {
                 // Not an evaluation: its checkpoint is never evaluated, retained as the best, or
                 // published (and events.jsonl holds no NaN).

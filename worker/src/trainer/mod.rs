@@ -49,7 +49,7 @@ use troupe_common::data::{self, Meta, SamplerMemo, TokenFile};
 use troupe_common::model::precision::with_autocast;
 use troupe_common::model::{self, Gpt, GptConfig};
 use troupe_core::config::Config;
-use troupe_core::proto::{EvalReport, SkipReason, StepReport};
+use troupe_core::proto::{EvalReport, SkipReason, SourceLoss, StepReport};
 use troupe_core::shard::Strategy;
 
 use crate::comm::{Comm, CommError};
@@ -221,7 +221,8 @@ pub struct Trainer {
     meta: Meta,
     gpt_config: GptConfig,
     train: TokenFile,
-    val: TokenFile,
+    /// Each data source's validation stream (one for data prepared from one source).
+    val_sources: Vec<(String, TokenFile)>,
     sampler: SamplerMemo,
     /// Completed optimizer steps.
     step: u64,
@@ -240,11 +241,12 @@ impl Trainer {
         let data_dir = &config.data.dir;
         let meta = data::verify_prepared(data_dir)?;
         let train = data::open_train(data_dir, &meta)?;
-        let val = data::open_val(data_dir, &meta)?;
+        let val_sources = data::open_val_sources(data_dir, &meta)?;
         let block_size = config.model.block_size;
         let sampler = SamplerMemo::new(data::Sampler::new(train.len(), block_size, config.run.seed)?);
-        if data::num_samples(val.len(), block_size) == 0 {
-            return Err(TrainerError::TooLittleValidation { path: data_dir.clone(), tokens: val.len(), block_size });
+        if val_sources.iter().all(|(_, val)| data::num_samples(val.len(), block_size) == 0) {
+            let tokens = val_sources.iter().map(|(_, val)| val.len()).sum();
+            return Err(TrainerError::TooLittleValidation { path: data_dir.clone(), tokens, block_size });
         }
         let bf16 = config.train.precision.bf16_on(device.is_cuda()).map_err(TrainerError::Precision)?;
         let gpt_config = GptConfig::from_model_config(&config.model, meta.vocab_size);
@@ -284,7 +286,7 @@ impl Trainer {
             meta,
             gpt_config,
             train,
-            val,
+            val_sources,
             sampler,
             step: reader.as_ref().map_or(0, |r| r.step()),
             sample_trace: open_sample_trace()?,
@@ -411,29 +413,25 @@ impl Trainer {
     }
 
     /// This rank's share of the validation loss: the first `eval.sequences` validation
-    /// sequences, always the same ones, split over the ranks. Under `zero3` every rank takes
-    /// part in the stage gathers, so it needs `comm` and must be called on every rank.
+    /// sequences, always the same ones, split over the ranks. With several data sources, each
+    /// source gets an equal share of the sequences and its own loss in the report. Under
+    /// `zero3` every rank takes part in the stage gathers, so it needs `comm` and must be
+    /// called on every rank.
     pub fn evaluate(&mut self, step: u64, comm: &mut dyn Comm) -> Result<EvalReport, TrainerError> {
         let _guard = tch::no_grad_guard();
         let cx = &mut self.cx;
-        let num_val = data::num_samples(self.val.len(), cx.config.model.block_size);
-        let ids = data::eval_indices(num_val, cx.config.eval.sequences, cx.rank, cx.world_size);
-        let mut batches = Vec::new();
-        for chunk in ids.chunks(cx.config.train.micro_batch) {
-            let (x, y) = cx.batch(&self.val, chunk)?;
-            batches.push((x, y, chunk.len() as f64));
-        }
-        let losses = match &mut self.state {
-            StrategyState::Zero3(z) => z.eval_losses(cx, step, &batches, comm)?,
-            StrategyState::Ddp(_) | StrategyState::Zero12(_) => {
-                batches.iter().map(|(x, y, _)| with_autocast(cx.bf16, || cx.model.loss(x, y, false))).collect()
+        let several = self.val_sources.len() > 1;
+        let per_source = if several { (cx.config.eval.sequences / self.val_sources.len()).max(1) } else { cx.config.eval.sequences };
+        let mut report = EvalReport { generation: cx.generation, step, loss_sum: 0.0, sequences: 0, per_source: Vec::new() };
+        for (source, val) in &self.val_sources {
+            let (loss_sum, sequences) = evaluate_stream(cx, &mut self.state, val, per_source, step, comm)?;
+            report.loss_sum += loss_sum;
+            report.sequences += sequences;
+            if several {
+                report.per_source.push(SourceLoss { source: source.clone(), loss_sum, sequences });
             }
-        };
-        let mut loss_sum = 0.0;
-        for (loss, (_, _, n)) in losses.iter().zip(&batches) {
-            loss_sum += loss.to_kind(Kind::Double).f_double_value(&[])? * n;
         }
-        Ok(EvalReport { generation: cx.generation, step, loss_sum, sequences: ids.len() as u64 })
+        Ok(report)
     }
 
     fn trace_samples(&mut self, step: u64, ids: &[u64]) {
@@ -446,6 +444,36 @@ impl Trainer {
         line.push('\n');
         let _ = file.write_all(line.as_bytes());
     }
+}
+
+/// This rank's share of the loss over the first `sequences` windows of `val`: (Σ of their
+/// losses, how many this rank evaluated).
+fn evaluate_stream(
+    cx: &mut StepContext,
+    state: &mut StrategyState,
+    val: &TokenFile,
+    sequences: usize,
+    step: u64,
+    comm: &mut dyn Comm,
+) -> Result<(f64, u64), TrainerError> {
+    let num_val = data::num_samples(val.len(), cx.config.model.block_size);
+    let ids = data::eval_indices(num_val, sequences, cx.rank, cx.world_size);
+    let mut batches = Vec::new();
+    for chunk in ids.chunks(cx.config.train.micro_batch) {
+        let (x, y) = cx.batch(val, chunk)?;
+        batches.push((x, y, chunk.len() as f64));
+    }
+    let losses = match state {
+        StrategyState::Zero3(z) => z.eval_losses(cx, step, &batches, comm)?,
+        StrategyState::Ddp(_) | StrategyState::Zero12(_) => {
+            batches.iter().map(|(x, y, _)| with_autocast(cx.bf16, || cx.model.loss(x, y, false))).collect()
+        }
+    };
+    let mut loss_sum = 0.0;
+    for (loss, (_, _, n)) in losses.iter().zip(&batches) {
+        loss_sum += loss.to_kind(Kind::Double).f_double_value(&[])? * n;
+    }
+    Ok((loss_sum, ids.len() as u64))
 }
 
 /// This rank's share of a step's loss: Σ over micro-batches of loss × weight, in f64. It is

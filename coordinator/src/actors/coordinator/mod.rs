@@ -524,7 +524,12 @@ impl CoordinatorState {
                 m.step_seconds.observe(*step_seconds);
                 m.allreduce_seconds.observe(*comm_seconds);
             }
-            RunEvent::Eval { val_loss, .. } => m.eval_loss.set(*val_loss),
+            RunEvent::Eval { val_loss, per_source, .. } => {
+                m.eval_loss.set(*val_loss);
+                for (source, loss) in per_source {
+                    m.eval_loss_by_source.with_label_values(&[source.as_str()]).set(*loss);
+                }
+            }
             RunEvent::Evaluated { perplexity, .. } => m.eval_perplexity.set(*perplexity),
             RunEvent::Deployed { action, version, .. } => {
                 m.deploys_total.with_label_values(&[action.as_str()]).inc();
@@ -565,7 +570,7 @@ impl CoordinatorState {
     /// known (the two arrive in either order).
     fn start_release(&mut self, event: &RunEvent) {
         let step = match event {
-            RunEvent::Eval { step, val_loss, sequences } => {
+            RunEvent::Eval { step, val_loss, sequences, .. } => {
                 self.measured.insert(*step, (*val_loss, *sequences));
                 *step
             }

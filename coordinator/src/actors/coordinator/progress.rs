@@ -35,8 +35,10 @@ impl Progress {
                     format_duration(eta)
                 ));
             }
-            RunEvent::Eval { step, val_loss, sequences } => {
-                self.line(&format!("eval  after step {step}: val loss {val_loss:.4} over {sequences} sequences"))
+            RunEvent::Eval { step, val_loss, sequences, per_source } => {
+                let by_source: Vec<String> = per_source.iter().map(|(source, loss)| format!("{source} {loss:.4}")).collect();
+                let by_source = if by_source.is_empty() { String::new() } else { format!(" ({})", by_source.join(", ")) };
+                self.line(&format!("eval  after step {step}: val loss {val_loss:.4} over {sequences} sequences{by_source}"))
             }
             RunEvent::Checkpoint { path, seconds, .. } => self.line(&format!("checkpoint {path} ({seconds:.2} s)")),
             RunEvent::Evaluated { step, perplexity, samples, .. } => {

@@ -146,10 +146,10 @@ fn the_final_checkpoint_is_retried_with_backoff_and_the_run_fails_saying_what_wa
     sim.step_done(1, 1, 2.0);
     sim.written(1, 2, vec![]);
     sim.on(Event::CheckpointCommitted { step: 2, path: "ckpt-2".into() });
-    sim.from(1, ToCoordinator::EvalDone(EvalReport { generation: 1, step: 2, loss_sum: 1.0, sequences: 1 }));
+    sim.from(1, ToCoordinator::EvalDone(EvalReport { generation: 1, step: 2, loss_sum: 1.0, sequences: 1, per_source: vec![] }));
     sim.step_done(1, 2, 2.0);
     sim.step_done(1, 3, 2.0);
-    sim.from(1, ToCoordinator::EvalDone(EvalReport { generation: 1, step: 4, loss_sum: 1.0, sequences: 1 }));
+    sim.from(1, ToCoordinator::EvalDone(EvalReport { generation: 1, step: 4, loss_sum: 1.0, sequences: 1, per_source: vec![] }));
     assert_eq!(sim.core.phase(), Phase::Finishing);
     for (attempt, backoff_s) in [(1, 1), (2, 2)] {
         let cmds = sim.write_failed(1, 4, "No space left on device");
@@ -173,7 +173,7 @@ fn the_final_checkpoint_is_retried_with_backoff_and_the_run_fails_saying_what_wa
     start(&mut sim, 1);
     sim.step_done(1, 0, 2.0);
     sim.step_done(1, 1, 2.0);
-    sim.from(1, ToCoordinator::EvalDone(EvalReport { generation: 1, step: 2, loss_sum: 1.0, sequences: 1 }));
+    sim.from(1, ToCoordinator::EvalDone(EvalReport { generation: 1, step: 2, loss_sum: 1.0, sequences: 1, per_source: vec![] }));
     sim.write_failed(1, 2, "No space left on device");
     sim.advance(1000);
     sim.on(Event::Timeout);
@@ -201,6 +201,6 @@ fn an_earlier_checkpoint_failing_late_while_finishing_is_not_taken_for_the_final
     let cmds = sim.on(Event::Timeout);
     assert!(!sends(&cmds).iter().any(|(_, m)| matches!(m, ToWorker::Checkpoint { .. })), "no retry: {cmds:?}");
     sim.on(Event::CheckpointCommitted { step: 4, path: "p4".into() });
-    let cmds = sim.from(1, ToCoordinator::EvalDone(EvalReport { generation: 1, step: 4, loss_sum: 1.0, sequences: 1 }));
+    let cmds = sim.from(1, ToCoordinator::EvalDone(EvalReport { generation: 1, step: 4, loss_sum: 1.0, sequences: 1, per_source: vec![] }));
     assert_eq!(finish_of(&cmds), Some((true, None)), "finished once, with no retry of step 4: {cmds:?}");
 }

@@ -44,7 +44,10 @@ fn a_full_run_steps_evaluates_checkpoints_and_finishes() {
         assert_eq!(s.iter().filter(|(_, m)| matches!(m, ToWorker::Evaluate { .. })).count(), if wants_eval { 2 } else { 0 });
         for id in [1, 2] {
             if wants_eval {
-                sim.from(id, ToCoordinator::EvalDone(EvalReport { generation: 1, step: completed, loss_sum: 4.0, sequences: 2 }));
+                sim.from(
+                    id,
+                    ToCoordinator::EvalDone(EvalReport { generation: 1, step: completed, loss_sum: 4.0, sequences: 2, per_source: vec![] }),
+                );
             }
             if s.iter().any(|(_, m)| matches!(m, ToWorker::Checkpoint { .. })) {
                 let files =
@@ -110,7 +113,7 @@ fn shutdown_checkpoints_at_the_next_step_boundary() {
     sim.written(1, 1, vec![]);
     let cmds = sim.on(Event::CheckpointCommitted { step: 1, path: "p".into() });
     assert!(!cmds.iter().any(|c| matches!(c, Command::Finish { .. })), "the evaluation is still out");
-    let cmds = sim.from(1, ToCoordinator::EvalDone(EvalReport { generation: 1, step: 1, loss_sum: 1.0, sequences: 1 }));
+    let cmds = sim.from(1, ToCoordinator::EvalDone(EvalReport { generation: 1, step: 1, loss_sum: 1.0, sequences: 1, per_source: vec![] }));
     assert!(cmds.iter().any(|c| matches!(c, Command::Finish { ok: true, .. })));
 }
 
@@ -154,7 +157,50 @@ fn stale_or_foreign_reports_are_ignored() {
     start(&mut sim, 2);
     assert!(sim.step_done(1, 5, 1.0).is_empty(), "a report for another step");
     assert!(sim.step_done(99, 0, 1.0).is_empty(), "an unknown worker");
-    assert!(sim.from(1, ToCoordinator::EvalDone(EvalReport { generation: 1, step: 0, loss_sum: 1.0, sequences: 1 })).is_empty());
+    assert!(sim
+        .from(1, ToCoordinator::EvalDone(EvalReport { generation: 1, step: 0, loss_sum: 1.0, sequences: 1, per_source: vec![] }))
+        .is_empty());
     assert!(sim.written(1, 7, vec![]).is_empty());
     assert!(sim.from(1, ToCoordinator::Ready { generation: 1, completed_steps: 9 }).is_empty(), "Ready outside Forming");
+}
+
+#[test]
+fn validation_losses_per_source_are_summed_over_the_ranks() {
+    use crate::proto::SourceLoss;
+    let mut c = config(2, 4);
+    c.eval.interval = 1;
+    let mut sim = Sim::new(c);
+    start(&mut sim, 2);
+    sim.step_done(1, 0, 2.0);
+    sim.step_done(2, 0, 2.0);
+    let part = |source: &str, loss_sum: f64, sequences: u64| SourceLoss { source: source.into(), loss_sum, sequences };
+    // Rank 0 evaluated 2 web and 1 books sequence, rank 1 2 web and none of books.
+    sim.from(
+        1,
+        ToCoordinator::EvalDone(EvalReport {
+            generation: 1,
+            step: 1,
+            loss_sum: 9.0,
+            sequences: 3,
+            per_source: vec![part("web", 4.0, 2), part("books", 5.0, 1)],
+        }),
+    );
+    let cmds = sim.from(
+        2,
+        ToCoordinator::EvalDone(EvalReport {
+            generation: 1,
+            step: 1,
+            loss_sum: 8.0,
+            sequences: 2,
+            per_source: vec![part("web", 8.0, 2), part("books", 0.0, 0)],
+        }),
+    );
+    let eval = records(&cmds).into_iter().find_map(|e| match e {
+        RunEvent::Eval { val_loss, per_source, .. } => Some((val_loss, per_source)),
+        _ => None,
+    });
+    let (val_loss, per_source) = eval.expect("an Eval event");
+    assert!((val_loss - 17.0 / 5.0).abs() < 1e-12);
+    assert_eq!(per_source.len(), 2);
+    assert!((per_source["web"] - 3.0).abs() < 1e-12 && (per_source["books"] - 5.0).abs() < 1e-12, "{per_source:?}");
 }
