@@ -8,6 +8,7 @@ mod http;
 mod local;
 mod status;
 mod supervise;
+mod sweep;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
@@ -98,6 +99,12 @@ enum Command {
         after_help = "Examples:\n  troupe config show\n  troupe config show --config my.toml --set train.learning_rate=3e-4 --set parallel.strategy=zero2"
     )]
     Config(ConfigCliArgs),
+    /// Search hyperparameters: trials are whole troupe runs, bad ones stopped early (ASHA),
+    /// crashed ones restarted from their checkpoints; --resume continues an interrupted sweep.
+    #[command(
+        after_help = "Examples:\n  troupe sweep --file configs/sweep-shakespeare.toml\n  troupe sweep --file my-sweep.toml --out /data/sweeps --resume"
+    )]
+    Sweep(sweep::SweepArgs),
 }
 
 #[derive(Args)]
@@ -656,6 +663,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::GpuCheck(args) => tokio::task::spawn_blocking(move || gpu_check::run(args)).await?,
+        Command::Sweep(args) => tokio::task::spawn_blocking(move || sweep::run(args)).await?,
         Command::Config(ConfigCliArgs { action: ConfigAction::Show { config, set } }) => {
             let layered = Config::layered(config.as_deref(), &set)?;
             print!("{}", Config::show(&layered));

@@ -366,3 +366,94 @@ fn a_mixture_with_a_100k_vocabulary_is_prepared_into_u32_shards_and_trains() {
         .collect();
     assert!(!per_source.is_empty() && per_source.iter().all(|s| s == &vec!["books".to_string(), "web".to_string()]), "{per_source:?}");
 }
+
+/// Pids of the direct children of `pid`.
+fn children_of(pid: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    if let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) {
+        for task in tasks.flatten() {
+            let children = std::fs::read_to_string(task.path().join("children")).unwrap_or_default();
+            out.extend(children.split_whitespace().filter_map(|c| c.parse::<u32>().ok()));
+        }
+    }
+    out
+}
+
+fn study_events(dir: &std::path::Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(dir.join("study.jsonl"))
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+fn count(events: &[serde_json::Value], kind: &str, trial: u64) -> usize {
+    events.iter().filter(|e| e["event"] == kind && e["trial"] == trial).count()
+}
+
+/// `troupe sweep` over the tiny model: four trials, two at a time, successive halving at
+/// steps 5 and 10; every trial ends finished or stopped, with results.csv and a best trial.
+/// Then a sweep whose driver is killed with -9 mid-way continues with `--resume`: no trial
+/// that ended runs again, and every trial ends.
+#[test]
+fn a_sweep_stops_bad_trials_early_and_resumes_after_its_driver_is_killed() {
+    let dir = scratch("sweep");
+    let data = prepare_small_corpus(&dir);
+    let base = tiny_config(&dir, &data, 1, 20);
+    let sweep_file = |name: &str, parallel: usize| {
+        let path = dir.join(format!("{name}.toml"));
+        let text = format!(
+            "name = \"{name}\"\nbase = \"{}\"\ntrials = 4\nparallel = {parallel}\nworkers = 1\nseed = 3\n\
+             [set]\n\"checkpoint.interval\" = 5\n\
+             [space.\"train.learning_rate\"]\nlog_uniform = [1e-3, 3e-2]\n\
+             [scheduler]\nkind = \"asha\"\ngrace_steps = 5\nreduction_factor = 2\n",
+            base.display()
+        );
+        std::fs::write(&path, text).unwrap();
+        path
+    };
+    let sweeps = dir.join("sweeps");
+    let mut cmd = troupe();
+    cmd.arg("sweep").arg("--file").arg(sweep_file("asha", 2)).arg("--out").arg(&sweeps);
+    let out = run(cmd, LIMIT);
+    assert_success(&out);
+    assert!(stdout(&out).contains("best: trial"), "{}", stdout(&out));
+    let events = study_events(&sweeps.join("asha"));
+    for trial in 0..4 {
+        assert_eq!(count(&events, "trial_started", trial), 1, "{events:?}");
+        assert_eq!(count(&events, "finished", trial) + count(&events, "stopped", trial), 1, "trial {trial}: {events:?}");
+    }
+    assert!(events.iter().any(|e| e["event"] == "stopped"), "ASHA stopped someone: {events:?}");
+    let csv = std::fs::read_to_string(sweeps.join("asha/results.csv")).unwrap();
+    assert_eq!(csv.lines().count(), 5, "{csv}");
+
+    // The driver killed after the first trial ended; --resume finishes the rest.
+    let mut driver = troupe();
+    driver.arg("sweep").arg("--file").arg(sweep_file("killed", 1)).arg("--out").arg(&sweeps);
+    let mut driver = KillOnDrop(driver.stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null()).spawn().unwrap());
+    let study = sweeps.join("killed");
+    wait_until("the first trial ends", LIMIT, Duration::from_millis(50), || {
+        study_events(&study).iter().any(|e| e["event"] == "finished" || e["event"] == "stopped")
+    });
+    let trials = children_of(driver.0.id());
+    std::process::Command::new("kill").args(["-9", &driver.0.id().to_string()]).status().unwrap();
+    driver.0.wait().unwrap();
+    // Its running trial is told to stop (SIGTERM on the driver's death) and checkpoints.
+    wait_until("the orphaned trial stops", LIMIT, Duration::from_millis(50), || {
+        trials.iter().all(|pid| !std::path::Path::new(&format!("/proc/{pid}")).exists())
+    });
+    let before = study_events(&study);
+    let mut resume = troupe();
+    resume.arg("sweep").arg("--file").arg(sweep_file("killed", 1)).arg("--out").arg(&sweeps).arg("--resume");
+    let out = run(resume, LIMIT);
+    assert_success(&out);
+    let events = study_events(&study);
+    for trial in 0..4 {
+        assert_eq!(count(&events, "trial_started", trial), 1, "trial {trial} started once: {events:?}");
+        assert_eq!(count(&events, "finished", trial) + count(&events, "stopped", trial), 1, "trial {trial}: {events:?}");
+        if count(&before, "finished", trial) + count(&before, "stopped", trial) == 1 {
+            assert_eq!(count(&events, "reported", trial), count(&before, "reported", trial), "trial {trial} ended before: not run again");
+        }
+    }
+}

@@ -1,0 +1,227 @@
+//! The sweep file: what to search over, how, and how to stop bad trials early. Checked as a
+//! whole before any trial starts.
+//!
+//! ```toml
+//! name = "lr"
+//! base = "configs/my.toml"          # optional: the embedded default otherwise
+//! trials = 8
+//! parallel = 2                      # trials at once
+//! workers = 1                       # workers per trial
+//! seed = 1
+//! metric = "val_loss"
+//! direction = "minimize"
+//! search = "random"                 # random | grid
+//! [set]                             # fixed for every trial, like --set
+//! "train.steps" = 60
+//! [space."train.learning_rate"]
+//! log_uniform = [1e-4, 3e-2]
+//! [space."model.dropout"]
+//! uniform = [0.0, 0.2]
+//! [scheduler]
+//! kind = "asha"                     # none | asha
+//! grace_steps = 10
+//! reduction_factor = 3
+//! ```
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context};
+use serde::Deserialize;
+use troupe_core::config::Config;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct SweepSpec {
+    pub name: String,
+    #[serde(default)]
+    pub base: Option<PathBuf>,
+    pub trials: usize,
+    #[serde(default = "one")]
+    pub parallel: usize,
+    #[serde(default = "one")]
+    pub workers: usize,
+    #[serde(default)]
+    pub seed: u64,
+    #[serde(default = "val_loss")]
+    pub metric: String,
+    #[serde(default = "minimize")]
+    pub direction: String,
+    #[serde(default = "random")]
+    pub search: String,
+    /// Points per range under grid search.
+    #[serde(default = "three")]
+    pub grid_points: usize,
+    #[serde(default)]
+    pub set: BTreeMap<String, toml::Value>,
+    pub space: BTreeMap<String, Domain>,
+    #[serde(default)]
+    pub scheduler: Scheduler,
+    /// Restarts of a crashed trial (from its newest checkpoint) before it counts as failed.
+    #[serde(default = "two")]
+    pub max_restarts: u32,
+}
+
+fn one() -> usize {
+    1
+}
+fn two() -> u32 {
+    2
+}
+fn three() -> usize {
+    3
+}
+fn val_loss() -> String {
+    "val_loss".into()
+}
+fn minimize() -> String {
+    "minimize".into()
+}
+fn random() -> String {
+    "random".into()
+}
+
+/// Where one config field's values come from.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "snake_case")]
+pub(crate) enum Domain {
+    Uniform([f64; 2]),
+    LogUniform([f64; 2]),
+    Int([i64; 2]),
+    Choice(Vec<toml::Value>),
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct Scheduler {
+    /// `none` or `asha`.
+    pub kind: String,
+    /// The first rung: every trial trains at least this many steps.
+    #[serde(default = "ten")]
+    pub grace_steps: u64,
+    /// Each rung keeps the best 1/reduction_factor of the trials that reached it.
+    #[serde(default = "three_u64")]
+    pub reduction_factor: u64,
+}
+
+fn ten() -> u64 {
+    10
+}
+fn three_u64() -> u64 {
+    3
+}
+
+impl Default for Scheduler {
+    fn default() -> Self {
+        Scheduler { kind: "none".into(), grace_steps: 10, reduction_factor: 3 }
+    }
+}
+
+impl Domain {
+    /// A value inside the domain (to check that the field takes it).
+    pub(crate) fn example(&self) -> toml::Value {
+        match self {
+            Domain::Uniform([lo, _]) | Domain::LogUniform([lo, _]) => toml::Value::Float(*lo),
+            Domain::Int([lo, _]) => toml::Value::Integer(*lo),
+            Domain::Choice(values) => values.first().cloned().unwrap_or(toml::Value::Integer(0)),
+        }
+    }
+}
+
+impl SweepSpec {
+    pub(crate) fn from_file(path: &Path) -> anyhow::Result<SweepSpec> {
+        let text = std::fs::read_to_string(path).with_context(|| format!("cannot read the sweep file {}", path.display()))?;
+        let mut spec: SweepSpec = toml::from_str(&text).with_context(|| format!("invalid sweep file {}", path.display()))?;
+        if let Some(base) = &spec.base {
+            if base.is_relative() {
+                spec.base = Some(path.parent().unwrap_or(Path::new(".")).join(base));
+            }
+        }
+        spec.validate().with_context(|| format!("invalid sweep file {}", path.display()))?;
+        Ok(spec)
+    }
+
+    /// `key=value` overrides for the fixed part of every trial.
+    pub(crate) fn fixed_sets(&self) -> Vec<String> {
+        self.set.iter().map(|(k, v)| format!("{k}={v}")).collect()
+    }
+
+    /// Everything that can be said wrong before a trial starts.
+    pub(crate) fn validate(&self) -> anyhow::Result<()> {
+        if self.name.is_empty() || !self.name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
+            bail!("name {:?}: use letters, digits, '-' and '_'", self.name);
+        }
+        if self.trials == 0 || self.parallel == 0 || self.workers == 0 {
+            bail!("trials, parallel and workers must be at least 1");
+        }
+        if self.metric != "val_loss" {
+            bail!("metric {:?} is never reported by a trial; troupe reports \"val_loss\" (at every eval.interval)", self.metric);
+        }
+        if self.direction != "minimize" && self.direction != "maximize" {
+            bail!("direction {:?}: use \"minimize\" or \"maximize\"", self.direction);
+        }
+        if self.search != "random" && self.search != "grid" {
+            bail!("search {:?}: use \"random\" or \"grid\"", self.search);
+        }
+        if self.space.is_empty() {
+            bail!("[space] is empty: name at least one config field to search over");
+        }
+        match self.scheduler.kind.as_str() {
+            "none" => {}
+            "asha" if self.scheduler.grace_steps >= 1 && self.scheduler.reduction_factor >= 2 => {}
+            "asha" => bail!("scheduler: asha needs grace_steps >= 1 and reduction_factor >= 2"),
+            other => bail!("scheduler.kind {other:?}: use \"none\" or \"asha\""),
+        }
+        for (key, domain) in &self.space {
+            match domain {
+                Domain::Uniform([lo, hi]) if !(lo.is_finite() && hi.is_finite() && lo < hi) => {
+                    bail!("space.{key:?}: the range [{lo}, {hi}] is empty; write [low, high] with low < high")
+                }
+                Domain::LogUniform([lo, hi]) if !(*lo > 0.0 && lo < hi && hi.is_finite()) => bail!(
+                    "space.{key:?}: a log-uniform range must lie above zero with low < high, not [{lo}, {hi}]; use uniform for ranges through zero"
+                ),
+                Domain::Int([lo, hi]) if lo > hi => bail!("space.{key:?}: the range [{lo}, {hi}] is empty"),
+                Domain::Choice(values) if values.is_empty() => bail!("space.{key:?}: choice has no values"),
+                _ => {}
+            }
+            if self.set.contains_key(key) {
+                bail!("space.{key:?} is also fixed in [set]");
+            }
+        }
+        // Every field must be a config field that takes such values: resolve one trial.
+        let mut sets = self.fixed_sets();
+        sets.extend(self.space.iter().map(|(k, d)| format!("{k}={}", d.example())));
+        Config::layered(self.base.as_deref(), &sets).map_err(|e| anyhow::anyhow!("the search space does not fit the run config: {e}"))?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(extra: &str) -> anyhow::Result<SweepSpec> {
+        let text = format!("name = \"t\"\ntrials = 4\n{extra}");
+        let spec: SweepSpec = toml::from_str(&text)?;
+        spec.validate()?;
+        Ok(spec)
+    }
+
+    #[test]
+    fn a_good_spec_passes_and_bad_ones_are_named_before_any_trial() {
+        spec("[space.\"train.learning_rate\"]\nlog_uniform = [1e-3, 1e-2]\n[space.\"parallel.strategy\"]\nchoice = [\"ddp\", \"zero1\"]\n")
+            .unwrap();
+        for (extra, says) in [
+            ("[space.\"train.lerning_rate\"]\nuniform = [0.1, 0.2]\n", "lerning_rate"),
+            ("[space.\"train.learning_rate\"]\nuniform = [0.2, 0.1]\n", "is empty"),
+            ("[space.\"train.learning_rate\"]\nlog_uniform = [0.0, 0.1]\n", "above zero"),
+            ("[space.\"model.n_layer\"]\nint = [4, 2]\n", "is empty"),
+            ("metric = \"accuracy\"\n[space.\"model.n_layer\"]\nint = [2, 4]\n", "never reported"),
+            ("[space.\"model.n_layer\"]\nchoice = []\n", "no values"),
+            ("[space.\"model.n_layer\"]\nchoice = [\"two\"]\n", "n_layer"),
+        ] {
+            let err = format!("{:#}", spec(extra).unwrap_err());
+            assert!(err.contains(says), "{extra}: {err}");
+        }
+    }
+}
