@@ -112,6 +112,9 @@ pub(crate) fn run(work: &Work<'_>, each: &mut dyn FnMut(usize, Outcome) -> DataR
             let (batch_rx, done_tx) = (batch_rx.clone(), done_tx.clone());
             scope.spawn(move || process_batches(work, &batch_rx, &done_tx));
         }
+        // Only the workers hold the channels' other ends: when the caller stops early (an
+        // error), the workers' sends fail, they return, and so does the reader's send.
+        drop(batch_rx);
         drop(done_tx);
         let consumed = consume_in_order(done_rx, work, &bytes_read, total_bytes, each);
         let read = reader
@@ -290,5 +293,45 @@ impl Progress {
         } else {
             eprintln!("{line}");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::data::corpus::tests::scratch_dir;
+
+    /// A caller that fails half-way stops the reader and the workers: `run` returns its error
+    /// instead of waiting for ever on a full channel.
+    #[test]
+    fn a_caller_that_fails_stops_the_pipeline_without_hanging() {
+        let dir = scratch_dir("pipeline-stop");
+        let path = dir.join("many.jsonl");
+        let lines: String = (0..20_000).map(|i| format!("{{\"text\": \"document number {i}\"}}\n")).collect();
+        std::fs::write(&path, lines).unwrap();
+        let files = [InputFile { source: 0, path, format: InputFormat::Jsonl }];
+        let filters = FilterConfig::default();
+        let work = Work {
+            files: &files,
+            sources: 1,
+            text_field: "text",
+            filters: &filters,
+            tokenizer: None,
+            keep_text: false,
+            minhasher: None,
+            threads: 2,
+            max_bad_records: 0,
+            progress: None,
+        };
+        let mut seen = 0;
+        let result = run(&work, &mut |_, _| {
+            seen += 1;
+            if seen == 100 {
+                return Err(DataError::InvalidOption { field: "test", reason: "stop here".into() });
+            }
+            Ok(())
+        });
+        assert!(matches!(result, Err(DataError::InvalidOption { field: "test", .. })), "{result:?}");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }
