@@ -351,6 +351,17 @@ pub(crate) mod tests {
         Ok(())
     }
 
+    /// A small deterministic generator for test corpora and texts.
+    pub(crate) struct Lcg(pub(crate) u64);
+
+    impl Lcg {
+        /// A number in `0..n`.
+        pub(crate) fn next(&mut self, n: usize) -> usize {
+            self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            ((self.0 >> 33) % n as u64) as usize
+        }
+    }
+
     pub(crate) fn scratch_dir(tag: &str) -> PathBuf {
         use std::sync::atomic::{AtomicUsize, Ordering};
         static NEXT: AtomicUsize = AtomicUsize::new(0);

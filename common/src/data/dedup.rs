@@ -325,15 +325,7 @@ fn band_hash(band: usize, rows: &[u32]) -> u64 {
 mod tests {
     use super::*;
 
-    /// A small deterministic generator for test corpora.
-    struct Lcg(u64);
-
-    impl Lcg {
-        fn next(&mut self, n: usize) -> usize {
-            self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-            ((self.0 >> 33) % n as u64) as usize
-        }
-    }
+    use crate::data::corpus::tests::Lcg;
 
     fn scratch(name: &str) -> PathBuf {
         std::env::temp_dir().join(format!("troupe-dedup-test-{name}-{}", std::process::id()))

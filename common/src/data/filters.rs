@@ -561,15 +561,7 @@ fn repeated_ngrams(text: &str, chars: usize, rules: &GopherRules) -> Result<(), 
 mod tests {
     use super::*;
 
-    /// A small deterministic generator for test text.
-    struct Lcg(u64);
-
-    impl Lcg {
-        fn next(&mut self, n: usize) -> usize {
-            self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-            ((self.0 >> 33) % n as u64) as usize
-        }
-    }
+    use crate::data::corpus::tests::Lcg;
 
     const VOCABULARY: &[&str] = &[
         "river", "mountain", "quiet", "garden", "lantern", "harbor", "window", "silver", "morning", "distant", "village", "thunder",
