@@ -208,8 +208,17 @@ pub(crate) async fn run_local(args: LocalArgs) -> anyhow::Result<ExitCode> {
                 use std::io::Write;
                 let _ = writeln!(log, "--- troupe local: restart {attempt} of worker {i} ---");
             }
-            tokio::process::Command::new(&exe)
-                .args(["worker", "--join", &addr, "--threads", &threads.to_string(), "--device", &devices[i]])
+            let mut cmd = tokio::process::Command::new(&exe);
+            // A worker outlives a killed `troupe local` only to find its coordinator gone:
+            // it is told at once instead (the sweep driver restarts whole trials).
+            // SAFETY: prctl in the child before exec, async-signal-safe.
+            unsafe {
+                cmd.pre_exec(|| {
+                    libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+                    Ok(())
+                });
+            }
+            cmd.args(["worker", "--join", &addr, "--threads", &threads.to_string(), "--device", &devices[i]])
                 .env("TROUPE_TOKEN", token.expose())
                 .stdin(Stdio::null())
                 .stdout(log.try_clone()?)

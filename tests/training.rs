@@ -392,20 +392,49 @@ fn count(events: &[serde_json::Value], kind: &str, trial: u64) -> usize {
     events.iter().filter(|e| e["event"] == kind && e["trial"] == trial).count()
 }
 
+/// Per trial of a study: how it ended, and its metric by step.
+fn study_outcome(events: &[serde_json::Value]) -> std::collections::BTreeMap<u64, (String, std::collections::BTreeMap<u64, f64>)> {
+    let mut out: std::collections::BTreeMap<u64, (String, std::collections::BTreeMap<u64, f64>)> = Default::default();
+    for e in events {
+        let trial = e["trial"].as_u64().unwrap();
+        let entry = out.entry(trial).or_default();
+        match e["event"].as_str().unwrap() {
+            "reported" => {
+                entry.1.insert(e["step"].as_u64().unwrap(), e["metric"].as_f64().unwrap());
+            }
+            end @ ("finished" | "stopped" | "failed") => entry.0 = end.to_string(),
+            _ => {}
+        }
+    }
+    out
+}
+
+fn best_trial(out: &std::process::Output) -> String {
+    let text = stdout(out);
+    text.lines()
+        .find(|l| l.starts_with("best: trial"))
+        .unwrap_or_else(|| panic!("no best trial in:\n{text}"))
+        .split(" (")
+        .next()
+        .unwrap()
+        .to_string()
+}
+
 /// `troupe sweep` over the tiny model: four trials, two at a time, successive halving at
-/// steps 5 and 10; every trial ends finished or stopped, with results.csv and a best trial.
-/// Then a sweep whose driver is killed with -9 mid-way continues with `--resume`: no trial
-/// that ended runs again, and every trial ends.
+/// steps 5, 10, 20, 40. Run once undisturbed; then again with one trial's process killed with
+/// -9 twice and the driver killed with -9 and resumed: the two studies are the same — every
+/// trial ends the same way with the same metrics at the same steps (within 1e-4), and the same
+/// trial is best — because early stopping decides in trial order, never by timing.
 #[test]
-fn a_sweep_stops_bad_trials_early_and_resumes_after_its_driver_is_killed() {
+fn a_sweep_ends_the_same_after_killed_trials_and_a_killed_driver() {
     let dir = scratch("sweep");
     let data = prepare_small_corpus(&dir);
-    let base = tiny_config(&dir, &data, 1, 20);
-    let sweep_file = |name: &str, parallel: usize| {
+    let base = tiny_config(&dir, &data, 1, 40);
+    let sweep_file = |name: &str| {
         let path = dir.join(format!("{name}.toml"));
         let text = format!(
-            "name = \"{name}\"\nbase = \"{}\"\ntrials = 4\nparallel = {parallel}\nworkers = 1\nseed = 3\n\
-             [set]\n\"checkpoint.interval\" = 5\n\
+            "name = \"{name}\"\nbase = \"{}\"\ntrials = 4\nparallel = 2\nworkers = 1\nseed = 3\nmax_restarts = 3\n\
+             [set]\n\"checkpoint.interval\" = 5\n\"train.threads_per_worker\" = 1\n\
              [space.\"train.learning_rate\"]\nlog_uniform = [1e-3, 3e-2]\n\
              [scheduler]\nkind = \"asha\"\ngrace_steps = 5\nreduction_factor = 2\n",
             base.display()
@@ -415,45 +444,71 @@ fn a_sweep_stops_bad_trials_early_and_resumes_after_its_driver_is_killed() {
     };
     let sweeps = dir.join("sweeps");
     let mut cmd = troupe();
-    cmd.arg("sweep").arg("--file").arg(sweep_file("asha", 2)).arg("--out").arg(&sweeps);
-    let out = run(cmd, LIMIT);
-    assert_success(&out);
-    assert!(stdout(&out).contains("best: trial"), "{}", stdout(&out));
-    let events = study_events(&sweeps.join("asha"));
+    cmd.arg("sweep").arg("--file").arg(sweep_file("calm")).arg("--out").arg(&sweeps);
+    let calm = run(cmd, LIMIT);
+    assert_success(&calm);
+    let calm_events = study_events(&sweeps.join("calm"));
     for trial in 0..4 {
-        assert_eq!(count(&events, "trial_started", trial), 1, "{events:?}");
-        assert_eq!(count(&events, "finished", trial) + count(&events, "stopped", trial), 1, "trial {trial}: {events:?}");
+        assert_eq!(count(&calm_events, "trial_started", trial), 1, "{calm_events:?}");
+        assert_eq!(count(&calm_events, "finished", trial) + count(&calm_events, "stopped", trial), 1, "trial {trial}: {calm_events:?}");
     }
-    assert!(events.iter().any(|e| e["event"] == "stopped"), "ASHA stopped someone: {events:?}");
-    let csv = std::fs::read_to_string(sweeps.join("asha/results.csv")).unwrap();
-    assert_eq!(csv.lines().count(), 5, "{csv}");
+    assert!(calm_events.iter().any(|e| e["event"] == "stopped"), "ASHA stopped someone: {calm_events:?}");
+    assert_eq!(std::fs::read_to_string(sweeps.join("calm/results.csv")).unwrap().lines().count(), 5);
+    let svg = std::fs::read_to_string(sweeps.join("calm/curves.svg")).unwrap();
+    assert!(svg.starts_with("<svg") && svg.contains("(best)"), "{svg}");
 
-    // The driver killed after the first trial ended; --resume finishes the rest.
+    // Trial 0 goes through every rung (it has no earlier trial to lose to): kill its
+    // `troupe local` twice, each time once it has reported again.
+    let study = sweeps.join("crashy");
     let mut driver = troupe();
-    driver.arg("sweep").arg("--file").arg(sweep_file("killed", 1)).arg("--out").arg(&sweeps);
+    driver.arg("sweep").arg("--file").arg(sweep_file("crashy")).arg("--out").arg(&sweeps);
     let mut driver = KillOnDrop(driver.stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null()).spawn().unwrap());
-    let study = sweeps.join("killed");
-    wait_until("the first trial ends", LIMIT, Duration::from_millis(50), || {
+    for attempt in 1..=2 {
+        let reported = |events: &[serde_json::Value]| count(events, "reported", 0);
+        let before = reported(&study_events(&study));
+        wait_until("trial 0 reports", LIMIT, Duration::from_millis(20), || reported(&study_events(&study)) > before);
+        let trial0 = children_of(driver.0.id())
+            .into_iter()
+            .find(|pid| std::fs::read_to_string(format!("/proc/{pid}/cmdline")).is_ok_and(|c| c.contains("trial-000")))
+            .expect("trial 0 runs");
+        std::process::Command::new("kill").args(["-9", &trial0.to_string()]).status().unwrap();
+        wait_until("the driver restarts trial 0", LIMIT, Duration::from_millis(20), || {
+            count(&study_events(&study), "restarted", 0) == attempt
+        });
+    }
+    // Then the driver, once a trial has ended; --resume finishes the rest.
+    wait_until("a trial ends", LIMIT, Duration::from_millis(50), || {
         study_events(&study).iter().any(|e| e["event"] == "finished" || e["event"] == "stopped")
     });
     let trials = children_of(driver.0.id());
     std::process::Command::new("kill").args(["-9", &driver.0.id().to_string()]).status().unwrap();
     driver.0.wait().unwrap();
-    // Its running trial is told to stop (SIGTERM on the driver's death) and checkpoints.
-    wait_until("the orphaned trial stops", LIMIT, Duration::from_millis(50), || {
+    // Its running trials are told to stop (SIGTERM on the driver's death) and checkpoint.
+    wait_until("the orphaned trials stop", LIMIT, Duration::from_millis(50), || {
         trials.iter().all(|pid| !std::path::Path::new(&format!("/proc/{pid}")).exists())
     });
     let before = study_events(&study);
     let mut resume = troupe();
-    resume.arg("sweep").arg("--file").arg(sweep_file("killed", 1)).arg("--out").arg(&sweeps).arg("--resume");
-    let out = run(resume, LIMIT);
-    assert_success(&out);
+    resume.arg("sweep").arg("--file").arg(sweep_file("crashy")).arg("--out").arg(&sweeps).arg("--resume");
+    let resumed = run(resume, LIMIT);
+    assert_success(&resumed);
     let events = study_events(&study);
     for trial in 0..4 {
         assert_eq!(count(&events, "trial_started", trial), 1, "trial {trial} started once: {events:?}");
-        assert_eq!(count(&events, "finished", trial) + count(&events, "stopped", trial), 1, "trial {trial}: {events:?}");
         if count(&before, "finished", trial) + count(&before, "stopped", trial) == 1 {
             assert_eq!(count(&events, "reported", trial), count(&before, "reported", trial), "trial {trial} ended before: not run again");
         }
     }
+    assert_eq!(count(&events, "restarted", 0), 2, "{events:?}");
+    let (calm_outcome, crashy_outcome) = (study_outcome(&calm_events), study_outcome(&events));
+    assert_eq!(calm_outcome.len(), crashy_outcome.len());
+    for (trial, (ended, metrics)) in &calm_outcome {
+        let (crashy_ended, crashy_metrics) = &crashy_outcome[trial];
+        assert_eq!(ended, crashy_ended, "trial {trial}");
+        assert_eq!(metrics.keys().collect::<Vec<_>>(), crashy_metrics.keys().collect::<Vec<_>>(), "trial {trial}: the same steps");
+        for (step, m) in metrics {
+            assert!((m - crashy_metrics[step]).abs() < 1e-4, "trial {trial} step {step}: {m} against {}", crashy_metrics[step]);
+        }
+    }
+    assert_eq!(best_trial(&calm), best_trial(&resumed));
 }

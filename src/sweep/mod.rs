@@ -2,34 +2,43 @@
 //!
 //! Each trial is a `troupe local` process (its own coordinator and workers) with the sweep's
 //! fixed settings and the trial's parameters as `--set` overrides, in
-//! `sweeps/<name>/runs/trial-NNN`. The driver starts up to `parallel` trials at once, reads
-//! each trial's `events.jsonl` as it grows, stops trials that successive halving (ASHA) rules
-//! out (SIGTERM: the trial checkpoints and exits), restarts a crashed trial from its newest
-//! checkpoint up to `max_restarts` times, and appends every decision to
-//! `sweeps/<name>/study.jsonl`. `--resume` after the driver was killed replays that file:
-//! finished trials are not run again, interrupted ones continue from their checkpoints. At the
-//! end: a ranking, `results.csv`, the best trial.
+//! `sweeps/<name>/runs/trial-NNN`. The driver supervises them: it starts up to `parallel` at
+//! once, follows each trial's `events.jsonl`, stops trials the scheduler rules out (SIGTERM:
+//! the trial checkpoints and exits), restarts a crashed trial from its newest checkpoint up to
+//! `max_restarts` times, and appends every decision to `sweeps/<name>/study.jsonl`. `--resume`
+//! after the driver was killed replays that file: ended trials are not run again, interrupted
+//! ones continue from their checkpoints. Every decision depends only on the sweep file and the
+//! trials' metrics, never on timing, so an interrupted sweep ends as an uninterrupted one would.
 //!
 //! - [`spec`]: the sweep file and its checks (before any trial starts);
-//! - [`plan`]: trial parameters (random, grid) and ASHA, pure;
-//! - this file: the processes, the study log, the results.
+//! - [`search`]: trial parameters (grid, random, TPE), pure;
+//! - [`schedule`]: early stopping (ASHA, median rule), pure;
+//! - [`study`]: the study log;
+//! - [`report`]: table, ranking, results.csv, curves.svg;
+//! - this file: the processes, the metrics, `--deploy`.
 
-mod plan;
+mod report;
+mod schedule;
+mod search;
 mod spec;
+mod study;
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
-use std::io::Write;
+use std::io::{Read, Seek};
+use std::net::SocketAddr;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitCode, Stdio};
-use std::time::Duration;
+use std::process::{Child, Command, ExitCode, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use serde::{Deserialize, Serialize};
+use troupe_core::config::Config;
 use troupe_core::events::RunEvent;
 
-use plan::{trial_params, Asha, Params};
+use schedule::{Decision, Scheduler};
+use search::{is_model_based, must_have_ended, prior_params, tpe_params, trial_count, Observation, Params};
 use spec::SweepSpec;
+use study::{trial_name, Ended, Study, StudyEvent};
 
 #[derive(clap::Args)]
 pub(crate) struct SweepArgs {
@@ -42,191 +51,275 @@ pub(crate) struct SweepArgs {
     /// Continue an interrupted sweep from its study.jsonl.
     #[arg(long)]
     resume: bool,
+    /// Override a config field for every trial (repeatable), like the sweep file's [set].
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    set: Vec<String>,
+    /// At the end, put the best trial's best checkpoint through the deploy policy into the
+    /// registry (deploy.registry, or <out>/<name>/registry).
+    #[arg(long)]
+    deploy: bool,
+    /// Serve the sweep's Prometheus metrics (troupe_sweep_trials, troupe_sweep_best_metric) here.
+    #[arg(long, value_name = "ADDR")]
+    metrics_listen: Option<SocketAddr>,
 }
 
-/// One line of `study.jsonl`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "event", rename_all = "snake_case")]
-enum StudyEvent {
-    TrialStarted { trial: usize, params: BTreeMap<String, String> },
-    Reported { trial: usize, step: u64, metric: f64 },
-    Stopped { trial: usize, step: u64 },
-    Restarted { trial: usize, attempt: u32, reason: String },
-    Finished { trial: usize, step: u64, metric: Option<f64> },
-    Failed { trial: usize, error: String },
-}
-
-/// What is known of a trial.
-#[derive(Debug, Clone, Default)]
-struct TrialState {
-    started: bool,
-    /// Finished, stopped or failed.
-    done: Option<&'static str>,
-    reported: BTreeSet<u64>,
-    last: Option<(u64, f64)>,
-    restarts: u32,
-}
-
+/// A trial process the driver watches.
 struct Running {
     child: Child,
+    /// Told to stop by the scheduler: its slot is free already.
     stopping: bool,
 }
 
-struct Study {
-    dir: PathBuf,
-    log: std::fs::File,
-    trials: Vec<TrialState>,
+/// The driver's view of one trial's `events.jsonl`: read incrementally.
+#[derive(Default)]
+struct Follow {
+    inode: u64,
+    offset: u64,
+    partial: String,
+    /// Metrics read but not yet recorded (a decision waits on an earlier trial), by step.
+    unrecorded: BTreeMap<u64, f64>,
+    /// The furthest step any event of the run names: the steps it trained.
+    furthest: u64,
 }
 
-impl Study {
-    fn record(&mut self, event: StudyEvent) -> anyhow::Result<()> {
-        let mut line = serde_json::to_string(&event)?;
-        line.push('\n');
-        self.log.write_all(line.as_bytes())?;
-        self.log.sync_data()?;
-        let say = match &event {
-            StudyEvent::TrialStarted { trial, params } => {
-                let p: Vec<String> = params.iter().map(|(k, v)| format!("{k}={v}")).collect();
-                format!("trial {trial:>3} started: {}", p.join(" "))
+impl Follow {
+    /// Reads what the run appended since the last call.
+    fn read(&mut self, run_dir: &Path, metric: &str, recorded_up_to: Option<u64>) {
+        let Ok(mut file) = std::fs::File::open(run_dir.join("events.jsonl")) else { return };
+        // A trial restarted before its first checkpoint starts a new run folder (the old one
+        // is archived): a new file, read from its start.
+        let inode = file.metadata().map_or(0, |m| std::os::unix::fs::MetadataExt::ino(&m));
+        if inode != self.inode {
+            (self.inode, self.offset) = (inode, 0);
+            self.partial.clear();
+        }
+        if file.seek(std::io::SeekFrom::Start(self.offset)).is_err() {
+            return;
+        }
+        let mut text = String::new();
+        let Ok(n) = file.read_to_string(&mut text) else { return };
+        self.offset += n as u64;
+        self.partial.push_str(&text);
+        let Some(end) = self.partial.rfind('\n') else { return };
+        let complete: String = self.partial.drain(..=end).collect();
+        for line in complete.lines().filter(|l| !l.trim().is_empty()) {
+            let Ok(event) = serde_json::from_str::<RunEvent>(line) else { continue };
+            self.furthest = self.furthest.max(event.step());
+            if let RunEvent::Eval { step, val_loss, per_source, .. } = event {
+                let value = match metric.strip_prefix("val_loss/") {
+                    Some(source) => per_source.get(source).copied(),
+                    None => Some(val_loss),
+                };
+                // A run resumed from a checkpoint reports some steps again: the same values.
+                if let (Some(v), true) = (value, recorded_up_to.is_none_or(|r| step > r)) {
+                    self.unrecorded.insert(step, v);
+                }
             }
-            StudyEvent::Reported { trial, step, metric } => format!("trial {trial:>3} step {step:>6}: val_loss {metric:.4}"),
-            StudyEvent::Stopped { trial, step } => format!("trial {trial:>3} STOPPED at step {step} (ASHA)"),
-            StudyEvent::Restarted { trial, attempt, reason } => format!("trial {trial:>3} restarted (attempt {attempt}): {reason}"),
-            StudyEvent::Finished { trial, step, metric } => {
-                format!("trial {trial:>3} finished at step {step}: val_loss {}", metric.map_or("-".into(), |m| format!("{m:.4}")))
-            }
-            StudyEvent::Failed { trial, error } => format!("trial {trial:>3} FAILED: {error}"),
-        };
-        troupe_common::say!("{say}");
-        self.apply(&event);
-        Ok(())
-    }
-
-    fn apply(&mut self, event: &StudyEvent) {
-        match event {
-            StudyEvent::TrialStarted { trial, .. } => self.trials[*trial].started = true,
-            StudyEvent::Reported { trial, step, metric } => {
-                let t = &mut self.trials[*trial];
-                t.reported.insert(*step);
-                t.last = Some((*step, *metric));
-            }
-            StudyEvent::Stopped { trial, .. } => self.trials[*trial].done = Some("stopped"),
-            StudyEvent::Restarted { trial, attempt, .. } => self.trials[*trial].restarts = *attempt,
-            StudyEvent::Finished { trial, .. } => self.trials[*trial].done = Some("finished"),
-            StudyEvent::Failed { trial, .. } => self.trials[*trial].done = Some("failed"),
         }
     }
+}
 
-    fn run_dir(&self, trial: usize) -> PathBuf {
-        self.dir.join("runs").join(trial_name(trial))
+/// The sweep's Prometheus metrics.
+struct SweepMetrics {
+    trials: prometheus::IntGaugeVec,
+    best: prometheus::Gauge,
+}
+
+impl SweepMetrics {
+    fn start(listen: Option<SocketAddr>, metric: &str) -> anyhow::Result<Option<SweepMetrics>> {
+        let Some(listen) = listen else { return Ok(None) };
+        let registry = prometheus::Registry::new();
+        let trials =
+            prometheus::IntGaugeVec::new(prometheus::Opts::new("troupe_sweep_trials", "Trials of the sweep by state"), &["state"])?;
+        let best = prometheus::Gauge::with_opts(
+            prometheus::Opts::new("troupe_sweep_best_metric", "The best metric of an ended trial so far").const_label("metric", metric),
+        )?;
+        registry.register(Box::new(trials.clone()))?;
+        registry.register(Box::new(best.clone()))?;
+        let addr = tokio::runtime::Handle::current()
+            .block_on(troupe_common::metrics::serve(registry, listen, None))
+            .with_context(|| format!("cannot serve metrics on {listen}"))?;
+        troupe_common::say!("sweep metrics on http://{addr}/metrics");
+        Ok(Some(SweepMetrics { trials, best }))
     }
-}
 
-fn trial_name(trial: usize) -> String {
-    format!("trial-{trial:03}")
-}
-
-fn show(value: &toml::Value) -> String {
-    match value {
-        toml::Value::String(s) => s.clone(),
-        other => other.to_string(),
+    fn update(&self, study: &Study, running: &BTreeSet<usize>, minimize: bool) {
+        for state in ["pending", "waiting", "running", "finished", "stopped", "failed"] {
+            let n = study.trials.iter().enumerate().filter(|(i, t)| t.state(running.contains(i)) == state).count();
+            self.trials.with_label_values(&[state]).set(n as i64);
+        }
+        if let Some((_, m)) = report::ranking(study, minimize).first() {
+            self.best.set(*m);
+        }
     }
 }
 
 pub(crate) fn run(args: SweepArgs) -> anyhow::Result<ExitCode> {
-    let spec = SweepSpec::from_file(&args.file)?;
+    let spec = SweepSpec::from_file(&args.file, &args.set)?;
     let dir = args.out.join(&spec.name);
-    let log_path = dir.join("study.jsonl");
-    if log_path.exists() && !args.resume {
-        anyhow::bail!("{} exists: continue it with --resume, or give the sweep another name", log_path.display());
-    }
-    std::fs::create_dir_all(dir.join("runs")).with_context(|| format!("cannot create {}", dir.display()))?;
-    let params = trial_params(&spec);
-    // Every trial's whole configuration is checked before any starts: a value that clashes
-    // with another field (a learning rate below train.min_learning_rate) is said now.
-    for (trial, p) in params.iter().enumerate() {
-        let mut sets = spec.fixed_sets();
-        sets.extend(p.iter().map(|(k, v)| format!("{k}={v}")));
-        troupe_core::config::Config::layered(spec.base.as_deref(), &sets)
-            .with_context(|| format!("trial {trial} ({}) would not start", sets.join(" ")))?;
+    let n = trial_count(&spec);
+    // Every trial whose parameters are known now is checked as a whole before any starts: a
+    // value that clashes with another field (a learning rate below train.min_learning_rate)
+    // is said now. TPE's later trials are checked when drawn.
+    for trial in (0..n).filter(|&t| !is_model_based(&spec, t)) {
+        check_trial(&spec, trial, &prior_params(&spec, trial))?;
     }
     let minimize = spec.direction == "minimize";
-    let mut asha =
-        (spec.scheduler.kind == "asha").then(|| Asha::new(spec.scheduler.grace_steps, spec.scheduler.reduction_factor, minimize));
-    let earlier = if args.resume { std::fs::read_to_string(&log_path).unwrap_or_default() } else { String::new() };
-    let log = std::fs::OpenOptions::new().create(true).append(true).open(&log_path)?;
-    let mut study = Study { dir: dir.clone(), log, trials: vec![TrialState::default(); params.len()] };
-    for line in earlier.lines().filter(|l| !l.trim().is_empty()) {
-        let event: StudyEvent = serde_json::from_str(line).with_context(|| format!("{}: bad line {line:?}", log_path.display()))?;
-        if let (Some(asha), StudyEvent::Reported { step, metric, .. }) = (asha.as_mut(), &event) {
-            asha.report(*step, *metric);
-        }
-        study.apply(&event);
-    }
-    let mut pending: VecDeque<usize> = (0..params.len()).filter(|&t| study.trials[t].done.is_none()).collect();
+    let scheduler = Scheduler::new(&spec.scheduler, minimize);
+    let mut study = Study::open(&dir, n, &spec.metric, args.resume)?;
+    let metrics = SweepMetrics::start(args.metrics_listen, &spec.metric)?;
+    let keys: Vec<&String> = spec.space.keys().collect();
+
+    // Trials that were running when an earlier driver died continue from their checkpoints.
+    let mut restart: VecDeque<usize> = (0..n).filter(|&t| study.trials[t].params.is_some() && study.trials[t].ended.is_none()).collect();
     let mut running: BTreeMap<usize, Running> = BTreeMap::new();
-    troupe_common::say!(
-        "sweep {}: {} trials ({} to run), {} at once, in {}",
-        spec.name,
-        params.len(),
-        pending.len(),
-        spec.parallel,
-        dir.display()
-    );
+    let mut exited: BTreeMap<usize, ExitStatus> = BTreeMap::new();
+    let mut follow: BTreeMap<usize, Follow> = BTreeMap::new();
+    let to_run = study.trials.iter().filter(|t| t.ended.is_none()).count();
+    troupe_common::say!("sweep {}: {n} trials ({to_run} to run), {} at once, in {}", spec.name, spec.parallel, dir.display());
+    let mut last_table = Instant::now();
+    let mut changed = false;
     loop {
-        while running.len() < spec.parallel {
-            let Some(trial) = pending.pop_front() else { break };
-            if !study.trials[trial].started {
-                let shown = params[trial].iter().map(|(k, v)| (k.clone(), show(v))).collect();
-                study.record(StudyEvent::TrialStarted { trial, params: shown })?;
+        // Start trials while there are free slots: restarts first, then the next new trial.
+        loop {
+            let busy = running.values().filter(|r| !r.stopping).count();
+            if busy >= spec.parallel {
+                break;
             }
-            running.insert(trial, Running { child: start_trial(&spec, &study, trial, &params[trial])?, stopping: false });
+            let trial = if let Some(t) = restart.pop_front() {
+                t
+            } else if let Some(t) = (0..n).find(|&t| study.trials[t].params.is_none()) {
+                let Some((params, checked)) = draw(&spec, &study, t) else {
+                    break; // TPE waits for the results it samples from
+                };
+                study.record(StudyEvent::TrialStarted { trial: t, params })?;
+                if let Err(e) = checked {
+                    study.record(StudyEvent::Failed { trial: t, error: format!("{e:#}") })?;
+                    continue;
+                }
+                t
+            } else {
+                break;
+            };
+            let params = study.trials[trial].params.clone().unwrap_or_default();
+            exited.remove(&trial);
+            running.insert(trial, Running { child: start_trial(&spec, &study, trial, &params)?, stopping: false });
+            changed = true;
         }
-        if running.is_empty() {
+        if running.is_empty() && exited.is_empty() && restart.is_empty() && study.trials.iter().all(|t| t.ended.is_some()) {
             break;
         }
-        let mut ended = Vec::new();
-        for (&trial, run) in running.iter_mut() {
-            for (step, metric) in new_evals(&study.run_dir(trial), &study.trials[trial].reported) {
+
+        // Reports, in trial order: a decision may wait on an earlier trial's report.
+        for trial in 0..n {
+            if study.trials[trial].params.is_none() || study.trials[trial].ended.is_some() {
+                continue;
+            }
+            let recorded_up_to = study.trials[trial].last().map(|l| l.0);
+            let f = follow.entry(trial).or_default();
+            f.read(&study.run_dir(trial), &spec.metric, recorded_up_to);
+            while let Some((&step, &metric)) = follow[&trial].unrecorded.first_key_value() {
+                let decision = scheduler.decide(trial, step, metric, |s| study.at_step(s, step));
+                if decision == Decision::Wait {
+                    break;
+                }
+                follow.get_mut(&trial).expect("followed").unrecorded.remove(&step);
                 study.record(StudyEvent::Reported { trial, step, metric })?;
-                let go_on = asha.as_mut().is_none_or(|a| a.report(step, metric));
-                if !go_on && !run.stopping {
+                changed = true;
+                if decision == Decision::Stop {
                     study.record(StudyEvent::Stopped { trial, step })?;
-                    // SAFETY: a signal to our own child.
-                    unsafe { libc::kill(run.child.id() as libc::pid_t, libc::SIGTERM) };
-                    run.stopping = true;
+                    if let Some(run) = running.get_mut(&trial) {
+                        // SAFETY: a signal to our own child.
+                        unsafe { libc::kill(run.child.id() as libc::pid_t, libc::SIGTERM) };
+                        run.stopping = true;
+                    }
+                    break;
                 }
             }
+        }
+
+        // Exits. A trial that exited cleanly ends once its last reports are decided.
+        for (&trial, run) in running.iter_mut() {
             if let Some(status) = run.child.try_wait()? {
-                ended.push((trial, status));
+                exited.insert(trial, status);
             }
         }
-        for (trial, status) in ended {
-            let run = running.remove(&trial).expect("a running trial");
-            // Reports written just before it exited.
-            for (step, metric) in new_evals(&study.run_dir(trial), &study.trials[trial].reported) {
-                study.record(StudyEvent::Reported { trial, step, metric })?;
-            }
-            if run.stopping || study.trials[trial].done.is_some() {
+        for trial in exited.keys().copied().collect::<Vec<_>>() {
+            running.remove(&trial);
+            let status = exited[&trial];
+            let t = &study.trials[trial];
+            if t.ended.is_some() {
+                exited.remove(&trial);
                 continue;
             }
             if status.success() {
-                let last = study.trials[trial].last;
+                // Read once more: what it wrote just before exiting.
+                let f = follow.entry(trial).or_default();
+                f.read(&study.run_dir(trial), &spec.metric, t.last().map(|l| l.0));
+                if !f.unrecorded.is_empty() {
+                    continue; // a decision still waits on an earlier trial
+                }
+                let last = t.last();
                 study.record(StudyEvent::Finished { trial, step: last.map_or(0, |l| l.0), metric: last.map(|l| l.1) })?;
-            } else if study.trials[trial].restarts < spec.max_restarts {
-                let attempt = study.trials[trial].restarts + 1;
+            } else if t.restarts < spec.max_restarts {
+                let attempt = t.restarts + 1;
                 study.record(StudyEvent::Restarted { trial, attempt, reason: format!("the run exited with {status}") })?;
-                pending.push_front(trial);
+                restart.push_back(trial);
             } else {
-                study.record(StudyEvent::Failed {
-                    trial,
-                    error: format!("the run exited with {status} after {} restarts", spec.max_restarts),
-                })?;
+                let error =
+                    format!("the run exited with {status} after {} restarts; see {}", spec.max_restarts, log_path(&study, trial).display());
+                study.record(StudyEvent::Failed { trial, error })?;
             }
+            exited.remove(&trial);
+            changed = true;
+        }
+
+        let live: BTreeSet<usize> = running.iter().filter(|(_, r)| !r.stopping).map(|(t, _)| *t).collect();
+        if let Some(m) = &metrics {
+            m.update(&study, &live, minimize);
+        }
+        if changed && last_table.elapsed() >= Duration::from_secs(30) {
+            troupe_common::say!("{}", report::table(&study, &keys, &live));
+            (last_table, changed) = (Instant::now(), false);
         }
         std::thread::sleep(Duration::from_millis(200));
     }
-    report(&spec, &study, &params, minimize)
+    if let Some(m) = &metrics {
+        m.update(&study, &BTreeSet::new(), minimize);
+    }
+    finish(&spec, &study, &keys, &follow, minimize, args.deploy)
+}
+
+/// A new trial's parameters, and whether its whole config resolves: `None` while a
+/// model-based draw still waits for results.
+fn draw(spec: &SweepSpec, study: &Study, trial: usize) -> Option<(Params, anyhow::Result<()>)> {
+    let params = if is_model_based(spec, trial) {
+        let needed = must_have_ended(spec, trial);
+        if study.trials[..needed].iter().any(|t| t.ended.is_none()) {
+            return None;
+        }
+        let observed: Vec<Observation> = study.trials[..needed]
+            .iter()
+            .filter_map(|t| Some(Observation { params: t.params.clone()?, step: t.last()?.0, metric: t.last()?.1 }))
+            .collect();
+        tpe_params(spec, trial, &observed)
+    } else {
+        prior_params(spec, trial)
+    };
+    let checked = check_trial(spec, trial, &params);
+    Some((params, checked))
+}
+
+/// The whole configuration of a trial resolves.
+fn check_trial(spec: &SweepSpec, trial: usize, params: &Params) -> anyhow::Result<()> {
+    let mut sets = spec.fixed_sets();
+    sets.extend(params.iter().map(|(k, v)| format!("{k}={v}")));
+    Config::layered(spec.base.as_deref(), &sets).with_context(|| format!("trial {trial} ({}) would not start", sets.join(" ")))?;
+    Ok(())
+}
+
+fn log_path(study: &Study, trial: usize) -> PathBuf {
+    study.dir.join(format!("{}.log", trial_name(trial)))
 }
 
 /// `troupe local` for one trial: the sweep's base config, fixed settings and the trial's
@@ -240,13 +333,14 @@ fn start_trial(spec: &SweepSpec, study: &Study, trial: usize, params: &Params) -
         cmd.arg("--config").arg(base);
     }
     let mut sets = vec![format!("run.name={}", trial_name(trial)), "deploy.enabled=false".to_string()];
-    if !spec.set.contains_key("train.threads_per_worker") {
+    if !spec.sets_key("train.threads_per_worker") {
         // Trials side by side share the cores instead of each taking all of them.
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         sets.push(format!("train.threads_per_worker={}", (cores / (spec.parallel * spec.workers)).max(1)));
     }
-    if spec.scheduler.kind == "asha" && !spec.set.contains_key("eval.interval") {
-        sets.push(format!("eval.interval={}", spec.scheduler.grace_steps));
+    if spec.scheduler.kind != "none" && !spec.sets_key("eval.interval") {
+        // Every step the scheduler compares at needs a validation loss.
+        sets.push(format!("eval.interval={}", spec.eval_interval()));
     }
     sets.extend(spec.fixed_sets());
     sets.extend(params.iter().map(|(k, v)| format!("{k}={v}")));
@@ -257,7 +351,7 @@ fn start_trial(spec: &SweepSpec, study: &Study, trial: usize, params: &Params) -
     if std::fs::read_dir(&checkpoints).is_ok_and(|mut d| d.any(|e| e.is_ok_and(|e| e.file_name().to_string_lossy().starts_with("step-")))) {
         cmd.arg("--resume");
     }
-    let log = std::fs::OpenOptions::new().create(true).append(true).open(study.dir.join(format!("{}.log", trial_name(trial))))?;
+    let log = std::fs::OpenOptions::new().create(true).append(true).open(log_path(study, trial))?;
     cmd.stdout(log.try_clone()?).stderr(log).stdin(Stdio::null());
     // SAFETY: prctl in the child before exec, async-signal-safe.
     unsafe {
@@ -269,49 +363,80 @@ fn start_trial(spec: &SweepSpec, study: &Study, trial: usize, params: &Params) -
     cmd.spawn().context("cannot start a trial")
 }
 
-/// Evaluations in a trial's events.jsonl not reported yet.
-fn new_evals(run_dir: &Path, reported: &BTreeSet<u64>) -> Vec<(u64, f64)> {
-    let Ok(events) = troupe_core::events::read_events(run_dir) else { return Vec::new() };
-    events
-        .into_iter()
-        .filter_map(|e| match e {
-            RunEvent::Eval { step, val_loss, .. } if !reported.contains(&step) => Some((step, val_loss)),
-            _ => None,
+/// The table, ranking, results.csv, curves.svg, and with `--deploy` the best checkpoint
+/// through the deploy policy.
+fn finish(
+    spec: &SweepSpec,
+    study: &Study,
+    keys: &[&String],
+    follow: &BTreeMap<usize, Follow>,
+    minimize: bool,
+    deploy: bool,
+) -> anyhow::Result<ExitCode> {
+    let ranked = report::ranking(study, minimize);
+    let best = ranked.first().map(|r| r.0);
+    std::fs::write(study.dir.join("results.csv"), report::csv(study, keys))?;
+    std::fs::write(study.dir.join("curves.svg"), report::svg(study, best))?;
+    troupe_common::say!("{}", report::table(study, keys, &BTreeSet::new()));
+    // Steps trained over all trials, read from the runs (a stopped trial trains a little past
+    // the step it is stopped at, until its checkpoint).
+    let trained: u64 = (0..study.trials.len())
+        .map(|t| {
+            follow.get(&t).map(|f| f.furthest).filter(|&s| s > 0).unwrap_or_else(|| {
+                troupe_core::events::read_events(&study.run_dir(t)).map_or(0, |e| e.iter().map(RunEvent::step).max().unwrap_or(0))
+            })
         })
-        .collect::<BTreeMap<u64, f64>>()
-        .into_iter()
-        .collect()
+        .sum();
+    troupe_common::say!("{} steps trained over all trials; results.csv and curves.svg in {}", trained, study.dir.display());
+    for (rank, (t, m)) in ranked.iter().enumerate() {
+        let p: Vec<String> = keys
+            .iter()
+            .map(|k| format!("{k}={}", study.trials[*t].params.as_ref().and_then(|p| p.get(*k)).map_or("-".into(), study::show)))
+            .collect();
+        let state = study.trials[*t].ended.map_or("-", Ended::name);
+        troupe_common::say!("{:>3}. trial {t:>3} {} {m:.4} ({state}) {}", rank + 1, spec.metric, p.join(" "));
+    }
+    let Some((t, m)) = ranked.first().copied() else {
+        troupe_common::say_err!("error: no trial reported {}", spec.metric);
+        return Ok(ExitCode::FAILURE);
+    };
+    troupe_common::say!("best: trial {t} ({} {m:.4}), run in {}", spec.metric, study.run_dir(t).display());
+    if deploy {
+        deploy_best(spec, study, t)?;
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
-/// The ranking, results.csv and the best trial.
-fn report(spec: &SweepSpec, study: &Study, params: &[Params], minimize: bool) -> anyhow::Result<ExitCode> {
-    let keys: Vec<&String> = spec.space.keys().collect();
-    let mut csv = format!("trial,{},state,step,val_loss\n", keys.iter().map(|k| k.as_str()).collect::<Vec<_>>().join(","));
-    let mut ranked: Vec<(usize, f64)> = Vec::new();
-    for (t, state) in study.trials.iter().enumerate() {
-        let values: Vec<String> = keys.iter().map(|k| show(&params[t][*k])).collect();
-        let (step, metric) = state.last.map_or((String::new(), String::new()), |(s, m)| (s.to_string(), format!("{m}")));
-        csv.push_str(&format!("{t},{},{},{step},{metric}\n", values.join(","), state.done.unwrap_or("interrupted")));
-        if let (Some((_, m)), Some("finished" | "stopped")) = (state.last, state.done) {
-            ranked.push((t, m));
+/// The best trial's best evaluated checkpoint goes through the same deploy policy as a
+/// training run's: published to the registry if it beats the live version.
+fn deploy_best(spec: &SweepSpec, study: &Study, trial: usize) -> anyhow::Result<()> {
+    let params = study.trials[trial].params.clone().unwrap_or_default();
+    let mut sets = spec.fixed_sets();
+    sets.extend(params.iter().map(|(k, v)| format!("{k}={v}")));
+    let config = Config::layered(spec.base.as_deref(), &sets)?.config;
+    let registry = if config.deploy.registry.as_os_str().is_empty() { study.dir.join("registry") } else { config.deploy.registry.clone() };
+    let checkpoints = study.run_dir(trial).join("checkpoints");
+    let mut best: Option<(f64, u64, PathBuf, troupe_common::registry::EvalResults)> = None;
+    for entry in std::fs::read_dir(&checkpoints).with_context(|| format!("cannot read {}", checkpoints.display()))?.flatten() {
+        let eval = entry.path().join(troupe_common::registry::EVAL_FILE);
+        let Ok(bytes) = std::fs::read(&eval) else { continue };
+        let results: troupe_common::registry::EvalResults =
+            serde_json::from_slice(&bytes).with_context(|| format!("{} is not an evaluation", eval.display()))?;
+        if results.val_loss.is_finite() && best.as_ref().is_none_or(|b| results.val_loss < b.0) {
+            best = Some((results.val_loss, results.step, entry.path(), results));
         }
     }
-    std::fs::write(study.dir.join("results.csv"), csv)?;
-    ranked.sort_by(|a, b| if minimize { a.1.total_cmp(&b.1) } else { b.1.total_cmp(&a.1) });
-    let steps: u64 = study.trials.iter().filter_map(|t| t.last.map(|l| l.0)).sum();
-    troupe_common::say!("ranking ({} steps trained over all trials; results.csv in {}):", steps, study.dir.display());
-    for (rank, (t, m)) in ranked.iter().enumerate() {
-        let p: Vec<String> = keys.iter().map(|k| format!("{k}={}", show(&params[*t][*k]))).collect();
-        troupe_common::say!("{:>3}. trial {t:>3} val_loss {m:.4} ({}) {}", rank + 1, study.trials[*t].done.unwrap_or("-"), p.join(" "));
-    }
-    match ranked.first() {
-        Some((t, m)) => {
-            troupe_common::say!("best: trial {t} (val_loss {m:.4}), run in {}", study.run_dir(*t).display());
-            Ok(ExitCode::SUCCESS)
-        }
-        None => {
-            troupe_common::say_err!("error: no trial reported a validation loss");
-            Ok(ExitCode::FAILURE)
-        }
-    }
+    let Some((_, step, checkpoint, results)) = best else {
+        anyhow::bail!("--deploy: trial {trial} has no evaluated checkpoint in {}", checkpoints.display());
+    };
+    let run = format!("{}/{}", spec.name, trial_name(trial));
+    let decision = troupe_coordinator::actors::deployer::consider(&registry, &run, &config.deploy, step, &checkpoint, &results)?;
+    troupe_common::say!(
+        "deploy: {} {} of trial {trial} (step {step}) to {}: {}",
+        decision.action,
+        decision.version.map_or(String::new(), troupe_common::registry::version_name),
+        registry.display(),
+        decision.reason
+    );
+    Ok(())
 }

@@ -10,7 +10,8 @@
 //! seed = 1
 //! metric = "val_loss"
 //! direction = "minimize"
-//! search = "random"                 # random | grid
+//! search = "tpe"                    # grid | random | tpe
+//! startup_trials = 4                # TPE: random trials before the model takes over
 //! [set]                             # fixed for every trial, like --set
 //! "train.steps" = 60
 //! [space."train.learning_rate"]
@@ -18,7 +19,7 @@
 //! [space."model.dropout"]
 //! uniform = [0.0, 0.2]
 //! [scheduler]
-//! kind = "asha"                     # none | asha
+//! kind = "asha"                     # none | asha | median
 //! grace_steps = 10
 //! reduction_factor = 3
 //! ```
@@ -49,6 +50,9 @@ pub(crate) struct SweepSpec {
     pub direction: String,
     #[serde(default = "random")]
     pub search: String,
+    /// TPE: how many trials are drawn at random before the model takes over.
+    #[serde(default)]
+    pub startup_trials: Option<usize>,
     /// Points per range under grid search.
     #[serde(default = "three")]
     pub grid_points: usize,
@@ -56,7 +60,10 @@ pub(crate) struct SweepSpec {
     pub set: BTreeMap<String, toml::Value>,
     pub space: BTreeMap<String, Domain>,
     #[serde(default)]
-    pub scheduler: Scheduler,
+    pub scheduler: SchedulerSpec,
+    /// `--set KEY=VALUE` from the command line, after `[set]`.
+    #[serde(skip)]
+    pub cli_sets: Vec<String>,
     /// Restarts of a crashed trial (from its newest checkpoint) before it counts as failed.
     #[serde(default = "two")]
     pub max_restarts: u32,
@@ -93,15 +100,18 @@ pub(crate) enum Domain {
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub(crate) struct Scheduler {
-    /// `none` or `asha`.
+pub(crate) struct SchedulerSpec {
+    /// `none`, `asha` or `median`.
     pub kind: String,
-    /// The first rung: every trial trains at least this many steps.
+    /// Every trial trains at least this many steps (ASHA: the first rung).
     #[serde(default = "ten")]
     pub grace_steps: u64,
-    /// Each rung keeps the best 1/reduction_factor of the trials that reached it.
+    /// ASHA: each rung keeps the best 1/reduction_factor of the trials that reached it.
     #[serde(default = "three_u64")]
     pub reduction_factor: u64,
+    /// Median rule: earlier trials that must have reported at a step before it stops anyone.
+    #[serde(default = "three")]
+    pub min_trials: usize,
 }
 
 fn ten() -> u64 {
@@ -111,9 +121,9 @@ fn three_u64() -> u64 {
     3
 }
 
-impl Default for Scheduler {
+impl Default for SchedulerSpec {
     fn default() -> Self {
-        Scheduler { kind: "none".into(), grace_steps: 10, reduction_factor: 3 }
+        SchedulerSpec { kind: "none".into(), grace_steps: 10, reduction_factor: 3, min_trials: 3 }
     }
 }
 
@@ -129,7 +139,7 @@ impl Domain {
 }
 
 impl SweepSpec {
-    pub(crate) fn from_file(path: &Path) -> anyhow::Result<SweepSpec> {
+    pub(crate) fn from_file(path: &Path, cli_sets: &[String]) -> anyhow::Result<SweepSpec> {
         let text = std::fs::read_to_string(path).with_context(|| format!("cannot read the sweep file {}", path.display()))?;
         let mut spec: SweepSpec = toml::from_str(&text).with_context(|| format!("invalid sweep file {}", path.display()))?;
         if let Some(base) = &spec.base {
@@ -137,13 +147,38 @@ impl SweepSpec {
                 spec.base = Some(path.parent().unwrap_or(Path::new(".")).join(base));
             }
         }
+        spec.cli_sets = cli_sets.to_vec();
         spec.validate().with_context(|| format!("invalid sweep file {}", path.display()))?;
         Ok(spec)
     }
 
+    /// TPE's random start-up trials: as set, or a quarter of the trials (at least 2, at least
+    /// `parallel`).
+    pub(crate) fn startup_trials(&self) -> usize {
+        self.startup_trials.unwrap_or((self.trials / 4).max(2).max(self.parallel))
+    }
+
+    /// The per-source validation loss the metric names (`val_loss/<source>`), if it names one.
+    pub(crate) fn metric_source(&self) -> Option<&str> {
+        self.metric.strip_prefix("val_loss/")
+    }
+
     /// `key=value` overrides for the fixed part of every trial.
     pub(crate) fn fixed_sets(&self) -> Vec<String> {
-        self.set.iter().map(|(k, v)| format!("{k}={v}")).collect()
+        let mut sets: Vec<String> = self.set.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        sets.extend(self.cli_sets.iter().cloned());
+        sets
+    }
+
+    /// Whether `[set]` or `--set` fixes this key.
+    pub(crate) fn sets_key(&self, key: &str) -> bool {
+        self.set.contains_key(key) || self.cli_sets.iter().any(|s| s.split_once('=').is_some_and(|(k, _)| k.trim() == key))
+    }
+
+    /// Trials evaluate every `grace_steps` under a scheduler, unless the sweep sets
+    /// eval.interval: ASHA's rungs are multiples of it, the median rule compares at each.
+    pub(crate) fn eval_interval(&self) -> u64 {
+        self.scheduler.grace_steps
     }
 
     /// Everything that can be said wrong before a trial starts.
@@ -154,14 +189,20 @@ impl SweepSpec {
         if self.trials == 0 || self.parallel == 0 || self.workers == 0 {
             bail!("trials, parallel and workers must be at least 1");
         }
-        if self.metric != "val_loss" {
-            bail!("metric {:?} is never reported by a trial; troupe reports \"val_loss\" (at every eval.interval)", self.metric);
+        if self.metric != "val_loss" && self.metric_source().is_none_or(str::is_empty) {
+            bail!(
+                "metric {:?} is never reported by a trial; trials report \"val_loss\", and \"val_loss/<source>\" for each source of data with several (at every eval.interval)",
+                self.metric
+            );
         }
         if self.direction != "minimize" && self.direction != "maximize" {
             bail!("direction {:?}: use \"minimize\" or \"maximize\"", self.direction);
         }
-        if self.search != "random" && self.search != "grid" {
-            bail!("search {:?}: use \"random\" or \"grid\"", self.search);
+        if !["random", "grid", "tpe"].contains(&self.search.as_str()) {
+            bail!("search {:?}: use \"random\", \"grid\" or \"tpe\"", self.search);
+        }
+        if self.startup_trials == Some(0) {
+            bail!("startup_trials must be at least 1: TPE needs results to model");
         }
         if self.space.is_empty() {
             bail!("[space] is empty: name at least one config field to search over");
@@ -170,7 +211,9 @@ impl SweepSpec {
             "none" => {}
             "asha" if self.scheduler.grace_steps >= 1 && self.scheduler.reduction_factor >= 2 => {}
             "asha" => bail!("scheduler: asha needs grace_steps >= 1 and reduction_factor >= 2"),
-            other => bail!("scheduler.kind {other:?}: use \"none\" or \"asha\""),
+            "median" if self.scheduler.min_trials >= 1 => {}
+            "median" => bail!("scheduler: median needs min_trials >= 1"),
+            other => bail!("scheduler.kind {other:?}: use \"none\", \"asha\" or \"median\""),
         }
         for (key, domain) in &self.space {
             match domain {
@@ -184,14 +227,41 @@ impl SweepSpec {
                 Domain::Choice(values) if values.is_empty() => bail!("space.{key:?}: choice has no values"),
                 _ => {}
             }
-            if self.set.contains_key(key) {
-                bail!("space.{key:?} is also fixed in [set]");
+            if self.sets_key(key) {
+                bail!("space.{key:?} is also fixed in [set] or by --set");
             }
         }
         // Every field must be a config field that takes such values: resolve one trial.
         let mut sets = self.fixed_sets();
         sets.extend(self.space.iter().map(|(k, d)| format!("{k}={}", d.example())));
-        Config::layered(self.base.as_deref(), &sets).map_err(|e| anyhow::anyhow!("the search space does not fit the run config: {e}"))?;
+        let config = Config::layered(self.base.as_deref(), &sets)
+            .map_err(|e| anyhow::anyhow!("the search space does not fit the run config: {e}"))?
+            .config;
+        if let Some(source) = self.metric_source() {
+            self.check_source(&config, source)?;
+        }
+        Ok(())
+    }
+
+    /// A per-source metric needs prepared data with that source among several.
+    fn check_source(&self, config: &Config, source: &str) -> anyhow::Result<()> {
+        let dir = config.data.dir.clone();
+        let meta = troupe_common::data::load_meta(&dir).map_err(|e| {
+            anyhow::anyhow!(
+                "metric {:?} names a data source, so the data must be prepared before the sweep (troupe prepare --out {}): {e}",
+                self.metric,
+                dir.display()
+            )
+        })?;
+        let names: Vec<&str> = meta.sources.iter().map(|s| s.name.as_str()).collect();
+        if names.len() < 2 || !names.contains(&source) {
+            bail!(
+                "metric {:?} is never reported: trials report val_loss/<source> for data with several sources, and {} has {:?}",
+                self.metric,
+                dir.display(),
+                names
+            );
+        }
         Ok(())
     }
 }
@@ -217,6 +287,9 @@ mod tests {
             ("[space.\"train.learning_rate\"]\nlog_uniform = [0.0, 0.1]\n", "above zero"),
             ("[space.\"model.n_layer\"]\nint = [4, 2]\n", "is empty"),
             ("metric = \"accuracy\"\n[space.\"model.n_layer\"]\nint = [2, 4]\n", "never reported"),
+            ("metric = \"val_loss/\"\n[space.\"model.n_layer\"]\nint = [2, 4]\n", "never reported"),
+            ("search = \"bayes\"\n[space.\"model.n_layer\"]\nint = [2, 4]\n", "tpe"),
+            ("[scheduler]\nkind = \"hyperband\"\n[space.\"model.n_layer\"]\nint = [2, 4]\n", "median"),
             ("[space.\"model.n_layer\"]\nchoice = []\n", "no values"),
             ("[space.\"model.n_layer\"]\nchoice = [\"two\"]\n", "n_layer"),
         ] {

@@ -80,7 +80,9 @@ impl Actor for Deployer {
     }
 }
 
-fn consider(
+/// The deploy policy for one evaluated checkpoint: publish it if it beats the live version, else
+/// say why not. Also what `troupe sweep --deploy` applies to the best trial's best checkpoint.
+pub fn consider(
     registry_dir: &std::path::Path,
     run: &str,
     config: &DeployConfig,
