@@ -7,17 +7,6 @@ use std::io::{BufRead, Read, Write};
 use std::process::Stdio;
 use std::time::Duration;
 
-/// GET a URL's body with a plain HTTP/1.1 request.
-fn http_get(addr: &str, path: &str) -> String {
-    let mut stream = std::net::TcpStream::connect(addr).expect("connect to the metrics server");
-    stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    write!(stream, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).unwrap();
-    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
-    response.split("\r\n\r\n").nth(1).unwrap_or_default().to_string()
-}
-
 /// The value of a sample line `name{labels} value` (labels given exactly, or none).
 fn sample(body: &str, series: &str) -> f64 {
     body.lines()

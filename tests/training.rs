@@ -444,9 +444,12 @@ fn a_sweep_ends_the_same_after_killed_trials_and_a_killed_driver() {
     };
     let sweeps = dir.join("sweeps");
     let mut cmd = troupe();
-    cmd.arg("sweep").arg("--file").arg(sweep_file("calm")).arg("--out").arg(&sweeps);
+    cmd.arg("sweep").arg("--file").arg(sweep_file("calm")).arg("--out").arg(&sweeps).arg("--deploy");
     let calm = run(cmd, LIMIT);
     assert_success(&calm);
+    // --deploy: the best trial's best checkpoint is the registry's first version.
+    assert!(stdout(&calm).contains("deploy: published v1"), "{}", stdout(&calm));
+    assert!(sweeps.join("calm/registry/v1").is_dir());
     let calm_events = study_events(&sweeps.join("calm"));
     for trial in 0..4 {
         assert_eq!(count(&calm_events, "trial_started", trial), 1, "{calm_events:?}");
@@ -462,7 +465,21 @@ fn a_sweep_ends_the_same_after_killed_trials_and_a_killed_driver() {
     let study = sweeps.join("crashy");
     let mut driver = troupe();
     driver.arg("sweep").arg("--file").arg(sweep_file("crashy")).arg("--out").arg(&sweeps);
-    let mut driver = KillOnDrop(driver.stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null()).spawn().unwrap());
+    driver.args(["--metrics-listen", "127.0.0.1:0"]);
+    let driver_out = std::fs::File::create(dir.join("crashy.out")).unwrap();
+    let mut driver = KillOnDrop(driver.stdout(driver_out).stderr(std::process::Stdio::null()).spawn().unwrap());
+    // The sweep's metrics while it runs.
+    let mut metrics = String::new();
+    wait_until("the sweep serves metrics", LIMIT, Duration::from_millis(20), || {
+        let said = std::fs::read_to_string(dir.join("crashy.out")).unwrap_or_default();
+        let Some(addr) = said.lines().find_map(|l| l.strip_prefix("sweep metrics on http://")).and_then(|a| a.strip_suffix("/metrics"))
+        else {
+            return false;
+        };
+        metrics = http_get(addr, "/metrics");
+        metrics.contains("troupe_sweep_trials{state=\"running\"} 2")
+    });
+    assert!(metrics.contains("troupe_sweep_trials{state=\"pending\"} 2"), "{metrics}");
     for attempt in 1..=2 {
         let reported = |events: &[serde_json::Value]| count(events, "reported", 0);
         let before = reported(&study_events(&study));

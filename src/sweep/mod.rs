@@ -83,8 +83,11 @@ struct Follow {
 }
 
 impl Follow {
-    /// Reads what the run appended since the last call.
-    fn read(&mut self, run_dir: &Path, metric: &str, recorded_up_to: Option<u64>) {
+    /// Reads what the run appended since the last call. Only the evaluations the trial's
+    /// schedule makes count (every `eval_every` steps and the last step): a run stopped by a
+    /// signal also evaluates where it stopped, which an uninterrupted run would not.
+    fn read(&mut self, run_dir: &Path, metric: &str, recorded_up_to: Option<u64>, schedule: (u64, u64)) {
+        let (eval_every, last_step) = schedule;
         let Ok(mut file) = std::fs::File::open(run_dir.join("events.jsonl")) else { return };
         // A trial restarted before its first checkpoint starts a new run folder (the old one
         // is archived): a new file, read from its start.
@@ -105,7 +108,11 @@ impl Follow {
         for line in complete.lines().filter(|l| !l.trim().is_empty()) {
             let Ok(event) = serde_json::from_str::<RunEvent>(line) else { continue };
             self.furthest = self.furthest.max(event.step());
-            if let RunEvent::Eval { step, val_loss, per_source, .. } = event {
+            let scheduled = |step: u64| step == last_step || (eval_every > 0 && step % eval_every == 0);
+            if let RunEvent::Eval { step, val_loss, per_source, .. } = event.clone() {
+                if !scheduled(step) {
+                    continue;
+                }
                 let value = match metric.strip_prefix("val_loss/") {
                     Some(source) => per_source.get(source).copied(),
                     None => Some(val_loss),
@@ -161,8 +168,13 @@ pub(crate) fn run(args: SweepArgs) -> anyhow::Result<ExitCode> {
     // Every trial whose parameters are known now is checked as a whole before any starts: a
     // value that clashes with another field (a learning rate below train.min_learning_rate)
     // is said now. TPE's later trials are checked when drawn.
+    let mut data_dirs = BTreeSet::new();
     for trial in (0..n).filter(|&t| !is_model_based(&spec, t)) {
-        check_trial(&spec, trial, &prior_params(&spec, trial))?;
+        let config = check_trial(&spec, trial, &prior_params(&spec, trial))?;
+        // Trials side by side must not each prepare the same data: it is prepared once here.
+        if data_dirs.insert(config.data.dir.clone()) {
+            troupe_coordinator::launch::ensure_data(&config).with_context(|| format!("preparing the data of trial {trial}"))?;
+        }
     }
     let minimize = spec.direction == "minimize";
     let scheduler = Scheduler::new(&spec.scheduler, minimize);
@@ -175,6 +187,7 @@ pub(crate) fn run(args: SweepArgs) -> anyhow::Result<ExitCode> {
     let mut running: BTreeMap<usize, Running> = BTreeMap::new();
     let mut exited: BTreeMap<usize, ExitStatus> = BTreeMap::new();
     let mut follow: BTreeMap<usize, Follow> = BTreeMap::new();
+    let mut schedules: BTreeMap<usize, (u64, u64)> = BTreeMap::new();
     let to_run = study.trials.iter().filter(|t| t.ended.is_none()).count();
     troupe_common::say!("sweep {}: {n} trials ({to_run} to run), {} at once, in {}", spec.name, spec.parallel, dir.display());
     let mut last_table = Instant::now();
@@ -216,8 +229,9 @@ pub(crate) fn run(args: SweepArgs) -> anyhow::Result<ExitCode> {
                 continue;
             }
             let recorded_up_to = study.trials[trial].last().map(|l| l.0);
+            let schedule = *schedules.entry(trial).or_insert_with(|| eval_schedule(&spec, &study, trial));
             let f = follow.entry(trial).or_default();
-            f.read(&study.run_dir(trial), &spec.metric, recorded_up_to);
+            f.read(&study.run_dir(trial), &spec.metric, recorded_up_to, schedule);
             while let Some((&step, &metric)) = follow[&trial].unrecorded.first_key_value() {
                 let decision = scheduler.decide(trial, step, metric, |s| study.at_step(s, step));
                 if decision == Decision::Wait {
@@ -254,8 +268,9 @@ pub(crate) fn run(args: SweepArgs) -> anyhow::Result<ExitCode> {
             }
             if status.success() {
                 // Read once more: what it wrote just before exiting.
+                let schedule = *schedules.entry(trial).or_insert_with(|| eval_schedule(&spec, &study, trial));
                 let f = follow.entry(trial).or_default();
-                f.read(&study.run_dir(trial), &spec.metric, t.last().map(|l| l.0));
+                f.read(&study.run_dir(trial), &spec.metric, t.last().map(|l| l.0), schedule);
                 if !f.unrecorded.is_empty() {
                     continue; // a decision still waits on an earlier trial
                 }
@@ -306,16 +321,23 @@ fn draw(spec: &SweepSpec, study: &Study, trial: usize) -> Option<(Params, anyhow
     } else {
         prior_params(spec, trial)
     };
-    let checked = check_trial(spec, trial, &params);
+    let checked = check_trial(spec, trial, &params).map(|_| ());
     Some((params, checked))
 }
 
-/// The whole configuration of a trial resolves.
-fn check_trial(spec: &SweepSpec, trial: usize, params: &Params) -> anyhow::Result<()> {
+/// When a trial evaluates: (every so many steps, its last step).
+fn eval_schedule(spec: &SweepSpec, study: &Study, trial: usize) -> (u64, u64) {
+    let params = study.trials[trial].params.clone().unwrap_or_default();
+    let Ok(config) = check_trial(spec, trial, &params) else { return (0, 0) };
+    let every = if spec.scheduler.kind != "none" && !spec.sets_key("eval.interval") { spec.eval_interval() } else { config.eval.interval };
+    (every, config.train.steps)
+}
+
+/// A trial's whole configuration, if it resolves.
+fn check_trial(spec: &SweepSpec, trial: usize, params: &Params) -> anyhow::Result<Config> {
     let mut sets = spec.fixed_sets();
     sets.extend(params.iter().map(|(k, v)| format!("{k}={v}")));
-    Config::layered(spec.base.as_deref(), &sets).with_context(|| format!("trial {trial} ({}) would not start", sets.join(" ")))?;
-    Ok(())
+    Ok(Config::layered(spec.base.as_deref(), &sets).with_context(|| format!("trial {trial} ({}) would not start", sets.join(" ")))?.config)
 }
 
 fn log_path(study: &Study, trial: usize) -> PathBuf {

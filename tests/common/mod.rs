@@ -433,3 +433,15 @@ pub fn assert_no_sample_lost_or_repeated(trace_dir: &Path, data: &Path, steps: &
     assert_eq!(consumed.len(), undisturbed.len());
     assert!(consumed == undisturbed, "the consumed samples differ from an undisturbed run's");
 }
+
+/// GET a URL's body with a plain HTTP/1.1 request.
+pub fn http_get(addr: &str, path: &str) -> String {
+    let mut stream = std::net::TcpStream::connect(addr).expect("connect to the metrics server");
+    stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    use std::io::{Read, Write};
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    response.split("\r\n\r\n").nth(1).unwrap_or_default().to_string()
+}
