@@ -3,7 +3,7 @@
 mod common;
 
 use common::*;
-use std::io::{BufRead, Read, Write};
+use std::io::BufRead;
 use std::process::Stdio;
 use std::time::Duration;
 

@@ -108,7 +108,7 @@ impl Follow {
         for line in complete.lines().filter(|l| !l.trim().is_empty()) {
             let Ok(event) = serde_json::from_str::<RunEvent>(line) else { continue };
             self.furthest = self.furthest.max(event.step());
-            let scheduled = |step: u64| step == last_step || (eval_every > 0 && step % eval_every == 0);
+            let scheduled = |step: u64| step == last_step || (eval_every > 0 && step.is_multiple_of(eval_every));
             if let RunEvent::Eval { step, val_loss, per_source, .. } = event.clone() {
                 if !scheduled(step) {
                     continue;
