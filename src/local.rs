@@ -20,20 +20,24 @@ pub(crate) async fn coordinate(
     insecure: bool,
     on_listening: impl FnOnce(SocketAddr),
 ) -> anyhow::Result<RunOutcome> {
-    let resume_from = prepare_run(&config, resume)?;
+    let mut config = config;
+    let resume_from = prepare_run(&mut config, resume)?;
     coordinate_prepared(config, resume_from, insecure, on_listening).await
 }
 
-/// Prepares the data, and finds the checkpoint to resume from (`resume`) or moves an earlier
-/// run of the same name aside (a fresh run).
-fn prepare_run(config: &Config, resume: bool) -> anyhow::Result<Option<troupe_core::cluster::ResumeFrom>> {
-    launch::ensure_data(config)?;
-    if resume {
-        launch::find_resume_point(config)
+/// Prepares the data, finds the checkpoint to resume from (`resume`) or moves an earlier run
+/// of the same name aside (a fresh run), and settles the weights to start from
+/// (`model.init_from`).
+fn prepare_run(config: &mut Config, resume: bool) -> anyhow::Result<Option<troupe_core::cluster::ResumeFrom>> {
+    let meta = launch::ensure_data(config)?;
+    let resume_from = if resume {
+        launch::find_resume_point(config)?
     } else {
         archive_previous_run(&config.run_dir())?;
-        Ok(None)
-    }
+        None
+    };
+    launch::resolve_init_from(config, &meta)?;
+    Ok(resume_from)
 }
 
 /// As [`coordinate`], with the data prepared and the run folder settled by the caller.
@@ -151,7 +155,7 @@ pub(crate) async fn run_local(args: LocalArgs) -> anyhow::Result<ExitCode> {
     // While training, the cores belong to the workers: the Evaluator's samples and the
     // serving endpoint in this process use one thread.
     tch::set_num_threads(1);
-    let resume_from = prepare_run(&config, args.run.resume)?;
+    let resume_from = prepare_run(&mut config, args.run.resume)?;
     // The serving endpoint runs from the start: the Deployer tells it about every version it
     // publishes, and it answers the completion at the end.
     let api_key = crate::deploy::api_key(std::env::var("TROUPE_API_KEY").ok(), &config.serve.api_key);

@@ -72,6 +72,12 @@ enum Command {
         after_help = "Examples:\n  troupe export --checkpoint runs/shakespeare/checkpoints/step-000600 --out exports/shakespeare\n  troupe export --checkpoint runs/shakespeare/registry/v3 --out exports/shakespeare --force\n  python3 -c 'from transformers import GPT2LMHeadModel; GPT2LMHeadModel.from_pretrained(\"exports/shakespeare\")'"
     )]
     Export(ExportArgs),
+    /// Import a Hugging Face GPT-2 folder (config.json, model.safetensors, tokenizer) as a
+    /// troupe model folder to fine-tune from (model.init_from) or serve.
+    #[command(
+        after_help = "Examples:\n  troupe import --hf ~/models/gpt2 --out models/gpt2\n  troupe local --config finetune.toml   # with [model] init_from = \"models/gpt2\" (or \"hf:~/models/gpt2\")"
+    )]
+    Import(ImportArgs),
     /// Serve a model registry's versions over HTTP: OpenAI-compatible completions with
     /// batching, hot swaps to new versions, canaries.
     #[command(
@@ -506,6 +512,16 @@ struct GenerateArgs {
 }
 
 #[derive(Args)]
+struct ImportArgs {
+    /// A local Hugging Face GPT-2 folder (save_pretrained's output).
+    #[arg(long, value_name = "DIR")]
+    hf: PathBuf,
+    /// The troupe model folder to write (must not exist, or be empty).
+    #[arg(long, value_name = "DIR")]
+    out: PathBuf,
+}
+
+#[derive(Args)]
 struct ExportArgs {
     /// A checkpoint folder (runs/<name>/checkpoints/step-NNNNNN) or a registry version
     /// (runs/<name>/registry/vN); verified against its MANIFEST first.
@@ -667,6 +683,33 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Config(ConfigCliArgs { action: ConfigAction::Show { config, set } }) => {
             let layered = Config::layered(config.as_deref(), &set)?;
             print!("{}", Config::show(&layered));
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Import(args) => {
+            let imported = tokio::task::spawn_blocking(move || {
+                troupe_common::model::hf::import_hf(&args.hf, &args.out).map(|i| (i, args.hf, args.out))
+            })
+            .await??;
+            let (i, hf, out) = imported;
+            let c = &i.config;
+            troupe_common::say!(
+                "imported {} to {}: GPT-2 with {} layers, {} heads, n_embd {}, {} positions, vocab {} ({} parameters, {} weights; tokenizer from {})",
+                hf.display(),
+                out.display(),
+                c.n_layer,
+                c.n_head,
+                c.n_embd,
+                c.block_size,
+                c.vocab_size,
+                i.parameters,
+                i.source_dtype,
+                i.tokenizer_from
+            );
+            troupe_common::say!(
+                "fine-tune from it with [model] init_from = {:?}; prepare data with --tokenizer {}/tokenizer.json",
+                out.display().to_string(),
+                out.display()
+            );
             Ok(ExitCode::SUCCESS)
         }
         Command::Export(args) => {

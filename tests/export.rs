@@ -13,27 +13,12 @@ mod common;
 
 use common::*;
 use serde_json::Value;
-use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::Duration;
 
 /// Encoded, truncated to the block, and run through both models.
 const TEXT: &str = "ROMEO.\nBut soft, what light through yonder window breaks? It is the east, and Juliet is the sun.";
-
-/// The Python path of the check: the torch package that LIBTORCH belongs to (scripts/setup.sh
-/// installs PyPI's torch wheel), then what scripts/test.sh installs for this test.
-fn python_path() -> OsString {
-    let torch = std::env::var_os("LIBTORCH")
-        .map(PathBuf::from)
-        .and_then(|t| t.parent().map(Path::to_path_buf))
-        .unwrap_or_else(|| troupe_cache().join("torch-2.11.0-cpu"));
-    std::env::join_paths([torch, troupe_cache().join("python-hf-export")]).expect("a PYTHONPATH")
-}
-
-fn importable(pythonpath: &OsString, modules: &str) -> bool {
-    Command::new("python3").env("PYTHONPATH", pythonpath).args(["-c", &format!("import {modules}")]).status().is_ok_and(|s| s.success())
-}
 
 fn train(dir: &Path, bias: bool, steps: u64) -> PathBuf {
     let data = prepare_small_corpus(dir);
@@ -132,12 +117,12 @@ fn an_export_loads_in_transformers_with_troupes_logits() {
     assert_eq!(merges.lines().count() - 1, tokenizer.vocab_size() - 257, "one merge per token beyond the 256 bytes and <|endoftext|>");
 
     // The Hugging Face side.
-    let pythonpath = python_path();
-    if !importable(&pythonpath, "numpy, safetensors.numpy") {
+    let pythonpath = hf_python_path();
+    if !python_importable(&pythonpath, "numpy, safetensors.numpy") {
         skip_or_fail(&format!("the Python half: safetensors does not import from {pythonpath:?} (scripts/test.sh installs it)"));
         return;
     }
-    let with_transformers = importable(&pythonpath, "torch, transformers");
+    let with_transformers = python_importable(&pythonpath, "torch, transformers");
     if !with_transformers {
         skip_or_fail(&format!(
             "the transformers half: torch and transformers do not import from {pythonpath:?} (scripts/test.sh installs them)"

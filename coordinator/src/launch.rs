@@ -55,6 +55,76 @@ pub fn ensure_data(config: &Config) -> anyhow::Result<data::Meta> {
     }
 }
 
+/// Settles `model.init_from`: a Hugging Face folder (`hf:DIR`) is imported into
+/// `<run dir>/base-model` (once: a resumed run finds it there); a troupe model folder is
+/// verified against its MANIFEST. The model's shape replaces the config's, and the data must
+/// have been tokenized with the model's tokenizer. Workers then load the folder the config
+/// names (on a shared disk, like checkpoints).
+pub fn resolve_init_from(config: &mut Config, meta: &data::Meta) -> anyhow::Result<()> {
+    let init_from = config.model.init_from.trim().to_string();
+    if init_from.is_empty() {
+        return Ok(());
+    }
+    let folder = match init_from.strip_prefix("hf:") {
+        Some(hf) => {
+            let dest = config.run_dir().join("base-model");
+            if !dest.join(checkpoint::MANIFEST).is_file() {
+                troupe_common::say!("importing the Hugging Face model {hf} into {}…", dest.display());
+                let _ = std::fs::remove_dir_all(&dest);
+                troupe_common::model::hf::import_hf(Path::new(hf), &dest).context("model.init_from")?;
+            }
+            dest
+        }
+        None => PathBuf::from(&init_from),
+    };
+    let named = |e: String| anyhow::anyhow!("model.init_from {init_from:?}: {e}");
+    if folder.join(checkpoint::MANIFEST).is_file() {
+        checkpoint::verify_files(&folder).map_err(|e| named(e.to_string()))?;
+    }
+    let shape_file = folder.join(checkpoint::MODEL_CONFIG_FILE);
+    let bytes = std::fs::read(&shape_file).map_err(|e| {
+        named(format!(
+            "cannot read {} ({e}); name a folder made by troupe import, a checkpoint or a registry version, or hf:DIR",
+            shape_file.display()
+        ))
+    })?;
+    let shape: troupe_common::model::GptConfig =
+        serde_json::from_slice(&bytes).map_err(|e| named(format!("{} is not valid: {e}", shape_file.display())))?;
+    let m = &mut config.model;
+    let before = (m.n_layer, m.n_head, m.n_embd, m.block_size, m.bias);
+    (m.n_layer, m.n_head, m.n_embd, m.block_size, m.bias) = (shape.n_layer, shape.n_head, shape.n_embd, shape.block_size, shape.bias);
+    if before != (m.n_layer, m.n_head, m.n_embd, m.block_size, m.bias) {
+        troupe_common::say!(
+            "model shape from {}: {} layers, {} heads, n_embd {}, block_size {}",
+            folder.display(),
+            m.n_layer,
+            m.n_head,
+            m.n_embd,
+            m.block_size
+        );
+    }
+    if meta.vocab_size != shape.vocab_size {
+        return Err(named(format!(
+            "the model has a vocabulary of {} tokens, the data in {} of {}: prepare the data with the model's tokenizer (troupe prepare --tokenizer {})",
+            shape.vocab_size,
+            config.data.dir.display(),
+            meta.vocab_size,
+            folder.join(checkpoint::TOKENIZER_FILE).display()
+        )));
+    }
+    let fingerprint = |path: &Path| -> anyhow::Result<serde_json::Value> { Ok(data::Tokenizer::load(path)?.fingerprint()?) };
+    let (model_tok, data_tok) = (folder.join(checkpoint::TOKENIZER_FILE), config.data.dir.join(data::TOKENIZER_JSON));
+    if fingerprint(&model_tok).map_err(|e| named(format!("{e:#}")))? != fingerprint(&data_tok).map_err(|e| named(format!("{e:#}")))? {
+        return Err(named(format!(
+            "the data in {} was tokenized with another tokenizer than the model's; prepare it with troupe prepare --tokenizer {}",
+            config.data.dir.display(),
+            model_tok.display()
+        )));
+    }
+    config.model.init_from = folder.to_string_lossy().into_owned();
+    Ok(())
+}
+
 /// The newest complete checkpoint of the run, saying which newer ones were skipped and why.
 pub fn find_resume_point(config: &Config) -> anyhow::Result<Option<ResumeFrom>> {
     let run_dir = config.run_dir();

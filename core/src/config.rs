@@ -157,6 +157,11 @@ pub struct ModelConfig {
     pub dropout: f64,
     /// Biases in linear layers and layer norms (GPT-2 has them).
     pub bias: bool,
+    /// Start from these weights instead of random ones: a troupe model folder (`troupe
+    /// import`'s output, a checkpoint, a registry version) or `hf:DIR`, a Hugging Face GPT-2
+    /// folder imported at the start of the run. The shape fields above then come from it.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub init_from: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

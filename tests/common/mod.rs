@@ -445,3 +445,17 @@ pub fn http_get(addr: &str, path: &str) -> String {
     assert!(response.starts_with("HTTP/1.1 200"), "{response}");
     response.split("\r\n\r\n").nth(1).unwrap_or_default().to_string()
 }
+
+/// The Python path of the Hugging Face checks: the torch package that LIBTORCH belongs to (scripts/setup.sh
+/// installs PyPI's torch wheel), then what scripts/test.sh installs for them (transformers, safetensors).
+pub fn hf_python_path() -> std::ffi::OsString {
+    let torch = std::env::var_os("LIBTORCH")
+        .map(PathBuf::from)
+        .and_then(|t| t.parent().map(Path::to_path_buf))
+        .unwrap_or_else(|| troupe_cache().join("torch-2.11.0-cpu"));
+    std::env::join_paths([torch, troupe_cache().join("python-hf-export")]).expect("a PYTHONPATH")
+}
+
+pub fn python_importable(pythonpath: &std::ffi::OsString, modules: &str) -> bool {
+    Command::new("python3").env("PYTHONPATH", pythonpath).args(["-c", &format!("import {modules}")]).status().is_ok_and(|s| s.success())
+}

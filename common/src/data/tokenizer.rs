@@ -76,6 +76,19 @@ impl Tokenizer {
     pub fn eot_id(&self) -> u32 {
         self.eot_id
     }
+
+    /// What decides the ids `encode` gives, in one comparable form: the normalizer,
+    /// pre-tokenizer and model (vocabulary, merges), and the added tokens. Two tokenizer.json
+    /// files that differ only in how they are written (merges as "a b" or ["a", "b"], key
+    /// order, a truncation setting) have the same fingerprint.
+    pub fn fingerprint(&self) -> DataResult<serde_json::Value> {
+        let text = self.inner.to_string(false).map_err(|e| DataError::tokenizer("writing the tokenizer", e))?;
+        let v: serde_json::Value = serde_json::from_str(&text)
+            .map_err(|e| DataError::Tokenizer { context: "reading the tokenizer back".into(), message: e.to_string() })?;
+        let added: Vec<_> =
+            v["added_tokens"].as_array().map(|a| a.iter().map(|t| (t["id"].clone(), t["content"].clone())).collect()).unwrap_or_default();
+        Ok(serde_json::json!({ "normalizer": v["normalizer"], "pre_tokenizer": v["pre_tokenizer"], "model": v["model"], "added": added }))
+    }
 }
 
 impl std::fmt::Debug for Tokenizer {

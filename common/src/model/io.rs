@@ -39,6 +39,11 @@ impl View for RawTensor {
 }
 
 impl RawTensor {
+    /// Little-endian float32 bytes of the given shape.
+    pub(crate) fn f32_bytes(shape: Vec<usize>, data: Vec<u8>) -> RawTensor {
+        RawTensor { dtype: Dtype::F32, shape, data }
+    }
+
     /// Copies a float32 or int64 tensor to the host.
     pub(crate) fn from_tensor(t: &Tensor) -> Result<RawTensor> {
         let t = t.f_detach()?.f_to_device(Device::Cpu)?.f_contiguous()?;

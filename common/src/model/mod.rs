@@ -4,12 +4,14 @@
 //! - [`io`]: safetensors files in Hugging Face's layout (Conv1D weights stored transposed), so a
 //!   saved model loads in `transformers.GPT2LMHeadModel`.
 //! - [`grads`]: gradient flattening (the unit of the data-parallel all-reduce), clipping.
+//! - [`hf`]: importing a Hugging Face GPT-2 folder (the inverse of `troupe export`).
 //! - [`AdamW`]: written by hand so its state can be checkpointed exactly; [`lr_at`]: the schedule.
 //!
 //! Nothing here depends on the rest of the crate except the config structs.
 
 pub mod gpt;
 pub mod grads;
+pub mod hf;
 pub mod inference;
 pub mod io;
 pub mod optim;

@@ -39,7 +39,7 @@ mod tests;
 mod zero12;
 mod zero3;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use tch::{Device, Kind, Tensor};
@@ -91,6 +91,8 @@ pub enum TrainerError {
         dir.display()
     )]
     ResumeModel { dir: PathBuf, found: usize, expected: usize },
+    #[error("model.init_from {}: {message}", dir.display())]
+    InitFrom { dir: PathBuf, message: String },
     /// An order for another step than the one the state is at (a protocol error).
     #[error("asked {what} {asked}, but {completed} steps are completed")]
     OutOfOrder { what: &'static str, asked: u64, completed: u64 },
@@ -232,6 +234,19 @@ pub struct Trainer {
     writer: CheckpointWriter,
 }
 
+/// A fine-tuning run's starting weights: the model of a troupe model folder (an import, a
+/// registry version) or a checkpoint's, whatever strategy wrote it.
+fn load_initial_weights(model: &mut Gpt, dir: &Path) -> Result<(), TrainerError> {
+    let failed = |message: String| TrainerError::InitFrom { dir: dir.to_path_buf(), message };
+    let single = dir.join(checkpoint::MODEL_FILE);
+    if single.is_file() {
+        return Ok(model.load_safetensors(&single)?);
+    }
+    let base = checkpoint::load_model(dir, Device::Cpu).map_err(|e| failed(format!("{e:#}")))?;
+    model.load_safetensors_bytes(&base.to_safetensors_bytes()?, &dir.display().to_string())?;
+    Ok(())
+}
+
 impl Trainer {
     /// Builds the model (identically on every rank: same seed) and loads the data; when
     /// resuming, loads this rank's part of the state from the checkpoint, whatever world size
@@ -250,7 +265,10 @@ impl Trainer {
         }
         let bf16 = config.train.precision.bf16_on(device.is_cuda()).map_err(TrainerError::Precision)?;
         let gpt_config = GptConfig::from_model_config(&config.model, meta.vocab_size);
-        let model = Gpt::new(&gpt_config, device, config.run.seed as i64)?;
+        let mut model = Gpt::new(&gpt_config, device, config.run.seed as i64)?;
+        if resume_from.is_none() && !config.model.init_from.is_empty() {
+            load_initial_weights(&mut model, Path::new(&config.model.init_from))?;
+        }
         let reader = match &resume_from {
             Some(dir) => {
                 let reader = ShardReader::open(dir)?;
