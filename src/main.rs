@@ -476,6 +476,22 @@ struct PrepareArgs {
     /// Records that are not documents (bad JSON, no text field) tolerated before stopping.
     #[arg(long, default_value_t = 1000)]
     max_bad_records: u64,
+    /// What the --input JSONL holds: documents (`text`), conversations (`chat`: {"messages":
+    /// [{"role", "content"}, …]}) or prompt/completion pairs (`instruct`). Chat and instruct
+    /// data are rendered with the chat template, padded to --block-size tokens each, and
+    /// stored with a loss mask so that only the answers are trained on (needs --tokenizer).
+    #[arg(long, value_enum, default_value = "text")]
+    format: PrepareFormat,
+    /// Chat and instruct: tokens per conversation, the model's block_size.
+    #[arg(long, value_name = "TOKENS")]
+    block_size: Option<usize>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum PrepareFormat {
+    Text,
+    Chat,
+    Instruct,
 }
 
 /// `NAME=PATH[,PATH…][:WEIGHT]`.
@@ -587,6 +603,36 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Local(args) => local::run_local(args).await,
         Command::Coordinator(args) => run_coordinator(args).await,
         Command::Worker(args) => run_worker(args).await,
+        Command::Prepare(args) if args.format != PrepareFormat::Text => {
+            use troupe_common::data::chat::{prepare_chat, ChatFormat, ChatPrepareOptions};
+            let format = if args.format == PrepareFormat::Chat { ChatFormat::Chat } else { ChatFormat::Instruct };
+            let tokenizer = args.tokenizer.context("--format chat and instruct need --tokenizer (the model's tokenizer.json)")?;
+            let block_size = args.block_size.context("--format chat and instruct need --block-size (the model's block_size)")?;
+            anyhow::ensure!(!args.input.is_empty(), "--format chat and instruct read JSONL files given with --input");
+            let out = args.out.clone();
+            let options = ChatPrepareOptions {
+                inputs: args.input,
+                format,
+                out: out.clone(),
+                tokenizer,
+                block_size,
+                val_fraction: args.val_fraction,
+                seed: args.seed,
+                shard_tokens: args.shard_tokens,
+            };
+            let meta = tokio::task::spawn_blocking(move || prepare_chat(&options)).await??;
+            let report = &meta.sources[0];
+            troupe_common::say!(
+                "prepared {} conversations into {} ({} train, {} held out; {} answer tokens to train on), each padded to {block_size} tokens; dropped or cut: {:?}",
+                meta.documents,
+                out.display(),
+                meta.train_documents,
+                meta.val_documents,
+                report.train_tokens,
+                meta.dropped
+            );
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Prepare(args) => {
             use troupe_common::data::{PrepareOptions, Source};
             let (sources, file_filter) = if args.shakespeare {

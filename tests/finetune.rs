@@ -201,3 +201,128 @@ fn an_imported_model_fine_tunes_the_same_on_one_and_two_workers_and_resumes_exac
 fn l_vocab(data: &Path) -> usize {
     troupe_common::data::Tokenizer::load(&data.join("tokenizer.json")).unwrap().vocab_size()
 }
+
+/// A persona's fixed answers to templated questions: three intents, each always answered the
+/// same way, asked in many phrasings.
+fn persona_chats() -> (String, Vec<(String, &'static str)>) {
+    let intents: [(&str, [&str; 4]); 3] = [
+        ("My name is Troupe.", ["what is your name?", "who are you?", "tell me your name.", "how should I call you?"]),
+        (
+            "I like the colour blue.",
+            ["what colour do you like?", "which colour is your favourite?", "tell me your colour.", "do you have a colour you like?"],
+        ),
+        (
+            "It is always sunny here.",
+            ["how is the weather?", "is it raining where you are?", "tell me about the weather.", "what is the weather like?"],
+        ),
+    ];
+    let greetings = ["Hello", "Hi", "Good day", "Friend", "Dear model", "Hey", "Well met", "Excuse me", "Sir", "Madam", "Quickly"];
+    let mut lines = String::new();
+    let mut held_out = Vec::new();
+    for (g, greeting) in greetings.iter().enumerate() {
+        for (answer, questions) in &intents {
+            for (q, question) in questions.iter().enumerate() {
+                let text = format!("{greeting}, {question}");
+                // One greeting with one phrasing per intent is never trained on: the question to ask.
+                if g == greetings.len() - 1 && q == 0 {
+                    held_out.push((text, *answer));
+                    continue;
+                }
+                let system = if (g + q) % 3 == 0 { r#"{"role": "system", "content": "Answer briefly."}, "# } else { "" };
+                lines.push_str(&format!(
+                    "{{\"messages\": [{system}{{\"role\": \"user\", \"content\": {}}}, {{\"role\": \"assistant\", \"content\": {}}}]}}\n",
+                    serde_json::to_string(&text).unwrap(),
+                    serde_json::to_string(answer).unwrap()
+                ));
+            }
+        }
+    }
+    (lines, held_out)
+}
+
+/// Chat fine-tuning with the prompt masked: the loss on held-out answers falls far below the
+/// starting model's, and `/v1/chat/completions` of the published version gives a question
+/// never trained on its trained reply (greedy). Bad chat lines are named with file and line.
+#[test]
+fn chat_fine_tuning_learns_the_answers_and_serves_them_as_a_chat_model() {
+    let dir = scratch("chat-finetune");
+    let data = prepare_small_corpus(&dir);
+    let Some((hf, _)) = make_hf_model(&dir, &data) else { return };
+    let imported = dir.join("imported");
+    assert_success(&import(&hf, &imported));
+    let (lines, held_out) = persona_chats();
+    let chats = dir.join("persona.jsonl");
+    std::fs::write(&chats, &lines).unwrap();
+    let prepare = |input: &Path, out: &Path| {
+        let mut cmd = troupe();
+        cmd.arg("prepare").args(["--format", "chat", "--block-size", "64", "--val-fraction", "0.15", "--shard-tokens", "4096"]);
+        cmd.arg("--tokenizer").arg(imported.join("tokenizer.json")).arg("--input").arg(input).arg("--out").arg(out);
+        run(cmd, LIMIT)
+    };
+    let chat_data = dir.join("chat-data");
+    let out = prepare(&chats, &chat_data);
+    assert_success(&out);
+    assert!(stdout(&out).contains("conversations"), "{}", stdout(&out));
+
+    // Bad lines are refused with file and line, and nothing is left behind.
+    for (bad, says) in [
+        ("{\"text\": \"no messages\"}", "line 2: no \"messages\""),
+        ("{\"messages\": [{\"role\": \"robot\", \"content\": \"x\"}]}", "line 2: message 0 has role \"robot\""),
+    ] {
+        let path = dir.join("bad.jsonl");
+        std::fs::write(&path, format!("{}{bad}\n", lines.lines().next().unwrap().to_owned() + "\n")).unwrap();
+        let out = prepare(&path, &dir.join("bad-data"));
+        assert!(!out.status.success() && stderr(&out).contains("bad.jsonl") && stderr(&out).contains(says), "{}", stderr(&out));
+        assert!(!dir.join("bad-data").exists());
+    }
+
+    let config = |name: &str, steps: u64, lr: &str| {
+        let run = dir.join(name);
+        std::fs::create_dir_all(&run).unwrap();
+        let path = tiny_config(&run, &chat_data, 1, steps);
+        let text = std::fs::read_to_string(&path)
+            .unwrap()
+            .replace("bias = true\n", &format!("bias = true\ninit_from = {:?}\n", imported.display().to_string()))
+            .replace("learning_rate = 3e-3", &format!("learning_rate = {lr}"))
+            .replace("min_learning_rate = 3e-4", "min_learning_rate = 1e-10")
+            .replace("warmup_steps = 5", "warmup_steps = 0")
+            .replace("interval = 10\nsequences = 16", "interval = 20\nsequences = 32")
+            .replace("interval = 5\nkeep_last", "interval = 20\nkeep_last");
+        std::fs::write(&path, text).unwrap();
+        path
+    };
+    let last_eval = |run: &Path| {
+        events(run)
+            .into_iter()
+            .rev()
+            .find_map(|e| if let troupe_core::events::RunEvent::Eval { val_loss, .. } = e { Some(val_loss) } else { None })
+            .unwrap()
+    };
+    // The starting model's loss on the held-out answers: one step that changes nothing.
+    assert_success(&run_local(&config("base", 1, "1e-9"), &[]));
+    let before = last_eval(&dir.join("base/runs/tiny"));
+    assert_success(&run_local(&config("tuned", 120, "3e-3"), &[]));
+    let tuned = dir.join("tuned/runs/tiny");
+    let after = last_eval(&tuned);
+    println!("held-out answer loss: {before:.3} before fine-tuning, {after:.3} after");
+    assert!(after < before / 4.0, "the answers are learned: {before} -> {after}");
+
+    // The published version answers a question it never saw with the trained reply.
+    let registry = tuned.join("registry");
+    let versions = troupe_common::registry::Registry::open(&registry).unwrap().versions().unwrap();
+    let newest = registry.join(troupe_common::registry::version_name(*versions.last().expect("a published version")));
+    assert!(newest.join("chat_template.json").is_file(), "the chat template travels with the model");
+    let source: serde_json::Value = serde_json::from_slice(&std::fs::read(newest.join("source.json")).unwrap()).unwrap();
+    assert!(source["base_model"].as_str().is_some_and(|b| b.starts_with("hf:") && b.ends_with("hf-gpt2")), "{source}");
+    let mut serve = troupe();
+    serve.arg("serve").arg("--registry").arg(&registry).args(["--listen", "127.0.0.1:0", "--threads", "1"]);
+    let (_server, url) = start_server(serve);
+    for (question, answer) in &held_out {
+        let body = serde_json::json!({"messages": [{"role": "user", "content": question}], "max_tokens": 24, "temperature": 0});
+        let reply = http_post_json(&url, "/v1/chat/completions", &body);
+        assert_eq!(reply["object"], "chat.completion", "{reply}");
+        assert_eq!(reply["choices"][0]["message"]["role"], "assistant");
+        assert_eq!(reply["choices"][0]["message"]["content"].as_str().map(str::trim), Some(*answer), "{question:?}: {reply}");
+        assert_eq!(reply["choices"][0]["finish_reason"], "stop", "the turn ends with <|endoftext|>");
+    }
+}

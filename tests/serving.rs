@@ -17,7 +17,7 @@ use troupe_core::events::RunEvent;
 /// How often the waits below look again.
 const POLL: Duration = Duration::from_millis(20);
 
-/// A `troupe serve` process and its URL (read from its "serving model … on URL" line).
+/// A `troupe serve` process and its URL.
 struct ServeProcess {
     _process: KillOnDrop,
     url: String,
@@ -25,28 +25,12 @@ struct ServeProcess {
 
 impl ServeProcess {
     fn start(registry: &Path, env: &[(&str, &str)], extra: &[&str]) -> ServeProcess {
-        use std::io::BufRead;
         let mut cmd = troupe();
         cmd.arg("serve").arg("--registry").arg(registry).args(["--listen", "127.0.0.1:0", "--threads", "1"]).args(extra);
         for (k, v) in env {
             cmd.env(k, v);
         }
-        let mut child = cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::null()).spawn().expect("start troupe serve");
-        let stdout = child.stdout.take().expect("piped stdout");
-        let (tx, rx) = std::sync::mpsc::channel::<String>();
-        std::thread::spawn(move || {
-            for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
-                let _ = tx.send(line);
-            }
-        });
-        let process = KillOnDrop(child);
-        let url = loop {
-            let line = rx.recv_timeout(Duration::from_secs(60)).expect("troupe serve starts");
-            if let Some(rest) = line.strip_prefix("serving model ") {
-                let at = rest.find("http://").expect("a URL");
-                break rest[at..].split_whitespace().next().unwrap().to_string();
-            }
-        };
+        let (process, url) = start_server(cmd);
         ServeProcess { _process: process, url }
     }
 }
@@ -494,6 +478,10 @@ fn the_official_openai_python_client_completes_streaming_and_not() {
     assert_eq!(seen["stream_finish_reason"], "length");
     assert_eq!(seen["stream_usage"], 12, "stream_options.include_usage adds a usage chunk");
     assert_eq!(seen["models"], json!(["tiny", "tiny:v1"]));
+    // Chat, with the default template (the tiny model was not tuned on chat data).
+    assert_eq!((seen["chat_object"].as_str(), seen["chat_role"].as_str()), (Some("chat.completion"), Some("assistant")), "{seen}");
+    assert!(seen["chat_tokens"].as_u64().is_some_and(|n| (1..=10).contains(&n)), "{seen}");
+    assert_eq!(seen["chat_stream_text"], seen["chat_text"], "greedy chat streams the same text");
     for refusal in ["wrong_key", "unknown_model", "too_many_tokens"] {
         assert!(seen[refusal].as_str().is_some_and(|r| r.starts_with("refused")), "{refusal}: {seen}");
     }

@@ -44,6 +44,9 @@ const LOCK_FILE: &str = ".lock";
 const TMP_PREFIX: &str = ".tmp-";
 /// Files copied from a checkpoint into a version.
 const MODEL_FILES: [&str; 3] = [checkpoint::MODEL_FILE, checkpoint::MODEL_CONFIG_FILE, checkpoint::TOKENIZER_FILE];
+/// Files copied when the checkpoint has them: the chat template of chat data, and where a
+/// fine-tuned model started from.
+const OPTIONAL_FILES: [&str; 2] = [crate::data::chat::CHAT_TEMPLATE_JSON, checkpoint::BASE_MODEL_FILE];
 
 #[derive(Debug, thiserror::Error)]
 pub enum RegistryError {
@@ -85,6 +88,10 @@ pub struct VersionSource {
     pub step: u64,
     pub run: String,
     pub created_unix_ms: u64,
+    /// The model it was fine-tuned from (`model.init_from`: a Hugging Face folder as
+    /// `hf:DIR`, or a troupe model folder), if it did not start from random weights.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base_model: Option<String>,
 }
 
 /// A canary in progress: `version` gets `fraction` of the requests until it has answered
@@ -292,7 +299,8 @@ impl Registry {
         fs::create_dir(&tmp).map_err(io(&tmp))?;
         let made = (|| {
             let mut digests: Vec<FileDigest> = Vec::new();
-            for name in MODEL_FILES {
+            let optional = OPTIONAL_FILES.into_iter().filter(|name| manifest.files.iter().any(|f| f.name == *name));
+            for name in MODEL_FILES.into_iter().chain(optional) {
                 let from = checkpoint_dir.join(name);
                 let to = tmp.join(name);
                 if name == checkpoint::MODEL_FILE && !manifest.files.iter().any(|f| f.name == name) {
@@ -325,6 +333,7 @@ impl Registry {
                 step: manifest.step,
                 run: run.to_string(),
                 created_unix_ms: now_unix_ms(),
+                base_model: checkpoint::base_model(checkpoint_dir),
             };
             let mut json_files = vec![(SOURCE_FILE, serde_json::to_vec_pretty(&source).expect("serializable"))];
             if let Some(eval) = eval {

@@ -97,13 +97,78 @@ impl IntoResponse for ApiError {
     }
 }
 
+/// The body of `POST /v1/chat/completions`: the conversation instead of a prompt, and the same
+/// sampling fields as completions (checked by the same rules).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChatRequest {
+    pub model: Option<String>,
+    pub messages: Vec<troupe_common::data::chat::Message>,
+    pub max_tokens: Option<u64>,
+    /// The newer name of `max_tokens`.
+    pub max_completion_tokens: Option<u64>,
+    pub temperature: Option<f64>,
+    pub top_p: Option<f64>,
+    pub top_k: Option<u64>,
+    pub stop: Option<Stop>,
+    pub seed: Option<i64>,
+    pub stream: Option<bool>,
+    pub n: Option<u64>,
+    pub logprobs: Option<bool>,
+    pub presence_penalty: Option<f64>,
+    pub frequency_penalty: Option<f64>,
+    pub logit_bias: Option<serde_json::Value>,
+    pub user: Option<String>,
+    pub stream_options: Option<serde_json::Value>,
+}
+
+/// Parses and checks a chat request: the messages, and the sampling fields as for
+/// completions (the prompt is rendered from the messages by the caller, with the model's
+/// chat template).
+pub fn parse_chat(body: &[u8], max_tokens_limit: usize) -> Result<(Vec<troupe_common::data::chat::Message>, Checked), ApiError> {
+    let req: ChatRequest = deserialize(body, "chat completions")?;
+    if req.messages.is_empty() {
+        return Err(ApiError::invalid("messages", "invalid_value", "messages is empty: send at least one message"));
+    }
+    if req.logprobs == Some(true) {
+        return Err(ApiError::invalid("logprobs", "unsupported_value", "logprobs = true is not supported by this server"));
+    }
+    let completion = CompletionRequest {
+        model: req.model,
+        prompt: None,
+        max_tokens: req.max_completion_tokens.or(req.max_tokens),
+        temperature: req.temperature,
+        top_p: req.top_p,
+        top_k: req.top_k,
+        stop: req.stop,
+        seed: req.seed,
+        stream: req.stream,
+        n: req.n,
+        best_of: None,
+        echo: None,
+        logprobs: None,
+        presence_penalty: req.presence_penalty,
+        frequency_penalty: req.frequency_penalty,
+        logit_bias: req.logit_bias,
+        suffix: None,
+        user: req.user,
+        stream_options: req.stream_options,
+    };
+    Ok((req.messages, check(completion, max_tokens_limit)?))
+}
+
 /// Parses and checks a request body. `max_tokens_limit` is `serve.max_tokens`.
 pub fn parse(body: &[u8], max_tokens_limit: usize) -> Result<Checked, ApiError> {
+    let req: CompletionRequest = deserialize(body, "completions")?;
+    check(req, max_tokens_limit)
+}
+
+fn deserialize<T: serde::de::DeserializeOwned>(body: &[u8], api: &str) -> Result<T, ApiError> {
     if body.len() > 1 << 20 {
         return Err(ApiError::invalid("body", "request_too_large", "the request body is over 1 MiB"));
     }
     let mut json = serde_json::Deserializer::from_slice(body);
-    let req: CompletionRequest = serde_path_to_error::deserialize(&mut json).map_err(|e| {
+    let req: T = serde_path_to_error::deserialize(&mut json).map_err(|e| {
         let path = e.path().to_string();
         let e = e.into_inner();
         if e.is_syntax() || e.is_eof() {
@@ -116,7 +181,7 @@ pub fn parse(body: &[u8], max_tokens_limit: usize) -> Result<Checked, ApiError> 
             };
         }
         let at = if path == "." || path.is_empty() { String::new() } else { format!(" (field `{path}`)") };
-        let message = format!("the request does not match the completions API{at}: {e}");
+        let message = format!("the request does not match the {api} API{at}: {e}");
         ApiError { status: StatusCode::BAD_REQUEST, kind: "invalid_request_error", code: "invalid_type", param: None, message }
     })?;
     if json.end().is_err() {
@@ -128,6 +193,10 @@ pub fn parse(body: &[u8], max_tokens_limit: usize) -> Result<Checked, ApiError> 
             message: "the body holds more than one JSON value".into(),
         });
     }
+    Ok(req)
+}
+
+fn check(req: CompletionRequest, max_tokens_limit: usize) -> Result<Checked, ApiError> {
     let prompt = match req.prompt {
         None => String::new(),
         Some(Prompt::Text(text)) => text,

@@ -46,6 +46,9 @@ pub type BatchObserver = Arc<dyn Fn(usize) + Send + Sync>;
 pub struct Engine {
     pub version: u32,
     pub block_size: usize,
+    /// How `/v1/chat/completions` renders messages: the version's `chat_template.json` (that
+    /// of the chat data it was fine-tuned on), or the default template.
+    pub chat_template: troupe_common::data::chat::ChatTemplate,
     tokenizer: Arc<Tokenizer>,
     queue: mpsc::Sender<Generation>,
     /// Requests queued and not yet admitted, to refuse new ones beyond `max_queue`.
@@ -70,6 +73,7 @@ impl Engine {
     pub fn start(dir: &Path, version: u32, max_batch: usize, max_queue: usize, on_batch: BatchObserver) -> anyhow::Result<Engine> {
         let (model, tokenizer) = troupe_common::model::load_for_inference(dir, tch::Device::Cpu)?;
         let block_size = model.config().block_size;
+        let chat_template = troupe_common::data::chat::ChatTemplate::load_or_default(dir)?;
         let max_batch = max_batch.max(1);
         let cache = model.kv_cache(max_batch)?;
         let tokenizer = Arc::new(tokenizer);
@@ -84,7 +88,7 @@ impl Engine {
             thread_alive.store(false, Ordering::SeqCst);
             tracing::debug!("engine v{version} stopped");
         })?;
-        Ok(Engine { version, block_size, tokenizer, queue, waiting, max_queue, alive })
+        Ok(Engine { version, block_size, chat_template, tokenizer, queue, waiting, max_queue, alive })
     }
 
     pub fn tokenizer(&self) -> &Tokenizer {

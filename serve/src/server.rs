@@ -35,6 +35,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 use tokio::sync::mpsc::UnboundedReceiver;
+use troupe_common::data::chat::{render, Message};
 use troupe_common::registry::{self, parse_version, version_name, Registry};
 
 pub struct ServeOptions {
@@ -97,6 +98,7 @@ pub async fn start(options: ServeOptions) -> anyhow::Result<Server> {
         .route_layer(axum::middleware::from_fn_with_state(state.clone(), admin_guard));
     let app = Router::new()
         .route("/v1/completions", post(completions))
+        .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/models", get(models))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
@@ -238,6 +240,26 @@ async fn completions(State(s): State<Arc<AppState>>, headers: HeaderMap, body: B
         Ok(req) => req,
         Err(e) => return s.refuse(e),
     };
+    answer(s, started, req, None).await
+}
+
+/// `POST /v1/chat/completions`: the messages rendered with the version's chat template, then
+/// generated like a completion (stopping at `<|endoftext|>`, which ends an assistant's turn).
+async fn chat_completions(State(s): State<Arc<AppState>>, headers: HeaderMap, body: Bytes) -> Response {
+    let started = Instant::now();
+    if let Err(e) = s.authorize(&headers) {
+        return s.refuse(e);
+    }
+    let (messages, req) = match api::parse_chat(&body, s.max_tokens) {
+        Ok(parsed) => parsed,
+        Err(e) => return s.refuse(e),
+    };
+    answer(s, started, req, Some(messages)).await
+}
+
+/// Routes a checked request to a version and answers it: a completion of `req.prompt`, or with
+/// `messages` a chat reply.
+async fn answer(s: Arc<AppState>, started: Instant, req: api::Checked, messages: Option<Vec<Message>>) -> Response {
     let pinned = match s.pinned(req.model.as_deref()) {
         Ok(p) => p,
         Err(e) => return s.refuse(e),
@@ -254,7 +276,11 @@ async fn completions(State(s): State<Arc<AppState>>, headers: HeaderMap, body: B
         };
     };
     let version = engine.version;
-    let mut prompt: Vec<i64> = match engine.tokenizer().encode(&req.prompt) {
+    let encoded = match &messages {
+        Some(m) => render(engine.tokenizer(), &engine.chat_template, m, true).map(|(ids, _)| ids),
+        None => engine.tokenizer().encode(&req.prompt),
+    };
+    let mut prompt: Vec<i64> = match encoded {
         Ok(ids) => ids.into_iter().map(i64::from).collect(),
         Err(e) => return s.refuse(ApiError::invalid("prompt", "invalid_value", format!("the prompt cannot be tokenized: {e}"))),
     };
@@ -307,6 +333,7 @@ async fn completions(State(s): State<Arc<AppState>>, headers: HeaderMap, body: B
     s.metrics.queue_depth.set(engine.queue_depth() as i64);
     let reply = Reply {
         s: s.clone(),
+        chat: messages.is_some(),
         include_usage: req.include_usage,
         id,
         version,
@@ -324,6 +351,8 @@ async fn completions(State(s): State<Arc<AppState>>, headers: HeaderMap, body: B
 /// Builds the answer to one completion from the engine's events.
 struct Reply {
     s: Arc<AppState>,
+    /// A chat reply (`chat.completion` bodies) rather than a text completion.
+    chat: bool,
     /// Streams end with a usage chunk only when the client asked (stream_options).
     include_usage: bool,
     id: String,
@@ -334,17 +363,42 @@ struct Reply {
 }
 
 impl Reply {
-    fn body(&self, text: String, finish_reason: Option<FinishReason>, usage: Option<Usage>) -> Completion {
-        Completion {
+    /// A whole answer (with `usage`), or one chunk of a stream: a text completion's, or a chat
+    /// reply's (`message` when whole, `delta` in a stream).
+    fn body(&self, text: String, finish_reason: Option<FinishReason>, usage: Option<Usage>) -> serde_json::Value {
+        let completion = Completion {
             id: self.id.clone(),
             object: "text_completion",
             created: self.created,
             model: self.s.model_name.clone(),
             version: version_name(self.version),
             system_fingerprint: version_name(self.version),
-            choices: vec![Choice { text, index: 0, logprobs: None, finish_reason }],
+            choices: Vec::new(),
             usage,
+        };
+        let mut body = serde_json::to_value(&completion).unwrap_or_default();
+        if !self.chat {
+            body["choices"] = serde_json::json!([Choice { text, index: 0, logprobs: None, finish_reason }]);
+            return body;
         }
+        let whole = body.get("usage").is_some_and(|u| !u.is_null()) && finish_reason.is_some();
+        let (object, choice) = if whole {
+            (
+                "chat.completion",
+                serde_json::json!({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish_reason}),
+            )
+        } else if text.is_empty() {
+            ("chat.completion.chunk", serde_json::json!({"index": 0, "delta": {}, "finish_reason": finish_reason}))
+        } else {
+            (
+                "chat.completion.chunk",
+                serde_json::json!({"index": 0, "delta": {"role": "assistant", "content": text}, "finish_reason": finish_reason}),
+            )
+        };
+        body["object"] = object.into();
+        body["id"] = format!("chat{}", self.id).into();
+        body["choices"] = serde_json::json!([choice]);
+        body
     }
 
     fn version_header(&self) -> [(&'static str, HeaderValue); 1] {
@@ -421,7 +475,7 @@ impl Reply {
                                     total_tokens: reply.prompt_tokens + completion_tokens,
                                 };
                                 let mut last = reply.body(String::new(), None, Some(usage));
-                                last.choices.clear();
+                                last["choices"] = serde_json::json!([]);
                                 events.push(json_event(&last));
                             }
                             events.push(Event::default().data("[DONE]"));

@@ -459,3 +459,34 @@ pub fn hf_python_path() -> std::ffi::OsString {
 pub fn python_importable(pythonpath: &std::ffi::OsString, modules: &str) -> bool {
     Command::new("python3").env("PYTHONPATH", pythonpath).args(["-c", &format!("import {modules}")]).status().is_ok_and(|s| s.success())
 }
+
+/// Starts `troupe serve …` (stdout piped) and returns it with its URL, read from its "serving
+/// model … on URL" line.
+pub fn start_server(mut cmd: Command) -> (KillOnDrop, String) {
+    use std::io::BufRead;
+    let mut child = cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::null()).spawn().expect("start troupe serve");
+    let stdout = child.stdout.take().expect("piped stdout");
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let process = KillOnDrop(child);
+    loop {
+        let line = rx.recv_timeout(Duration::from_secs(60)).expect("troupe serve starts");
+        if let Some(rest) = line.strip_prefix("serving model ") {
+            let at = rest.find("http://").expect("a URL");
+            return (process, rest[at..].split_whitespace().next().unwrap().to_string());
+        }
+    }
+}
+
+/// POSTs JSON to `url` + `path` and returns the JSON answer (whatever the status).
+pub fn http_post_json(url: &str, path: &str, body: &serde_json::Value) -> serde_json::Value {
+    let agent: ureq::Agent =
+        ureq::Agent::config_builder().http_status_as_error(false).timeout_global(Some(Duration::from_secs(60))).build().into();
+    let mut response =
+        agent.post(format!("{url}{path}")).header("Content-Type", "application/json").send(body.to_string()).expect("the server answers");
+    serde_json::from_str(&response.body_mut().read_to_string().unwrap_or_default()).unwrap_or(serde_json::Value::Null)
+}

@@ -36,6 +36,18 @@ seen["stream_usage"] = usage
 
 seen["models"] = [m.id for m in client.models.list().data]
 
+messages = [{"role": "user", "content": "Hi"}]
+chat = client.chat.completions.create(model=model, messages=messages, max_tokens=10, temperature=0, seed=1)
+seen["chat_role"] = chat.choices[0].message.role
+seen["chat_text"] = chat.choices[0].message.content
+seen["chat_object"] = chat.object
+seen["chat_tokens"] = chat.usage.completion_tokens
+pieces = []
+for chunk in client.chat.completions.create(model=model, messages=messages, max_tokens=10, temperature=0, seed=1, stream=True):
+    for choice in chunk.choices:
+        pieces.append(choice.delta.content or "")
+seen["chat_stream_text"] = "".join(pieces)
+
 try:
     OpenAI(base_url=base + "/v1", api_key="wrong-key", max_retries=0).completions.create(model=model, prompt="x", max_tokens=1)
     seen["wrong_key"] = "accepted"

@@ -43,6 +43,16 @@ pub const STATE_FILE: &str = "state.json";
 /// The model's shape (`GptConfig` as JSON), next to its weights.
 pub const MODEL_CONFIG_FILE: &str = "model.json";
 pub const TOKENIZER_FILE: &str = "tokenizer.json";
+/// In a fine-tuned run's checkpoints: `{"init_from": …, "source": …}`, where its weights
+/// started (and that folder's own `source.json`, e.g. the Hugging Face folder it came from).
+pub const BASE_MODEL_FILE: &str = "base_model.json";
+
+/// The base model a checkpoint was fine-tuned from: the Hugging Face folder an import came
+/// from where known, else the `init_from` folder.
+pub fn base_model(dir: &Path) -> Option<String> {
+    let v: serde_json::Value = serde_json::from_slice(&fs::read(dir.join(BASE_MODEL_FILE)).ok()?).ok()?;
+    v["source"]["base_model"].as_str().or(v["init_from"].as_str()).map(str::to_string)
+}
 /// 2: sharded state files and the layout (format 1 held `model.safetensors` and one optimizer
 /// file; it is not read any more).
 pub const MANIFEST_FORMAT: u32 = 2;

@@ -36,6 +36,9 @@ pub const FORMAT_VERSION: u32 = 2;
 pub struct ValSplit {
     pub source: String,
     pub shards: Vec<ShardInfo>,
+    /// Its loss mask (chat and instruction data), shard for shard.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub mask: Vec<ShardInfo>,
 }
 
 /// What happened to one source's documents.
@@ -104,6 +107,14 @@ pub struct Meta {
     pub tokenizer: String,
     /// The `[data.filters]` the documents went through.
     pub filters: troupe_core::config::FilterConfig,
+    /// Chat and instruction data: the train stream's loss mask (1 where a token is trained on),
+    /// shard for shard.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub train_mask: Vec<ShardInfo>,
+    /// Chat and instruction data: every conversation is padded to this many tokens, so one
+    /// sample is one conversation; model.block_size must equal it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sample_tokens: Option<usize>,
 }
 
 /// `meta.json` of a format-1 folder, as it was written.
@@ -142,6 +153,7 @@ impl MetaV1 {
             val: vec![ValSplit {
                 source: "corpus".into(),
                 shards: vec![ShardInfo { file: VAL_BIN.into(), tokens: self.val_tokens, sha256: self.val_sha256 }],
+                mask: Vec::new(),
             }],
             documents: self.documents as u64,
             train_documents: self.train_documents as u64,
@@ -172,6 +184,8 @@ impl MetaV1 {
             seed: self.seed,
             tokenizer: "trained on the train documents (format 1)".into(),
             filters: troupe_core::config::FilterConfig::default(),
+            train_mask: Vec::new(),
+            sample_tokens: None,
         }
     }
 }
@@ -179,7 +193,7 @@ impl MetaV1 {
 impl Meta {
     /// Every shard of the folder, train first.
     fn shards(&self) -> impl Iterator<Item = &ShardInfo> {
-        self.train.iter().chain(self.val.iter().flat_map(|v| v.shards.iter()))
+        self.train.iter().chain(&self.train_mask).chain(self.val.iter().flat_map(|v| v.shards.iter().chain(&v.mask)))
     }
 }
 
@@ -257,23 +271,27 @@ pub fn is_prepared(dir: &Path) -> bool {
 
 /// The train stream of a prepared folder (every shard, in order).
 pub fn open_train(dir: &Path, meta: &Meta) -> DataResult<TokenFile> {
-    let paths: Vec<PathBuf> = meta.train.iter().map(|s| dir.join(&s.file)).collect();
-    TokenFile::open_shards(&paths, meta.dtype)
+    open_stream(dir, meta, &meta.train, &meta.train_mask)
+}
+
+/// Shards as one stream, with their loss mask when there is one.
+fn open_stream(dir: &Path, meta: &Meta, shards: &[ShardInfo], mask: &[ShardInfo]) -> DataResult<TokenFile> {
+    let paths = |s: &[ShardInfo]| s.iter().map(|s| dir.join(&s.file)).collect::<Vec<PathBuf>>();
+    let stream = TokenFile::open_shards(&paths(shards), meta.dtype)?;
+    if mask.is_empty() {
+        return Ok(stream);
+    }
+    stream.with_mask(TokenFile::open_shards(&paths(mask), meta.dtype)?)
 }
 
 /// Each source's validation documents as a stream of its own, with the source's name.
 pub fn open_val_sources(dir: &Path, meta: &Meta) -> DataResult<Vec<(String, TokenFile)>> {
-    meta.val
-        .iter()
-        .map(|v| {
-            let paths: Vec<PathBuf> = v.shards.iter().map(|s| dir.join(&s.file)).collect();
-            Ok((v.source.clone(), TokenFile::open_shards(&paths, meta.dtype)?))
-        })
-        .collect()
+    meta.val.iter().map(|v| Ok((v.source.clone(), open_stream(dir, meta, &v.shards, &v.mask)?))).collect()
 }
 
 /// Every source's validation documents as one stream (sources in order).
 pub fn open_val(dir: &Path, meta: &Meta) -> DataResult<TokenFile> {
-    let paths: Vec<PathBuf> = meta.val.iter().flat_map(|v| v.shards.iter()).map(|s| dir.join(&s.file)).collect();
-    TokenFile::open_shards(&paths, meta.dtype)
+    let shards: Vec<ShardInfo> = meta.val.iter().flat_map(|v| v.shards.iter().cloned()).collect();
+    let mask: Vec<ShardInfo> = meta.val.iter().flat_map(|v| v.mask.iter().cloned()).collect();
+    open_stream(dir, meta, &shards, &mask)
 }

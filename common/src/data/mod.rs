@@ -5,6 +5,7 @@
 //! - [`dedup`]: exact and near-duplicate (MinHash LSH) detection.
 //! - [`pipeline`]: the streaming, multi-threaded read → filter → encode pass.
 //! - [`prepare`](mod@prepare): the whole preparation, from sources to a prepared folder.
+//! - [`chat`]: chat and instruction data: a chat template, and a loss mask over the answers.
 //! - [`mixture`]: mixing sources by weight into one train stream.
 //! - [`shards`] and [`meta`]: the prepared folder — token shards and `meta.json`.
 //! - [`corpus`]: fetching the Shakespeare corpus (or generating text), finding input files.
@@ -13,6 +14,7 @@
 //! - [`sampler`]: the global-cursor sampler that makes data parallel training resumable and
 //!   elastic without skipping or repeating samples.
 
+pub mod chat;
 pub mod corpus;
 pub mod dedup;
 mod error;
@@ -34,6 +36,6 @@ pub use meta::{
     META_JSON, TOKENIZER_JSON, TRAIN_BIN, VAL_BIN,
 };
 pub use prepare::{prepare, PrepareOptions, Source};
-pub use sampler::{eval_indices, load_batch, num_samples, rank_range, Sampler, SamplerMemo};
+pub use sampler::{eval_indices, load_batch, num_samples, rank_range, trained_targets, Sampler, SamplerMemo};
 pub use tokenizer::{Tokenizer, EOT_TOKEN, MAX_VOCAB_SIZE, MIN_VOCAB_SIZE};
 pub use tokens::{TokenDtype, TokenFile};

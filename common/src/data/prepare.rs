@@ -266,7 +266,7 @@ fn prepare_into(opts: &PrepareOptions, dir: &Path) -> DataResult<Meta> {
         let mut report = source.report;
         (report.files, report.bytes_read, report.records, report.bad_records) =
             (read.files, read.bytes_read, read.records, read.bad_records);
-        val.push(ValSplit { source: report.name.clone(), shards: source.val.finish()? });
+        val.push(ValSplit { source: report.name.clone(), shards: source.val.finish()?, mask: Vec::new() });
         if mixing {
             let shards = source.train.finish()?;
             let paths: Vec<PathBuf> = shards.iter().map(|sh| dir.join(&sh.file)).collect();
@@ -337,6 +337,8 @@ fn prepare_into(opts: &PrepareOptions, dir: &Path) -> DataResult<Meta> {
         seed: opts.seed,
         tokenizer: tokenizer_origin,
         filters: opts.filters.clone(),
+        train_mask: Vec::new(),
+        sample_tokens: None,
     };
     let meta_json = serde_json::to_string_pretty(&meta)
         .map_err(|e| DataError::BadPrepared { path: opts.out.clone(), reason: format!("could not serialise meta.json: {e}") })?;

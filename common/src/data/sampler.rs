@@ -135,7 +135,8 @@ pub fn eval_indices(num_val_samples: u64, sequences: usize, rank: usize, world: 
 }
 
 /// Reads the samples `sample_ids` as row-major `[n, block_size]` inputs and targets (the
-/// targets are the inputs shifted left by one token).
+/// targets are the inputs shifted left by one token). On a masked stream (chat data) a target
+/// that is not trained on is -1, which the loss ignores.
 pub fn load_batch(tokens: &TokenFile, block_size: usize, sample_ids: &[u64]) -> DataResult<(Vec<i64>, Vec<i64>)> {
     let rows = sample_ids.len();
     let mut inputs = Vec::with_capacity(rows.saturating_mul(block_size));
@@ -147,9 +148,25 @@ pub fn load_batch(tokens: &TokenFile, block_size: usize, sample_ids: &[u64]) -> 
         window.clear();
         tokens.extend_window(start, block_size.saturating_add(1), &mut window)?;
         inputs.extend_from_slice(&window[..block_size]);
-        targets.extend_from_slice(&window[1..]);
+        if tokens.is_masked() {
+            let trained = tokens.trained(start + 1, block_size)?;
+            targets.extend(window[1..].iter().zip(trained).map(|(&t, on)| if on { t } else { -1 }));
+        } else {
+            targets.extend_from_slice(&window[1..]);
+        }
     }
     Ok((inputs, targets))
+}
+
+/// How many targets of the samples `sample_ids` are trained on: every one of an unmasked
+/// stream, the mask's ones of a masked one.
+pub fn trained_targets(tokens: &TokenFile, block_size: usize, sample_ids: &[u64]) -> DataResult<u64> {
+    let mut n = 0;
+    for &id in sample_ids {
+        let start = usize::try_from(id).unwrap_or(usize::MAX).saturating_mul(block_size);
+        n += tokens.trained(start.saturating_add(1), block_size)?.into_iter().filter(|&on| on).count() as u64;
+    }
+    Ok(n)
 }
 
 /// A tiny seeded generator (SplitMix64) so the sample order depends on nothing but the seed:

@@ -59,6 +59,9 @@ pub struct TokenFile {
     shards: Vec<Shard>,
     dtype: TokenDtype,
     len: usize,
+    /// For chat and instruction data: a parallel stream, 1 where the token is trained on as a
+    /// target (an assistant's answer) and 0 where it is not (prompts, padding).
+    mask: Option<Box<TokenFile>>,
 }
 
 impl TokenFile {
@@ -86,7 +89,33 @@ impl TokenFile {
             shards.push(Shard { path: path.clone(), map, start, tokens });
             start += tokens;
         }
-        Ok(TokenFile { shards, dtype, len: start })
+        Ok(TokenFile { shards, dtype, len: start, mask: None })
+    }
+
+    /// This stream with its loss mask (the same length).
+    pub fn with_mask(mut self, mask: TokenFile) -> DataResult<Self> {
+        if mask.len != self.len {
+            return Err(DataError::BadTokenFile {
+                path: mask.path().to_path_buf(),
+                reason: format!("the loss mask holds {} values for {} tokens", mask.len, self.len),
+            });
+        }
+        self.mask = Some(Box::new(mask));
+        Ok(self)
+    }
+
+    /// Whether only some tokens are trained on (see [`TokenFile::with_mask`]).
+    pub fn is_masked(&self) -> bool {
+        self.mask.is_some()
+    }
+
+    /// The loss mask over `[start, start + len)`: whether each token is a trained target (all
+    /// true without a mask).
+    pub fn trained(&self, start: usize, len: usize) -> DataResult<Vec<bool>> {
+        match &self.mask {
+            Some(mask) => Ok(mask.window(start, len)?.into_iter().map(|m| m != 0).collect()),
+            None => Ok(vec![true; len]),
+        }
     }
 
     /// Number of tokens in the whole stream.

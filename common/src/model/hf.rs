@@ -278,7 +278,7 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("troupe-hf-config-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let base = serde_json::json!({"model_type": "gpt2", "n_embd": 64, "n_layer": 2, "n_head": 4, "vocab_size": 100, "n_positions": 32});
-        assert_eq!(config_from_hf(&dir).unwrap_err().to_string().contains("not a Hugging Face model folder"), true);
+        assert!(config_from_hf(&dir).unwrap_err().to_string().contains("not a Hugging Face model folder"));
         for (key, value, says) in [
             ("model_type", serde_json::json!("llama"), "llama"),
             ("activation_function", serde_json::json!("relu"), "relu"),
@@ -297,7 +297,7 @@ mod tests {
         let c = config_from_hf(&dir).unwrap();
         assert_eq!((c.n_embd, c.n_layer, c.block_size, c.vocab_size, c.bias), (64, 2, 32, 100, true));
         std::fs::write(dir.join("pytorch_model.bin"), b"pickle").unwrap();
-        assert!(format!("{:#}", load_hf_model(&dir).unwrap_err()).contains("safe_serialization"));
+        assert!(format!("{:#}", load_hf_model(&dir).err().unwrap()).contains("safe_serialization"));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

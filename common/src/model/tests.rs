@@ -546,3 +546,51 @@ fn kv_cache_decoding_matches_recomputing_the_whole_context() {
     assert_eq!(cache.filled(full_slot), 3);
     assert!(model.decode(&mut cache, &[0], &[vocab]).is_err(), "a token outside the vocabulary is an error");
 }
+
+/// The loss mask of chat data is honoured: two streams that differ only in targets the mask
+/// leaves out give the same batch and the same gradients; a difference in a trained target
+/// changes them.
+#[test]
+fn targets_outside_the_loss_mask_do_not_reach_the_gradients() {
+    use crate::data::{load_batch, TokenDtype, TokenFile};
+    let dir = crate::data::corpus::tests::scratch_dir("loss-mask");
+    let cfg = tiny();
+    let block = cfg.block_size;
+    let write = |name: &str, ids: &[u32]| {
+        let mut bytes = Vec::new();
+        for &id in ids {
+            TokenDtype::U16.push(id, &mut bytes);
+        }
+        let path = dir.join(name);
+        std::fs::write(&path, bytes).unwrap();
+        path
+    };
+    // Two samples; the mask trains positions 5..12 of each window and nothing else.
+    let n = 2 * block + 1;
+    let base: Vec<u32> = (0..n as u32).map(|i| (i * 7 + 3) % 64).collect();
+    let mask: Vec<u32> = (0..n).map(|i| u32::from((5..12).contains(&(i % block)))).collect();
+    // Sample 1's window ends at 2·block: a token that is only a target there, and not trained.
+    assert_eq!(mask[2 * block], 0);
+    let mut outside = base.clone();
+    outside[2 * block] = (outside[2 * block] + 1) % 64;
+    let mut inside = base.clone();
+    inside[block + 6] = (inside[block + 6] + 1) % 64;
+    let stream = |ids: &[u32], name: &str| {
+        TokenFile::open(&write(name, ids)).unwrap().with_mask(TokenFile::open(&write(&format!("{name}-mask"), &mask)).unwrap()).unwrap()
+    };
+    let grads = |tokens: &TokenFile| -> (Vec<i64>, Vec<f32>) {
+        let (x, y) = load_batch(tokens, block, &[0, 1]).unwrap();
+        let model = Gpt::new(&cfg, Device::Cpu, 11).unwrap();
+        let xs = Tensor::from_slice(&x).view([2, block as i64]);
+        let ys = Tensor::from_slice(&y).view([2, block as i64]);
+        model.loss(&xs, &ys, false).backward();
+        (y, crate::model::flat_grads(&model.parameter_tensors()))
+    };
+    let (y_base, g_base) = grads(&stream(&base, "base"));
+    assert!(y_base.iter().filter(|&&t| t >= 0).count() == 2 * 7 && y_base.contains(&-1), "{y_base:?}");
+    let (_, g_outside) = grads(&stream(&outside, "outside"));
+    assert!(g_base == g_outside, "a masked-out target changed the gradients");
+    let (_, g_inside) = grads(&stream(&inside, "inside"));
+    assert!(g_base != g_inside, "a trained target must change the gradients");
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -5,6 +5,7 @@ use std::path::Path;
 use std::time::Instant;
 
 use troupe_common::checkpoint::{self, ShardSnapshot, TrainState};
+use troupe_common::data;
 use troupe_core::proto::FileDigest;
 
 use super::{Trainer, TrainerError, MODEL_CONFIG_FILE, TOKENIZER_FILE};
@@ -71,6 +72,16 @@ impl Trainer {
             let path = cx.config.data.dir.join(TOKENIZER_FILE);
             let tokenizer = std::fs::read(&path).map_err(|source| TrainerError::Io { what: "read the tokenizer", path, source })?;
             extra.push((TOKENIZER_FILE.into(), tokenizer));
+            let template = cx.config.data.dir.join(data::chat::CHAT_TEMPLATE_JSON);
+            if let Ok(bytes) = std::fs::read(&template) {
+                extra.push((data::chat::CHAT_TEMPLATE_JSON.into(), bytes));
+            }
+            if !cx.config.model.init_from.is_empty() {
+                let init = std::path::Path::new(&cx.config.model.init_from);
+                let source: Option<serde_json::Value> =
+                    std::fs::read(init.join(troupe_common::model::hf::SOURCE_FILE)).ok().and_then(|b| serde_json::from_slice(&b).ok());
+                extra.push((checkpoint::BASE_MODEL_FILE.into(), json(&serde_json::json!({ "init_from": init, "source": source }))));
+            }
         }
         let dir = dir.to_path_buf();
         let writer = std::thread::Builder::new()

@@ -91,6 +91,12 @@ pub enum TrainerError {
         dir.display()
     )]
     ResumeModel { dir: PathBuf, found: usize, expected: usize },
+    #[error(
+        "{} holds conversations padded to {sample_tokens} tokens (one per sample), but model.block_size is {block_size}; \
+         set model.block_size = {sample_tokens}, or prepare the data again with --block-size {block_size}",
+        path.display()
+    )]
+    SampleTokens { path: PathBuf, sample_tokens: usize, block_size: usize },
     #[error("model.init_from {}: {message}", dir.display())]
     InitFrom { dir: PathBuf, message: String },
     /// An order for another step than the one the state is at (a protocol error).
@@ -263,6 +269,9 @@ impl Trainer {
             let tokens = val_sources.iter().map(|(_, val)| val.len()).sum();
             return Err(TrainerError::TooLittleValidation { path: data_dir.clone(), tokens, block_size });
         }
+        if let Some(n) = meta.sample_tokens.filter(|&n| n != block_size) {
+            return Err(TrainerError::SampleTokens { path: data_dir.clone(), sample_tokens: n, block_size });
+        }
         let bf16 = config.train.precision.bf16_on(device.is_cuda()).map_err(TrainerError::Precision)?;
         let gpt_config = GptConfig::from_model_config(&config.model, meta.vocab_size);
         let mut model = Gpt::new(&gpt_config, device, config.run.seed as i64)?;
@@ -386,10 +395,23 @@ impl Trainer {
         let mut times = Times::default();
         let t = Instant::now();
         let ids = self.sampler.indices(cursor, global_batch, self.cx.rank, self.cx.world_size);
+        // A micro-batch's weight is its share of the global batch's trained targets: all of
+        // its tokens, or on chat data only the answers (every rank counts those of the whole
+        // global batch from the masks, so the step's loss is the mean over every answer token
+        // whatever the world size, with no collective).
+        let block = self.cx.config.model.block_size;
+        let masked_total = match self.train.is_masked() {
+            true => Some(data::trained_targets(&self.train, block, &self.sampler.indices(cursor, global_batch, 0, 1))?.max(1)),
+            false => None,
+        };
         let mut batches = Vec::new();
         for chunk in ids.chunks(train.micro_batch) {
             let (x, y) = self.cx.batch(&self.train, chunk)?;
-            batches.push((x, y, chunk.len() as f64 / global_batch as f64));
+            let weight = match masked_total {
+                Some(total) => data::trained_targets(&self.train, block, chunk)? as f64 / total as f64,
+                None => chunk.len() as f64 / global_batch as f64,
+            };
+            batches.push((x, y, weight));
         }
         times.data += t.elapsed().as_secs_f64();
         self.trace_samples(step, &ids);
@@ -476,10 +498,15 @@ fn evaluate_stream(
 ) -> Result<(f64, u64), TrainerError> {
     let num_val = data::num_samples(val.len(), cx.config.model.block_size);
     let ids = data::eval_indices(num_val, sequences, cx.rank, cx.world_size);
+    // Each micro-batch's mean loss weighs by what it averages over: its sequences, or on chat
+    // data its answer tokens (then the second figure returned counts those, and the
+    // coordinator's division gives the mean over answer tokens).
     let mut batches = Vec::new();
     for chunk in ids.chunks(cx.config.train.micro_batch) {
         let (x, y) = cx.batch(val, chunk)?;
-        batches.push((x, y, chunk.len() as f64));
+        let weight =
+            if val.is_masked() { data::trained_targets(val, cx.config.model.block_size, chunk)? as f64 } else { chunk.len() as f64 };
+        batches.push((x, y, weight));
     }
     let losses = match state {
         StrategyState::Zero3(z) => z.eval_losses(cx, step, &batches, comm)?,
@@ -491,7 +518,8 @@ fn evaluate_stream(
     for (loss, (_, _, n)) in losses.iter().zip(&batches) {
         loss_sum += loss.to_kind(Kind::Double).f_double_value(&[])? * n;
     }
-    Ok((loss_sum, ids.len() as u64))
+    let count = if val.is_masked() { batches.iter().map(|b| b.2 as u64).sum() } else { ids.len() as u64 };
+    Ok((loss_sum, count))
 }
 
 /// This rank's share of a step's loss: Σ over micro-batches of loss × weight, in f64. It is
