@@ -38,7 +38,7 @@ def main():
         cmd = [
             troupe, "local", "--out", out, "--workers", "1", "--sample-tokens", "0",
             "--set", f"run.name={name}", "--set", "deploy.enabled=false",
-            "--set", f"train.steps={steps}", "--set", f"eval.interval={interval}",
+            "--set", f"train.steps={steps}", "--set", f"eval.interval={interval}", "--set", "train.min_learning_rate=1e-5",
             "--set", f"checkpoint.interval={steps}", "--set", f"train.threads_per_worker={threads}",
             "--set", f"train.learning_rate={lr!r}", "--set", f"train.warmup_steps={warmup}",
         ]

@@ -2,7 +2,8 @@
 //! `troupe sweep` (TPE, median stopping rule) and Optuna (TPE sampler, median pruner; from
 //! PyPI, installed here) driving `troupe local --set …` (benches/optuna_sweep.py). Both run one
 //! trial at a time on the embedded default (Shakespeare, the 4-layer model), searching the
-//! learning rate (log-uniform 1e-4…3e-2) and the warm-up (5…60 steps).
+//! learning rate (log-uniform 1e-4…3e-2, the floor of its schedule at 1e-5) and the warm-up
+//! (5…60 steps).
 //!
 //!   cargo build --release && cargo bench --bench sweep
 //!
@@ -51,7 +52,7 @@ fn troupe_sweep(bin: &Path, dir: &Path, trials: u64, steps: u64, interval: u64, 
         &file,
         format!(
             "name = \"troupe\"\ntrials = {trials}\nparallel = 1\nworkers = 1\nseed = {seed}\nsearch = \"tpe\"\nstartup_trials = {}\n\
-             [set]\n\"train.steps\" = {steps}\n\"eval.interval\" = {interval}\n\"checkpoint.interval\" = {steps}\n\
+             [set]\n\"train.steps\" = {steps}\n\"train.min_learning_rate\" = 1e-5\n\"eval.interval\" = {interval}\n\"checkpoint.interval\" = {steps}\n\
              [space.\"train.learning_rate\"]\nlog_uniform = [1e-4, 3e-2]\n[space.\"train.warmup_steps\"]\nint = [5, 60]\n\
              [scheduler]\nkind = \"median\"\ngrace_steps = {interval}\nmin_trials = 3\n",
             (trials / 4).max(2)
