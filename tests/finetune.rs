@@ -93,7 +93,7 @@ fn a_transformers_gpt2_imports_with_its_logits_and_exports_to_the_same_bytes() {
 }
 
 /// Bad folders are named: no config.json, another model type, only pytorch_model.bin, no
-/// tokenizer; nothing is left at --out.
+/// tokenizer, a tensor of the wrong shape; nothing is left at --out.
 #[test]
 fn import_names_what_is_wrong_with_a_folder() {
     let dir = scratch("import-bad");
@@ -118,6 +118,21 @@ fn import_names_what_is_wrong_with_a_folder() {
     std::fs::write(pickle.join("pytorch_model.bin"), b"not loaded").unwrap();
     let out = import(&pickle, &dir.join("out"));
     assert!(!out.status.success() && stderr(&out).contains("safe_serialization"), "{}", stderr(&out));
+
+    // Weights that fit, but no tokenizer.
+    let cfg =
+        troupe_common::model::GptConfig { vocab_size: 300, block_size: 32, n_layer: 2, n_head: 4, n_embd: 64, dropout: 0.1, bias: true };
+    troupe_common::model::Gpt::new(&cfg, tch::Device::Cpu, 1).unwrap().save_safetensors(pickle.join("model.safetensors")).unwrap();
+    let out = import(&pickle, &dir.join("out"));
+    assert!(!out.status.success() && stderr(&out).contains("no tokenizer"), "{}", stderr(&out));
+    // A tensor of another shape is named.
+    std::fs::write(
+        pickle.join("config.json"),
+        r#"{"model_type": "gpt2", "n_embd": 64, "n_layer": 2, "n_head": 4, "vocab_size": 301, "n_positions": 32}"#,
+    )
+    .unwrap();
+    let out = import(&pickle, &dir.join("out"));
+    assert!(!out.status.success() && stderr(&out).contains("transformer.wte.weight"), "{}", stderr(&out));
     assert!(!dir.join("out").exists());
 }
 
