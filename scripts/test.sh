@@ -51,6 +51,19 @@ if ! PYTHONPATH="$k8s_validate_dir" python3 -c 'import kubernetes_validate' >/de
         echo "test: could not install kubernetes-validate; its test will be skipped" >&2
     fi
 fi
+# moto's S3-compatible server and boto3, for the test of data in object storage
+# (tests/object_store.rs). Pinned; installed once into the cache like openai.
+moto_dir="${TROUPE_CACHE:-$HOME/.cache/troupe}/python-moto"
+if ! PYTHONPATH="$moto_dir" python3 -c 'import boto3, moto.server' >/dev/null 2>&1; then
+    echo "test: installing moto's S3 server and boto3 into $moto_dir (once)…" >&2
+    if python3 -m pip install --disable-pip-version-check --root-user-action=ignore --no-warn-conflicts --quiet --target "$moto_dir.partial.$$" 'moto[server]==5.1.0'; then
+        rm -rf "$moto_dir"
+        mv "$moto_dir.partial.$$" "$moto_dir"
+    else
+        rm -rf "$moto_dir.partial.$$"
+        echo "test: could not install moto; the object storage test will be skipped" >&2
+    fi
+fi
 # shellcheck disable=SC1091
 source "${TROUPE_CACHE:-$HOME/.cache/troupe}/env.sh"
 # transformers and safetensors, for the test that loads `troupe export`'s folder with them

@@ -610,10 +610,11 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let block_size = args.block_size.context("--format chat and instruct need --block-size (the model's block_size)")?;
             anyhow::ensure!(!args.input.is_empty(), "--format chat and instruct read JSONL files given with --input");
             let out = args.out.clone();
+            let target = prepare_target(&out);
             let options = ChatPrepareOptions {
                 inputs: args.input,
                 format,
-                out: out.clone(),
+                out: target.clone(),
                 tokenizer,
                 block_size,
                 val_fraction: args.val_fraction,
@@ -621,6 +622,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 shard_tokens: args.shard_tokens,
             };
             let meta = tokio::task::spawn_blocking(move || prepare_chat(&options)).await??;
+            finish_prepare(&out, &target).await?;
             let report = &meta.sources[0];
             troupe_common::say!(
                 "prepared {} conversations into {} ({} train, {} held out; {} answer tokens to train on), each padded to {block_size} tokens; dropped or cut: {:?}",
@@ -652,6 +654,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             filters.scrub_emails |= args.scrub_pii;
             filters.scrub_ips |= args.scrub_pii;
             let out = args.out.clone();
+            let target = prepare_target(&out);
             let options = PrepareOptions {
                 sources,
                 file_filter,
@@ -666,9 +669,10 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 shard_tokens: args.shard_tokens,
                 max_bad_records: args.max_bad_records,
                 progress: true,
-                ..PrepareOptions::new(Vec::new(), out.clone())
+                ..PrepareOptions::new(Vec::new(), target.clone())
             };
             tokio::task::spawn_blocking(move || troupe_common::data::prepare(&options)).await??;
+            finish_prepare(&out, &target).await?;
             troupe_common::say!("prepared {} (the whole report is in its meta.json)", out.display());
             Ok(ExitCode::SUCCESS)
         }
@@ -763,6 +767,30 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// Where `troupe prepare` writes: `--out` itself, or for object storage (`s3://…`) a staging
+/// folder in the cache, uploaded by [`finish_prepare`].
+fn prepare_target(out: &std::path::Path) -> PathBuf {
+    if troupe_common::storage::is_remote(out) {
+        troupe_common::storage::cache_root().join("staging").join(format!("prepare-{}", std::process::id()))
+    } else {
+        out.to_path_buf()
+    }
+}
+
+/// Uploads a staged prepared folder to its object-storage `--out` (meta.json last) and
+/// removes the staging copy, uploaded or not.
+async fn finish_prepare(out: &std::path::Path, written: &std::path::Path) -> anyhow::Result<()> {
+    if written == out {
+        return Ok(());
+    }
+    let (url, staged) = (out.to_string_lossy().into_owned(), written.to_path_buf());
+    troupe_common::say!("uploading the prepared data to {url}…");
+    let uploaded = tokio::task::spawn_blocking(move || troupe_common::data::remote::upload_prepared(&staged, &url)).await?;
+    let _ = std::fs::remove_dir_all(written);
+    uploaded.with_context(|| format!("uploading to {}", out.display()))?;
+    Ok(())
 }
 
 async fn run_coordinator(args: CoordinatorArgs) -> anyhow::Result<ExitCode> {

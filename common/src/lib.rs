@@ -25,3 +25,4 @@ pub mod net;
 pub mod registry;
 pub mod signals;
 pub mod status;
+pub mod storage;

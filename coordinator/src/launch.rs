@@ -12,16 +12,30 @@ use troupe_core::config::Config;
 
 /// Where downloaded corpora are cached: `$TROUPE_CACHE`, else `~/.cache/troupe`.
 pub fn cache_dir() -> PathBuf {
-    if let Some(dir) = std::env::var_os("TROUPE_CACHE") {
-        return PathBuf::from(dir);
-    }
-    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("."));
-    home.join(".cache").join("troupe")
+    troupe_common::storage::cache_root()
 }
 
-/// Prepares `data.dir` when it is not prepared yet and the config names a source.
+/// Prepares `data.dir` when it is not prepared yet and the config names a source; data in
+/// object storage (`s3://…`) is fetched into this host's cache instead.
 pub fn ensure_data(config: &Config) -> anyhow::Result<data::Meta> {
     let dir = &config.data.dir;
+    if troupe_common::storage::is_remote(dir) {
+        let url = dir.to_string_lossy();
+        troupe_common::say!("fetching the prepared data {url} into this host's cache…");
+        let fetched = data::remote::fetch_prepared(&url).context("data.dir")?;
+        troupe_common::say!(
+            "data {url}: {} shards fetched, {} already cached{} ({})",
+            fetched.fetched,
+            fetched.kept,
+            if fetched.replaced.is_empty() {
+                String::new()
+            } else {
+                format!(", {} fetched again (corrupt or partial in the cache)", fetched.replaced.len())
+            },
+            fetched.dir.display()
+        );
+        return Ok(data::load_meta(&fetched.dir)?);
+    }
     if data::is_prepared(dir) {
         return Ok(data::verify_prepared(dir)?);
     }
@@ -113,7 +127,8 @@ pub fn resolve_init_from(config: &mut Config, meta: &data::Meta) -> anyhow::Resu
         )));
     }
     let fingerprint = |path: &Path| -> anyhow::Result<serde_json::Value> { Ok(data::Tokenizer::load(path)?.fingerprint()?) };
-    let (model_tok, data_tok) = (folder.join(checkpoint::TOKENIZER_FILE), config.data.dir.join(data::TOKENIZER_JSON));
+    let (model_tok, data_tok) =
+        (folder.join(checkpoint::TOKENIZER_FILE), data::remote::local_dir(&config.data.dir).join(data::TOKENIZER_JSON));
     if fingerprint(&model_tok).map_err(|e| named(format!("{e:#}")))? != fingerprint(&data_tok).map_err(|e| named(format!("{e:#}")))? {
         return Err(named(format!(
             "the data in {} was tokenized with another tokenizer than the model's; prepare it with troupe prepare --tokenizer {}",

@@ -75,6 +75,10 @@ pub enum DataError {
     #[error("{path} is not a usable prepared data folder: {reason}; run the data preparation again")]
     BadPrepared { path: PathBuf, reason: String },
 
+    /// Object storage: the URL, the operation and what went wrong (never a credential).
+    #[error("{0}")]
+    Remote(String),
+
     #[error("{path} is not a token file: {reason}")]
     BadTokenFile { path: PathBuf, reason: String },
 

@@ -8,6 +8,7 @@
 //! - [`chat`]: chat and instruction data: a chat template, and a loss mask over the answers.
 //! - [`mixture`]: mixing sources by weight into one train stream.
 //! - [`shards`] and [`meta`]: the prepared folder — token shards and `meta.json`.
+//! - [`remote`]: prepared data in object storage, fetched into each host's cache.
 //! - [`corpus`]: fetching the Shakespeare corpus (or generating text), finding input files.
 //! - [`tokenizer`]: the trained tokenizer as troupe uses it.
 //! - [`tokens`]: memory-mapped token streams over one or more shards.
@@ -23,6 +24,7 @@ pub mod meta;
 mod mixture;
 mod pipeline;
 pub mod prepare;
+pub mod remote;
 pub mod sampler;
 pub mod shards;
 pub mod sources;

@@ -258,7 +258,12 @@ impl Trainer {
     /// resuming, loads this rank's part of the state from the checkpoint, whatever world size
     /// and strategy wrote it.
     pub fn new(setup: TrainerSetup) -> Result<Trainer, TrainerError> {
-        let TrainerSetup { config, rank, world_size, device, resume_from, start_step } = setup;
+        let TrainerSetup { mut config, rank, world_size, device, resume_from, start_step } = setup;
+        if troupe_common::storage::is_remote(&config.data.dir) {
+            // Data in object storage: this host's cached copy (fetched once per host).
+            let url = config.data.dir.to_string_lossy().into_owned();
+            config.data.dir = data::remote::fetch_prepared(&url)?.dir;
+        }
         let data_dir = &config.data.dir;
         let meta = data::verify_prepared(data_dir)?;
         let train = data::open_train(data_dir, &meta)?;

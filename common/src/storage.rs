@@ -1,0 +1,242 @@
+//! Object storage (S3 and S3-compatible servers) for hosts that share no disk: prepared data is
+//! uploaded with `troupe prepare --out s3://bucket/prefix`, and every host that trains on
+//! `data.dir = "s3://bucket/prefix"` fetches it into a cache of its own.
+//!
+//! Endpoint, region and credentials come from the usual environment variables
+//! (`AWS_ENDPOINT_URL`, `AWS_REGION`, `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`,
+//! `AWS_SESSION_TOKEN`, `AWS_ALLOW_HTTP` for a plain-HTTP test server); secrets are never
+//! printed, and errors name the URL (which holds none) and the operation. Requests that time
+//! out or get a 5xx answer are retried with exponential backoff and jitter, a bounded number of
+//! times (`object_store`'s retry loop).
+//!
+//! The calls here are blocking: each runs on a thread of its own with a small runtime, so they
+//! can be made from the trainer's thread and from inside an async caller alike.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use object_store::aws::AmazonS3Builder;
+use object_store::path::Path as ObjectPath;
+use object_store::{ObjectStore, RetryConfig, WriteMultipart};
+use sha2::{Digest, Sha256};
+
+/// Whether a data or output location names object storage rather than a local folder.
+pub fn is_remote(location: &Path) -> bool {
+    location.to_str().is_some_and(|s| s.starts_with("s3://"))
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StorageError {
+    #[error("{url}: {what}: {message}")]
+    Remote { url: String, what: String, message: String },
+    #[error("{what} {}: {source}", path.display())]
+    Local { what: &'static str, path: PathBuf, source: std::io::Error },
+    #[error("{url}: {what} has sha256 {got}, its meta.json records {want} (fetched twice; the stored object is corrupt)")]
+    Corrupt { url: String, what: String, got: String, want: String },
+}
+
+/// A bucket and a prefix in it.
+pub struct Remote {
+    url: String,
+    store: Arc<dyn ObjectStore>,
+    prefix: ObjectPath,
+}
+
+/// Runs a future to its end on a thread of its own.
+fn blocking<T: Send>(future: impl std::future::Future<Output = T> + Send) -> T {
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| tokio::runtime::Builder::new_current_thread().enable_all().build().expect("a tokio runtime").block_on(future))
+            .join()
+            .expect("the storage thread does not panic")
+    })
+}
+
+impl Remote {
+    /// `s3://bucket/prefix`, with what the environment says about endpoint and credentials.
+    pub fn open(url: &str) -> Result<Remote, StorageError> {
+        let failed = |message: String| StorageError::Remote { url: url.to_string(), what: "open".into(), message };
+        let rest = url.strip_prefix("s3://").ok_or_else(|| failed("only s3:// URLs name object storage".into()))?;
+        let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+        if bucket.is_empty() {
+            return Err(failed("no bucket: write s3://bucket/prefix".into()));
+        }
+        let retry = RetryConfig {
+            max_retries: 5,
+            retry_timeout: Duration::from_secs(60),
+            backoff: object_store::BackoffConfig {
+                init_backoff: Duration::from_millis(100),
+                max_backoff: Duration::from_secs(5),
+                base: 2.0,
+            },
+        };
+        let mut builder = AmazonS3Builder::from_env().with_bucket_name(bucket).with_retry(retry);
+        if std::env::var("AWS_REGION").is_err() && std::env::var("AWS_DEFAULT_REGION").is_err() {
+            builder = builder.with_region("us-east-1");
+        }
+        // The error text of a bad configuration can hold the values it was given: only say
+        // which setting is wrong.
+        let store = builder
+            .build()
+            .map_err(|e| failed(format!("the S3 settings in the environment are not usable ({})", redact(&e.to_string()))))?;
+        Ok(Remote {
+            url: url.trim_end_matches('/').to_string(),
+            store: Arc::new(store),
+            prefix: ObjectPath::from(prefix.trim_matches('/')),
+        })
+    }
+
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    fn key(&self, name: &str) -> ObjectPath {
+        if self.prefix.as_ref().is_empty() {
+            ObjectPath::from(name)
+        } else {
+            ObjectPath::from(format!("{}/{name}", self.prefix.as_ref()))
+        }
+    }
+
+    fn err(&self, what: impl Into<String>, e: impl std::fmt::Display) -> StorageError {
+        StorageError::Remote { url: self.url.clone(), what: what.into(), message: redact(&e.to_string()) }
+    }
+
+    /// The whole object `name` under the prefix.
+    pub fn get(&self, name: &str) -> Result<Vec<u8>, StorageError> {
+        let key = self.key(name);
+        blocking(async {
+            let got = self.store.get(&key).await.map_err(|e| self.err(format!("GET {name}"), e))?;
+            let bytes = got.bytes().await.map_err(|e| self.err(format!("GET {name}"), e))?;
+            Ok(bytes.to_vec())
+        })
+    }
+
+    /// Streams the object `name` into a new file at `path` (written aside and renamed into
+    /// place), returning its sha256; `Ok(None)` when there is no such object.
+    pub fn get_to_file(&self, name: &str, path: &Path) -> Result<Option<String>, StorageError> {
+        use futures::StreamExt;
+        use std::io::Write;
+        let key = self.key(name);
+        let tmp = path.with_extension(format!("partial-{}", std::process::id()));
+        let local = |what, source| StorageError::Local { what, path: tmp.clone(), source };
+        let result = blocking(async {
+            let got = match self.store.get(&key).await {
+                Ok(got) => got,
+                Err(object_store::Error::NotFound { .. }) => return Ok(None),
+                Err(e) => return Err(self.err(format!("GET {name}"), e)),
+            };
+            let mut file = std::io::BufWriter::new(std::fs::File::create(&tmp).map_err(|e| local("create", e))?);
+            let mut hash = Sha256::new();
+            let mut stream = got.into_stream();
+            while let Some(chunk) = stream.next().await {
+                let chunk = chunk.map_err(|e| self.err(format!("GET {name}"), e))?;
+                hash.update(&chunk);
+                file.write_all(&chunk).map_err(|e| local("write", e))?;
+            }
+            file.flush().map_err(|e| local("write", e))?;
+            file.get_ref().sync_all().map_err(|e| local("flush to disk", e))?;
+            Ok(Some(hex::encode(hash.finalize())))
+        });
+        match result {
+            Ok(Some(digest)) => {
+                std::fs::rename(&tmp, path).map_err(|source| StorageError::Local {
+                    what: "rename into place",
+                    path: path.to_path_buf(),
+                    source,
+                })?;
+                Ok(Some(digest))
+            }
+            other => {
+                let _ = std::fs::remove_file(&tmp);
+                other
+            }
+        }
+    }
+
+    /// Uploads a local file as `name`: one PUT when small, a multipart upload (8 MiB parts,
+    /// 4 in flight) when large. A failed multipart upload is aborted, so nothing half-written
+    /// is left under `name`.
+    pub fn put_file(&self, name: &str, path: &Path) -> Result<(), StorageError> {
+        use std::io::Read;
+        const PART: usize = 8 << 20;
+        let key = self.key(name);
+        let local = |source| StorageError::Local { what: "read", path: path.to_path_buf(), source };
+        let size = std::fs::metadata(path).map_err(local)?.len();
+        blocking(async {
+            if size <= PART as u64 {
+                let bytes = std::fs::read(path).map_err(local)?;
+                self.store.put(&key, bytes.into()).await.map_err(|e| self.err(format!("PUT {name}"), e))?;
+                return Ok(());
+            }
+            let upload = self.store.put_multipart(&key).await.map_err(|e| self.err(format!("starting the upload of {name}"), e))?;
+            let mut writer = WriteMultipart::new_with_chunk_size(upload, PART);
+            let mut file = std::fs::File::open(path).map_err(local)?;
+            let mut buf = vec![0u8; PART];
+            let copied: Result<(), StorageError> = async {
+                loop {
+                    let n = file.read(&mut buf).map_err(local)?;
+                    if n == 0 {
+                        return Ok(());
+                    }
+                    writer.wait_for_capacity(4).await.map_err(|e| self.err(format!("uploading {name}"), e))?;
+                    writer.write(&buf[..n]);
+                }
+            }
+            .await;
+            match copied {
+                Ok(()) => writer.finish().await.map(|_| ()).map_err(|e| self.err(format!("finishing the upload of {name}"), e)),
+                Err(e) => {
+                    let _ = writer.abort().await;
+                    Err(e)
+                }
+            }
+        })
+    }
+}
+
+/// Takes credentials out of a message from the storage client: anything after a key-like
+/// word, up to the next space.
+fn redact(message: &str) -> String {
+    let mut out = message.to_string();
+    for secret in ["AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID"] {
+        if let Ok(value) = std::env::var(secret) {
+            if value.len() >= 4 {
+                out = out.replace(&value, "<redacted>");
+            }
+        }
+    }
+    out
+}
+
+/// Where fetched data is cached on this host: `$TROUPE_CACHE`, else `~/.cache/troupe`.
+pub fn cache_root() -> PathBuf {
+    if let Some(dir) = std::env::var_os("TROUPE_CACHE") {
+        return PathBuf::from(dir);
+    }
+    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("."));
+    home.join(".cache").join("troupe")
+}
+
+/// Lowercase hex sha256 of a file, streaming.
+pub fn sha256_file(path: &Path) -> std::io::Result<String> {
+    use std::io::Read;
+    let mut file = std::fs::File::open(path)?;
+    let mut hash = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = file.read(&mut buf)?;
+        if n == 0 {
+            return Ok(hex::encode(hash.finalize()));
+        }
+        hash.update(&buf[..n]);
+    }
+}
+
+/// Writes `bytes` to `path` through a temporary file and a rename.
+pub fn write_replacing(path: &Path, bytes: &[u8]) -> Result<(), StorageError> {
+    let tmp = path.with_extension(format!("partial-{}", std::process::id()));
+    std::fs::write(&tmp, bytes).map_err(|source| StorageError::Local { what: "write", path: tmp.clone(), source })?;
+    std::fs::rename(&tmp, path).map_err(|source| StorageError::Local { what: "rename into place", path: path.to_path_buf(), source })
+}
