@@ -192,11 +192,17 @@ impl Parzen {
         (sum / self.centres.len() as f64).max(f64::MIN_POSITIVE)
     }
 
-    /// One draw from three uniform numbers: the component, then Box–Muller; kept in [0, 1].
+    /// One draw from three uniform numbers: the component, then Box–Muller; folded back into
+    /// [0, 1] at its edges (clamping would pile the broad prior's tails onto the bounds).
     fn sample(&self, pick: f64, a: f64, b: f64) -> f64 {
         let k = ((pick * self.centres.len() as f64) as usize).min(self.centres.len() - 1);
         let normal = (-2.0 * (1.0 - a).ln()).sqrt() * (2.0 * std::f64::consts::PI * b).cos();
-        (self.centres[k] + self.widths[k] * normal).clamp(0.0, 1.0)
+        let x = (self.centres[k] + self.widths[k] * normal).rem_euclid(2.0);
+        if x > 1.0 {
+            2.0 - x
+        } else {
+            x
+        }
     }
 }
 
