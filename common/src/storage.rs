@@ -36,21 +36,23 @@ pub enum StorageError {
     Corrupt { url: String, what: String, got: String, want: String },
 }
 
-/// A bucket and a prefix in it.
+/// A bucket and a prefix in it, with the runtime its HTTP client's connections live on.
 pub struct Remote {
     url: String,
     store: Arc<dyn ObjectStore>,
     prefix: ObjectPath,
+    /// Always `Some` until dropped.
+    runtime: Option<tokio::runtime::Runtime>,
 }
 
-/// Runs a future to its end on a thread of its own.
-fn blocking<T: Send>(future: impl std::future::Future<Output = T> + Send) -> T {
-    std::thread::scope(|scope| {
-        scope
-            .spawn(|| tokio::runtime::Builder::new_current_thread().enable_all().build().expect("a tokio runtime").block_on(future))
-            .join()
-            .expect("the storage thread does not panic")
-    })
+impl Drop for Remote {
+    fn drop(&mut self) {
+        // Dropping a runtime from inside another one panics; this does not (the coordinator
+        // fetches data from an async context).
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_background();
+        }
+    }
 }
 
 impl Remote {
@@ -80,10 +82,35 @@ impl Remote {
         let store = builder
             .build()
             .map_err(|e| failed(format!("the S3 settings in the environment are not usable ({})", redact(&e.to_string()))))?;
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| failed(format!("cannot start a runtime for its client: {e}")))?;
         Ok(Remote {
             url: url.trim_end_matches('/').to_string(),
             store: Arc::new(store),
             prefix: ObjectPath::from(prefix.trim_matches('/')),
+            runtime: Some(runtime),
+        })
+    }
+
+    /// Runs a future on this store's runtime, from a thread of its own (so that a caller
+    /// inside another runtime can wait for it too). One runtime for the store's life: its
+    /// pooled connections belong to it.
+    fn blocking<T: Send>(&self, future: impl std::future::Future<Output = T> + Send) -> T {
+        let runtime = self.runtime.as_ref().expect("a runtime until dropped");
+        std::thread::scope(|scope| scope.spawn(|| runtime.block_on(future)).join().expect("the storage thread does not panic"))
+    }
+
+    /// Whether the object `name` exists.
+    pub fn exists(&self, name: &str) -> Result<bool, StorageError> {
+        let key = self.key(name);
+        self.blocking(async {
+            match self.store.head(&key).await {
+                Ok(_) => Ok(true),
+                Err(object_store::Error::NotFound { .. }) => Ok(false),
+                Err(e) => Err(self.err(format!("HEAD {name}"), e)),
+            }
         })
     }
 
@@ -106,7 +133,7 @@ impl Remote {
     /// The whole object `name` under the prefix.
     pub fn get(&self, name: &str) -> Result<Vec<u8>, StorageError> {
         let key = self.key(name);
-        blocking(async {
+        self.blocking(async {
             let got = self.store.get(&key).await.map_err(|e| self.err(format!("GET {name}"), e))?;
             let bytes = got.bytes().await.map_err(|e| self.err(format!("GET {name}"), e))?;
             Ok(bytes.to_vec())
@@ -121,7 +148,7 @@ impl Remote {
         let key = self.key(name);
         let tmp = path.with_extension(format!("partial-{}", std::process::id()));
         let local = |what, source| StorageError::Local { what, path: tmp.clone(), source };
-        let result = blocking(async {
+        let result = self.blocking(async {
             let got = match self.store.get(&key).await {
                 Ok(got) => got,
                 Err(object_store::Error::NotFound { .. }) => return Ok(None),
@@ -164,7 +191,7 @@ impl Remote {
         let key = self.key(name);
         let local = |source| StorageError::Local { what: "read", path: path.to_path_buf(), source };
         let size = std::fs::metadata(path).map_err(local)?.len();
-        blocking(async {
+        self.blocking(async {
             if size <= PART as u64 {
                 let bytes = std::fs::read(path).map_err(local)?;
                 self.store.put(&key, bytes.into()).await.map_err(|e| self.err(format!("PUT {name}"), e))?;

@@ -79,17 +79,24 @@ pub fn resolve_init_from(config: &mut Config, meta: &data::Meta) -> anyhow::Resu
     if init_from.is_empty() {
         return Ok(());
     }
+    // A leading ~/ is the home folder, as in a shell.
+    let expand = |p: &str| match (p.strip_prefix("~/"), std::env::var_os("HOME")) {
+        (Some(rest), Some(home)) => PathBuf::from(home).join(rest),
+        _ => PathBuf::from(p),
+    };
     let folder = match init_from.strip_prefix("hf:") {
         Some(hf) => {
+            let hf = expand(hf);
+            let hf = hf.as_path();
             let dest = config.run_dir().join("base-model");
             if !dest.join(checkpoint::MANIFEST).is_file() {
-                troupe_common::say!("importing the Hugging Face model {hf} into {}…", dest.display());
+                troupe_common::say!("importing the Hugging Face model {} into {}…", hf.display(), dest.display());
                 let _ = std::fs::remove_dir_all(&dest);
-                troupe_common::model::hf::import_hf(Path::new(hf), &dest).context("model.init_from")?;
+                troupe_common::model::hf::import_hf(hf, &dest).context("model.init_from")?;
             }
             dest
         }
-        None => PathBuf::from(&init_from),
+        None => expand(&init_from),
     };
     let named = |e: String| anyhow::anyhow!("model.init_from {init_from:?}: {e}");
     if folder.join(checkpoint::MANIFEST).is_file() {
@@ -119,7 +126,8 @@ pub fn resolve_init_from(config: &mut Config, meta: &data::Meta) -> anyhow::Resu
     }
     if meta.vocab_size != shape.vocab_size {
         return Err(named(format!(
-            "the model has a vocabulary of {} tokens, the data in {} of {}: prepare the data with the model's tokenizer (troupe prepare --tokenizer {})",
+            "the model has a vocabulary of {} tokens, the data in {} of {}: troupe trains a model whose vocabulary is its tokenizer's \
+             (a padded vocabulary is not supported); prepare the data with the model's tokenizer (troupe prepare --tokenizer {})",
             shape.vocab_size,
             config.data.dir.display(),
             meta.vocab_size,

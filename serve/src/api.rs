@@ -136,7 +136,9 @@ pub fn parse_chat(body: &[u8], max_tokens_limit: usize) -> Result<(Vec<troupe_co
     let completion = CompletionRequest {
         model: req.model,
         prompt: None,
-        max_tokens: req.max_completion_tokens.or(req.max_tokens),
+        // Chat clients rarely set a limit and expect a whole reply (OpenAI's chat API has no
+        // small default): up to this server's serve.max_tokens, or <|endoftext|>.
+        max_tokens: req.max_completion_tokens.or(req.max_tokens).or(Some(max_tokens_limit as u64)),
         temperature: req.temperature,
         top_p: req.top_p,
         top_k: req.top_k,

@@ -75,7 +75,7 @@ struct Running {
 struct Follow {
     inode: u64,
     offset: u64,
-    partial: String,
+    partial: Vec<u8>,
     /// Metrics read but not yet recorded (a decision waits on an earlier trial), by step.
     unrecorded: BTreeMap<u64, f64>,
     /// The furthest step any event of the run names: the steps it trained.
@@ -99,14 +99,16 @@ impl Follow {
         if file.seek(std::io::SeekFrom::Start(self.offset)).is_err() {
             return;
         }
-        let mut text = String::new();
-        let Ok(n) = file.read_to_string(&mut text) else { return };
+        // Bytes, not text: a read can end inside a character; lines are whole only up to the
+        // last newline.
+        let mut bytes = Vec::new();
+        let Ok(n) = file.read_to_end(&mut bytes) else { return };
         self.offset += n as u64;
-        self.partial.push_str(&text);
-        let Some(end) = self.partial.rfind('\n') else { return };
-        let complete: String = self.partial.drain(..=end).collect();
-        for line in complete.lines().filter(|l| !l.trim().is_empty()) {
-            let Ok(event) = serde_json::from_str::<RunEvent>(line) else { continue };
+        self.partial.extend_from_slice(&bytes);
+        let Some(end) = self.partial.iter().rposition(|&b| b == b'\n') else { return };
+        let complete: Vec<u8> = self.partial.drain(..=end).collect();
+        for line in complete.split(|&b| b == b'\n').filter(|l| !l.trim_ascii().is_empty()) {
+            let Ok(event) = serde_json::from_slice::<RunEvent>(line) else { continue };
             self.furthest = self.furthest.max(event.step());
             let scheduled = |step: u64| step == last_step || (eval_every > 0 && step.is_multiple_of(eval_every));
             if let RunEvent::Eval { step, val_loss, per_source, .. } = event.clone() {
@@ -200,6 +202,16 @@ pub(crate) fn run(args: SweepArgs) -> anyhow::Result<ExitCode> {
                 break;
             }
             let trial = if let Some(t) = restart.pop_front() {
+                if study.trials[t].ended.is_some() {
+                    continue; // stopped while it waited for a slot
+                }
+                // A run that already reached its last step (a driver died while its final
+                // reports waited on an earlier trial) has nothing left to train: it is an exit.
+                let last_step = schedules.entry(t).or_insert_with(|| eval_schedule(&spec, &study, t)).1;
+                if newest_checkpoint(&study.run_dir(t)).is_some_and(|s| s >= last_step) {
+                    exited.insert(t, std::os::unix::process::ExitStatusExt::from_raw(0));
+                    continue;
+                }
                 t
             } else if let Some(t) = (0..n).find(|&t| study.trials[t].params.is_none()) {
                 let Some((params, checked)) = draw(&spec, &study, t) else {
@@ -266,11 +278,14 @@ pub(crate) fn run(args: SweepArgs) -> anyhow::Result<ExitCode> {
                 exited.remove(&trial);
                 continue;
             }
-            if status.success() {
-                // Read once more: what it wrote just before exiting.
-                let schedule = *schedules.entry(trial).or_insert_with(|| eval_schedule(&spec, &study, trial));
-                let f = follow.entry(trial).or_default();
-                f.read(&study.run_dir(trial), &spec.metric, t.last().map(|l| l.0), schedule);
+            // Read once more: what it wrote just before exiting.
+            let schedule = *schedules.entry(trial).or_insert_with(|| eval_schedule(&spec, &study, trial));
+            let f = follow.entry(trial).or_default();
+            f.read(&study.run_dir(trial), &spec.metric, t.last().map(|l| l.0), schedule);
+            // A clean exit before train.steps (a SIGTERM from outside the driver) is not the
+            // end of the trial: it continues from its checkpoint like a crashed one.
+            let reached = newest_checkpoint(&study.run_dir(trial)).unwrap_or(0).max(f.furthest);
+            if status.success() && reached >= schedule.1 {
                 if !f.unrecorded.is_empty() {
                     continue; // a decision still waits on an earlier trial
                 }
@@ -278,7 +293,12 @@ pub(crate) fn run(args: SweepArgs) -> anyhow::Result<ExitCode> {
                 study.record(StudyEvent::Finished { trial, step: last.map_or(0, |l| l.0), metric: last.map(|l| l.1) })?;
             } else if t.restarts < spec.max_restarts {
                 let attempt = t.restarts + 1;
-                study.record(StudyEvent::Restarted { trial, attempt, reason: format!("the run exited with {status}") })?;
+                let reason = if status.success() {
+                    format!("the run stopped at step {reached} of {}", schedule.1)
+                } else {
+                    format!("the run exited with {status}")
+                };
+                study.record(StudyEvent::Restarted { trial, attempt, reason })?;
                 restart.push_back(trial);
             } else {
                 let error =
@@ -323,6 +343,16 @@ fn draw(spec: &SweepSpec, study: &Study, trial: usize) -> Option<(Params, anyhow
     };
     let checked = check_trial(spec, trial, &params).map(|_| ());
     Some((params, checked))
+}
+
+/// The step of a run's newest complete checkpoint (one with its MANIFEST).
+fn newest_checkpoint(run_dir: &Path) -> Option<u64> {
+    std::fs::read_dir(run_dir.join("checkpoints"))
+        .ok()?
+        .flatten()
+        .filter(|e| e.path().join("MANIFEST").is_file())
+        .filter_map(|e| e.file_name().to_str()?.strip_prefix("step-")?.parse::<u64>().ok())
+        .max()
 }
 
 /// When a trial evaluates: (every so many steps, its last step).

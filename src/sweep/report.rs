@@ -6,17 +6,18 @@ use std::fmt::Write as _;
 
 use super::study::{show, Ended, Study};
 
-/// Trials ranked by their last metric (finished and stopped trials), best first.
+/// Finished and stopped trials, best first: those that got further first (as TPE ranks
+/// them: a metric at step 50 is not comparable with one at step 150), then by their last metric.
 pub(crate) fn ranking(study: &Study, minimize: bool) -> Vec<(usize, f64)> {
-    let mut ranked: Vec<(usize, f64)> = study
+    let mut ranked: Vec<(usize, u64, f64)> = study
         .trials
         .iter()
         .enumerate()
         .filter(|(_, t)| matches!(t.ended, Some(Ended::Finished | Ended::Stopped)))
-        .filter_map(|(i, t)| t.last().filter(|l| l.1.is_finite()).map(|l| (i, l.1)))
+        .filter_map(|(i, t)| t.last().filter(|l| l.1.is_finite()).map(|l| (i, l.0, l.1)))
         .collect();
-    ranked.sort_by(|a, b| if minimize { a.1.total_cmp(&b.1) } else { b.1.total_cmp(&a.1) });
-    ranked
+    ranked.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| if minimize { a.2.total_cmp(&b.2) } else { b.2.total_cmp(&a.2) }));
+    ranked.into_iter().map(|(i, _, m)| (i, m)).collect()
 }
 
 /// The table of every trial: parameters, furthest step, its metric there, state.

@@ -37,7 +37,12 @@ fn grid_values(domain: &Domain, points: usize) -> Vec<toml::Value> {
     match domain {
         Domain::Uniform([lo, hi]) => (0..points).map(|i| toml::Value::Float(lo + at(i) * (hi - lo))).collect(),
         Domain::LogUniform([lo, hi]) => (0..points).map(|i| toml::Value::Float((lo.ln() + at(i) * (hi.ln() - lo.ln())).exp())).collect(),
-        Domain::Int([lo, hi]) => (*lo..=*hi).map(toml::Value::Integer).collect(),
+        // `points` integers spread over the range (all of them when it holds fewer).
+        Domain::Int([lo, hi]) => {
+            let mut values: Vec<i64> = (0..points).map(|i| lo + ((hi - lo) as f64 * at(i)).round() as i64).collect();
+            values.dedup();
+            values.into_iter().map(toml::Value::Integer).collect()
+        }
         Domain::Choice(values) => values.clone(),
     }
 }

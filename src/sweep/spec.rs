@@ -237,6 +237,20 @@ impl SweepSpec {
         let config = Config::layered(self.base.as_deref(), &sets)
             .map_err(|e| anyhow::anyhow!("the search space does not fit the run config: {e}"))?
             .config;
+        // The scheduler compares at steps where trials evaluate: every grace_steps unless the
+        // sweep fixes eval.interval, which must then fall on them.
+        if self.scheduler.kind != "none" {
+            if self.space.contains_key("eval.interval") {
+                bail!("space.\"eval.interval\": with a scheduler, trials must evaluate at the same steps; fix it in [set] instead");
+            }
+            let every = config.eval.interval;
+            if self.sets_key("eval.interval") && (every == 0 || !self.scheduler.grace_steps.is_multiple_of(every)) {
+                bail!(
+                    "eval.interval = {every} does not divide scheduler.grace_steps = {}: the scheduler would find no validation loss at the steps it compares",
+                    self.scheduler.grace_steps
+                );
+            }
+        }
         if let Some(source) = self.metric_source() {
             self.check_source(&config, source)?;
         }
@@ -245,7 +259,11 @@ impl SweepSpec {
 
     /// A per-source metric needs prepared data with that source among several.
     fn check_source(&self, config: &Config, source: &str) -> anyhow::Result<()> {
-        let dir = config.data.dir.clone();
+        // Data in object storage is checked in this host's cache, once it has been fetched.
+        let dir = troupe_common::data::remote::local_dir(&config.data.dir);
+        if troupe_common::storage::is_remote(&config.data.dir) && !troupe_common::data::is_prepared(&dir) {
+            return Ok(());
+        }
         let meta = troupe_common::data::load_meta(&dir).map_err(|e| {
             anyhow::anyhow!(
                 "metric {:?} names a data source, so the data must be prepared before the sweep (troupe prepare --out {}): {e}",
@@ -291,6 +309,11 @@ mod tests {
             ("search = \"bayes\"\n[space.\"model.n_layer\"]\nint = [2, 4]\n", "tpe"),
             ("[scheduler]\nkind = \"hyperband\"\n[space.\"model.n_layer\"]\nint = [2, 4]\n", "median"),
             ("[space.\"model.n_layer\"]\nchoice = []\n", "no values"),
+            (
+                "[scheduler]\nkind = \"asha\"\ngrace_steps = 10\n[set]\n\"eval.interval\" = 7\n[space.\"model.n_layer\"]\nint = [2, 4]\n",
+                "does not divide",
+            ),
+            ("[scheduler]\nkind = \"median\"\n[space.\"eval.interval\"]\nint = [5, 10]\n", "fix it in [set]"),
             ("[space.\"model.n_layer\"]\nchoice = [\"two\"]\n", "n_layer"),
         ] {
             let err = format!("{:#}", spec(extra).unwrap_err());

@@ -81,16 +81,23 @@ impl Study {
             anyhow::bail!("{} exists: continue it with --resume, or give the sweep another name", path.display());
         }
         std::fs::create_dir_all(dir.join("runs")).with_context(|| format!("cannot create {}", dir.display()))?;
-        let earlier = if resume { std::fs::read_to_string(&path).unwrap_or_default() } else { String::new() };
+        let earlier = if resume && path.exists() {
+            std::fs::read(&path).with_context(|| format!("cannot read {}", path.display()))?
+        } else {
+            Vec::new()
+        };
         let log =
             std::fs::OpenOptions::new().create(true).append(true).open(&path).with_context(|| format!("cannot open {}", path.display()))?;
+        // A line cut short by a kill is dropped from the file too, so that the next event
+        // starts a line of its own.
+        let whole = earlier.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+        if whole < earlier.len() {
+            log.set_len(whole as u64).with_context(|| format!("cannot drop the cut-off last line of {}", path.display()))?;
+        }
+        let earlier = std::str::from_utf8(&earlier[..whole]).with_context(|| format!("{} is not UTF-8 text", path.display()))?;
         let mut study = Study { dir: dir.to_path_buf(), log, trials: vec![Trial::default(); trials], metric: metric.to_string() };
         for (n, line) in earlier.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
-            // A line cut short by a kill is the last one: what it said did not happen.
             let Ok(event) = serde_json::from_str::<StudyEvent>(line) else {
-                if n + 1 == earlier.lines().count() {
-                    break;
-                }
                 anyhow::bail!("{}: line {} is not a study event: {line:?}", path.display(), n + 1);
             };
             anyhow::ensure!(event_trial(&event) < trials, "{}: line {} names a trial this sweep does not have", path.display(), n + 1);
@@ -170,5 +177,36 @@ pub(crate) fn show(value: &toml::Value) -> String {
         toml::Value::Float(f) if *f != 0.0 && (f.abs() < 1e-2 || f.abs() >= 1e5) => format!("{f:.4e}"),
         toml::Value::Float(f) => format!("{f:.4}"),
         other => other.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A driver killed mid-write leaves half a line: `--resume` drops it, and the study goes on
+    /// with whole lines only.
+    #[test]
+    fn a_cut_off_last_line_is_dropped_on_resume() {
+        let dir = std::env::temp_dir().join(format!("troupe-study-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        {
+            let mut study = Study::open(&dir, 2, "val_loss", false).unwrap();
+            study.record(StudyEvent::TrialStarted { trial: 0, params: BTreeMap::new() }).unwrap();
+            study.record(StudyEvent::Reported { trial: 0, step: 5, metric: 3.5 }).unwrap();
+        }
+        let path = dir.join("study.jsonl");
+        let mut text = std::fs::read(&path).unwrap();
+        text.extend_from_slice(b"{\"event\":\"repo");
+        std::fs::write(&path, &text).unwrap();
+        assert!(Study::open(&dir, 2, "val_loss", false).is_err(), "an existing study needs --resume");
+        let mut study = Study::open(&dir, 2, "val_loss", true).unwrap();
+        assert_eq!(study.trials[0].last(), Some((5, 3.5)));
+        study.record(StudyEvent::Finished { trial: 0, step: 5, metric: Some(3.5) }).unwrap();
+        drop(study);
+        let study = Study::open(&dir, 2, "val_loss", true).unwrap();
+        assert_eq!(study.trials[0].ended, Some(Ended::Finished));
+        assert_eq!(std::fs::read_to_string(&path).unwrap().lines().count(), 3);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

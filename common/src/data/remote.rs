@@ -32,6 +32,13 @@ pub fn local_dir(location: &Path) -> PathBuf {
 pub fn upload_prepared(dir: &Path, url: &str) -> DataResult<Meta> {
     let meta = load_meta(dir)?;
     let remote = Remote::open(url).map_err(remote_error)?;
+    // As a local --out: never over data that is there (a reader would see the old meta.json
+    // over new shards).
+    if remote.exists(META_JSON).map_err(remote_error)? {
+        return Err(DataError::Remote(format!(
+            "{url}/{META_JSON} exists: prepared data is there already; choose another --out or delete it"
+        )));
+    }
     let mut files: Vec<String> = vec![TOKENIZER_JSON.to_string()];
     if dir.join(CHAT_TEMPLATE_JSON).is_file() {
         files.push(CHAT_TEMPLATE_JSON.to_string());
@@ -84,8 +91,13 @@ pub fn fetch_prepared(url: &str) -> DataResult<Fetched> {
     let mut report = Fetched { dir: dir.clone(), ..Fetched::default() };
     for name in [TOKENIZER_JSON, CHAT_TEMPLATE_JSON] {
         let found = remote.get_to_file(name, &dir.join(name)).map_err(remote_error)?;
-        if found.is_none() && name == TOKENIZER_JSON {
-            return Err(DataError::Remote(format!("{url}/{TOKENIZER_JSON} does not exist")));
+        match (found, name) {
+            (None, TOKENIZER_JSON) => return Err(DataError::Remote(format!("{url}/{TOKENIZER_JSON} does not exist"))),
+            // Not chat data: no template may linger from earlier data at this URL.
+            (None, _) => {
+                let _ = std::fs::remove_file(dir.join(name));
+            }
+            _ => {}
         }
     }
     for (file, want) in shard_files(&meta) {
