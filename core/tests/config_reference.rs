@@ -25,6 +25,8 @@ fn every_option_set() -> Config {
     let mut config = Config::default_config();
     config.tls =
         Some(TlsConfig { ca: "certs/ca.pem".into(), cert: "certs/coordinator.pem".into(), key: "certs/coordinator-key.pem".into() });
+    // Left out of the file when empty: set here so that its row is checked.
+    config.model.init_from = "models/gpt2".into();
     config
 }
 
