@@ -246,21 +246,6 @@ pub fn cache_root() -> PathBuf {
     home.join(".cache").join("troupe")
 }
 
-/// Lowercase hex sha256 of a file, streaming.
-pub fn sha256_file(path: &Path) -> std::io::Result<String> {
-    use std::io::Read;
-    let mut file = std::fs::File::open(path)?;
-    let mut hash = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = file.read(&mut buf)?;
-        if n == 0 {
-            return Ok(hex::encode(hash.finalize()));
-        }
-        hash.update(&buf[..n]);
-    }
-}
-
 /// Writes `bytes` to `path` through a temporary file and a rename.
 pub fn write_replacing(path: &Path, bytes: &[u8]) -> Result<(), StorageError> {
     let tmp = path.with_extension(format!("partial-{}", std::process::id()));

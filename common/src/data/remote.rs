@@ -109,8 +109,8 @@ pub fn fetch_prepared(url: &str) -> DataResult<Fetched> {
         }
         let path = dir.join(file);
         if path.is_file() {
-            match storage::sha256_file(&path) {
-                Ok(got) if got == want => {
+            match crate::checkpoint::digest_file(&path) {
+                Ok(got) if got.sha256 == want => {
                     report.kept += 1;
                     continue;
                 }
