@@ -21,7 +21,6 @@ struct S3 {
 }
 
 fn start_s3(bucket: &str) -> Option<S3> {
-    use std::io::BufRead;
     let pythonpath = troupe_cache().join("python-moto");
     if !python_importable(&pythonpath.clone().into_os_string(), "boto3, moto.server") {
         skip_or_fail(&format!("moto does not import from {} (scripts/test.sh installs it)", pythonpath.display()));
@@ -38,14 +37,7 @@ fn start_s3(bucket: &str) -> Option<S3> {
         .expect("start moto");
     let stdout = child.stdout.take().unwrap();
     let server = KillOnDrop(child);
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
-    let line = rx.recv_timeout(Duration::from_secs(60)).expect("moto starts");
-    let url = line.strip_prefix("READY ").expect("moto says READY").to_string();
+    let url = line_after(stdout, "READY ", "moto starts");
     Some(S3 { _server: server, url })
 }
 

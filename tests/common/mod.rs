@@ -463,21 +463,29 @@ pub fn python_importable(pythonpath: &std::ffi::OsString, modules: &str) -> bool
 /// Starts `troupe serve …` (stdout piped) and returns it with its URL, read from its "serving
 /// model … on URL" line.
 pub fn start_server(mut cmd: Command) -> (KillOnDrop, String) {
-    use std::io::BufRead;
     let mut child = cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::null()).spawn().expect("start troupe serve");
     let stdout = child.stdout.take().expect("piped stdout");
+    let process = KillOnDrop(child);
+    let rest = line_after(stdout, "serving model ", "troupe serve starts");
+    let at = rest.find("http://").expect("a URL");
+    (process, rest[at..].split_whitespace().next().unwrap().to_string())
+}
+
+/// The rest of the first line of a child's `stdout` that starts with `prefix` (waiting up to
+/// 60 s; `what` names the wait in the panic). The remaining output is read and dropped, so the
+/// child never blocks on a full pipe.
+pub fn line_after(stdout: std::process::ChildStdout, prefix: &str, what: &str) -> String {
+    use std::io::BufRead;
     let (tx, rx) = std::sync::mpsc::channel::<String>();
     std::thread::spawn(move || {
         for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
             let _ = tx.send(line);
         }
     });
-    let process = KillOnDrop(child);
     loop {
-        let line = rx.recv_timeout(Duration::from_secs(60)).expect("troupe serve starts");
-        if let Some(rest) = line.strip_prefix("serving model ") {
-            let at = rest.find("http://").expect("a URL");
-            return (process, rest[at..].split_whitespace().next().unwrap().to_string());
+        let line = rx.recv_timeout(Duration::from_secs(60)).expect(what);
+        if let Some(rest) = line.strip_prefix(prefix) {
+            return rest.to_string();
         }
     }
 }
