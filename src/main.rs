@@ -105,8 +105,9 @@ enum Command {
         after_help = "Examples:\n  troupe config show\n  troupe config show --config my.toml --set train.learning_rate=3e-4 --set parallel.strategy=zero2"
     )]
     Config(ConfigCliArgs),
-    /// Search hyperparameters: trials are whole troupe runs, bad ones stopped early (ASHA),
-    /// crashed ones restarted from their checkpoints; --resume continues an interrupted sweep.
+    /// Search hyperparameters: trials are whole troupe runs (here, or on a cluster's hosts over
+    /// ssh with the sweep file's [cluster]), bad ones stopped early (ASHA), crashed ones
+    /// restarted from their checkpoints; --resume continues an interrupted sweep.
     #[command(
         after_help = "Examples:\n  troupe sweep --file configs/sweep-shakespeare.toml\n  troupe sweep --file my-sweep.toml --out /data/sweeps --resume"
     )]

@@ -232,3 +232,114 @@ fn a_failing_coordinator_fails_the_launch_and_its_workers_are_stopped() {
     assert!(pids.iter().all(|(_, pid)| !alive(*pid)), "workers left running: {pids:?}");
     println!("launch-ssh: a failed coordinator ended the launch in {:.1} s", started.elapsed().as_secs_f64());
 }
+
+/// `troupe sweep` with `[cluster]`: three trials, two at a time, each a launch-ssh.sh job on
+/// its own host (127.0.0.2 or 127.0.0.3), with ASHA stopping one. Trial 0's coordinator is
+/// killed with -9 once it has reported: the driver restarts it from its checkpoint on the same
+/// hosts. The study equals that of the same sweep run with `troupe local` trials on this
+/// machine — the same trials end the same way with the same metrics (within 1e-4).
+#[test]
+fn a_sweep_runs_its_trials_on_the_cluster_hosts() {
+    let dir = scratch("ssh-sweep");
+    let Some(sshd) = start_sshd(&dir) else { return };
+    let data = prepare_small_corpus(&dir);
+    let base = tiny_config(&dir, &data, 1, 20);
+    // Two ports in a row for the two groups of hosts.
+    let port = loop {
+        let p = free_udp_port();
+        if p < u16::MAX && std::net::UdpSocket::bind(("0.0.0.0", p + 1)).is_ok() {
+            break p;
+        }
+    };
+    let sweep_file = |name: &str, cluster: bool| {
+        let mut text = format!(
+            "name = \"{name}\"\nbase = \"{}\"\ntrials = 3\nparallel = 2\nseed = 5\nmax_restarts = 2\n\
+             [set]\n\"checkpoint.interval\" = 5\n\"train.threads_per_worker\" = 1\n\
+             [space.\"train.learning_rate\"]\nlog_uniform = [1e-3, 3e-2]\n\
+             [scheduler]\nkind = \"asha\"\ngrace_steps = 5\nreduction_factor = 2\n",
+            base.display()
+        );
+        if cluster {
+            let mut args = vec!["--worker-args".to_string(), "--threads 1".to_string(), "--grace".into(), "10".into()];
+            for opt in ssh_options(&sshd) {
+                args.extend(["--ssh-opt".to_string(), opt]);
+            }
+            text += &format!(
+                "[cluster]\nhosts = [\"{}\", \"{}\"]\nhosts_per_trial = 1\nport = {port}\nremote_dir = \"{}\"\nlauncher_args = {:?}\n",
+                HOSTS[0],
+                HOSTS[1],
+                dir.join("remote").display(),
+                args
+            );
+        }
+        let path = dir.join(format!("{name}.toml"));
+        std::fs::write(&path, text).unwrap();
+        path
+    };
+    let sweeps = dir.join("sweeps");
+
+    let mut local = troupe();
+    local.arg("sweep").arg("--file").arg(sweep_file("here", false)).arg("--out").arg(&sweeps);
+    let here = run(local, Duration::from_secs(300));
+    assert!(here.status.success(), "{}\n{}", stdout(&here), stderr(&here));
+
+    let study = sweeps.join("there");
+    let mut driver = troupe();
+    driver.arg("sweep").arg("--file").arg(sweep_file("there", true)).arg("--out").arg(&sweeps);
+    let driver = KillOnDrop(driver.stdout(std::fs::File::create(dir.join("there.out")).unwrap()).stderr(Stdio::null()).spawn().unwrap());
+    // Trial 0 runs on the first group of hosts: its coordinator's pid is in group-0's folder.
+    wait_until("trial 0 reports", Duration::from_secs(300), Duration::from_millis(20), || count(&study_events(&study), "reported", 0) > 0);
+    let pid: u32 = std::fs::read_to_string(dir.join("remote/group-0/coordinator.pid")).unwrap().trim().parse().unwrap();
+    assert!(std::fs::read_to_string(format!("/proc/{pid}/cmdline")).unwrap().contains("trial-000"), "trial 0's coordinator");
+    Command::new("kill").args(["-9", &pid.to_string()]).status().unwrap();
+    let mut driver = driver;
+    let started = Instant::now();
+    let status = loop {
+        if let Some(status) = driver.0.try_wait().unwrap() {
+            break status;
+        }
+        assert!(started.elapsed() < Duration::from_secs(600), "the sweep did not end");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let said = std::fs::read_to_string(dir.join("there.out")).unwrap_or_default();
+    assert!(status.success(), "{said}");
+    assert!(said.contains("each on 1 of the hosts 127.0.0.2,127.0.0.3"), "{said}");
+
+    let (here_events, there_events) = (study_events(&sweeps.join("here")), study_events(&study));
+    assert_eq!(count(&there_events, "restarted", 0), 1, "{there_events:?}");
+    assert!(there_events.iter().any(|e| e["event"] == "stopped"), "ASHA stopped someone: {there_events:?}");
+    let (here_outcome, there_outcome) = (study_outcome(&here_events), study_outcome(&there_events));
+    assert_eq!(here_outcome.len(), 3);
+    for (trial, (ended, metrics)) in &here_outcome {
+        let (there_ended, there_metrics) = &there_outcome[trial];
+        assert_eq!(ended, there_ended, "trial {trial}");
+        assert_eq!(metrics.keys().collect::<Vec<_>>(), there_metrics.keys().collect::<Vec<_>>(), "trial {trial}: the same steps");
+        for (step, m) in metrics {
+            assert!((m - there_metrics[step]).abs() < 1e-4, "trial {trial} step {step}: {m} here, {} on the cluster", there_metrics[step]);
+        }
+    }
+    // Each trial ran as a launch on the hosts: a coordinator log and a worker log per attempt,
+    // and the two groups both had work.
+    let mut hosts_used = std::collections::BTreeSet::new();
+    for trial in 0..3 {
+        let logs = study.join(format!("trial-{trial:03}-logs/attempt-0"));
+        assert!(logs.join("coordinator.log").is_file(), "trial {trial} has no coordinator log in {}", logs.display());
+        for host in HOSTS {
+            if logs.join(format!("worker-{host}-0.log")).is_file() {
+                hosts_used.insert(host);
+            }
+        }
+    }
+    assert_eq!(hosts_used.len(), 2, "trials ran on both hosts");
+    assert!(study.join("trial-000-logs/attempt-1/coordinator.log").is_file(), "the restart logs apart from the crash");
+    // Nothing is left running on the hosts.
+    for group in ["group-0", "group-1"] {
+        for entry in std::fs::read_dir(dir.join("remote").join(group)).unwrap().flatten() {
+            if entry.file_name().to_string_lossy().ends_with(".pid") {
+                let pid: u32 = std::fs::read_to_string(entry.path()).unwrap().trim().parse().unwrap();
+                assert!(!alive(pid), "{} still runs", entry.path().display());
+            }
+        }
+    }
+    println!("sweep on 2 hosts: 3 trials, trial 0 restarted once after kill -9 of its coordinator, same study as on this machine");
+}

@@ -379,36 +379,6 @@ fn children_of(pid: u32) -> Vec<u32> {
     out
 }
 
-fn study_events(dir: &std::path::Path) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(dir.join("study.jsonl"))
-        .unwrap_or_default()
-        .lines()
-        .filter(|l| !l.trim().is_empty())
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
-}
-
-fn count(events: &[serde_json::Value], kind: &str, trial: u64) -> usize {
-    events.iter().filter(|e| e["event"] == kind && e["trial"] == trial).count()
-}
-
-/// Per trial of a study: how it ended, and its metric by step.
-fn study_outcome(events: &[serde_json::Value]) -> std::collections::BTreeMap<u64, (String, std::collections::BTreeMap<u64, f64>)> {
-    let mut out: std::collections::BTreeMap<u64, (String, std::collections::BTreeMap<u64, f64>)> = Default::default();
-    for e in events {
-        let trial = e["trial"].as_u64().unwrap();
-        let entry = out.entry(trial).or_default();
-        match e["event"].as_str().unwrap() {
-            "reported" => {
-                entry.1.insert(e["step"].as_u64().unwrap(), e["metric"].as_f64().unwrap());
-            }
-            end @ ("finished" | "stopped" | "failed") => entry.0 = end.to_string(),
-            _ => {}
-        }
-    }
-    out
-}
-
 fn best_trial(out: &std::process::Output) -> String {
     let text = stdout(out);
     text.lines()

@@ -1,8 +1,10 @@
 //! `troupe sweep`: a hyperparameter search whose trials are whole troupe runs.
 //!
-//! Each trial is a `troupe local` process (its own coordinator and workers) with the sweep's
-//! fixed settings and the trial's parameters as `--set` overrides, in
-//! `sweeps/<name>/runs/trial-NNN`. The driver supervises them: it starts up to `parallel` at
+//! Each trial is a whole troupe run (its own coordinator and workers) with the sweep's fixed
+//! settings and the trial's parameters as `--set` overrides, in `sweeps/<name>/runs/trial-NNN`:
+//! `troupe local` on this machine, or with `[cluster]` a `scripts/launch-ssh.sh` job on its
+//! own group of the cluster's hosts. The driver, an actor, supervises one actor per running
+//! trial: it starts up to `parallel` at
 //! once, follows each trial's `events.jsonl`, stops trials the scheduler rules out (SIGTERM:
 //! the trial checkpoints and exits), restarts a crashed trial from its newest checkpoint up to
 //! `max_restarts` times, and appends every decision to `sweeps/<name>/study.jsonl`. `--resume`
@@ -15,30 +17,32 @@
 //! - [`schedule`]: early stopping (ASHA, median rule), pure;
 //! - [`study`]: the study log;
 //! - [`report`]: table, ranking, results.csv, curves.svg;
-//! - this file: the processes, the metrics, `--deploy`.
+//! - [`follow`]: reading a trial's events as they are written;
+//! - [`trial`]: a trial's command (here or on the cluster) and the actor that supervises it;
+//! - [`driver`]: the supervising actor, where every decision is taken;
+//! - this file: the command, the metrics, the results, `--deploy`.
 
+mod driver;
+mod follow;
 mod report;
 mod schedule;
 mod search;
 mod spec;
 mod study;
+mod trial;
 
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
-use std::io::{Read, Seek};
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitCode, ExitStatus, Stdio};
-use std::time::{Duration, Instant};
+use std::process::ExitCode;
 
 use anyhow::Context;
 use troupe_core::config::Config;
 use troupe_core::events::RunEvent;
 
-use schedule::{Decision, Scheduler};
 use search::{is_model_based, must_have_ended, prior_params, tpe_params, trial_count, Observation, Params};
 use spec::SweepSpec;
-use study::{trial_name, Ended, Study, StudyEvent};
+use study::{trial_name, Ended, Study};
 
 #[derive(clap::Args)]
 pub(crate) struct SweepArgs {
@@ -63,73 +67,8 @@ pub(crate) struct SweepArgs {
     metrics_listen: Option<SocketAddr>,
 }
 
-/// A trial process the driver watches.
-struct Running {
-    child: Child,
-    /// Told to stop by the scheduler: its slot is free already.
-    stopping: bool,
-}
-
-/// The driver's view of one trial's `events.jsonl`: read incrementally.
-#[derive(Default)]
-struct Follow {
-    inode: u64,
-    offset: u64,
-    partial: Vec<u8>,
-    /// Metrics read but not yet recorded (a decision waits on an earlier trial), by step.
-    unrecorded: BTreeMap<u64, f64>,
-    /// The furthest step any event of the run names: the steps it trained.
-    furthest: u64,
-}
-
-impl Follow {
-    /// Reads what the run appended since the last call. Only the evaluations the trial's
-    /// schedule makes count (every `eval_every` steps and the last step): a run stopped by a
-    /// signal also evaluates where it stopped, which an uninterrupted run would not.
-    fn read(&mut self, run_dir: &Path, metric: &str, recorded_up_to: Option<u64>, schedule: (u64, u64)) {
-        let (eval_every, last_step) = schedule;
-        let Ok(mut file) = std::fs::File::open(run_dir.join("events.jsonl")) else { return };
-        // A trial restarted before its first checkpoint starts a new run folder (the old one
-        // is archived): a new file, read from its start.
-        let inode = file.metadata().map_or(0, |m| std::os::unix::fs::MetadataExt::ino(&m));
-        if inode != self.inode {
-            (self.inode, self.offset) = (inode, 0);
-            self.partial.clear();
-        }
-        if file.seek(std::io::SeekFrom::Start(self.offset)).is_err() {
-            return;
-        }
-        // Bytes, not text: a read can end inside a character; lines are whole only up to the
-        // last newline.
-        let mut bytes = Vec::new();
-        let Ok(n) = file.read_to_end(&mut bytes) else { return };
-        self.offset += n as u64;
-        self.partial.extend_from_slice(&bytes);
-        let Some(end) = self.partial.iter().rposition(|&b| b == b'\n') else { return };
-        let complete: Vec<u8> = self.partial.drain(..=end).collect();
-        for line in complete.split(|&b| b == b'\n').filter(|l| !l.trim_ascii().is_empty()) {
-            let Ok(event) = serde_json::from_slice::<RunEvent>(line) else { continue };
-            self.furthest = self.furthest.max(event.step());
-            let scheduled = |step: u64| step == last_step || (eval_every > 0 && step.is_multiple_of(eval_every));
-            if let RunEvent::Eval { step, val_loss, per_source, .. } = event.clone() {
-                if !scheduled(step) {
-                    continue;
-                }
-                let value = match metric.strip_prefix("val_loss/") {
-                    Some(source) => per_source.get(source).copied(),
-                    None => Some(val_loss),
-                };
-                // A run resumed from a checkpoint reports some steps again: the same values.
-                if let (Some(v), true) = (value, recorded_up_to.is_none_or(|r| step > r)) {
-                    self.unrecorded.insert(step, v);
-                }
-            }
-        }
-    }
-}
-
 /// The sweep's Prometheus metrics.
-struct SweepMetrics {
+pub(crate) struct SweepMetrics {
     trials: prometheus::IntGaugeVec,
     best: prometheus::Gauge,
 }
@@ -152,7 +91,7 @@ impl SweepMetrics {
         Ok(Some(SweepMetrics { trials, best }))
     }
 
-    fn update(&self, study: &Study, running: &BTreeSet<usize>, minimize: bool) {
+    pub(crate) fn update(&self, study: &Study, running: &BTreeSet<usize>, minimize: bool) {
         for state in ["pending", "waiting", "running", "finished", "stopped", "failed"] {
             let n = study.trials.iter().enumerate().filter(|(i, t)| t.state(running.contains(i)) == state).count();
             self.trials.with_label_values(&[state]).set(n as i64);
@@ -179,150 +118,29 @@ pub(crate) fn run(args: SweepArgs) -> anyhow::Result<ExitCode> {
         }
     }
     let minimize = spec.direction == "minimize";
-    let scheduler = Scheduler::new(&spec.scheduler, minimize);
-    let mut study = Study::open(&dir, n, &spec.metric, args.resume)?;
+    let study = Study::open(&dir, n, &spec.metric, args.resume)?;
     let metrics = SweepMetrics::start(args.metrics_listen, &spec.metric)?;
-    let keys: Vec<&String> = spec.space.keys().collect();
-
-    // Trials that were running when an earlier driver died continue from their checkpoints.
-    let mut restart: VecDeque<usize> = (0..n).filter(|&t| study.trials[t].params.is_some() && study.trials[t].ended.is_none()).collect();
-    let mut running: BTreeMap<usize, Running> = BTreeMap::new();
-    let mut exited: BTreeMap<usize, ExitStatus> = BTreeMap::new();
-    let mut follow: BTreeMap<usize, Follow> = BTreeMap::new();
-    let mut schedules: BTreeMap<usize, (u64, u64)> = BTreeMap::new();
     let to_run = study.trials.iter().filter(|t| t.ended.is_none()).count();
-    troupe_common::say!("sweep {}: {n} trials ({to_run} to run), {} at once, in {}", spec.name, spec.parallel, dir.display());
-    let mut last_table = Instant::now();
-    let mut changed = false;
-    loop {
-        // Start trials while there are free slots: restarts first, then the next new trial.
-        loop {
-            let busy = running.values().filter(|r| !r.stopping).count();
-            if busy >= spec.parallel {
-                break;
-            }
-            let trial = if let Some(t) = restart.pop_front() {
-                if study.trials[t].ended.is_some() {
-                    continue; // stopped while it waited for a slot
-                }
-                // A run that already reached its last step (a driver died while its final
-                // reports waited on an earlier trial) has nothing left to train: it is an exit.
-                let last_step = schedules.entry(t).or_insert_with(|| eval_schedule(&spec, &study, t)).1;
-                if newest_checkpoint(&study.run_dir(t)).is_some_and(|s| s >= last_step) {
-                    exited.insert(t, std::os::unix::process::ExitStatusExt::from_raw(0));
-                    continue;
-                }
-                t
-            } else if let Some(t) = (0..n).find(|&t| study.trials[t].params.is_none()) {
-                let Some((params, checked)) = draw(&spec, &study, t) else {
-                    break; // TPE waits for the results it samples from
-                };
-                study.record(StudyEvent::TrialStarted { trial: t, params })?;
-                if let Err(e) = checked {
-                    study.record(StudyEvent::Failed { trial: t, error: format!("{e:#}") })?;
-                    continue;
-                }
-                t
-            } else {
-                break;
-            };
-            let params = study.trials[trial].params.clone().unwrap_or_default();
-            exited.remove(&trial);
-            running.insert(trial, Running { child: start_trial(&spec, &study, trial, &params)?, stopping: false });
-            changed = true;
-        }
-        if running.is_empty() && exited.is_empty() && restart.is_empty() && study.trials.iter().all(|t| t.ended.is_some()) {
-            break;
-        }
-
-        // Reports, in trial order: a decision may wait on an earlier trial's report.
-        for trial in 0..n {
-            if study.trials[trial].params.is_none() || study.trials[trial].ended.is_some() {
-                continue;
-            }
-            let recorded_up_to = study.trials[trial].last().map(|l| l.0);
-            let schedule = *schedules.entry(trial).or_insert_with(|| eval_schedule(&spec, &study, trial));
-            let f = follow.entry(trial).or_default();
-            f.read(&study.run_dir(trial), &spec.metric, recorded_up_to, schedule);
-            while let Some((&step, &metric)) = follow[&trial].unrecorded.first_key_value() {
-                let decision = scheduler.decide(trial, step, metric, |s| study.at_step(s, step));
-                if decision == Decision::Wait {
-                    break;
-                }
-                follow.get_mut(&trial).expect("followed").unrecorded.remove(&step);
-                study.record(StudyEvent::Reported { trial, step, metric })?;
-                changed = true;
-                if decision == Decision::Stop {
-                    study.record(StudyEvent::Stopped { trial, step })?;
-                    if let Some(run) = running.get_mut(&trial) {
-                        // SAFETY: a signal to our own child.
-                        unsafe { libc::kill(run.child.id() as libc::pid_t, libc::SIGTERM) };
-                        run.stopping = true;
-                    }
-                    break;
-                }
-            }
-        }
-
-        // Exits. A trial that exited cleanly ends once its last reports are decided.
-        for (&trial, run) in running.iter_mut() {
-            if let Some(status) = run.child.try_wait()? {
-                exited.insert(trial, status);
-            }
-        }
-        for trial in exited.keys().copied().collect::<Vec<_>>() {
-            running.remove(&trial);
-            let status = exited[&trial];
-            let t = &study.trials[trial];
-            if t.ended.is_some() {
-                exited.remove(&trial);
-                continue;
-            }
-            // Read once more: what it wrote just before exiting.
-            let schedule = *schedules.entry(trial).or_insert_with(|| eval_schedule(&spec, &study, trial));
-            let f = follow.entry(trial).or_default();
-            f.read(&study.run_dir(trial), &spec.metric, t.last().map(|l| l.0), schedule);
-            // A clean exit before train.steps (a SIGTERM from outside the driver) is not the
-            // end of the trial: it continues from its checkpoint like a crashed one.
-            let reached = newest_checkpoint(&study.run_dir(trial)).unwrap_or(0).max(f.furthest);
-            if status.success() && reached >= schedule.1 {
-                if !f.unrecorded.is_empty() {
-                    continue; // a decision still waits on an earlier trial
-                }
-                let last = t.last();
-                study.record(StudyEvent::Finished { trial, step: last.map_or(0, |l| l.0), metric: last.map(|l| l.1) })?;
-            } else if t.restarts < spec.max_restarts {
-                let attempt = t.restarts + 1;
-                let reason = if status.success() {
-                    format!("the run stopped at step {reached} of {}", schedule.1)
-                } else {
-                    format!("the run exited with {status}")
-                };
-                study.record(StudyEvent::Restarted { trial, attempt, reason })?;
-                restart.push_back(trial);
-            } else {
-                let error =
-                    format!("the run exited with {status} after {} restarts; see {}", spec.max_restarts, log_path(&study, trial).display());
-                study.record(StudyEvent::Failed { trial, error })?;
-            }
-            exited.remove(&trial);
-            changed = true;
-        }
-
-        let live: BTreeSet<usize> = running.iter().filter(|(_, r)| !r.stopping).map(|(t, _)| *t).collect();
-        if let Some(m) = &metrics {
-            m.update(&study, &live, minimize);
-        }
-        if changed && last_table.elapsed() >= Duration::from_secs(30) {
-            troupe_common::say!("{}", report::table(&study, &keys, &live));
-            (last_table, changed) = (Instant::now(), false);
-        }
-        std::thread::sleep(Duration::from_millis(200));
+    match &spec.cluster {
+        None => troupe_common::say!("sweep {}: {n} trials ({to_run} to run), {} at once, in {}", spec.name, spec.parallel, dir.display()),
+        Some(c) => troupe_common::say!(
+            "sweep {}: {n} trials ({to_run} to run), {} at once, each on {} of the hosts {}, in {}",
+            spec.name,
+            spec.parallel,
+            c.hosts_per_trial,
+            c.hosts.join(","),
+            dir.display()
+        ),
     }
-    if let Some(m) = &metrics {
-        m.update(&study, &BTreeSet::new(), minimize);
-    }
-    finish(&spec, &study, &keys, &follow, minimize, args.deploy)
+    let (done, end) = tokio::sync::oneshot::channel();
+    let driver_args = driver::DriverArgs { spec: spec.clone(), study, metrics, done };
+    let end = tokio::runtime::Handle::current().block_on(async move {
+        let (_driver, handle) = ractor::Actor::spawn(None, driver::SweepDriver, driver_args).await?;
+        handle.await?;
+        end.await.context("the sweep driver ended without a result")?
+    })?;
+    let keys: Vec<&String> = spec.space.keys().collect();
+    finish(&spec, &end.study, &keys, &end.furthest, minimize, args.deploy)
 }
 
 /// A new trial's parameters, and whether its whole config resolves: `None` while a
@@ -370,58 +188,13 @@ fn check_trial(spec: &SweepSpec, trial: usize, params: &Params) -> anyhow::Resul
     Ok(Config::layered(spec.base.as_deref(), &sets).with_context(|| format!("trial {trial} ({}) would not start", sets.join(" ")))?.config)
 }
 
-fn log_path(study: &Study, trial: usize) -> PathBuf {
-    study.dir.join(format!("{}.log", trial_name(trial)))
-}
-
-/// `troupe local` for one trial: the sweep's base config, fixed settings and the trial's
-/// parameters; `--resume` when its run has a checkpoint to continue from. It gets SIGTERM
-/// if the driver dies, so that no trial runs on unsupervised.
-fn start_trial(spec: &SweepSpec, study: &Study, trial: usize, params: &Params) -> anyhow::Result<Child> {
-    let exe = std::env::current_exe().context("cannot find the troupe binary")?;
-    let mut cmd = Command::new(exe);
-    cmd.arg("local").arg("--out").arg(study.dir.join("runs")).args(["--workers", &spec.workers.to_string(), "--sample-tokens", "0"]);
-    if let Some(base) = &spec.base {
-        cmd.arg("--config").arg(base);
-    }
-    let mut sets = vec![format!("run.name={}", trial_name(trial)), "deploy.enabled=false".to_string()];
-    if !spec.sets_key("train.threads_per_worker") {
-        // Trials side by side share the cores instead of each taking all of them.
-        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-        sets.push(format!("train.threads_per_worker={}", (cores / (spec.parallel * spec.workers)).max(1)));
-    }
-    if spec.scheduler.kind != "none" && !spec.sets_key("eval.interval") {
-        // Every step the scheduler compares at needs a validation loss.
-        sets.push(format!("eval.interval={}", spec.eval_interval()));
-    }
-    sets.extend(spec.fixed_sets());
-    sets.extend(params.iter().map(|(k, v)| format!("{k}={v}")));
-    for set in sets {
-        cmd.arg("--set").arg(set);
-    }
-    let checkpoints = study.run_dir(trial).join("checkpoints");
-    if std::fs::read_dir(&checkpoints).is_ok_and(|mut d| d.any(|e| e.is_ok_and(|e| e.file_name().to_string_lossy().starts_with("step-")))) {
-        cmd.arg("--resume");
-    }
-    let log = std::fs::OpenOptions::new().create(true).append(true).open(log_path(study, trial))?;
-    cmd.stdout(log.try_clone()?).stderr(log).stdin(Stdio::null());
-    // SAFETY: prctl in the child before exec, async-signal-safe.
-    unsafe {
-        cmd.pre_exec(|| {
-            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
-            Ok(())
-        });
-    }
-    cmd.spawn().context("cannot start a trial")
-}
-
 /// The table, ranking, results.csv, curves.svg, and with `--deploy` the best checkpoint
 /// through the deploy policy.
 fn finish(
     spec: &SweepSpec,
     study: &Study,
     keys: &[&String],
-    follow: &BTreeMap<usize, Follow>,
+    furthest: &BTreeMap<usize, u64>,
     minimize: bool,
     deploy: bool,
 ) -> anyhow::Result<ExitCode> {
@@ -434,7 +207,7 @@ fn finish(
     // the step it is stopped at, until its checkpoint).
     let trained: u64 = (0..study.trials.len())
         .map(|t| {
-            follow.get(&t).map(|f| f.furthest).filter(|&s| s > 0).unwrap_or_else(|| {
+            furthest.get(&t).copied().filter(|&s| s > 0).unwrap_or_else(|| {
                 troupe_core::events::read_events(&study.run_dir(t)).map_or(0, |e| e.iter().map(RunEvent::step).max().unwrap_or(0))
             })
         })

@@ -22,6 +22,9 @@
 //! kind = "asha"                     # none | asha | median
 //! grace_steps = 10
 //! reduction_factor = 3
+//! [cluster]                         # optional: trials on these hosts (over ssh), not here
+//! hosts = ["node1", "node2", "node3", "node4"]
+//! hosts_per_trial = 2               # trials side by side get disjoint hosts
 //! ```
 
 use std::collections::BTreeMap;
@@ -67,6 +70,57 @@ pub(crate) struct SweepSpec {
     /// Restarts of a crashed trial (from its newest checkpoint) before it counts as failed.
     #[serde(default = "two")]
     pub max_restarts: u32,
+    /// Trials on a cluster's hosts through `scripts/launch-ssh.sh` instead of `troupe local`
+    /// on this machine.
+    #[serde(default)]
+    pub cluster: Option<ClusterSpec>,
+}
+
+/// Where trials run when they run on a cluster: each trial is one `scripts/launch-ssh.sh`
+/// job (coordinator on the first of its hosts, workers on each) on its own group of hosts and
+/// its own port, so trials side by side never share a host.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct ClusterSpec {
+    /// ssh destinations ([user@]host). Every host must see the sweep's folder and the prepared
+    /// data at the same path as this machine (a shared filesystem), as for launch-ssh.sh.
+    pub hosts: Vec<String>,
+    #[serde(default = "one")]
+    pub hosts_per_trial: usize,
+    #[serde(default = "one")]
+    pub workers_per_host: usize,
+    /// The QUIC port of the first group of hosts; group g listens on port + g.
+    #[serde(default = "port")]
+    pub port: u16,
+    /// The launcher (default: scripts/launch-ssh.sh beside the binary's source tree, or in
+    /// the current folder).
+    #[serde(default)]
+    pub launcher: Option<PathBuf>,
+    /// Where on the hosts each group keeps the binary, config and pid files (relative to the
+    /// remote home): `<remote_dir>/group-<g>`, reused by the group's trials one after another.
+    /// Default: .cache/troupe-launch/sweep-<name>.
+    #[serde(default)]
+    pub remote_dir: Option<String>,
+    /// More arguments for every launch, e.g. ["--ssh-opt", "-i", "--ssh-opt", "~/.ssh/key",
+    /// "--worker-args", "--threads 8"].
+    #[serde(default)]
+    pub launcher_args: Vec<String>,
+}
+
+fn port() -> u16 {
+    7070
+}
+
+impl ClusterSpec {
+    /// Groups of hosts, one per trial running at once.
+    pub(crate) fn groups(&self) -> usize {
+        self.hosts.len() / self.hosts_per_trial.max(1)
+    }
+
+    /// The hosts of group `g`.
+    pub(crate) fn group(&self, g: usize) -> &[String] {
+        &self.hosts[g * self.hosts_per_trial..(g + 1) * self.hosts_per_trial]
+    }
 }
 
 fn one() -> usize {
@@ -149,6 +203,12 @@ impl SweepSpec {
         }
         spec.cli_sets = cli_sets.to_vec();
         spec.validate().with_context(|| format!("invalid sweep file {}", path.display()))?;
+        if let Some(cluster) = &mut spec.cluster {
+            spec.workers = cluster.hosts_per_trial * cluster.workers_per_host;
+            if let Some(launcher) = cluster.launcher.as_mut().filter(|l| l.is_relative()) {
+                *launcher = path.parent().unwrap_or(Path::new(".")).join(&launcher);
+            }
+        }
         Ok(spec)
     }
 
@@ -203,6 +263,32 @@ impl SweepSpec {
         }
         if self.startup_trials == Some(0) {
             bail!("startup_trials must be at least 1: TPE needs results to model");
+        }
+        if let Some(cluster) = &self.cluster {
+            if cluster.hosts.is_empty() || cluster.hosts_per_trial == 0 || cluster.workers_per_host == 0 {
+                bail!("[cluster] needs hosts, and hosts_per_trial and workers_per_host of at least 1");
+            }
+            if cluster.groups() < self.parallel {
+                bail!(
+                    "[cluster]: {} trials at once need {} hosts ({} each), and hosts lists {}",
+                    self.parallel,
+                    self.parallel * cluster.hosts_per_trial,
+                    cluster.hosts_per_trial,
+                    cluster.hosts.len()
+                );
+            }
+            let workers = cluster.hosts_per_trial * cluster.workers_per_host;
+            if self.workers != 1 && self.workers != workers {
+                bail!(
+                    "workers = {} but [cluster] gives each trial {workers} ({} hosts × {} workers_per_host); leave workers out",
+                    self.workers,
+                    cluster.hosts_per_trial,
+                    cluster.workers_per_host
+                );
+            }
+            if usize::from(cluster.port) + self.parallel > 65536 {
+                bail!("[cluster] port {} + {} trials at once runs past 65535", cluster.port, self.parallel);
+            }
         }
         if self.space.is_empty() {
             bail!("[space] is empty: name at least one config field to search over");
@@ -315,6 +401,10 @@ mod tests {
             ),
             ("[scheduler]\nkind = \"median\"\n[space.\"eval.interval\"]\nint = [5, 10]\n", "fix it in [set]"),
             ("[space.\"model.n_layer\"]\nchoice = [\"two\"]\n", "n_layer"),
+            ("parallel = 3\n[cluster]\nhosts = [\"a\", \"b\"]\n[space.\"model.n_layer\"]\nint = [2, 4]\n", "need 3 hosts"),
+            ("workers = 4\n[cluster]\nhosts = [\"a\"]\n[space.\"model.n_layer\"]\nint = [2, 4]\n", "leave workers out"),
+            ("[cluster]\nhosts = []\n[space.\"model.n_layer\"]\nint = [2, 4]\n", "needs hosts"),
+            ("parallel = 2\n[cluster]\nhosts = [\"a\", \"b\"]\nport = 65535\n[space.\"model.n_layer\"]\nint = [2, 4]\n", "past 65535"),
         ] {
             let err = format!("{:#}", spec(extra).unwrap_err());
             assert!(err.contains(says), "{extra}: {err}");
