@@ -128,3 +128,111 @@ fn a_run_trains_on_data_in_object_storage_as_on_a_local_disk() {
     no_secret(&out);
     assert!(stderr(&out).contains("s3://troupe-test/nothing/meta.json does not exist"), "{}", stderr(&out));
 }
+
+/// The keys under `prefix` in `bucket`, through boto3 (as another S3 client sees them).
+fn s3_keys(s3: &S3, bucket: &str, prefix: &str) -> Vec<String> {
+    let script = format!(
+        "import boto3\nc = boto3.client('s3', endpoint_url='{}', region_name='us-east-1', aws_access_key_id='testing', aws_secret_access_key='{SECRET}')\n\
+         for page in c.get_paginator('list_objects_v2').paginate(Bucket='{bucket}', Prefix='{prefix}'):\n    \
+         for o in page.get('Contents', []): print(o['Key'])\n",
+        s3.url
+    );
+    let out = Command::new("python3").env("PYTHONPATH", troupe_cache().join("python-moto")).args(["-c", &script]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).lines().map(str::to_string).collect()
+}
+
+/// Checkpoints in the store (`checkpoint.store`): 3 workers under zero2 upload their parts and
+/// the coordinator commits with the MANIFEST. A rank killed while writing step 10 leaves that
+/// attempt without a MANIFEST: it does not count. Then the whole run folder is lost; the run
+/// resumes from the store on 2 workers under ddp (fetching step 5), and its losses from there
+/// equal an uninterrupted run's. The abandoned attempt is deleted by retention once a newer
+/// checkpoint commits, and no secret reaches any output.
+#[test]
+fn checkpoints_in_object_storage_resume_elsewhere_after_the_run_folder_is_lost() {
+    let dir = scratch("object-store-checkpoints");
+    let Some(s3) = start_s3("troupe-ckpt") else { return };
+    let data = prepare_small_corpus(&dir);
+    let config = |name: &str, workers: usize, strategy: &str, store: bool| {
+        let here = dir.join(name);
+        std::fs::create_dir_all(&here).unwrap();
+        let path = tiny_config(&here, &data, workers, 20);
+        // 12 sequences split evenly over 1, 2 and 3 workers.
+        let mut text = std::fs::read_to_string(&path).unwrap().replace("global_batch = 8", "global_batch = 12");
+        if store {
+            text = text.replace("[checkpoint]\n", "[checkpoint]\nstore = \"s3://troupe-ckpt/runs\"\n");
+            text = text.replace("[cluster]\n", "[cluster]\nmin_workers = 3\n");
+        }
+        std::fs::write(&path, format!("{text}\n[parallel]\nstrategy = \"{strategy}\"\n")).unwrap();
+        path
+    };
+    let host = dir.join("host-cache");
+
+    let written = config("written", 3, "zero2", true);
+    let mut cmd = local_command(&written);
+    cmd.args(["--max-restarts", "0", "--set", "checkpoint.keep_last=10"]).env("TROUPE_FAULT_KILL_DURING_CHECKPOINT", "10:1");
+    let out = run(with_s3(cmd, &s3, &host), LIMIT);
+    assert!(!out.status.success(), "the run cannot go on without rank 1");
+    no_secret(&out);
+    let keys = s3_keys(&s3, "troupe-ckpt", "runs/tiny/checkpoints/");
+    assert!(keys.iter().any(|k| k.ends_with("step-000005.g1/MANIFEST")), "{keys:?}\n{}\n{}", stdout(&out), stderr(&out));
+    // Ranks 0 and 2 may have uploaded their parts of step 10 before the run stopped: an
+    // attempt without a MANIFEST, which does not count.
+    assert!(!keys.iter().any(|k| k.contains("step-000010") && k.ends_with("MANIFEST")), "step 10 was not committed: {keys:?}");
+
+    // The run folder is lost; another "host" (its own cache) resumes from the store.
+    std::fs::remove_dir_all(dir.join("written/runs")).unwrap();
+    let resumed = config("written", 2, "ddp", false);
+    let mut cmd = local_command(&resumed);
+    cmd.args(["--resume", "--set", "checkpoint.store=s3://troupe-ckpt/runs", "--set", "checkpoint.keep_last=2"]);
+    let out = run(with_s3(cmd, &s3, &dir.join("other-host-cache")), LIMIT);
+    assert_success(&out);
+    no_secret(&out);
+    assert!(stdout(&out).contains("fetching checkpoint step 5 from s3://troupe-ckpt/runs/tiny/checkpoints"), "{}", stdout(&out));
+    assert!(stdout(&out).contains("training resumed at step 5"), "{}", stdout(&out));
+
+    let reference = config("reference", 1, "ddp", false);
+    assert_success(&run_local(&reference, &[]));
+    let (want, got): (std::collections::BTreeMap<u64, f64>, std::collections::BTreeMap<u64, f64>) = (
+        step_losses(&dir.join("reference/runs/tiny")).into_iter().collect(),
+        step_losses(&dir.join("written/runs/tiny")).into_iter().collect(),
+    );
+    for step in 5..20 {
+        assert!(
+            (want[&step] - got[&step]).abs() < 1e-4,
+            "step {step}: {} uninterrupted, {} resumed from the store",
+            want[&step],
+            got[&step]
+        );
+    }
+    // Retention in the store: the 2 newest, and nothing of the abandoned attempt.
+    let keys = s3_keys(&s3, "troupe-ckpt", "runs/tiny/checkpoints/");
+    let manifests: Vec<&String> = keys.iter().filter(|k| k.ends_with("/MANIFEST")).collect();
+    assert_eq!(manifests.len(), 2, "{keys:?}");
+    assert!(manifests.iter().any(|k| k.contains("step-000020.")), "{keys:?}");
+    assert!(!keys.iter().any(|k| k.contains("step-000010.g1/")), "the abandoned attempt is gone: {keys:?}");
+    // The committed checkpoint here is the store's, checked file by file.
+    let here = dir.join("written/runs/tiny/checkpoints/step-000020");
+    troupe_common::checkpoint::verify(&here).unwrap();
+    // A worker on a host that does not see the run folder fetches into its own cache: the same
+    // files. (nextest runs each test in a process of its own: the environment is this test's.)
+    for (key, value) in [
+        ("AWS_ENDPOINT_URL", s3.url.as_str()),
+        ("AWS_ALLOW_HTTP", "true"),
+        ("AWS_REGION", "us-east-1"),
+        ("AWS_ACCESS_KEY_ID", "testing"),
+        ("AWS_SECRET_ACCESS_KEY", SECRET),
+    ] {
+        std::env::set_var(key, value);
+    }
+    std::env::set_var("TROUPE_CACHE", dir.join("worker-host-cache"));
+    let store = troupe_common::checkpoint::store::CheckpointStore::open("s3://troupe-ckpt/runs", "tiny").unwrap();
+    let cached = store.cached(20).unwrap();
+    assert!(cached.starts_with(dir.join("worker-host-cache/remote-checkpoints")), "{}", cached.display());
+    let manifest = troupe_common::checkpoint::verify(&cached).unwrap();
+    for file in &manifest.files {
+        assert_eq!(std::fs::read(cached.join(&file.name)).unwrap(), std::fs::read(here.join(&file.name)).unwrap(), "{}", file.name);
+    }
+    let missing = store.cached(10).unwrap_err().to_string();
+    assert!(missing.contains("no committed checkpoint of that step"), "{missing}");
+}

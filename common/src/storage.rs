@@ -1,6 +1,7 @@
 //! Object storage (S3 and S3-compatible servers) for hosts that share no disk: prepared data is
 //! uploaded with `troupe prepare --out s3://bucket/prefix`, and every host that trains on
-//! `data.dir = "s3://bucket/prefix"` fetches it into a cache of its own.
+//! `data.dir = "s3://bucket/prefix"` fetches it into a cache of its own; checkpoints go to
+//! `checkpoint.store` (see `checkpoint::store`).
 //!
 //! Endpoint, region and credentials come from the usual environment variables
 //! (`AWS_ENDPOINT_URL`, `AWS_REGION`, `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`,
@@ -219,6 +220,77 @@ impl Remote {
                     Err(e)
                 }
             }
+        })
+    }
+}
+
+impl Remote {
+    /// Writes `bytes` as `name`, replacing what is there.
+    pub fn put(&self, name: &str, bytes: Vec<u8>) -> Result<(), StorageError> {
+        let key = self.key(name);
+        self.blocking(async { self.store.put(&key, bytes.into()).await.map(|_| ()).map_err(|e| self.err(format!("PUT {name}"), e)) })
+    }
+
+    /// Writes `bytes` as `name` only if there is no object of that name yet (a conditional
+    /// PUT, `If-None-Match: *`): `Ok(false)` when one exists. The store decides, so of two
+    /// writers racing for the same name exactly one wins.
+    pub fn put_if_absent(&self, name: &str, bytes: Vec<u8>) -> Result<bool, StorageError> {
+        let key = self.key(name);
+        self.blocking(async {
+            let options = object_store::PutOptions { mode: object_store::PutMode::Create, ..Default::default() };
+            match self.store.put_opts(&key, bytes.into(), options).await {
+                Ok(_) => Ok(true),
+                Err(object_store::Error::AlreadyExists { .. }) => Ok(false),
+                Err(e) => Err(self.err(format!("PUT {name} (if absent)"), e)),
+            }
+        })
+    }
+
+    /// The size of the object `name`, or `None` when there is none.
+    pub fn size(&self, name: &str) -> Result<Option<u64>, StorageError> {
+        let key = self.key(name);
+        self.blocking(async {
+            match self.store.head(&key).await {
+                Ok(meta) => Ok(Some(meta.size)),
+                Err(object_store::Error::NotFound { .. }) => Ok(None),
+                Err(e) => Err(self.err(format!("HEAD {name}"), e)),
+            }
+        })
+    }
+
+    /// The names of the "folders" directly under `dir` (common prefixes), sorted.
+    pub fn list_dirs(&self, dir: &str) -> Result<Vec<String>, StorageError> {
+        let key = self.key(dir);
+        self.blocking(async {
+            let listed = self.store.list_with_delimiter(Some(&key)).await.map_err(|e| self.err(format!("LIST {dir}/"), e))?;
+            let mut names: Vec<String> = listed.common_prefixes.iter().filter_map(|p| p.filename().map(str::to_string)).collect();
+            names.sort();
+            Ok(names)
+        })
+    }
+
+    /// Deletes the object `name` (nothing to do when there is none).
+    pub fn delete(&self, name: &str) -> Result<(), StorageError> {
+        let key = self.key(name);
+        self.blocking(async {
+            match self.store.delete(&key).await {
+                Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+                Err(e) => Err(self.err(format!("DELETE {name}"), e)),
+            }
+        })
+    }
+
+    /// Deletes every object under `dir`.
+    pub fn delete_dir(&self, dir: &str) -> Result<(), StorageError> {
+        use futures::TryStreamExt;
+        let key = self.key(dir);
+        self.blocking(async {
+            let objects: Vec<object_store::ObjectMeta> =
+                self.store.list(Some(&key)).try_collect().await.map_err(|e| self.err(format!("LIST {dir}/"), e))?;
+            for object in objects {
+                self.store.delete(&object.location).await.map_err(|e| self.err(format!("DELETE {}", object.location), e))?;
+            }
+            Ok(())
         })
     }
 }

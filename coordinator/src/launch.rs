@@ -151,6 +151,9 @@ pub fn resolve_init_from(config: &mut Config, meta: &data::Meta) -> anyhow::Resu
 /// The newest complete checkpoint of the run, saying which newer ones were skipped and why.
 pub fn find_resume_point(config: &Config) -> anyhow::Result<Option<ResumeFrom>> {
     let run_dir = config.run_dir();
+    if !config.checkpoint.store.is_empty() {
+        fetch_newer_from_store(config)?;
+    }
     let point = checkpoint::find_resumable(&run_dir).with_context(|| format!("cannot resume run {}", run_dir.display()))?;
     let Some(point) = point else {
         troupe_common::say!("no checkpoint under {}: starting from scratch", run_dir.display());
@@ -171,6 +174,25 @@ pub fn find_resume_point(config: &Config) -> anyhow::Result<Option<ResumeFrom>> 
         );
     }
     Ok(Some(ResumeFrom { dir: point.dir.display().to_string(), step: point.manifest.step }))
+}
+
+/// With `checkpoint.store`: brings the store's newest committed checkpoint into the run folder
+/// when it is newer than the folder's own (a run resumed on a host that never saw it, or whose
+/// disk was lost).
+fn fetch_newer_from_store(config: &Config) -> anyhow::Result<()> {
+    let run_dir = config.run_dir();
+    let store = checkpoint::store::CheckpointStore::open(&config.checkpoint.store, &config.run.name)?;
+    let committed = store.committed().with_context(|| format!("cannot list the checkpoints in {}", store.url()))?;
+    let Some((step, attempt)) = committed.last() else { return Ok(()) };
+    let local = checkpoint::complete_steps(&run_dir).unwrap_or_default();
+    if local.last().is_some_and(|s| s >= step) {
+        return Ok(());
+    }
+    troupe_common::say!("fetching checkpoint step {step} from {}", store.url());
+    let dest = checkpoint::final_dir(&run_dir, *step);
+    std::fs::create_dir_all(checkpoint::checkpoints_dir(&run_dir))?;
+    store.fetch(attempt, &dest).with_context(|| format!("cannot fetch checkpoint step {step} from {}", store.url()))?;
+    Ok(())
 }
 
 /// Binds the coordinator's QUIC endpoint. Without a join token and without mutual TLS

@@ -435,6 +435,11 @@ pub struct CheckpointConfig {
     /// itself); the final checkpoint is retried with backoff up to this many times.
     #[serde(default = "default_max_checkpoint_failures")]
     pub max_failures: u32,
+    /// Also keep the checkpoints in object storage, `s3://bucket/prefix` (the run's in
+    /// `<prefix>/<run.name>/checkpoints/`): each rank uploads its part, the coordinator commits
+    /// with the MANIFEST, resume fetches from there. Empty: only the run folder.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub store: String,
 }
 
 fn default_max_checkpoint_failures() -> u32 {
@@ -658,6 +663,12 @@ impl Config {
         let c = &self.checkpoint;
         range("checkpoint.keep_last", c.keep_last, c.keep_last >= 1, "must be at least 1")?;
         range("checkpoint.max_failures", c.max_failures, c.max_failures >= 1, "must be at least 1")?;
+        range(
+            "checkpoint.store",
+            &c.store,
+            c.store.is_empty() || c.store.strip_prefix("s3://").is_some_and(|rest| !rest.is_empty() && !rest.starts_with('/')),
+            "must be empty or an s3://bucket/prefix URL",
+        )?;
         let cl = &self.cluster;
         range("cluster.workers", cl.workers, (1..=4096).contains(&cl.workers), "must be 1..=4096")?;
         range(

@@ -27,6 +27,7 @@ fn every_option_set() -> Config {
         Some(TlsConfig { ca: "certs/ca.pem".into(), cert: "certs/coordinator.pem".into(), key: "certs/coordinator-key.pem".into() });
     // Left out of the file when empty: set here so that its row is checked.
     config.model.init_from = "models/gpt2".into();
+    config.checkpoint.store = "s3://bucket/checkpoints".into();
     config
 }
 

@@ -32,6 +32,7 @@ use troupe_core::proto::FileDigest;
 use troupe_core::shard::ShardLayout;
 
 mod shard;
+pub mod store;
 #[cfg(test)]
 mod tests;
 
@@ -74,6 +75,8 @@ pub enum CheckpointError {
         path.display(), mount_point(path).display(), available >> 20, needed.div_ceil(1 << 20)
     )]
     NoSpace { path: PathBuf, needed: u64, available: u64 },
+    #[error("checkpoint store: {0}")]
+    Store(#[from] crate::storage::StorageError),
 }
 
 /// The mount point of the filesystem holding `path`: its highest ancestor on the same device.
@@ -360,6 +363,11 @@ fn list_steps(dir: &Path) -> Result<Vec<(u64, PathBuf)>, CheckpointError> {
     }
     steps.sort();
     Ok(steps)
+}
+
+/// The steps of a run's complete checkpoints (a MANIFEST that matches the files' sizes).
+pub fn complete_steps(run_dir: &Path) -> Result<std::collections::BTreeSet<u64>, CheckpointError> {
+    Ok(list_steps(&checkpoints_dir(run_dir))?.into_iter().filter(|(_, path)| looks_complete(path)).map(|(step, _)| step).collect())
 }
 
 /// Whether a checkpoint folder's MANIFEST parses and lists files of the sizes on disk: the

@@ -84,11 +84,18 @@ impl Trainer {
             }
         }
         let dir = dir.to_path_buf();
+        let store = &cx.config.checkpoint.store;
+        let store = (!store.is_empty()).then(|| (store.clone(), cx.config.run.name.clone()));
         let writer = std::thread::Builder::new()
             .name("checkpoint-writer".into())
             .spawn(move || {
                 checkpoint::lower_thread_priority();
-                done(write_part(&dir, &snapshot, &extra).map_err(|e| e.to_string()))
+                let written = write_part(&dir, &snapshot, &extra);
+                let stored = match (written, store) {
+                    (Ok(files), Some((url, run_name))) => upload_part(&dir, &url, &run_name, files),
+                    (written, _) => written,
+                };
+                done(stored.map_err(|e| e.to_string()))
             })
             .map_err(TrainerError::WriterThread)?;
         self.writer.0 = Some(writer);
@@ -98,6 +105,21 @@ impl Trainer {
 
 fn json<T: serde::Serialize>(value: &T) -> Vec<u8> {
     serde_json::to_vec_pretty(value).expect("plain data serialises")
+}
+
+/// With `checkpoint.store`: uploads what this rank wrote to the attempt's folder in the store
+/// (named like the temporary folder, without `.tmp`), then removes the local files — the
+/// store holds the checkpoint now, and a host that shares no disk with the coordinator would
+/// otherwise keep every one.
+fn upload_part(dir: &Path, url: &str, run_name: &str, files: Vec<FileDigest>) -> Result<Vec<FileDigest>, TrainerError> {
+    let attempt = dir.file_name().and_then(|n| n.to_str()).and_then(|n| n.strip_suffix(".tmp")).unwrap_or_default();
+    let store = checkpoint::store::CheckpointStore::open(url, run_name)?;
+    store.upload(attempt, dir, &files)?;
+    for file in &files {
+        let _ = std::fs::remove_file(dir.join(&file.name));
+    }
+    let _ = std::fs::remove_dir(dir);
+    Ok(files)
 }
 
 /// The background half of [`Trainer::save_checkpoint`]: this rank's shard file and (rank 0)

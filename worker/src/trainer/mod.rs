@@ -283,6 +283,14 @@ impl Trainer {
         if resume_from.is_none() && !config.model.init_from.is_empty() {
             load_initial_weights(&mut model, Path::new(&config.model.init_from))?;
         }
+        // A host that does not see the coordinator's run folder resumes from the store.
+        let resume_from = match resume_from {
+            Some(dir) if !dir.join(checkpoint::MANIFEST).is_file() && !config.checkpoint.store.is_empty() => {
+                let store = checkpoint::store::CheckpointStore::open(&config.checkpoint.store, &config.run.name)?;
+                Some(store.cached(start_step)?)
+            }
+            other => other,
+        };
         let reader = match &resume_from {
             Some(dir) => {
                 let reader = ShardReader::open(dir)?;

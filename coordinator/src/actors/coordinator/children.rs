@@ -12,6 +12,7 @@ pub(super) async fn spawn_checkpointer(
     let args = CheckpointerArgs {
         run_dir: config.run_dir(),
         keep_last: config.checkpoint.keep_last,
+        store: (!config.checkpoint.store.is_empty()).then(|| (config.checkpoint.store.clone(), config.run.name.clone())),
         coordinator: me.clone(),
         pinned: pinned.clone(),
     };

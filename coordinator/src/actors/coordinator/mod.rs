@@ -249,10 +249,15 @@ impl Actor for Coordinator {
     ) -> Result<(), ActorProcessingErr> {
         match msg {
             CoordinatorMsg::Core(event) => {
+                let commit_ended = matches!(event, Event::CheckpointCommitted { .. } | Event::CheckpointCommitFailed { .. });
                 if let Event::CheckpointCommitted { step, .. } | Event::CheckpointCommitFailed { step, .. } = &event {
                     state.commits_in_flight.remove(step);
                 }
                 state.apply(&me, event);
+                if commit_ended {
+                    // A run that ended while a checkpoint was being committed stops now.
+                    state.maybe_stop(&me);
+                }
             }
             CoordinatorMsg::Restart { child, reason } => {
                 state.restarting.remove(&child);
@@ -338,6 +343,10 @@ impl Actor for Coordinator {
                 state.release_done(&me, RunEvent::Deployed { step, action: "failed".into(), version: None, reason: error });
             }
             CoordinatorMsg::DeployDrainTimeout => {
+                if !state.commits_in_flight.is_empty() {
+                    tracing::warn!("a checkpoint commit did not finish within {DEPLOY_DRAIN_TIMEOUT:?}; stopping without it");
+                    state.commits_in_flight.clear();
+                }
                 if !state.releases.is_empty() {
                     tracing::warn!("the last evaluation/deployment did not finish within {DEPLOY_DRAIN_TIMEOUT:?}; stopping without it");
                     state.releases.clear();
@@ -502,7 +511,9 @@ impl CoordinatorState {
                 if !self.sessions.is_empty() {
                     me.send_after(DRAIN_TIMEOUT, || CoordinatorMsg::ForceStop);
                 }
-                if !self.releases.is_empty() {
+                // A checkpoint every rank wrote is committed even when the run has failed: it
+                // is what a resume starts from.
+                if !self.releases.is_empty() || !self.commits_in_flight.is_empty() {
                     me.send_after(DEPLOY_DRAIN_TIMEOUT, || CoordinatorMsg::DeployDrainTimeout);
                 }
                 self.maybe_stop(me);
@@ -611,7 +622,11 @@ impl CoordinatorState {
     }
 
     fn maybe_stop(&self, me: &ActorRef<CoordinatorMsg>) {
-        if self.outcome.is_some() && (self.sessions.is_empty() || self.sessions_forced) && self.releases.is_empty() {
+        if self.outcome.is_some()
+            && (self.sessions.is_empty() || self.sessions_forced)
+            && self.releases.is_empty()
+            && self.commits_in_flight.is_empty()
+        {
             me.stop(None);
         }
     }

@@ -1,0 +1,242 @@
+//! Checkpoints in object storage (`checkpoint.store = "s3://bucket/prefix"`), so that a run
+//! survives the loss of any host's disk and can resume on hosts that never saw its folder.
+//!
+//! ```text
+//! <store>/<run name>/checkpoints/step-000500.g3/
+//!     shard-00000.safetensors …  state.json  model.json  tokenizer.json   (from the ranks)
+//!     MANIFEST                                                           (the commit)
+//! ```
+//! Each rank uploads the files it has just written (its shard; rank 0 also the small files)
+//! into the attempt's folder, named by step *and* membership generation: an upload from an
+//! attempt abandoned by a membership change can never land in the folder of a committed one.
+//! The coordinator commits by checking every reported file's size in the store, reading
+//! `state.json`, and writing the MANIFEST (sizes and sha256 from the writers) with a
+//! conditional PUT: a checkpoint exists in the store exactly when its MANIFEST does, and of two
+//! coordinators racing (an old one that has not noticed it was replaced) one wins. The
+//! coordinator then fetches the checkpoint into the run folder of its own host, checking every
+//! file's sha256, where evaluation, deployment and retention use it as they use a local one;
+//! resume takes the newest committed checkpoint in the store when it is newer than the host's.
+
+use std::collections::BTreeSet;
+use std::path::Path;
+
+use troupe_core::proto::FileDigest;
+
+use super::{read_train_state, shard_file, write_atomic, CheckpointError, Manifest, MANIFEST, MANIFEST_FORMAT};
+use crate::storage::Remote;
+
+/// The checkpoints of one run in the store.
+pub struct CheckpointStore {
+    remote: Remote,
+}
+
+/// `step-000500.g3` → (500, 3).
+fn parse_attempt(name: &str) -> Option<(u64, u64)> {
+    let (step, generation) = name.strip_prefix("step-")?.split_once(".g")?;
+    Some((step.parse().ok()?, generation.parse().ok()?))
+}
+
+/// The store's folder name of an attempt at `step` in membership generation `generation`:
+/// the name of the temporary folder the ranks write into, without `.tmp`.
+pub fn attempt_name(step: u64, generation: u64) -> String {
+    format!("{}.g{generation}", super::step_dir_name(step))
+}
+
+impl CheckpointStore {
+    /// The checkpoints of run `run_name` under `store` (`s3://bucket/prefix`).
+    pub fn open(store: &str, run_name: &str) -> Result<CheckpointStore, CheckpointError> {
+        let url = format!("{}/{run_name}/checkpoints", store.trim_end_matches('/'));
+        Ok(CheckpointStore { remote: Remote::open(&url)? })
+    }
+
+    pub fn url(&self) -> &str {
+        self.remote.url()
+    }
+
+    /// Uploads the files a rank wrote into `dir` (as reported by its writer) to the attempt's
+    /// folder. Multipart for large files; a failed upload leaves no object under its name.
+    pub fn upload(&self, attempt: &str, dir: &Path, files: &[FileDigest]) -> Result<(), CheckpointError> {
+        if parse_attempt(attempt).is_none() {
+            return Err(CheckpointError::Invalid {
+                dir: dir.to_path_buf(),
+                reason: format!("{attempt:?} is not a checkpoint attempt's name"),
+            });
+        }
+        for file in files {
+            self.remote.put_file(&format!("{attempt}/{}", file.name), &dir.join(&file.name))?;
+        }
+        Ok(())
+    }
+
+    /// Commits an attempt: every reported file is in the store at its reported size, every
+    /// rank's shard is among them, `state.json` agrees with the step and world size; then the
+    /// MANIFEST, put only if absent.
+    pub fn commit(&self, step: u64, generation: u64, world_size: u32, reported: &[FileDigest]) -> Result<Manifest, CheckpointError> {
+        let attempt = attempt_name(step, generation);
+        let invalid = |reason: String| CheckpointError::Invalid { dir: format!("{}/{attempt}", self.url()).into(), reason };
+        let mut files = reported.to_vec();
+        files.sort_by(|a, b| a.name.cmp(&b.name));
+        files.dedup_by(|a, b| a.name == b.name);
+        if files.len() != reported.len() {
+            return Err(invalid("a file was reported twice".into()));
+        }
+        for want in &files {
+            if want.name.contains('/') || want.name.contains("..") || want.name == MANIFEST || want.name.is_empty() {
+                return Err(invalid(format!("bad file name {:?}", want.name)));
+            }
+            match self.remote.size(&format!("{attempt}/{}", want.name))? {
+                Some(size) if size == want.size => {}
+                Some(size) => {
+                    return Err(invalid(format!("{} in the store has {size} bytes, its writer reported {}", want.name, want.size)))
+                }
+                None => return Err(invalid(format!("{} was reported but is not in the store", want.name))),
+            }
+        }
+        for rank in 0..world_size {
+            if !files.iter().any(|f| f.name == shard_file(rank)) {
+                return Err(invalid(format!("rank {rank} reported no {}", shard_file(rank))));
+            }
+        }
+        let state_bytes = self.remote.get(&format!("{attempt}/{}", super::STATE_FILE))?;
+        let state: super::TrainState =
+            serde_json::from_slice(&state_bytes).map_err(|e| invalid(format!("{} is not valid: {e}", super::STATE_FILE)))?;
+        if state.step != step || state.layout.world_size != world_size {
+            return Err(invalid(format!(
+                "state.json says step {} over {} ranks, the coordinator committed step {step} over {world_size}",
+                state.step, state.layout.world_size
+            )));
+        }
+        let manifest = Manifest {
+            format: MANIFEST_FORMAT,
+            step,
+            world_size,
+            strategy: state.strategy,
+            layout: state.layout,
+            created_unix_ms: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0),
+            files,
+        };
+        let text = serde_json::to_vec_pretty(&manifest).map_err(|e| invalid(format!("cannot encode MANIFEST: {e}")))?;
+        if !self.remote.put_if_absent(&format!("{attempt}/{MANIFEST}"), text)? {
+            return Err(invalid("it already has a MANIFEST: another coordinator committed it".into()));
+        }
+        Ok(manifest)
+    }
+
+    /// Committed checkpoints (those with a MANIFEST), ascending by step: (step, attempt).
+    pub fn committed(&self) -> Result<Vec<(u64, String)>, CheckpointError> {
+        let mut found: Vec<(u64, u64, String)> = Vec::new();
+        for name in self.remote.list_dirs("")? {
+            let Some((step, generation)) = parse_attempt(&name) else { continue };
+            if self.remote.exists(&format!("{name}/{MANIFEST}"))? {
+                found.push((step, generation, name));
+            }
+        }
+        found.sort();
+        // One per step: the latest generation's.
+        let mut steps: Vec<(u64, String)> = Vec::new();
+        for (step, _, name) in found {
+            match steps.last_mut() {
+                Some(last) if last.0 == step => last.1 = name,
+                _ => steps.push((step, name)),
+            }
+        }
+        Ok(steps)
+    }
+
+    /// Fetches a committed checkpoint into `dest` (a checkpoint folder): every file is checked
+    /// against the MANIFEST's size and sha256, the MANIFEST is written last and the folder
+    /// renamed into place, so `dest` counts only when complete. A complete `dest` is kept.
+    pub fn fetch(&self, attempt: &str, dest: &Path) -> Result<Manifest, CheckpointError> {
+        if let Ok(manifest) = super::verify(dest) {
+            return Ok(manifest);
+        }
+        let invalid = |reason: String| CheckpointError::Invalid { dir: format!("{}/{attempt}", self.url()).into(), reason };
+        let text = self.remote.get(&format!("{attempt}/{MANIFEST}"))?;
+        let manifest: Manifest = serde_json::from_slice(&text).map_err(|e| invalid(format!("MANIFEST is not valid: {e}")))?;
+        let tmp = dest.with_extension(format!("fetch-{}.tmp", std::process::id()));
+        let _ = std::fs::remove_dir_all(&tmp);
+        std::fs::create_dir_all(&tmp).map_err(|source| CheckpointError::Io { path: tmp.clone(), source })?;
+        let fetched = (|| {
+            for want in &manifest.files {
+                if want.name.contains('/') || want.name.contains("..") {
+                    return Err(invalid(format!("MANIFEST names a file outside its folder: {:?}", want.name)));
+                }
+                let digest = self.remote.get_to_file(&format!("{attempt}/{}", want.name), &tmp.join(&want.name))?;
+                let size = std::fs::metadata(tmp.join(&want.name)).map(|m| m.len()).unwrap_or(0);
+                if digest.as_deref() != Some(want.sha256.as_str()) || size != want.size {
+                    return Err(invalid(format!("{} in the store does not match its MANIFEST (sha256 or size)", want.name)));
+                }
+            }
+            write_atomic(&tmp.join(MANIFEST), &text)?;
+            read_train_state(&tmp)?;
+            if dest.exists() {
+                std::fs::remove_dir_all(dest).map_err(|source| CheckpointError::Io { path: dest.to_path_buf(), source })?;
+            }
+            std::fs::rename(&tmp, dest).map_err(|source| CheckpointError::Io { path: dest.to_path_buf(), source })?;
+            if let Some(parent) = dest.parent() {
+                super::fsync_path(parent)?;
+            }
+            Ok(())
+        })();
+        if fetched.is_err() {
+            let _ = std::fs::remove_dir_all(&tmp);
+        }
+        fetched.map(|()| manifest)
+    }
+
+    /// Fetches the committed checkpoint of `step` into `dest`.
+    pub fn fetch_step(&self, step: u64, dest: &Path) -> Result<Manifest, CheckpointError> {
+        let Some((_, attempt)) = self.committed()?.into_iter().find(|(s, _)| *s == step) else {
+            return Err(CheckpointError::Invalid {
+                dir: format!("{}/{}", self.url(), super::step_dir_name(step)).into(),
+                reason: "no committed checkpoint of that step in the store".into(),
+            });
+        };
+        self.fetch(&attempt, dest)
+    }
+
+    /// A copy of the committed checkpoint of `step` in this host's cache
+    /// (`$TROUPE_CACHE/remote-checkpoints/…`), fetched if it is not there complete: for a
+    /// worker whose host does not see the coordinator's run folder.
+    pub fn cached(&self, step: u64) -> Result<std::path::PathBuf, CheckpointError> {
+        use sha2::Digest;
+        let key = hex::encode(&sha2::Sha256::digest(self.url().as_bytes())[..8]);
+        let dir = crate::storage::cache_root().join("remote-checkpoints").join(key);
+        std::fs::create_dir_all(&dir).map_err(|source| CheckpointError::Io { path: dir.clone(), source })?;
+        let dest = dir.join(super::step_dir_name(step));
+        self.fetch_step(step, &dest)?;
+        Ok(dest)
+    }
+
+    /// Retention in the store, after `committed` was committed: deletes committed checkpoints
+    /// whose step is not in `keep` (what the local retention kept), and attempts without a
+    /// MANIFEST at steps up to `committed` (abandoned by a membership change). The MANIFEST of
+    /// a deleted checkpoint goes first, so a half-deleted one no longer counts.
+    pub fn retain(&self, keep: &BTreeSet<u64>, committed: u64) -> Result<Vec<String>, CheckpointError> {
+        let mut removed = Vec::new();
+        for name in self.remote.list_dirs("")? {
+            let Some((step, _)) = parse_attempt(&name) else { continue };
+            if step > committed || keep.contains(&step) && self.remote.exists(&format!("{name}/{MANIFEST}"))? {
+                continue;
+            }
+            if step == committed && self.remote.exists(&format!("{name}/{MANIFEST}"))? {
+                continue;
+            }
+            self.remote.delete(&format!("{name}/{MANIFEST}"))?;
+            self.remote.delete_dir(&name)?;
+            removed.push(name);
+        }
+        Ok(removed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn attempt_names_round_trip() {
+        assert_eq!(super::attempt_name(500, 3), "step-000500.g3");
+        assert_eq!(super::parse_attempt("step-000500.g3"), Some((500, 3)));
+        assert_eq!(super::parse_attempt("step-000500"), None);
+        assert_eq!(super::parse_attempt("step-x.g1"), None);
+    }
+}
