@@ -104,6 +104,10 @@ pub(crate) fn report_outcome(outcome: &RunOutcome) -> ExitCode {
     if let Some(ckpt) = &s.last_checkpoint {
         troupe_common::say!("last checkpoint: {ckpt}");
     }
+    let failures = troupe_common::storage::request_failures_total();
+    if failures > 0 {
+        troupe_common::say!("object storage: {failures} requests failed and were retried (troupe_storage_request_failures_total)");
+    }
     troupe_common::say!("run files: {} (events.jsonl, checkpoints/, logs/)", outcome.run_dir.display());
     match &outcome.error {
         Some(e) if !outcome.ok => {

@@ -880,6 +880,10 @@ async fn run_worker(args: WorkerArgs) -> anyhow::Result<ExitCode> {
         tls,
     })
     .await?;
+    let failures = troupe_common::storage::request_failures_total();
+    if failures > 0 {
+        tracing::info!("object storage: {failures} requests failed and were retried");
+    }
     tracing::info!("worker done: {exit:?}");
     Ok(ExitCode::SUCCESS)
 }

@@ -236,3 +236,88 @@ fn checkpoints_in_object_storage_resume_elsewhere_after_the_run_folder_is_lost()
     let missing = store.cached(10).unwrap_err().to_string();
     assert!(missing.contains("no committed checkpoint of that step"), "{missing}");
 }
+
+/// The fault proxy (tests/python/fault_proxy.py) between troupe and the store.
+struct FaultProxy {
+    child: std::process::Child,
+    url: String,
+}
+
+impl FaultProxy {
+    fn start(upstream: &str) -> FaultProxy {
+        let mut child = Command::new("python3")
+            .arg(root().join("tests/python/fault_proxy.py"))
+            .arg(upstream)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start the fault proxy");
+        let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+        let mut line = String::new();
+        std::io::BufRead::read_line(&mut stdout, &mut line).unwrap();
+        let url = line.trim().strip_prefix("READY ").unwrap_or_else(|| panic!("the proxy said {line:?}")).to_string();
+        child.stdout = Some(stdout.into_inner());
+        FaultProxy { child, url }
+    }
+
+    /// Stops the proxy; (500 answers, dropped connections, delayed requests) it injected.
+    fn stop(mut self) -> (u64, u64, u64) {
+        drop(self.child.stdin.take());
+        let mut text = String::new();
+        std::io::Read::read_to_string(self.child.stdout.as_mut().unwrap(), &mut text).unwrap();
+        let _ = self.child.wait();
+        let n: Vec<u64> = text.trim().strip_prefix("INJECTED ").unwrap().split(' ').map(|n| n.parse().unwrap()).collect();
+        (n[0], n[1], n[2])
+    }
+}
+
+/// A fault-injecting proxy between troupe and the store answers 500, drops connections and
+/// holds requests: training finishes, its last checkpoint is committed, every checkpoint the
+/// store holds is complete (each file matches its MANIFEST's sha256), and the failed requests
+/// are counted (troupe_storage_request_failures_total) and said.
+#[test]
+fn checkpoints_reach_the_store_through_500s_dropped_connections_and_slow_answers() {
+    let dir = scratch("object-store-faults");
+    let Some(s3) = start_s3("troupe-faults") else { return };
+    let proxy = FaultProxy::start(&s3.url);
+    let data = prepare_small_corpus(&dir);
+    let config = tiny_config(&dir, &data, 2, 20);
+    let mut cmd = local_command(&config);
+    cmd.args(["--set", "checkpoint.store=s3://troupe-faults/runs", "--set", "checkpoint.keep_last=10"]);
+    let mut cmd = with_s3(cmd, &s3, &dir.join("cache"));
+    cmd.env("AWS_ENDPOINT_URL", &proxy.url);
+    let out = run(cmd, LIMIT);
+    let (errors, drops, delays) = proxy.stop();
+    assert_success(&out);
+    no_secret(&out);
+    println!("the proxy injected {errors} 500s, {drops} dropped connections, {delays} delays");
+    assert!(errors > 0 && drops > 0 && delays > 0);
+    let said = stdout(&out);
+    let failures: u64 = said
+        .lines()
+        .find_map(|l| l.strip_prefix("object storage: ")?.split(' ').next()?.parse().ok())
+        .unwrap_or_else(|| panic!("the failed requests are said:\n{said}"));
+    assert!(failures > 0, "{said}");
+    println!("{failures} failed requests counted by the coordinator");
+
+    // Straight to the store (no proxy): every committed checkpoint is whole.
+    for (key, value) in [
+        ("AWS_ENDPOINT_URL", s3.url.as_str()),
+        ("AWS_ALLOW_HTTP", "true"),
+        ("AWS_REGION", "us-east-1"),
+        ("AWS_ACCESS_KEY_ID", "testing"),
+        ("AWS_SECRET_ACCESS_KEY", SECRET),
+    ] {
+        std::env::set_var(key, value);
+    }
+    std::env::set_var("TROUPE_CACHE", dir.join("check-cache"));
+    let store = troupe_common::checkpoint::store::CheckpointStore::open("s3://troupe-faults/runs", "tiny").unwrap();
+    let committed = store.committed().unwrap();
+    assert!(committed.iter().any(|(step, _)| *step == 20), "the last checkpoint is committed: {committed:?}");
+    for (step, _) in &committed {
+        let copy = store.cached(*step).unwrap();
+        troupe_common::checkpoint::verify(&copy).unwrap();
+    }
+    println!("{} checkpoints committed in the store, each whole: {committed:?}", committed.len());
+}

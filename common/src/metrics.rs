@@ -15,6 +15,12 @@ fn register<T: prometheus::core::Collector + Clone + 'static>(registry: &Registr
     metric
 }
 
+/// Adds the process's object-storage request failures to a registry.
+fn with_storage_failures(registry: Registry) -> Registry {
+    register(&registry, crate::storage::request_failures().clone());
+    registry
+}
+
 /// Buckets from 1 ms to ~100 s for durations.
 fn seconds_buckets() -> Vec<f64> {
     prometheus::exponential_buckets(0.001, 2.0, 18).expect("constant bucket layout is valid")
@@ -160,7 +166,7 @@ impl CoordinatorMetrics {
                 &r,
                 IntGauge::new("troupe_checkpoint_failures_in_a_row", "Checkpoints that failed in a row (0 once one commits)").unwrap(),
             ),
-            registry: r,
+            registry: with_storage_failures(r),
         }
     }
 }
@@ -217,7 +223,7 @@ impl WorkerMetrics {
                 &r,
                 Counter::new("troupe_checkpoint_wait_seconds_total", "Time training waited for the previous checkpoint write").unwrap(),
             ),
-            registry: r,
+            registry: with_storage_failures(r),
         }
     }
 }

@@ -18,6 +18,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use object_store::aws::AmazonS3Builder;
+use object_store::client::{HttpClient, HttpConnector, HttpError, HttpRequest, HttpResponse, HttpService, ReqwestConnector};
 use object_store::path::Path as ObjectPath;
 use object_store::{ObjectStore, RetryConfig, WriteMultipart};
 use sha2::{Digest, Sha256};
@@ -74,7 +75,7 @@ impl Remote {
                 base: 2.0,
             },
         };
-        let mut builder = AmazonS3Builder::from_env().with_bucket_name(bucket).with_retry(retry);
+        let mut builder = AmazonS3Builder::from_env().with_bucket_name(bucket).with_retry(retry).with_http_connector(CountingConnector);
         if std::env::var("AWS_REGION").is_err() && std::env::var("AWS_DEFAULT_REGION").is_err() {
             builder = builder.with_region("us-east-1");
         }
@@ -292,6 +293,57 @@ impl Remote {
             }
             Ok(())
         })
+    }
+}
+
+/// Requests to object storage that failed (a timeout or connection error, or a 5xx or 429
+/// answer); the client retries each with backoff while its budget lasts (5 tries, 60 s). One
+/// counter per process, registered in its metrics.
+pub fn request_failures() -> &'static prometheus::IntCounterVec {
+    static FAILURES: std::sync::LazyLock<prometheus::IntCounterVec> = std::sync::LazyLock::new(|| {
+        prometheus::IntCounterVec::new(
+            prometheus::Opts::new(
+                "troupe_storage_request_failures_total",
+                "Object-storage requests that failed (reason: transport = timeout or connection, server = 5xx or 429) and were retried with backoff while the budget lasted",
+            ),
+            &["reason"],
+        )
+        .expect("a constant metric definition")
+    });
+    &FAILURES
+}
+
+/// Object storage requests failed so far in this process.
+pub fn request_failures_total() -> u64 {
+    ["transport", "server"].iter().map(|r| request_failures().with_label_values(&[r]).get()).sum()
+}
+
+/// The HTTP client object_store would use, wrapped to count failed requests.
+#[derive(Debug, Default)]
+struct CountingConnector;
+
+impl HttpConnector for CountingConnector {
+    fn connect(&self, options: &object_store::ClientOptions) -> object_store::Result<HttpClient> {
+        Ok(HttpClient::new(Counting(ReqwestConnector::default().connect(options)?)))
+    }
+}
+
+#[derive(Debug)]
+struct Counting(HttpClient);
+
+#[async_trait::async_trait]
+impl HttpService for Counting {
+    async fn call(&self, request: HttpRequest) -> Result<HttpResponse, HttpError> {
+        let result = self.0.execute(request).await;
+        let failed = match &result {
+            Err(_) => Some("transport"),
+            Ok(r) if r.status().is_server_error() || r.status().as_u16() == 429 => Some("server"),
+            Ok(_) => None,
+        };
+        if let Some(reason) = failed {
+            request_failures().with_label_values(&[reason]).inc();
+        }
+        result
     }
 }
 

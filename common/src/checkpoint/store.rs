@@ -117,7 +117,12 @@ impl CheckpointStore {
         };
         let text = serde_json::to_vec_pretty(&manifest).map_err(|e| invalid(format!("cannot encode MANIFEST: {e}")))?;
         if !self.remote.put_if_absent(&format!("{attempt}/{MANIFEST}"), text)? {
-            return Err(invalid("it already has a MANIFEST: another coordinator committed it".into()));
+            // Ours, if an earlier try of this PUT reached the store but its answer was lost;
+            // anything else is another coordinator's commit.
+            let existing: Option<Manifest> = serde_json::from_slice(&self.remote.get(&format!("{attempt}/{MANIFEST}"))?).ok();
+            if existing.as_ref().is_none_or(|m| m.files != manifest.files) {
+                return Err(invalid("it already has a MANIFEST with other files: another coordinator committed it".into()));
+            }
         }
         Ok(manifest)
     }
