@@ -321,3 +321,76 @@ fn checkpoints_reach_the_store_through_500s_dropped_connections_and_slow_answers
     }
     println!("{} checkpoints committed in the store, each whole: {committed:?}", committed.len());
 }
+
+/// The registry in the store (`deploy.registry = "s3://…"`): a run publishes its evaluated
+/// checkpoints there; `troupe serve` on another "host" (its own cache) serves a completion from
+/// it; `troupe deploy rollback` from a third changes what is served; and a writer whose copy
+/// is behind another's change brings it up to the store before changing anything, so both
+/// changes are kept, in order. (Two writers that race past that point meet the conditional
+/// PUT of the change object: one is told to try again.)
+#[test]
+fn the_registry_lives_in_object_storage_and_serves_from_there() {
+    let dir = scratch("object-store-registry");
+    let Some(s3) = start_s3("troupe-reg") else { return };
+    let data = prepare_small_corpus(&dir);
+    let config = tiny_config(&dir, &data, 2, 20);
+    let registry = "s3://troupe-reg/models/tiny";
+    let mut cmd = local_command(&config);
+    cmd.args(["--set", &format!("deploy.registry={registry}"), "--set", "eval.interval=5", "--set", "deploy.min_improvement=0"]);
+    let out = run(with_s3(cmd, &s3, &dir.join("trainer-cache")), LIMIT);
+    assert_success(&out);
+    no_secret(&out);
+    let keys = s3_keys(&s3, "troupe-reg", "models/tiny/");
+    assert!(keys.iter().any(|k| k == "models/tiny/v1/MANIFEST"), "{keys:?}");
+    assert!(keys.iter().any(|k| k == "models/tiny/states/0000000001.json"), "{keys:?}");
+    let versions = keys.iter().filter(|k| k.ends_with("/MANIFEST")).count();
+    assert!(versions >= 2, "several checkpoints published: {keys:?}");
+
+    // Another host serves from the store.
+    let mut serve = troupe();
+    serve.arg("serve").arg("--registry").arg(registry).args(["--listen", "127.0.0.1:0", "--threads", "1"]);
+    let (_server, url) = start_server(with_s3(serve, &s3, &dir.join("serve-cache")));
+    let served = |url: &str| {
+        let reply = http_post_json(url, "/v1/completions", &serde_json::json!({"prompt": "ROMEO:", "max_tokens": 8, "temperature": 0}));
+        assert!(reply["choices"][0]["text"].is_string(), "{reply}");
+        reply["version"].as_str().unwrap_or_default().to_string()
+    };
+    let newest = format!("v{versions}");
+    assert_eq!(served(&url), newest, "serves the newest version");
+
+    // A third host rolls back through the store; the replica follows.
+    let mut rollback = troupe();
+    rollback.arg("deploy").arg("rollback").arg("--registry").arg(registry);
+    let out = run(with_s3(rollback, &s3, &dir.join("cli-cache")), LIMIT);
+    assert_success(&out);
+    let previous = format!("v{}", versions - 1);
+    wait_until("the replica serves the rolled-back version", LIMIT, Duration::from_millis(200), || served(&url) == previous);
+
+    // Two writers from the same state: the second one's change is refused.
+    for (key, value) in [
+        ("AWS_ENDPOINT_URL", s3.url.as_str()),
+        ("AWS_ALLOW_HTTP", "true"),
+        ("AWS_REGION", "us-east-1"),
+        ("AWS_ACCESS_KEY_ID", "testing"),
+        ("AWS_SECRET_ACCESS_KEY", SECRET),
+    ] {
+        std::env::set_var(key, value);
+    }
+    std::env::set_var("TROUPE_CACHE", dir.join("writer-a"));
+    let a = troupe_common::registry::Registry::open(Path::new(registry)).unwrap();
+    std::env::set_var("TROUPE_CACHE", dir.join("writer-b"));
+    let b = troupe_common::registry::Registry::open(Path::new(registry)).unwrap();
+    let before = a.state().unwrap().serial;
+    // B's copy is at the same state as A's; A changes it first.
+    a.promote(Some(versions as u32), "test", "writer a").unwrap();
+    let stale = b.state().unwrap();
+    assert_eq!(stale.serial, before, "b has not seen a's change yet");
+    // B's lock brings its copy up to the store before it changes anything: no conflict, and
+    // b's change comes after a's.
+    let after = b.rollback(None, "test", "writer b").unwrap();
+    assert_eq!(after.serial, before + 2);
+    let history = b.history().unwrap();
+    let reasons: Vec<&str> = history.iter().map(|t| t.reason.as_str()).collect();
+    let n = reasons.len();
+    assert!(reasons[n - 2].starts_with("writer a") && reasons[n - 1].starts_with("writer b"), "{reasons:?}");
+}

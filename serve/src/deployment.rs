@@ -20,6 +20,8 @@ use troupe_common::registry::{version_name, Canary, DeployState, Registry};
 
 /// How often a replica reads the registry's state when nobody tells it about a change.
 const POLL: Duration = Duration::from_millis(200);
+/// The same for a registry in object storage, where each poll is two requests to the store.
+const REMOTE_POLL: Duration = Duration::from_secs(2);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Role {
@@ -298,8 +300,9 @@ impl Deployment {
     pub async fn watch(self: Arc<Self>) {
         loop {
             self.reconcile().await;
+            let poll = if troupe_common::storage::is_remote(&self.registry_dir) { REMOTE_POLL } else { POLL };
             tokio::select! {
-                _ = tokio::time::sleep(POLL) => {}
+                _ = tokio::time::sleep(poll) => {}
                 _ = self.wake.notified() => {}
             }
         }

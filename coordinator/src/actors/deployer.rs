@@ -82,7 +82,29 @@ impl Actor for Deployer {
 
 /// The deploy policy for one evaluated checkpoint: publish it if it beats the live version, else
 /// say why not. Also what `troupe sweep --deploy` applies to the best trial's best checkpoint.
+/// A registry in object storage that another writer changed meanwhile is read again and the
+/// decision taken again (a few times).
 pub fn consider(
+    registry_dir: &std::path::Path,
+    run: &str,
+    config: &DeployConfig,
+    step: u64,
+    checkpoint: &std::path::Path,
+    results: &EvalResults,
+) -> anyhow::Result<Decision> {
+    let mut attempt = 0;
+    loop {
+        match consider_once(registry_dir, run, config, step, checkpoint, results) {
+            Err(e) if attempt < 4 && matches!(e.downcast_ref(), Some(troupe_common::registry::RegistryError::Conflict(_))) => {
+                tracing::info!("{e}");
+                attempt += 1;
+            }
+            decided => return decided,
+        }
+    }
+}
+
+fn consider_once(
     registry_dir: &std::path::Path,
     run: &str,
     config: &DeployConfig,

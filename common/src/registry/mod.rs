@@ -12,10 +12,16 @@
 //!   .tmp-*/          a version being made; never visible as a version
 //! ```
 //!
+//! A registry can also live in object storage (`s3://bucket/prefix`): each host then works on a
+//! copy in its cache, brought up to the store when opened and before every change, and every
+//! change is published back with conditional PUTs (see [`store`]).
+//!
 //! A version is made in a `.tmp-*` folder, fsynced, then renamed to `vN`: a writer killed
 //! half-way leaves only a `.tmp-*` folder, which no reader looks at and the next publish
 //! removes. `state.json` is replaced atomically; its `serial` grows with every change, so a
 //! serving replica polls one small file to notice.
+
+mod store;
 
 use crate::checkpoint::{self, CheckpointError};
 use serde::{Deserialize, Serialize};
@@ -56,6 +62,9 @@ pub enum RegistryError {
     Invalid(String),
     #[error(transparent)]
     Checkpoint(#[from] CheckpointError),
+    /// A registry in object storage changed between this writer's read and its write.
+    #[error("{0}")]
+    Conflict(String),
 }
 
 type Result<T> = std::result::Result<T, RegistryError>;
@@ -161,7 +170,9 @@ pub fn parse_version(text: &str) -> Option<u32> {
 
 #[derive(Debug)]
 pub struct Registry {
+    /// The registry's folder, or this host's copy of a registry in object storage.
     dir: PathBuf,
+    store: Option<std::sync::Arc<store::RegistryStore>>,
 }
 
 /// Held while a writer reads, changes and writes the state (an advisory lock on `.lock`).
@@ -172,12 +183,28 @@ struct WriteLock {
 impl Registry {
     /// Opens (creating it when missing) a registry folder.
     pub fn create(dir: &Path) -> Result<Registry> {
+        if crate::storage::is_remote(dir) {
+            return Registry::open_remote(dir);
+        }
         fs::create_dir_all(dir).map_err(io(dir))?;
-        Ok(Registry { dir: dir.to_path_buf() })
+        Ok(Registry { dir: dir.to_path_buf(), store: None })
+    }
+
+    /// A registry in object storage, through this host's copy (brought up to the store now).
+    fn open_remote(url: &Path) -> Result<Registry> {
+        let url = url.to_string_lossy().into_owned();
+        let dir = store::cache_dir(&url);
+        fs::create_dir_all(&dir).map_err(io(&dir))?;
+        let registry = Registry { dir, store: Some(std::sync::Arc::new(store::RegistryStore::open(&url)?)) };
+        let _lock = registry.lock()?;
+        Ok(registry)
     }
 
     /// Opens an existing registry; a folder that is not one is an error that says so.
     pub fn open(dir: &Path) -> Result<Registry> {
+        if crate::storage::is_remote(dir) {
+            return Registry::open_remote(dir);
+        }
         if !dir.is_dir() {
             return Err(RegistryError::Invalid(format!(
                 "{} is not a model registry (no such folder; a run's registry is <run dir>/registry, \
@@ -185,7 +212,15 @@ impl Registry {
                 dir.display()
             )));
         }
-        Ok(Registry { dir: dir.to_path_buf() })
+        Ok(Registry { dir: dir.to_path_buf(), store: None })
+    }
+
+    /// Where it lives: the folder, or the object storage URL.
+    pub fn location(&self) -> String {
+        match &self.store {
+            Some(store) => store.url().to_string(),
+            None => self.dir.display().to_string(),
+        }
     }
 
     pub fn dir(&self) -> &Path {
@@ -200,6 +235,10 @@ impl Registry {
         let path = self.dir.join(LOCK_FILE);
         let file = OpenOptions::new().create(true).truncate(false).write(true).open(&path).map_err(io(&path))?;
         file.lock().map_err(io(&path))?;
+        // A change starts from the store's newest state.
+        if let Some(store) = &self.store {
+            store.sync(&self.dir)?;
+        }
         Ok(WriteLock { _file: file })
     }
 
@@ -512,6 +551,9 @@ impl Registry {
         checkpoint::write_atomic(&self.dir.join(STATE_FILE), &bytes)?;
         for t in transitions {
             self.append(t)?;
+        }
+        if let Some(store) = &self.store {
+            store.publish(&self.dir, &state, transitions)?;
         }
         Ok(state)
     }
