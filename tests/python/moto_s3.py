@@ -1,7 +1,8 @@
 """An S3-compatible server for tests/object_store.rs: moto's server on a free loopback port,
 with one bucket made, until stdin closes.
 
-usage: moto_s3.py BUCKET — prints "READY http://127.0.0.1:PORT" once the bucket exists.
+usage: moto_s3.py BUCKET [IP] — listens on IP (default 127.0.0.1), prints
+"READY http://IP:PORT" once the bucket exists.
 """
 
 import os
@@ -13,7 +14,8 @@ from moto.server import ThreadedMotoServer
 
 def main():
     bucket = sys.argv[1]
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    ip = sys.argv[2] if len(sys.argv) > 2 else "127.0.0.1"
+    server = ThreadedMotoServer(ip_address=ip, port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
     url = f"http://{host}:{port}"

@@ -83,9 +83,16 @@ impl Trainer {
                 extra.push((checkpoint::BASE_MODEL_FILE.into(), json(&serde_json::json!({ "init_from": init, "source": source }))));
             }
         }
-        let dir = dir.to_path_buf();
         let store = &cx.config.checkpoint.store;
         let store = (!store.is_empty()).then(|| (store.clone(), cx.config.run.name.clone()));
+        // With a store, this host's part is staged in its own cache, never in the coordinator's
+        // run folder (which this host need not see), and uploaded from there.
+        let dir = match &store {
+            Some((_, run_name)) => {
+                troupe_common::storage::cache_root().join("checkpoint-staging").join(run_name).join(dir.file_name().unwrap_or_default())
+            }
+            None => dir.to_path_buf(),
+        };
         let writer = std::thread::Builder::new()
             .name("checkpoint-writer".into())
             .spawn(move || {

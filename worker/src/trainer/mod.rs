@@ -283,11 +283,17 @@ impl Trainer {
         if resume_from.is_none() && !config.model.init_from.is_empty() {
             load_initial_weights(&mut model, Path::new(&config.model.init_from))?;
         }
-        // A host that does not see the coordinator's run folder resumes from the store.
+        // With a store, checkpoints come from there into this host's cache: the coordinator's
+        // run folder need not be visible here. One committed before the store was set is read
+        // where the coordinator says.
         let resume_from = match resume_from {
-            Some(dir) if !dir.join(checkpoint::MANIFEST).is_file() && !config.checkpoint.store.is_empty() => {
+            Some(dir) if !config.checkpoint.store.is_empty() => {
                 let store = checkpoint::store::CheckpointStore::open(&config.checkpoint.store, &config.run.name)?;
-                Some(store.cached(start_step)?)
+                match store.cached(start_step) {
+                    Ok(cached) => Some(cached),
+                    Err(_) if dir.join(checkpoint::MANIFEST).is_file() => Some(dir),
+                    Err(e) => return Err(e.into()),
+                }
             }
             other => other,
         };
