@@ -151,11 +151,20 @@ fn complete_http(agent: &ureq::Agent, url: &str, seed: u64) -> Result<usize, Str
 /// is left of the server's cost is the engine loop itself.
 fn complete_engine(engine: &Engine, prompt: &[i64], seed: u64) -> Result<usize, String> {
     let (events, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    let generation = Generation { prompt: prompt.to_vec(), max_tokens: MAX_TOKENS, sampling: sampling(), seed, stop: Vec::new(), events };
+    let generation = Generation {
+        prompt: prompt.to_vec(),
+        max_tokens: MAX_TOKENS,
+        sampling: sampling(),
+        seed,
+        stop: Vec::new(),
+        logprobs: None,
+        score_prompt: false,
+        events,
+    };
     engine.submit(generation).map_err(|e| e.to_string())?;
     while let Some(event) = rx.blocking_recv() {
         match event {
-            GenEvent::Text(_) => {}
+            GenEvent::Text(_) | GenEvent::Prompt(_) | GenEvent::Token(_) => {}
             GenEvent::Done { completion_tokens, .. } => return Ok(completion_tokens),
             GenEvent::Failed(e) => return Err(e),
         }

@@ -482,6 +482,16 @@ fn the_official_openai_python_client_completes_streaming_and_not() {
     assert_eq!((seen["chat_object"].as_str(), seen["chat_role"].as_str()), (Some("chat.completion"), Some("assistant")), "{seen}");
     assert!(seen["chat_tokens"].as_u64().is_some_and(|n| (1..=10).contains(&n)), "{seen}");
     assert_eq!(seen["chat_stream_text"], seen["chat_text"], "greedy chat streams the same text");
+    // echo + logprobs: the prompt back, each token scored but the first.
+    assert_eq!(seen["echo_text"], "ROMEO. What", "{seen}");
+    let lps = seen["echo_token_logprobs"].as_array().unwrap();
+    assert!(lps[0].is_null() && lps[1..].iter().all(|v| v.as_f64().is_some_and(|x| x <= 0.0)), "{seen}");
+    assert_eq!(seen["echo_tokens"].as_array().unwrap().iter().map(|t| t.as_str().unwrap()).collect::<String>(), "ROMEO. What");
+    assert_eq!(seen["echo_top"].as_array().unwrap()[1], 1, "{seen}");
+    // n = 3: three choices, each with its tokens scored.
+    assert_eq!(seen["n_indices"], json!([0, 1, 2]));
+    let counts: u64 = seen["n_logprob_counts"].as_array().unwrap().iter().map(|c| c.as_u64().unwrap()).sum();
+    assert_eq!(Some(counts), seen["n_completion_tokens"].as_u64(), "a score per generated token: {seen}");
     for refusal in ["wrong_key", "unknown_model", "too_many_tokens"] {
         assert!(seen[refusal].as_str().is_some_and(|r| r.starts_with("refused")), "{refusal}: {seen}");
     }
@@ -577,4 +587,61 @@ fn the_admin_api_takes_its_own_key_and_an_open_listen_address_needs_one() {
     let first = std::io::BufRead::lines(std::io::BufReader::new(insecure.0.stdout.take().unwrap())).next().unwrap().unwrap();
     assert!(first.starts_with("serving model") && first.contains("http://0.0.0.0:"), "{first}");
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The log-probabilities the server returns for a prompt (`echo`, `max_tokens` 0, `logprobs`)
+/// equal troupe's own forward pass over the same tokens (log-softmax in libtorch) within 1e-4;
+/// `/tokenize` and `/detokenize` agree with each other and with the prompt; `n` completions
+/// with one seed differ from each other and are the same when asked again.
+#[test]
+fn log_probabilities_match_the_forward_pass_and_tokenize_round_trips() {
+    let dir = scratch("serving-logprobs");
+    let ckpts = checkpoints(&dir, 5, 5);
+    let registry_dir = dir.join("registry");
+    publish(&registry_dir, &ckpts[0], &[]);
+    let server = ServeProcess::start(&registry_dir, &[], &[]);
+    let agent = agent();
+    let text = "ROMEO. But soft, what light";
+    let (status, tokens) = post(&agent, &format!("{}/tokenize", server.url), &json!({"prompt": text}));
+    assert_eq!(status, 200, "{tokens}");
+    let ids: Vec<i64> = tokens["tokens"].as_array().unwrap().iter().map(|t| t.as_i64().unwrap()).collect();
+    assert_eq!(tokens["count"].as_u64(), Some(ids.len() as u64));
+    let (status, back) = post(&agent, &format!("{}/detokenize", server.url), &json!({"tokens": ids}));
+    assert_eq!((status, back["prompt"].as_str()), (200, Some(text)), "{back}");
+    let (status, bad) = post(&agent, &format!("{}/detokenize", server.url), &json!({"tokens": [1_000_000]}));
+    assert_eq!(status, 400, "{bad}");
+
+    let (status, scored) =
+        post(&agent, &format!("{}/v1/completions", server.url), &json!({"prompt": ids, "echo": true, "max_tokens": 0, "logprobs": 3}));
+    assert_eq!(status, 200, "{scored}");
+    let choice = &scored["choices"][0];
+    assert_eq!(choice["text"].as_str(), Some(text), "token ids echo as their text");
+    let served: Vec<Option<f64>> = choice["logprobs"]["token_logprobs"].as_array().unwrap().iter().map(|v| v.as_f64()).collect();
+    assert_eq!(served.len(), ids.len());
+    assert!(served[0].is_none(), "nothing precedes the first token");
+
+    // troupe's own forward pass over the same tokens.
+    let version = registry_dir.join("v1");
+    let (model, _) = troupe_common::model::load_for_inference(&version, tch::Device::Cpu).unwrap();
+    let _guard = tch::no_grad_guard();
+    let idx = tch::Tensor::from_slice(&ids).view([1, ids.len() as i64]);
+    let logp = model.forward(&idx, false).log_softmax(-1, tch::Kind::Double).squeeze_dim(0);
+    let mut worst = 0f64;
+    for pos in 1..ids.len() {
+        let want = logp.double_value(&[pos as i64 - 1, ids[pos]]);
+        let got = served[pos].unwrap();
+        worst = worst.max((want - got).abs());
+    }
+    println!("largest difference between served and forward-pass log-probabilities: {worst:e}");
+    assert!(worst < 1e-4, "{worst}");
+    let tops = &choice["logprobs"]["top_logprobs"];
+    assert!(tops[0].is_null() && tops[1].as_object().is_some_and(|m| !m.is_empty() && m.len() <= 3), "{tops}");
+
+    let body = json!({"prompt": "ROMEO.", "max_tokens": 6, "temperature": 1.0, "seed": 11, "n": 3});
+    let (_, first) = post(&agent, &format!("{}/v1/completions", server.url), &body);
+    let (_, again) = post(&agent, &format!("{}/v1/completions", server.url), &body);
+    let texts = |v: &Value| v["choices"].as_array().unwrap().iter().map(|c| c["text"].as_str().unwrap().to_string()).collect::<Vec<_>>();
+    assert_eq!(texts(&first).len(), 3);
+    assert_eq!(texts(&first), texts(&again), "the same seed gives the same n completions");
+    assert!(texts(&first).iter().collect::<std::collections::BTreeSet<_>>().len() > 1, "{first}");
 }

@@ -42,6 +42,9 @@ pub struct CompletionRequest {
 pub enum Prompt {
     Text(String),
     Batch(Vec<String>),
+    /// Token ids, as evaluation tools that tokenize themselves send them.
+    Ids(Vec<u32>),
+    IdBatch(Vec<Vec<u32>>),
 }
 
 #[derive(Debug, Deserialize)]
@@ -53,6 +56,10 @@ pub enum Stop {
 
 /// OpenAI's default when `max_tokens` is not given.
 pub const DEFAULT_MAX_TOKENS: u64 = 16;
+/// Completions per request (`n`) at most.
+pub const MAX_N: u64 = 16;
+/// Alternatives per token (`logprobs`) at most (OpenAI allows 5; evaluation tools ask for 1).
+pub const MAX_LOGPROBS: u64 = 20;
 const MAX_STOP_SEQUENCES: usize = 4;
 
 /// A request that passed every check, ready for tokenization and routing.
@@ -60,6 +67,14 @@ const MAX_STOP_SEQUENCES: usize = 4;
 pub struct Checked {
     pub model: Option<String>,
     pub prompt: String,
+    /// The prompt as token ids, when it was sent so (then `prompt` is empty).
+    pub prompt_ids: Option<Vec<u32>>,
+    /// Completions to generate (`n`), each from its own random stream.
+    pub n: usize,
+    /// `echo`: the prompt comes back in front of each completion (and is scored, with logprobs).
+    pub echo: bool,
+    /// `logprobs`: the log-probability of each token, with this many alternatives.
+    pub logprobs: Option<usize>,
     pub max_tokens: usize,
     pub sampling: Sampling,
     pub stop: Vec<String>,
@@ -199,24 +214,30 @@ fn deserialize<T: serde::de::DeserializeOwned>(body: &[u8], api: &str) -> Result
 }
 
 fn check(req: CompletionRequest, max_tokens_limit: usize) -> Result<Checked, ApiError> {
-    let prompt = match req.prompt {
-        None => String::new(),
-        Some(Prompt::Text(text)) => text,
-        Some(Prompt::Batch(mut texts)) if texts.len() == 1 => texts.remove(0),
-        Some(Prompt::Batch(texts)) => {
-            return Err(ApiError::invalid(
-                "prompt",
-                "unsupported_value",
-                format!("a list of {} prompts: send one prompt per request (requests are batched by the server)", texts.len()),
-            ))
-        }
+    let several = |n: usize| {
+        Err(ApiError::invalid(
+            "prompt",
+            "unsupported_value",
+            format!("a list of {n} prompts: send one prompt per request (requests are batched by the server)"),
+        ))
     };
+    let (prompt, prompt_ids) = match req.prompt {
+        None => (String::new(), None),
+        Some(Prompt::Text(text)) => (text, None),
+        Some(Prompt::Batch(mut texts)) if texts.len() == 1 => (texts.remove(0), None),
+        Some(Prompt::Batch(texts)) => return several(texts.len()),
+        Some(Prompt::Ids(ids)) => (String::new(), Some(ids)),
+        Some(Prompt::IdBatch(mut ids)) if ids.len() == 1 => (String::new(), Some(ids.remove(0))),
+        Some(Prompt::IdBatch(ids)) => return several(ids.len()),
+    };
+    let echo = req.echo.unwrap_or(false);
     let max_tokens = req.max_tokens.unwrap_or(DEFAULT_MAX_TOKENS);
-    if max_tokens == 0 || max_tokens > max_tokens_limit as u64 {
+    // max_tokens 0 asks only for the prompt back, scored: what evaluation tools send.
+    if (max_tokens == 0 && !echo) || max_tokens > max_tokens_limit as u64 {
         return Err(ApiError::invalid(
             "max_tokens",
             "invalid_value",
-            format!("max_tokens = {max_tokens} must be between 1 and {max_tokens_limit} (this server's serve.max_tokens)"),
+            format!("max_tokens = {max_tokens} must be between 1 and {max_tokens_limit} (this server's serve.max_tokens), or 0 with echo"),
         ));
     }
     let temperature = req.temperature.unwrap_or(1.0);
@@ -246,17 +267,28 @@ fn check(req: CompletionRequest, max_tokens_limit: usize) -> Result<Checked, Api
     let unsupported = |param: &'static str, what: &str| {
         Err(ApiError::invalid(param, "unsupported_value", format!("{param} {what} is not supported by this server")))
     };
-    if req.n.is_some_and(|n| n != 1) {
-        return unsupported("n", "other than 1");
+    let n = req.n.unwrap_or(1);
+    if !(1..=MAX_N).contains(&n) {
+        return Err(ApiError::invalid("n", "invalid_value", format!("n = {n} must be between 1 and {MAX_N}")));
     }
-    if req.best_of.is_some_and(|n| n != 1) {
-        return unsupported("best_of", "other than 1");
+    if req.best_of.is_some_and(|b| b != n) {
+        return unsupported("best_of", "other than n");
     }
-    if req.echo == Some(true) {
-        return unsupported("echo", "= true");
-    }
-    if req.logprobs.as_ref().is_some_and(|v| !v.is_null()) {
-        return unsupported("logprobs", "");
+    let logprobs = match &req.logprobs {
+        None | Some(serde_json::Value::Null) => None,
+        Some(v) => match v.as_u64() {
+            Some(k) if k <= MAX_LOGPROBS => Some(k as usize),
+            _ => {
+                return Err(ApiError::invalid(
+                    "logprobs",
+                    "invalid_value",
+                    format!("logprobs = {v} must be a whole number from 0 to {MAX_LOGPROBS} (alternatives per token)"),
+                ))
+            }
+        },
+    };
+    if req.stream == Some(true) && (n > 1 || logprobs.is_some() || echo) {
+        return unsupported("stream", "with n > 1, logprobs or echo");
     }
     if req.presence_penalty.is_some_and(|p| p != 0.0) {
         return unsupported("presence_penalty", "other than 0");
@@ -275,6 +307,10 @@ fn check(req: CompletionRequest, max_tokens_limit: usize) -> Result<Checked, Api
     Ok(Checked {
         model: req.model,
         prompt,
+        prompt_ids,
+        n: n as usize,
+        echo,
+        logprobs,
         max_tokens: max_tokens as usize,
         sampling: Sampling { temperature, top_k: (top_k > 0).then_some(top_k as usize), top_p },
         stop,
@@ -304,8 +340,20 @@ pub struct Usage {
 pub struct Choice {
     pub text: String,
     pub index: u32,
-    pub logprobs: Option<()>,
+    pub logprobs: Option<LogProbs>,
     pub finish_reason: Option<FinishReason>,
+}
+
+/// A choice's `logprobs`, as OpenAI's completions API gives them: per token of the returned
+/// text (the prompt's first, with `echo`), its text, its log-probability (none for the very
+/// first token of a prompt, which nothing precedes), the likeliest alternatives, and where it
+/// starts in the text (bytes).
+#[derive(Debug, Default, Serialize)]
+pub struct LogProbs {
+    pub tokens: Vec<String>,
+    pub token_logprobs: Vec<Option<f32>>,
+    pub top_logprobs: Vec<Option<std::collections::BTreeMap<String, f32>>>,
+    pub text_offset: Vec<usize>,
 }
 
 /// A whole response, or (with `usage: None`) one chunk of a stream.
@@ -343,6 +391,11 @@ mod tests {
         let c = parse(br#"{"prompt":["Hi"],"stop":"\n","stream":true,"top_k":5,"seed":3,"n":1,"logprobs":null,"stream_options":{"include_usage":true}}"#, 512).unwrap();
         assert!(c.include_usage);
         assert_eq!((c.stop, c.stream, c.sampling.top_k, c.seed), (vec!["\n".to_string()], true, Some(5), Some(3)));
+        // What an evaluation tool sends to score a text: token ids, echo, no new tokens.
+        let c = parse(br#"{"prompt":[[464, 3290, 318]],"echo":true,"max_tokens":0,"logprobs":1,"n":1}"#, 512).unwrap();
+        assert_eq!((c.prompt_ids, c.echo, c.max_tokens, c.logprobs), (Some(vec![464, 3290, 318]), true, 0, Some(1)));
+        let c = parse(br#"{"prompt":"Hi","n":3,"best_of":3}"#, 512).unwrap();
+        assert_eq!(c.n, 3);
     }
 
     #[test]
@@ -354,12 +407,17 @@ mod tests {
             (r#"{"max_tokens": "ten"}"#, "invalid_type", "max_tokens"),
             (r#"{"max_tokens": -1}"#, "invalid_type", "max_tokens"),
             (r#"{"max_tokens": 100000}"#, "invalid_value", "serve.max_tokens"),
-            (r#"{"max_tokens": 0}"#, "invalid_value", "between 1"),
+            (r#"{"max_tokens": 0}"#, "invalid_value", "or 0 with echo"),
             (r#"{"temperature": 3}"#, "invalid_value", "temperature"),
             (r#"{"top_p": 0}"#, "invalid_value", "top_p"),
             (r#"{"stop": ["a","b","c","d","e"]}"#, "invalid_value", "stop"),
-            (r#"{"n": 2}"#, "unsupported_value", "n other than 1"),
-            (r#"{"echo": true}"#, "unsupported_value", "echo"),
+            (r#"{"n": 0}"#, "invalid_value", "between 1"),
+            (r#"{"n": 17}"#, "invalid_value", "between 1"),
+            (r#"{"best_of": 3}"#, "unsupported_value", "best_of"),
+            (r#"{"logprobs": 50}"#, "invalid_value", "logprobs"),
+            (r#"{"logprobs": true}"#, "invalid_value", "logprobs"),
+            (r#"{"stream": true, "n": 2}"#, "unsupported_value", "stream"),
+            (r#"{"prompt": [[1], [2]]}"#, "unsupported_value", "2 prompts"),
             (r#"{"max_token": 5}"#, "invalid_type", "unknown field `max_token`"),
             (r#"{"prompt": ["a","b"]}"#, "unsupported_value", "2 prompts"),
         ] {

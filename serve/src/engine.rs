@@ -19,7 +19,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc};
 use tokio::sync::mpsc::UnboundedSender;
 use troupe_common::data::Tokenizer;
-use troupe_common::model::{Gpt, KvCache, Rng, Sampling};
+use troupe_common::model::{Gpt, KvCache, Rng, Sampling, TokenLogProb};
 
 /// What a request asks the engine for (prompt already tokenized and checked).
 pub struct Generation {
@@ -28,6 +28,11 @@ pub struct Generation {
     pub sampling: Sampling,
     pub seed: u64,
     pub stop: Vec<String>,
+    /// Log-probabilities of each generated token with this many alternatives (OpenAI's
+    /// `logprobs`), sent as `Token` events.
+    pub logprobs: Option<usize>,
+    /// Score the prompt too (OpenAI's `echo` with `logprobs`): a `Prompt` event first.
+    pub score_prompt: bool,
     /// Text as it becomes final, then `Done` (or `Failed`). Closing the receiver (a client
     /// that went away) cancels the generation at the next step.
     pub events: UnboundedSender<GenEvent>,
@@ -35,8 +40,15 @@ pub struct Generation {
 
 #[derive(Debug)]
 pub enum GenEvent {
+    /// The prompt's tokens scored (from its second token on), before anything is generated.
+    Prompt(Vec<TokenLogProb>),
+    /// A generated token and its log-probability (only when asked), before its text.
+    Token(TokenLogProb),
     Text(String),
-    Done { finish_reason: FinishReason, completion_tokens: usize },
+    Done {
+        finish_reason: FinishReason,
+        completion_tokens: usize,
+    },
     Failed(String),
 }
 
@@ -130,6 +142,8 @@ struct Active {
     /// Its place in the KV cache, and whether its context has been run through it yet.
     slot: usize,
     prefilled: bool,
+    /// Its prompt has been scored (or needed no scoring).
+    scored: bool,
 }
 
 fn generate_loop(
@@ -163,6 +177,29 @@ fn generate_loop(
                 Err(mpsc::TryRecvError::Disconnected) => closed = true,
             }
         }
+        // Newly admitted requests that score their prompt do it now, with one forward pass;
+        // those that generate nothing (max_tokens 0, scoring only) are then done.
+        let vocab = tokenizer.vocab_size();
+        for a in active.iter_mut().filter(|a| !a.prefilled && !a.scored) {
+            a.scored = true;
+            if a.request.score_prompt {
+                let top = a.request.logprobs.unwrap_or(0);
+                match model.score_tokens(&a.request.prompt, top, vocab) {
+                    Ok(scores) => {
+                        let _ = a.request.events.send(GenEvent::Prompt(scores));
+                    }
+                    Err(e) => {
+                        let _ = a.request.events.send(GenEvent::Failed(format!("scoring the prompt failed: {e}")));
+                        a.request.max_tokens = 0; // released below, without a Done
+                        continue;
+                    }
+                }
+            }
+            if a.request.max_tokens == 0 {
+                let _ = a.request.events.send(GenEvent::Done { finish_reason: FinishReason::Length, completion_tokens: 0 });
+            }
+        }
+        release(&mut active, &mut free, |a| a.request.max_tokens == 0);
         // A client that went away stops costing compute.
         release(&mut active, &mut free, |a| a.request.events.is_closed());
         if active.is_empty() {
@@ -188,9 +225,14 @@ fn generate_loop(
         };
         let mut finished = vec![false; active.len()];
         // A model may have more ids than its tokenizer (a padded vocabulary): never pick those.
-        let vocab = tokenizer.vocab_size();
         for (i, (a, row)) in active.iter_mut().zip(rows).enumerate() {
             let next = a.request.sampling.pick(&row[..vocab.min(row.len())], &mut a.rng) as u32;
+            if let Some(top) = a.request.logprobs.filter(|_| next != eot) {
+                // From the model's distribution itself (temperature 1, nothing cut off), as a
+                // scoring client expects, whatever the sampling settings.
+                let scored = troupe_common::model::score(&troupe_common::model::log_probs(&row, vocab), next, top);
+                let _ = a.request.events.send(GenEvent::Token(scored));
+            }
             if next == eot {
                 finish(a, tokenizer, FinishReason::Stop);
                 finished[i] = true;
@@ -248,7 +290,7 @@ fn admit(request: Generation, waiting: &AtomicUsize, free: &mut Vec<usize>) -> A
     waiting.fetch_sub(1, Ordering::SeqCst);
     let rng = Rng::new(request.seed);
     let slot = free.pop().expect("admitted only while a slot is free");
-    Active { tokens: request.prompt.clone(), generated: Vec::new(), sent: 0, rng, slot, prefilled: false, request }
+    Active { tokens: request.prompt.clone(), generated: Vec::new(), sent: 0, rng, slot, prefilled: false, scored: false, request }
 }
 
 /// Sends the text that is final after the newest token. Text is held back while it ends in

@@ -2,7 +2,11 @@
 //! deploy admin endpoints that `troupe deploy --server` uses.
 //!
 //! ```text
-//! POST /v1/completions        prompt → text (JSON, or server-sent events with "stream": true)
+//! POST /v1/completions        prompt → text (JSON, or server-sent events with "stream": true);
+//!                             `n`, `echo` and `logprobs` as OpenAI's completions API has them
+//! POST /v1/chat/completions   messages → a reply, with the version's chat template
+//! POST /tokenize              {"prompt": "text"} → {"tokens": [ids], "count", "max_model_len"}
+//! POST /detokenize            {"tokens": [ids]} → {"prompt": "text"}
 //! GET  /v1/models             the model name and every version being served
 //! GET  /healthz               the process is up
 //! GET  /readyz                200 once a version serves, 503 before
@@ -99,6 +103,8 @@ pub async fn start(options: ServeOptions) -> anyhow::Result<Server> {
     let app = Router::new()
         .route("/v1/completions", post(completions))
         .route("/v1/chat/completions", post(chat_completions))
+        .route("/tokenize", post(tokenize))
+        .route("/detokenize", post(detokenize))
         .route("/v1/models", get(models))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
@@ -276,9 +282,23 @@ async fn answer(s: Arc<AppState>, started: Instant, req: api::Checked, messages:
         };
     };
     let version = engine.version;
-    let encoded = match &messages {
-        Some(m) => render(engine.tokenizer(), &engine.chat_template, m, true).map(|(ids, _)| ids),
-        None => engine.tokenizer().encode(&req.prompt),
+    if messages.is_some() && (req.n > 1 || req.echo || req.logprobs.is_some()) {
+        return s.refuse(ApiError::invalid("n", "unsupported_value", "chat completions take n = 1 and no logprobs on this server"));
+    }
+    let tokenizer = engine.tokenizer();
+    let encoded = match (&messages, &req.prompt_ids) {
+        (Some(m), _) => render(tokenizer, &engine.chat_template, m, true).map(|(ids, _)| ids),
+        (None, Some(ids)) => match ids.iter().find(|&&id| id as usize >= tokenizer.vocab_size()) {
+            Some(bad) => {
+                return s.refuse(ApiError::invalid(
+                    "prompt",
+                    "invalid_value",
+                    format!("token {bad} is outside this model's vocabulary of {}", tokenizer.vocab_size()),
+                ))
+            }
+            None => Ok(ids.clone()),
+        },
+        (None, None) => tokenizer.encode(&req.prompt),
     };
     let mut prompt: Vec<i64> = match encoded {
         Ok(ids) => ids.into_iter().map(i64::from).collect(),
@@ -286,7 +306,7 @@ async fn answer(s: Arc<AppState>, started: Instant, req: api::Checked, messages:
     };
     if prompt.is_empty() {
         // An empty prompt continues from a document boundary, as GPT-2 does.
-        prompt.push(i64::from(engine.tokenizer().eot_id()));
+        prompt.push(i64::from(tokenizer.eot_id()));
     }
     if prompt.len() > engine.block_size {
         return s.refuse(ApiError::invalid(
@@ -312,23 +332,32 @@ async fn answer(s: Arc<AppState>, started: Instant, req: api::Checked, messages:
         )
         .into_response();
     }
-    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     let prompt_tokens = prompt.len();
-    let generation = Generation {
-        prompt,
-        max_tokens: req.max_tokens,
-        sampling: req.sampling,
-        seed: req.seed.unwrap_or(n ^ 0x5EED),
-        stop: req.stop,
-        events: tx,
-    };
-    if let Err(e) = engine.submit(generation) {
-        s.metrics.queue_depth.set(engine.queue_depth() as i64);
-        let code = match e {
-            SubmitError::Overloaded(_) => "overloaded",
-            SubmitError::Closed => "version_closed",
+    let seed = req.seed.unwrap_or(n ^ 0x5EED);
+    let mut receivers = Vec::with_capacity(req.n);
+    for i in 0..req.n {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let generation = Generation {
+            prompt: prompt.clone(),
+            max_tokens: req.max_tokens,
+            sampling: req.sampling,
+            // Each of the n completions draws from its own random stream.
+            seed: seed.wrapping_add(i as u64),
+            stop: req.stop.clone(),
+            logprobs: req.logprobs,
+            // Only one of the n needs to score the prompt: it is the same for all.
+            score_prompt: req.echo && req.logprobs.is_some() && i == 0,
+            events: tx,
         };
-        return server_error(StatusCode::SERVICE_UNAVAILABLE, code, e.to_string()).into_response();
+        if let Err(e) = engine.submit(generation) {
+            s.metrics.queue_depth.set(engine.queue_depth() as i64);
+            let code = match e {
+                SubmitError::Overloaded(_) => "overloaded",
+                SubmitError::Closed => "version_closed",
+            };
+            return server_error(StatusCode::SERVICE_UNAVAILABLE, code, e.to_string()).into_response();
+        }
+        receivers.push(rx);
     }
     s.metrics.queue_depth.set(engine.queue_depth() as i64);
     let reply = Reply {
@@ -342,10 +371,66 @@ async fn answer(s: Arc<AppState>, started: Instant, req: api::Checked, messages:
         created: registry::now_unix_ms() / 1000,
     };
     if req.stream {
-        reply.stream(rx)
+        // Checked: a stream has n = 1, no logprobs, no echo.
+        reply.stream(receivers.remove(0))
     } else {
-        reply.whole(rx).await
+        let echo = req.echo.then(|| Echo { prompt, text: if req.prompt_ids.is_some() { String::new() } else { req.prompt.clone() } });
+        reply.whole(receivers, &engine, echo, req.logprobs.is_some()).await
     }
+}
+
+/// `echo`: the prompt, to put in front of each completion.
+struct Echo {
+    prompt: Vec<i64>,
+    /// As sent (empty when it was sent as token ids: it is then decoded).
+    text: String,
+}
+
+/// One completion as the engine produced it.
+#[derive(Default)]
+struct Collected {
+    text: String,
+    finish_reason: Option<FinishReason>,
+    completion_tokens: usize,
+    prompt_scores: Option<Vec<troupe_common::model::TokenLogProb>>,
+    token_scores: Vec<troupe_common::model::TokenLogProb>,
+}
+
+/// The text of one token, as OpenAI's `logprobs.tokens` give it (a token that ends inside a
+/// character shows the replacement character).
+fn token_text(tokenizer: &troupe_common::data::Tokenizer, id: u32) -> String {
+    tokenizer.decode(&[id]).unwrap_or_default()
+}
+
+/// A choice's `logprobs`: the echoed prompt's tokens (the first unscored), then the generated ones.
+fn logprobs_of(
+    tokenizer: &troupe_common::data::Tokenizer,
+    echo: Option<&Echo>,
+    prompt_scores: Option<&[troupe_common::model::TokenLogProb]>,
+    generated: &[troupe_common::model::TokenLogProb],
+) -> api::LogProbs {
+    let mut out = api::LogProbs::default();
+    let mut offset = 0;
+    let top_map = |score: &troupe_common::model::TokenLogProb| -> std::collections::BTreeMap<String, f32> {
+        score.top.iter().map(|(id, lp)| (token_text(tokenizer, *id), *lp)).collect()
+    };
+    let mut push = |out: &mut api::LogProbs, text: String, lp: Option<f32>, top: Option<std::collections::BTreeMap<String, f32>>| {
+        out.text_offset.push(offset);
+        offset += text.len();
+        out.tokens.push(text);
+        out.token_logprobs.push(lp);
+        out.top_logprobs.push(top);
+    };
+    if let Some(echo) = echo {
+        for (i, id) in echo.prompt.iter().enumerate() {
+            let score = if i == 0 { None } else { prompt_scores.and_then(|s| s.get(i - 1)) };
+            push(&mut out, token_text(tokenizer, *id as u32), score.map(|s| s.logprob), score.map(top_map));
+        }
+    }
+    for score in generated {
+        push(&mut out, token_text(tokenizer, score.id), Some(score.logprob), Some(top_map(score)));
+    }
+    out
 }
 
 /// Builds the answer to one completion from the engine's events.
@@ -416,33 +501,78 @@ impl Reply {
         self.s.deployment.record(self.version, ok, self.started.elapsed().as_secs_f64(), completion_tokens);
     }
 
-    async fn whole(self, mut rx: UnboundedReceiver<GenEvent>) -> Response {
-        let mut text = String::new();
-        let mut seen = false;
+    /// Every event of one completion, until it is done.
+    async fn collect(&self, mut rx: UnboundedReceiver<GenEvent>, seen: &mut bool) -> Result<Collected, String> {
+        let mut c = Collected::default();
         while let Some(event) = rx.recv().await {
             match event {
+                GenEvent::Prompt(scores) => c.prompt_scores = Some(scores),
+                GenEvent::Token(score) => c.token_scores.push(score),
                 GenEvent::Text(t) => {
-                    self.first_text(&mut seen);
-                    text.push_str(&t);
+                    self.first_text(seen);
+                    c.text.push_str(&t);
                 }
                 GenEvent::Done { finish_reason, completion_tokens } => {
-                    self.done(true, completion_tokens);
-                    let usage = Usage {
-                        prompt_tokens: self.prompt_tokens,
-                        completion_tokens,
-                        total_tokens: self.prompt_tokens + completion_tokens,
-                    };
-                    let body = self.body(text, Some(finish_reason), Some(usage));
-                    return (self.version_header(), Json(body)).into_response();
+                    c.finish_reason = Some(finish_reason);
+                    c.completion_tokens = completion_tokens;
+                    return Ok(c);
                 }
-                GenEvent::Failed(e) => {
+                GenEvent::Failed(e) => return Err(e),
+            }
+        }
+        Err("the model version stopped mid-request".into())
+    }
+
+    /// The whole answer: the `n` completions as choices, with `echo` and `logprobs` as asked.
+    async fn whole(
+        self,
+        receivers: Vec<UnboundedReceiver<GenEvent>>,
+        engine: &crate::engine::Engine,
+        echo: Option<Echo>,
+        logprobs: bool,
+    ) -> Response {
+        let mut seen = false;
+        let mut collected = Vec::with_capacity(receivers.len());
+        for rx in receivers {
+            match self.collect(rx, &mut seen).await {
+                Ok(c) => collected.push(c),
+                Err(e) => {
                     self.done(false, 0);
                     return server_error(StatusCode::INTERNAL_SERVER_ERROR, "generation_failed", e).into_response();
                 }
             }
         }
-        self.done(false, 0);
-        server_error(StatusCode::INTERNAL_SERVER_ERROR, "generation_failed", "the model version stopped mid-request".into()).into_response()
+        let completion_tokens: usize = collected.iter().map(|c| c.completion_tokens).sum();
+        self.done(true, completion_tokens);
+        let usage = Usage { prompt_tokens: self.prompt_tokens, completion_tokens, total_tokens: self.prompt_tokens + completion_tokens };
+        if self.chat {
+            let c = collected.into_iter().next().unwrap_or_default();
+            let body = self.body(c.text, c.finish_reason, Some(usage));
+            return (self.version_header(), Json(body)).into_response();
+        }
+        let tokenizer = engine.tokenizer();
+        let echoed = echo.as_ref().map(|e| {
+            if e.text.is_empty() {
+                let ids: Vec<u32> = e.prompt.iter().map(|&t| t as u32).collect();
+                tokenizer.decode(&ids).unwrap_or_default()
+            } else {
+                e.text.clone()
+            }
+        });
+        let prompt_scores = collected.first().and_then(|c| c.prompt_scores.clone());
+        let choices: Vec<Choice> = collected
+            .into_iter()
+            .enumerate()
+            .map(|(index, c)| Choice {
+                text: format!("{}{}", echoed.as_deref().unwrap_or(""), c.text),
+                index: index as u32,
+                logprobs: logprobs.then(|| logprobs_of(tokenizer, echo.as_ref(), prompt_scores.as_deref(), &c.token_scores)),
+                finish_reason: c.finish_reason,
+            })
+            .collect();
+        let mut body = self.body(String::new(), None, Some(usage));
+        body["choices"] = serde_json::to_value(&choices).unwrap_or_default();
+        (self.version_header(), Json(body)).into_response()
     }
 
     /// Server-sent events as OpenAI sends them: one chunk per piece of text, a last chunk
@@ -459,6 +589,8 @@ impl Reply {
                         return None;
                     }
                     let event = match rx.recv().await {
+                        // Not asked for in a stream (no logprobs or echo there).
+                        Some(GenEvent::Prompt(_) | GenEvent::Token(_)) => return Some((Vec::new(), (rx, seen, false))),
                         Some(GenEvent::Text(t)) => {
                             reply.first_text(&mut seen);
                             json_event(&reply.body(t, None, None))
@@ -505,6 +637,74 @@ impl Reply {
 
 fn json_event<T: serde::Serialize>(value: &T) -> Event {
     Event::default().data(serde_json::to_string(value).unwrap_or_default())
+}
+
+/// `POST /tokenize` and `/detokenize` (as vLLM has them): the serving version's tokenizer, so
+/// that a client counts or builds token ids exactly as the model sees them.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TokenizeRequest {
+    model: Option<String>,
+    prompt: String,
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DetokenizeRequest {
+    model: Option<String>,
+    tokens: Vec<u32>,
+}
+
+fn tokenizer_request<T: serde::de::DeserializeOwned>(
+    s: &AppState,
+    headers: &HeaderMap,
+    body: &Bytes,
+) -> Result<(T, Arc<crate::engine::Engine>), ApiError> {
+    s.authorize(headers)?;
+    if body.len() > 1 << 20 {
+        return Err(ApiError::invalid("body", "request_too_large", "the request body is over 1 MiB"));
+    }
+    let req: serde_json::Value =
+        serde_json::from_slice(body).map_err(|e| ApiError::invalid("body", "invalid_json", format!("the body is not valid JSON: {e}")))?;
+    let model = req.get("model").and_then(|m| m.as_str()).map(str::to_string);
+    let req: T = serde_json::from_value(req).map_err(|e| ApiError::invalid("body", "invalid_type", format!("{e}")))?;
+    let pinned = s.pinned(model.as_deref())?;
+    let (engine, _) = s.deployment.route(pinned).ok_or_else(|| {
+        server_error(StatusCode::SERVICE_UNAVAILABLE, "model_not_ready", "no model version is being served yet (see /readyz)".into())
+    })?;
+    Ok((req, engine))
+}
+
+async fn tokenize(State(s): State<Arc<AppState>>, headers: HeaderMap, body: Bytes) -> Response {
+    let (req, engine) = match tokenizer_request::<TokenizeRequest>(&s, &headers, &body) {
+        Ok(r) => r,
+        Err(e) => return s.refuse(e),
+    };
+    let _ = req.model;
+    match engine.tokenizer().encode(&req.prompt) {
+        Ok(ids) => Json(serde_json::json!({"tokens": ids, "count": ids.len(), "max_model_len": engine.block_size})).into_response(),
+        Err(e) => s.refuse(ApiError::invalid("prompt", "invalid_value", format!("the prompt cannot be tokenized: {e}"))),
+    }
+}
+
+async fn detokenize(State(s): State<Arc<AppState>>, headers: HeaderMap, body: Bytes) -> Response {
+    let (req, engine) = match tokenizer_request::<DetokenizeRequest>(&s, &headers, &body) {
+        Ok(r) => r,
+        Err(e) => return s.refuse(e),
+    };
+    let _ = req.model;
+    let vocab = engine.tokenizer().vocab_size();
+    if let Some(bad) = req.tokens.iter().find(|&&t| t as usize >= vocab) {
+        return s.refuse(ApiError::invalid(
+            "tokens",
+            "invalid_value",
+            format!("token {bad} is outside this model's vocabulary of {vocab}"),
+        ));
+    }
+    match engine.tokenizer().decode(&req.tokens) {
+        Ok(text) => Json(serde_json::json!({"prompt": text})).into_response(),
+        Err(e) => s.refuse(ApiError::invalid("tokens", "invalid_value", format!("the tokens cannot be decoded: {e}"))),
+    }
 }
 
 async fn models(State(s): State<Arc<AppState>>, headers: HeaderMap) -> Response {

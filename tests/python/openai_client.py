@@ -48,6 +48,21 @@ for chunk in client.chat.completions.create(model=model, messages=messages, max_
         pieces.append(choice.delta.content or "")
 seen["chat_stream_text"] = "".join(pieces)
 
+# Scoring a text as evaluation tools do: echo, no new tokens, log-probabilities.
+scored = client.completions.create(model=model, prompt="ROMEO. What", max_tokens=0, echo=True, logprobs=1)
+lp = scored.choices[0].logprobs
+seen["echo_text"] = scored.choices[0].text
+seen["echo_tokens"] = lp.tokens
+seen["echo_token_logprobs"] = lp.token_logprobs
+seen["echo_top"] = [None if t is None else len(t) for t in lp.top_logprobs]
+seen["echo_offsets"] = lp.text_offset
+# Generation with log-probabilities and several completions.
+several = client.completions.create(model=model, prompt="ROMEO.", max_tokens=5, temperature=1.0, seed=3, n=3, logprobs=2)
+seen["n_indices"] = [c.index for c in several.choices]
+seen["n_texts"] = [c.text for c in several.choices]
+seen["n_logprob_counts"] = [len(c.logprobs.token_logprobs) for c in several.choices]
+seen["n_completion_tokens"] = several.usage.completion_tokens
+
 try:
     OpenAI(base_url=base + "/v1", api_key="wrong-key", max_retries=0).completions.create(model=model, prompt="x", max_tokens=1)
     seen["wrong_key"] = "accepted"

@@ -1,5 +1,6 @@
 //! Inference with a trained [`Gpt`]: batched next-token logits, a key/value cache for
-//! incremental decoding (what `troupe serve` runs), and sampling.
+//! incremental decoding (what `troupe serve` runs), sampling, and log-probabilities (scoring
+//! a text, as evaluation tools do through `echo` and `logprobs`).
 
 use super::gpt::Gpt;
 use super::rng::Rng;
@@ -279,4 +280,82 @@ fn sample(logits: &[f32], temperature: f64, top_k: Option<usize>, top_p: f64, rn
         }
     }
     last_kept // only reached through rounding at the very top of the range
+}
+
+/// How likely one token was, and the likeliest alternatives at its position.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenLogProb {
+    pub id: u32,
+    pub logprob: f32,
+    /// The `top` likeliest tokens there, likeliest first.
+    pub top: Vec<(u32, f32)>,
+}
+
+/// Natural-log probabilities of a row of logits (log-softmax), over its first `vocab_limit`
+/// entries (a padded vocabulary's extra ids are not tokens), computed in f64.
+pub fn log_probs(logits: &[f32], vocab_limit: usize) -> Vec<f32> {
+    let row = &logits[..vocab_limit.min(logits.len())];
+    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+    let sum: f64 = row.iter().map(|&x| (x as f64 - max).exp()).sum();
+    let log_z = max + sum.ln();
+    row.iter().map(|&x| (x as f64 - log_z) as f32).collect()
+}
+
+/// The score of token `id` in a row of log-probabilities, with the `top` likeliest.
+pub fn score(log_probs: &[f32], id: u32, top: usize) -> TokenLogProb {
+    let mut best: Vec<(u32, f32)> = Vec::with_capacity(top + 1);
+    if top > 0 {
+        for (i, &lp) in log_probs.iter().enumerate() {
+            if best.len() < top || lp > best[best.len() - 1].1 {
+                let at = best.partition_point(|b| b.1 >= lp);
+                best.insert(at, (i as u32, lp));
+                best.truncate(top);
+            }
+        }
+    }
+    TokenLogProb { id, logprob: log_probs.get(id as usize).copied().unwrap_or(f32::NEG_INFINITY), top: best }
+}
+
+impl Gpt {
+    /// How likely each token of `tokens` is given the ones before it (positions 1.., so one
+    /// fewer than `tokens`), with the `top` likeliest alternatives at each, from one forward
+    /// pass over at most `block_size` tokens.
+    pub fn score_tokens(&self, tokens: &[i64], top: usize, vocab_limit: usize) -> Result<Vec<TokenLogProb>> {
+        let vocab = self.config().vocab_size;
+        if tokens.is_empty() || tokens.len() > self.config().block_size {
+            return Err(ModelError::InvalidArgument(format!(
+                "scoring needs 1..={} tokens, got {}",
+                self.config().block_size,
+                tokens.len()
+            )));
+        }
+        if let Some(bad) = tokens.iter().find(|&&t| t < 0 || t as usize >= vocab) {
+            return Err(ModelError::InvalidArgument(format!("token {bad} is outside the vocabulary [0, {vocab})")));
+        }
+        let _no_grad = tch::no_grad_guard();
+        let t = tokens.len() as i64;
+        let idx = Tensor::f_from_slice(tokens)?.f_view([1, t])?.f_to_device(self.device())?;
+        let logits = self.forward(&idx, false).f_squeeze_dim(0)?.f_to_kind(Kind::Float)?.f_to_device(Device::Cpu)?.f_contiguous()?;
+        let flat: Vec<f32> = Vec::<f32>::try_from(logits.f_view([-1])?)?;
+        let mut out = Vec::with_capacity(tokens.len().saturating_sub(1));
+        for (pos, next) in tokens.iter().enumerate().skip(1) {
+            let row = &flat[(pos - 1) * vocab..pos * vocab];
+            out.push(score(&log_probs(row, vocab_limit), *next as u32, top));
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod log_prob_tests {
+    #[test]
+    fn log_probs_sum_to_one_and_the_top_are_ordered() {
+        let lp = super::log_probs(&[1.0, 3.0, 2.0, 0.5, 9.0], 4);
+        assert_eq!(lp.len(), 4, "the padded id is left out");
+        let total: f64 = lp.iter().map(|&x| (x as f64).exp()).sum();
+        assert!((total - 1.0).abs() < 1e-6, "{total}");
+        let s = super::score(&lp, 0, 2);
+        assert_eq!(s.top.iter().map(|t| t.0).collect::<Vec<_>>(), vec![1, 2]);
+        assert!((s.logprob - lp[0]).abs() < 1e-9);
+    }
 }

@@ -23,7 +23,7 @@ pub use grads::{
     clip_flat, clip_flat_grads, clip_grad_norm, clip_tensor, flat_grad_norm, flat_grads, flatten, flatten_range, grad_norm, set_flat_grads,
     sum_of_squares, total_numel, unflatten_into, zero_grads,
 };
-pub use inference::{KvCache, Sampling};
+pub use inference::{log_probs, score, KvCache, Sampling, TokenLogProb};
 pub use optim::{lr_at, AdamW, AdamWConfig, ShardAdamW};
 pub use rng::Rng;
 
