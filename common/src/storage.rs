@@ -247,6 +247,15 @@ impl Remote {
         })
     }
 
+    /// Bytes `range` of the object `name` (a ranged GET).
+    pub fn get_range(&self, name: &str, range: std::ops::Range<u64>) -> Result<Vec<u8>, StorageError> {
+        let key = self.key(name);
+        self.blocking(async {
+            let bytes = self.store.get_range(&key, range.clone()).await.map_err(|e| self.err(format!("GET {name} bytes {range:?}"), e))?;
+            Ok(bytes.to_vec())
+        })
+    }
+
     /// The size of the object `name`, or `None` when there is none.
     pub fn size(&self, name: &str) -> Result<Option<u64>, StorageError> {
         let key = self.key(name);

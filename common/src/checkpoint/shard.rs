@@ -21,6 +21,25 @@ pub struct ShardSnapshot {
     pub exp_avg_sq: Vec<f32>,
 }
 
+/// Where a shard file's bytes come from: a memory map of a local file, or ranged reads of one
+/// in object storage.
+enum ShardBytes {
+    Mapped(memmap2::Mmap),
+    Stored(super::store::StoredShard),
+}
+
+impl ShardBytes {
+    fn read(&self, range: Range<usize>) -> Result<std::borrow::Cow<'_, [u8]>, CheckpointError> {
+        match self {
+            ShardBytes::Mapped(map) => map.get(range.clone()).map(std::borrow::Cow::Borrowed).ok_or_else(|| CheckpointError::Invalid {
+                dir: PathBuf::new(),
+                reason: format!("bytes {range:?} lie outside a shard file of {} bytes", map.len()),
+            }),
+            ShardBytes::Stored(file) => file.read(range).map(std::borrow::Cow::Owned),
+        }
+    }
+}
+
 /// The three tensors of a shard file, in file order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ShardPart {
@@ -163,7 +182,7 @@ pub struct ShardReader {
     dir: PathBuf,
     layout: ShardLayout,
     step: u64,
-    files: Vec<memmap2::Mmap>,
+    files: Vec<ShardBytes>,
     /// Per file, where each part's data starts in it (bytes), in [`ShardPart::ALL`]'s order.
     starts: Vec<[usize; 3]>,
 }
@@ -206,10 +225,66 @@ impl ShardReader {
                 return Err(invalid(format!("{} is at step {step:?}, state.json at {}", shard_file(rank), state.step)));
             }
             drop(st);
-            files.push(map);
+            files.push(ShardBytes::Mapped(map));
             starts.push(part_starts);
         }
         Ok(ShardReader { dir: dir.to_path_buf(), layout, step: state.step, files, starts })
+    }
+
+    /// A reader over shard files in object storage that reads only the byte ranges asked for
+    /// (in verified blocks): `name` is the checkpoint's URL (for messages), `state` its
+    /// `state.json`, `files` each rank's stored shard, opened.
+    pub(super) fn from_stored(
+        name: PathBuf,
+        state: &super::TrainState,
+        files: Vec<super::store::StoredShard>,
+    ) -> Result<ShardReader, CheckpointError> {
+        let layout = state.layout.clone();
+        let invalid = |reason: String| CheckpointError::Invalid { dir: name.clone(), reason };
+        let mut starts = Vec::with_capacity(files.len());
+        let mut bytes = Vec::with_capacity(files.len());
+        for (rank, file) in files.into_iter().enumerate() {
+            let header = file.header()?;
+            let tensor = |t: &str| -> Result<(String, Vec<usize>, usize, usize), CheckpointError> {
+                let info = header.get(t).ok_or_else(|| invalid(format!("{} has no `{t}` tensor", shard_file(rank as u32))))?;
+                let dtype = info["dtype"].as_str().unwrap_or_default().to_string();
+                let shape: Vec<usize> =
+                    info["shape"].as_array().map(|a| a.iter().filter_map(|d| d.as_u64()).map(|d| d as usize).collect()).unwrap_or_default();
+                let offsets = info["data_offsets"].as_array().filter(|o| o.len() == 2);
+                let (a, b) = offsets
+                    .and_then(|o| Some((o[0].as_u64()? as usize, o[1].as_u64()? as usize)))
+                    .ok_or_else(|| invalid(format!("{}: `{t}` has no data offsets", shard_file(rank as u32))))?;
+                Ok((dtype, shape, a, b))
+            };
+            let mut part_starts = [0; 3];
+            for (i, part) in ShardPart::ALL.into_iter().enumerate() {
+                let (dtype, shape, a, b) = tensor(part.name())?;
+                if dtype != "F32" || shape != [layout.shard_len()] || b - a != 4 * layout.shard_len() {
+                    return Err(invalid(format!(
+                        "{}: `{}` is {dtype} {shape:?}, the layout needs F32 [{}]",
+                        shard_file(rank as u32),
+                        part.name(),
+                        layout.shard_len()
+                    )));
+                }
+                part_starts[i] = file.data_start() + a;
+            }
+            let (dtype, _, a, b) = tensor("step")?;
+            let step_bytes = file.read(file.data_start() + a..file.data_start() + b)?;
+            let step = (dtype == "I64" && step_bytes.len() == 8).then(|| i64::from_le_bytes(step_bytes[..8].try_into().expect("8 bytes")));
+            if step != Some(state.step as i64) {
+                return Err(invalid(format!("{} is at step {step:?}, state.json at {}", shard_file(rank as u32), state.step)));
+            }
+            bytes.push(ShardBytes::Stored(file));
+            starts.push(part_starts);
+        }
+        Ok(ShardReader { dir: name, layout, step: state.step, files: bytes, starts })
+    }
+
+    /// Bytes fetched from object storage so far (0 for local files): what ranged reads saved
+    /// shows against the checkpoint's size.
+    pub fn fetched_bytes(&self) -> u64 {
+        self.files.iter().map(|f| if let ShardBytes::Stored(s) = f { s.fetched() } else { 0 }).sum()
     }
 
     pub fn layout(&self) -> &ShardLayout {
@@ -231,7 +306,7 @@ impl ShardReader {
         let part_index = ShardPart::ALL.iter().position(|p| *p == part).expect("one of ALL");
         for piece in self.layout.locate(range.clone()) {
             let start = self.starts[piece.rank as usize][part_index] + 4 * piece.local;
-            let src = &self.files[piece.rank as usize][start..start + 4 * piece.global.len()];
+            let src = self.files[piece.rank as usize].read(start..start + 4 * piece.global.len())?;
             let dst = &mut out[piece.global.start - range.start..piece.global.end - range.start];
             for (d, b) in dst.iter_mut().zip(src.chunks_exact(4)) {
                 *d = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);

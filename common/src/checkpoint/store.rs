@@ -16,9 +16,17 @@
 //! coordinator then fetches the checkpoint into the run folder of its own host, checking every
 //! file's sha256, where evaluation, deployment and retention use it as they use a local one;
 //! resume takes the newest committed checkpoint in the store when it is newer than the host's.
+//!
+//! Workers resume by ranged reads: each shard file has a sidecar `<shard>.blocks` with the
+//! sha256 of its header and of every 4 MiB block (the sidecar itself listed, with its sha256,
+//! in the MANIFEST), so a rank fetches only the headers and the blocks that hold the ranges it
+//! needs (under ZeRO, its slice of the state) and checks each before using a byte of it.
 
 use std::collections::BTreeSet;
-use std::path::Path;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use troupe_core::proto::FileDigest;
 
@@ -27,7 +35,156 @@ use crate::storage::Remote;
 
 /// The checkpoints of one run in the store.
 pub struct CheckpointStore {
-    remote: Remote,
+    remote: Arc<Remote>,
+}
+
+/// Blocks of a shard file that ranged reads fetch and verify one by one.
+pub const BLOCK: usize = 4 << 20;
+/// Blocks a reader keeps per shard file (128 MiB).
+const CACHED_BLOCKS: usize = 32;
+
+/// The sidecar of shard file `name`: the sha256 of each of its blocks (a JSON list).
+pub fn blocks_file(name: &str) -> String {
+    format!("{name}.blocks")
+}
+
+/// A shard file's sidecar: the digest of its safetensors header (the first `header_len`
+/// bytes) and of each [`BLOCK`], so that a reader checks what it fetches without fetching the
+/// whole file.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct BlockDigests {
+    pub header_len: u64,
+    pub header_sha256: String,
+    pub block: u64,
+    pub blocks: Vec<String>,
+}
+
+/// The sidecar of a local shard file.
+pub fn block_digests(path: &Path) -> Result<BlockDigests, CheckpointError> {
+    use sha2::Digest;
+    use std::io::Read;
+    let io = |source| CheckpointError::Io { path: path.to_path_buf(), source };
+    let mut file = std::fs::File::open(path).map_err(io)?;
+    let mut blocks = Vec::new();
+    let mut first = Vec::new();
+    let mut buf = vec![0u8; BLOCK];
+    loop {
+        let mut filled = 0;
+        while filled < BLOCK {
+            let n = file.read(&mut buf[filled..]).map_err(io)?;
+            if n == 0 {
+                break;
+            }
+            filled += n;
+        }
+        if filled == 0 {
+            break;
+        }
+        if blocks.is_empty() {
+            first = buf[..filled.min(BLOCK)].to_vec();
+        }
+        blocks.push(hex::encode(sha2::Sha256::digest(&buf[..filled])));
+        if filled < BLOCK {
+            break;
+        }
+    }
+    let n = first.get(..8).map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes"))).unwrap_or(0);
+    let header_len = 8 + n;
+    let header = if header_len as usize <= first.len() {
+        first[..header_len as usize].to_vec()
+    } else {
+        let mut header = vec![0u8; header_len as usize];
+        let mut file = std::fs::File::open(path).map_err(io)?;
+        file.read_exact(&mut header).map_err(io)?;
+        header
+    };
+    Ok(BlockDigests { header_len, header_sha256: hex::encode(sha2::Sha256::digest(&header)), block: BLOCK as u64, blocks })
+}
+
+/// One rank's shard file in the store, read by verified blocks.
+pub struct StoredShard {
+    remote: Arc<Remote>,
+    key: String,
+    size: u64,
+    digests: BlockDigests,
+    /// Blocks fetched, kept for the reads that follow (a rank's pieces of the three parts
+    /// interleave over the same blocks), the oldest dropped past [`CACHED_BLOCKS`].
+    cache: Mutex<std::collections::VecDeque<(usize, Arc<Vec<u8>>)>>,
+    fetched: AtomicU64,
+}
+
+impl StoredShard {
+    fn block(&self, index: usize) -> Result<Arc<Vec<u8>>, CheckpointError> {
+        use sha2::Digest;
+        if let Some((_, bytes)) = self.cache.lock().unwrap_or_else(|p| p.into_inner()).iter().find(|(i, _)| *i == index) {
+            return Ok(bytes.clone());
+        }
+        let start = (index * BLOCK) as u64;
+        let end = (start + BLOCK as u64).min(self.size);
+        let bytes = self.remote.get_range(&self.key, start..end)?;
+        self.fetched.fetch_add(bytes.len() as u64, Ordering::Relaxed);
+        let want = self.digests.blocks.get(index).map(String::as_str).unwrap_or_default();
+        if hex::encode(sha2::Sha256::digest(&bytes)) != want {
+            return Err(CheckpointError::Invalid {
+                dir: format!("{}/{}", self.remote.url(), self.key).into(),
+                reason: format!("block {index} does not match its sha256 in {}", blocks_file(&self.key)),
+            });
+        }
+        let bytes = Arc::new(bytes);
+        let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+        if cache.len() >= CACHED_BLOCKS {
+            cache.pop_front();
+        }
+        cache.push_back((index, bytes.clone()));
+        Ok(bytes)
+    }
+
+    /// Bytes `range` of the file, from the blocks that hold them, each verified.
+    pub(super) fn read(&self, range: Range<usize>) -> Result<Vec<u8>, CheckpointError> {
+        if range.end as u64 > self.size || range.start > range.end {
+            return Err(CheckpointError::Invalid {
+                dir: format!("{}/{}", self.remote.url(), self.key).into(),
+                reason: format!("bytes {range:?} lie outside a file of {} bytes", self.size),
+            });
+        }
+        let mut out = Vec::with_capacity(range.len());
+        let mut at = range.start;
+        while at < range.end {
+            let index = at / BLOCK;
+            let block = self.block(index)?;
+            let from = at - index * BLOCK;
+            let to = (range.end - index * BLOCK).min(block.len());
+            out.extend_from_slice(&block[from..to]);
+            at = index * BLOCK + to;
+        }
+        Ok(out)
+    }
+
+    /// The safetensors header (its JSON): only its own bytes are fetched, checked against its
+    /// digest in the sidecar.
+    pub(super) fn header(&self) -> Result<serde_json::Value, CheckpointError> {
+        use sha2::Digest;
+        let invalid = |reason: String| CheckpointError::Invalid { dir: format!("{}/{}", self.remote.url(), self.key).into(), reason };
+        let len = self.digests.header_len;
+        if len < 8 || len > self.size || len > 100 << 20 {
+            return Err(invalid(format!("a header of {len} bytes does not fit the file")));
+        }
+        let bytes = self.remote.get_range(&self.key, 0..len)?;
+        self.fetched.fetch_add(bytes.len() as u64, Ordering::Relaxed);
+        if hex::encode(sha2::Sha256::digest(&bytes)) != self.digests.header_sha256 {
+            return Err(invalid("its header does not match its sha256 in the sidecar".into()));
+        }
+        serde_json::from_slice(&bytes[8..]).map_err(|e| invalid(format!("the safetensors header is not valid: {e}")))
+    }
+
+    /// Where the tensors' data begins.
+    pub(super) fn data_start(&self) -> usize {
+        self.digests.header_len as usize
+    }
+
+    pub(super) fn fetched(&self) -> u64 {
+        self.fetched.load(Ordering::Relaxed)
+    }
 }
 
 /// `step-000500.g3` → (500, 3).
@@ -46,7 +203,7 @@ impl CheckpointStore {
     /// The checkpoints of run `run_name` under `store` (`s3://bucket/prefix`).
     pub fn open(store: &str, run_name: &str) -> Result<CheckpointStore, CheckpointError> {
         let url = format!("{}/{run_name}/checkpoints", store.trim_end_matches('/'));
-        Ok(CheckpointStore { remote: Remote::open(&url)? })
+        Ok(CheckpointStore { remote: Arc::new(Remote::open(&url)?) })
     }
 
     pub fn url(&self) -> &str {
@@ -211,6 +368,51 @@ impl CheckpointStore {
         let dest = dir.join(super::step_dir_name(step));
         self.fetch_step(step, &dest)?;
         Ok(dest)
+    }
+
+    /// A reader of the committed checkpoint of `step` that fetches only the blocks it reads
+    /// (see [`BLOCK`]), every small file and block checked against the MANIFEST.
+    pub fn reader(&self, step: u64) -> Result<super::ShardReader, CheckpointError> {
+        use sha2::Digest;
+        let Some((_, attempt)) = self.committed()?.into_iter().find(|(s, _)| *s == step) else {
+            return Err(CheckpointError::Invalid {
+                dir: format!("{}/{}", self.url(), super::step_dir_name(step)).into(),
+                reason: "no committed checkpoint of that step in the store".into(),
+            });
+        };
+        let name: PathBuf = format!("{}/{attempt}", self.url()).into();
+        let invalid = |reason: String| CheckpointError::Invalid { dir: name.clone(), reason };
+        let manifest: Manifest = serde_json::from_slice(&self.remote.get(&format!("{attempt}/{MANIFEST}"))?)
+            .map_err(|e| invalid(format!("MANIFEST is not valid: {e}")))?;
+        let small = |file: &str| -> Result<Vec<u8>, CheckpointError> {
+            let want = manifest.files.iter().find(|f| f.name == file).ok_or_else(|| invalid(format!("the MANIFEST lists no {file}")))?;
+            let bytes = self.remote.get(&format!("{attempt}/{file}"))?;
+            if hex::encode(sha2::Sha256::digest(&bytes)) != want.sha256 {
+                return Err(invalid(format!("{file} does not match its sha256 in the MANIFEST")));
+            }
+            Ok(bytes)
+        };
+        let state: super::TrainState =
+            serde_json::from_slice(&small(super::STATE_FILE)?).map_err(|e| invalid(format!("state.json is not valid: {e}")))?;
+        let mut files = Vec::with_capacity(state.layout.world_size as usize);
+        for rank in 0..state.layout.world_size {
+            let shard = shard_file(rank);
+            let size = manifest.files.iter().find(|f| f.name == shard).map(|f| f.size).ok_or_else(|| invalid(format!("no {shard}")))?;
+            let digests: BlockDigests = serde_json::from_slice(&small(&blocks_file(&shard))?)
+                .map_err(|e| invalid(format!("{} is not valid: {e}", blocks_file(&shard))))?;
+            if digests.block != BLOCK as u64 || digests.blocks.len() != (size as usize).div_ceil(BLOCK) {
+                return Err(invalid(format!("{} lists {} blocks for {size} bytes", blocks_file(&shard), digests.blocks.len())));
+            }
+            files.push(StoredShard {
+                remote: self.remote.clone(),
+                key: format!("{attempt}/{shard}"),
+                size,
+                digests,
+                cache: Mutex::new(std::collections::VecDeque::new()),
+                fetched: AtomicU64::new(0),
+            });
+        }
+        super::ShardReader::from_stored(name, &state, files)
     }
 
     /// Retention in the store, after `committed` was committed: deletes committed checkpoints

@@ -120,6 +120,18 @@ fn json<T: serde::Serialize>(value: &T) -> Vec<u8> {
 /// otherwise keep every one.
 fn upload_part(dir: &Path, url: &str, run_name: &str, files: Vec<FileDigest>) -> Result<Vec<FileDigest>, TrainerError> {
     let attempt = dir.file_name().and_then(|n| n.to_str()).and_then(|n| n.strip_suffix(".tmp")).unwrap_or_default();
+    // Each shard gets its block digests beside it, for the ranged reads of a resume.
+    let mut files = files;
+    for shard in files.iter().filter(|f| f.name.starts_with("shard-")).map(|f| f.name.clone()).collect::<Vec<_>>() {
+        let digests = checkpoint::store::block_digests(&dir.join(&shard))?;
+        let sidecar = dir.join(checkpoint::store::blocks_file(&shard));
+        std::fs::write(&sidecar, serde_json::to_vec(&digests).expect("strings serialise")).map_err(|source| TrainerError::Io {
+            what: "write",
+            path: sidecar.clone(),
+            source,
+        })?;
+        files.push(checkpoint::digest_file(&sidecar)?);
+    }
     let store = checkpoint::store::CheckpointStore::open(url, run_name)?;
     store.upload(attempt, dir, &files)?;
     for file in &files {

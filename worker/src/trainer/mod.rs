@@ -283,23 +283,20 @@ impl Trainer {
         if resume_from.is_none() && !config.model.init_from.is_empty() {
             load_initial_weights(&mut model, Path::new(&config.model.init_from))?;
         }
-        // With a store, checkpoints come from there into this host's cache: the coordinator's
-        // run folder need not be visible here. One committed before the store was set is read
-        // where the coordinator says.
-        let resume_from = match resume_from {
-            Some(dir) if !config.checkpoint.store.is_empty() => {
-                let store = checkpoint::store::CheckpointStore::open(&config.checkpoint.store, &config.run.name)?;
-                match store.cached(start_step) {
-                    Ok(cached) => Some(cached),
-                    Err(_) if dir.join(checkpoint::MANIFEST).is_file() => Some(dir),
-                    Err(e) => return Err(e.into()),
-                }
-            }
-            other => other,
-        };
-        let reader = match &resume_from {
+        // With a store, a resume reads from there, only the byte ranges this rank needs: the
+        // coordinator's run folder need not be visible here. One committed before the store was
+        // set is read where the coordinator says.
+        let reader = match resume_from {
             Some(dir) => {
-                let reader = ShardReader::open(dir)?;
+                let stored = (!config.checkpoint.store.is_empty())
+                    .then(|| checkpoint::store::CheckpointStore::open(&config.checkpoint.store, &config.run.name))
+                    .transpose()?
+                    .map(|store| store.reader(start_step));
+                let reader = match stored {
+                    Some(Ok(reader)) => reader,
+                    Some(Err(e)) if !dir.join(checkpoint::MANIFEST).is_file() => return Err(e.into()),
+                    _ => ShardReader::open(&dir)?,
+                };
                 if reader.step() != start_step {
                     return Err(TrainerError::ResumeStep { dir: dir.clone(), found: reader.step(), asked: start_step });
                 }
@@ -315,6 +312,9 @@ impl Trainer {
             None => None,
         };
         let (model, state) = state::build(model, &config, rank as u32, world_size as u32, reader.as_ref())?;
+        if let Some(fetched) = reader.as_ref().map(ShardReader::fetched_bytes).filter(|&b| b > 0) {
+            tracing::info!("resumed from the checkpoint store: fetched {fetched} bytes by ranged reads");
+        }
         Ok(Trainer {
             cx: StepContext {
                 config,
