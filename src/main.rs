@@ -296,6 +296,7 @@ impl RunOverrides {
             config.parallel.strategy = strategy;
         }
         config.validate().context("after applying the command-line flags")?;
+        troupe_coordinator::launch::place_run_output(&mut config);
         Ok(config)
     }
 }

@@ -458,3 +458,24 @@ fn a_zero3_resume_from_the_store_reads_only_each_ranks_ranges() {
         assert!((want[&step] - got[&step]).abs() < 1e-4, "step {step}: {} uninterrupted, {} resumed", want[&step], got[&step]);
     }
 }
+
+/// `--out s3://…` (run.out_dir in the store): checkpoints and the registry go there, and the
+/// run folder for events and logs is in this host's cache.
+#[test]
+fn a_run_output_url_puts_checkpoints_and_registry_in_the_store() {
+    let dir = scratch("object-store-out");
+    let Some(s3) = start_s3("troupe-out") else { return };
+    let data = prepare_small_corpus(&dir);
+    let config = tiny_config(&dir, &data, 2, 10);
+    let mut cmd = local_command(&config);
+    cmd.args(["--out", "s3://troupe-out/runs"]);
+    let out = run(with_s3(cmd, &s3, &dir.join("cache")), LIMIT);
+    assert_success(&out);
+    no_secret(&out);
+    assert!(stdout(&out).contains("run output in s3://troupe-out/runs"), "{}", stdout(&out));
+    let keys = s3_keys(&s3, "troupe-out", "runs/tiny/");
+    assert!(keys.iter().any(|k| k.starts_with("runs/tiny/checkpoints/step-000010.") && k.ends_with("/MANIFEST")), "{keys:?}");
+    assert!(keys.iter().any(|k| k == "runs/tiny/registry/v1/MANIFEST"), "{keys:?}");
+    let runs = std::fs::read_dir(dir.join("cache/runs")).unwrap().next().unwrap().unwrap().path();
+    assert!(runs.join("tiny/events.jsonl").is_file(), "events in the host's cache");
+}

@@ -148,6 +148,34 @@ pub fn resolve_init_from(config: &mut Config, meta: &data::Meta) -> anyhow::Resu
     Ok(())
 }
 
+/// `run.out_dir = "s3://bucket/prefix"`: what outlives the host goes to object storage — the
+/// checkpoints (`checkpoint.store`, under `<prefix>/<run.name>/checkpoints/`) and the registry
+/// (`deploy.registry` = `<prefix>/<run.name>/registry`), unless those are set — and the run
+/// folder for the rest (events, logs, this host's copy of each checkpoint) is in this host's
+/// cache.
+pub fn place_run_output(config: &mut Config) {
+    use sha2::Digest;
+    if !troupe_common::storage::is_remote(&config.run.out_dir) {
+        return;
+    }
+    let url = config.run.out_dir.to_string_lossy().trim_end_matches('/').to_string();
+    if config.checkpoint.store.is_empty() {
+        config.checkpoint.store = url.clone();
+    }
+    if config.deploy.registry.as_os_str().is_empty() {
+        config.deploy.registry = format!("{url}/{}/registry", config.run.name).into();
+    }
+    let key = hex::encode(&sha2::Sha256::digest(url.as_bytes())[..8]);
+    config.run.out_dir = troupe_common::storage::cache_root().join("runs").join(key);
+    troupe_common::say!(
+        "run output in {url}: checkpoints in {}/{}/checkpoints, registry in {}; events and logs in {}",
+        config.checkpoint.store,
+        config.run.name,
+        config.deploy.registry.display(),
+        config.run_dir().display()
+    );
+}
+
 /// The newest complete checkpoint of the run, saying which newer ones were skipped and why.
 pub fn find_resume_point(config: &Config) -> anyhow::Result<Option<ResumeFrom>> {
     let run_dir = config.run_dir();
