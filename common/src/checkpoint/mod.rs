@@ -112,6 +112,31 @@ pub struct Manifest {
     pub files: Vec<FileDigest>,
 }
 
+impl Manifest {
+    /// The MANIFEST of a commit of `step` over `world_size` ranks: its `state.json` must say
+    /// the same, and every rank's shard must be among `files`. Why not, otherwise.
+    pub(crate) fn for_commit(step: u64, world_size: u32, state: TrainState, files: Vec<FileDigest>) -> Result<Manifest, String> {
+        if state.step != step || state.layout.world_size != world_size {
+            return Err(format!(
+                "state.json says step {} over {} ranks, the coordinator committed step {step} over {world_size}",
+                state.step, state.layout.world_size
+            ));
+        }
+        if let Some(rank) = (0..world_size).find(|&rank| !files.iter().any(|f| f.name == shard_file(rank))) {
+            return Err(format!("rank {rank} reported no {}", shard_file(rank)));
+        }
+        Ok(Manifest {
+            format: MANIFEST_FORMAT,
+            step,
+            world_size,
+            strategy: state.strategy,
+            layout: state.layout,
+            created_unix_ms: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0),
+            files,
+        })
+    }
+}
+
 /// Training state beside the tensors: everything needed to continue exactly.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TrainState {
@@ -194,18 +219,7 @@ pub fn commit(run_dir: &Path, step: u64, generation: u64, world_size: u32, repor
     if files.len() != reported.len() {
         return Err(invalid("a file was reported twice".into()));
     }
-    let state = read_train_state(&tmp)?;
-    if state.step != step || state.layout.world_size != world_size {
-        return Err(invalid(format!(
-            "state.json says step {} over {} ranks, the coordinator committed step {step} over {world_size}",
-            state.step, state.layout.world_size
-        )));
-    }
-    for rank in 0..world_size {
-        if !files.iter().any(|f| f.name == shard_file(rank)) {
-            return Err(invalid(format!("rank {rank} reported no {}", shard_file(rank))));
-        }
-    }
+    let manifest = Manifest::for_commit(step, world_size, read_train_state(&tmp)?, files).map_err(invalid)?;
     fsync_path(&tmp)?;
     // A previous attempt at this step may have got as far as the rename but not the MANIFEST.
     // It is moved aside, not deleted, until the new folder has taken its place: a failure in
@@ -219,15 +233,6 @@ pub fn commit(run_dir: &Path, step: u64, generation: u64, world_size: u32, repor
     if let Some(aside) = &replaced {
         fs::remove_dir_all(aside).map_err(io(aside))?;
     }
-    let manifest = Manifest {
-        format: MANIFEST_FORMAT,
-        step,
-        world_size,
-        strategy: state.strategy,
-        layout: state.layout,
-        created_unix_ms: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0),
-        files,
-    };
     let text = serde_json::to_vec_pretty(&manifest)
         .map_err(|e| CheckpointError::Invalid { dir: dest.clone(), reason: format!("cannot encode MANIFEST: {e}") })?;
     write_atomic(&dest.join(MANIFEST), &text)?;

@@ -30,7 +30,7 @@ use std::sync::{Arc, Mutex};
 
 use troupe_core::proto::FileDigest;
 
-use super::{read_train_state, shard_file, write_atomic, CheckpointError, Manifest, MANIFEST, MANIFEST_FORMAT};
+use super::{read_train_state, shard_file, write_atomic, CheckpointError, Manifest, MANIFEST};
 use crate::storage::Remote;
 
 /// The checkpoints of one run in the store.
@@ -249,29 +249,10 @@ impl CheckpointStore {
                 None => return Err(invalid(format!("{} was reported but is not in the store", want.name))),
             }
         }
-        for rank in 0..world_size {
-            if !files.iter().any(|f| f.name == shard_file(rank)) {
-                return Err(invalid(format!("rank {rank} reported no {}", shard_file(rank))));
-            }
-        }
         let state_bytes = self.remote.get(&format!("{attempt}/{}", super::STATE_FILE))?;
         let state: super::TrainState =
             serde_json::from_slice(&state_bytes).map_err(|e| invalid(format!("{} is not valid: {e}", super::STATE_FILE)))?;
-        if state.step != step || state.layout.world_size != world_size {
-            return Err(invalid(format!(
-                "state.json says step {} over {} ranks, the coordinator committed step {step} over {world_size}",
-                state.step, state.layout.world_size
-            )));
-        }
-        let manifest = Manifest {
-            format: MANIFEST_FORMAT,
-            step,
-            world_size,
-            strategy: state.strategy,
-            layout: state.layout,
-            created_unix_ms: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0),
-            files,
-        };
+        let manifest = Manifest::for_commit(step, world_size, state, files).map_err(invalid)?;
         let text = serde_json::to_vec_pretty(&manifest).map_err(|e| invalid(format!("cannot encode MANIFEST: {e}")))?;
         if !self.remote.put_if_absent(&format!("{attempt}/{MANIFEST}"), text)? {
             // Ours, if an earlier try of this PUT reached the store but its answer was lost;
