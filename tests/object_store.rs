@@ -224,17 +224,18 @@ fn checkpoints_in_object_storage_resume_elsewhere_after_the_run_folder_is_lost()
     // The committed checkpoint here is the store's, checked file by file.
     let here = dir.join("written/runs/tiny/checkpoints/step-000020");
     troupe_common::checkpoint::verify(&here).unwrap();
-    // A worker on a host that does not see the run folder fetches into its own cache: the same
-    // files. (nextest runs each test in a process of its own: the environment is this test's.)
-    use_store_here(&s3, &dir.join("worker-host-cache"));
+    // Another host fetches the committed checkpoint from the store: the same files. (nextest runs
+    // each test in a process of its own: the environment is this test's.)
+    use_store_here(&s3, &dir.join("other-host-cache"));
     let store = troupe_common::checkpoint::store::CheckpointStore::open("s3://troupe-ckpt/runs", "tiny").unwrap();
-    let cached = store.cached(20).unwrap();
-    assert!(cached.starts_with(dir.join("worker-host-cache/remote-checkpoints")), "{}", cached.display());
+    let cached = dir.join("other-host/step-000020");
+    std::fs::create_dir_all(cached.parent().unwrap()).unwrap();
+    store.fetch_step(20, &cached).unwrap();
     let manifest = troupe_common::checkpoint::verify(&cached).unwrap();
     for file in &manifest.files {
         assert_eq!(std::fs::read(cached.join(&file.name)).unwrap(), std::fs::read(here.join(&file.name)).unwrap(), "{}", file.name);
     }
-    let missing = store.cached(10).unwrap_err().to_string();
+    let missing = store.fetch_step(10, &dir.join("other-host/step-000010")).unwrap_err().to_string();
     assert!(missing.contains("no committed checkpoint of that step"), "{missing}");
 }
 
@@ -307,8 +308,10 @@ fn checkpoints_reach_the_store_through_500s_dropped_connections_and_slow_answers
     let store = troupe_common::checkpoint::store::CheckpointStore::open("s3://troupe-faults/runs", "tiny").unwrap();
     let committed = store.committed().unwrap();
     assert!(committed.iter().any(|(step, _)| *step == 20), "the last checkpoint is committed: {committed:?}");
+    std::fs::create_dir_all(dir.join("fetched")).unwrap();
     for (step, _) in &committed {
-        let copy = store.cached(*step).unwrap();
+        let copy = dir.join(format!("fetched/step-{step:06}"));
+        store.fetch_step(*step, &copy).unwrap();
         troupe_common::checkpoint::verify(&copy).unwrap();
     }
     println!("{} checkpoints committed in the store, each whole: {committed:?}", committed.len());

@@ -338,19 +338,6 @@ impl CheckpointStore {
         self.fetch(&attempt, dest)
     }
 
-    /// A copy of the committed checkpoint of `step` in this host's cache
-    /// (`$TROUPE_CACHE/remote-checkpoints/…`), fetched if it is not there complete: for a
-    /// worker whose host does not see the coordinator's run folder.
-    pub fn cached(&self, step: u64) -> Result<std::path::PathBuf, CheckpointError> {
-        use sha2::Digest;
-        let key = hex::encode(&sha2::Sha256::digest(self.url().as_bytes())[..8]);
-        let dir = crate::storage::cache_root().join("remote-checkpoints").join(key);
-        std::fs::create_dir_all(&dir).map_err(|source| CheckpointError::Io { path: dir.clone(), source })?;
-        let dest = dir.join(super::step_dir_name(step));
-        self.fetch_step(step, &dest)?;
-        Ok(dest)
-    }
-
     /// A reader of the committed checkpoint of `step` that fetches only the blocks it reads
     /// (see [`BLOCK`]), every small file and block checked against the MANIFEST.
     pub fn reader(&self, step: u64) -> Result<super::ShardReader, CheckpointError> {
