@@ -33,6 +33,7 @@ fn prepare_run(config: &mut Config, resume: bool) -> anyhow::Result<Option<troup
     let resume_from = if resume {
         launch::find_resume_point(config)?
     } else {
+        launch::refuse_used_store(config)?;
         archive_previous_run(&config.run_dir())?;
         None
     };

@@ -153,11 +153,14 @@ fn s3_keys(s3: &S3, bucket: &str, prefix: &str) -> Vec<String> {
 }
 
 /// Checkpoints in the store (`checkpoint.store`): 3 workers under zero2 upload their parts and
-/// the coordinator commits with the MANIFEST. A rank killed while writing step 10 leaves that
+/// the coordinator commits with the MANIFEST. A rank killed while writing step 15 leaves that
 /// attempt without a MANIFEST: it does not count. Then the whole run folder is lost; the run
-/// resumes from the store on 2 workers under ddp (fetching step 5), and its losses from there
-/// equal an uninterrupted run's. The abandoned attempt is deleted by retention once a newer
-/// checkpoint commits, and no secret reaches any output.
+/// resumes from the store on 2 workers under ddp (fetching the newest committed checkpoint:
+/// step 10, or step 5 when the dying rank's report of step 10 was lost with it), and its
+/// losses from there equal an uninterrupted run's. The abandoned attempt is deleted by retention once a newer
+/// checkpoint commits (the resumed coordinator's attempts are named by generations above the
+/// first one's, so they never meet it), a fresh run of the same name is refused, and no secret
+/// reaches any output.
 #[test]
 fn checkpoints_in_object_storage_resume_elsewhere_after_the_run_folder_is_lost() {
     let dir = scratch("object-store-checkpoints");
@@ -180,26 +183,36 @@ fn checkpoints_in_object_storage_resume_elsewhere_after_the_run_folder_is_lost()
 
     let written = config("written", 3, "zero2", true);
     let mut cmd = local_command(&written);
-    cmd.args(["--max-restarts", "0", "--set", "checkpoint.keep_last=10"]).env("TROUPE_FAULT_KILL_DURING_CHECKPOINT", "10:1");
+    cmd.args(["--max-restarts", "0", "--set", "checkpoint.keep_last=10"]).env("TROUPE_FAULT_KILL_DURING_CHECKPOINT", "15:1");
     let out = run(with_s3(cmd, &s3, &host), LIMIT);
     assert!(!out.status.success(), "the run cannot go on without rank 1");
     no_secret(&out);
     let keys = s3_keys(&s3, "troupe-ckpt", "runs/tiny/checkpoints/");
     assert!(keys.iter().any(|k| k.ends_with("step-000005.g1/MANIFEST")), "{keys:?}\n{}\n{}", stdout(&out), stderr(&out));
-    // Ranks 0 and 2 may have uploaded their parts of step 10 before the run stopped: an
+    // Ranks 0 and 2 may have uploaded their parts of step 15 before the run stopped: an
     // attempt without a MANIFEST, which does not count.
-    assert!(!keys.iter().any(|k| k.contains("step-000010") && k.ends_with("MANIFEST")), "step 10 was not committed: {keys:?}");
+    assert!(!keys.iter().any(|k| k.contains("step-000015") && k.ends_with("MANIFEST")), "step 15 was not committed: {keys:?}");
+    let newest = if keys.iter().any(|k| k.ends_with("step-000010.g1/MANIFEST")) { 10 } else { 5 };
 
-    // The run folder is lost; another "host" (its own cache) resumes from the store.
+    // The run folder is lost. A fresh run of the same name would mix its checkpoints with
+    // these: refused, saying how to go on.
     std::fs::remove_dir_all(dir.join("written/runs")).unwrap();
+    let mut fresh = local_command(&written);
+    fresh.args(["--set", "checkpoint.keep_last=10"]);
+    let out = run(with_s3(fresh, &s3, &host), LIMIT);
+    assert!(!out.status.success() && stderr(&out).contains("already holds checkpoints of a run named \"tiny\""), "{}", stderr(&out));
+    assert!(stderr(&out).contains("--resume"), "{}", stderr(&out));
+    assert!(!dir.join("written/runs").exists(), "the refused run wrote nothing");
+    // Another "host" (its own cache) resumes from the store.
     let resumed = config("written", 2, "ddp", false);
     let mut cmd = local_command(&resumed);
     cmd.args(["--resume", "--set", "checkpoint.store=s3://troupe-ckpt/runs", "--set", "checkpoint.keep_last=2"]);
     let out = run(with_s3(cmd, &s3, &dir.join("other-host-cache")), LIMIT);
     assert_success(&out);
     no_secret(&out);
-    assert!(stdout(&out).contains("fetching checkpoint step 5 from s3://troupe-ckpt/runs/tiny/checkpoints"), "{}", stdout(&out));
-    assert!(stdout(&out).contains("training resumed at step 5"), "{}", stdout(&out));
+    let said = stdout(&out);
+    assert!(said.contains(&format!("fetching checkpoint step {newest} from s3://troupe-ckpt/runs/tiny/checkpoints")), "{said}");
+    assert!(said.contains(&format!("training resumed at step {newest}")), "{said}");
 
     let reference = config("reference", 1, "ddp", false);
     assert_success(&run_local(&reference, &[]));
@@ -207,7 +220,7 @@ fn checkpoints_in_object_storage_resume_elsewhere_after_the_run_folder_is_lost()
         step_losses(&dir.join("reference/runs/tiny")).into_iter().collect(),
         step_losses(&dir.join("written/runs/tiny")).into_iter().collect(),
     );
-    for step in 5..20 {
+    for step in newest..20 {
         assert!(
             (want[&step] - got[&step]).abs() < 1e-4,
             "step {step}: {} uninterrupted, {} resumed from the store",
@@ -220,7 +233,10 @@ fn checkpoints_in_object_storage_resume_elsewhere_after_the_run_folder_is_lost()
     let manifests: Vec<&String> = keys.iter().filter(|k| k.ends_with("/MANIFEST")).collect();
     assert_eq!(manifests.len(), 2, "{keys:?}");
     assert!(manifests.iter().any(|k| k.contains("step-000020.")), "{keys:?}");
-    assert!(!keys.iter().any(|k| k.contains("step-000010.g1/")), "the abandoned attempt is gone: {keys:?}");
+    assert!(!keys.iter().any(|k| k.contains("step-000015.g1/")), "the abandoned attempt is gone: {keys:?}");
+    // The resumed coordinator numbered its generations above the first one's: its attempts
+    // never share a folder with the first coordinator's.
+    assert!(manifests.iter().all(|k| !k.contains(".g1/")), "{keys:?}");
     // The committed checkpoint here is the store's, checked file by file.
     let here = dir.join("written/runs/tiny/checkpoints/step-000020");
     troupe_common::checkpoint::verify(&here).unwrap();

@@ -148,6 +148,24 @@ pub fn resolve_init_from(config: &mut Config, meta: &data::Meta) -> anyhow::Resu
     Ok(())
 }
 
+/// A fresh run (not `--resume`) with `checkpoint.store` must not mix its checkpoints with an
+/// earlier run's of the same name there: a later resume would take whichever is newest. The
+/// store's folders are not moved aside as a local run folder is; the run is refused, saying how.
+pub fn refuse_used_store(config: &Config) -> anyhow::Result<()> {
+    if config.checkpoint.store.is_empty() {
+        return Ok(());
+    }
+    let store = checkpoint::store::CheckpointStore::open(&config.checkpoint.store, &config.run.name)?;
+    if let Some((step, _)) = store.committed().with_context(|| format!("cannot list {}", store.url()))?.last() {
+        bail!(
+            "{} already holds checkpoints of a run named {:?} (up to step {step}): continue it with --resume,              or give this run another run.name, or delete them",
+            store.url(),
+            config.run.name
+        );
+    }
+    Ok(())
+}
+
 /// `run.out_dir = "s3://bucket/prefix"`: what outlives the host goes to object storage — the
 /// checkpoints (`checkpoint.store`, under `<prefix>/<run.name>/checkpoints/`) and the registry
 /// (`deploy.registry` = `<prefix>/<run.name>/registry`), unless those are set — and the run

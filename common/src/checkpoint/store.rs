@@ -265,6 +265,14 @@ impl CheckpointStore {
         Ok(manifest)
     }
 
+    /// The highest membership generation any attempt in the store was written in (0: none).
+    /// A coordinator's generations restart at 1, so a restarted one starts above this: its
+    /// attempts' names never meet those of an earlier coordinator, whose ranks may still be
+    /// uploading.
+    pub fn highest_generation(&self) -> Result<u64, CheckpointError> {
+        Ok(self.remote.list_dirs("")?.iter().filter_map(|n| parse_attempt(n)).map(|(_, g)| g).max().unwrap_or(0))
+    }
+
     /// Committed checkpoints (those with a MANIFEST), ascending by step: (step, attempt).
     pub fn committed(&self) -> Result<Vec<(u64, String)>, CheckpointError> {
         let mut found: Vec<(u64, u64, String)> = Vec::new();

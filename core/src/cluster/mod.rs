@@ -226,6 +226,15 @@ impl Core {
         }
     }
 
+    /// Numbers this coordinator's membership generations from `generation + 1` on, above
+    /// those an earlier coordinator of the run used (checkpoint attempts are named by step and
+    /// generation). Only before the first worker joins.
+    pub fn start_generations_after(&mut self, generation: u64) {
+        if self.members.workers.is_empty() {
+            self.members.generation = self.members.generation.max(generation);
+        }
+    }
+
     pub fn phase(&self) -> Phase {
         self.phase
     }

@@ -210,8 +210,20 @@ impl Actor for Coordinator {
         )
         .await?;
         let progress = show_progress.then(|| Progress::new(config.train.steps));
+        let mut core = Core::new(config.clone(), resume);
+        if !config.checkpoint.store.is_empty() {
+            // Checkpoint attempts in the store are named by step and generation: this
+            // coordinator's generations start above every earlier one's.
+            let (url, run) = (config.checkpoint.store.clone(), config.run.name.clone());
+            let highest = tokio::task::spawn_blocking(move || {
+                troupe_common::checkpoint::store::CheckpointStore::open(&url, &run)?.highest_generation()
+            })
+            .await?
+            .map_err(|e| format!("cannot list the checkpoint store: {e}"))?;
+            core.start_generations_after(highest);
+        }
         Ok(CoordinatorState {
-            core: Core::new(config.clone(), resume),
+            core,
             config,
             sessions: HashMap::new(),
             session_ids: HashMap::new(),
