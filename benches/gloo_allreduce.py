@@ -20,7 +20,11 @@ import sys
 import time
 
 HOME = os.path.expanduser("~")
-TORCH_DIR = os.environ.get("TROUPE_TORCH_PY", os.path.join(HOME, ".cache/troupe/torch-2.11.0-cpu"))
+# The torch the setup scripts install (the full wheel, whose CUDA libraries sit next to it),
+# then the CPU-only folder of older setups; TROUPE_TORCH_PY overrides.
+TORCH_DIR = os.environ.get("TROUPE_TORCH_PY") or next(
+    (d for d in (os.path.join(HOME, ".cache/troupe/torch-2.11.0-full"), os.path.join(HOME, ".cache/troupe/torch-2.11.0-cpu"))
+     if os.path.isdir(d)), "")
 PYDEPS = os.path.join(HOME, ".cache/troupe/pydeps")
 # Pure-python packages torch imports; the wheel was installed without dependencies.
 KNOWN_DEPS = {
@@ -38,7 +42,7 @@ KNOWN_DEPS = {
 
 def child_env():
     env = dict(os.environ)
-    paths = [TORCH_DIR, PYDEPS] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+    paths = [d for d in (TORCH_DIR, PYDEPS) if d] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
     env["PYTHONPATH"] = os.pathsep.join(paths)
     env["OMP_NUM_THREADS"] = "1"
     return env

@@ -7,7 +7,7 @@ use std::ops::Range;
 use tch::{Device, Kind, Tensor};
 use troupe_common::checkpoint::{ShardPart, ShardReader, ShardSnapshot};
 use troupe_common::collective::gradient_buckets;
-use troupe_common::model::{self, AdamW, AdamWConfig, Gpt, ShardAdamW};
+use troupe_common::model::{self, AdamWConfig, FlatAdamW, Gpt};
 use troupe_core::config::Config;
 use troupe_core::shard::{ShardLayout, Strategy};
 
@@ -37,7 +37,7 @@ pub(super) struct Shard {
     pub(super) layout: ShardLayout,
     /// A view into the flat parameters (`zero1`/`zero2`), or its own buffer (`zero3`).
     pub(super) params: Tensor,
-    pub(super) optimizer: ShardAdamW,
+    pub(super) optimizer: FlatAdamW,
 }
 
 impl Shard {
@@ -95,9 +95,9 @@ impl StrategyState {
                 let (m, v) = ddp.optimizer.moments();
                 let mut parts = [vec![0f32; layout.shard_len()], vec![0f32; layout.shard_len()], vec![0f32; layout.shard_len()]];
                 for piece in layout.owned(rank) {
-                    for (out, tensors) in parts.iter_mut().zip([ddp.params.as_slice(), &m, &v]) {
-                        let values = model::flatten_range(tensors, piece.global.clone());
-                        out[piece.local..piece.local + values.len()].copy_from_slice(&values);
+                    let (at, n) = (piece.global.start as i64, piece.global.len() as i64);
+                    for (out, flat) in parts.iter_mut().zip([&ddp.full, m, v]) {
+                        out[piece.local..piece.local + piece.global.len()].copy_from_slice(&host_vec(&flat.narrow(0, at, n)));
                     }
                 }
                 let [params, exp_avg, exp_avg_sq] = parts;
@@ -125,6 +125,31 @@ pub(super) fn shard_segments(layout: &ShardLayout, rank: u32, numels: &[usize], 
         }
     }
     out
+}
+
+/// The parts of the whole flat model that belong to one parameter each, with its weight-decay
+/// choice (`ddp`'s optimizer covers all of them).
+fn parameter_segments(numels: &[usize], decay: &[bool]) -> Vec<(Range<usize>, bool)> {
+    let mut at = 0;
+    numels
+        .iter()
+        .zip(decay)
+        .map(|(&n, &d)| {
+            at += n;
+            (at - n..at, d)
+        })
+        .collect()
+}
+
+/// Copies the fresh model's parameters into the flat buffer `full` (in order, from the start),
+/// without a host copy of the whole model in between, so that building needs no more than
+/// twice the parameters' size.
+fn copy_parameters_into(full: &Tensor, model: &Gpt) -> Result<(), TrainerError> {
+    let _no_grad = tch::no_grad_guard();
+    for (view, param) in param_views(full, &model.param_shapes())?.iter().zip(model.parameter_tensors()) {
+        view.shallow_clone().f_copy_(&param)?;
+    }
+    Ok(())
 }
 
 /// Views of a flat buffer as the given parameter shapes (in order; a padding tail is left
@@ -164,17 +189,33 @@ pub(super) fn build(
         Ok(reader.read_range(part, range)?)
     };
     if strategy == Strategy::Ddp {
-        let params = model.parameter_tensors();
-        let mut optimizer = AdamW::with_decay(&params, adamw, decay);
-        if let Some(reader) = reader {
-            model::unflatten_into(&params, &read(reader, ShardPart::Params, 0..numel)?)?;
-            let (m, v) = optimizer.moments();
-            model::unflatten_into(&m, &read(reader, ShardPart::ExpAvg, 0..numel)?)?;
-            model::unflatten_into(&v, &read(reader, ShardPart::ExpAvgSq, 0..numel)?)?;
-            optimizer.set_step_count(reader.step());
+        // The whole model as one flat buffer that the model's parameters view, with one
+        // optimizer over all of it.
+        let full = Tensor::f_zeros([numel as i64], (Kind::Float, device))?;
+        let mut optimizer = FlatAdamW::new(adamw, numel, &parameter_segments(&numels, &decay), device);
+        match reader {
+            None => copy_parameters_into(&full, &model)?,
+            Some(reader) => {
+                model.release_parameters();
+                write_into(&full, &read(reader, ShardPart::Params, 0..numel)?)?;
+                let (m, v) = optimizer.moments();
+                write_into(m, &read(reader, ShardPart::ExpAvg, 0..numel)?)?;
+                write_into(v, &read(reader, ShardPart::ExpAvgSq, 0..numel)?)?;
+                optimizer.set_step_count(reader.step());
+            }
         }
-        let buckets = gradient_buckets(&numels, 4, config.parallel.bucket_bytes());
-        return Ok((model, StrategyState::Ddp(Ddp { params, optimizer, buckets })));
+        let model = model.with_tensors(param_views(&full, &model.param_shapes())?)?;
+        let offsets: Vec<usize> = std::iter::once(0)
+            .chain(numels.iter().scan(0, |at, n| {
+                *at += n;
+                Some(*at)
+            }))
+            .collect();
+        let buckets = gradient_buckets(&numels, 4, config.parallel.bucket_bytes())
+            .into_iter()
+            .map(|params| offsets[params.start]..offsets[params.end])
+            .collect();
+        return Ok((model, StrategyState::Ddp(Ddp { full, optimizer, buckets })));
     }
 
     // zero1/2/3: the parameters as flat units (one for the whole model, or one per stage under
@@ -201,7 +242,7 @@ pub(super) fn build(
         }
         Ok(out)
     };
-    let mut optimizer = ShardAdamW::new(adamw, layout.shard_len(), shard_segments(&layout, rank, &numels, &decay), device);
+    let mut optimizer = FlatAdamW::new(adamw, layout.shard_len(), &shard_segments(&layout, rank, &numels, &decay), device);
     if let Some(reader) = reader {
         let (m, v) = optimizer.moments();
         write_into(m, &shard_of(ShardPart::ExpAvg)?)?;
@@ -218,21 +259,15 @@ pub(super) fn build(
     // Filled without a host copy of the whole model in between, so that building needs no
     // more than twice the parameters' size.
     let full = Tensor::f_zeros([layout.padded_len(0) as i64], (Kind::Float, device))?;
-    let views = param_views(&full, &model.param_shapes())?;
+    drop(params);
     match reader {
-        None => {
-            let _no_grad = tch::no_grad_guard();
-            for (view, param) in views.iter().zip(&params) {
-                view.shallow_clone().f_copy_(param)?;
-            }
-        }
+        None => copy_parameters_into(&full, &model)?,
         Some(reader) => {
-            drop(params);
             model.release_parameters();
             write_into(&full.narrow(0, 0, numel as i64), &read(reader, ShardPart::Params, 0..numel)?)?;
         }
     }
-    let model = model.with_tensors(views)?;
+    let model = model.with_tensors(param_views(&full, &model.param_shapes())?)?;
     let chunk = layout.chunk_len(0);
     let shard = full.narrow(0, (rank as usize * chunk) as i64, chunk as i64);
     let zero2 = strategy == Strategy::Zero2;
