@@ -6,6 +6,7 @@
 #      and its four collectives, and their times from 64 MiB to 1 GiB;
 #   3. GPT-2 124M (configs/gpt2-124m.toml: 12 layers, 768 wide, 1024 context) trained for 50
 #      steps by `troupe local --gpus 1`, reporting tokens/s and model FLOPs utilisation;
+#      (`gpu-check` also times the fused AdamW step against the per-parameter one on GPT-2 124M);
 #   4. the embedded default model for 30 steps under each strategy (ddp, zero1/2/3) on the GPU.
 #
 # Usage:
