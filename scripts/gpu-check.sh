@@ -3,10 +3,10 @@
 #
 #   1. the CUDA tests (when it builds here): device selection, bf16 autocast, NCCL;
 #   2. `troupe gpu-check`: CUDA against CPU, bf16 autocast, an NCCL communicator of one rank
-#      and its four collectives, and their times from 64 MiB to 1 GiB;
+#      and its four collectives, and their times from 64 MiB to 1 GiB; the fused AdamW step
+#      against the per-parameter one on GPT-2 124M's parameters;
 #   3. GPT-2 124M (configs/gpt2-124m.toml: 12 layers, 768 wide, 1024 context) trained for 50
 #      steps by `troupe local --gpus 1`, reporting tokens/s and model FLOPs utilisation;
-#      (`gpu-check` also times the fused AdamW step against the per-parameter one on GPT-2 124M);
 #   4. the embedded default model for 30 steps under each strategy (ddp, zero1/2/3) on the GPU.
 #
 # Usage:
