@@ -13,7 +13,14 @@
 //!
 //!   cargo bench --bench peers
 //!
-//! Env: TROUPE_BENCH_STEPS (steps per run, default 60; the first 5 are warm-up, and the lr
+//! troupe runs twice per round: with the gradient's all-reduce overlapped with the backward pass
+//! (`parallel.overlap = true`, the default, the figures compared with DDP) and without it
+//! (one all-reduce after the backward pass), which gives the share of the communication time
+//! the overlap hides (1 − exposed all-reduce time with overlap / without).
+//!
+//! Env: TROUPE_BENCH_MODEL (`default`, or `30m`: a ~20M-parameter GPT of 6 layers, 512 wide,
+//! block 256, global batch 8 and micro-batch 4, 12 steps unless TROUPE_BENCH_STEPS says),
+//! TROUPE_BENCH_STEPS (steps per run, default 60; the first 5 are warm-up, and the lr
 //! schedule is the default's compressed to these steps, as `troupe local --steps` does),
 //! TROUPE_BENCH_ROUNDS (default 3: alternate troupe and DDP this many times and pool the
 //! timed steps, which evens out slow phases of a shared machine), TROUPE_BENCH_THREADS
@@ -283,7 +290,8 @@ fn run_ddp(config: &Path, threads: usize, tokens_per_step: f64) -> DdpResult {
 fn main() -> Result<()> {
     let started = Instant::now();
     let env_num = |name: &str, default: u64| std::env::var(name).ok().and_then(|s| s.parse().ok()).unwrap_or(default);
-    let steps = env_num("TROUPE_BENCH_STEPS", 60);
+    let medium = std::env::var("TROUPE_BENCH_MODEL").is_ok_and(|m| m == "30m");
+    let steps = env_num("TROUPE_BENCH_STEPS", if medium { 12 } else { 60 });
     let rounds = env_num("TROUPE_BENCH_ROUNDS", 3).max(1) as usize;
     let threads = env_num("TROUPE_BENCH_THREADS", 1).max(1) as usize;
     anyhow::ensure!(steps >= 1, "TROUPE_BENCH_STEPS must be at least 1");
@@ -307,15 +315,24 @@ fn main() -> Result<()> {
     config.checkpoint.interval = 0;
     config.deploy.enabled = false;
     config.cluster.workers = WORKERS;
+    if medium {
+        (config.model.n_layer, config.model.n_embd, config.model.n_head, config.model.block_size) = (6, 512, 8, 256);
+        (config.train.global_batch, config.train.micro_batch) = (8, 4);
+    }
     if config.data.dir.is_relative() {
         config.data.dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(&config.data.dir);
     }
     let config_path = out.join("peers.toml");
     std::fs::write(&config_path, config.to_toml())?;
+    let mut whole = config.clone();
+    whole.parallel.overlap = false;
+    let whole_path = out.join("peers-no-overlap.toml");
+    std::fs::write(&whole_path, whole.to_toml())?;
     let tokens_per_step = (config.train.global_batch * config.model.block_size) as f64;
 
     let load_before = load_average();
     let (mut troupe, mut ddp): (Option<Run>, Option<DdpResult>) = (None, None);
+    let mut troupe_whole: Option<Run> = None;
     let (mut others_troupe, mut others_ddp) = (Others::default(), Others::default());
     for round in 0..rounds {
         eprintln!(
@@ -329,6 +346,12 @@ fn main() -> Result<()> {
         others_troupe.add(&before, &after);
         match &mut troupe {
             None => troupe = Some(run),
+            Some(t) => t.absorb(run),
+        }
+        eprintln!("peers bench: round {}/{rounds}: troupe local without overlap ...", round + 1);
+        let run = run_troupe(&whole_path, steps, &out.join(format!("troupe-no-overlap-{round}")), tokens_per_step)?;
+        match &mut troupe_whole {
+            None => troupe_whole = Some(run),
             Some(t) => t.absorb(run),
         }
         if matches!(ddp, Some(Err(_))) {
@@ -358,6 +381,7 @@ fn main() -> Result<()> {
     }
     let load_after = load_average();
     let troupe = troupe.expect("at least one round");
+    let troupe_whole = troupe_whole.expect("at least one round");
     let ddp = ddp.expect("at least one round");
 
     let troupe_tps = troupe.tokens_per_sec(tokens_per_step, 0.5);
@@ -366,7 +390,8 @@ fn main() -> Result<()> {
     let rounds_text =
         if rounds == 1 { "one run of each".to_string() } else { format!("{rounds} alternating runs of each, timed steps pooled") };
     let mut md = format!(
-        "Training throughput, default model ({} layers, {} heads, n_embd {}, block {}), global batch {} × {} = {} tokens/step, micro-batch {}, {steps} steps (first {WARMUP} warm-up), {rounds_text}, {WORKERS} processes × {threads} intra-op thread(s) each, CPU, this machine ({cores} cores).\n\n",
+        "Training throughput, {} model ({} layers, {} heads, n_embd {}, block {}), global batch {} × {} = {} tokens/step, micro-batch {}, {steps} steps (first {WARMUP} warm-up), {rounds_text}, {WORKERS} processes × {threads} intra-op thread(s) each, CPU, this machine ({cores} cores).\n\n",
+        if medium { format!("~{:.0}M-parameter", (12 * config.model.n_layer * config.model.n_embd.pow(2) + (config.data.vocab_size + config.model.block_size) * config.model.n_embd) as f64 / 1e6) } else { "default".to_string() },
         config.model.n_layer,
         config.model.n_head,
         config.model.n_embd,
@@ -403,7 +428,17 @@ fn main() -> Result<()> {
             others.cores()
         )
     };
+    md.push_str(&format!(
+        "| troupe local, no overlap (one all-reduce after the backward pass) | {:.0} | {} | {:.4} | {:.4} ± {:.4} | {} | |\n",
+        troupe_whole.tokens_per_sec(tokens_per_step, 0.5),
+        troupe_whole.spread(tokens_per_step),
+        troupe_whole.losses[0],
+        troupe_whole.mean_last_loss(),
+        troupe_whole.last_loss_stderr(),
+        fmt_val(troupe_whole.val_loss)
+    ));
     csv.push_str(&row("troupe_local", &troupe, String::new(), &others_troupe));
+    csv.push_str(&row("troupe_local_no_overlap", &troupe_whole, String::new(), &others_troupe));
     let mut steps_csv = String::from("step,troupe_loss,troupe_seconds,troupe_comm_seconds,ddp_loss,ddp_seconds\n");
     let cell = |v: Option<&f64>, digits: usize| v.map_or(String::new(), |v| format!("{v:.digits$}"));
     match &ddp {
@@ -439,10 +474,12 @@ fn main() -> Result<()> {
                     _ => "n/a".into(),
                 }
             ));
+            let (exposed, whole_comm) = (quantile(&troupe.timed_comm, 0.5), quantile(&troupe_whole.timed_comm, 0.5));
             md.push_str(&format!(
-                "Median step: troupe {:.3} s, of which {:.3} s in the gradient all-reduce (after the backward pass, not overlapped); DDP {:.3} s (its bucketed all-reduce overlaps the backward pass).\n\n",
+                "Median step: troupe {:.3} s, of which {exposed:.3} s waiting for the gradient all-reduce after the backward pass; without overlap {:.3} s, of which {whole_comm:.3} s in the all-reduce: the overlap hides {:.0}% of the communication time. DDP {:.3} s (its bucketed all-reduce overlaps the backward pass).\n\n",
                 quantile(&troupe.timed, 0.5),
-                quantile(&troupe.timed_comm, 0.5),
+                quantile(&troupe_whole.timed, 0.5),
+                100.0 * (1.0 - exposed / whole_comm.max(1e-9)),
                 quantile(&d.timed, 0.5)
             ));
             md.push_str(&format!("PyTorch: {torch}.\n"));

@@ -395,6 +395,15 @@ pub struct ParallelConfig {
     /// Gradients travel in buckets of about this many MiB (NCCL; PyTorch DDP's default 25).
     #[serde(default = "default_bucket_mb")]
     pub bucket_mb: f64,
+    /// Under `ddp` on the QUIC ring, run the backward pass of the step's last micro-batch
+    /// stage by stage and all-reduce each stage's gradient while the stages below compute
+    /// (`false`: one all-reduce of the whole gradient after the backward pass).
+    #[serde(default = "default_overlap")]
+    pub overlap: bool,
+}
+
+fn default_overlap() -> bool {
+    true
 }
 
 fn default_bucket_mb() -> f64 {
@@ -419,7 +428,12 @@ impl ParallelConfig {
 
 impl Default for ParallelConfig {
     fn default() -> Self {
-        ParallelConfig { strategy: crate::shard::Strategy::Ddp, collective: CollectiveBackend::Auto, bucket_mb: default_bucket_mb() }
+        ParallelConfig {
+            strategy: crate::shard::Strategy::Ddp,
+            collective: CollectiveBackend::Auto,
+            bucket_mb: default_bucket_mb(),
+            overlap: default_overlap(),
+        }
     }
 }
 

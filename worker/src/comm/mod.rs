@@ -71,6 +71,14 @@ pub trait Comm {
     /// Runs `op` on a host buffer (see [`CollectiveOp`] for what each computes).
     fn run(&mut self, op: CollectiveOp, data: Vec<f32>, tag: CollectiveTag) -> Result<Vec<f32>, CommError>;
 
+    /// Starts `op` on a host buffer and returns without waiting for it to finish, so that the
+    /// caller can compute meanwhile: the ring runs it in its collective actor. Collectives
+    /// started one after another run in that order, as every rank must issue them. The
+    /// default runs it before returning.
+    fn start(&mut self, op: CollectiveOp, data: Vec<f32>, tag: CollectiveTag) -> Pending {
+        Pending::Done(self.run(op, data, tag))
+    }
+
     /// Whether this group combines tensors where they are (NCCL on GPU memory). Then the
     /// trainer keeps gradients on the device and reduces them in buckets with
     /// [`Comm::run_tensor`]; otherwise it stages them through host memory once.
@@ -82,6 +90,24 @@ pub trait Comm {
     /// memory ([`through_host`]).
     fn run_tensor(&mut self, op: CollectiveOp, t: &Tensor, tag: CollectiveTag) -> Result<(), CommError> {
         through_host(t, |values| self.run(op, values, tag))
+    }
+}
+
+/// A collective begun by [`Comm::start`].
+pub enum Pending {
+    /// Already finished (a backend that cannot run it in the background).
+    Done(Result<Vec<f32>, CommError>),
+    /// Running in the ring's collective actor, which answers here.
+    Ring(std::sync::mpsc::Receiver<Result<Vec<f32>, CommError>>),
+}
+
+impl Pending {
+    /// The result of the collective, waiting for it if it is still running.
+    pub fn wait(self) -> Result<Vec<f32>, CommError> {
+        match self {
+            Pending::Done(result) => result,
+            Pending::Ring(answer) => answer.recv().map_err(|_| CommError::RingClosed { when: "during the collective" })?,
+        }
     }
 }
 

@@ -1,13 +1,13 @@
-//! The trainer's side of the QUIC ring: blocking calls into the generation's collective actor
+//! The trainer's side of the QUIC ring: calls into the generation's collective actor
 //! (`actors::collective`), which owns the ring's connections and runs the calls one at a time
-//! in mailbox order.
+//! in mailbox order; blocking ([`Comm::run`]) or started in the background ([`Comm::start`]).
 
 use std::sync::mpsc;
 
 use ractor::ActorRef;
 use troupe_common::collective::{CollectiveOp, CollectiveTag};
 
-use super::{Comm, CommError};
+use super::{Comm, CommError, Pending};
 use crate::actors::collective::CollectiveMsg;
 
 pub struct RingHandle {
@@ -16,10 +16,14 @@ pub struct RingHandle {
 
 impl Comm for RingHandle {
     fn run(&mut self, op: CollectiveOp, data: Vec<f32>, tag: CollectiveTag) -> Result<Vec<f32>, CommError> {
+        self.start(op, data, tag).wait()
+    }
+
+    fn start(&mut self, op: CollectiveOp, data: Vec<f32>, tag: CollectiveTag) -> Pending {
         let (reply, result) = mpsc::sync_channel(1);
-        self.actor
-            .cast(CollectiveMsg::Run { op, data, tag, reply })
-            .map_err(|_| CommError::RingClosed { when: "before the collective" })?;
-        result.recv().map_err(|_| CommError::RingClosed { when: "during the collective" })?
+        match self.actor.cast(CollectiveMsg::Run { op, data, tag, reply }) {
+            Ok(()) => Pending::Ring(result),
+            Err(_) => Pending::Done(Err(CommError::RingClosed { when: "before the collective" })),
+        }
     }
 }

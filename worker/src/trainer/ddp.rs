@@ -37,6 +37,10 @@ impl Ddp {
         comm: &mut dyn Comm,
         times: &mut Times,
     ) -> Result<StepOutcome, TrainerError> {
+        if cx.world_size > 1 && !comm.works_on_device() && cx.config.parallel.overlap && !batches.is_empty() {
+            let (grad, loss, norm) = self.backward_overlapped(cx, step, batches, comm, times)?;
+            return self.apply(cx, step, &grad, loss, Some(norm), lr, times);
+        }
         let t = Instant::now();
         let leaf = self.full.f_detach()?.f_set_requires_grad(true)?;
         let mut share = LossShare::default();
@@ -86,19 +90,36 @@ impl Ddp {
             reduced_grad_norm = Some(norm);
             times.compute += t.elapsed().as_secs_f64();
         }
+        self.apply(cx, step, &grad, loss, reduced_grad_norm, lr, times)
+    }
+
+    /// The end of a step, once `grad` is the sum over the ranks and `loss` the step's loss:
+    /// clipping (already done on the host when `reduced_grad_norm` is given: the norm it
+    /// measured) and the update, unless the step must be skipped.
+    #[allow(clippy::too_many_arguments)]
+    fn apply(
+        &mut self,
+        cx: &mut StepContext,
+        step: u64,
+        grad: &Tensor,
+        loss: f64,
+        reduced_grad_norm: Option<f64>,
+        lr: f64,
+        times: &mut Times,
+    ) -> Result<StepOutcome, TrainerError> {
         let t = Instant::now();
         let grad_norm = match reduced_grad_norm {
             Some(norm) => norm,
             None => {
                 // With grad_clip <= 0, only measured.
-                let norm = flat_norm(&grad, &cx.model.param_numels())?;
-                model::clip_tensor(&grad, norm, clip);
+                let norm = flat_norm(grad, &cx.model.param_numels())?;
+                model::clip_tensor(grad, norm, cx.config.train.grad_clip);
                 norm
             }
         };
         let skipped = cx.skip_reason(step, loss, grad_norm);
         match skipped {
-            None => self.optimizer.step(&self.full, &grad, lr),
+            None => self.optimizer.step(&self.full, grad, lr),
             // Nothing applied. The optimizer's count moves on with the step all the same, as
             // it would in a run resumed after this step (whose count is the step's).
             Some(_) => self.optimizer.set_step_count(step + 1),

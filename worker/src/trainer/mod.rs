@@ -33,6 +33,7 @@
 mod checkpoint_writer;
 mod ddp;
 mod local_check;
+mod overlap;
 mod state;
 #[cfg(test)]
 mod tests;

@@ -134,20 +134,18 @@ type RankResult = (Vec<f32>, Vec<f32>, Vec<StepReport>, usize);
 /// [`train_pair`] with fault hooks; returns each rank's parameters, its part of the AdamW
 /// moments (as its checkpoint shard holds them), its reports and its bucket count.
 fn train_pair_with(faults: StepFaults, on_device: bool, bucket_mb: f64, strategy: Strategy, steps: u64) -> Vec<RankResult> {
+    train_pair_config(faults, on_device, config(bucket_mb, strategy), steps)
+}
+
+/// [`train_pair_with`] with a config of the caller's.
+fn train_pair_config(faults: StepFaults, on_device: bool, config: Config, steps: u64) -> Vec<RankResult> {
     let slots = Arc::new(Mutex::new([Vec::new(), Vec::new()]));
     let barrier = Arc::new(Barrier::default());
     let ranks: Vec<_> = (0..2)
         .map(|rank| {
             let mut comm = InMemory { rank, slots: slots.clone(), barrier: barrier.clone(), on_device };
             let faults = faults.clone();
-            let setup = TrainerSetup {
-                config: config(bucket_mb, strategy),
-                rank,
-                world_size: 2,
-                device: Device::Cpu,
-                resume_from: None,
-                start_step: 0,
-            };
+            let setup = TrainerSetup { config: config.clone(), rank, world_size: 2, device: Device::Cpu, resume_from: None, start_step: 0 };
             std::thread::spawn(move || {
                 let mut trainer = Trainer::new(setup).expect("trainer");
                 trainer.cx.faults = faults;
@@ -332,4 +330,31 @@ fn ddp_on_the_flat_buffer_trains_bit_for_bit_like_the_per_parameter_loop() {
     let (m, v) = optimizer.moments();
     let (fm, fv) = ddp.optimizer.moments();
     assert!(host_vec(fm) == model::flatten(&m) && host_vec(fv) == model::flatten(&v), "the moments differ");
+}
+
+/// The overlapped backward pass (each stage's gradient all-reduced as soon as it is final)
+/// trains bit for bit like one all-reduce after the whole backward pass: with several
+/// micro-batches per rank and with one, with clipping, and with a NaN step skipped by both
+/// ranks. (Without dropout: the two ranks are threads of one process here, which share
+/// libtorch's random generator; `tests/training.rs` checks dropout across processes.)
+#[test]
+fn the_overlapped_backward_pass_trains_bit_for_bit_like_the_whole_one() {
+    for micro_batch in [2, 4] {
+        let run = |overlap: bool| {
+            let mut config = config(25.0, Strategy::Ddp);
+            config.train.micro_batch = micro_batch;
+            config.parallel.overlap = overlap;
+            let faults = StepFaults { nan_grad: Some((1, 2..=2)), skip: None };
+            train_pair_config(faults, false, config, 5)
+        };
+        let (overlapped, whole) = (run(true), run(false));
+        for rank in 0..2 {
+            let (a, b) = (&overlapped[rank], &whole[rank]);
+            assert!(a.2.iter().any(|r| r.skipped.is_some()), "the NaN step was skipped");
+            assert!(a.0 == b.0, "micro-batch {micro_batch}, rank {rank}: the parameters differ");
+            assert!(a.1 == b.1, "micro-batch {micro_batch}, rank {rank}: the moments differ");
+            let losses = |r: &RankResult| r.2.iter().map(|s| (s.loss.to_bits(), s.grad_norm.to_bits())).collect::<Vec<_>>();
+            assert_eq!(losses(a), losses(b), "micro-batch {micro_batch}, rank {rank}: losses and norms");
+        }
+    }
 }
