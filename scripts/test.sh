@@ -38,6 +38,19 @@ if ! PYTHONPATH="$openai_dir" python3 -c 'import openai' >/dev/null 2>&1; then
         echo "test: could not install openai; its test will be skipped" >&2
     fi
 fi
+# lm-evaluation-harness with its API extra, for the test that scores `troupe serve` with it
+# on the repository's tasks (evals/lm_eval). Pinned; installed once into the cache like openai.
+lm_eval_dir="${TROUPE_CACHE:-$HOME/.cache/troupe}/python-lm-eval"
+if ! PYTHONPATH="$lm_eval_dir" python3 -c 'import lm_eval, tenacity, datasets' >/dev/null 2>&1; then
+    echo "test: installing lm-evaluation-harness into $lm_eval_dir (once, ~750 MB with its dependencies)…" >&2
+    if python3 -m pip install --disable-pip-version-check --root-user-action=ignore --no-warn-conflicts --quiet --target "$lm_eval_dir.partial.$$" 'lm-eval[api]==0.4.13'; then
+        rm -rf "$lm_eval_dir"
+        mv "$lm_eval_dir.partial.$$" "$lm_eval_dir"
+    else
+        rm -rf "$lm_eval_dir.partial.$$"
+        echo "test: could not install lm-evaluation-harness; its test will be skipped" >&2
+    fi
+fi
 # kubernetes-validate (it bundles the Kubernetes API's JSON schemas: no network at test time),
 # for the test that validates deploy/k8s. Pinned; installed once into the cache like openai.
 k8s_validate_dir="${TROUPE_CACHE:-$HOME/.cache/troupe}/python-k8s-validate"

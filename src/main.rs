@@ -66,6 +66,12 @@ enum Command {
         after_help = "Examples:\n  troupe generate --checkpoint runs/shakespeare/checkpoints/step-000600 --prompt 'ROMEO.'\n  troupe generate --checkpoint DIR --prompt 'To be' --max-tokens 50 --temperature 0"
     )]
     Generate(GenerateArgs),
+    /// The repository's evaluation tasks (next line of the held-out text: multiple choice and
+    /// generated): build their items from a prepared folder, score a checkpoint on them.
+    #[command(
+        after_help = "Examples:\n  troupe tasks build --data data/shakespeare --out items.jsonl\n  troupe tasks score --checkpoint runs/shakespeare/registry/v3 --items items.jsonl\n  lm-eval run --include_path evals/lm_eval --tasks troupe_next_line troupe_next_line_gen --model local-completions --model_args base_url=http://127.0.0.1:8000/v1/completions model=shakespeare tokenizer_backend=remote max_length=128   # the same items through troupe serve (evals/lm_eval/README.md)"
+    )]
+    Tasks(TasksArgs),
     /// Export a checkpoint as a Hugging Face GPT-2 model folder (model.safetensors, config.json,
     /// tokenizer) that transformers loads as it is.
     #[command(
@@ -530,6 +536,44 @@ struct GenerateArgs {
 }
 
 #[derive(Args)]
+struct TasksArgs {
+    #[command(subcommand)]
+    action: TasksAction,
+}
+
+#[derive(Subcommand)]
+enum TasksAction {
+    /// Write the next-line items of a prepared folder's held-out split as JSON lines.
+    Build {
+        /// A prepared folder (`troupe prepare`'s output).
+        #[arg(long, value_name = "DIR")]
+        data: PathBuf,
+        #[arg(long, value_name = "FILE")]
+        out: PathBuf,
+        /// How many items (fewer when the split has fewer usable lines).
+        #[arg(long, default_value_t = 100)]
+        count: usize,
+        /// Longest context plus candidate, in tokens: the model's block size minus one (the
+        /// harness adds a token).
+        #[arg(long, default_value_t = 127)]
+        max_tokens: usize,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+    },
+    /// Score a checkpoint (or registry version) on items: per item and the tasks' accuracy,
+    /// as JSON on stdout.
+    Score {
+        #[arg(long, value_name = "DIR")]
+        checkpoint: PathBuf,
+        #[arg(long, value_name = "FILE")]
+        items: PathBuf,
+        /// Longest greedy continuation for the generated task.
+        #[arg(long, default_value_t = 32)]
+        max_gen_tokens: usize,
+    },
+}
+
+#[derive(Args)]
 struct ImportArgs {
     /// A local Hugging Face GPT-2 folder (save_pretrained's output).
     #[arg(long, value_name = "DIR")]
@@ -728,6 +772,27 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Generate(args) => {
             let text = local::generate(&args.checkpoint, &args.prompt, args.max_tokens, args.temperature, args.top_k, args.seed)?;
             troupe_common::say!("{text}");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Tasks(TasksArgs { action }) => {
+            match action {
+                TasksAction::Build { data, out, count, max_tokens, seed } => {
+                    let items = troupe_common::tasks::build_items(&data, count, max_tokens, seed)?;
+                    troupe_common::tasks::write_items(&out, &items)?;
+                    troupe_common::say!(
+                        "wrote {} next-line items from the held-out split of {} to {}",
+                        items.len(),
+                        data.display(),
+                        out.display()
+                    );
+                }
+                TasksAction::Score { checkpoint, items, max_gen_tokens } => {
+                    let items = troupe_common::tasks::read_items(&items)?;
+                    let (model, tokenizer) = troupe_common::model::load_for_inference(&checkpoint, tch::Device::Cpu)?;
+                    let report = troupe_common::tasks::score(&model, &tokenizer, &items, max_gen_tokens)?;
+                    println!("{}", serde_json::to_string_pretty(&report)?);
+                }
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::GpuCheck(args) => tokio::task::spawn_blocking(move || gpu_check::run(args)).await?,

@@ -645,3 +645,111 @@ fn log_probabilities_match_the_forward_pass_and_tokenize_round_trips() {
     assert_eq!(texts(&first), texts(&again), "the same seed gives the same n completions");
     assert!(texts(&first).iter().collect::<std::collections::BTreeSet<_>>().len() > 1, "{first}");
 }
+
+/// lm-evaluation-harness, pinned and installed once into the cache (scripts/test.sh does it
+/// before the suite); None where it cannot be installed.
+fn lm_eval_python() -> Option<PathBuf> {
+    let target = troupe_cache().join("python-lm-eval");
+    let importable = |t: &Path| {
+        Command::new("python3").env("PYTHONPATH", t).args(["-c", "import lm_eval, tenacity, datasets"]).status().is_ok_and(|s| s.success())
+    };
+    if importable(&target) {
+        return Some(target);
+    }
+    let installed = Command::new("python3")
+        .args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--no-warn-conflicts", "--target"])
+        .arg(&target)
+        .arg("lm-eval[api]==0.4.13")
+        .status();
+    (installed.is_ok_and(|s| s.success()) && importable(&target)).then_some(target)
+}
+
+/// lm-evaluation-harness runs its `local-completions` model against `troupe serve` on the
+/// repository's tasks (`evals/lm_eval`: the next line of the held-out split, as multiple choice
+/// and generated, items from `troupe tasks build`) and reports the accuracy that troupe computes
+/// for the same items itself (`troupe tasks score`, in process): the same figures, and item by
+/// item the same log-likelihoods (within 1e-4) and the same generated text.
+#[test]
+fn lm_evaluation_harness_scores_the_served_model_as_troupe_does() {
+    let Some(pythonpath) = lm_eval_python() else {
+        skip_or_fail("lm-evaluation-harness cannot be installed here (no python3/pip or no PyPI; scripts/test.sh installs it)");
+        return;
+    };
+    let dir = scratch("serving-lm-eval");
+    let ckpts = checkpoints(&dir, 150, 150);
+    let registry_dir = dir.join("registry");
+    publish(&registry_dir, &ckpts[0], &[]);
+    let work = dir.join("lm-eval");
+    std::fs::create_dir_all(&work).unwrap();
+    let items = work.join("items.jsonl");
+    let mut cmd = troupe();
+    // The tiny model's block is 32 tokens; the harness adds one.
+    cmd.args(["tasks", "build", "--count", "30", "--max-tokens", "31", "--data"]).arg(dir.join("data")).arg("--out").arg(&items);
+    assert_success(&run(cmd, Duration::from_secs(60)));
+    let mut cmd = troupe();
+    // 6 new tokens: the harness keeps the prompt within 31 - 6 tokens (it cuts longer ones from
+    // the left), and every item's context and first word fit in that.
+    cmd.args(["tasks", "score", "--max-gen-tokens", "6", "--checkpoint"]).arg(registry_dir.join("v1")).arg("--items").arg(&items);
+    let out = run(cmd, Duration::from_secs(120));
+    assert_success(&out);
+    let ours: Value = serde_json::from_str(&stdout(&out)).expect("tasks score prints JSON");
+    let n = ours["items"].as_array().unwrap().len();
+    assert!(n >= 10, "only {n} items fit the tiny model's block");
+
+    let server = ServeProcess::start(&registry_dir, &[], &[]);
+    let mut cmd = Command::new("python3");
+    cmd.current_dir(&work)
+        .env("PYTHONPATH", &pythonpath)
+        .env("HF_HOME", work.join("hf-home"))
+        .env("HF_DATASETS_OFFLINE", "1")
+        .env("HF_HUB_OFFLINE", "1")
+        .args(["-m", "lm_eval", "run", "--include_path"])
+        .arg(root().join("evals/lm_eval"))
+        .args(["--tasks", "troupe_next_line", "troupe_next_line_gen", "--model", "local-completions", "--model_args"])
+        .arg(format!("base_url={}/v1/completions", server.url))
+        .args(["model=tiny", "tokenizer_backend=remote", "max_length=32", "--gen_kwargs", "max_gen_toks=6"])
+        .args(["--output_path", "out", "--log_samples"]);
+    let out = run(cmd, Duration::from_secs(300));
+    assert_success(&out);
+    let results_dir = work.join("out/tiny");
+    let file = |prefix: &str| -> PathBuf {
+        std::fs::read_dir(&results_dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .find(|p| p.file_name().unwrap().to_string_lossy().starts_with(prefix))
+            .unwrap_or_else(|| panic!("no {prefix}* in {}", results_dir.display()))
+    };
+    let results: Value = serde_json::from_str(&std::fs::read_to_string(file("results_")).unwrap()).unwrap();
+    let (acc, exact) =
+        (&results["results"]["troupe_next_line"]["acc,none"], &results["results"]["troupe_next_line_gen"]["exact_match,none"]);
+    println!(
+        "{n} items: lm-evaluation-harness acc {acc}, exact_match {exact}; troupe {} and {}",
+        ours["next_line_acc"], ours["next_line_gen_exact_match"]
+    );
+    assert_eq!(acc.as_f64(), ours["next_line_acc"].as_f64(), "multiple-choice accuracy");
+    assert_eq!(exact.as_f64(), ours["next_line_gen_exact_match"].as_f64(), "generation exact match");
+
+    let samples = |prefix: &str| -> Vec<Value> {
+        std::fs::read_to_string(file(prefix)).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+    };
+    let choice_samples = samples("samples_troupe_next_line_2");
+    assert_eq!(choice_samples.len(), n);
+    for s in &choice_samples {
+        let item = &ours["items"][s["doc_id"].as_u64().unwrap() as usize];
+        for (k, resp) in s["filtered_resps"].as_array().unwrap().iter().enumerate() {
+            let theirs: f64 = resp[0].as_str().unwrap().parse().unwrap();
+            let mine = item["loglikelihoods"][k].as_f64().unwrap();
+            assert!((theirs - mine).abs() < 1e-4, "item {}: candidate {k}: {theirs} vs {mine}", s["doc_id"]);
+        }
+    }
+    let generated = samples("samples_troupe_next_line_gen_");
+    assert_eq!(generated.len(), n);
+    let mut non_empty = 0;
+    for s in &generated {
+        let item = &ours["items"][s["doc_id"].as_u64().unwrap() as usize];
+        assert_eq!(s["filtered_resps"][0], item["generated"], "item {}: the generated text", s["doc_id"]);
+        non_empty += usize::from(!item["generated"].as_str().unwrap().is_empty());
+    }
+    println!("{non_empty} of {n} generated texts are not empty");
+    assert!(non_empty * 3 >= n, "the model generated text for only {non_empty} of {n} items");
+}

@@ -26,3 +26,4 @@ pub mod registry;
 pub mod signals;
 pub mod status;
 pub mod storage;
+pub mod tasks;

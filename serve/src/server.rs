@@ -7,6 +7,8 @@
 //! POST /v1/chat/completions   messages → a reply, with the version's chat template
 //! POST /tokenize              {"prompt": "text"} → {"tokens": [ids], "count", "max_model_len"}
 //! POST /detokenize            {"tokens": [ids]} → {"prompt": "text"}
+//! GET  /tokenizer_info        the special tokens and the context length (as vLLM has it: how
+//!                             lm-evaluation-harness finds out that it can tokenize here)
 //! GET  /v1/models             the model name and every version being served
 //! GET  /healthz               the process is up
 //! GET  /readyz                200 once a version serves, 503 before
@@ -105,6 +107,7 @@ pub async fn start(options: ServeOptions) -> anyhow::Result<Server> {
         .route("/v1/chat/completions", post(chat_completions))
         .route("/tokenize", post(tokenize))
         .route("/detokenize", post(detokenize))
+        .route("/tokenizer_info", get(tokenizer_info))
         .route("/v1/models", get(models))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
@@ -646,6 +649,9 @@ fn json_event<T: serde::Serialize>(value: &T) -> Event {
 struct TokenizeRequest {
     model: Option<String>,
     prompt: String,
+    /// vLLM's flag; troupe's tokenizer adds no special tokens either way.
+    #[serde(default)]
+    add_special_tokens: bool,
 }
 
 #[derive(serde::Deserialize)]
@@ -680,7 +686,7 @@ async fn tokenize(State(s): State<Arc<AppState>>, headers: HeaderMap, body: Byte
         Ok(r) => r,
         Err(e) => return s.refuse(e),
     };
-    let _ = req.model;
+    let _ = (req.model, req.add_special_tokens);
     match engine.tokenizer().encode(&req.prompt) {
         Ok(ids) => Json(serde_json::json!({"tokens": ids, "count": ids.len(), "max_model_len": engine.block_size})).into_response(),
         Err(e) => s.refuse(ApiError::invalid("prompt", "invalid_value", format!("the prompt cannot be tokenized: {e}"))),
@@ -705,6 +711,28 @@ async fn detokenize(State(s): State<Arc<AppState>>, headers: HeaderMap, body: By
         Ok(text) => Json(serde_json::json!({"prompt": text})).into_response(),
         Err(e) => s.refuse(ApiError::invalid("tokens", "invalid_value", format!("the tokens cannot be decoded: {e}"))),
     }
+}
+
+/// `GET /tokenizer_info`: the serving version's end-of-text token (the only special token:
+/// there is no beginning-of-text or padding token) and its context length.
+async fn tokenizer_info(State(s): State<Arc<AppState>>, headers: HeaderMap) -> Response {
+    if let Err(e) = s.authorize(&headers) {
+        return s.refuse(e);
+    }
+    let Some((engine, _)) = s.deployment.route(None) else {
+        return s.refuse(server_error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "model_not_ready",
+            "no model version is being served yet (see /readyz)".into(),
+        ));
+    };
+    Json(serde_json::json!({
+        "eos_token": troupe_common::data::EOT_TOKEN,
+        "bos_token": null,
+        "pad_token": null,
+        "model_max_length": engine.block_size,
+    }))
+    .into_response()
 }
 
 async fn models(State(s): State<Arc<AppState>>, headers: HeaderMap) -> Response {
