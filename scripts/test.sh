@@ -5,12 +5,15 @@ cd "$(dirname "$0")/.."
 scripts/setup.sh
 # Programs the suite runs for real, from Debian's packages where that is possible (root and
 # apt): shellcheck (every shell script must pass it), prometheus (scrapes a running job with the
-# shipped config), openssh-server (the ssh launcher's hosts). Elsewhere their tests say they
+# shipped config), openssh-server (the ssh launcher's hosts), Slurm and munge (a real one-node
+# cluster runs the sbatch script). Elsewhere their tests say they
 # skipped (in CI, where they must be present, they fail).
 debian_packages=()
 command -v shellcheck >/dev/null 2>&1 || debian_packages+=(shellcheck)
 command -v prometheus >/dev/null 2>&1 || debian_packages+=(prometheus)
 [ -x /usr/sbin/sshd ] || debian_packages+=(openssh-server openssh-client)
+# Slurm (a one-node cluster of this machine runs scripts/slurm/troupe.sbatch for real).
+command -v slurmctld >/dev/null 2>&1 || debian_packages+=(slurmctld slurmd slurm-client munge)
 if [ "${#debian_packages[@]}" -gt 0 ] && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
     echo "test: installing ${debian_packages[*]} from Debian's packages (once)…" >&2
     export DEBIAN_FRONTEND=noninteractive

@@ -877,3 +877,216 @@ fn dockerfile_copies_what_the_build_needs() {
         }
     }
 }
+
+/// A one-node Slurm cluster of this machine, for real: `munged`, `slurmctld` and `slurmd` from
+/// Debian's packages (scripts/test.sh installs them), on loopback ports of their own, with
+/// their state, spool, logs and munge key in a scratch folder. Every daemon is stopped when
+/// this is dropped. None (with the reason) where it cannot run: not root, or Slurm missing.
+struct SlurmCluster {
+    dir: PathBuf,
+    conf: PathBuf,
+}
+
+impl SlurmCluster {
+    fn start(name: &str) -> Result<SlurmCluster, String> {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            return Err("the Slurm daemons need root".into());
+        }
+        for tool in ["munged", "slurmctld", "slurmd", "sbatch", "scancel", "scontrol", "sinfo"] {
+            if !Command::new("sh").args(["-c", &format!("command -v {tool}")]).output().is_ok_and(|o| o.status.success()) {
+                return Err(format!(
+                    "{tool} is not installed (Debian: slurmd slurmctld slurm-client munge; scripts/test.sh installs them)"
+                ));
+            }
+        }
+        let dir = scratch(name);
+        for sub in ["state", "spool", "log", "munge"] {
+            std::fs::create_dir_all(dir.join(sub)).unwrap();
+        }
+        let key = dir.join("munge/munge.key");
+        let mut bytes = vec![0u8; 1024];
+        std::fs::File::open("/dev/urandom").unwrap().read_exact(&mut bytes).unwrap();
+        std::fs::write(&key, &bytes).unwrap();
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o400)).unwrap();
+        let socket = dir.join("munge/munge.sock");
+        let munged = Command::new("munged")
+            .arg("--force")
+            .arg(format!("--key-file={}", key.display()))
+            .arg(format!("--socket={}", socket.display()))
+            .arg(format!("--pid-file={}", dir.join("munge/munged.pid").display()))
+            .arg(format!("--log-file={}", dir.join("munge/munged.log").display()))
+            .arg(format!("--seed-file={}", dir.join("munge/seed").display()))
+            .status()
+            .map_err(|e| format!("cannot start munged: {e}"))?;
+        if !munged.success() {
+            return Err(format!("munged failed ({munged})"));
+        }
+        let host = String::from_utf8(Command::new("hostname").arg("-s").output().unwrap().stdout).unwrap().trim().to_string();
+        let ports = free_tcp_ports(2);
+        let d = dir.display();
+        let conf = dir.join("slurm.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "ClusterName=trouptest\nSlurmctldHost={host}(127.0.0.1)\nSlurmctldPort={ports}\nSlurmdPort={}\n\
+                 AuthType=auth/munge\nAuthInfo=socket={}\nCredType=cred/munge\n\
+                 ProctrackType=proctrack/linuxproc\nTaskPlugin=task/none\nSwitchType=switch/none\nMpiDefault=none\n\
+                 SlurmUser=root\nSlurmdUser=root\nStateSaveLocation={d}/state\nSlurmdSpoolDir={d}/spool\n\
+                 SlurmctldPidFile={d}/slurmctld.pid\nSlurmdPidFile={d}/slurmd.pid\n\
+                 SlurmctldLogFile={d}/log/slurmctld.log\nSlurmdLogFile={d}/log/slurmd.log\n\
+                 SchedulerType=sched/backfill\nSelectType=select/cons_tres\nSelectTypeParameters=CR_Core\nReturnToService=2\n\
+                 JobAcctGatherType=jobacct_gather/none\nAccountingStorageType=accounting_storage/none\nKillWait=30\n\
+                 NodeName={host} NodeAddr=127.0.0.1 CPUs={} State=UNKNOWN\n\
+                 PartitionName=test Nodes={host} Default=YES MaxTime=INFINITE State=UP\n",
+                ports + 1,
+                socket.display(),
+                std::thread::available_parallelism().map_or(2, |n| n.get()),
+            ),
+        )
+        .unwrap();
+        let cluster = SlurmCluster { dir, conf };
+        for daemon in [&["slurmctld", "-c", "-i"][..], &["slurmd"][..]] {
+            let status = cluster.command(daemon[0]).args(&daemon[1..]).status().map_err(|e| format!("cannot start {}: {e}", daemon[0]))?;
+            if !status.success() {
+                return Err(format!("{} failed ({status}); its log: {}", daemon[0], cluster.log(daemon[0])));
+            }
+        }
+        let started = Instant::now();
+        loop {
+            let state =
+                cluster.command("sinfo").args(["-h", "-o", "%t"]).output().map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string());
+            if state.as_ref().is_ok_and(|s| s == "idle") {
+                return Ok(cluster);
+            }
+            if started.elapsed() > Duration::from_secs(60) {
+                return Err(format!("the node is not idle after 60 s ({state:?}); slurmd's log: {}", cluster.log("slurmd")));
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// A Slurm command for this cluster.
+    fn command(&self, program: &str) -> Command {
+        let mut cmd = Command::new(program);
+        cmd.env("SLURM_CONF", &self.conf);
+        cmd
+    }
+
+    fn log(&self, daemon: &str) -> String {
+        std::fs::read_to_string(self.dir.join(format!("log/{daemon}.log"))).unwrap_or_default()
+    }
+
+    /// The job's state and exit code as `scontrol show job` says them.
+    fn job(&self, id: &str) -> (String, String) {
+        let out = self.command("scontrol").args(["show", "job", id]).output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        let field = |name: &str| text.split_whitespace().find_map(|w| w.strip_prefix(&format!("{name}="))).unwrap_or_default().to_string();
+        (field("JobState"), field("ExitCode"))
+    }
+}
+
+impl Drop for SlurmCluster {
+    fn drop(&mut self) {
+        let _ = self.command("scancel").args(["--full", "--user", "root"]).status();
+        for pid_file in ["slurmd.pid", "slurmctld.pid", "munge/munged.pid"] {
+            if let Ok(pid) = std::fs::read_to_string(self.dir.join(pid_file)) {
+                let pid = pid.trim().to_string();
+                let _ = Command::new("kill").args(["-TERM", &pid]).status();
+                // Wait for it to go, so that the next test's daemons find their ports free.
+                for _ in 0..100 {
+                    if !Path::new(&format!("/proc/{pid}")).exists() {
+                        break;
+                    }
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+            }
+        }
+    }
+}
+
+/// `troupe.sbatch` submitted to a real Slurm (one node, two workers): the job trains to the end
+/// and its exit code is the coordinator's; `scancel --batch --signal=TERM` (what
+/// `--signal=B:TERM@120` does before the time limit) makes it checkpoint and stop; a job whose
+/// coordinator cannot start fails, and its workers are stopped.
+#[test]
+fn the_sbatch_script_runs_on_a_real_slurm_cluster() {
+    let cluster = match SlurmCluster::start("launchers-slurm") {
+        Ok(c) => c,
+        Err(why) => {
+            skip_or_fail(&format!("no Slurm cluster here: {why}"));
+            return;
+        }
+    };
+    let data = prepare_small_corpus(&cluster.dir);
+    let submit = |name: &str, steps: u64, config_override: Option<&Path>| -> (PathBuf, String) {
+        let here = cluster.dir.join(name);
+        std::fs::create_dir_all(&here).unwrap();
+        let config = tiny_config(&here, &data, 2, steps);
+        let (port, metrics, worker_metrics) = (free_udp_port(), free_tcp_ports(1), free_tcp_ports(2));
+        let out = cluster
+            .command("sbatch")
+            .current_dir(&here)
+            .args(["--parsable", "--nodes=1", "--ntasks-per-node=2", "--output", "job.out"])
+            .arg(sbatch())
+            .env("TROUPE_BIN", env!("CARGO_BIN_EXE_troupe"))
+            .env("TROUPE_CONFIG", config_override.unwrap_or(&config))
+            .env("TROUPE_WORKERS_PER_NODE", "2")
+            .env("TROUPE_DEVICE", "cpu")
+            .env("TROUPE_PORT", port.to_string())
+            .env("TROUPE_METRICS_PORT", metrics.to_string())
+            .env("TROUPE_WORKER_METRICS_PORT", worker_metrics.to_string())
+            .env("TROUPE_WORKER_GRACE", "20")
+            .env("TROUPE_CONNECT_TIMEOUT", "30")
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "sbatch refused the job: {}", String::from_utf8_lossy(&out.stderr));
+        (here, String::from_utf8_lossy(&out.stdout).trim().split(';').next().unwrap().to_string())
+    };
+    let wait_done = |id: &str, here: &Path| -> (String, String) {
+        let mut last = (String::new(), String::new());
+        wait_until(&format!("job {id} to end"), Duration::from_secs(240), Duration::from_millis(250), || {
+            last = cluster.job(id);
+            !matches!(last.0.as_str(), "PENDING" | "RUNNING" | "CONFIGURING" | "COMPLETING" | "")
+        });
+        println!("job {id}: {} exit {}\n{}", last.0, last.1, std::fs::read_to_string(here.join("job.out")).unwrap_or_default());
+        last
+    };
+
+    // 1. To the end: the coordinator's exit code (0) is the job's.
+    let (here, id) = submit("to-the-end", 6, None);
+    let (state, code) = wait_done(&id, &here);
+    assert_eq!(
+        (state.as_str(), code.as_str()),
+        ("COMPLETED", "0:0"),
+        "{}",
+        std::fs::read_to_string(here.join("job.out")).unwrap_or_default()
+    );
+    let finished = events(&here.join("runs/tiny"));
+    assert_eq!(finished.iter().filter(|e| matches!(e, RunEvent::WorkerJoined { .. })).count(), 2, "{finished:?}");
+    assert!(finished.iter().any(|e| matches!(e, RunEvent::Finished { step: 6, .. })), "{finished:?}");
+
+    // 2. SIGTERM to the batch shell while training: a checkpoint, then a clean stop.
+    let (here, id) = submit("sigterm", 100_000, None);
+    let run_dir = here.join("runs/tiny");
+    wait_until("the job to train a few steps", Duration::from_secs(120), Duration::from_millis(200), || {
+        run_dir.join("events.jsonl").is_file() && events(&run_dir).iter().filter(|e| matches!(e, RunEvent::Step { .. })).count() >= 3
+    });
+    let signalled = cluster.command("scancel").args(["--batch", "--signal=TERM", &id]).status().unwrap();
+    assert!(signalled.success());
+    let (state, code) = wait_done(&id, &here);
+    assert_eq!((state.as_str(), code.as_str()), ("COMPLETED", "0:0"), "a graceful stop is the coordinator's 0");
+    let stopped = events(&run_dir);
+    assert!(stopped.iter().any(|e| matches!(e, RunEvent::Checkpoint { .. })), "it checkpointed before stopping: {stopped:?}");
+
+    // 3. A coordinator that cannot start (its config does not parse): the job fails, and the
+    // workers it started are stopped.
+    let bad = cluster.dir.join("bad.toml");
+    std::fs::write(&bad, "[train]\nsteps = \"many\"\n").unwrap();
+    let (here, id) = submit("bad-config", 6, Some(&bad));
+    let (state, code) = wait_done(&id, &here);
+    assert_eq!(state, "FAILED", "exit {code}");
+    assert_ne!(code, "0:0");
+    let leftover = Command::new("pgrep").args(["-f", &format!("{} worker", env!("CARGO_BIN_EXE_troupe"))]).output().unwrap();
+    assert!(!leftover.status.success(), "workers left running: {}", String::from_utf8_lossy(&leftover.stdout));
+}
