@@ -1007,8 +1007,9 @@ impl Drop for SlurmCluster {
 
 /// `troupe.sbatch` submitted to a real Slurm (one node, two workers): the job trains to the end
 /// and its exit code is the coordinator's; `scancel --batch --signal=TERM` (what
-/// `--signal=B:TERM@120` does before the time limit) makes it checkpoint and stop; a job whose
-/// coordinator cannot start fails, and its workers are stopped.
+/// `--signal=B:TERM@120` does before the time limit) and `scancel --signal=TERM` (to the
+/// workers' step) each make it checkpoint and stop; a job whose coordinator cannot start fails,
+/// and its workers are stopped.
 #[test]
 fn the_sbatch_script_runs_on_a_real_slurm_cluster() {
     let cluster = match SlurmCluster::start("launchers-slurm") {
@@ -1076,6 +1077,18 @@ fn the_sbatch_script_runs_on_a_real_slurm_cluster() {
     assert!(signalled.success());
     let (state, code) = wait_done(&id, &here);
     assert_eq!((state.as_str(), code.as_str()), ("COMPLETED", "0:0"), "a graceful stop is the coordinator's 0");
+    let stopped = events(&run_dir);
+    assert!(stopped.iter().any(|e| matches!(e, RunEvent::Checkpoint { .. })), "it checkpointed before stopping: {stopped:?}");
+
+    // 2b. SIGTERM to every step of the job (`scancel --signal=TERM`: the workers): the same.
+    let (here, id) = submit("sigterm-steps", 100_000, None);
+    let run_dir = here.join("runs/tiny");
+    wait_until("the job to train a few steps", Duration::from_secs(120), Duration::from_millis(200), || {
+        run_dir.join("events.jsonl").is_file() && events(&run_dir).iter().filter(|e| matches!(e, RunEvent::Step { .. })).count() >= 3
+    });
+    assert!(cluster.command("scancel").args(["--signal=TERM", &id]).status().unwrap().success());
+    let (state, code) = wait_done(&id, &here);
+    assert_eq!((state.as_str(), code.as_str()), ("COMPLETED", "0:0"), "the workers' TERM stops the run gracefully");
     let stopped = events(&run_dir);
     assert!(stopped.iter().any(|e| matches!(e, RunEvent::Checkpoint { .. })), "it checkpointed before stopping: {stopped:?}");
 
