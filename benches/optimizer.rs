@@ -16,7 +16,7 @@
 use std::time::Instant;
 
 use tch::{Device, Kind, Tensor};
-use troupe_common::model::{flatten, set_flat_grads, AdamW, AdamWConfig, FlatAdamW, Gpt, GptConfig};
+use troupe_common::model::{flatten, parameter_segments, set_flat_grads, AdamW, AdamWConfig, FlatAdamW, Gpt, GptConfig};
 use troupe_core::config::Config;
 
 const WARMUP: usize = 3;
@@ -74,15 +74,7 @@ fn main() -> anyhow::Result<()> {
 
             let flat = Tensor::from_slice(&flatten(&params)).to_device(device);
             let flat_grads = grads.to_device(device);
-            let mut at = 0;
-            let segments: Vec<_> = numels
-                .iter()
-                .zip(&decay)
-                .map(|(&n, &d)| {
-                    at += n;
-                    (at - n..at, d)
-                })
-                .collect();
+            let segments = parameter_segments(&numels, &decay);
             let mut fused = FlatAdamW::new(adamw, total, &segments, device);
             if let Some(chunk) = std::env::var("TROUPE_BENCH_CHUNK").ok().and_then(|s| s.parse().ok()) {
                 fused.set_chunk(chunk);

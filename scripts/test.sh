@@ -28,62 +28,38 @@ if [ "${#debian_packages[@]}" -gt 0 ] && command -v apt-get >/dev/null 2>&1 && [
         || echo "test: could not install ${debian_packages[*]}; their tests will be skipped" >&2
     [ -z "$made_policy" ] || rm -f /usr/sbin/policy-rc.d
 fi
-# The official `openai` Python package, for the test that drives the server with it. Pinned;
-# installed once into the cache; where pip or PyPI is unavailable that test says it skipped.
-openai_dir="${TROUPE_CACHE:-$HOME/.cache/troupe}/python-openai"
-if ! PYTHONPATH="$openai_dir" python3 -c 'import openai' >/dev/null 2>&1; then
-    echo "test: installing the openai Python package into $openai_dir (once)…" >&2
-    if python3 -m pip install --disable-pip-version-check --root-user-action=ignore --no-warn-conflicts --quiet --target "$openai_dir.partial.$$" openai==3.57.0; then
-        rm -rf "$openai_dir"
-        mv "$openai_dir.partial.$$" "$openai_dir"
-    else
-        rm -rf "$openai_dir.partial.$$"
-        echo "test: could not install openai; its test will be skipped" >&2
+# Pinned Python packages the suite drives for real, each installed once into a folder of the
+# cache (put on PYTHONPATH by its test): `pip_once FOLDER "IMPORTS" SPEC WHAT [NOTE]` installs SPEC
+# unless `import IMPORTS` already works there. Where pip or PyPI is unavailable, the test that
+# needs it says it skipped (and fails under CI=true).
+pip_once() {
+    local dir="${TROUPE_CACHE:-$HOME/.cache/troupe}/$1" imports="$2" spec="$3" what="$4" note="${5:-}"
+    if PYTHONPATH="$dir" python3 -c "import $imports" >/dev/null 2>&1; then
+        return 0
     fi
-fi
-# lm-evaluation-harness with its API extra, for the test that scores `troupe serve` with it
-# on the repository's tasks (evals/lm_eval). Pinned; installed once into the cache like openai.
-lm_eval_dir="${TROUPE_CACHE:-$HOME/.cache/troupe}/python-lm-eval"
-if ! PYTHONPATH="$lm_eval_dir" python3 -c 'import lm_eval, tenacity, datasets' >/dev/null 2>&1; then
-    echo "test: installing lm-evaluation-harness into $lm_eval_dir (once, ~750 MB with its dependencies)…" >&2
-    if python3 -m pip install --disable-pip-version-check --root-user-action=ignore --no-warn-conflicts --quiet --target "$lm_eval_dir.partial.$$" 'lm-eval[api]==0.4.13'; then
-        rm -rf "$lm_eval_dir"
-        mv "$lm_eval_dir.partial.$$" "$lm_eval_dir"
+    echo "test: installing $what into $dir (once${note:+, $note})…" >&2
+    if python3 -m pip install --disable-pip-version-check --root-user-action=ignore --no-warn-conflicts --quiet --target "$dir.partial.$$" "$spec"; then
+        rm -rf "$dir"
+        mv "$dir.partial.$$" "$dir"
     else
-        rm -rf "$lm_eval_dir.partial.$$"
-        echo "test: could not install lm-evaluation-harness; its test will be skipped" >&2
+        rm -rf "$dir.partial.$$"
+        echo "test: could not install $what; its test will be skipped" >&2
     fi
-fi
+}
+# The official `openai` client, for the test that drives the server with it.
+pip_once python-openai openai openai==3.57.0 "the openai Python package"
+# lm-evaluation-harness with its API extra: it scores `troupe serve` on the repository's tasks
+# (evals/lm_eval).
+pip_once python-lm-eval "lm_eval, tenacity, datasets" 'lm-eval[api]==0.4.13' "lm-evaluation-harness" "~750 MB with its dependencies"
 # kubernetes-validate (it bundles the Kubernetes API's JSON schemas: no network at test time),
-# for the test that validates deploy/k8s. Pinned; installed once into the cache like openai.
-k8s_validate_dir="${TROUPE_CACHE:-$HOME/.cache/troupe}/python-k8s-validate"
-if ! PYTHONPATH="$k8s_validate_dir" python3 -c 'import kubernetes_validate' >/dev/null 2>&1; then
-    echo "test: installing the kubernetes-validate Python package into $k8s_validate_dir (once)…" >&2
-    if python3 -m pip install --disable-pip-version-check --root-user-action=ignore --no-warn-conflicts --quiet --target "$k8s_validate_dir.partial.$$" kubernetes-validate==1.37.0; then
-        rm -rf "$k8s_validate_dir"
-        mv "$k8s_validate_dir.partial.$$" "$k8s_validate_dir"
-    else
-        rm -rf "$k8s_validate_dir.partial.$$"
-        echo "test: could not install kubernetes-validate; its test will be skipped" >&2
-    fi
-fi
-# moto's S3-compatible server and boto3, for the test of data in object storage
-# (tests/object_store.rs). Pinned; installed once into the cache like openai.
-moto_dir="${TROUPE_CACHE:-$HOME/.cache/troupe}/python-moto"
-if ! PYTHONPATH="$moto_dir" python3 -c 'import boto3, moto.server' >/dev/null 2>&1; then
-    echo "test: installing moto's S3 server and boto3 into $moto_dir (once)…" >&2
-    if python3 -m pip install --disable-pip-version-check --root-user-action=ignore --no-warn-conflicts --quiet --target "$moto_dir.partial.$$" 'moto[server]==5.1.0'; then
-        rm -rf "$moto_dir"
-        mv "$moto_dir.partial.$$" "$moto_dir"
-    else
-        rm -rf "$moto_dir.partial.$$"
-        echo "test: could not install moto; the object storage test will be skipped" >&2
-    fi
-fi
+# for the test that validates deploy/k8s.
+pip_once python-k8s-validate kubernetes_validate kubernetes-validate==1.37.0 "the kubernetes-validate Python package"
+# moto's S3-compatible server and boto3, for the tests of object storage (tests/object_store.rs).
+pip_once python-moto "boto3, moto.server" 'moto[server]==5.1.0' "moto's S3 server and boto3"
 # shellcheck disable=SC1091
 source "${TROUPE_CACHE:-$HOME/.cache/troupe}/env.sh"
 # transformers and safetensors, for the test that loads `troupe export`'s folder with them
-# (tests/export.rs). Pinned; installed once into the cache like openai. Their torch is the
+# (tests/export.rs). Pinned; installed once into the cache like the packages above. Their torch is the
 # package setup.sh installed for LIBTORCH (the test puts both folders on PYTHONPATH), with only
 # its small pure-Python dependencies added here. That wheel is PyPI's CUDA build, which does
 # not import without NVIDIA's libraries (~3 GB, of which a CPU-only check uses nothing): where

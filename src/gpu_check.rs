@@ -158,15 +158,7 @@ fn check_optimizer(gpu: Device) -> anyhow::Result<String> {
     }
     let cfg = model::AdamWConfig { beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1 };
     let mut per_parameter = model::AdamW::with_decay(&params, cfg, decay.clone());
-    let mut at = 0;
-    let segments: Vec<_> = numels
-        .iter()
-        .zip(&decay)
-        .map(|(&n, &d)| {
-            at += n;
-            (at - n..at, d)
-        })
-        .collect();
+    let segments = model::parameter_segments(&numels, &decay);
     let mut fused = model::FlatAdamW::new(cfg, total, &segments, gpu);
     let time = |f: &mut dyn FnMut()| {
         let mut ms: Vec<f64> = (0..10)

@@ -437,16 +437,24 @@ fn a_deployer_killed_mid_promotion_leaves_the_registry_consistent() {
 /// Where the `openai` package is installed for this test (scripts/test.sh installs it there
 /// first; the test installs it itself when run alone).
 fn openai_python() -> Option<PathBuf> {
-    let target = troupe_cache().join("python-openai");
-    let importable =
-        |t: &Path| Command::new("python3").env("PYTHONPATH", t).args(["-c", "import openai"]).status().is_ok_and(|s| s.success());
+    python_package("python-openai", "openai", "openai==3.57.0")
+}
+
+/// The pinned Python package `spec`, installed once into the cache folder `dir` (scripts/test.sh
+/// installs it before the suite; a test run alone installs it here): the folder to put on
+/// PYTHONPATH, where `import {modules}` works; None where it cannot be installed.
+fn python_package(dir: &str, modules: &str, spec: &str) -> Option<PathBuf> {
+    let target = troupe_cache().join(dir);
+    let importable = |t: &Path| {
+        Command::new("python3").env("PYTHONPATH", t).args(["-c", &format!("import {modules}")]).status().is_ok_and(|s| s.success())
+    };
     if importable(&target) {
         return Some(target);
     }
     let installed = Command::new("python3")
         .args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--no-warn-conflicts", "--target"])
         .arg(&target)
-        .arg("openai==3.57.0")
+        .arg(spec)
         .status();
     (installed.is_ok_and(|s| s.success()) && importable(&target)).then_some(target)
 }
@@ -646,24 +654,6 @@ fn log_probabilities_match_the_forward_pass_and_tokenize_round_trips() {
     assert!(texts(&first).iter().collect::<std::collections::BTreeSet<_>>().len() > 1, "{first}");
 }
 
-/// lm-evaluation-harness, pinned and installed once into the cache (scripts/test.sh does it
-/// before the suite); None where it cannot be installed.
-fn lm_eval_python() -> Option<PathBuf> {
-    let target = troupe_cache().join("python-lm-eval");
-    let importable = |t: &Path| {
-        Command::new("python3").env("PYTHONPATH", t).args(["-c", "import lm_eval, tenacity, datasets"]).status().is_ok_and(|s| s.success())
-    };
-    if importable(&target) {
-        return Some(target);
-    }
-    let installed = Command::new("python3")
-        .args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--no-warn-conflicts", "--target"])
-        .arg(&target)
-        .arg("lm-eval[api]==0.4.13")
-        .status();
-    (installed.is_ok_and(|s| s.success()) && importable(&target)).then_some(target)
-}
-
 /// lm-evaluation-harness runs its `local-completions` model against `troupe serve` on the
 /// repository's tasks (`evals/lm_eval`: the next line of the held-out split, as multiple choice
 /// and generated, items from `troupe tasks build`) and reports the accuracy that troupe computes
@@ -671,7 +661,7 @@ fn lm_eval_python() -> Option<PathBuf> {
 /// item the same log-likelihoods (within 1e-4) and the same generated text.
 #[test]
 fn lm_evaluation_harness_scores_the_served_model_as_troupe_does() {
-    let Some(pythonpath) = lm_eval_python() else {
+    let Some(pythonpath) = python_package("python-lm-eval", "lm_eval, tenacity, datasets", "lm-eval[api]==0.4.13") else {
         skip_or_fail("lm-evaluation-harness cannot be installed here (no python3/pip or no PyPI; scripts/test.sh installs it)");
         return;
     };

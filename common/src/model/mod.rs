@@ -24,7 +24,7 @@ pub use grads::{
     sum_of_squares, total_numel, unflatten_into, zero_grads,
 };
 pub use inference::{log_probs, score, KvCache, Sampling, TokenLogProb};
-pub use optim::{lr_at, AdamW, AdamWConfig, FlatAdamW};
+pub use optim::{lr_at, parameter_segments, AdamW, AdamWConfig, FlatAdamW};
 pub use rng::Rng;
 
 use std::path::PathBuf;

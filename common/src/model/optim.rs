@@ -180,6 +180,20 @@ impl AdamW {
     }
 }
 
+/// The parts of a flat buffer of parameters of `numels` scalars each (in order, from the start)
+/// with each one's weight-decay choice: [`FlatAdamW`]'s segments for a whole model.
+pub fn parameter_segments(numels: &[usize], decay: &[bool]) -> Vec<(std::ops::Range<usize>, bool)> {
+    let mut at = 0;
+    numels
+        .iter()
+        .zip(decay)
+        .map(|(&n, &d)| {
+            at += n;
+            (at - n..at, d)
+        })
+        .collect()
+}
+
 /// The scalars of AdamW update number `step` (1-based) at learning rate `lr`.
 struct Factors {
     cfg: AdamWConfig,

@@ -620,15 +620,7 @@ fn the_fused_optimizer_matches_the_per_parameter_one() {
         let cfg = AdamWConfig { weight_decay, ..AdamWConfig::from_train_config(&train) };
         let params: Vec<Tensor> = model.parameter_tensors().iter().map(|p| p.detach().copy().set_requires_grad(true)).collect();
         let flat = Tensor::from_slice(&flatten(&params));
-        let mut at = 0;
-        let segments: Vec<(std::ops::Range<usize>, bool)> = numels
-            .iter()
-            .zip(&decay)
-            .map(|(&n, &d)| {
-                at += n;
-                (at - n..at, d)
-            })
-            .collect();
+        let segments = parameter_segments(&numels, &decay);
         let mut per_parameter = AdamW::with_decay(&params, cfg, decay.clone());
         let mut fused = FlatAdamW::new(cfg, flat.numel(), &segments, Device::Cpu);
         if let Some(chunk) = chunk {

@@ -127,20 +127,6 @@ pub(super) fn shard_segments(layout: &ShardLayout, rank: u32, numels: &[usize], 
     out
 }
 
-/// The parts of the whole flat model that belong to one parameter each, with its weight-decay
-/// choice (`ddp`'s optimizer covers all of them).
-fn parameter_segments(numels: &[usize], decay: &[bool]) -> Vec<(Range<usize>, bool)> {
-    let mut at = 0;
-    numels
-        .iter()
-        .zip(decay)
-        .map(|(&n, &d)| {
-            at += n;
-            (at - n..at, d)
-        })
-        .collect()
-}
-
 /// Copies the fresh model's parameters into the flat buffer `full` (in order, from the start),
 /// without a host copy of the whole model in between, so that building needs no more than
 /// twice the parameters' size.
@@ -192,7 +178,7 @@ pub(super) fn build(
         // The whole model as one flat buffer that the model's parameters view, with one
         // optimizer over all of it.
         let full = Tensor::f_zeros([numel as i64], (Kind::Float, device))?;
-        let mut optimizer = FlatAdamW::new(adamw, numel, &parameter_segments(&numels, &decay), device);
+        let mut optimizer = FlatAdamW::new(adamw, numel, &model::parameter_segments(&numels, &decay), device);
         match reader {
             None => copy_parameters_into(&full, &model)?,
             Some(reader) => {
