@@ -24,6 +24,8 @@ pub(super) struct Ddp {
     /// Gradient buckets (ranges of the flat gradient, each whole parameters, in the order the
     /// backward pass finishes them) for collectives that work on the device.
     pub(super) buckets: Vec<Range<usize>>,
+    /// Where each parameter starts in the flat buffer, and its end after the last.
+    pub(super) offsets: Vec<usize>,
 }
 
 impl Ddp {

@@ -49,12 +49,7 @@ impl Ddp {
         let t = Instant::now();
         let shapes = cx.model.param_shapes();
         let numels = cx.model.param_numels();
-        let offsets: Vec<usize> = std::iter::once(0)
-            .chain(numels.iter().scan(0, |at, n| {
-                *at += n;
-                Some(*at)
-            }))
-            .collect();
+        let offsets = &self.offsets;
         let stages = cx.model.stage_params();
         let elements = |params: &Range<usize>| offsets[params.start]..offsets[params.end];
         let names = cx.model.parameter_names();

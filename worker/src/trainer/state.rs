@@ -201,7 +201,7 @@ pub(super) fn build(
             .into_iter()
             .map(|params| offsets[params.start]..offsets[params.end])
             .collect();
-        return Ok((model, StrategyState::Ddp(Ddp { full, optimizer, buckets })));
+        return Ok((model, StrategyState::Ddp(Ddp { full, optimizer, buckets, offsets })));
     }
 
     // zero1/2/3: the parameters as flat units (one for the whole model, or one per stage under
