@@ -23,6 +23,7 @@ fn hello(version: u32, proof: [u8; 32]) -> ToCoordinator {
             nccl: false,
             peer_addr: "127.0.0.1:9".parse().unwrap(),
             metrics_addr: None,
+            role: Default::default(),
         },
     })
 }

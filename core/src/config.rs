@@ -238,6 +238,27 @@ pub struct EvalConfig {
     /// Tokens generated per prompt.
     #[serde(default = "default_eval_sample_tokens")]
     pub sample_tokens: usize,
+    /// Items of the next-line task (choose the true next line of the held-out text among four;
+    /// and continue its first word) scored on every committed checkpoint, giving
+    /// `next_line_acc` and `next_line_gen_exact_match`; 0 = no task.
+    #[serde(default)]
+    pub task_items: usize,
+    /// An eval worker that has not answered for a checkpoint within this many seconds is
+    /// disconnected and the coordinator evaluates the checkpoint itself.
+    #[serde(default = "default_eval_worker_timeout_s")]
+    pub worker_timeout_s: u64,
+    /// A checkpoint whose eval worker was lost waits this many seconds for an eval worker to
+    /// (re)join before the coordinator evaluates it itself.
+    #[serde(default = "default_eval_worker_grace_s")]
+    pub worker_grace_s: u64,
+}
+
+fn default_eval_worker_timeout_s() -> u64 {
+    600
+}
+
+fn default_eval_worker_grace_s() -> u64 {
+    30
 }
 
 fn default_eval_prompts() -> Vec<String> {
@@ -258,8 +279,13 @@ pub struct DeployConfig {
     /// The model registry folder; empty = `<run dir>/registry`.
     #[serde(default)]
     pub registry: PathBuf,
-    /// A checkpoint is published only when its validation loss beats the serving version's
-    /// by at least this much (nats).
+    /// What decides whether a checkpoint beats the serving version: `"val_loss"` (lower is
+    /// better), or a task's score (higher is better): `"next_line_acc"`,
+    /// `"next_line_gen_exact_match"` (these need `eval.task_items` > 0).
+    #[serde(default = "default_deploy_metric")]
+    pub metric: String,
+    /// A checkpoint is published only when its `metric` beats the serving version's by at
+    /// least this much (nats of loss, or a share of the task's items).
     #[serde(default = "default_min_improvement")]
     pub min_improvement: f64,
     /// `"direct"`: a published version serves all traffic at once. `"canary"`: it first gets
@@ -287,6 +313,11 @@ pub struct DeployConfig {
 fn yes() -> bool {
     true
 }
+fn default_deploy_metric() -> String {
+    "val_loss".into()
+}
+/// What `deploy.metric` may name.
+pub const DEPLOY_METRICS: [&str; 3] = ["val_loss", "next_line_acc", "next_line_gen_exact_match"];
 fn default_min_improvement() -> f64 {
     0.0
 }
@@ -311,6 +342,7 @@ impl Default for DeployConfig {
         DeployConfig {
             enabled: true,
             registry: PathBuf::new(),
+            metric: default_deploy_metric(),
             min_improvement: default_min_improvement(),
             strategy: default_strategy(),
             canary_fraction: default_canary_fraction(),
@@ -638,7 +670,22 @@ impl Config {
             "at most 64 prompts, each 1-4096 bytes",
         )?;
         range("eval.sample_tokens", e.sample_tokens, e.sample_tokens <= 4096, "must be 0..=4096")?;
+        range("eval.task_items", e.task_items, e.task_items <= 100_000, "must be 0..=100000")?;
+        range("eval.worker_timeout_s", e.worker_timeout_s, (1..=86_400).contains(&e.worker_timeout_s), "must be 1..=86400")?;
+        range("eval.worker_grace_s", e.worker_grace_s, e.worker_grace_s <= 3_600, "must be 0..=3600")?;
         let dp = &self.deploy;
+        range(
+            "deploy.metric",
+            &dp.metric,
+            DEPLOY_METRICS.contains(&dp.metric.as_str()),
+            "use \"val_loss\", \"next_line_acc\" or \"next_line_gen_exact_match\"",
+        )?;
+        range(
+            "deploy.metric",
+            &dp.metric,
+            dp.metric == "val_loss" || e.task_items > 0,
+            "a task's score needs the task: set eval.task_items (e.g. 32), or use \"val_loss\"",
+        )?;
         range(
             "deploy.min_improvement",
             dp.min_improvement,

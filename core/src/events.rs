@@ -76,6 +76,13 @@ pub enum RunEvent {
         val_loss: f64,
         perplexity: f64,
         samples: Vec<Sample>,
+        /// Evaluation tasks' scores (`eval.task_items`), e.g. `next_line_acc`.
+        #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+        tasks: std::collections::BTreeMap<String, f64>,
+        /// Who measured the validation loss: `ranks` (training paused for it), `eval worker
+        /// N`, or `coordinator` (no eval worker could).
+        #[serde(default)]
+        by: String,
     },
     /// What the Deployer did with an evaluated checkpoint: `published` (as `version`) or
     /// `skipped`, and why; `failed` with the error.

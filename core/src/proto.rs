@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use std::net::SocketAddr;
 
 /// Bumped on any incompatible change of a message below or of the bulk-data format.
-pub const PROTOCOL_VERSION: u32 = 6;
+pub const PROTOCOL_VERSION: u32 = 7;
 
 /// The first frame on a worker's control stream.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -39,6 +39,20 @@ pub struct Capabilities {
     pub peer_addr: SocketAddr,
     /// Where this worker serves Prometheus `/metrics`, if it does.
     pub metrics_addr: Option<SocketAddr>,
+    /// What the worker joins as: a rank that trains, or an evaluator of checkpoints.
+    pub role: WorkerRole,
+}
+
+/// What a worker joins the cluster as (`troupe worker --role`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub enum WorkerRole {
+    /// A rank that trains (the default).
+    #[default]
+    Train,
+    /// An evaluator: it never trains or holds a rank; it loads each committed checkpoint the
+    /// coordinator hands it and measures it ([`ToWorker::EvaluateCheckpoint`]), so training
+    /// does not pause for evaluation.
+    Eval,
 }
 
 /// Why the coordinator refused a worker. Each has its own close code too.
@@ -107,6 +121,13 @@ pub enum ToCoordinator {
         generation: u64,
         error: String,
     },
+    /// An eval worker's measurement of a committed checkpoint.
+    CheckpointEvaluated(CheckpointEval),
+    /// An eval worker could not evaluate the checkpoint of `step`.
+    CheckpointEvalFailed {
+        step: u64,
+        error: String,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -156,6 +177,14 @@ pub enum ToWorker {
     /// Compute this rank's share of the validation loss with the current parameters.
     Evaluate {
         step: u64,
+    },
+    /// To an eval worker: load the committed checkpoint of `step` (at `checkpoint` on the
+    /// coordinator's host, or in `checkpoint.store` when the run's config has one) and
+    /// measure it as the run's config says; answer `CheckpointEvaluated`.
+    EvaluateCheckpoint {
+        step: u64,
+        checkpoint: String,
+        config_toml: String,
     },
     /// Write this rank's part of the checkpoint after `step` completed steps into `dir`.
     Checkpoint {
@@ -320,6 +349,19 @@ pub struct EvalReport {
     pub per_source: Vec<SourceLoss>,
 }
 
+/// What an eval worker measured on a committed checkpoint: the validation loss over all of
+/// `eval.sequences` (as the ranks' shares would sum to), the evaluation tasks and the samples.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CheckpointEval {
+    pub step: u64,
+    pub loss_sum: f64,
+    pub sequences: u64,
+    pub per_source: Vec<SourceLoss>,
+    /// Task metric → score (e.g. `next_line_acc`), when `eval.task_items` > 0.
+    pub tasks: Vec<(String, f64)>,
+    pub samples: Vec<crate::events::Sample>,
+}
+
 /// One source's part of an evaluation.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SourceLoss {
@@ -364,6 +406,7 @@ mod tests {
                 nccl: false,
                 peer_addr: "127.0.0.1:9".parse().unwrap(),
                 metrics_addr: None,
+                role: Default::default(),
             },
         })
     }
@@ -405,6 +448,15 @@ mod tests {
             },
             ToCoordinator::NcclUniqueId { generation: 3, id: (0..NCCL_UNIQUE_ID_BYTES as u8).collect() },
             ToCoordinator::NcclFailed { generation: 3, error: "ncclSystemError".into() },
+            ToCoordinator::CheckpointEvaluated(CheckpointEval {
+                step: 8,
+                loss_sum: 12.5,
+                sequences: 4,
+                per_source: vec![SourceLoss { source: "a".into(), loss_sum: 12.5, sequences: 4 }],
+                tasks: vec![("next_line_acc".into(), 0.25)],
+                samples: vec![crate::events::Sample { prompt: "p".into(), text: "t".into() }],
+            }),
+            ToCoordinator::CheckpointEvalFailed { step: 8, error: "no data".into() },
         ];
         for m in msgs {
             let bytes = postcard::to_allocvec(&m).unwrap();
@@ -424,6 +476,7 @@ mod tests {
                 resume_from: None,
                 start_step: 0,
             }),
+            ToWorker::EvaluateCheckpoint { step: 8, checkpoint: "runs/x/checkpoints/step-000008".into(), config_toml: "[run]".into() },
         ];
         for m in to_worker {
             let bytes = postcard::to_allocvec(&m).unwrap();

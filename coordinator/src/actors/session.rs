@@ -350,6 +350,7 @@ mod tests {
                 nccl: false,
                 peer_addr: "10.0.0.2:7001".parse().unwrap(),
                 metrics_addr: Some("10.0.0.2:9100".parse().unwrap()),
+                role: Default::default(),
             },
         });
         postcard::to_allocvec(&hello).unwrap()

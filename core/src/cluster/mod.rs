@@ -39,8 +39,11 @@
 //! - `topology`: the pure choice of collective and of each rank's place in the ring and the
 //!   NCCL group;
 //! - `progress`: ready/synced, steps, evaluations and checkpoints, up to the end of training;
+//! - `evaluators`: eval workers (`--role eval`), which hold no rank: their leases, and the
+//!   notes for the Evaluator that hands them checkpoints;
 //! - `tests`: scenario tests on a simulated clock.
 
+mod evaluators;
 mod membership;
 mod progress;
 mod step_health;
@@ -55,8 +58,10 @@ use std::time::Instant;
 
 use crate::config::Config;
 use crate::events::RunEvent;
-use crate::proto::{Capabilities, FileDigest, ToCoordinator, ToWorker};
+use crate::proto::{Capabilities, FileDigest, ToCoordinator, ToWorker, WorkerRole};
 
+use evaluators::EvalWorkers;
+pub use evaluators::EvaluatorNote;
 use membership::Membership;
 pub use membership::WorkerEntry;
 use progress::Progress;
@@ -127,6 +132,13 @@ pub enum Command {
     },
     /// Append to events.jsonl, update metrics, show progress.
     Record(RunEvent),
+    /// The model after `step` completed steps is evaluated by an eval worker, from the
+    /// step's checkpoint once it is committed: the ranks are not asked.
+    EvaluateOffPath {
+        step: u64,
+    },
+    /// For the Evaluator: an eval worker came, went, or answered.
+    ToEvaluator(EvaluatorNote),
     /// The run is over.
     Finish {
         ok: bool,
@@ -197,6 +209,8 @@ pub struct Core {
     progress: Progress,
     /// The most recent figures, for [`Snapshot`].
     latest: Latest,
+    /// Eval workers: connected, never ranks.
+    evaluators: EvalWorkers,
 }
 
 /// The run's configuration (limits, intervals, collective backend) and its folder.
@@ -223,6 +237,7 @@ impl Core {
             members: Membership::new(resumed),
             progress: Progress::new(resume),
             latest: Latest::default(),
+            evaluators: EvalWorkers::default(),
         }
     }
 
@@ -271,8 +286,11 @@ impl Core {
     pub fn on(&mut self, now: Instant, event: Event) -> Vec<Command> {
         let mut out = Vec::new();
         match event {
+            Event::WorkerJoined { id, info } if info.role == WorkerRole::Eval => self.on_eval_worker_joined(now, id, info, &mut out),
             Event::WorkerJoined { id, info } => self.on_joined(now, id, info, &mut out),
+            Event::WorkerLost { id, reason } if self.is_eval_worker(id) => self.on_eval_worker_lost(id, reason, &mut out),
             Event::WorkerLost { id, reason } => self.on_lost(now, id, reason, &mut out),
+            Event::FromWorker { id, msg } if self.is_eval_worker(id) => self.on_eval_worker_message(now, id, msg, &mut out),
             Event::FromWorker { id, msg } => {
                 if let Some(w) = self.members.workers.get_mut(&id) {
                     w.last_seen = now;
@@ -283,6 +301,7 @@ impl Core {
             Event::CheckpointCommitFailed { step, error } => self.on_checkpoint_commit_failed(now, step, error, &mut out),
             Event::Timeout => {
                 self.check_leases(now, &mut out);
+                self.check_eval_worker_leases(now, &mut out);
                 self.check_gathering(now, &mut out);
                 self.check_checkpoint_retry(now, &mut out);
             }
@@ -299,7 +318,7 @@ impl Core {
     /// after each.
     pub fn poll_timeout(&self) -> Option<Instant> {
         let leases = self.members.workers.values().filter_map(|w| self.lease_deadline(w));
-        leases.chain(self.gather_due_at()).chain(self.progress.retry_checkpoint_at).min()
+        leases.chain(self.eval_worker_leases()).chain(self.gather_due_at()).chain(self.progress.retry_checkpoint_at).min()
     }
 
     fn on_message(&mut self, now: Instant, id: WorkerId, msg: ToCoordinator, out: &mut Vec<Command>) {
@@ -325,6 +344,11 @@ impl Core {
             ToCoordinator::Leaving { reason } => self.on_leaving(id, reason, out),
             ToCoordinator::NcclUniqueId { generation, id: unique_id } => self.on_nccl_unique_id(now, id, generation, unique_id, out),
             ToCoordinator::Failed { error } => self.on_worker_failed(now, id, error, out),
+            ToCoordinator::CheckpointEvaluated(_) | ToCoordinator::CheckpointEvalFailed { .. } => {
+                let reason = "protocol error: a training worker sent an eval worker's answer".to_string();
+                out.push(Command::Disconnect { id, reason: reason.clone() });
+                self.on_lost(now, id, reason, out);
+            }
         }
     }
 

@@ -215,11 +215,12 @@ impl Core {
         }
         self.members.regroup_started_at = None;
         let already_saved = p.latest_checkpoint.as_ref().is_some_and(|c| c.step == p.completed);
-        if std::mem::take(&mut p.redo_eval) {
-            self.request_eval(out);
+        let redo_eval = std::mem::take(&mut p.redo_eval);
+        let redo_checkpoint = (std::mem::take(&mut p.redo_checkpoint) || p.stop_requested) && !already_saved;
+        if redo_eval {
+            self.request_eval(redo_checkpoint, out);
         }
-        let p = &mut self.progress;
-        if (std::mem::take(&mut p.redo_checkpoint) || p.stop_requested) && !already_saved {
+        if redo_checkpoint {
             self.request_checkpoint(now, out);
         }
         self.next_step(now, out);
@@ -326,7 +327,7 @@ impl Core {
         }
         let last = completed >= total || self.progress.stop_requested;
         if eval_due || last {
-            self.request_eval(out);
+            self.request_eval(checkpoint_due || last, out);
         }
         if checkpoint_due || last {
             self.request_checkpoint(now, out);
@@ -334,8 +335,16 @@ impl Core {
         self.next_step(now, out);
     }
 
-    fn request_eval(&mut self, out: &mut Vec<Command>) {
+    /// Evaluates the model after the completed steps: sharded over the ranks (each computes
+    /// its share now, so training waits for it), or, when the step is checkpointed and an
+    /// eval worker is connected, by the eval worker from the committed checkpoint while
+    /// training goes on.
+    fn request_eval(&mut self, checkpointed: bool, out: &mut Vec<Command>) {
         let step = self.progress.completed;
+        if checkpointed && self.has_eval_workers() {
+            out.push(Command::EvaluateOffPath { step });
+            return;
+        }
         self.progress.eval = Some((step, BTreeMap::new()));
         for id in &self.members.ranks {
             out.push(Command::Send { to: *id, msg: ToWorker::Evaluate { step } });

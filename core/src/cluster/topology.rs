@@ -102,6 +102,7 @@ mod tests {
             nccl,
             peer_addr: SocketAddr::from(([127, 0, 0, 1], port)),
             metrics_addr: None,
+            role: Default::default(),
         }
     }
 

@@ -1,11 +1,13 @@
 //! Scenario tests of the cluster core on a simulated clock: a `Sim` plays the workers' part
 //! and the tests check the commands the core answers with. Split by concern: `run` (a run's
 //! course from start to finish), `elastic` (losses, joins, leaves, regroups), `collective`
-//! (NCCL, the ring, mixed generations), `timeouts` (leases, gathering, `poll_timeout`) and
-//! `failures` (non-finite steps, ranks that disagree, checkpoints that cannot be written).
+//! (NCCL, the ring, mixed generations), `timeouts` (leases, gathering, `poll_timeout`),
+//! `failures` (non-finite steps, ranks that disagree, checkpoints that cannot be written) and
+//! `eval_workers` (evaluation off the training path).
 
 mod collective;
 mod elastic;
+mod eval_workers;
 mod failures;
 mod run;
 mod timeouts;
@@ -37,6 +39,7 @@ fn caps(port: u16) -> Capabilities {
         nccl: false,
         peer_addr: SocketAddr::from(([127, 0, 0, 1], port)),
         metrics_addr: None,
+        role: Default::default(),
     }
 }
 
