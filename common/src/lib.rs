@@ -17,6 +17,7 @@ pub mod collective;
 pub mod console;
 pub mod data;
 pub mod device;
+pub mod evaluation;
 pub mod fault;
 pub mod http_server;
 pub mod metrics;

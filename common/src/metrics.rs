@@ -55,6 +55,8 @@ pub struct CoordinatorMetrics {
     pub deploys_total: IntCounterVec,
     /// Validation loss per data source, when the data has several.
     pub eval_loss_by_source: prometheus::GaugeVec,
+    /// Evaluation tasks' scores of the last evaluated checkpoint (`eval.task_items`).
+    pub eval_task_score: prometheus::GaugeVec,
     /// Steps that applied no update, by reason (nonfinite_loss, nonfinite_gradient, injected).
     pub steps_skipped_total: IntCounterVec,
     /// Step reports of a rank that differed from the other ranks'.
@@ -143,6 +145,14 @@ impl CoordinatorMetrics {
                 prometheus::GaugeVec::new(
                     Opts::new("troupe_eval_loss_by_source", "Validation loss of the last evaluation, per data source"),
                     &["source"],
+                )
+                .unwrap(),
+            ),
+            eval_task_score: register(
+                &r,
+                prometheus::GaugeVec::new(
+                    Opts::new("troupe_eval_task_score", "Score of the last evaluated checkpoint on each evaluation task metric"),
+                    &["metric"],
                 )
                 .unwrap(),
             ),

@@ -27,6 +27,9 @@ pub struct RunStatus {
     #[serde(default)]
     pub skipped_steps_in_a_row: u32,
     pub workers: Vec<WorkerStatus>,
+    /// Eval workers connected (`troupe worker --role eval`).
+    #[serde(default)]
+    pub eval_workers: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -85,6 +85,9 @@ pub struct EvalResults {
     pub perplexity: f64,
     pub sequences: u64,
     pub samples: Vec<Sample>,
+    /// Evaluation tasks' scores (`eval.task_items`): metric → score, e.g. `next_line_acc`.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub tasks: std::collections::BTreeMap<String, f64>,
 }
 
 pub use troupe_core::events::Sample;
@@ -607,7 +610,7 @@ mod tests {
     }
 
     fn eval(step: u64, val_loss: f64) -> EvalResults {
-        EvalResults { step, val_loss, perplexity: val_loss.exp(), sequences: 4, samples: vec![] }
+        EvalResults { step, val_loss, perplexity: val_loss.exp(), sequences: 4, samples: vec![], tasks: Default::default() }
     }
 
     fn scratch(name: &str) -> PathBuf {
