@@ -324,6 +324,10 @@ pub struct LocalArgs {
     /// rejoins the run. 0: never (the run goes on without it while cluster.min_workers remain).
     #[arg(long, default_value_t = 3)]
     pub max_restarts: u32,
+    /// Also start an eval worker (`troupe worker --role eval`): checkpoints are evaluated by
+    /// it while training goes on, instead of by the training workers; restarted like them.
+    #[arg(long)]
+    pub eval_worker: bool,
     /// Train on GPUs: one worker per GPU (cuda:0, cuda:1, ...), "all" or a number; sets
     /// cluster.workers. Without it the workers compute on the CPU.
     #[arg(long, value_name = "all|N", value_parser = parse_gpus)]
@@ -415,12 +419,22 @@ struct WorkerArgs {
     /// Which worker certificate of --tls-dir to use.
     #[arg(long, value_name = "N", default_value_t = 0, requires = "tls_dir")]
     tls_worker: usize,
+    /// `train`: a rank of the run. `eval`: never trains; measures each committed checkpoint
+    /// (validation loss, eval tasks, samples) so that training does not pause for evaluation.
+    #[arg(long, value_enum, default_value = "train")]
+    role: RoleArg,
     /// This worker's certificate (PEM) instead of the one in --tls-dir.
     #[arg(long, value_name = "FILE", requires = "tls_dir", requires = "tls_key")]
     tls_cert: Option<PathBuf>,
     /// Its private key (PEM).
     #[arg(long, value_name = "FILE", requires = "tls_dir", requires = "tls_cert")]
     tls_key: Option<PathBuf>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum RoleArg {
+    Train,
+    Eval,
 }
 
 #[derive(Args)]
@@ -890,7 +904,7 @@ async fn run_coordinator(args: CoordinatorArgs) -> anyhow::Result<ExitCode> {
             None => "--token …".to_string(),
         },
     };
-    let outcome = local::coordinate(config, args.run.resume, args.insecure, |addr| {
+    let outcome = local::coordinate(config, args.run.resume, args.insecure, |addr, _status| {
         troupe_common::say!("coordinator listening on {addr}; start workers with: troupe worker --join {addr} {join_hint}");
     })
     .await?;
@@ -944,6 +958,10 @@ async fn run_worker(args: WorkerArgs) -> anyhow::Result<ExitCode> {
         device,
         connect_timeout: Duration::from_secs(args.connect_timeout),
         tls,
+        role: match args.role {
+            RoleArg::Train => troupe_core::proto::WorkerRole::Train,
+            RoleArg::Eval => troupe_core::proto::WorkerRole::Eval,
+        },
     })
     .await?;
     let failures = troupe_common::storage::request_failures_total();

@@ -5,10 +5,13 @@
 //! - [`comm`]: how the trainer reaches the other ranks: the `Comm` trait and its
 //!   implementations (alone, the QUIC ring, NCCL, mixed).
 //! - [`actors`]: the Worker (root; the coordinator link) and the Collective (owns the ring).
+//! - `eval_worker`: the `--role eval` worker, which measures committed checkpoints instead of
+//!   training.
 #![warn(unreachable_pub)]
 
 pub mod actors;
 pub mod comm;
+mod eval_worker;
 pub mod trainer;
 
 pub use actors::{run_worker, WorkerOptions};

@@ -15,7 +15,7 @@ use tch::Device;
 use tokio::sync::oneshot;
 use troupe_common::metrics::{self, WorkerMetrics};
 use troupe_common::net::{self, close as close_code, NetOptions};
-use troupe_core::proto::{Capabilities, Hello, ToCoordinator, ToWorker, PROTOCOL_VERSION};
+use troupe_core::proto::{Capabilities, Hello, ToCoordinator, ToWorker, WorkerRole, PROTOCOL_VERSION};
 
 use super::worker::{Outcome, Worker, WorkerArgs, WorkerMsg};
 
@@ -36,6 +36,8 @@ pub struct WorkerOptions {
     /// TLS of this worker's endpoint (towards the coordinator and the ring peers); must match
     /// the coordinator's: `ClusterCa` with a certificate from the same CA, or the default.
     pub tls: net::TlsSetup,
+    /// Train (a rank) or evaluate checkpoints.
+    pub role: WorkerRole,
 }
 
 /// How a worker's participation ended.
@@ -75,6 +77,7 @@ pub async fn run_worker(opts: WorkerOptions) -> anyhow::Result<WorkerExit> {
         nccl: nccl_capable(opts.device),
         peer_addr,
         metrics_addr,
+        role: opts.role,
     };
 
     // A SIGINT/SIGTERM leaves at a step boundary; a second one leaves now. The flag also
@@ -113,6 +116,34 @@ pub async fn run_worker(opts: WorkerOptions) -> anyhow::Result<WorkerExit> {
         } else {
             tracing::info!("joined the coordinator at {} as worker {}", opts.coordinator, welcome.worker_id);
         }
+        let heartbeat = Duration::from_millis(welcome.heartbeat_ms.clamp(10, 600_000));
+        let lease = Duration::from_millis(welcome.lease_ms.clamp(20, 3_600_000));
+        if opts.role == WorkerRole::Eval {
+            let link =
+                crate::eval_worker::EvalLink { send, recv, coordinator: conn.remote_address(), heartbeat, lease, device: opts.device };
+            let leave = async {
+                signals.requested().await;
+                signals.reason()
+            };
+            match crate::eval_worker::serve(link, leave).await {
+                Outcome::Stopped(reason) => {
+                    conn.close(close_code::SHUTDOWN, b"eval worker leaving");
+                    let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
+                    break Ok(WorkerExit::Stopped(reason));
+                }
+                Outcome::Failed(error) => break Err(anyhow::anyhow!(error)),
+                Outcome::CoordinatorLost(reason) => {
+                    conn.close(close_code::SHUTDOWN, b"coordinator lost");
+                    let window = Duration::from_millis(welcome.rejoin_ms);
+                    if window.is_zero() || signals.was_requested() {
+                        break Err(anyhow::anyhow!("{reason}"));
+                    }
+                    troupe_common::say_err!("lost the coordinator ({reason}); trying to rejoin for {}s", window.as_secs());
+                    rejoin = Some((Instant::now() + window, format!("lost the coordinator at {} ({reason})", opts.coordinator)));
+                    continue;
+                }
+            }
+        }
         let (done_tx, done_rx) = oneshot::channel();
         let args = WorkerArgs {
             endpoint: endpoint.clone(),
@@ -121,8 +152,8 @@ pub async fn run_worker(opts: WorkerOptions) -> anyhow::Result<WorkerExit> {
             recv,
             token: opts.token.clone(),
             device: opts.device,
-            heartbeat: Duration::from_millis(welcome.heartbeat_ms.clamp(10, 600_000)),
-            lease: Duration::from_millis(welcome.lease_ms.clamp(20, 3_600_000)),
+            heartbeat,
+            lease,
             metrics: worker_metrics.clone(),
             done: done_tx,
         };

@@ -345,6 +345,9 @@ impl WorkerState {
             ToWorker::Welcome { .. } | ToWorker::Refused { .. } | ToWorker::Authenticated { .. } => {
                 self.fail(me, "protocol error: a second Welcome/Refused/Authenticated".into());
             }
+            ToWorker::EvaluateCheckpoint { step, .. } => {
+                self.fail(me, format!("protocol error: asked to evaluate the checkpoint of step {step}, as only an eval worker is"));
+            }
         }
     }
 
