@@ -115,22 +115,32 @@ fn consider_once(
     if !results.val_loss.is_finite() {
         return Ok(Decision { step, action: "skipped", version: None, reason: format!("val loss {} is not finite", results.val_loss) });
     }
+    let metric = config.metric.as_str();
+    let Some(mine) = metric_of(metric, results).filter(|v| v.is_finite()) else {
+        return Ok(Decision {
+            step,
+            action: "skipped",
+            version: None,
+            reason: format!("it has no {metric} to judge it by (deploy.metric; task scores need eval.task_items > 0)"),
+        });
+    };
     let registry = Registry::create(registry_dir)?;
     let state = registry.state()?;
     let (bar_version, bar) = match state.canary.as_ref().map(|c| c.version).or(state.stable) {
-        Some(v) => (Some(v), registry.eval_results(v)?.map(|e| e.val_loss)),
+        Some(v) => (Some(v), registry.eval_results(v)?.and_then(|e| metric_of(metric, &e))),
         None => (None, None),
     };
+    // The loss is better lower, a task's score higher.
+    let lower_is_better = metric == "val_loss";
     if let Some(bar) = bar {
-        let improvement = bar - results.val_loss;
+        let improvement = if lower_is_better { bar - mine } else { mine - bar };
         if !(improvement > 0.0 && improvement >= config.min_improvement) {
             return Ok(Decision {
                 step,
                 action: "skipped",
                 version: None,
                 reason: format!(
-                    "val loss {:.4} does not beat {}'s {bar:.4} by {} (deploy.min_improvement)",
-                    results.val_loss,
+                    "{metric} {mine:.4} does not beat {}'s {bar:.4} by {} (deploy.min_improvement)",
                     bar_version.map_or("the serving version".into(), version_name),
                     if config.min_improvement > 0.0 { format!("at least {}", config.min_improvement) } else { "any margin".into() }
                 ),
@@ -155,10 +165,20 @@ fn consider_once(
     let live = registry.state()?;
     let how = if live.canary.as_ref().is_some_and(|c| c.version == version) { "as a canary" } else { "as the stable version" };
     let reason = match (bar_version, bar) {
-        (Some(v), Some(bar)) => format!("val loss {:.4} beats {}'s {bar:.4}; live {how}", results.val_loss, version_name(v)),
-        _ => format!("val loss {:.4}, the first version; live {how}", results.val_loss),
+        (Some(v), Some(bar)) => format!("{metric} {mine:.4} beats {}'s {bar:.4}; live {how}", version_name(v)),
+        (Some(v), None) => format!("{metric} {mine:.4}, and {} has none to compare with; live {how}", version_name(v)),
+        (None, _) => format!("{metric} {mine:.4}, the first version; live {how}"),
     };
     Ok(Decision { step, action: "published", version: Some(version), reason })
+}
+
+/// A checkpoint's score on `metric` (`deploy.metric`): its validation loss or a task's score.
+fn metric_of(metric: &str, results: &EvalResults) -> Option<f64> {
+    if metric == "val_loss" {
+        Some(results.val_loss)
+    } else {
+        results.tasks.get(metric).copied()
+    }
 }
 
 /// Tells each replica to read the registry now (`POST /admin/reload`). Best effort: replicas

@@ -24,14 +24,11 @@ pub(super) async fn spawn_evaluator(
     me: &ActorRef<CoordinatorMsg>,
     config: &Config,
     current: &Arc<AtomicU64>,
+    eval_workers: &BTreeSet<WorkerId>,
 ) -> Result<ActorRef<EvaluatorMsg>, ActorProcessingErr> {
     current.store(crate::actors::IDLE, Ordering::SeqCst);
-    let args = EvaluatorArgs {
-        prompts: config.eval.prompts.clone(),
-        sample_tokens: config.eval.sample_tokens,
-        coordinator: me.clone(),
-        current: current.clone(),
-    };
+    let args =
+        EvaluatorArgs { config: config.clone(), coordinator: me.clone(), current: current.clone(), eval_workers: eval_workers.clone() };
     let (actor, _) = Actor::spawn_linked(Some("evaluator".into()), Evaluator, args, me.get_cell()).await?;
     Ok(actor)
 }
@@ -144,7 +141,7 @@ impl CoordinatorState {
             .map(|(_, r)| r.clone())
             .collect();
         if evaluator {
-            self.evaluator = spawn_evaluator(me, &self.config, &self.evaluator_current).await?;
+            self.evaluator = spawn_evaluator(me, &self.config, &self.evaluator_current, &self.eval_workers).await?;
         } else {
             self.deployer = spawn_deployer(me, &self.config, &self.deployer_current).await?;
         }

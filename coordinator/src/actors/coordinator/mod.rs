@@ -11,12 +11,12 @@
 
 use super::checkpointer::{Checkpointer, CheckpointerArgs, CheckpointerMsg};
 use super::deployer::{Decision, Deployer, DeployerArgs, DeployerMsg};
-use super::evaluator::{EvalJob, Evaluator, EvaluatorArgs, EvaluatorMsg};
+use super::evaluator::{EvalJob, Evaluation, Evaluator, EvaluatorArgs, EvaluatorMsg, MeasuredBy};
 use super::gateway::{Gateway, GatewayArgs};
 use super::session::SessionMsg;
 use crate::scrape_targets::{ScrapeTargets, WorkerEndpoints};
 use ractor::{Actor, ActorCell, ActorId, ActorProcessingErr, ActorRef, SupervisionEvent};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -25,10 +25,10 @@ use tokio::sync::oneshot;
 use troupe_common::metrics::CoordinatorMetrics;
 use troupe_common::registry::{version_name, EvalResults};
 use troupe_common::status::{RunStatus, SharedStatus, WorkerStatus};
-use troupe_core::cluster::{Command, Core, Event, Phase, ResumeFrom, Snapshot, WorkerId};
+use troupe_core::cluster::{Command, Core, EvaluatorNote, Event, Phase, ResumeFrom, Snapshot, WorkerId};
 use troupe_core::config::Config;
 use troupe_core::events::{EventLog, RunEvent};
-use troupe_core::proto::{Capabilities, FileDigest};
+use troupe_core::proto::{Capabilities, FileDigest, ToWorker};
 use troupe_core::secret::Secret;
 
 mod children;
@@ -87,9 +87,16 @@ pub enum CoordinatorMsg {
     /// Drain time is up: stop even if some worker has not hung up.
     ForceStop,
     /// The Evaluator's results for a checkpoint.
-    Evaluated {
-        job: EvalJob,
-        results: EvalResults,
+    Evaluated(Box<Evaluation>),
+    /// From the Evaluator: a message for an eval worker.
+    SendToWorker {
+        id: WorkerId,
+        msg: ToWorker,
+    },
+    /// From the Evaluator: an eval worker that stopped answering.
+    DisconnectWorker {
+        id: WorkerId,
+        reason: String,
     },
     EvaluationFailed {
         step: u64,
@@ -143,6 +150,13 @@ pub struct CoordinatorState {
     deployer_current: Arc<AtomicU64>,
     /// Validation losses and committed checkpoints by step, until both are known.
     measured: BTreeMap<u64, (f64, u64)>,
+    /// Steps whose evaluation the core gave to an eval worker: their checkpoints go to the
+    /// Evaluator as soon as they are committed.
+    off_path: BTreeSet<u64>,
+    /// Connected eval workers (a restarted Evaluator is told about them).
+    eval_workers: BTreeSet<WorkerId>,
+    /// Eval workers were told to stop (the run is over and released).
+    eval_workers_stopped: bool,
     committed: BTreeMap<u64, String>,
     /// Checkpoints being evaluated or deployed; the run ends only when this is empty.
     releases: BTreeMap<u64, Release>,
@@ -194,7 +208,7 @@ impl Actor for Coordinator {
         let checkpointer = spawn_checkpointer(&me, &config, &pinned).await?;
         let evaluator_current = Arc::new(AtomicU64::new(super::IDLE));
         let deployer_current = Arc::new(AtomicU64::new(super::IDLE));
-        let evaluator = spawn_evaluator(&me, &config, &evaluator_current).await?;
+        let evaluator = spawn_evaluator(&me, &config, &evaluator_current, &BTreeSet::new()).await?;
         let deployer = spawn_deployer(&me, &config, &deployer_current).await?;
         Actor::spawn_linked(
             Some("gateway".into()),
@@ -238,6 +252,9 @@ impl Actor for Coordinator {
             evaluator_current,
             deployer_current,
             measured: BTreeMap::new(),
+            off_path: BTreeSet::new(),
+            eval_workers: BTreeSet::new(),
+            eval_workers_stopped: false,
             committed: BTreeMap::new(),
             releases: BTreeMap::new(),
             pinned,
@@ -295,14 +312,26 @@ impl Actor for Coordinator {
                 state.sessions.insert(id, session);
                 state.apply(&me, Event::WorkerJoined { id, info });
             }
+            CoordinatorMsg::SendToWorker { id, msg } => state.execute(&me, Command::Send { to: id, msg }),
+            CoordinatorMsg::DisconnectWorker { id, reason } => state.execute(&me, Command::Disconnect { id, reason }),
             CoordinatorMsg::ForceStop => {
                 state.sessions_forced = true;
                 state.maybe_stop(&me);
             }
-            CoordinatorMsg::Evaluated { job, results } => {
+            CoordinatorMsg::Evaluated(evaluation) => {
+                let Evaluation { job, results, by, per_source } = *evaluation;
                 let step = job.step;
                 if !matches!(state.releases.get(&step), Some(Release::Evaluating(_))) {
                     return Ok(()); // an answer to a job given up after a crash
+                }
+                if by != MeasuredBy::Ranks {
+                    // Measured off the training path: the run's record of the loss is this.
+                    let per_source = per_source
+                        .iter()
+                        .filter(|p| p.sequences > 0)
+                        .map(|p| (p.source.clone(), p.loss_sum / p.sequences as f64))
+                        .collect();
+                    state.record(RunEvent::Eval { step, val_loss: results.val_loss, sequences: results.sequences, per_source });
                 }
                 state.record(RunEvent::Evaluated {
                     step,
@@ -310,6 +339,8 @@ impl Actor for Coordinator {
                     val_loss: results.val_loss,
                     perplexity: results.perplexity,
                     samples: results.samples.clone(),
+                    tasks: results.tasks.clone(),
+                    by: by.to_string(),
                 });
                 if state.config.deploy.enabled {
                     state.releases.insert(step, Release::Deploying { job: job.clone(), results: results.clone() });
@@ -440,8 +471,11 @@ impl CoordinatorState {
     }
 
     fn update_scrape_targets(&mut self) {
-        let workers: Vec<WorkerEndpoints> =
-            self.core.workers().values().map(|w| WorkerEndpoints { metrics: w.info.metrics_addr, peer: w.info.peer_addr }).collect();
+        let trainers = self.core.workers().values().map(|w| &w.info);
+        let workers: Vec<WorkerEndpoints> = trainers
+            .chain(self.core.eval_workers().map(|(_, info)| info))
+            .map(|info| WorkerEndpoints { metrics: info.metrics_addr, peer: info.peer_addr })
+            .collect();
         self.scrape_targets.update(&workers);
     }
 
@@ -478,6 +512,7 @@ impl CoordinatorState {
             checkpoint_failures_in_a_row: snap.checkpoint_failures_in_a_row,
             skipped_steps_in_a_row: snap.skipped_steps_in_a_row,
             workers,
+            eval_workers: self.core.eval_workers().count() as u32,
         };
         if let Ok(mut shared) = self.status.write() {
             *shared = status;
@@ -516,6 +551,30 @@ impl CoordinatorState {
                 });
             }
             Command::Record(event) => self.record(event),
+            Command::EvaluateOffPath { step } => {
+                self.off_path.insert(step);
+                // Its checkpoint may already be committed (an evaluation redone after a regroup).
+                self.try_release(step);
+            }
+            Command::ToEvaluator(note) => {
+                match &note {
+                    EvaluatorNote::Joined { id, .. } => {
+                        self.eval_workers.insert(*id);
+                        if self.eval_workers_stopped {
+                            // Came after the run was released: nothing left for it.
+                            if let Some(session) = self.sessions.get(id) {
+                                let _ = session.cast(SessionMsg::Send(ToWorker::Stop { reason: "the run is over".into() }));
+                            }
+                        }
+                    }
+                    EvaluatorNote::Lost { id, .. } => {
+                        self.eval_workers.remove(id);
+                    }
+                    _ => {}
+                }
+                // While the Evaluator is being restarted, the restart tells it who is connected.
+                let _ = self.evaluator.cast(EvaluatorMsg::EvalWorker(note));
+            }
             Command::Finish { ok, error } => {
                 self.outcome = Some(RunOutcome { ok, error, run_dir: self.config.run_dir(), snapshot: self.core.snapshot() });
                 // Workers hang up when they get Stop, and the last checkpoint is still being
@@ -553,7 +612,12 @@ impl CoordinatorState {
                     m.eval_loss_by_source.with_label_values(&[source.as_str()]).set(*loss);
                 }
             }
-            RunEvent::Evaluated { perplexity, .. } => m.eval_perplexity.set(*perplexity),
+            RunEvent::Evaluated { perplexity, tasks, .. } => {
+                m.eval_perplexity.set(*perplexity);
+                for (metric, score) in tasks {
+                    m.eval_task_score.with_label_values(&[metric.as_str()]).set(*score);
+                }
+            }
             RunEvent::Deployed { action, version, .. } => {
                 m.deploys_total.with_label_values(&[action.as_str()]).inc();
                 if let Some(v) = version {
@@ -590,24 +654,34 @@ impl CoordinatorState {
     }
 
     /// A checkpoint goes to the Evaluator once it is committed and its validation loss is
-    /// known (the two arrive in either order).
+    /// known (the two arrive in either order), or, when an eval worker is to measure it, as
+    /// soon as it is committed.
     fn start_release(&mut self, event: &RunEvent) {
-        let step = match event {
+        match event {
             RunEvent::Eval { step, val_loss, sequences, .. } => {
                 self.measured.insert(*step, (*val_loss, *sequences));
-                *step
+                self.try_release(*step);
             }
             RunEvent::Checkpoint { step, path, .. } => {
                 self.committed.insert(*step, path.clone());
-                *step
+                self.try_release(*step);
             }
-            _ => return,
+            _ => {}
+        }
+    }
+
+    fn try_release(&mut self, step: u64) {
+        let Some(path) = self.committed.get(&step) else { return };
+        let measured = match self.measured.get(&step) {
+            Some(&measured) => Some(measured),
+            None if self.off_path.contains(&step) => None,
+            None => return,
         };
-        let (Some(&(val_loss, sequences)), Some(path)) = (self.measured.get(&step), self.committed.get(&step)) else { return };
-        let job = EvalJob { step, checkpoint: PathBuf::from(path), val_loss, sequences };
+        let job = EvalJob { step, checkpoint: PathBuf::from(path), measured };
         // Older halves will never be matched.
         self.measured.retain(|s, _| *s > step);
         self.committed.retain(|s, _| *s > step);
+        self.off_path.retain(|s| *s > step);
         self.releases.insert(step, Release::Evaluating(job.clone()));
         self.pin_releases();
         if self.evaluator.cast(EvaluatorMsg::Evaluate(job)).is_err() && !self.restarting.contains(&Supervised::Evaluator) {
@@ -633,12 +707,18 @@ impl CoordinatorState {
         }
     }
 
-    fn maybe_stop(&self, me: &ActorRef<CoordinatorMsg>) {
-        if self.outcome.is_some()
-            && (self.sessions.is_empty() || self.sessions_forced)
-            && self.releases.is_empty()
-            && self.commits_in_flight.is_empty()
-        {
+    fn maybe_stop(&mut self, me: &ActorRef<CoordinatorMsg>) {
+        if self.outcome.is_none() || !self.releases.is_empty() || !self.commits_in_flight.is_empty() {
+            return;
+        }
+        if !self.eval_workers_stopped {
+            // Nothing is left to evaluate: the eval workers may go.
+            self.eval_workers_stopped = true;
+            for command in self.core.stop_eval_workers("the run is over") {
+                self.execute(me, command);
+            }
+        }
+        if self.sessions.is_empty() || self.sessions_forced {
             me.stop(None);
         }
     }

@@ -41,9 +41,11 @@ impl Progress {
                 self.line(&format!("eval  after step {step}: val loss {val_loss:.4} over {sequences} sequences{by_source}"))
             }
             RunEvent::Checkpoint { path, seconds, .. } => self.line(&format!("checkpoint {path} ({seconds:.2} s)")),
-            RunEvent::Evaluated { step, perplexity, samples, .. } => {
+            RunEvent::Evaluated { step, perplexity, samples, tasks, by, .. } => {
                 let first = samples.first().map(|s| format!(": {:?}", format!("{}{}", s.prompt, s.text))).unwrap_or_default();
-                self.line(&format!("evaluated step {step}: perplexity {perplexity:.1}{first}"))
+                let tasks: Vec<String> = tasks.iter().map(|(metric, score)| format!(", {metric} {score:.3}")).collect();
+                let by = if by.is_empty() || by == "ranks" { String::new() } else { format!(" (by the {by})") };
+                self.line(&format!("evaluated step {step}{by}: perplexity {perplexity:.1}{}{first}", tasks.concat()))
             }
             RunEvent::Deployed { step, action, version, reason } => self.line(&format!(
                 "deploy step {step}: {action}{} ({reason})",
