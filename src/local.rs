@@ -18,7 +18,7 @@ pub(crate) async fn coordinate(
     config: Config,
     resume: bool,
     insecure: bool,
-    on_listening: impl FnOnce(SocketAddr),
+    on_listening: impl FnOnce(SocketAddr, SharedStatus),
 ) -> anyhow::Result<RunOutcome> {
     let mut config = config;
     let resume_from = prepare_run(&mut config, resume)?;
@@ -46,7 +46,7 @@ async fn coordinate_prepared(
     config: Config,
     resume_from: Option<troupe_core::cluster::ResumeFrom>,
     insecure: bool,
-    on_listening: impl FnOnce(SocketAddr),
+    on_listening: impl FnOnce(SocketAddr, SharedStatus),
 ) -> anyhow::Result<RunOutcome> {
     let endpoint = launch::bind_endpoint(&config, insecure)?;
     let addr = endpoint.local_addr()?;
@@ -62,7 +62,7 @@ async fn coordinate_prepared(
         troupe_common::say!("run status: troupe status --coordinator {bound}");
         metrics_addr = Some(bound);
     }
-    on_listening(addr);
+    on_listening(addr, status.clone());
     run_coordinator(CoordinatorOptions {
         config,
         endpoint,
@@ -186,8 +186,8 @@ pub(crate) async fn run_local(args: LocalArgs) -> anyhow::Result<ExitCode> {
     config.deploy.notify.push(server.url());
 
     let (addr_tx, addr_rx) = tokio::sync::oneshot::channel();
-    let run = coordinate_prepared(config.clone(), resume_from, false, move |addr| {
-        let _ = addr_tx.send(addr);
+    let run = coordinate_prepared(config.clone(), resume_from, false, move |addr, status| {
+        let _ = addr_tx.send((addr, status));
     });
     tokio::pin!(run);
     // Start the workers once the coordinator listens; watch them while it runs.
@@ -198,10 +198,14 @@ pub(crate) async fn run_local(args: LocalArgs) -> anyhow::Result<ExitCode> {
             return Ok(report_outcome(&outcome));
         }
     };
-    let Some(addr) = addr else { anyhow::bail!("the coordinator did not start") };
+    let Some((addr, status)) = addr else { anyhow::bail!("the coordinator did not start") };
     std::fs::create_dir_all(&logs).with_context(|| format!("cannot create {}", logs.display()))?;
     let on = if args.gpus.is_some() { format!("on {}", devices.join(", ")) } else { "on the CPU".to_string() };
     troupe_common::say!("starting {workers} worker processes {on} ({threads} threads each), logs in {}", logs.display());
+    let eval_workers = usize::from(args.eval_worker);
+    if args.eval_worker {
+        troupe_common::say!("starting an eval worker (1 thread): checkpoints are evaluated off the training path");
+    }
     let spawn: crate::supervise::Spawn = {
         let (exe, addr, devices, token) = (exe.clone(), addr.to_string(), devices.clone(), token.clone());
         Box::new(move |i, attempt, log_path| {
@@ -217,6 +221,9 @@ pub(crate) async fn run_local(args: LocalArgs) -> anyhow::Result<ExitCode> {
                 use std::io::Write;
                 let _ = writeln!(log, "--- troupe local: restart {attempt} of worker {i} ---");
             }
+            // Slots after the training workers' are the eval worker's.
+            let eval = i >= devices.len();
+            let (device, threads) = if eval { ("cpu", 1) } else { (devices[i].as_str(), threads) };
             let mut cmd = tokio::process::Command::new(&exe);
             // A worker outlives a killed `troupe local` only to find its coordinator gone:
             // it is told at once instead (the sweep driver restarts whole trials).
@@ -227,8 +234,11 @@ pub(crate) async fn run_local(args: LocalArgs) -> anyhow::Result<ExitCode> {
                     Ok(())
                 });
             }
-            cmd.args(["worker", "--join", &addr, "--threads", &threads.to_string(), "--device", &devices[i]])
-                .env("TROUPE_TOKEN", token.expose())
+            cmd.args(["worker", "--join", &addr, "--threads", &threads.to_string(), "--device", device]);
+            if eval {
+                cmd.args(["--role", "eval"]);
+            }
+            cmd.env("TROUPE_TOKEN", token.expose())
                 .stdin(Stdio::null())
                 .stdout(log.try_clone()?)
                 .stderr(log)
@@ -243,11 +253,24 @@ pub(crate) async fn run_local(args: LocalArgs) -> anyhow::Result<ExitCode> {
     let logs_dir = logs.clone();
     let mut workers_running = crate::supervise::Supervisor::start(
         workers,
-        move |i| logs_dir.join(format!("worker-{i}.log")),
+        eval_workers,
+        move |i| if i < workers { logs_dir.join(format!("worker-{i}.log")) } else { logs_dir.join("eval-worker.log") },
         args.max_restarts,
         config.cluster.min_workers,
         spawn,
-    )?;
+        // The eval worker joins first, so that it measures every checkpoint from the first.
+        async {
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+            while eval_workers > 0 && status.read().map(|s| s.eval_workers == 0).unwrap_or(true) {
+                if tokio::time::Instant::now() > deadline {
+                    anyhow::bail!("the eval worker did not join within 60 s: see {}", logs.join("eval-worker.log").display());
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Ok(())
+        },
+    )
+    .await?;
     let outcome = {
         let supervise = workers_running.supervise();
         tokio::pin!(supervise);

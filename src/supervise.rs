@@ -33,24 +33,38 @@ pub(crate) struct Supervisor {
     spawn: Spawn,
     max_restarts: u32,
     min_workers: usize,
+    /// Slots `0..training` are training workers, which count towards `min_workers`; those
+    /// after them (an eval worker) are restarted alike but do not count.
+    training: usize,
 }
 
 impl Supervisor {
-    /// Starts `workers` workers, worker `i` logging to `log(i)`.
-    pub(crate) fn start(
+    /// Starts `extra` other workers (an eval worker) and, once `before_training` resolves (it
+    /// has joined), `workers` training workers; worker `i` logs to `log(i)`, the training
+    /// workers being `0..workers`.
+    pub(crate) async fn start(
         workers: usize,
+        extra: usize,
         log: impl Fn(usize) -> PathBuf,
         max_restarts: u32,
         min_workers: usize,
         mut spawn: Spawn,
+        before_training: impl std::future::Future<Output = anyhow::Result<()>>,
     ) -> anyhow::Result<Supervisor> {
-        let mut slots = Vec::with_capacity(workers);
+        let mut slots = Vec::with_capacity(workers + extra);
+        for index in workers..workers + extra {
+            let log = log(index);
+            let child = spawn(index, 0, &log)?;
+            slots.push(Slot { index, log, child: Some(child), restarts: 0 });
+        }
+        before_training.await?;
         for index in 0..workers {
             let log = log(index);
             let child = spawn(index, 0, &log)?;
             slots.push(Slot { index, log, child: Some(child), restarts: 0 });
         }
-        Ok(Supervisor { slots, spawn, max_restarts, min_workers })
+        slots.sort_by_key(|s| s.index);
+        Ok(Supervisor { slots, spawn, max_restarts, min_workers, training: workers })
     }
 
     /// Restarts workers that die, for as long as the run goes on; resolves only when the run
@@ -102,7 +116,7 @@ impl Supervisor {
                 Err(e) => troupe_common::say_err!("worker {} could not be restarted: {e:#}", slot.index),
             }
         }
-        let alive = self.slots.iter().filter(|s| s.child.is_some()).count();
+        let alive = self.slots.iter().filter(|s| s.index < self.training && s.child.is_some()).count();
         let slot = &self.slots[at];
         let lost = format!(
             "worker {} exited ({how}) after {} restart(s) of at most {}; the last lines of {}:\n{}",
