@@ -40,6 +40,8 @@ use progress::Progress;
 
 /// After the run finishes, how long to wait for workers to hang up before closing anyway.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+/// How stale `/status` and the worker gauges may get while nothing happens but heartbeats.
+const STATUS_PERIOD: Duration = Duration::from_millis(500);
 /// After the run finishes, how long the last evaluation and deployment may take.
 const DEPLOY_DRAIN_TIMEOUT: Duration = Duration::from_secs(120);
 
@@ -174,6 +176,8 @@ pub struct CoordinatorState {
     /// The deadline of the core's timer armed last (`None` once it fired): a timer is armed
     /// again only for an earlier deadline.
     timer: Option<Instant>,
+    /// When the status and gauges were last rebuilt (see `apply`).
+    status_at: Option<Instant>,
 }
 
 /// Runs a whole training run; returns when it is finished (or failed).
@@ -267,6 +271,7 @@ impl Actor for Coordinator {
             status,
             scrape_targets,
             timer: None,
+            status_at: None,
         })
     }
 
@@ -444,13 +449,26 @@ impl Actor for Coordinator {
 
 impl CoordinatorState {
     fn apply(&mut self, me: &ActorRef<CoordinatorMsg>, event: Event) {
-        let commands = self.core.on(Instant::now(), event);
+        let now = Instant::now();
+        let commands = self.core.on(now, event);
+        let changed = !commands.is_empty();
         for command in commands {
             self.execute(me, command);
         }
-        self.update_worker_gauges();
-        self.publish_status();
-        self.update_scrape_targets();
+        // The status and the gauges cost O(workers) to build. Most events (heartbeats, all
+        // but the last rank's report of a step) change nothing the core acts on: rebuilding
+        // them after each would cost O(workers²) per step (`cargo bench --bench
+        // coordinator_load`). They are rebuilt when the core acted, else at most every
+        // STATUS_PERIOD (so heartbeat ages stay fresh); the scrape targets change only with
+        // membership, which always comes with commands.
+        if changed || self.status_at.is_none_or(|at| now.saturating_duration_since(at) >= STATUS_PERIOD) {
+            self.status_at = Some(now);
+            self.update_worker_gauges();
+            self.publish_status();
+        }
+        if changed {
+            self.update_scrape_targets();
+        }
         self.arm_timer(me);
     }
 
@@ -480,40 +498,7 @@ impl CoordinatorState {
     }
 
     fn publish_status(&self) {
-        let now = Instant::now();
-        let snap = self.core.snapshot();
-        let phase = snap.phase.name().to_string();
-        let workers = self
-            .core
-            .workers()
-            .iter()
-            .map(|(id, w)| WorkerStatus {
-                worker_id: *id,
-                rank: w.rank,
-                addr: w.info.peer_addr.to_string(),
-                hostname: w.info.hostname.clone(),
-                state: w.state_name(snap.phase).into(),
-                last_heartbeat_ms: now.saturating_duration_since(w.last_seen).as_millis() as u64,
-                step_seconds: w.last_step_seconds,
-                metrics: w.info.metrics_addr.map(|a| format!("http://{a}/metrics")),
-            })
-            .collect();
-        let status = RunStatus {
-            run: self.config.run.name.clone(),
-            phase,
-            step: snap.completed_steps,
-            total_steps: snap.total_steps,
-            loss: snap.last_loss,
-            val_loss: snap.last_val_loss,
-            tokens_per_second: snap.last_tokens_per_second,
-            last_checkpoint: snap.last_checkpoint,
-            world_size: snap.world_size as u32,
-            generation: snap.generation,
-            checkpoint_failures_in_a_row: snap.checkpoint_failures_in_a_row,
-            skipped_steps_in_a_row: snap.skipped_steps_in_a_row,
-            workers,
-            eval_workers: self.core.eval_workers().count() as u32,
-        };
+        let status = run_status(&self.core, &self.config.run.name, Instant::now());
         if let Ok(mut shared) = self.status.write() {
             *shared = status;
         }
@@ -737,5 +722,41 @@ impl CoordinatorState {
         self.metrics.world_size.set(snap.world_size as i64);
         self.metrics.generation.set(snap.generation as i64);
         self.metrics.paused.set(i64::from(phase == Phase::Paused));
+    }
+}
+
+/// What `GET /status` shows: built from the core (O(workers)).
+pub fn run_status(core: &Core, run: &str, now: Instant) -> RunStatus {
+    let snap = core.snapshot();
+    let phase = snap.phase.name().to_string();
+    let workers = core
+        .workers()
+        .iter()
+        .map(|(id, w)| WorkerStatus {
+            worker_id: *id,
+            rank: w.rank,
+            addr: w.info.peer_addr.to_string(),
+            hostname: w.info.hostname.clone(),
+            state: w.state_name(snap.phase).into(),
+            last_heartbeat_ms: now.saturating_duration_since(w.last_seen).as_millis() as u64,
+            step_seconds: w.last_step_seconds,
+            metrics: w.info.metrics_addr.map(|a| format!("http://{a}/metrics")),
+        })
+        .collect();
+    RunStatus {
+        run: run.to_string(),
+        phase,
+        step: snap.completed_steps,
+        total_steps: snap.total_steps,
+        loss: snap.last_loss,
+        val_loss: snap.last_val_loss,
+        tokens_per_second: snap.last_tokens_per_second,
+        last_checkpoint: snap.last_checkpoint,
+        world_size: snap.world_size as u32,
+        generation: snap.generation,
+        checkpoint_failures_in_a_row: snap.checkpoint_failures_in_a_row,
+        skipped_steps_in_a_row: snap.skipped_steps_in_a_row,
+        workers,
+        eval_workers: core.eval_workers().count() as u32,
     }
 }
