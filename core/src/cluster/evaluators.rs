@@ -9,7 +9,11 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use super::{Command, Core, WorkerId};
-use crate::proto::{Capabilities, ToCoordinator, ToWorker};
+use crate::proto::{Capabilities, RefusalKind, ToCoordinator, ToWorker};
+
+/// Eval workers connected at once, at most: evaluation is one checkpoint at a time, so more
+/// only wait; the cap keeps a misconfigured launcher from filling the coordinator.
+const MAX_EVAL_WORKERS: usize = 16;
 
 /// The connected eval workers.
 #[derive(Default)]
@@ -48,6 +52,12 @@ impl Core {
     /// An eval worker passed the handshake. It is welcome in every phase: the last
     /// checkpoint is evaluated after the last step, while the coordinator drains.
     pub(super) fn on_eval_worker_joined(&mut self, now: Instant, id: WorkerId, info: Capabilities, out: &mut Vec<Command>) {
+        if self.evaluators.workers.len() >= MAX_EVAL_WORKERS {
+            let reason = format!("the run already has {MAX_EVAL_WORKERS} eval workers; this one is not needed");
+            out.push(Command::Send { to: id, msg: ToWorker::Refused { kind: RefusalKind::ClusterFull, reason: reason.clone() } });
+            out.push(Command::Disconnect { id, reason });
+            return;
+        }
         let cluster = &self.settings.config.cluster;
         out.push(Command::Send {
             to: id,

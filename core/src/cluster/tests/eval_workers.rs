@@ -65,6 +65,15 @@ fn without_an_eval_worker_the_ranks_evaluate_again() {
     let mut sim = Sim::new(config(2, 4));
     join_eval_worker(&mut sim, 9);
     start(&mut sim, 2);
+    // Sixteen eval workers at most; more would only wait.
+    for id in 100..115 {
+        join_eval_worker(&mut sim, id);
+    }
+    let refused = join_eval_worker(&mut sim, 115);
+    assert!(matches!(&sends(&refused)[..], [(115, ToWorker::Refused { kind: RefusalKind::ClusterFull, .. })]), "{refused:?}");
+    for id in 100..115 {
+        sim.lose(id, "gone");
+    }
     let lost = sim.lose(9, "its port is closed");
     assert_eq!(notes(&lost), vec![EvaluatorNote::Lost { id: 9, reason: "its port is closed".into() }]);
     assert_eq!(sim.core.phase(), Phase::Training, "losing an eval worker is no membership change");
