@@ -12,7 +12,6 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use tch::Device;
-use tokio::sync::mpsc;
 use troupe_common::checkpoint;
 use troupe_common::evaluation::{self, Loss};
 use troupe_common::net;
@@ -34,30 +33,9 @@ pub(crate) struct EvalLink {
 /// Serves evaluation jobs until the coordinator says Stop, goes away, or `leave` resolves (a
 /// signal).
 pub(crate) async fn serve(link: EvalLink, leave: impl std::future::Future<Output = String>) -> Outcome {
-    let EvalLink { mut send, mut recv, coordinator, heartbeat, lease, device } = link;
-    let (outbox, mut outbox_rx) = mpsc::unbounded_channel::<ToCoordinator>();
-    let writer = tokio::spawn(async move {
-        while let Some(msg) = outbox_rx.recv().await {
-            if net::write_frame(&mut send, &msg).await.is_err() {
-                break;
-            }
-        }
-        if send.finish().is_ok() {
-            let _ = tokio::time::timeout(Duration::from_secs(2), send.stopped()).await;
-        }
-    });
-    let heartbeats = {
-        let outbox = outbox.clone();
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(heartbeat);
-            loop {
-                tick.tick().await;
-                if outbox.send(ToCoordinator::Heartbeat).is_err() {
-                    break;
-                }
-            }
-        })
-    };
+    let EvalLink { send, mut recv, coordinator, heartbeat, lease, device } = link;
+    let (outbox, writer) = crate::actors::link::spawn_writer(send);
+    let heartbeats = crate::actors::link::spawn_heartbeats(outbox.clone(), heartbeat);
     let probe = tokio::spawn(async move {
         let e = net::probe::until_port_closed(coordinator, net::probe::PROBE_PERIOD).await;
         format!("the coordinator's process is gone: its port {coordinator} is closed ({e})")

@@ -58,16 +58,7 @@ impl Core {
             out.push(Command::Disconnect { id, reason });
             return;
         }
-        let cluster = &self.settings.config.cluster;
-        out.push(Command::Send {
-            to: id,
-            msg: ToWorker::Welcome {
-                worker_id: id,
-                heartbeat_ms: cluster.heartbeat_ms,
-                lease_ms: cluster.lease_ms,
-                rejoin_ms: cluster.rejoin_ms,
-            },
-        });
+        out.push(Command::Send { to: id, msg: self.welcome(id) });
         out.push(Command::ToEvaluator(EvaluatorNote::Joined { id, hostname: info.hostname.clone() }));
         self.evaluators.workers.insert(id, EvalWorker { info, last_seen: now });
     }

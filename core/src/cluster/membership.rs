@@ -132,15 +132,7 @@ impl Core {
                 last_step_seconds: None,
             },
         );
-        out.push(Command::Send {
-            to: id,
-            msg: ToWorker::Welcome {
-                worker_id: id,
-                heartbeat_ms: cluster.heartbeat_ms,
-                lease_ms: cluster.lease_ms,
-                rejoin_ms: cluster.rejoin_ms,
-            },
-        });
+        out.push(Command::Send { to: id, msg: self.welcome(id) });
         let workers = self.members.workers.len();
         match self.phase {
             Phase::Gathering if workers == cluster.workers => self.form(out),
@@ -397,6 +389,12 @@ impl Core {
 
     /// When the worker's lease runs out if it stays silent: last heard from + `lease_ms`.
     /// It is lost at a [`super::Event::Timeout`] at or after this instant.
+    /// The answer to a worker that joined (any role): its id and the link's timing.
+    pub(super) fn welcome(&self, id: WorkerId) -> ToWorker {
+        let cluster = &self.settings.config.cluster;
+        ToWorker::Welcome { worker_id: id, heartbeat_ms: cluster.heartbeat_ms, lease_ms: cluster.lease_ms, rejoin_ms: cluster.rejoin_ms }
+    }
+
     pub(super) fn lease_deadline(&self, w: &WorkerEntry) -> Option<Instant> {
         w.last_seen.checked_add(Duration::from_millis(self.settings.config.cluster.lease_ms))
     }

@@ -118,60 +118,45 @@ pub async fn run_worker(opts: WorkerOptions) -> anyhow::Result<WorkerExit> {
         }
         let heartbeat = Duration::from_millis(welcome.heartbeat_ms.clamp(10, 600_000));
         let lease = Duration::from_millis(welcome.lease_ms.clamp(20, 3_600_000));
-        if opts.role == WorkerRole::Eval {
+        let result = if opts.role == WorkerRole::Eval {
             let link =
                 crate::eval_worker::EvalLink { send, recv, coordinator: conn.remote_address(), heartbeat, lease, device: opts.device };
             let leave = async {
                 signals.requested().await;
                 signals.reason()
             };
-            match crate::eval_worker::serve(link, leave).await {
-                Outcome::Stopped(reason) => {
-                    conn.close(close_code::SHUTDOWN, b"eval worker leaving");
-                    let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
-                    break Ok(WorkerExit::Stopped(reason));
-                }
-                Outcome::Failed(error) => break Err(anyhow::anyhow!(error)),
-                Outcome::CoordinatorLost(reason) => {
-                    conn.close(close_code::SHUTDOWN, b"coordinator lost");
-                    let window = Duration::from_millis(welcome.rejoin_ms);
-                    if window.is_zero() || signals.was_requested() {
-                        break Err(anyhow::anyhow!("{reason}"));
-                    }
-                    troupe_common::say_err!("lost the coordinator ({reason}); trying to rejoin for {}s", window.as_secs());
-                    rejoin = Some((Instant::now() + window, format!("lost the coordinator at {} ({reason})", opts.coordinator)));
-                    continue;
-                }
-            }
-        }
-        let (done_tx, done_rx) = oneshot::channel();
-        let args = WorkerArgs {
-            endpoint: endpoint.clone(),
-            coordinator: conn.remote_address(),
-            send,
-            recv,
-            token: opts.token.clone(),
-            device: opts.device,
-            heartbeat,
-            lease,
-            metrics: worker_metrics.clone(),
-            done: done_tx,
+            crate::eval_worker::serve(link, leave).await
+        } else {
+            let (done_tx, done_rx) = oneshot::channel();
+            let args = WorkerArgs {
+                endpoint: endpoint.clone(),
+                coordinator: conn.remote_address(),
+                send,
+                recv,
+                token: opts.token.clone(),
+                device: opts.device,
+                heartbeat,
+                lease,
+                metrics: worker_metrics.clone(),
+                done: done_tx,
+            };
+            let (actor, handle) = Actor::spawn(None, Worker, args).await?;
+            let forward = {
+                let signals = signals.clone();
+                let actor = actor.clone();
+                tokio::spawn(async move {
+                    signals.requested().await;
+                    let reason = signals.reason();
+                    let _ = actor.cast(WorkerMsg::LeaveRequested(reason));
+                    signals.requested_twice().await;
+                    actor.stop(Some("asked twice to stop".into()));
+                })
+            };
+            let result = done_rx.await.unwrap_or_else(|_| Outcome::Failed("the worker actor stopped unexpectedly".into()));
+            let _ = handle.await;
+            forward.abort();
+            result
         };
-        let (actor, handle) = Actor::spawn(None, Worker, args).await?;
-        let forward = {
-            let signals = signals.clone();
-            let actor = actor.clone();
-            tokio::spawn(async move {
-                signals.requested().await;
-                let reason = signals.reason();
-                let _ = actor.cast(WorkerMsg::LeaveRequested(reason));
-                signals.requested_twice().await;
-                actor.stop(Some("asked twice to stop".into()));
-            })
-        };
-        let result = done_rx.await.unwrap_or_else(|_| Outcome::Failed("the worker actor stopped unexpectedly".into()));
-        let _ = handle.await;
-        forward.abort();
         match result {
             Outcome::Stopped(reason) => {
                 conn.close(close_code::SHUTDOWN, b"worker leaving");
@@ -189,7 +174,7 @@ pub async fn run_worker(opts: WorkerOptions) -> anyhow::Result<WorkerExit> {
                 if window.is_zero() || signals.was_requested() {
                     break Err(anyhow::anyhow!("{reason}"));
                 }
-                troupe_common::say_err!("lost the coordinator ({reason}); training stopped; trying to rejoin for {}s", window.as_secs());
+                troupe_common::say_err!("lost the coordinator ({reason}); work stopped; trying to rejoin for {}s", window.as_secs());
                 rejoin = Some((Instant::now() + window, format!("lost the coordinator at {} ({reason})", opts.coordinator)));
             }
         }

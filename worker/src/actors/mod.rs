@@ -7,6 +7,7 @@
 //! ```
 //!
 //! - [`join`]: connecting to the coordinator, signals, rejoining a restarted coordinator.
+//! - `link`: the control stream's writer and heartbeats (the eval worker uses them too).
 //! - [`worker`]: the Worker actor.
 //! - [`membership`]: the Worker's membership logic (assign, regroup, stale generations) as a
 //!   plain type.
@@ -15,6 +16,7 @@
 
 pub mod collective;
 pub mod join;
+pub(crate) mod link;
 pub(crate) mod membership;
 pub mod trainer_thread;
 pub mod worker;

@@ -99,33 +99,8 @@ impl Actor for Worker {
     type Arguments = WorkerArgs;
 
     async fn pre_start(&self, me: ActorRef<WorkerMsg>, a: WorkerArgs) -> Result<WorkerState, ActorProcessingErr> {
-        let (outbox, mut outbox_rx) = tmpsc::unbounded_channel::<ToCoordinator>();
-        let mut send = a.send;
-        let writer = tokio::spawn(async move {
-            while let Some(msg) = outbox_rx.recv().await {
-                if net::write_frame(&mut send, &msg).await.is_err() {
-                    break;
-                }
-            }
-            // Closing the connection discards unsent data: wait (briefly) until the
-            // coordinator has read the last report before `run_worker` closes it.
-            if send.finish().is_ok() {
-                let _ = tokio::time::timeout(Duration::from_secs(2), send.stopped()).await;
-            }
-        });
-        let heartbeats = {
-            let outbox = outbox.clone();
-            let period = a.heartbeat;
-            tokio::spawn(async move {
-                let mut tick = tokio::time::interval(period);
-                loop {
-                    tick.tick().await;
-                    if outbox.send(ToCoordinator::Heartbeat).is_err() {
-                        break;
-                    }
-                }
-            })
-        };
+        let (outbox, writer) = super::link::spawn_writer(a.send);
+        let heartbeats = super::link::spawn_heartbeats(outbox.clone(), a.heartbeat);
         let mut recv = a.recv;
         let reader_me = me.clone();
         let lease = a.lease;
