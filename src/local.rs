@@ -251,7 +251,7 @@ pub(crate) async fn run_local(args: LocalArgs) -> anyhow::Result<ExitCode> {
         })
     };
     let logs_dir = logs.clone();
-    let mut workers_running = crate::supervise::Supervisor::start(
+    let starting = crate::supervise::Supervisor::start(
         workers,
         eval_workers,
         move |i| if i < workers { logs_dir.join(format!("worker-{i}.log")) } else { logs_dir.join("eval-worker.log") },
@@ -269,8 +269,15 @@ pub(crate) async fn run_local(args: LocalArgs) -> anyhow::Result<ExitCode> {
             }
             Ok(())
         },
-    )
-    .await?;
+    );
+    // The coordinator runs on while the workers start (the eval worker's join is its doing).
+    let mut workers_running = tokio::select! {
+        started = starting => started?,
+        outcome = &mut run => {
+            let outcome = outcome?;
+            return Ok(report_outcome(&outcome));
+        }
+    };
     let outcome = {
         let supervise = workers_running.supervise();
         tokio::pin!(supervise);

@@ -74,9 +74,12 @@ fn an_eval_worker_measures_checkpoints_as_the_ranks_do() {
         let json: EvalResults = serde_json::from_slice(&std::fs::read(run_b.join(&name).join("eval.json")).unwrap()).unwrap();
         assert_eq!((json.val_loss, &json.tasks), (*loss_b, tasks_b));
     }
-    // The sweep follower and the metrics read the loss from `eval` events: one per evaluation.
+    // The sweep follower and the metrics read the loss from `eval` events: one per evaluation;
+    // the run's final report has the last one, measured after the last step.
     let evals = events(&run_b).into_iter().filter(|e| matches!(e, RunEvent::Eval { .. })).count();
     assert_eq!(evals, 4);
+    let last = format!("final validation loss {:.4}", b[&20].0);
+    assert!(stdout(&out).contains(&last), "{last}?\n{}", stdout(&out));
 
     for run in [&run_a, &run_b] {
         let acc: BTreeMap<u64, f64> = evaluated(run).into_iter().map(|(s, (_, t, _))| (s, t["next_line_acc"])).collect();

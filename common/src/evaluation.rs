@@ -95,7 +95,9 @@ fn validation_loss(config: &Config, model: &Gpt, dir: &Path, device: Device) -> 
     let sources = data::open_val_sources(dir, &meta)?;
     let several = sources.len() > 1;
     let per_source = if several { (config.eval.sequences / sources.len()).max(1) } else { config.eval.sequences };
-    let bf16 = config.train.precision.bf16_on(device.is_cuda()).map_err(anyhow::Error::msg)?;
+    // bf16 where training has it (CUDA); an evaluator on the CPU measures in fp32 even when
+    // the config asks training for bf16, which only CUDA offers.
+    let bf16 = config.train.precision.bf16_on(device.is_cuda()).unwrap_or(false);
     let (mut loss_sum, mut sequences, mut parts) = (0.0, 0, Vec::new());
     for (source, val) in &sources {
         let (sum, n) = stream_loss(config, model, val, per_source, bf16, device)?;

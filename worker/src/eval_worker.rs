@@ -33,33 +33,46 @@ pub(crate) struct EvalLink {
 /// Serves evaluation jobs until the coordinator says Stop, goes away, or `leave` resolves (a
 /// signal).
 pub(crate) async fn serve(link: EvalLink, leave: impl std::future::Future<Output = String>) -> Outcome {
-    let EvalLink { send, mut recv, coordinator, heartbeat, lease, device } = link;
+    let EvalLink { send, recv, coordinator, heartbeat, lease, device } = link;
     let (outbox, writer) = crate::actors::link::spawn_writer(send);
     let heartbeats = crate::actors::link::spawn_heartbeats(outbox.clone(), heartbeat);
     let probe = tokio::spawn(async move {
         let e = net::probe::until_port_closed(coordinator, net::probe::PROBE_PERIOD).await;
         format!("the coordinator's process is gone: its port {coordinator} is closed ({e})")
     });
+    // Frames are read on a task of their own: a read cut short by another branch of the
+    // select below would lose the part of a frame already read.
+    let (frames_tx, mut frames) = tokio::sync::mpsc::channel(16);
+    let reader = tokio::spawn(async move {
+        let mut recv = recv;
+        loop {
+            let frame = tokio::time::timeout(lease, net::read_frame::<ToWorker>(&mut recv, net::MAX_CONTROL_FRAME)).await;
+            let end = !matches!(frame, Ok(Ok(Some(_))));
+            if frames_tx.send(frame).await.is_err() || end {
+                break;
+            }
+        }
+    });
     tokio::pin!(probe);
     tokio::pin!(leave);
     // One job at a time (the Evaluator sends one at a time); a second one waits its turn.
     let mut queue: std::collections::VecDeque<(u64, String, String)> = Default::default();
-    let mut running: Option<tokio::task::JoinHandle<ToCoordinator>> = None;
+    let mut running: Option<(u64, tokio::task::JoinHandle<ToCoordinator>)> = None;
     let outcome = loop {
         if running.is_none() {
             if let Some((step, checkpoint, config_toml)) = queue.pop_front() {
                 tracing::info!("evaluating the checkpoint of step {step} ({checkpoint})");
-                running = Some(tokio::task::spawn_blocking(move || answer(step, &checkpoint, &config_toml, device)));
+                running = Some((step, tokio::task::spawn_blocking(move || answer(step, &checkpoint, &config_toml, device))));
             }
         }
         let job = async {
             match running.as_mut() {
-                Some(handle) => handle.await,
+                Some((_, handle)) => handle.await,
                 None => std::future::pending().await,
             }
         };
         tokio::select! {
-            frame = tokio::time::timeout(lease, net::read_frame::<ToWorker>(&mut recv, net::MAX_CONTROL_FRAME)) => match frame {
+            frame = frames.recv() => match frame.unwrap_or(Ok(Ok(None))) {
                 Ok(Ok(Some(ToWorker::Heartbeat))) => {}
                 Ok(Ok(Some(ToWorker::EvaluateCheckpoint { step, checkpoint, config_toml }))) => {
                     exit_if_asked(step);
@@ -72,8 +85,8 @@ pub(crate) async fn serve(link: EvalLink, leave: impl std::future::Future<Output
                 Err(_) => break Outcome::CoordinatorLost(format!("the coordinator has been silent for longer than its lease ({lease:?})")),
             },
             answered = job => {
-                running = None;
-                let msg = answered.unwrap_or_else(|e| ToCoordinator::CheckpointEvalFailed { step: 0, error: format!("the evaluation thread died: {e}") });
+                let step = running.take().map_or(0, |(step, _)| step);
+                let msg = answered.unwrap_or_else(|e| ToCoordinator::CheckpointEvalFailed { step, error: format!("the evaluation thread died: {e}") });
                 if let ToCoordinator::CheckpointEvaluated(eval) = &msg {
                     tracing::info!("step {}: val loss {:.4} over {} sequences", eval.step, eval.loss_sum / eval.sequences.max(1) as f64, eval.sequences);
                 }
@@ -88,6 +101,7 @@ pub(crate) async fn serve(link: EvalLink, leave: impl std::future::Future<Output
     };
     heartbeats.abort();
     probe.abort();
+    reader.abort();
     drop(outbox);
     // Let what was written (a last answer, Leaving) reach the coordinator.
     let _ = tokio::time::timeout(Duration::from_secs(3), writer).await;
@@ -99,7 +113,12 @@ fn answer(step: u64, checkpoint: &str, config_toml: &str, device: Device) -> ToC
     let measured = (|| {
         let config = Config::from_toml_str(config_toml, "the coordinator's config")?;
         let dir = local_checkpoint(&config, step, Path::new(checkpoint))?;
-        evaluation::measure(&config, &dir, Loss::Measure, device)?.into_report(step)
+        let measured = evaluation::measure(&config, &dir, Loss::Measure, device);
+        if dir != Path::new(checkpoint) {
+            // This host's copy from the store is not needed any more.
+            let _ = std::fs::remove_dir_all(&dir);
+        }
+        measured?.into_report(step)
     })();
     match measured {
         Ok(eval) => ToCoordinator::CheckpointEvaluated(eval),

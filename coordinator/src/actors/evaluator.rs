@@ -147,7 +147,6 @@ impl Actor for Evaluator {
                     panic!("fault injection: the Evaluator crashes on the checkpoint of step {}", job.step);
                 }
                 state.measure_here(job, Loss::Known).await?;
-                state.current.store(state.sent.as_ref().map_or(super::IDLE, |s| s.job.step), Ordering::SeqCst);
             }
             EvaluatorMsg::EvalWorker(note) => state.on_note(&me, note).await?,
             EvaluatorMsg::Overdue { attempt } => {
@@ -248,10 +247,14 @@ impl EvaluatorState {
         Ok(())
     }
 
-    /// Measures `job` in this process (on a blocking thread) and reports it.
+    /// Measures `job` in this process (on a blocking thread) and reports it. `current` names it
+    /// meanwhile: if this crashes the Evaluator, the supervisor gives this job up instead of
+    /// sending it again and again.
     async fn measure_here(&mut self, job: EvalJob, loss: Loss) -> Result<(), ActorProcessingErr> {
+        self.current.store(job.step, Ordering::SeqCst);
         let (config, checkpoint) = (self.config.clone(), job.checkpoint.clone());
         let measured = tokio::task::spawn_blocking(move || evaluation::measure(&config, &checkpoint, loss, tch::Device::Cpu)).await?;
+        self.current.store(self.sent.as_ref().map_or(super::IDLE, |s| s.job.step), Ordering::SeqCst);
         let by = if loss == Loss::Known { MeasuredBy::Ranks } else { MeasuredBy::Coordinator };
         match measured {
             Ok(measured) => self.finish(job, measured, by),

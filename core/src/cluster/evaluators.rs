@@ -91,6 +91,14 @@ impl Core {
         }
     }
 
+    /// An off-path evaluation is the latest loss unless a later step's is already known.
+    pub(super) fn on_measured_off_path(&mut self, step: u64, val_loss: f64) {
+        if val_loss.is_finite() && self.latest.val_loss_step.is_none_or(|s| s <= step) {
+            self.latest.val_loss = Some(val_loss);
+            self.latest.val_loss_step = Some(step);
+        }
+    }
+
     pub(super) fn eval_worker_leases(&self) -> impl Iterator<Item = Instant> + '_ {
         let lease = Duration::from_millis(self.settings.config.cluster.lease_ms);
         self.evaluators.workers.values().filter_map(move |w| w.last_seen.checked_add(lease))

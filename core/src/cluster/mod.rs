@@ -103,6 +103,12 @@ pub enum Event {
     Timeout,
     /// SIGINT/SIGTERM: finish the current step, checkpoint, stop.
     ShutdownRequested,
+    /// The validation loss of the checkpoint of `step`, measured off the training path (by an
+    /// eval worker or the coordinator): the run's latest loss, as a sharded evaluation's is.
+    MeasuredOffPath {
+        step: u64,
+        val_loss: f64,
+    },
 }
 
 /// Something the actors must do.
@@ -224,6 +230,8 @@ struct Settings {
 struct Latest {
     loss: Option<f64>,
     val_loss: Option<f64>,
+    /// The step `val_loss` was measured at.
+    val_loss_step: Option<u64>,
     checkpoint: Option<String>,
     tokens_per_second: Option<f64>,
 }
@@ -306,6 +314,7 @@ impl Core {
                 self.check_checkpoint_retry(now, &mut out);
             }
             Event::ShutdownRequested => self.request_stop(now, &mut out),
+            Event::MeasuredOffPath { step, val_loss } => self.on_measured_off_path(step, val_loss),
         }
         out
     }

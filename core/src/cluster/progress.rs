@@ -376,6 +376,7 @@ impl Core {
                 by_source.into_iter().filter(|(_, (_, n))| *n > 0).map(|(source, (sum, n))| (source, sum / n as f64)).collect();
             if val_loss.is_finite() {
                 self.latest.val_loss = Some(val_loss);
+                self.latest.val_loss_step = Some(step);
                 out.push(Command::Record(RunEvent::Eval { step, val_loss, sequences, per_source }));
             } else {
                 // Not an evaluation: its checkpoint is never evaluated, retained as the best, or

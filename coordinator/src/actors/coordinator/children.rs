@@ -124,7 +124,8 @@ impl CoordinatorState {
     /// Restarts a crashed Evaluator or Deployer. The job it was on (its `current` cell says
     /// which) is given up and recorded; jobs after it were still queued in the dead actor's
     /// mailbox and are sent again; jobs before it were answered (their answers may still be
-    /// in this mailbox, behind the supervision event) and are left alone.
+    /// in this mailbox, behind the supervision event) and are left alone, except jobs for eval
+    /// workers, which the Evaluator held whatever their order.
     pub(super) async fn restart_release_actor(
         &mut self,
         me: &ActorRef<CoordinatorMsg>,
@@ -134,10 +135,13 @@ impl CoordinatorState {
         let evaluator = actor == "evaluator";
         let current = if evaluator { &self.evaluator_current } else { &self.deployer_current }.load(Ordering::SeqCst);
         let mine = |r: &Release| if evaluator { matches!(r, Release::Evaluating(_)) } else { matches!(r, Release::Deploying { .. }) };
+        // Jobs for eval workers were held by the dead actor whatever their step (one sent, the
+        // others waiting): every one but the job it died on is sent again.
+        let off_path = |r: &Release| matches!(r, Release::Evaluating(job) if job.measured.is_none());
         let queued: Vec<Release> = self
             .releases
             .iter()
-            .filter(|(step, r)| mine(r) && (current == crate::actors::IDLE || **step > current))
+            .filter(|(step, r)| mine(r) && (current == crate::actors::IDLE || **step > current || (off_path(r) && **step != current)))
             .map(|(_, r)| r.clone())
             .collect();
         if evaluator {

@@ -337,6 +337,7 @@ impl Actor for Coordinator {
                         .map(|p| (p.source.clone(), p.loss_sum / p.sequences as f64))
                         .collect();
                     state.record(RunEvent::Eval { step, val_loss: results.val_loss, sequences: results.sequences, per_source });
+                    state.apply(&me, Event::MeasuredOffPath { step, val_loss: results.val_loss });
                 }
                 state.record(RunEvent::Evaluated {
                     step,
@@ -392,11 +393,11 @@ impl Actor for Coordinator {
             }
             CoordinatorMsg::DeployDrainTimeout => {
                 if !state.commits_in_flight.is_empty() {
-                    tracing::warn!("a checkpoint commit did not finish within {DEPLOY_DRAIN_TIMEOUT:?}; stopping without it");
+                    tracing::warn!("a checkpoint commit did not finish within {:?}; stopping without it", state.drain_timeout());
                     state.commits_in_flight.clear();
                 }
                 if !state.releases.is_empty() {
-                    tracing::warn!("the last evaluation/deployment did not finish within {DEPLOY_DRAIN_TIMEOUT:?}; stopping without it");
+                    tracing::warn!("the last evaluation/deployment did not finish within {:?}; stopping without it", state.drain_timeout());
                     state.releases.clear();
                     state.pin_releases();
                 }
@@ -434,12 +435,14 @@ impl Actor for Coordinator {
     async fn post_stop(&self, me: ActorRef<CoordinatorMsg>, state: &mut CoordinatorState) -> Result<(), ActorProcessingErr> {
         me.stop_children(None);
         state.scrape_targets.remove();
-        let outcome = state.outcome.take().unwrap_or_else(|| RunOutcome {
+        let mut outcome = state.outcome.take().unwrap_or_else(|| RunOutcome {
             ok: false,
             error: Some("the coordinator stopped before the run finished".into()),
             run_dir: state.config.run_dir(),
             snapshot: state.core.snapshot(),
         });
+        // The last checkpoint's loss, measured off the training path after the run finished.
+        outcome.snapshot.last_val_loss = state.core.snapshot().last_val_loss;
         if let Some(done) = state.done.take() {
             let _ = done.send(outcome);
         }
@@ -570,7 +573,7 @@ impl CoordinatorState {
                 // A checkpoint every rank wrote is committed even when the run has failed: it
                 // is what a resume starts from.
                 if !self.releases.is_empty() || !self.commits_in_flight.is_empty() {
-                    me.send_after(DEPLOY_DRAIN_TIMEOUT, || CoordinatorMsg::DeployDrainTimeout);
+                    me.send_after(self.drain_timeout(), || CoordinatorMsg::DeployDrainTimeout);
                 }
                 self.maybe_stop(me);
             }
@@ -692,6 +695,19 @@ impl CoordinatorState {
         }
     }
 
+    /// How long the coordinator waits, once the run is over, for the last commits and
+    /// releases: with eval workers, also as long as one may take before its job is given to
+    /// the coordinator (`eval.worker_timeout_s` + `eval.worker_grace_s`).
+    fn drain_timeout(&self) -> Duration {
+        let off_path = self.releases.values().any(|r| matches!(r, Release::Evaluating(job) if job.measured.is_none()));
+        if off_path || !self.eval_workers.is_empty() || !self.off_path.is_empty() {
+            let eval = &self.config.eval;
+            DEPLOY_DRAIN_TIMEOUT + Duration::from_secs(eval.worker_timeout_s + eval.worker_grace_s)
+        } else {
+            DEPLOY_DRAIN_TIMEOUT
+        }
+    }
+
     fn maybe_stop(&mut self, me: &ActorRef<CoordinatorMsg>) {
         if self.outcome.is_none() || !self.releases.is_empty() || !self.commits_in_flight.is_empty() {
             return;
@@ -702,6 +718,7 @@ impl CoordinatorState {
             for command in self.core.stop_eval_workers("the run is over") {
                 self.execute(me, command);
             }
+            self.publish_status();
         }
         if self.sessions.is_empty() || self.sessions_forced {
             me.stop(None);
