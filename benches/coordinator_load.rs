@@ -8,7 +8,9 @@
 //! messages it sends per step, its allocations per step (a counting allocator), and what the
 //! coordinator actor's status (`/status`, O(workers) to build) costs per step rebuilt after
 //! every event (as it was) and as it is now (after the events the core acts on). The first
-//! part of issue 24's simulator: the control plane's cost, without the network model.
+//! part of issue 24's simulator. A second table predicts a step's time from a network model
+//! (below, `predicted_step`): the flat ring against a hierarchical all-reduce (a ring inside
+//! each host, then one between the hosts' leaders, then a broadcast back), for three models.
 //! Writes target/bench/coordinator_load.md.
 
 use std::alloc::{GlobalAlloc, Layout, System};
@@ -203,6 +205,53 @@ fn simulate(n: usize) -> Figures {
     }
 }
 
+/// A link: latency per message (s) and bandwidth (bytes/s).
+#[derive(Clone, Copy)]
+struct Link {
+    latency: f64,
+    bandwidth: f64,
+}
+
+/// The network of the prediction: 8 workers per host; hosts in 2 sites. Inside a host, the
+/// QUIC ring's measured bus bandwidth on loopback (~1.2 GB/s, `cargo bench --bench
+/// allreduce`); between hosts of a site 10 Gbit/s and 0.1 ms; between the sites 1 Gbit/s and
+/// the 20 ms of issue 24's two-site test. Assumptions, not measurements: they set the shape.
+const PER_HOST: usize = 8;
+const IN_HOST: Link = Link { latency: 50e-6, bandwidth: 1.2e9 };
+const IN_SITE: Link = Link { latency: 0.1e-3, bandwidth: 1.25e9 };
+const ACROSS_SITES: Link = Link { latency: 20e-3, bandwidth: 0.125e9 };
+/// Compute per worker and step: 8,192 tokens at 100 TFLOP/s (a GPU at a modest share of its
+/// peak), 6 FLOPs per parameter and token.
+const TOKENS_PER_WORKER: f64 = 8192.0;
+const FLOPS: f64 = 100e12;
+
+/// A ring all-reduce of `bytes` over `n` ranks whose slowest hop is `link`: 2(n−1) steps, each
+/// a latency and 1/n of the data.
+fn ring(n: usize, bytes: f64, link: Link) -> f64 {
+    if n < 2 {
+        return 0.0;
+    }
+    let steps = 2.0 * (n as f64 - 1.0);
+    steps * (link.latency + bytes / n as f64 / link.bandwidth)
+}
+
+/// Predicted step (compute + an all-reduce not overlapped with it) for `n` workers and a model
+/// of `params` parameters (fp32 gradients): (flat ring, hierarchical) in seconds.
+fn predicted_step(n: usize, params: f64) -> (f64, f64) {
+    let bytes = 4.0 * params;
+    let compute = 6.0 * params * TOKENS_PER_WORKER / FLOPS;
+    let hosts = n.div_ceil(PER_HOST);
+    // The flat ring crosses the sites: every one of its steps waits for the slowest hop.
+    let cross = if hosts > 1 { ACROSS_SITES } else { IN_HOST };
+    let flat = ring(n, bytes, cross);
+    // Hierarchical: reduce inside the host (a pipelined ring reduce: a latency per hop, the
+    // data once), a ring among the hosts' leaders (across the sites), a pipelined broadcast.
+    let in_host = (PER_HOST.min(n) as f64 - 1.0) * IN_HOST.latency + bytes / IN_HOST.bandwidth;
+    let leaders = ring(hosts, bytes, if hosts > 2 { ACROSS_SITES } else { IN_SITE });
+    let hierarchical = if hosts > 1 { 2.0 * in_host + leaders } else { ring(n, bytes, IN_HOST) };
+    (compute + flat, compute + hierarchical)
+}
+
 fn main() {
     let mut md = String::from(
         "# The coordinator's core under many workers\n\n`cargo bench --bench coordinator_load`: the real `Core`, simulated workers \
@@ -226,6 +275,19 @@ fn main() {
         );
         print!("{row}");
         md.push_str(&row);
+    }
+    md.push_str(
+        "\n## Predicted step time: flat ring against hierarchical (a model, not a measurement)\n\n\
+         8 workers per host, hosts in 2 sites (20 ms, 1 Gbit/s between them), QUIC at ~1.2 GB/s inside a host, 8,192 tokens \
+         per worker and step at 100 TFLOP/s, fp32 gradients, no overlap.\n\n\
+         | workers | model | flat ring (s) | hierarchical (s) | flat / hierarchical |\n|---:|---|---:|---:|---:|\n",
+    );
+    let models = [("default (0.8M)", 0.8e6), ("GPT-2 124M", 124e6), ("1B", 1.0e9)];
+    for n in [8, 64, 256, 1024] {
+        for (name, params) in models {
+            let (flat, hier) = predicted_step(n, params);
+            md.push_str(&format!("| {n} | {name} | {flat:.2} | {hier:.2} | {:.1} |\n", flat / hier));
+        }
     }
     let dir = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/bench");
     let _ = std::fs::create_dir_all(&dir);
