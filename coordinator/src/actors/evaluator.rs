@@ -31,6 +31,19 @@ use troupe_core::proto::{SourceLoss, ToWorker};
 
 pub struct Evaluator;
 
+/// Checkpoints waiting for an eval worker, at most. Evaluation slower than the checkpoint
+/// interval would otherwise queue checkpoints without end (each pinned against retention), and
+/// the newest, the one a deployment wants, would wait behind all of them: beyond this the oldest
+/// waiting one is left unevaluated, with a warning.
+const MAX_WAITING: usize = 4;
+
+/// Drops the oldest jobs beyond [`MAX_WAITING`]; returns each with the newest job's step.
+fn keep_newest(waiting: &mut VecDeque<EvalJob>) -> Vec<(EvalJob, u64)> {
+    let newest = waiting.back().map_or(0, |j| j.step);
+    let excess = waiting.len().saturating_sub(MAX_WAITING);
+    waiting.drain(..excess).map(|job| (job, newest)).collect()
+}
+
 pub struct EvaluatorArgs {
     pub config: Config,
     pub coordinator: ActorRef<CoordinatorMsg>,
@@ -137,6 +150,13 @@ impl Actor for Evaluator {
         match msg {
             EvaluatorMsg::Evaluate(job) if job.measured.is_none() => {
                 state.waiting.push_back(job);
+                for (skipped, newest) in keep_newest(&mut state.waiting) {
+                    let reason = format!(
+                        "the eval workers are {MAX_WAITING} checkpoints behind; the newer ones go first (the newest is of step {newest})"
+                    );
+                    tracing::warn!("the checkpoint of step {} is not evaluated: {reason}", skipped.step);
+                    state.coordinator.cast(CoordinatorMsg::EvaluationSkipped { step: skipped.step, reason })?;
+                }
                 state.dispatch(&me).await?;
             }
             EvaluatorMsg::Evaluate(job) => {
@@ -294,4 +314,21 @@ fn results(job: &EvalJob, measured: Measured) -> anyhow::Result<(EvalResults, Ve
     let tasks: BTreeMap<String, f64> = measured.tasks;
     let results = EvalResults { step: job.step, val_loss, perplexity: val_loss.exp(), sequences, samples: measured.samples, tasks };
     Ok((results, per_source))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_the_newest_waiting_checkpoints_are_kept() {
+        let job = |step| EvalJob { step, checkpoint: PathBuf::new(), measured: None };
+        let mut waiting: VecDeque<EvalJob> = (1..=MAX_WAITING as u64).map(job).collect();
+        assert!(keep_newest(&mut waiting).is_empty());
+        waiting.push_back(job(10));
+        waiting.push_back(job(11));
+        let skipped: Vec<(u64, u64)> = keep_newest(&mut waiting).into_iter().map(|(j, newest)| (j.step, newest)).collect();
+        assert_eq!(skipped, vec![(1, 11), (2, 11)]);
+        assert_eq!(waiting.iter().map(|j| j.step).collect::<Vec<_>>(), vec![3, 4, 10, 11]);
+    }
 }

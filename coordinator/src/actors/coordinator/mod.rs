@@ -104,6 +104,11 @@ pub enum CoordinatorMsg {
         step: u64,
         error: String,
     },
+    /// The Evaluator left a checkpoint unevaluated, and says why.
+    EvaluationSkipped {
+        step: u64,
+        reason: String,
+    },
     /// The Deployer's decision on an evaluated checkpoint.
     Deployed(Decision),
     DeployFailed {
@@ -377,6 +382,15 @@ impl Actor for Coordinator {
                 state.release_done(
                     &me,
                     RunEvent::Warning { step, message: format!("evaluating the checkpoint of step {step} failed: {error}") },
+                );
+            }
+            CoordinatorMsg::EvaluationSkipped { step, reason } => {
+                if !matches!(state.releases.get(&step), Some(Release::Evaluating(_))) {
+                    return Ok(());
+                }
+                state.release_done(
+                    &me,
+                    RunEvent::Warning { step, message: format!("the checkpoint of step {step} is not evaluated: {reason}") },
                 );
             }
             CoordinatorMsg::Deployed(d) => {
